@@ -1,0 +1,183 @@
+"""Pleura's one typed settings model.
+
+Values come, highest priority first, from keyword arguments, ``PLEURA_*`` environment variables,
+an optional TOML file (``--config FILE`` or ``PLEURA_CONFIG``) and the defaults below. The names
+are a public interface: ``docs/configuration.md`` lists every one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from platformdirs import user_data_dir
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "PLEURA_"
+CONFIG_FILE_ENV = "PLEURA_CONFIG"
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class SettingsError(ValueError):
+    """A setting has a wrong value; the message names the setting and the fix."""
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError("must be 1 to 16 printable characters, no backslash")
+    return value.strip()
+
+
+class Destination(BaseModel):
+    """A DICOM node (usually the PACS) that receives Pleura's results by C-STORE."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = Field(
+        default=None, description="AE title Pleura calls itself on this association; default: PLEURA_AE_TITLE"
+    )
+    max_attempts: int = Field(default=10, ge=1, description="delivery attempts before a result is marked failed")
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @property
+    def label(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def default_storage_dir() -> Path:
+    return Path(user_data_dir("pleura", appauthor=False))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        validate_default=True,
+        env_nested_delimiter=None,
+    )
+
+    ae_title: str = Field(default="PLEURA", description="the node's AE title")
+    host: str = Field(default="0.0.0.0", description="address the DICOM SCP listens on")
+    port: int = Field(default=11112, ge=1, le=65535, description="port the DICOM SCP listens on")
+    storage_dir: Path = Field(
+        default_factory=default_storage_dir,
+        description="received instances, results, quarantine, embedded broker",
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the ledger; unset = SQLite file in the storage dir"
+    )
+    broker_url: str | None = Field(
+        default=None, description="Celery broker (redis://host:6379/0); unset = embedded broker in the storage dir"
+    )
+    destinations: list[Destination] = Field(
+        default_factory=list, description='JSON list of {"ae_title", "host", "port"} receiving results'
+    )
+    model_dir: Path | None = Field(
+        default=None, description="model bundle directory; unset = the demo bundle in the storage dir"
+    )
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
+    settle_seconds: float = Field(default=5.0, ge=0, le=3600, description="quiet time before a study is analysed")
+    max_pdu: int = Field(default=0, ge=0, description="maximum PDU size received; 0 = unlimited")
+    export_retry_seconds: float = Field(
+        default=10.0, gt=0, description="first delay before a failed delivery is tried again (doubles each time)"
+    )
+    worker_queues: list[str] = Field(
+        default_factory=lambda: ["radiograph"], description="queues a `pleura worker` consumes"
+    )
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker(cls, value: str | None) -> str | None:
+        if value is not None and value.strip() == "":
+            return None
+        if value is not None and "://" not in value:
+            raise ValueError("must be a URL such as redis://localhost:6379/0 (or unset for the embedded broker)")
+        return value
+
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> "Settings":
+        self.storage_dir = self.storage_dir.expanduser().resolve()
+        if self.model_dir is not None:
+            self.model_dir = self.model_dir.expanduser().resolve()
+        return self
+
+    # Derived locations. They are properties, not settings, so there is one source of truth.
+    @property
+    def ledger_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.storage_dir / 'ledger.sqlite'}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.storage_dir / 'broker.sqlite'}"
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.model_dir or (self.storage_dir / "models" / "demo")
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url is None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_ENV)
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(part) for part in error["loc"]]
+    name = loc[0] if loc else "?"
+    env = ENV_PREFIX + name.upper()
+    where = ".".join(loc)
+    value = error.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"setting '{where}' (env {env}): {error['msg']}{shown}"
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build the settings, or raise :class:`SettingsError` naming each wrong setting."""
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise SettingsError(f"config file {path} does not exist (from --config or {CONFIG_FILE_ENV})")
+        os.environ[CONFIG_FILE_ENV] = str(path)
+    elif os.environ.get(CONFIG_FILE_ENV) and not Path(os.environ[CONFIG_FILE_ENV]).is_file():
+        raise SettingsError(f"config file {os.environ[CONFIG_FILE_ENV]} named by {CONFIG_FILE_ENV} does not exist")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = [_describe(err) for err in exc.errors()]
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    except Exception as exc:  # TOML syntax errors, JSON in env vars that does not parse
+        raise SettingsError(f"invalid configuration: {exc}") from None

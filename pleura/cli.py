@@ -1,0 +1,150 @@
+"""The `pleura` command: run the node and the workers, build the demo model, run the demo."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from config.settings import CONFIG_FILE_ENV, Settings, SettingsError, load_settings
+
+app = typer.Typer(help="Pleura: a DICOM node that flags suspected pneumothorax.", no_args_is_help=True)
+console = Console(stderr=True)
+
+ConfigOption = typer.Option(
+    None, "--config", "-c", help=f"TOML settings file (same keys as the PLEURA_* variables; also {CONFIG_FILE_ENV})"
+)
+
+
+def _settings(config: Optional[Path], **overrides) -> Settings:
+    try:
+        settings = load_settings(config, **{k: v for k, v in overrides.items() if v is not None})
+    except SettingsError as exc:
+        console.print(f"[bold red]Configuration error[/]: {exc}")
+        raise typer.Exit(2) from None
+    if config is not None:
+        # Child processes (the export worker) read the same file.
+        os.environ[CONFIG_FILE_ENV] = str(config.resolve())
+    return settings
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+@app.command()
+def node(
+    config: Optional[Path] = ConfigOption,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    export_worker: bool = typer.Option(True, help="also run the node-side export worker (C-STORE of results)"),
+) -> None:
+    """Run the DICOM node: Storage SCP, ledger, study settling, dispatch and export."""
+    settings = _settings(config)
+    _logging(verbose)
+    from node.service import run_node
+
+    run_node(settings, export_worker=export_worker)
+
+
+@app.command()
+def worker(
+    config: Optional[Path] = ConfigOption,
+    queues: Optional[str] = typer.Option(None, help="comma-separated queues (default: PLEURA_WORKER_QUEUES)"),
+    concurrency: int = typer.Option(1, help="processes; use one worker per GPU"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run an analysis worker (Celery): loads the model bundle and analyses queued studies."""
+    settings = _settings(config)
+    _logging(verbose)
+    from training.bundle import BundleError, load_bundle
+
+    try:
+        bundle = load_bundle(settings.bundle_dir)
+    except BundleError as exc:
+        console.print(f"[bold red]Model bundle error[/]: {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"model: [bold]{bundle.identity.label}[/]")
+    from worker.celery_app import make_celery
+    from worker.tasks import register_worker_tasks
+
+    celery_app = make_celery(settings)
+    register_worker_tasks(celery_app)
+    queue_list = queues or ",".join(settings.worker_queues)
+    pool = "solo" if concurrency == 1 else "prefork"
+    celery_app.worker_main(
+        [
+            "worker",
+            "-Q",
+            queue_list,
+            "-P",
+            pool,
+            "-c",
+            str(concurrency),
+            "-n",
+            f"analyse-{os.getpid()}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel",
+            "DEBUG" if verbose else "INFO",
+        ]
+    )
+
+
+@app.command("demo-model")
+def demo_model(
+    config: Optional[Path] = ConfigOption,
+    out: Optional[Path] = typer.Option(None, help="where to write the bundle (default: the configured model dir)"),
+    force: bool = typer.Option(False, help="rebuild even if a bundle is already there"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train the small SYNTHETIC DEMO model bundle (not for clinical use) from generated images."""
+    settings = _settings(config)
+    target = out or settings.bundle_dir
+    from training.bundle import BundleError, load_bundle
+
+    if not force:
+        try:
+            bundle = load_bundle(target)
+            console.print(f"demo bundle already present: {target} ({bundle.identity.label})")
+            return
+        except BundleError:
+            pass
+    from training.demo_model import build_demo_bundle
+
+    console.print(f"training the synthetic demo bundle into {target} (a few minutes on a CPU)")
+    bundle = build_demo_bundle(target, seed=seed, progress=True)
+    console.print(f"[green]written[/] {bundle.path}: {bundle.identity.label}")
+    console.print(json.dumps(bundle.manifest.metrics, indent=2))
+
+
+@app.command()
+def demo(
+    workdir: Optional[Path] = typer.Option(None, help="folder for the demo's storage and received results"),
+    timeout: float = typer.Option(300.0, help="seconds to wait for the results"),
+) -> None:
+    """Start node, worker and a receiving PACS stand-in on loopback, send a chest image, show the result."""
+    _logging(False)
+    from pleura.demo import run_demo
+
+    sys.exit(run_demo(workdir=workdir, timeout=timeout, console=Console()))
+
+
+@app.command("config")
+def show_config(config: Optional[Path] = ConfigOption) -> None:
+    """Check the configuration and print the effective settings."""
+    settings = _settings(config)
+    Console().print_json(settings.model_dump_json())
+
+
+if __name__ == "__main__":
+    app()

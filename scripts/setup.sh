@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Set Pleura up on this machine: the system tools (where it may install them), a virtualenv with the
+# pinned Python packages and Pleura itself, and the synthetic demo model bundle.
+# Safe to run again: each step is skipped when it is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${PLEURA_VENV:-.venv}
+
+# --- system tools: Redis (production broker), DCMTK (modality), dicom3tools (validator), Orthanc (PACS)
+declare -A tool_package=([redis-server]=redis-server [storescu]=dcmtk [dciodvfy]=dicom3tools [Orthanc]=orthanc)
+missing=()
+for tool in "${!tool_package[@]}"; do
+    command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || missing+=("${tool_package[$tool]}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo="sudo"; else sudo="none"; fi
+    if [ "$sudo" != none ] && command -v apt-get >/dev/null; then
+        echo "setup: installing Debian packages: ${missing[*]}"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        echo "setup: warning: please install these Debian packages (needed by the tests, not by the demo): ${missing[*]}" >&2
+    fi
+fi
+
+# --- Python: a virtualenv with torch pinned (pip, not uv/poetry: they would download several GB)
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c "import pleura, torch, pydicom_data" 2>/dev/null \
+   || [ pyproject.toml -nt "$VENV/.pleura-installed" ]; then
+    echo "setup: installing Python packages into $VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+    touch "$VENV/.pleura-installed"
+fi
+
+# --- the synthetic demo model bundle (not for clinical use), so the node runs out of the box
+"$VENV/bin/pleura" demo-model
+echo "setup: done"

@@ -1,0 +1,93 @@
+"""The settings model: sources, precedence, errors that name the setting, documentation."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from config.settings import Settings, SettingsError, load_settings
+from pleura.cli import app
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("PLEURA_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_follow_the_design_brief(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLEURA_STORAGE_DIR", str(tmp_path))
+    s = load_settings()
+    assert (s.ae_title, s.host, s.port, s.device) == ("PLEURA", "0.0.0.0", 11112, "auto")
+    assert s.ledger_url == f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    assert s.embedded_broker and s.celery_broker_url.startswith("sqla+sqlite:///")
+    assert s.destinations == []
+    assert s.bundle_dir == tmp_path / "models" / "demo"
+
+
+def test_environment_and_toml_file(tmp_path, monkeypatch):
+    toml = tmp_path / "pleura.toml"
+    toml.write_text(
+        'ae_title = "FROMFILE"\nport = 4000\nsettle_seconds = 2.5\n'
+        '[[destinations]]\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = 4242\n'
+    )
+    monkeypatch.setenv("PLEURA_PORT", "5000")  # the environment wins over the file
+    s = load_settings(toml)
+    assert s.ae_title == "FROMFILE" and s.port == 5000 and s.settle_seconds == 2.5
+    assert s.destinations[0].label == "ORTHANC@127.0.0.1:4242"
+    assert s.destinations[0].max_attempts == 10
+
+
+def test_destinations_from_json_env(monkeypatch):
+    monkeypatch.setenv("PLEURA_DESTINATIONS", '[{"ae_title": "PACS", "host": "pacs", "port": 104}]')
+    assert load_settings().destinations[0].port == 104
+
+
+@pytest.mark.parametrize(
+    "env, value, named",
+    [
+        ("PLEURA_PORT", "abc", "PLEURA_PORT"),
+        ("PLEURA_PORT", "70000", "PLEURA_PORT"),
+        ("PLEURA_AE_TITLE", "A" * 17, "PLEURA_AE_TITLE"),
+        ("PLEURA_DEVICE", "tpu", "PLEURA_DEVICE"),
+        ("PLEURA_BROKER_URL", "localhost", "PLEURA_BROKER_URL"),
+        ("PLEURA_DESTINATIONS", '[{"ae_title": "X", "host": "h", "port": 0}]', "PLEURA_DESTINATIONS"),
+        ("PLEURA_SETTLE_SECONDS", "-1", "PLEURA_SETTLE_SECONDS"),
+    ],
+)
+def test_a_wrong_value_names_the_setting(monkeypatch, env, value, named):
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert named in str(err.value)
+
+
+def test_unknown_key_in_file_and_missing_file_are_named(tmp_path):
+    toml = tmp_path / "bad.toml"
+    toml.write_text("prot = 1\n")
+    with pytest.raises(SettingsError, match="prot"):
+        load_settings(toml)
+    with pytest.raises(SettingsError, match="nowhere.toml"):
+        load_settings(tmp_path / "nowhere.toml")
+
+
+def test_cli_reports_a_bad_setting_and_exits_2(monkeypatch):
+    monkeypatch.setenv("PLEURA_PORT", "abc")
+    result = CliRunner().invoke(app, ["config"])
+    assert result.exit_code == 2
+    assert "PLEURA_PORT" in result.output
+
+
+def test_every_setting_is_documented():
+    text = DOCS.read_text()
+    for name in Settings.model_fields:
+        assert f"`PLEURA_{name.upper()}`" in text, f"{name} missing from docs/configuration.md"
+        assert re.search(rf"\| `{name}` \|", text), f"key {name} missing from docs/configuration.md"

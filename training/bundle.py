@@ -1,0 +1,126 @@
+"""Model bundles: a directory with the weights and a ``manifest.json`` that says how they were made.
+
+The manifest is the whole contract between training and inference: the worker builds the models,
+preprocesses the images and takes its decisions from it alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+MANIFEST_NAME = "manifest.json"
+DEMO_INTENDED_USE = (
+    "SYNTHETIC DEMO MODEL trained on generated images only - for testing the software, not for clinical use"
+)
+
+
+class BundleError(ValueError):
+    """A bundle is missing, incomplete or its manifest is invalid; the message names the file."""
+
+
+class Preprocessing(BaseModel):
+    """How a stored image becomes the network's input. Shared by training and the worker."""
+
+    input_size: int = Field(default=256, ge=32, description="square network input, pixels")
+    channels: int = Field(default=1, ge=1, le=3)
+    voi: Literal["dicom", "minmax"] = Field(
+        default="dicom", description="dicom: the image's VOI LUT or window, else its full range"
+    )
+    invert_monochrome1: bool = True
+    clahe: bool = False
+    clahe_clip_limit: float = 0.01
+    normalisation: Literal["unit", "zscore"] = "unit"
+    mean: float = 0.5
+    std: float = 0.25
+    hu_window: tuple[float, float] | None = Field(default=None, description="CT only: (level, width)")
+
+
+class NetworkSpec(BaseModel):
+    architecture: str = Field(description="densenet121 | unet")
+    encoder: str | None = Field(default=None, description="U-Net encoder (smp name), e.g. resnet34")
+    weights_file: str
+    extra: dict = Field(default_factory=dict, description="architecture keyword arguments")
+
+
+class Thresholds(BaseModel):
+    probability: float = Field(default=0.5, ge=0, le=1, description="classifier probability that flags")
+    mask: float = Field(default=0.5, ge=0, le=1, description="U-Net pixel probability inside the mask")
+    min_area_px: int = Field(default=64, ge=0, description="smallest mask area (source pixels) that counts")
+
+
+class Manifest(BaseModel):
+    name: str
+    version: str
+    intended_use: str
+    synthetic_demo: bool = Field(description="trained on synthetic data only")
+    manufacturer: str = "Pleura"
+    created: str | None = None
+    preprocessing: Preprocessing = Field(default_factory=Preprocessing)
+    classifier: NetworkSpec
+    segmenter: NetworkSpec
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    training_data: str = ""
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What every result object says about the model that made it."""
+
+    name: str
+    version: str
+    manufacturer: str
+    synthetic_demo: bool
+    intended_use: str
+
+    @property
+    def label(self) -> str:
+        demo = " (SYNTHETIC DEMO MODEL, not for clinical use)" if self.synthetic_demo else ""
+        return f"{self.name} {self.version}{demo}"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: Manifest
+
+    @property
+    def identity(self) -> ModelIdentity:
+        m = self.manifest
+        return ModelIdentity(m.name, m.version, m.manufacturer, m.synthetic_demo, m.intended_use)
+
+    def weights_path(self, spec: NetworkSpec) -> Path:
+        return self.path / spec.weights_file
+
+
+def load_bundle(path: Path | str) -> Bundle:
+    """Read and check a bundle directory; raise :class:`BundleError` naming what is wrong."""
+    root = Path(path)
+    manifest_file = root / MANIFEST_NAME
+    if not manifest_file.is_file():
+        raise BundleError(
+            f"no model bundle at {root}: {manifest_file} is missing "
+            "(set PLEURA_MODEL_DIR, or run `pleura demo-model` to build the demo bundle)"
+        )
+    try:
+        manifest = Manifest.model_validate(json.loads(manifest_file.read_text()))
+    except (json.JSONDecodeError, ValidationError) as exc:
+        raise BundleError(f"invalid manifest {manifest_file}: {exc}") from None
+    bundle = Bundle(root, manifest)
+    for spec in (manifest.classifier, manifest.segmenter):
+        if not bundle.weights_path(spec).is_file():
+            raise BundleError(f"bundle {root}: weights file {bundle.weights_path(spec)} is missing")
+    return bundle
+
+
+def write_manifest(path: Path | str, manifest: Manifest) -> Path:
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / MANIFEST_NAME
+    target.write_text(manifest.model_dump_json(indent=2) + "\n")
+    return target
