@@ -1,0 +1,149 @@
+"""The one model construction, used by training and by the worker alike.
+
+A bundle's manifest names each network's architecture and keyword arguments;
+:func:`build_network` turns that into a module and :func:`load_models` fills it with the bundle's
+weights. Encoder weights are never downloaded here: pretrained encoders are a training-time choice
+and end up in the bundle's own weights file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from training.bundle import Bundle, BundleError, Manifest, NetworkSpec, Preprocessing, Thresholds
+
+__all__ = ["ARCHITECTURES", "LoadedModels", "build_network", "load_models", "resolve_device"]
+
+ARCHITECTURES = ("densenet121", "unet")
+DEFAULT_UNET_ENCODER = "resnet34"
+
+
+@dataclass
+class LoadedModels:
+    """A bundle's two networks in eval mode on one device, with the manifest that describes them."""
+
+    classifier: nn.Module
+    """Outputs one logit per image, shape (N, 1)."""
+    segmenter: nn.Module
+    """Outputs one logit per pixel of the network grid, shape (N, 1, H, W)."""
+    manifest: Manifest
+    device: torch.device
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.manifest.preprocessing
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return self.manifest.thresholds
+
+
+def build_network(spec: NetworkSpec, preprocessing: Preprocessing) -> nn.Module:
+    """A randomly initialised network for ``spec``, taking ``preprocessing.channels`` input channels.
+
+    ``densenet121``: MONAI's 2-D DenseNet121 with one output logit; ``spec.extra`` may change
+    ``init_features``, ``growth_rate``, ``block_config``, ``dropout_prob`` and the like.
+    ``unet``: segmentation-models-pytorch's Unet with one output class, encoder ``spec.encoder``
+    (default resnet34) and no pretrained encoder weights; ``spec.extra`` may set ``encoder_depth``,
+    ``decoder_channels`` and the like.
+    """
+    extra = dict(spec.extra)
+    architecture = spec.architecture.strip().lower()
+    if architecture == "densenet121":
+        from monai.networks.nets import DenseNet121
+
+        for fixed in ("spatial_dims", "in_channels", "out_channels", "pretrained"):
+            if fixed in extra:
+                raise BundleError(f"network spec {spec.weights_file}: extra must not set {fixed!r} for densenet121")
+        try:
+            return DenseNet121(
+                spatial_dims=2, in_channels=preprocessing.channels, out_channels=1, pretrained=False, **extra
+            )
+        except TypeError as exc:
+            raise BundleError(
+                f"network spec {spec.weights_file}: invalid densenet121 arguments {extra}: {exc}"
+            ) from None
+    if architecture == "unet":
+        import segmentation_models_pytorch as smp
+
+        for fixed in ("encoder_name", "encoder_weights", "in_channels", "classes"):
+            if fixed in extra:
+                raise BundleError(f"network spec {spec.weights_file}: extra must not set {fixed!r} for unet")
+        depth = int(extra.get("encoder_depth", 5))
+        if preprocessing.input_size % (2**depth):
+            raise BundleError(
+                f"network spec {spec.weights_file}: input_size {preprocessing.input_size} must be divisible "
+                f"by 2**encoder_depth = {2**depth} for a U-Net"
+            )
+        try:
+            return smp.Unet(
+                encoder_name=spec.encoder or DEFAULT_UNET_ENCODER,
+                encoder_weights=None,
+                in_channels=preprocessing.channels,
+                classes=1,
+                **extra,
+            )
+        except (TypeError, KeyError, ValueError) as exc:
+            raise BundleError(
+                f"network spec {spec.weights_file}: cannot build unet with encoder "
+                f"{spec.encoder or DEFAULT_UNET_ENCODER!r} and arguments {extra}: {exc}"
+            ) from None
+    raise BundleError(
+        f"network spec {spec.weights_file}: unknown architecture {spec.architecture!r} "
+        f"(known: {', '.join(ARCHITECTURES)})"
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> the first GPU if there is one, else the CPU; ``cuda``/``cuda:N`` must exist."""
+    name = device.strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for, but no CUDA GPU is available (use auto or cpu)")
+        index = resolved.index or 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r} was asked for, but only {torch.cuda.device_count()} CUDA GPU(s) are available"
+            )
+    elif resolved.type != "cpu":
+        raise ValueError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N")
+    return resolved
+
+
+def _load_weights(network: nn.Module, bundle: Bundle, spec: NetworkSpec, device: torch.device) -> nn.Module:
+    path = bundle.weights_path(spec)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise BundleError(f"bundle {bundle.path}: weights file {path} is missing") from None
+    except Exception as exc:
+        raise BundleError(f"bundle {bundle.path}: cannot read weights file {path}: {exc}") from None
+    if not isinstance(state, dict):
+        raise BundleError(f"bundle {bundle.path}: weights file {path} does not hold a state_dict")
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BundleError(
+            f"bundle {bundle.path}: weights file {path} does not fit the {spec.architecture} "
+            f"described in the manifest: {exc}"
+        ) from None
+    return network.to(device).eval()
+
+
+def load_models(bundle: Bundle, device: str = "auto") -> LoadedModels:
+    """Build both networks from the manifest and load the bundle's weights, in eval mode on ``device``."""
+    target = resolve_device(device)
+    manifest = bundle.manifest
+    preprocessing = manifest.preprocessing
+    classifier = _load_weights(build_network(manifest.classifier, preprocessing), bundle, manifest.classifier, target)
+    segmenter = _load_weights(build_network(manifest.segmenter, preprocessing), bundle, manifest.segmenter, target)
+    return LoadedModels(classifier=classifier, segmenter=segmenter, manifest=manifest, device=target)

@@ -1,0 +1,115 @@
+"""Run a bundle's classifier and U-Net on decoded radiographs and take the decision for each image."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pydicom
+import torch
+
+from worker.inference.models import LoadedModels
+from worker.inference.preprocess import describe_source, mask_to_source, to_network_input
+from worker.inference.result import ImageFinding
+
+__all__ = ["pixel_spacing_mm", "predict_images"]
+
+
+def _positive_pair(value: object) -> tuple[float, float] | None:
+    """Two finite, positive numbers from a DS pair, else None."""
+    if value is None:
+        return None
+    try:
+        pair = [float(v) for v in value]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    if len(pair) != 2 or not all(math.isfinite(v) and v > 0 for v in pair):
+        return None
+    return pair[0], pair[1]
+
+
+def pixel_spacing_mm(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    """(row spacing, column spacing) in mm at the patient, or None when the image carries none usable.
+
+    Pixel Spacing (calibrated at the patient) first; else Imager Pixel Spacing (at the detector)
+    divided by Estimated Radiographic Magnification Factor when that is present and positive. A
+    spacing that is absent, zero or malformed counts as absent.
+    """
+    spacing = _positive_pair(ds.get("PixelSpacing"))
+    if spacing is not None:
+        return spacing
+    spacing = _positive_pair(ds.get("ImagerPixelSpacing"))
+    if spacing is None:
+        return None
+    magnification = ds.get("EstimatedRadiographicMagnificationFactor")
+    try:
+        factor = float(magnification) if magnification not in (None, "") else 1.0
+    except (TypeError, ValueError):
+        factor = 1.0
+    if not (math.isfinite(factor) and factor > 0):
+        factor = 1.0
+    return spacing[0] / factor, spacing[1] / factor
+
+
+def predict_images(
+    models: LoadedModels,
+    images: Sequence[np.ndarray],
+    sources: Sequence[pydicom.Dataset],
+    batch_size: int = 8,
+) -> list[ImageFinding]:
+    """One :class:`ImageFinding` per image, in order.
+
+    ``images`` are :func:`~worker.inference.preprocess.decode_radiograph` outputs and ``sources``
+    the datasets they came from (for the pixel spacing). Each batch takes one forward pass of the
+    classifier and one of the U-Net. The U-Net probability map is resized to the source grid and
+    thresholded at ``thresholds.mask``; the image is flagged when the classifier probability reaches
+    ``thresholds.probability`` and that mask covers at least ``thresholds.min_area_px`` source
+    pixels. The mask is reported as the U-Net drew it even when the image is not flagged, so the
+    writers and reviewers see what the segmenter saw; ``flagged`` carries the decision.
+    """
+    if len(images) != len(sources):
+        raise ValueError(f"predict_images: {len(images)} images but {len(sources)} source datasets")
+    if batch_size < 1:
+        raise ValueError(f"predict_images: batch_size must be at least 1, got {batch_size}")
+    for index, image in enumerate(images):
+        if np.ndim(image) != 2:
+            raise ValueError(f"predict_images: image {index} has shape {np.shape(image)}; expected (Rows, Columns)")
+        rows, columns = sources[index].get("Rows"), sources[index].get("Columns")
+        if rows is not None and columns is not None and (int(rows), int(columns)) != np.shape(image):
+            raise ValueError(
+                f"predict_images: image {index} has shape {np.shape(image)} but its source "
+                f"{describe_source(sources[index])} has Rows {rows}, Columns {columns}"
+            )
+
+    recipe = models.manifest.preprocessing
+    thresholds = models.manifest.thresholds
+    findings: list[ImageFinding] = []
+    for start in range(0, len(images), batch_size):
+        batch_images = images[start : start + batch_size]
+        batch = torch.from_numpy(np.stack([to_network_input(image, recipe) for image in batch_images]))
+        with torch.inference_mode():
+            batch = batch.to(models.device)
+            probabilities = torch.sigmoid(models.classifier(batch)).reshape(len(batch_images), -1)[:, 0]
+            mask_probabilities = torch.sigmoid(models.segmenter(batch))[:, 0]
+            probabilities = probabilities.float().cpu().numpy()
+            mask_probabilities = mask_probabilities.float().cpu().numpy()
+        for offset, image in enumerate(batch_images):
+            source = sources[start + offset]
+            probability = float(probabilities[offset])
+            mask = mask_to_source(mask_probabilities[offset], image.shape) >= thresholds.mask
+            area_px = int(mask.sum())
+            spacing = pixel_spacing_mm(source)
+            area_cm2 = area_px * spacing[0] * spacing[1] / 100.0 if spacing is not None else None
+            flagged = probability >= thresholds.probability and area_px >= thresholds.min_area_px
+            findings.append(
+                ImageFinding(
+                    probability=probability,
+                    threshold=thresholds.probability,
+                    flagged=bool(flagged),
+                    mask=mask,
+                    area_px=area_px,
+                    area_cm2=area_cm2,
+                )
+            )
+    return findings

@@ -1,0 +1,176 @@
+"""The one preprocessing definition, used by training and by the worker alike.
+
+A stored radiograph becomes the network's input in two steps:
+
+1. :func:`decode_radiograph` turns the DICOM pixel data into a float image in [0, 1] on the source
+   grid, with bright meaning dense (the MONOCHROME2 sense): Modality LUT, then VOI LUT or window,
+   then MONOCHROME1 inversion, then optionally CLAHE.
+2. :func:`to_network_input` resizes that image to the bundle's square input size, normalises it and
+   repeats it to the network's channel count.
+
+:func:`mask_to_source` maps a probability map from the network grid back to the source grid. The
+whole image is resized to the square input (the aspect ratio is not preserved), so the inverse is a
+plain resize back to (Rows, Columns) and every source pixel gets a probability.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pydicom
+import torch
+import torch.nn.functional as F
+from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
+
+from training.bundle import Preprocessing
+
+__all__ = ["ImageDecodeError", "decode_radiograph", "describe_source", "mask_to_source", "to_network_input"]
+
+
+class ImageDecodeError(ValueError):
+    """The pixel data of an image cannot be turned into a radiograph; the message names the file."""
+
+
+def describe_source(ds: pydicom.Dataset) -> str:
+    """A short name for a dataset in error messages: its file, else its SOP Instance UID."""
+    filename = getattr(ds, "filename", None)
+    if isinstance(filename, str) and filename:
+        return filename
+    uid = ds.get("SOPInstanceUID")
+    return f"SOP Instance {uid}" if uid else "dataset without SOP Instance UID"
+
+
+def decode_radiograph(ds: pydicom.Dataset, recipe: Preprocessing) -> np.ndarray:
+    """Decode a single-frame grayscale image to float32 in [0, 1], shape (Rows, Columns), bright = dense.
+
+    With ``recipe.voi == "dicom"`` the image's own VOI LUT Sequence is applied if present, else its
+    first Window Center/Width, else the image's min..max range; with ``"minmax"`` always the latter.
+    """
+    where = describe_source(ds)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageDecodeError(
+            f"{where}: PhotometricInterpretation {photometric or '(absent)'} is not a grayscale "
+            "image (MONOCHROME1 or MONOCHROME2)"
+        )
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:  # pydicom raises many kinds: missing data, no decoder, truncated data
+        raise ImageDecodeError(f"{where}: cannot decode the pixel data: {exc}") from exc
+    if stored.ndim != 2:
+        raise ImageDecodeError(
+            f"{where}: pixel data has shape {stored.shape}; expected one frame of one sample (Rows, Columns)"
+        )
+
+    try:
+        modality = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+        image = _apply_voi(modality, ds, recipe)
+    except Exception as exc:
+        raise ImageDecodeError(f"{where}: cannot apply the Modality/VOI LUT: {exc}") from exc
+
+    if not np.all(np.isfinite(image)):
+        raise ImageDecodeError(f"{where}: pixel values are not finite after the Modality/VOI LUT")
+    if photometric == "MONOCHROME1" and recipe.invert_monochrome1:
+        image = 1.0 - image
+    image = image.astype(np.float32)
+    if recipe.clahe:
+        image = _clahe(image, recipe.clahe_clip_limit)
+    return image
+
+
+def _apply_voi(modality: np.ndarray, ds: pydicom.Dataset, recipe: Preprocessing) -> np.ndarray:
+    """VOI transformation scaled to [0, 1] by the transformation's own output range."""
+    if recipe.voi == "dicom" and ds.get("VOILUTSequence"):
+        # The LUT is indexed by the (integer) output of the Modality LUT.
+        lut_input = np.rint(modality).astype(np.int64)
+        values = np.asarray(apply_voi(lut_input, ds), dtype=np.float64)
+        lo, hi = _voi_lut_range(ds)
+        return _scale(values, lo, hi)
+    if recipe.voi == "dicom" and ds.get("WindowCenter") not in (None, "") and ds.get("WindowWidth") not in (None, ""):
+        values = np.asarray(apply_windowing(modality.copy(), ds), dtype=np.float64)
+        lo, hi = _windowing_output_range(ds)
+        return _scale(values, lo, hi)
+    return _scale(modality, float(modality.min()), float(modality.max()))
+
+
+def _scale(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if hi <= lo:  # a constant image or a degenerate LUT: nothing to show
+        return np.zeros(values.shape, dtype=np.float64)
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _voi_lut_range(ds: pydicom.Dataset) -> tuple[float, float]:
+    """Lowest and highest entry of the first VOI LUT.
+
+    Used instead of the descriptor's nominal bit depth, which writers often get wrong (12-bit data
+    in a LUT declared 16-bit).
+    """
+    item = ds.VOILUTSequence[0]
+    entries, first_mapped = int(item.LUTDescriptor[0]) or 2**16, int(item.LUTDescriptor[1])
+    ramp = np.arange(first_mapped, first_mapped + entries, dtype=np.int64)
+    lut = np.asarray(apply_voi(ramp, ds), dtype=np.float64)
+    return float(lut.min()), float(lut.max())
+
+
+def _windowing_output_range(ds: pydicom.Dataset) -> tuple[float, float]:
+    """The output range pydicom's windowing maps to (PS3.3 C.11.2.1.2), for rescaling to [0, 1]."""
+    if ds.get("ModalityLUTSequence"):
+        depth = int(ds.ModalityLUTSequence[0].LUTDescriptor[2])
+        return 0.0, float(2**depth - 1)
+    bits = int(ds.BitsStored)
+    if int(ds.get("PixelRepresentation", 0)) == 0:
+        lo, hi = 0.0, float(2**bits - 1)
+    else:
+        lo, hi = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        lo, hi = sorted((lo * float(slope) + float(intercept), hi * float(slope) + float(intercept)))
+    return lo, hi
+
+
+def _clahe(image: np.ndarray, clip_limit: float) -> np.ndarray:
+    from skimage.exposure import equalize_adapthist  # imported here: only CLAHE recipes need it
+
+    return np.asarray(equalize_adapthist(image, clip_limit=clip_limit), dtype=np.float32)
+
+
+def _resize(array: np.ndarray, shape: tuple[int, int], *, antialias: bool) -> np.ndarray:
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    resized = F.interpolate(tensor, size=shape, mode="bilinear", align_corners=False, antialias=antialias)
+    return resized[0, 0].numpy()
+
+
+def to_network_input(image: np.ndarray, recipe: Preprocessing) -> np.ndarray:
+    """The network input (channels, size, size), float32, from a :func:`decode_radiograph` image.
+
+    The full image is resized to the square input (bilinear, antialiased); the aspect ratio is not
+    kept, which chest radiographs (near square) tolerate and which keeps the inverse mapping trivial.
+    """
+    if image.ndim != 2:
+        raise ValueError(f"to_network_input expects a 2-D image (Rows, Columns), got shape {image.shape}")
+    size = recipe.input_size
+    resized = _resize(image, (size, size), antialias=True)
+    if recipe.normalisation == "zscore":
+        resized = (resized - recipe.mean) / recipe.std
+    return np.repeat(resized[None], recipe.channels, axis=0).astype(np.float32, copy=False)
+
+
+def mask_to_source(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize a probability map (H, W) from the network grid to the source grid ``shape`` (bilinear).
+
+    The inverse of :func:`to_network_input`'s resize; the caller thresholds the result.
+    """
+    array: Any = np.asarray(prob)
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2:
+        raise ValueError(f"mask_to_source expects a 2-D probability map, got shape {np.shape(prob)}")
+    rows, columns = int(shape[0]), int(shape[1])
+    if rows < 1 or columns < 1:
+        raise ValueError(f"mask_to_source: invalid source shape {shape}")
+    if array.shape == (rows, columns):
+        return array.astype(np.float32, copy=True)
+    # Enlarging needs no antialiasing; shrinking (a source smaller than the input) does.
+    shrinking = rows < array.shape[0] or columns < array.shape[1]
+    return _resize(array, (rows, columns), antialias=shrinking)
