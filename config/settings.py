@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,10 @@ CONFIG_FILE_ENV = "PLEURA_CONFIG"
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+# The TOML file of the load_settings() call in progress (the settings sources cannot take arguments).
+_config_file: ContextVar[str | None] = ContextVar("pleura_config_file", default=None)
 
 
 class SettingsError(ValueError):
@@ -149,7 +154,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get(CONFIG_FILE_ENV)
+        config_file = _config_file.get() or os.environ.get(CONFIG_FILE_ENV)
         if config_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
         return tuple(sources)
@@ -166,14 +171,16 @@ def _describe(error: dict[str, Any]) -> str:
 
 
 def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
-    """Build the settings, or raise :class:`SettingsError` naming each wrong setting."""
+    """Build the settings, or raise :class:`SettingsError` naming each wrong setting.
+
+    `config_file` (else ``PLEURA_CONFIG``) names the TOML file; environment variables override it.
+    """
     if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise SettingsError(f"config file {path} does not exist (from --config or {CONFIG_FILE_ENV})")
-        os.environ[CONFIG_FILE_ENV] = str(path)
+        if not Path(config_file).is_file():
+            raise SettingsError(f"config file {config_file} does not exist (from --config or {CONFIG_FILE_ENV})")
     elif os.environ.get(CONFIG_FILE_ENV) and not Path(os.environ[CONFIG_FILE_ENV]).is_file():
         raise SettingsError(f"config file {os.environ[CONFIG_FILE_ENV]} named by {CONFIG_FILE_ENV} does not exist")
+    token = _config_file.set(str(config_file) if config_file is not None else None)
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -181,3 +188,5 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
     except Exception as exc:  # TOML syntax errors, JSON in env vars that does not parse
         raise SettingsError(f"invalid configuration: {exc}") from None
+    finally:
+        _config_file.reset(token)

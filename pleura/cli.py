@@ -28,9 +28,6 @@ def _settings(config: Optional[Path], **overrides) -> Settings:
     except SettingsError as exc:
         console.print(f"[bold red]Configuration error[/]: {exc}")
         raise typer.Exit(2) from None
-    if config is not None:
-        # Child processes (the export worker) read the same file.
-        os.environ[CONFIG_FILE_ENV] = str(config.resolve())
     return settings
 
 
@@ -39,7 +36,8 @@ def _logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    for chatty in ("pynetdicom", "highdicom"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 @app.command()
@@ -53,7 +51,7 @@ def node(
     _logging(verbose)
     from node.service import run_node
 
-    run_node(settings, export_worker=export_worker)
+    run_node(settings, export_worker=export_worker, config_file=config)
 
 
 @app.command()

@@ -48,9 +48,11 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": 3600, "polling_interval": 0.5},
         worker_hijack_root_logger=False,
         enable_utc=True,
     )
+    if not settings.embedded_broker:
+        # kombu's SQLAlchemy transport hands its options to create_engine(): Redis only.
+        app.conf.broker_transport_options = {"visibility_timeout": 3600}
     app.pleura_settings = settings  # the tasks read their settings from the app, not from globals
     return app

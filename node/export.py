@@ -1,0 +1,221 @@
+"""Delivery of results (SEG, SR) to the destinations by C-STORE, through the durable outbox.
+
+:func:`send_results` is the Storage SCU; :func:`deliver_outbox_entry` is one delivery attempt of
+one outbox row: it records the outcome in the ledger and says when to try again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, build_context
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.status import (
+    STATUS_SUCCESS,
+    STATUS_WARNING,
+    STORAGE_SERVICE_CLASS_STATUS,
+    code_to_category,
+)
+
+from config.settings import Destination, Settings
+from node.ledger import Ledger, OutboxStatus, utcnow
+from node.storage import InstanceStore
+
+log = logging.getLogger(__name__)
+
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+"""Returned in place of a peer status for a file whose SOP class the peer did not accept."""
+
+CONNECTION_TIMEOUT_SECONDS = 10
+MAX_PRESENTATION_CONTEXTS = 128
+DEFAULT_LEASE_SECONDS = 600.0
+
+
+class DeliveryError(RuntimeError):
+    """No association with the destination, or it ended before every file got an answer."""
+
+
+def is_success(status: int) -> bool:
+    """Success or a warning: the destination stored the instance."""
+    return code_to_category(status) in (STATUS_SUCCESS, STATUS_WARNING)
+
+
+def describe_status(status: int) -> str:
+    if status == SOP_CLASS_NOT_SUPPORTED:
+        return "SOP class not supported by the destination"
+    if status in STORAGE_SERVICE_CLASS_STATUS:
+        category, description = STORAGE_SERVICE_CLASS_STATUS[status]
+        return f"{category}: {description}"
+    return code_to_category(status)
+
+
+def _file_identity(path: Path) -> tuple[UID, UID]:
+    """The SOP class and transfer syntax of a Part 10 file, from its file meta information."""
+    try:
+        meta = read_file_meta_info(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"result file {path} does not exist") from None
+    except Exception as exc:
+        raise ValueError(f"result file {path} is not a DICOM Part 10 file: {exc}") from None
+    sop_class = meta.get("MediaStorageSOPClassUID")
+    transfer_syntax = meta.get("TransferSyntaxUID")
+    if not sop_class or not transfer_syntax:
+        raise ValueError(
+            f"result file {path} lacks Media Storage SOP Class UID (0002,0002) or Transfer Syntax UID (0002,0010)"
+        )
+    return UID(sop_class), UID(transfer_syntax)
+
+
+def requested_contexts(files: Sequence[tuple[UID, UID]]) -> list[PresentationContext]:
+    """One context per SOP class, proposing each file's own transfer syntax, plus explicit and
+    implicit VR little endian when the file is uncompressed (pynetdicom converts between them)."""
+    by_class: dict[str, list[str]] = {}
+    for sop_class, transfer_syntax in files:
+        syntaxes = by_class.setdefault(str(sop_class), [])
+        candidates = [transfer_syntax]
+        if not transfer_syntax.is_compressed and not transfer_syntax.is_deflated:
+            candidates += [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        for candidate in candidates:
+            if str(candidate) not in syntaxes:
+                syntaxes.append(str(candidate))
+    if len(by_class) > MAX_PRESENTATION_CONTEXTS:
+        raise ValueError(f"{len(by_class)} SOP classes in one association; at most {MAX_PRESENTATION_CONTEXTS}")
+    return [build_context(sop_class, syntaxes) for sop_class, syntaxes in by_class.items()]
+
+
+def send_results(destination: Destination, calling_ae: str, paths: list[Path]) -> list[int]:
+    """C-STORE each file to `destination` in one association; returns one status per file.
+
+    A file whose SOP class the destination did not accept gets :data:`SOP_CLASS_NOT_SUPPORTED`
+    without being sent. Raises :class:`DeliveryError` when no association can be made or it ends
+    before every file has an answer, and ValueError/FileNotFoundError for a file that cannot be sent.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        return []
+    identities = [_file_identity(path) for path in paths]
+    ae = AE(ae_title=calling_ae)
+    ae.connection_timeout = CONNECTION_TIMEOUT_SECONDS
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 120
+    ae.network_timeout = 60
+    ae.requested_contexts = requested_contexts(identities)
+
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            raise DeliveryError(f"{destination.label} rejected the association (is {calling_ae} a known AE there?)")
+        raise DeliveryError(f"cannot associate with {destination.label}: connection refused, timed out or aborted")
+    statuses: list[int] = []
+    try:
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        for path, (sop_class, _) in zip(paths, identities, strict=True):
+            if str(sop_class) not in accepted:
+                statuses.append(SOP_CLASS_NOT_SUPPORTED)
+                continue
+            response = assoc.send_c_store(path)
+            if "Status" not in response:
+                raise DeliveryError(f"{destination.label} gave no answer to the C-STORE of {path.name}")
+            statuses.append(int(response.Status))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        else:
+            assoc.abort()
+    return statuses
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    """What one delivery attempt came to: sent, retry (in `retry_in` seconds), failed or skipped."""
+
+    outbox_id: int
+    state: str
+    retry_in: float | None = None
+    detail: str = ""
+
+
+def find_destination(settings: Settings, label: str) -> Destination | None:
+    return next((d for d in settings.destinations if d.label == label), None)
+
+
+def deliver_outbox_entry(
+    ledger: Ledger,
+    store: InstanceStore,
+    settings: Settings,
+    outbox_id: int,
+    *,
+    now: datetime | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    sender: Callable[[Destination, str, list[Path]], list[int]] = send_results,
+) -> DeliveryOutcome:
+    """Try one outbox row once and record the outcome.
+
+    A row that is already sent or failed, or not yet due (a duplicate message), is skipped.
+    """
+    now = now or utcnow()
+    entry = ledger.claim_outbox(outbox_id, now=now, lease_seconds=lease_seconds)
+    if entry is None:
+        current = ledger.outbox_entry(outbox_id)
+        detail = "no such outbox row" if current is None else f"row is {current.status}, not due now"
+        return DeliveryOutcome(outbox_id, "skipped", detail=detail)
+
+    destination = find_destination(settings, entry.destination)
+    if destination is None:
+        reason = f"destination {entry.destination} is no longer in PLEURA_DESTINATIONS"
+        ledger.mark_outbox_failed(outbox_id, reason, now=now)
+        log.error("outbox %d: %s", outbox_id, reason)
+        return DeliveryOutcome(outbox_id, "failed", detail=reason)
+
+    calling_ae = destination.calling_ae_title or settings.ae_title
+    error: str | None = None
+    try:
+        path = store.path(entry.result_key)
+        statuses = sender(destination, calling_ae, [path])
+        failed = [s for s in statuses if not is_success(s)]
+        if failed:
+            error = f"{destination.label} answered 0x{failed[0]:04X} ({describe_status(failed[0])})"
+    except (DeliveryError, OSError, ValueError, RuntimeError) as exc:
+        error = str(exc)
+
+    if error is None:
+        ledger.record_delivery_success(outbox_id, now=now)
+        log.info("sent %s %s to %s", entry.result_kind, entry.result_uid, destination.label)
+        return DeliveryOutcome(outbox_id, "sent")
+
+    view = ledger.record_delivery_failure(
+        outbox_id,
+        error,
+        retry_seconds=settings.export_retry_seconds,
+        max_attempts=destination.max_attempts,
+        now=now,
+    )
+    if view.status == OutboxStatus.FAILED:
+        log.error(
+            "giving up sending %s %s to %s after %d attempts: %s",
+            entry.result_kind,
+            entry.result_uid,
+            destination.label,
+            view.attempts,
+            error,
+        )
+        return DeliveryOutcome(outbox_id, "failed", detail=error)
+    assert view.next_attempt_at is not None
+    retry_in = max((view.next_attempt_at - now).total_seconds(), 0.0)
+    log.warning(
+        "sending %s %s to %s failed (attempt %d of %d), next try in %.0f s: %s",
+        entry.result_kind,
+        entry.result_uid,
+        destination.label,
+        view.attempts,
+        destination.max_attempts,
+        retry_in,
+        error,
+    )
+    return DeliveryOutcome(outbox_id, "retry", retry_in=retry_in, detail=error)

@@ -1,0 +1,850 @@
+"""The ledger: where every received instance, study, result and delivery stands, and why.
+
+SQLAlchemy 2.0 models and one :class:`Ledger` class that owns every query, so the rules (a re-sent
+instance creates no work, a new instance reopens an analysed study, a study is delivered when every
+result reached every destination) live in one place. SQLite is the default and is shared by several
+processes (the SCP, the export worker): it runs in WAL mode with a busy timeout, and every
+transaction takes the write lock up front so that two writers never deadlock on a lock upgrade.
+PostgreSQL works with the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    case,
+    create_engine,
+    event,
+    func,
+    make_url,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+log = logging.getLogger(__name__)
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+_ERROR_TEXT_LIMIT = 2000
+
+
+class LedgerError(RuntimeError):
+    """The ledger cannot be opened, or was asked something inconsistent with what it holds."""
+
+
+class StudyStatus(StrEnum):
+    RECEIVING = "receiving"
+    QUEUED = "queued"
+    DONE = "done"
+    NOT_ANALYSED = "not_analysed"
+    FAILED = "failed"
+    DELIVERED = "delivered"
+
+
+class AnalysisStatus(StrEnum):
+    """Per instance: waiting for dispatch, sent to a worker, or the worker's answer."""
+
+    PENDING = "pending"
+    QUEUED = "queued"
+    ANALYSED = "analysed"
+    NOT_ANALYSED = "not_analysed"
+    FAILED = "failed"
+
+
+class OutboxStatus(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stored as naive UTC (SQLite keeps no zone), always returned timezone-aware in UTC."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else _as_utc(value).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    study_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    analysed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    flagged: Mapped[bool | None] = mapped_column(Boolean)
+    probability: Mapped[float | None] = mapped_column(Float)
+    model_name: Mapped[str | None] = mapped_column(String(128))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    synthetic_model: Mapped[bool | None] = mapped_column(Boolean)
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    storage_key: Mapped[str] = mapped_column(String(255))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    analysis_status: Mapped[str] = mapped_column(String(16), default=AnalysisStatus.PENDING.value, index=True)
+    analysis_reason: Mapped[str | None] = mapped_column(Text)
+    probability: Mapped[float | None] = mapped_column(Float)
+    flagged: Mapped[bool | None] = mapped_column(Boolean)
+    area_px: Mapped[int | None] = mapped_column(Integer)
+    area_cm2: Mapped[float | None] = mapped_column(Float)
+
+
+class Result(Base):
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    storage_key: Mapped[str] = mapped_column(String(255))
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid"), index=True)
+    source_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class OutboxEntry(Base):
+    """One result to one destination."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (UniqueConstraint("result_id", "destination", name="uq_outbox_result_destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(300))  # Destination.label: AE@host:port
+    status: Mapped[str] = mapped_column(String(16), default=OutboxStatus.PENDING.value, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+# Plain snapshots handed out of the ledger, so callers never hold a session.
+
+
+@dataclass(frozen=True)
+class InstanceView:
+    sop_instance_uid: str
+    study_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    storage_key: str
+    received_at: datetime
+    calling_ae: str | None
+    analysis_status: str
+    analysis_reason: str | None
+    probability: float | None
+    flagged: bool | None
+    area_px: int | None
+    area_cm2: float | None
+
+
+@dataclass(frozen=True)
+class ResultView:
+    sop_instance_uid: str
+    kind: str
+    sop_class_uid: str
+    storage_key: str
+    study_uid: str
+    source_sop_instance_uid: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class OutboxView:
+    id: int
+    study_uid: str
+    result_uid: str
+    result_kind: str
+    result_key: str
+    destination: str
+    status: str
+    attempts: int
+    next_attempt_at: datetime | None
+    last_attempt_at: datetime | None
+    last_error: str | None
+    sent_at: datetime | None
+
+
+@dataclass(frozen=True)
+class DueStudy:
+    """A settled study and its instances that no worker has been asked about yet."""
+
+    study_uid: str
+    instances: list[dict[str, str]] = field(default_factory=list)
+
+
+def _study_dict(study: Study, instances: int, area_px: int | None, area_cm2: float | None) -> dict[str, Any]:
+    return {
+        "study_uid": study.study_uid,
+        "status": study.status,
+        "patient_id": study.patient_id,
+        "accession_number": study.accession_number,
+        "first_received_at": study.first_received_at,
+        "last_received_at": study.last_received_at,
+        "queued_at": study.queued_at,
+        "task_id": study.task_id,
+        "analysed_at": study.analysed_at,
+        "delivered_at": study.delivered_at,
+        "flagged": study.flagged,
+        "probability": study.probability,
+        "area_px": area_px,
+        "area_cm2": area_cm2,
+        "model_name": study.model_name,
+        "model_version": study.model_version,
+        "synthetic_model": study.synthetic_model,
+        "reason": study.reason,
+        "instances": instances,
+    }
+
+
+def _study_aggregates() -> Any:
+    """Per study: the instance count and the largest flagged area."""
+    flagged = Instance.flagged.is_(True)
+    return (
+        select(
+            Instance.study_uid.label("study_uid"),
+            func.count(Instance.id).label("instances"),
+            func.max(case((flagged, Instance.area_px))).label("area_px"),
+            func.max(case((flagged, Instance.area_cm2))).label("area_cm2"),
+        )
+        .group_by(Instance.study_uid)
+        .subquery()
+    )
+
+
+def _instance_view(row: Instance) -> InstanceView:
+    return InstanceView(
+        sop_instance_uid=row.sop_instance_uid,
+        study_uid=row.study_uid,
+        series_instance_uid=row.series_instance_uid,
+        sop_class_uid=row.sop_class_uid,
+        transfer_syntax_uid=row.transfer_syntax_uid,
+        storage_key=row.storage_key,
+        received_at=row.received_at,
+        calling_ae=row.calling_ae,
+        analysis_status=row.analysis_status,
+        analysis_reason=row.analysis_reason,
+        probability=row.probability,
+        flagged=row.flagged,
+        area_px=row.area_px,
+        area_cm2=row.area_cm2,
+    )
+
+
+def _result_view(row: Result) -> ResultView:
+    return ResultView(
+        sop_instance_uid=row.sop_instance_uid,
+        kind=row.kind,
+        sop_class_uid=row.sop_class_uid,
+        storage_key=row.storage_key,
+        study_uid=row.study_uid,
+        source_sop_instance_uid=row.source_sop_instance_uid,
+        created_at=row.created_at,
+    )
+
+
+def _outbox_view(entry: OutboxEntry, result: Result) -> OutboxView:
+    return OutboxView(
+        id=entry.id,
+        study_uid=result.study_uid,
+        result_uid=result.sop_instance_uid,
+        result_kind=result.kind,
+        result_key=result.storage_key,
+        destination=entry.destination,
+        status=entry.status,
+        attempts=entry.attempts,
+        next_attempt_at=entry.next_attempt_at,
+        last_attempt_at=entry.last_attempt_at,
+        last_error=entry.last_error,
+        sent_at=entry.sent_at,
+    )
+
+
+# The worker's summary, checked before anything is written.
+
+_IMAGE_STATUSES = {AnalysisStatus.ANALYSED.value, AnalysisStatus.NOT_ANALYSED.value, AnalysisStatus.FAILED.value}
+_RESULT_KINDS = {"SEG", "SR"}
+
+
+def _require(mapping: Any, key: str, where: str) -> Any:
+    if not isinstance(mapping, dict):
+        raise ValueError(f"analysis summary: {where} must be an object, got {type(mapping).__name__}")
+    if key not in mapping:
+        raise ValueError(f"analysis summary: {where} has no '{key}'")
+    return mapping[key]
+
+
+def _parse_time(value: Any, where: str) -> datetime:
+    if isinstance(value, datetime):
+        return _as_utc(value)
+    try:
+        return _as_utc(datetime.fromisoformat(str(value)))
+    except ValueError:
+        raise ValueError(f"analysis summary: {where} {value!r} is not an ISO-8601 time") from None
+
+
+def _check_summary(summary: dict[str, Any]) -> None:
+    _require(summary, "study_uid", "the summary")
+    model = _require(summary, "model", "the summary")
+    for key in ("name", "version"):
+        _require(model, key, "'model'")
+    images = _require(summary, "images", "the summary")
+    results = _require(summary, "results", "the summary")
+    if not isinstance(images, list) or not isinstance(results, list):
+        raise ValueError("analysis summary: 'images' and 'results' must be lists")
+    for index, image in enumerate(images):
+        where = f"images[{index}]"
+        _require(image, "sop_instance_uid", where)
+        status = _require(image, "status", where)
+        if status not in _IMAGE_STATUSES:
+            raise ValueError(f"analysis summary: {where}.status {status!r} is not one of {sorted(_IMAGE_STATUSES)}")
+    for index, result in enumerate(results):
+        where = f"results[{index}]"
+        for key in ("key", "sop_instance_uid", "sop_class_uid"):
+            _require(result, key, where)
+        kind = _require(result, "kind", where)
+        if kind not in _RESULT_KINDS:
+            raise ValueError(f"analysis summary: {where}.kind {kind!r} is not one of {sorted(_RESULT_KINDS)}")
+
+
+def _study_outcome(instances: Sequence[Instance]) -> tuple[str, str | None]:
+    """The study status and reason once no instance is waiting for a worker."""
+    analysed = [i for i in instances if i.analysis_status == AnalysisStatus.ANALYSED]
+    others = [i for i in instances if i.analysis_status != AnalysisStatus.ANALYSED]
+    reasons = sorted({f"{i.analysis_status}: {i.analysis_reason or 'no reason given'}" for i in others})
+    if analysed:
+        if not others:
+            return StudyStatus.DONE.value, None
+        return StudyStatus.DONE.value, f"{len(analysed)} of {len(instances)} images analysed; " + "; ".join(reasons)
+    if all(i.analysis_status == AnalysisStatus.NOT_ANALYSED for i in instances):
+        return StudyStatus.NOT_ANALYSED.value, "; ".join(
+            sorted({i.analysis_reason or "no reason given" for i in instances})
+        )
+    return StudyStatus.FAILED.value, "; ".join(reasons)
+
+
+class Ledger:
+    """All reads and writes of the ledger database; safe to share between threads."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = url
+        parsed = make_url(url)
+        self._display_url = parsed.render_as_string(hide_password=True)
+        self._is_sqlite = parsed.get_backend_name() == "sqlite"
+        if self._is_sqlite and parsed.database and parsed.database != ":memory:":
+            folder = Path(parsed.database).expanduser().resolve().parent
+            if not folder.is_dir():
+                raise LedgerError(
+                    f"ledger database {self._display_url}: folder {folder} does not exist "
+                    "(check PLEURA_DATABASE_URL or PLEURA_STORAGE_DIR)"
+                )
+        try:
+            self.engine: Engine = create_engine(url, echo=echo, pool_pre_ping=not self._is_sqlite)
+        except (SQLAlchemyError, ImportError) as exc:
+            raise LedgerError(f"ledger database {self._display_url} (PLEURA_DATABASE_URL): {exc}") from exc
+        if self._is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_on_connect)
+            event.listen(self.engine, "begin", _sqlite_on_begin)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        try:
+            Base.metadata.create_all(self.engine)
+        except SQLAlchemyError as exc:
+            raise LedgerError(
+                f"cannot open the ledger database {self._display_url} (PLEURA_DATABASE_URL): {exc}"
+            ) from exc
+
+    def __repr__(self) -> str:
+        return f"Ledger({self._display_url!r})"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        with self._transaction() as session:
+            found = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid))
+            return found is not None
+
+    def record_instance(
+        self,
+        *,
+        sop_instance_uid: str,
+        study_uid: str,
+        series_instance_uid: str,
+        sop_class_uid: str,
+        transfer_syntax_uid: str,
+        storage_key: str,
+        calling_ae: str | None = None,
+        patient_id: str | None = None,
+        accession_number: str | None = None,
+        received_at: datetime | None = None,
+    ) -> bool:
+        """Record a received instance; False when that SOP Instance UID was already recorded.
+
+        A new instance for a study that is queued or already analysed puts the study back to
+        receiving, so the new instance is analysed once the study settles again.
+        """
+        now = _as_utc(received_at) if received_at else utcnow()
+        # Identifiers come from the sender's data set: never let an over-long one refuse an instance.
+        patient_id = patient_id[:64] if patient_id else None
+        accession_number = accession_number[:64] if accession_number else None
+        for attempt in range(3):
+            try:
+                with self._transaction() as session:
+                    known = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid))
+                    if known is not None:
+                        return False
+                    study = session.get(Study, study_uid)
+                    if study is None:
+                        session.add(
+                            Study(
+                                study_uid=study_uid,
+                                patient_id=patient_id or None,
+                                accession_number=accession_number or None,
+                                status=StudyStatus.RECEIVING.value,
+                                first_received_at=now,
+                                last_received_at=now,
+                            )
+                        )
+                        session.flush()
+                    else:
+                        study.last_received_at = max(study.last_received_at, now)
+                        study.patient_id = study.patient_id or patient_id or None
+                        study.accession_number = study.accession_number or accession_number or None
+                        if study.status != StudyStatus.RECEIVING:
+                            log.info("study %s reopened by a new instance (was %s)", study_uid, study.status)
+                            study.status = StudyStatus.RECEIVING.value
+                    session.add(
+                        Instance(
+                            sop_instance_uid=sop_instance_uid,
+                            study_uid=study_uid,
+                            series_instance_uid=series_instance_uid,
+                            sop_class_uid=sop_class_uid,
+                            transfer_syntax_uid=transfer_syntax_uid,
+                            storage_key=storage_key,
+                            received_at=now,
+                            calling_ae=calling_ae,
+                            analysis_status=AnalysisStatus.PENDING.value,
+                        )
+                    )
+                return True
+            except IntegrityError:
+                # Another association recorded the same instance or created the same study at the
+                # same moment: look again.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    # -- settling and dispatch -------------------------------------------------------------------
+
+    def due_studies(self, settle_seconds: float, now: datetime | None = None) -> list[DueStudy]:
+        """Studies still receiving whose last instance arrived `settle_seconds` ago or earlier,
+        with their instances not yet sent to a worker (oldest study first)."""
+        cutoff = (_as_utc(now) if now else utcnow()) - timedelta(seconds=settle_seconds)
+        with self._transaction() as session:
+            rows = session.execute(
+                select(Instance.study_uid, Instance.sop_instance_uid, Instance.storage_key)
+                .join(Study, Study.study_uid == Instance.study_uid)
+                .where(
+                    Study.status == StudyStatus.RECEIVING.value,
+                    Study.last_received_at <= cutoff,
+                    Instance.analysis_status == AnalysisStatus.PENDING.value,
+                )
+                .order_by(Study.last_received_at, Study.study_uid, Instance.id)
+            ).all()
+        due: dict[str, DueStudy] = {}
+        for study_uid, sop_uid, key in rows:
+            due.setdefault(study_uid, DueStudy(study_uid)).instances.append({"sop_instance_uid": sop_uid, "key": key})
+        return list(due.values())
+
+    def mark_queued(
+        self,
+        study_uid: str,
+        sop_instance_uids: Sequence[str] | None = None,
+        *,
+        task_id: str | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        """Record that these instances (default: all pending ones) were sent to a worker.
+
+        The study becomes queued unless an instance arrived meanwhile; that one is sent in a later
+        round, once the study has settled again.
+        """
+        now = _as_utc(now) if now else utcnow()
+        with self._transaction() as session:
+            study = session.get(Study, study_uid)
+            if study is None:
+                raise LedgerError(f"cannot mark study {study_uid} queued: the ledger does not know it")
+            statement = update(Instance).where(
+                Instance.study_uid == study_uid, Instance.analysis_status == AnalysisStatus.PENDING.value
+            )
+            if sop_instance_uids is not None:
+                statement = statement.where(Instance.sop_instance_uid.in_(list(sop_instance_uids)))
+            session.execute(statement.values(analysis_status=AnalysisStatus.QUEUED.value))
+            study.queued_at = now
+            study.task_id = task_id
+            still_pending = session.scalar(
+                select(func.count(Instance.id)).where(
+                    Instance.study_uid == study_uid, Instance.analysis_status == AnalysisStatus.PENDING.value
+                )
+            )
+            if not still_pending and study.status == StudyStatus.RECEIVING:
+                study.status = StudyStatus.QUEUED.value
+
+    # -- analysis --------------------------------------------------------------------------------
+
+    def record_analysis(self, summary: dict[str, Any]) -> list[str]:
+        """Record a worker's summary; returns the result SOP Instance UIDs it names.
+
+        Recording the same summary twice changes nothing the second time.
+        """
+        _check_summary(summary)
+        study_uid = str(summary["study_uid"])
+        analysed_at = _parse_time(summary.get("analysed_at") or utcnow(), "'analysed_at'")
+        model = summary["model"]
+        with self._transaction() as session:
+            study = session.get(Study, study_uid)
+            if study is None:
+                raise LedgerError(f"analysis summary names study {study_uid}, which the ledger does not know")
+            instances = {
+                row.sop_instance_uid: row
+                for row in session.scalars(select(Instance).where(Instance.study_uid == study_uid))
+            }
+            for image in summary["images"]:
+                row = instances.get(image["sop_instance_uid"])
+                if row is None:
+                    log.warning(
+                        "analysis summary of study %s names instance %s, which is not in that study; ignored",
+                        study_uid,
+                        image["sop_instance_uid"],
+                    )
+                    continue
+                row.analysis_status = image["status"]
+                row.analysis_reason = image.get("reason")
+                row.probability = image.get("probability")
+                row.flagged = image.get("flagged")
+                row.area_px = image.get("area_px")
+                row.area_cm2 = image.get("area_cm2")
+
+            for result in summary["results"]:
+                existing = session.scalar(select(Result).where(Result.sop_instance_uid == result["sop_instance_uid"]))
+                if existing is not None:
+                    continue
+                session.add(
+                    Result(
+                        sop_instance_uid=result["sop_instance_uid"],
+                        kind=result["kind"],
+                        sop_class_uid=result["sop_class_uid"],
+                        storage_key=result["key"],
+                        study_uid=study_uid,
+                        source_sop_instance_uid=result.get("source_sop_instance_uid"),
+                        created_at=analysed_at,
+                    )
+                )
+            session.flush()
+
+            study.analysed_at = analysed_at
+            study.model_name = str(model["name"])
+            study.model_version = str(model["version"])
+            study.synthetic_model = bool(model.get("synthetic_demo", False))
+            analysed = [row for row in instances.values() if row.analysis_status == AnalysisStatus.ANALYSED]
+            probabilities = [row.probability for row in analysed if row.probability is not None]
+            study.probability = max(probabilities) if probabilities else None
+            study.flagged = (bool(summary.get("flagged")) or any(row.flagged for row in analysed)) if analysed else None
+
+            waiting = [
+                row
+                for row in instances.values()
+                if row.analysis_status in (AnalysisStatus.PENDING, AnalysisStatus.QUEUED)
+            ]
+            if not waiting and study.status != StudyStatus.RECEIVING:
+                # A redelivered summary of a delivered study sets it to done and the refresh
+                # below puts it back to delivered, since nothing new needs sending.
+                study.status, study.reason = _study_outcome(list(instances.values()))
+                self._refresh_delivery(session, study, analysed_at)
+        return [str(result["sop_instance_uid"]) for result in summary["results"]]
+
+    # -- outbox ----------------------------------------------------------------------------------
+
+    def create_outbox(self, study_uid: str, destinations: Sequence[str], *, now: datetime | None = None) -> list[int]:
+        """Make sure each result of the study has a row per destination; returns the pending ids.
+
+        Existing rows are kept as they are, so calling this again creates nothing new.
+        """
+        now = _as_utc(now) if now else utcnow()
+        pending: list[int] = []
+        with self._transaction() as session:
+            study = session.get(Study, study_uid)
+            if study is None:
+                raise LedgerError(f"cannot create deliveries for study {study_uid}: the ledger does not know it")
+            results = session.scalars(select(Result).where(Result.study_uid == study_uid).order_by(Result.id)).all()
+            for result in results:
+                existing = {
+                    entry.destination: entry
+                    for entry in session.scalars(select(OutboxEntry).where(OutboxEntry.result_id == result.id))
+                }
+                for destination in destinations:
+                    entry = existing.get(destination)
+                    if entry is None:
+                        entry = OutboxEntry(
+                            result_id=result.id,
+                            destination=destination,
+                            status=OutboxStatus.PENDING.value,
+                            attempts=0,
+                            next_attempt_at=now,
+                            created_at=now,
+                        )
+                        session.add(entry)
+                        session.flush()
+                    if entry.status == OutboxStatus.PENDING:
+                        pending.append(entry.id)
+            self._refresh_delivery(session, study, now)
+        return pending
+
+    def outbox_entry(self, outbox_id: int) -> OutboxView | None:
+        with self._transaction() as session:
+            entry = session.get(OutboxEntry, outbox_id)
+            return None if entry is None else _outbox_view(entry, session.get_one(Result, entry.result_id))
+
+    def list_outbox(self, study_uid: str | None = None) -> list[OutboxView]:
+        with self._transaction() as session:
+            statement = select(OutboxEntry, Result).join(Result, Result.id == OutboxEntry.result_id)
+            if study_uid is not None:
+                statement = statement.where(Result.study_uid == study_uid)
+            rows = session.execute(statement.order_by(OutboxEntry.id)).all()
+            return [_outbox_view(entry, result) for entry, result in rows]
+
+    def claim_outbox(
+        self, outbox_id: int, *, now: datetime | None = None, lease_seconds: float = 600.0, slack_seconds: float = 1.0
+    ) -> OutboxView | None:
+        """Take a pending, due row for one delivery attempt, or None when it is not to be tried now.
+
+        The claim moves the row's next attempt `lease_seconds` ahead, so a duplicate delivery
+        message (a broker redelivery, the outbox sweeper) arriving meanwhile does nothing.
+        """
+        now = _as_utc(now) if now else utcnow()
+        with self._transaction() as session:
+            entry = session.get(OutboxEntry, outbox_id, with_for_update=True)
+            if entry is None or entry.status != OutboxStatus.PENDING:
+                return None
+            if entry.next_attempt_at is not None and entry.next_attempt_at > now + timedelta(seconds=slack_seconds):
+                return None
+            entry.next_attempt_at = now + timedelta(seconds=lease_seconds)
+            return _outbox_view(entry, session.get_one(Result, entry.result_id))
+
+    def record_delivery_success(self, outbox_id: int, *, now: datetime | None = None) -> OutboxView:
+        now = _as_utc(now) if now else utcnow()
+        with self._transaction() as session:
+            entry = self._outbox_row(session, outbox_id)
+            entry.status = OutboxStatus.SENT.value
+            entry.attempts += 1
+            entry.last_attempt_at = now
+            entry.sent_at = now
+            entry.next_attempt_at = None
+            entry.last_error = None
+            result = session.get_one(Result, entry.result_id)
+            study = session.get_one(Study, result.study_uid)
+            self._refresh_delivery(session, study, now)
+            return _outbox_view(entry, result)
+
+    def record_delivery_failure(
+        self,
+        outbox_id: int,
+        error: str,
+        *,
+        retry_seconds: float,
+        max_attempts: int,
+        now: datetime | None = None,
+    ) -> OutboxView:
+        """Count a failed attempt: schedule the next one (`retry_seconds`, doubling each time) or,
+        at `max_attempts`, mark the row failed with the error as the reason."""
+        now = _as_utc(now) if now else utcnow()
+        with self._transaction() as session:
+            entry = self._outbox_row(session, outbox_id)
+            entry.attempts += 1
+            entry.last_attempt_at = now
+            entry.last_error = error[:_ERROR_TEXT_LIMIT]
+            result = session.get_one(Result, entry.result_id)
+            if entry.attempts >= max_attempts:
+                entry.status = OutboxStatus.FAILED.value
+                entry.next_attempt_at = None
+                study = session.get_one(Study, result.study_uid)
+                study.reason = (
+                    f"delivery of {result.kind} {result.sop_instance_uid} to {entry.destination} failed "
+                    f"after {entry.attempts} attempts: {error}"
+                )[:_ERROR_TEXT_LIMIT]
+            else:
+                delay = retry_seconds * 2 ** (entry.attempts - 1)
+                entry.next_attempt_at = now + timedelta(seconds=delay)
+            return _outbox_view(entry, result)
+
+    def mark_outbox_failed(self, outbox_id: int, reason: str, *, now: datetime | None = None) -> OutboxView:
+        """Give up on a row at once (the destination was removed from the settings, say)."""
+        with self._transaction() as session:
+            entry = self._outbox_row(session, outbox_id)
+            entry.status = OutboxStatus.FAILED.value
+            entry.next_attempt_at = None
+            entry.last_error = reason[:_ERROR_TEXT_LIMIT]
+            result = session.get_one(Result, entry.result_id)
+            study = session.get_one(Study, result.study_uid)
+            study.reason = f"delivery of {result.kind} {result.sop_instance_uid} to {entry.destination}: {reason}"[
+                :_ERROR_TEXT_LIMIT
+            ]
+            return _outbox_view(entry, result)
+
+    def requeue_overdue_outbox(self, margin_seconds: float, *, now: datetime | None = None) -> list[int]:
+        """Pending rows whose next attempt is overdue by `margin_seconds` (their delivery message
+        was lost); their next attempt is set to now, so each is picked again only after another
+        margin has passed."""
+        now = _as_utc(now) if now else utcnow()
+        cutoff = now - timedelta(seconds=margin_seconds)
+        with self._transaction() as session:
+            ids = list(
+                session.scalars(
+                    select(OutboxEntry.id).where(
+                        OutboxEntry.status == OutboxStatus.PENDING.value, OutboxEntry.next_attempt_at <= cutoff
+                    )
+                )
+            )
+            if ids:
+                session.execute(update(OutboxEntry).where(OutboxEntry.id.in_(ids)).values(next_attempt_at=now))
+            return ids
+
+    @staticmethod
+    def _outbox_row(session: Session, outbox_id: int) -> OutboxEntry:
+        entry = session.get(OutboxEntry, outbox_id)
+        if entry is None:
+            raise LedgerError(f"outbox row {outbox_id} does not exist")
+        return entry
+
+    @staticmethod
+    def _refresh_delivery(session: Session, study: Study, now: datetime) -> None:
+        """A done study is delivered once every result has reached every destination."""
+        if study.status not in (StudyStatus.DONE, StudyStatus.DELIVERED):
+            return
+        result_ids = list(session.scalars(select(Result.id).where(Result.study_uid == study.study_uid)))
+        entries = (
+            session.scalars(select(OutboxEntry).where(OutboxEntry.result_id.in_(result_ids))).all()
+            if result_ids
+            else []
+        )
+        covered = {entry.result_id for entry in entries}
+        delivered = bool(entries) and covered == set(result_ids) and all(e.status == OutboxStatus.SENT for e in entries)
+        if delivered and study.status != StudyStatus.DELIVERED:
+            study.status = StudyStatus.DELIVERED.value
+            study.delivered_at = max((e.sent_at for e in entries if e.sent_at), default=now)
+        elif not delivered and study.status == StudyStatus.DELIVERED:
+            study.status = StudyStatus.DONE.value
+
+    # -- inspection ------------------------------------------------------------------------------
+
+    def study_status(self, study_uid: str) -> dict[str, Any] | None:
+        """Where a study stands: status, times, outcome, model, reason and instance count."""
+        studies = self._studies(Study.study_uid == study_uid, limit=1)
+        return studies[0] if studies else None
+
+    def list_studies(self, *, status: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        """Like :meth:`study_status` for many studies, most recently received first."""
+        return self._studies(Study.status == status if status is not None else None, limit=limit)
+
+    def _studies(self, condition: Any, limit: int) -> list[dict[str, Any]]:
+        with self._transaction() as session:
+            aggregates = _study_aggregates()
+            statement = select(Study, aggregates.c.instances, aggregates.c.area_px, aggregates.c.area_cm2).outerjoin(
+                aggregates, aggregates.c.study_uid == Study.study_uid
+            )
+            if condition is not None:
+                statement = statement.where(condition)
+            rows = session.execute(statement.order_by(Study.last_received_at.desc()).limit(limit)).all()
+            return [_study_dict(study, count or 0, area_px, area_cm2) for study, count, area_px, area_cm2 in rows]
+
+    def list_instances(self, study_uid: str) -> list[InstanceView]:
+        with self._transaction() as session:
+            rows = session.scalars(select(Instance).where(Instance.study_uid == study_uid).order_by(Instance.id))
+            return [_instance_view(row) for row in rows]
+
+    def list_results(self, study_uid: str) -> list[ResultView]:
+        with self._transaction() as session:
+            rows = session.scalars(select(Result).where(Result.study_uid == study_uid).order_by(Result.id))
+            return [_result_view(row) for row in rows]
+
+
+def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+    # SQLAlchemy emits BEGIN itself (see _sqlite_on_begin), so the driver must not.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = FULL")  # an instance is acknowledged only once recorded
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(connection: Any) -> None:
+    # Take the write lock at the start: a deferred transaction that reads and then writes can fail
+    # at once with "database is locked" when another process wrote in between, busy timeout or not.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")

@@ -1,0 +1,250 @@
+"""The DICOM SCP: C-ECHO and C-STORE of radiographs and CT images.
+
+The C-STORE handler is small on purpose: it reads the few UIDs it needs from the encoded dataset
+(no pixel decoding), writes the bytes durably, records the instance in the ledger and only then
+answers success. What cannot be accepted is kept in quarantine with the reason, and the sender gets
+a failure status from PS3.4 Annex B; a storage or ledger error answers "Out of Resources", so the
+sender keeps the instance and tries again.
+"""
+
+from __future__ import annotations
+
+import logging
+from io import BytesIO
+from typing import Any, cast
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+
+from config.settings import Settings
+from node.ledger import Ledger
+from node.storage import InstanceStore, InvalidUIDError, validate_uid
+
+log = logging.getLogger(__name__)
+
+STORAGE_SOP_CLASSES: tuple[str, ...] = (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    CTImageStorage,
+)
+
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,  # 1.2.840.10008.1.2.4.57
+    JPEGLosslessSV1,  # 1.2.840.10008.1.2.4.70
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+
+# C-STORE response statuses (PS3.4 B.2.3).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+_ERROR_COMMENT_LENGTH = 64  # Error Comment is LO
+
+
+class RejectedInstance(Exception):
+    """An instance the node will not accept; carries the C-STORE status to answer with."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _status(code: int, comment: str | None = None) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    if comment:
+        status.ErrorComment = comment[:_ERROR_COMMENT_LENGTH]
+    return status
+
+
+def _text(dataset: Dataset, keyword: str) -> str | None:
+    value = dataset.get(keyword)
+    if value is None:
+        return None
+    return str(value).strip() or None
+
+
+def build_ae(settings: Settings) -> AE:
+    """The node's application entity with the contexts it accepts as an SCP."""
+    ae = AE(ae_title=settings.ae_title)
+    ae.require_called_aet = True
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 60
+    ae.network_timeout = 120
+    ae.add_supported_context(Verification)
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+    return ae
+
+
+class StorageSCP:
+    """C-ECHO and C-STORE SCP that stores durably and records in the ledger."""
+
+    def __init__(self, settings: Settings, ledger: Ledger, store: InstanceStore) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.store = store
+        self.ae = build_ae(settings)
+        self._server: ThreadedAssociationServer | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def start(self) -> None:
+        """Listen on settings.host:settings.port in background threads."""
+        if self._server is not None:
+            return
+        try:
+            self._server = self.ae.start_server(
+                (self.settings.host, self.settings.port),
+                block=False,
+                evt_handlers=[(evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, self.handle_echo)],
+            )
+        except OSError as exc:
+            raise OSError(
+                f"cannot listen on {self.settings.host}:{self.settings.port} "
+                f"(PLEURA_HOST / PLEURA_PORT): {exc.strerror or exc}"
+            ) from exc
+        log.info("DICOM SCP %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.settings.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+            log.info("DICOM SCP stopped")
+
+    def handle_echo(self, event: Event) -> int:
+        log.debug("C-ECHO from %s", event.assoc.requestor.ae_title)
+        return SUCCESS
+
+    def handle_store(self, event: Event) -> Dataset:
+        calling_ae = event.assoc.requestor.ae_title
+        try:
+            data = event.encoded_dataset(include_meta=True)
+        except Exception as exc:  # the request carried no dataset at all
+            log.warning("C-STORE from %s without a usable dataset: %s", calling_ae, exc)
+            return _status(CANNOT_UNDERSTAND, "no data set in the C-STORE request")
+        try:
+            identity = self._identify(event, data)
+        except RejectedInstance as rejected:
+            return self._quarantine(event, data, rejected)
+
+        sop_uid = identity["sop_instance_uid"]
+        try:
+            if self.ledger.has_instance(sop_uid):
+                log.info("instance %s from %s already received; not stored again", sop_uid, calling_ae)
+                return _status(SUCCESS)
+            key = self.store.write_instance(identity["study_uid"], identity["series_instance_uid"], sop_uid, data)
+            created = self.ledger.record_instance(storage_key=key, calling_ae=calling_ae, **identity)
+        except (OSError, SQLAlchemyError) as exc:
+            log.error("cannot store instance %s from %s: %s", sop_uid, calling_ae, exc)
+            return _status(OUT_OF_RESOURCES, "storage or ledger unavailable; try again")
+        except Exception:
+            # Not stored, so the sender must keep it: answer a status it retries on.
+            log.exception("unexpected error storing instance %s from %s", sop_uid, calling_ae)
+            return _status(OUT_OF_RESOURCES, "internal error; try again")
+        log.info(
+            "stored instance %s of study %s from %s%s",
+            sop_uid,
+            identity["study_uid"],
+            calling_ae,
+            "" if created else " (already recorded)",
+        )
+        return _status(SUCCESS)
+
+    def _identify(self, event: Event, data: bytes) -> dict[str, Any]:
+        """The UIDs and identifiers the ledger needs, read without decoding the pixel data."""
+        context_sop_class = str(event.context.abstract_syntax)
+        transfer_syntax = str(event.context.transfer_syntax)
+        try:
+            dataset = dcmread(BytesIO(data), stop_before_pixels=True)
+            dataset_sop_class = dataset.get("SOPClassUID")
+            sop_uid = validate_uid(dataset.get("SOPInstanceUID"), "SOP Instance UID (0008,0018)")
+            study_uid = validate_uid(dataset.get("StudyInstanceUID"), "Study Instance UID (0020,000D)")
+            series_uid = validate_uid(dataset.get("SeriesInstanceUID"), "Series Instance UID (0020,000E)")
+            patient_id = _text(dataset, "PatientID")
+            accession = _text(dataset, "AccessionNumber")
+        except InvalidUIDError as exc:
+            raise RejectedInstance(CANNOT_UNDERSTAND, str(exc)) from None
+        except Exception as exc:  # pydicom raises many kinds of errors on malformed data
+            raise RejectedInstance(CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from None
+
+        if dataset_sop_class is None or str(dataset_sop_class).rstrip("\x00 ") != context_sop_class:
+            raise RejectedInstance(
+                DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                f"SOP Class UID (0008,0016) {dataset_sop_class!s} does not match the presentation "
+                f"context's {context_sop_class}",
+            )
+        affected = str(cast(C_STORE, event.request).AffectedSOPInstanceUID or "")
+        if affected and affected != sop_uid:
+            raise RejectedInstance(
+                CANNOT_UNDERSTAND,
+                f"Affected SOP Instance UID {affected} differs from the data set's SOP Instance UID {sop_uid}",
+            )
+        return {
+            "sop_instance_uid": sop_uid,
+            "study_uid": study_uid,
+            "series_instance_uid": series_uid,
+            "sop_class_uid": context_sop_class,
+            "transfer_syntax_uid": transfer_syntax,
+            "patient_id": patient_id,
+            "accession_number": accession,
+        }
+
+    def _quarantine(self, event: Event, data: bytes, rejected: RejectedInstance) -> Dataset:
+        calling_ae = event.assoc.requestor.ae_title
+        reason = "\n".join(
+            (
+                rejected.reason,
+                f"status: 0x{rejected.status:04X}",
+                f"calling AE: {calling_ae}",
+                f"affected SOP class: {event.context.abstract_syntax}",
+                f"affected SOP instance: {cast(C_STORE, event.request).AffectedSOPInstanceUID}",
+                f"transfer syntax: {event.context.transfer_syntax}",
+            )
+        )
+        try:
+            path = self.store.quarantine(data, reason)
+        except OSError as exc:
+            # Not kept here, so the sender must keep it: answer a status it retries on.
+            log.error("cannot quarantine a rejected instance from %s: %s", calling_ae, exc)
+            return _status(OUT_OF_RESOURCES, "cannot keep the rejected data set; try again")
+        log.warning("rejected an instance from %s (%s); kept in %s", calling_ae, rejected.reason, path)
+        return _status(rejected.status, rejected.reason)

@@ -1,0 +1,343 @@
+"""The node as one service: SCP, settle loop, outbox sweeper and the export worker (a child process).
+
+:class:`NodeService` starts and stops the parts; :func:`run_node` runs it until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from pathlib import Path
+from types import FrameType, TracebackType
+
+from celery import Celery
+
+from config.settings import CONFIG_FILE_ENV, ENV_PREFIX, Settings
+from node.dispatch import PUBLISH_RETRY_POLICY, make_dispatcher
+from node.ledger import Ledger
+from node.scp import StorageSCP
+from node.settle import SettleLoop
+from node.storage import InstanceStore
+from worker.celery_app import DELIVER_RESULT, make_celery
+
+log = logging.getLogger(__name__)
+
+# fmt: off
+EXPORT_WORKER_COMMAND: tuple[str, ...] = (
+    sys.executable, "-m", "celery", "-A", "node.celery_entry:app", "worker",
+    "-Q", "export", "-P", "threads", "-c", "2",
+    "--without-gossip", "--without-mingle", "--without-heartbeat",
+    "-n", "export@%h", "--loglevel", "INFO",
+)
+# fmt: on
+
+
+HEALTHY_RUN_SECONDS = 60.0
+
+
+def settings_environment(settings: Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`base` (default: this process's environment) with every setting as a ``PLEURA_*`` variable.
+
+    A child process built from this environment loads exactly these settings, including values
+    given as keyword overrides rather than read from the environment or the config file.
+    """
+    env = dict(os.environ if base is None else base)
+    for name, value in settings.model_dump(mode="json").items():
+        key = ENV_PREFIX + name.upper()
+        if value is None:
+            env.pop(key, None)
+        elif isinstance(value, (list, dict)):
+            env[key] = json.dumps(value)
+        elif isinstance(value, bool):
+            env[key] = "true" if value else "false"
+        else:
+            env[key] = str(value)
+    return env
+
+
+def make_delivery_enqueuer(celery_app: Celery) -> Callable[[int], None]:
+    """enqueue(outbox_id): send DELIVER_RESULT for that outbox row by task name."""
+
+    def enqueue_delivery(outbox_id: int) -> None:
+        celery_app.send_task(DELIVER_RESULT, args=[outbox_id], retry=True, retry_policy=PUBLISH_RETRY_POLICY)
+
+    return enqueue_delivery
+
+
+class OutboxSweeper:
+    """Re-enqueues deliveries whose message was lost: pending outbox rows overdue by `margin_seconds`."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        enqueue: Callable[[int], None],
+        *,
+        interval_seconds: float = 30.0,
+        margin_seconds: float = 60.0,
+    ) -> None:
+        self.ledger = ledger
+        self.enqueue = enqueue
+        self.interval_seconds = interval_seconds
+        self.margin_seconds = margin_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self, now: datetime | None = None) -> list[int]:
+        """Enqueue every overdue row once; returns their ids."""
+        overdue = self.ledger.requeue_overdue_outbox(self.margin_seconds, now=now)
+        for outbox_id in overdue:
+            try:
+                self.enqueue(outbox_id)
+            except Exception as exc:
+                # The row stays pending and overdue again after another margin: nothing is lost.
+                log.warning("cannot re-enqueue delivery of outbox row %d: %s", outbox_id, exc)
+                return overdue
+        if overdue:
+            log.warning("re-enqueued %d overdue delivery(ies): %s", len(overdue), overdue)
+        return overdue
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="pleura-outbox-sweeper", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_seconds):
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("outbox sweep failed; trying again")
+
+
+class ExportWorkerProcess:
+    """The node-side Celery worker for the export queue, restarted when it dies.
+
+    It runs in its own session, so a Ctrl-C meant for the node reaches the node, which then
+    stops the worker (SIGTERM: Celery's warm shutdown, then SIGKILL after `stop_timeout`).
+    """
+
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        *,
+        command: tuple[str, ...] | list[str] = EXPORT_WORKER_COMMAND,
+        check_interval: float = 1.0,
+        max_restart_delay: float = 30.0,
+        stop_timeout: float = 30.0,
+    ) -> None:
+        self.env = dict(env)
+        self.command = list(command)
+        self.check_interval = check_interval
+        self.max_restart_delay = max_restart_delay
+        self.stop_timeout = stop_timeout
+        self.restarts = 0
+        self._started_at = 0.0
+        self._process: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._spawn()
+        self._thread = threading.Thread(target=self._supervise, name="pleura-export-supervisor", daemon=True)
+        self._thread.start()
+
+    def _spawn(self) -> None:
+        with self._lock:
+            if self._stop.is_set():
+                return
+            self._process = subprocess.Popen(self.command, env=self.env, start_new_session=True)
+            self._started_at = time.monotonic()
+            log.info("export worker started (pid %d)", self._process.pid)
+
+    def _supervise(self) -> None:
+        delay = 1.0
+        while not self._stop.wait(self.check_interval):
+            process = self._process
+            if process is None or process.poll() is None:
+                continue
+            if time.monotonic() - self._started_at > HEALTHY_RUN_SECONDS:
+                delay = 1.0  # it ran fine for a while: this is not a crash loop
+            log.error(
+                "export worker (pid %d) exited with status %s; restarting in %.0f s",
+                process.pid,
+                process.returncode,
+                delay,
+            )
+            if self._stop.wait(delay):
+                return
+            delay = min(delay * 2, self.max_restart_delay)
+            self.restarts += 1
+            try:
+                self._spawn()
+            except OSError as exc:
+                log.error("cannot start the export worker: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.check_interval + 5)
+            self._thread = None
+        with self._lock:
+            process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(self.stop_timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("export worker (pid %d) did not stop in %.0f s; killing it", process.pid, self.stop_timeout)
+            process.kill()
+            process.wait(10)
+        log.info("export worker stopped")
+
+
+class NodeService:
+    """Everything `pleura node` runs, with start() and stop() so it can be run and tested."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        export_worker: bool = True,
+        config_file: Path | None = None,
+        celery_app: Celery | None = None,
+        settle_interval_seconds: float = 0.5,
+        sweep_interval_seconds: float = 30.0,
+        sweep_margin_seconds: float = 60.0,
+    ) -> None:
+        self.settings = settings
+        self.export_worker_enabled = export_worker
+        self.config_file = config_file
+        self.celery_app = celery_app
+        self.settle_interval_seconds = settle_interval_seconds
+        self.sweep_interval_seconds = sweep_interval_seconds
+        self.sweep_margin_seconds = sweep_margin_seconds
+        self.ledger: Ledger | None = None
+        self.store: InstanceStore | None = None
+        self.scp: StorageSCP | None = None
+        self.settle_loop: SettleLoop | None = None
+        self.sweeper: OutboxSweeper | None = None
+        self.export_worker: ExportWorkerProcess | None = None
+
+    def start(self) -> None:
+        """Start every part; on failure, stop what was started and raise."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        settings = self.settings
+        try:
+            settings.storage_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(
+                f"cannot create the storage directory {settings.storage_dir} (PLEURA_STORAGE_DIR): {exc}"
+            ) from exc
+        self.ledger = Ledger(settings.ledger_url)
+        self.store = InstanceStore(settings.storage_dir)
+        if self.celery_app is None:
+            self.celery_app = make_celery(settings)
+        app = self.celery_app
+
+        if self.export_worker_enabled:
+            env = settings_environment(settings)
+            if self.config_file is not None:
+                env[CONFIG_FILE_ENV] = str(Path(self.config_file).resolve())
+            self.export_worker = ExportWorkerProcess(env)
+            self.export_worker.start()
+
+        self.settle_loop = SettleLoop(
+            self.ledger, make_dispatcher(app), settings.settle_seconds, interval_seconds=self.settle_interval_seconds
+        )
+        self.settle_loop.start()
+
+        self.sweeper = OutboxSweeper(
+            self.ledger,
+            make_delivery_enqueuer(app),
+            interval_seconds=self.sweep_interval_seconds,
+            margin_seconds=self.sweep_margin_seconds,
+        )
+        self.sweeper.start()
+
+        # Last, so the node accepts instances only once everything behind the SCP runs.
+        self.scp = StorageSCP(settings, self.ledger, self.store)
+        self.scp.start()
+        log.info(
+            "node started: storage %s, ledger %s, broker %s",
+            settings.storage_dir,
+            self.ledger,
+            "embedded" if settings.embedded_broker else "external",
+        )
+
+    def stop(self) -> None:
+        """Stop receiving first, then the loops, then the export worker. Safe to call twice."""
+        if self.scp is not None:
+            self.scp.stop()
+            self.scp = None
+        if self.settle_loop is not None:
+            self.settle_loop.stop()
+            self.settle_loop = None
+        if self.sweeper is not None:
+            self.sweeper.stop()
+            self.sweeper = None
+        if self.export_worker is not None:
+            self.export_worker.stop()
+            self.export_worker = None
+        if self.ledger is not None:
+            self.ledger.close()
+            self.ledger = None
+
+    def __enter__(self) -> NodeService:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def run_node(settings: Settings, *, export_worker: bool = True, config_file: Path | None = None) -> None:
+    """Run the node until SIGTERM or SIGINT, then stop it cleanly (the export worker too)."""
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        stop_requested.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    service = NodeService(settings, export_worker=export_worker, config_file=config_file)
+    try:
+        service.start()
+        while not stop_requested.wait(1.0):
+            pass
+    finally:
+        service.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,85 @@
+"""Study settling: a study is analysed once no new instance has arrived for `settle_seconds`.
+
+A study is marked queued only after the broker took its task, so a broker that is down delays the
+analysis but loses nothing: the study is still due in the next round.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime
+
+from node.dispatch import Dispatcher
+from node.ledger import DueStudy, Ledger, utcnow
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL_SECONDS = 0.5
+
+
+def due_studies(ledger: Ledger, settle_seconds: float, now: datetime | None = None) -> list[DueStudy]:
+    """Studies that had no new instance for `settle_seconds`, with their instances not yet dispatched."""
+    return ledger.due_studies(settle_seconds, now or utcnow())
+
+
+class SettleLoop:
+    """A background thread that dispatches each settled study once."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        dispatch: Dispatcher,
+        settle_seconds: float,
+        *,
+        interval_seconds: float = DEFAULT_INTERVAL_SECONDS,
+    ) -> None:
+        self.ledger = ledger
+        self.dispatch = dispatch
+        self.settle_seconds = settle_seconds
+        self.interval_seconds = interval_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+
+    def run_once(self, now: datetime | None = None) -> list[str]:
+        """Dispatch every due study; returns the study UIDs that were dispatched."""
+        dispatched: list[str] = []
+        for study in due_studies(self.ledger, self.settle_seconds, now):
+            sop_uids = [instance["sop_instance_uid"] for instance in study.instances]
+            try:
+                task_id = self.dispatch(study.study_uid, study.instances)
+            except Exception as exc:
+                # Most likely the broker is down: every other study would fail the same way.
+                level = logging.DEBUG if self._failing else logging.WARNING
+                log.log(level, "cannot dispatch study %s (will try again): %s", study.study_uid, exc)
+                self._failing = True
+                break
+            if self._failing:
+                log.info("dispatching works again")
+                self._failing = False
+            self.ledger.mark_queued(study.study_uid, sop_uids, task_id=task_id)
+            log.info("study %s dispatched with %d instance(s), task %s", study.study_uid, len(sop_uids), task_id)
+            dispatched.append(study.study_uid)
+        return dispatched
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="pleura-settle", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("settle round failed; trying again")
+            self._stop.wait(self.interval_seconds)

@@ -1,0 +1,134 @@
+"""Durable storage of received instances, and a quarantine for what cannot be accepted.
+
+Everything is written the same way: a temporary file in the target directory, written, flushed and
+fsynced, renamed over the target, and the directory fsynced, so that after a crash a file is either
+absent or complete. Keys are paths relative to the storage directory; workers on other hosts read
+the same keys from shared storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+
+INSTANCES_DIR = "instances"
+QUARANTINE_DIR = "quarantine"
+
+# PS3.5 9.1: digits and dots, no empty component, at most 64 characters. Leading zeros in a
+# component break the rule but occur in the wild; they are harmless in a path, so they are allowed.
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class InvalidUIDError(ValueError):
+    """A UID that is missing or not a valid DICOM UID; the message names the attribute."""
+
+
+def validate_uid(value: object, attribute: str) -> str:
+    """Return `value` as a UID string, or raise :class:`InvalidUIDError` naming `attribute`.
+
+    A valid UID contains only digits and dots, so it can be used as a file name component
+    without any risk of path traversal.
+    """
+    if value is None:
+        raise InvalidUIDError(f"{attribute} is missing")
+    text = str(value).rstrip("\x00 ")
+    if not text:
+        raise InvalidUIDError(f"{attribute} is empty")
+    if len(text) > 64 or not _UID.match(text):
+        raise InvalidUIDError(f"{attribute} {text[:80]!r} is not a valid DICOM UID")
+    return text
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_directories(directory: Path) -> None:
+    """Create `directory` and its missing parents, fsyncing each parent that gained an entry."""
+    missing: list[Path] = []
+    current = directory
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue  # another thread created it first; its parent is fsynced by that thread
+        _fsync_directory(folder.parent)
+
+
+def write_durably(target: Path, data: bytes) -> None:
+    """Write `data` to `target` atomically: temp file, fsync, rename, fsync of the directory."""
+    _make_directories(target.parent)
+    fd, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_name)
+        raise
+    _fsync_directory(target.parent)
+
+
+class InstanceStore:
+    """Received instances under ``<root>/instances/<study>/<series>/<sop>.dcm``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    @staticmethod
+    def instance_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
+        """The storage key of an instance; raises :class:`InvalidUIDError` for a bad UID."""
+        study = validate_uid(study_uid, "Study Instance UID")
+        series = validate_uid(series_uid, "Series Instance UID")
+        sop = validate_uid(sop_uid, "SOP Instance UID")
+        return f"{INSTANCES_DIR}/{study}/{series}/{sop}.dcm"
+
+    def write_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> str:
+        """Write a DICOM Part 10 file durably and return its key.
+
+        Writing the same instance again replaces the file atomically; a reader that has the old
+        file open keeps reading the old content.
+        """
+        key = self.instance_key(study_uid, series_uid, sop_uid)
+        write_durably(self.path(key), data)
+        return key
+
+    def path(self, key: str) -> Path:
+        """The absolute path of `key`; refuses keys that would leave the storage directory."""
+        relative = PurePosixPath(key)
+        if not key or relative.is_absolute() or any(part in ("..", "") for part in relative.parts):
+            raise ValueError(f"storage key {key!r} is not a relative path inside the storage directory")
+        resolved = (self.root / relative).resolve()
+        if not resolved.is_relative_to(self.root):
+            raise ValueError(f"storage key {key!r} resolves outside the storage directory {self.root}")
+        return resolved
+
+    def quarantine(self, data: bytes, reason: str) -> Path:
+        """Keep bytes that could not be accepted, with ``<name>.reason.txt`` beside them."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        name = f"{stamp}-{uuid.uuid4().hex[:12]}"
+        folder = self.root / QUARANTINE_DIR
+        target = folder / f"{name}.dcm"
+        write_durably(target, data)
+        write_durably(folder / f"{name}.reason.txt", (reason.rstrip("\n") + "\n").encode("utf-8"))
+        return target
+
+
+def reason_file(quarantined: Path) -> Path:
+    """The reason file that :meth:`InstanceStore.quarantine` wrote beside `quarantined`."""
+    return quarantined.with_name(quarantined.stem + ".reason.txt")

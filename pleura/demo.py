@@ -1,0 +1,158 @@
+"""`pleura demo`: the whole path on one machine, on embedded defaults.
+
+Starts the node (in this process, with its export worker), an analysis worker (a child process)
+and a receiving PACS stand-in, all on loopback; sends a synthetic chest radiograph with a
+pneumothorax; waits for the SEG and SR to arrive at the PACS and shows what they say.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE
+from rich.console import Console
+from rich.table import Table
+
+from config.settings import load_settings
+from pleura.pacs_standin import ReceivingPACS
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _write_toml(path: Path, values: dict) -> None:
+    lines = []
+    for key, value in values.items():
+        if key != "destinations":
+            lines.append(f'{key} = "{value}"' if isinstance(value, (str, Path)) else f"{key} = {value}")
+    for dest in values.get("destinations", []):
+        lines.append("[[destinations]]")
+        lines.extend(f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in dest.items())
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _send(path: Path, port: int) -> int:
+    dataset = pydicom.dcmread(path)
+    ae = AE(ae_title="DEMOMODALITY")
+    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PLEURA")
+    if not assoc.is_established:
+        raise RuntimeError(f"the node on port {port} refused the association")
+    status = assoc.send_c_store(dataset)
+    assoc.release()
+    return int(status.Status) if status else -1
+
+
+def _ensure_bundle(console: Console) -> Path:
+    from training.bundle import BundleError, load_bundle
+
+    bundle_dir = load_settings().bundle_dir
+    try:
+        load_bundle(bundle_dir)
+    except BundleError:
+        from training.demo_model import build_demo_bundle
+
+        console.print(f"building the synthetic demo model into {bundle_dir} (first run only, a few minutes)")
+        build_demo_bundle(bundle_dir, progress=True)
+    return bundle_dir
+
+
+def run_demo(workdir: Path | None, timeout: float, console: Console) -> int:
+    from node.service import NodeService
+    from training.synthetic import synthetic_dicom
+    from worker.preview import render_outline_png
+
+    bundle_dir = _ensure_bundle(console)
+    workdir = (workdir or Path(tempfile.mkdtemp(prefix="pleura-demo-"))).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    pacs = ReceivingPACS(workdir / "pacs-received").start()
+    node_port = _free_port()
+    config = workdir / "pleura.toml"
+    _write_toml(
+        config,
+        {
+            "ae_title": "PLEURA",
+            "host": "127.0.0.1",
+            "port": node_port,
+            "storage_dir": str(workdir / "storage"),
+            "model_dir": str(bundle_dir),
+            "settle_seconds": 1.0,
+            "export_retry_seconds": 2.0,
+            "destinations": [{"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}],
+        },
+    )
+    settings = load_settings(config)
+    console.print(f"[bold]Pleura demo[/] in {workdir}")
+    console.print(f"  node PLEURA@127.0.0.1:{node_port} (embedded broker), PACS stand-in {pacs.ae_title}@127.0.0.1:{pacs.port}")
+
+    service = NodeService(settings, export_worker=True)
+    service.start()
+    worker_log = open(workdir / "worker.log", "wb")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "pleura.cli", "worker", "--config", str(config)],
+        stdout=worker_log, stderr=subprocess.STDOUT,
+    )
+    try:
+        source, _ = synthetic_dicom(seed=2024, positive=True, size=512)
+        source_path = workdir / "sent" / "chest-with-pneumothorax.dcm"
+        source_path.parent.mkdir(parents=True, exist_ok=True)
+        source.save_as(source_path, enforce_file_format=True)
+        status = _send(source_path, node_port)
+        console.print(f"  sent {source_path.name}: C-STORE status 0x{status:04X}")
+        if status != 0:
+            return 1
+
+        deadline = time.monotonic() + timeout
+        with console.status("waiting for the analysis and the results at the PACS stand-in…"):
+            while True:
+                kinds = {pydicom.dcmread(p, stop_before_pixels=True).Modality for p in list(pacs.received)}
+                if {"SEG", "SR"} <= kinds:
+                    break
+                if worker.poll() is not None:
+                    console.print(f"[red]the worker stopped; see {workdir / 'worker.log'}[/]")
+                    return 1
+                if time.monotonic() > deadline:
+                    console.print(f"[red]no results after {timeout:.0f}s; see {workdir}[/]")
+                    return 1
+                time.sleep(0.5)
+
+        seg_path = next(p for p in pacs.received if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG")
+        sr_path = next(p for p in pacs.received if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR")
+        mask = pydicom.dcmread(seg_path).pixel_array.astype(bool)
+        mask = mask.reshape(-1, source.Rows, source.Columns).any(axis=0)
+        study = service.ledger.study_status(source.StudyInstanceUID)
+        png = render_outline_png(
+            source, mask, workdir / "result.png",
+            caption=f"p={study['probability']:.2f} {'FLAGGED' if study['flagged'] else 'not flagged'} - synthetic demo model",
+        )
+
+        table = Table(title="Result (SYNTHETIC DEMO MODEL - not for clinical use)")
+        table.add_column("item")
+        table.add_column("value")
+        table.add_row("pneumothorax probability", f"{study['probability']:.3f}")
+        table.add_row("flagged", "[bold red]YES[/]" if study["flagged"] else "no")
+        table.add_row("area", f"{int(mask.sum())} px" + (f", {study['area_cm2']:.1f} cm²" if study.get("area_cm2") else ""))
+        table.add_row("model", f"{study.get('model_version')}")
+        table.add_row("SEG received", str(seg_path))
+        table.add_row("SR received", str(sr_path))
+        table.add_row("outline PNG", str(png))
+        console.print(table)
+        return 0
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        worker_log.close()
+        service.stop()
+        pacs.stop()

@@ -1,0 +1,165 @@
+"""Real peer processes for the end-to-end tests: Redis, Orthanc, and Pleura's own node and worker.
+
+Each runs on free loopback ports in a temporary folder and is stopped by the test that started it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.25):
+    """Poll until `condition()` is truthy; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def find_tool(name: str) -> str:
+    path = shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None)
+    if path is None:
+        raise RuntimeError(f"{name} is not installed: run ./scripts/setup.sh (it installs the Debian packages)")
+    return path
+
+
+class Process:
+    """A child process with its output in a log file, stopped with SIGTERM (then SIGKILL)."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None):
+        self.args, self.log = args, log
+        self._log_handle = open(log, "ab")
+        self.proc = subprocess.Popen(
+            args, stdout=self._log_handle, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log_handle.close()
+
+
+class RedisServer:
+    def __init__(self, folder: Path):
+        self.port = free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.process = Process(
+            [find_tool("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(folder)],
+            folder / "redis.log",
+        )
+        wait_for(lambda: port_open(self.port), 20, "redis-server to listen")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+class Orthanc:
+    """Orthanc, the open-source PACS, as the destination of Pleura's results."""
+
+    def __init__(self, folder: Path, ae_title: str = "ORTHANC"):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.ae_title = ae_title
+        self.dicom_port, self.http_port = free_port(), free_port()
+        config = {
+            "Name": "pleura-test-pacs",
+            "StorageDirectory": str(folder / "db"),
+            "IndexDirectory": str(folder / "db"),
+            "DicomAet": ae_title,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": True,
+            "Plugins": [],
+        }
+        (folder / "orthanc.json").write_text(json.dumps(config))
+        self.process = Process([find_tool("Orthanc"), str(folder / "orthanc.json")], folder / "orthanc.log")
+        wait_for(lambda: self._http_ready(), 60, "Orthanc to answer over HTTP")
+
+    def _http_ready(self) -> bool:
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def get(self, path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
+            data = response.read()
+            return json.loads(data) if response.headers.get_content_type() == "application/json" else data
+
+    def instances(self) -> list[dict]:
+        """Every stored instance's main tags (simplified)."""
+        return [self.get(f"/instances/{iid}/simplified-tags") | {"_id": iid} for iid in self.get("/instances")]
+
+    def download(self, instance_id: str, target: Path) -> Path:
+        target.write_bytes(self.get(f"/instances/{instance_id}/file"))
+        return target
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def write_config(path: Path, **values) -> Path:
+    """A TOML settings file (the subset of TOML that Pleura's settings need)."""
+    lines, tables = [], []
+    for key, value in values.items():
+        if key == "destinations":
+            for dest in value:
+                tables.append("[[destinations]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in dest.items()))
+        else:
+            lines.append(f"{key} = {json.dumps(str(value) if isinstance(value, Path) else value)}\n")
+    path.write_text("".join(lines) + "\n".join(tables))
+    return path
+
+
+def pleura_process(command: str, config: Path, log: Path, extra_env: dict[str, str] | None = None) -> Process:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLEURA_")}
+    env.update(extra_env or {})
+    env["PYTHONUNBUFFERED"] = "1"
+    return Process([sys.executable, "-m", "pleura.cli", command, "--config", str(config)], log, env=env, cwd=REPO)

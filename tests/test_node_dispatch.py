@@ -1,0 +1,122 @@
+"""Dispatch of settled studies to real brokers: Redis (redis-server) and the embedded broker."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+import dicom_peers
+from config.settings import Settings
+from node.dispatch import dispatch_analysis, make_dispatcher
+from node.ledger import Ledger, utcnow
+from node.settle import SettleLoop
+from worker.celery_app import ANALYSE_STUDY, RADIOGRAPH_QUEUE, make_celery
+
+INSTANCES = [{"sop_instance_uid": "1.2.3.4", "key": "instances/1.2.3/1.2.3.9/1.2.3.4.dcm"}]
+
+
+class Redis:
+    def __init__(self, folder: Path, port: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = port
+        server = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.process = subprocess.Popen(
+            [
+                server,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(folder),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        dicom_peers.wait_for(lambda: dicom_peers.port_open(port) or self.process.poll() is not None, 20, "redis-server")
+        assert self.process.poll() is None, "redis-server did not start"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@pytest.fixture()
+def redis(tmp_path: Path) -> Iterator[Redis]:
+    server = Redis(tmp_path / "redis", dicom_peers.free_port())
+    yield server
+    server.stop()
+
+
+def next_message(app: Celery, queue: str = RADIOGRAPH_QUEUE) -> tuple[dict[str, Any], Any]:
+    """Take one message off `queue`: (headers, decoded body)."""
+    with app.connection_for_read() as connection:
+        simple = connection.SimpleQueue(queue)
+        try:
+            message = simple.get(timeout=10)
+            message.ack()
+            return message.headers, message.decode()
+        finally:
+            simple.close()
+
+
+def test_dispatch_sends_the_task_by_name_with_references_only(tmp_path: Path, redis: Redis) -> None:
+    app = make_celery(Settings(storage_dir=tmp_path, broker_url=f"redis://127.0.0.1:{redis.port}/0"))
+
+    task_id = dispatch_analysis(app, "1.2.3", INSTANCES)
+
+    headers, (args, kwargs, _) = next_message(app)
+    assert headers["task"] == ANALYSE_STUDY
+    assert headers["id"] == task_id
+    assert args == ["1.2.3", INSTANCES] and kwargs == {}
+
+
+def test_a_study_waits_for_the_broker_and_is_then_dispatched_once(tmp_path: Path) -> None:
+    port = dicom_peers.free_port()
+    app = make_celery(Settings(storage_dir=tmp_path, broker_url=f"redis://127.0.0.1:{port}/0"))
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    loop = SettleLoop(ledger, make_dispatcher(app), settle_seconds=0)
+    ledger.record_instance(
+        sop_instance_uid="1.2.3.4",
+        study_uid="1.2.3",
+        series_instance_uid="1.2.3.9",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        storage_key=INSTANCES[0]["key"],
+    )
+
+    assert loop.run_once(utcnow() + timedelta(seconds=1)) == []  # broker down
+    assert ledger.study_status("1.2.3")["status"] == "receiving"
+
+    redis = Redis(tmp_path / "redis", port)
+    try:
+        assert loop.run_once(utcnow() + timedelta(seconds=1)) == ["1.2.3"]
+        assert loop.run_once(utcnow() + timedelta(seconds=2)) == []
+        headers, (args, _, _) = next_message(app)
+        assert args == ["1.2.3", INSTANCES]
+        study = ledger.study_status("1.2.3")
+        assert (study["status"], study["task_id"]) == ("queued", headers["id"])
+    finally:
+        redis.stop()
+        ledger.close()
+
+
+def test_dispatch_through_the_embedded_broker(tmp_path: Path) -> None:
+    app = make_celery(Settings(storage_dir=tmp_path))
+
+    task_id = dispatch_analysis(app, "1.2.3", INSTANCES)
+
+    headers, (args, _, _) = next_message(app)
+    assert (headers["task"], headers["id"], args) == (ANALYSE_STUDY, task_id, ["1.2.3", INSTANCES])
+    assert (tmp_path / "broker.sqlite").is_file()

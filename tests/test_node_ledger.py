@@ -1,0 +1,372 @@
+"""The ledger's rules, on a real SQLite file: duplicates, settling, analysis, outbox and backoff."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dicom_peers
+from node.ledger import Ledger, LedgerError
+
+T0 = datetime(2025, 3, 1, 8, 0, 0, tzinfo=timezone.utc)
+STUDY = "1.2.826.0.1.3680043.8.498.10"
+SERIES = "1.2.826.0.1.3680043.8.498.11"
+CR = "1.2.840.10008.5.1.4.1.1.1"
+EXPLICIT = "1.2.840.10008.1.2.1"
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+class PostgresCluster:
+    """A throw-away PostgreSQL server (the Debian binaries) on a free loopback port."""
+
+    def __init__(self) -> None:
+        initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+        if not (initdb and pg_ctl):
+            pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+        pytest.importorskip("psycopg", reason="the PostgreSQL driver psycopg is not installed")
+        self.port = dicom_peers.free_port()
+        self.folder = Path(tempfile.mkdtemp(prefix="pleura-pg-"))
+        # PostgreSQL refuses to run as root: run it as the postgres user where we are root.
+        self._as_owner: list[str] = []
+        if os.geteuid() == 0:
+            owner = pwd.getpwnam("postgres")
+            os.chown(self.folder, owner.pw_uid, owner.pw_gid)
+            self._as_owner = ["runuser", "-u", "postgres", "--"]
+        data = self.folder / "data"
+        self._run(initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        self._run(
+            pg_ctl,
+            "-D",
+            str(data),
+            "-l",
+            str(self.folder / "server.log"),
+            "-w",
+            "start",
+            "-o",
+            f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off",
+        )
+        self._pg_ctl, self._data = pg_ctl, data
+        self._databases = 0
+
+    def _run(self, *command: str) -> None:
+        subprocess.run([*self._as_owner, *command], check=True, capture_output=True, timeout=60)
+
+    def new_database_url(self) -> str:
+        import psycopg
+
+        self._databases += 1
+        name = f"ledger{self._databases}"
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as db:
+            db.execute(f"CREATE DATABASE {name}")
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        self._run(self._pg_ctl, "-D", str(self._data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresCluster]:
+    cluster = PostgresCluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    else:
+        url = request.getfixturevalue("postgres").new_database_url()
+    ledger = Ledger(url)
+    yield ledger
+    ledger.close()
+
+
+def record(ledger: Ledger, sop: str, at: datetime, study: str = STUDY) -> bool:
+    return ledger.record_instance(
+        sop_instance_uid=sop,
+        study_uid=study,
+        series_instance_uid=SERIES,
+        sop_class_uid=CR,
+        transfer_syntax_uid=EXPLICIT,
+        storage_key=f"instances/{study}/{SERIES}/{sop}.dcm",
+        calling_ae="MODALITY",
+        patient_id="PID-1",
+        accession_number="ACC-1",
+        received_at=at,
+    )
+
+
+def summary(images: list[dict[str, Any]], results: list[dict[str, Any]], study: str = STUDY) -> dict[str, Any]:
+    return {
+        "study_uid": study,
+        "model": {"name": "pleura-cxr", "version": "1.0.0", "synthetic_demo": True},
+        "images": images,
+        "results": results,
+        "flagged": any(image.get("flagged") for image in images),
+        "analysed_at": (T0 + timedelta(minutes=1)).isoformat(),
+    }
+
+
+def analysed(sop: str, probability: float, flagged: bool) -> dict[str, Any]:
+    return {
+        "sop_instance_uid": sop,
+        "status": "analysed",
+        "reason": None,
+        "probability": probability,
+        "flagged": flagged,
+        "area_px": 1200 if flagged else 0,
+        "area_cm2": 3.5 if flagged else 0.0,
+    }
+
+
+def result(kind: str, uid: str, source: str) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "key": f"results/{STUDY}/{uid}.dcm",
+        "sop_instance_uid": uid,
+        "sop_class_uid": SEG_CLASS if kind == "SEG" else SR_CLASS,
+        "source_sop_instance_uid": source,
+    }
+
+
+def test_a_resent_instance_is_recorded_once(ledger: Ledger) -> None:
+    assert record(ledger, "1.2.3.1", T0) is True
+    assert record(ledger, "1.2.3.1", T0 + timedelta(seconds=30)) is False
+
+    assert [i.sop_instance_uid for i in ledger.list_instances(STUDY)] == ["1.2.3.1"]
+    study = ledger.study_status(STUDY)
+    assert study is not None
+    assert (study["status"], study["instances"], study["patient_id"], study["accession_number"]) == (
+        "receiving",
+        1,
+        "PID-1",
+        "ACC-1",
+    )
+    # The duplicate did not move the settle clock.
+    assert study["last_received_at"] == T0
+    assert study["first_received_at"].tzinfo is not None
+
+
+def test_due_studies_waits_for_the_quiet_time(ledger: Ledger) -> None:
+    record(ledger, "1.2.3.1", T0)
+    record(ledger, "1.2.3.2", T0 + timedelta(seconds=4))
+
+    assert ledger.due_studies(5, T0 + timedelta(seconds=8.9)) == []
+    due = ledger.due_studies(5, T0 + timedelta(seconds=9))
+    assert [d.study_uid for d in due] == [STUDY]
+    assert due[0].instances == [
+        {"sop_instance_uid": "1.2.3.1", "key": f"instances/{STUDY}/{SERIES}/1.2.3.1.dcm"},
+        {"sop_instance_uid": "1.2.3.2", "key": f"instances/{STUDY}/{SERIES}/1.2.3.2.dcm"},
+    ]
+
+    ledger.mark_queued(STUDY, ["1.2.3.1", "1.2.3.2"], task_id="task-1", now=T0 + timedelta(seconds=9))
+    assert ledger.due_studies(5, T0 + timedelta(hours=1)) == []
+    record(ledger, "7.7.7.1", T0 + timedelta(minutes=1), study="7.7.7")
+    assert [(s["study_uid"], s["status"], s["instances"]) for s in ledger.list_studies()] == [
+        ("7.7.7", "receiving", 1),
+        (STUDY, "queued", 2),
+    ]
+    assert [s["study_uid"] for s in ledger.list_studies(status="queued")] == [STUDY]
+    study = ledger.study_status(STUDY)
+    assert study is not None and (study["status"], study["task_id"]) == ("queued", "task-1")
+
+
+def test_an_instance_arriving_during_dispatch_is_sent_in_a_later_round(ledger: Ledger) -> None:
+    record(ledger, "1.2.3.1", T0)
+    due = ledger.due_studies(5, T0 + timedelta(seconds=5))
+    record(ledger, "1.2.3.2", T0 + timedelta(seconds=5.5))  # arrives before mark_queued
+    ledger.mark_queued(STUDY, [i["sop_instance_uid"] for i in due[0].instances], task_id="t1")
+
+    assert ledger.study_status(STUDY)["status"] == "receiving"
+    assert ledger.due_studies(5, T0 + timedelta(seconds=10)) == []
+    later = ledger.due_studies(5, T0 + timedelta(seconds=10.5))
+    assert [i["sop_instance_uid"] for i in later[0].instances] == ["1.2.3.2"]
+
+
+def test_record_analysis_sets_the_study_outcome_and_is_idempotent(ledger: Ledger) -> None:
+    record(ledger, "1.2.3.1", T0)
+    record(ledger, "1.2.3.2", T0)
+    ledger.mark_queued(STUDY, task_id="t1")
+    images = [
+        analysed("1.2.3.1", 0.91, True),
+        {
+            "sop_instance_uid": "1.2.3.2",
+            "status": "not_analysed",
+            "reason": "lateral view",
+            "probability": None,
+            "flagged": None,
+            "area_px": None,
+            "area_cm2": None,
+        },
+    ]
+    results = [result("SEG", "2.25.1", "1.2.3.1"), result("SR", "2.25.2", "1.2.3.1")]
+
+    assert ledger.record_analysis(summary(images, results)) == ["2.25.1", "2.25.2"]
+    assert ledger.record_analysis(summary(images, results)) == ["2.25.1", "2.25.2"]
+
+    study = ledger.study_status(STUDY)
+    assert study["status"] == "done"
+    assert study["flagged"] is True and study["probability"] == pytest.approx(0.91)
+    assert (study["area_px"], study["area_cm2"]) == (1200, 3.5)
+    assert (study["model_name"], study["model_version"], study["synthetic_model"]) == ("pleura-cxr", "1.0.0", True)
+    assert study["analysed_at"] == T0 + timedelta(minutes=1)
+    assert "1 of 2 images analysed" in study["reason"] and "lateral view" in study["reason"]
+    assert [r.sop_instance_uid for r in ledger.list_results(STUDY)] == ["2.25.1", "2.25.2"]
+    by_uid = {i.sop_instance_uid: i for i in ledger.list_instances(STUDY)}
+    assert by_uid["1.2.3.1"].analysis_status == "analysed" and by_uid["1.2.3.1"].area_cm2 == 3.5
+    assert (by_uid["1.2.3.2"].analysis_status, by_uid["1.2.3.2"].analysis_reason) == ("not_analysed", "lateral view")
+
+
+def test_a_study_with_no_eligible_image_is_not_analysed_with_the_reason(ledger: Ledger) -> None:
+    record(ledger, "1.2.3.1", T0)
+    ledger.mark_queued(STUDY)
+    ledger.record_analysis(
+        summary([{"sop_instance_uid": "1.2.3.1", "status": "not_analysed", "reason": "not a chest radiograph"}], [])
+    )
+    study = ledger.study_status(STUDY)
+    assert (study["status"], study["reason"], study["flagged"]) == ("not_analysed", "not a chest radiograph", None)
+
+
+def test_a_new_instance_reopens_an_analysed_study(ledger: Ledger) -> None:
+    record(ledger, "1.2.3.1", T0)
+    ledger.mark_queued(STUDY)
+    ledger.record_analysis(summary([analysed("1.2.3.1", 0.1, False)], []))
+    assert ledger.study_status(STUDY)["status"] == "done"
+
+    assert record(ledger, "1.2.3.1", T0 + timedelta(minutes=5)) is False  # re-sent: no new work
+    assert ledger.study_status(STUDY)["status"] == "done"
+
+    assert record(ledger, "1.2.3.9", T0 + timedelta(minutes=5)) is True
+    assert ledger.study_status(STUDY)["status"] == "receiving"
+    due = ledger.due_studies(5, T0 + timedelta(minutes=6))
+    assert [i["sop_instance_uid"] for i in due[0].instances] == ["1.2.3.9"]
+
+
+def test_summary_errors_name_the_field(ledger: Ledger) -> None:
+    with pytest.raises(ValueError, match="no 'study_uid'"):
+        ledger.record_analysis({"model": {}, "images": [], "results": []})
+    bad = summary([{"sop_instance_uid": "1.2.3.1", "status": "maybe"}], [])
+    with pytest.raises(ValueError, match=r"images\[0\]\.status 'maybe'"):
+        ledger.record_analysis(bad)
+    with pytest.raises(LedgerError, match="does not know"):
+        ledger.record_analysis(summary([], [], study="9.9.9"))
+
+
+def _analysed_study_with_results(ledger: Ledger) -> None:
+    record(ledger, "1.2.3.1", T0)
+    ledger.mark_queued(STUDY)
+    ledger.record_analysis(
+        summary(
+            [analysed("1.2.3.1", 0.9, True)], [result("SEG", "2.25.1", "1.2.3.1"), result("SR", "2.25.2", "1.2.3.1")]
+        )
+    )
+
+
+def test_outbox_rows_are_created_once_and_the_study_is_delivered_when_all_are_sent(ledger: Ledger) -> None:
+    _analysed_study_with_results(ledger)
+    destinations = ["PACS@127.0.0.1:104", "ARCHIVE@127.0.0.1:105"]
+
+    ids = ledger.create_outbox(STUDY, destinations, now=T0)
+    assert len(ids) == 4
+    assert ledger.create_outbox(STUDY, destinations, now=T0) == ids  # redelivered: nothing new
+    assert len(ledger.list_outbox(STUDY)) == 4
+
+    for outbox_id in ids[:-1]:
+        assert ledger.claim_outbox(outbox_id, now=T0) is not None
+        ledger.record_delivery_success(outbox_id, now=T0 + timedelta(seconds=1))
+        assert ledger.claim_outbox(outbox_id, now=T0 + timedelta(hours=1)) is None  # sent: nothing to do
+    assert ledger.study_status(STUDY)["status"] == "done"
+
+    ledger.record_delivery_success(ids[-1], now=T0 + timedelta(seconds=2))
+    study = ledger.study_status(STUDY)
+    assert (study["status"], study["delivered_at"]) == ("delivered", T0 + timedelta(seconds=2))
+    assert ledger.create_outbox(STUDY, destinations) == []  # nothing pending any more
+
+    # The same summary delivered again leaves the study delivered.
+    ledger.record_analysis(
+        summary(
+            [analysed("1.2.3.1", 0.9, True)], [result("SEG", "2.25.1", "1.2.3.1"), result("SR", "2.25.2", "1.2.3.1")]
+        )
+    )
+    assert ledger.study_status(STUDY)["status"] == "delivered"
+
+
+def test_failed_deliveries_back_off_then_fail_with_the_reason(ledger: Ledger) -> None:
+    _analysed_study_with_results(ledger)
+    outbox_id = ledger.create_outbox(STUDY, ["PACS@127.0.0.1:104"], now=T0)[0]
+
+    now = T0
+    delays = []
+    for attempt in range(1, 4):
+        assert ledger.claim_outbox(outbox_id, now=now) is not None
+        # While an attempt runs, a duplicate message cannot claim the row.
+        assert ledger.claim_outbox(outbox_id, now=now) is None
+        view = ledger.record_delivery_failure(
+            outbox_id, "connection refused", retry_seconds=10, max_attempts=4, now=now
+        )
+        assert (view.status, view.attempts) == ("pending", attempt)
+        delays.append((view.next_attempt_at - now).total_seconds())
+        assert ledger.claim_outbox(outbox_id, now=now + timedelta(seconds=delays[-1] - 5)) is None  # not yet due
+        now = view.next_attempt_at
+    assert delays == [10, 20, 40]
+
+    assert ledger.claim_outbox(outbox_id, now=now) is not None
+    view = ledger.record_delivery_failure(outbox_id, "connection refused", retry_seconds=10, max_attempts=4, now=now)
+    assert (view.status, view.attempts, view.next_attempt_at, view.last_error) == (
+        "failed",
+        4,
+        None,
+        "connection refused",
+    )
+    study = ledger.study_status(STUDY)
+    assert study["status"] == "done"
+    assert "PACS@127.0.0.1:104 failed after 4 attempts: connection refused" in study["reason"]
+
+
+def test_overdue_rows_are_requeued_once_per_margin(ledger: Ledger) -> None:
+    _analysed_study_with_results(ledger)
+    ids = ledger.create_outbox(STUDY, ["PACS@127.0.0.1:104"], now=T0)
+
+    assert ledger.requeue_overdue_outbox(60, now=T0 + timedelta(seconds=30)) == []
+    assert ledger.requeue_overdue_outbox(60, now=T0 + timedelta(seconds=61)) == ids
+    assert ledger.requeue_overdue_outbox(60, now=T0 + timedelta(seconds=62)) == []
+    assert ledger.requeue_overdue_outbox(60, now=T0 + timedelta(seconds=122)) == ids
+
+
+def test_concurrent_receivers_record_each_instance_once(ledger: Ledger) -> None:
+    sops = [f"1.2.3.{n}" for n in range(1, 21)]
+    created: list[bool] = []
+    lock = threading.Lock()
+
+    def receive() -> None:
+        for sop in sops:
+            outcome = record(ledger, sop, T0)
+            with lock:
+                created.append(outcome)
+
+    threads = [threading.Thread(target=receive) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert created.count(True) == len(sops)
+    assert len(ledger.list_instances(STUDY)) == len(sops)
+
+
+def test_a_ledger_in_a_missing_folder_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(LedgerError, match="PLEURA_DATABASE_URL"):
+        Ledger(f"sqlite:///{tmp_path / 'missing' / 'ledger.sqlite'}")

@@ -1,0 +1,279 @@
+"""The SCP against real senders: DCMTK echoscu/storescu and crafted datasets sent with pynetdicom."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
+from pynetdicom import AE, _config
+from sqlalchemy import text
+
+import dicom_peers
+from config.settings import Settings
+from node.ledger import Ledger, utcnow
+from node.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, StorageSCP
+from node.settle import SettleLoop
+from node.storage import InstanceStore, reason_file
+
+CR = "1.2.840.10008.5.1.4.1.1.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
+MR = "1.2.840.10008.5.1.4.1.1.4"
+
+
+@dataclass
+class Node:
+    settings: Settings
+    ledger: Ledger
+    store: InstanceStore
+    scp: StorageSCP
+
+    @property
+    def port(self) -> int:
+        return self.settings.port
+
+    def quarantined(self) -> list[Path]:
+        folder = self.settings.storage_dir / "quarantine"
+        return sorted(folder.glob("*.dcm")) if folder.exists() else []
+
+
+@pytest.fixture()
+def node(tmp_path: Path) -> Iterator[Node]:
+    settings = Settings(storage_dir=tmp_path / "store", host="127.0.0.1", port=dicom_peers.free_port())
+    settings.storage_dir.mkdir()
+    ledger = Ledger(settings.ledger_url)
+    store = InstanceStore(settings.storage_dir)
+    scp = StorageSCP(settings, ledger, store)
+    scp.start()
+    yield Node(settings, ledger, store, scp)
+    scp.stop()
+    ledger.close()
+
+
+def crafted_cr(**attributes: object) -> Dataset:
+    """A small CR data set (no pixel data needed to be stored); None removes an attribute."""
+    ds = Dataset()
+    ds.SOPClassUID = CR
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "TEST-1"
+    ds.Modality = "CR"
+    for keyword, value in attributes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CR
+    ds.file_meta.MediaStorageSOPInstanceUID = (
+        attributes.get("SOPInstanceUID") or ds.get("SOPInstanceUID") or generate_uid()
+    )
+    return ds
+
+
+def pynetdicom_store(
+    port: int, dataset: Dataset | Path, sop_class: str = CR, transfer_syntax: str = ExplicitVRLittleEndian
+) -> Dataset:
+    """C-STORE one data set (or file) with pynetdicom; returns the response status data set."""
+    ae = AE(ae_title="CRAFTED")
+    ae.add_requested_context(sop_class, [transfer_syntax])
+    assoc = ae.associate("127.0.0.1", port, ae_title="PLEURA")
+    assert assoc.is_established
+    try:
+        return assoc.send_c_store(dataset)
+    finally:
+        assoc.release()
+
+
+def test_echo_answers_only_to_our_ae_title(node: Node) -> None:
+    ok = dicom_peers.echoscu(node.port, "PLEURA")
+    assert ok.returncode == 0, ok.stderr
+
+    wrong = dicom_peers.echoscu(node.port, "SOMEONE")
+    assert wrong.returncode != 0
+    assert "Called AE Title Not Recognized" in wrong.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("RG1_UNCR.dcm", []), ("RG1_J2KR.dcm", ["-xv"]), ("RG1_J2KI.dcm", ["-xw"]), ("693_J2KR.dcm", ["-xv"])],
+)
+def test_storescu_radiograph_is_stored_as_sent_and_recorded_once(node: Node, name: str, options: list[str]) -> None:
+    source = dicom_peers.testdata_file(name)
+    original = pydicom.dcmread(source)
+
+    sent = dicom_peers.storescu(node.port, [source], called_ae="PLEURA", options=options)
+    assert sent.returncode == 0, sent.stderr
+    assert "Received Store Response (Success)" in sent.stderr
+
+    instances = node.ledger.list_instances(original.StudyInstanceUID)
+    assert [i.sop_instance_uid for i in instances] == [original.SOPInstanceUID]
+    instance = instances[0]
+    assert (instance.sop_class_uid, instance.calling_ae) == (original.SOPClassUID, "STORESCU")
+    # Received in the file's own transfer syntax: the compressed pixel data was not touched.
+    assert instance.transfer_syntax_uid == original.file_meta.TransferSyntaxUID
+    stored = pydicom.dcmread(node.store.path(instance.storage_key))
+    assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+    assert stored.file_meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID
+    # storescu drops Data Set Trailing Padding and recomputes group lengths: leave those out.
+    for dataset in (original, stored):
+        for tag in [elem.tag for elem in dataset if elem.tag.element == 0 or elem.tag == 0xFFFCFFFC]:
+            del dataset[tag]
+    assert stored == original
+    assert stored.PixelData == original.PixelData
+
+    # Sent again: still one instance, and the study is dispatched once.
+    dispatched: list[str] = []
+    loop = SettleLoop(node.ledger, lambda study, instances: dispatched.append(study) or "task-1", settle_seconds=0)
+    assert loop.run_once(utcnow() + timedelta(seconds=1)) == [original.StudyInstanceUID]
+    again = dicom_peers.storescu(node.port, [source], called_ae="PLEURA", options=options)
+    assert again.returncode == 0, again.stderr
+    assert loop.run_once(utcnow() + timedelta(seconds=1)) == []
+    assert dispatched == [original.StudyInstanceUID]
+    assert len(node.ledger.list_instances(original.StudyInstanceUID)) == 1
+    assert node.ledger.study_status(original.StudyInstanceUID)["status"] == "queued"
+
+
+def test_negotiation_accepts_the_listed_classes_and_syntaxes_only(node: Node) -> None:
+    ae = AE(ae_title="NEGOTIATE")
+    for sop_class in STORAGE_SOP_CLASSES:
+        for transfer_syntax in TRANSFER_SYNTAXES:
+            ae.add_requested_context(sop_class, transfer_syntax)
+    ae.add_requested_context(CR, JPEGLSLossless)
+    ae.add_requested_context(ENCAPSULATED_PDF, ExplicitVRLittleEndian)
+    ae.add_requested_context(MR, ExplicitVRLittleEndian)
+    assert len(ae.requested_contexts) <= 128
+
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="PLEURA")
+    try:
+        assert assoc.is_established
+        accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+        rejected = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.rejected_contexts}
+    finally:
+        assoc.release()
+    assert accepted == {(c, t) for c in STORAGE_SOP_CLASSES for t in TRANSFER_SYNTAXES}
+    assert rejected == {(CR, JPEGLSLossless), (ENCAPSULATED_PDF, ExplicitVRLittleEndian), (MR, ExplicitVRLittleEndian)}
+
+
+def test_deflated_transfer_syntax_is_stored_readable(node: Node) -> None:
+    ds = crafted_cr()
+    status = pynetdicom_store(node.port, ds, transfer_syntax=DeflatedExplicitVRLittleEndian)
+    assert status.Status == 0x0000
+
+    [instance] = node.ledger.list_instances(ds.StudyInstanceUID)
+    assert instance.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
+    stored = pydicom.dcmread(node.store.path(instance.storage_key))
+    assert stored.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    assert (stored.SOPInstanceUID, stored.PatientID) == (ds.SOPInstanceUID, "TEST-1")
+
+
+def test_a_non_image_object_is_refused_at_negotiation(node: Node, tmp_path: Path) -> None:
+    ds = Dataset()
+    ds.SOPClassUID = ENCAPSULATED_PDF
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = b"%PDF-1.4\n%%EOF\n"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    pdf = tmp_path / "report.dcm"
+    ds.save_as(pdf, enforce_file_format=True)
+
+    sent = dicom_peers.storescu(node.port, [pdf], called_ae="PLEURA")
+
+    assert sent.returncode != 0
+    assert "No presentation context" in sent.stderr
+    assert node.ledger.list_studies() == []
+    assert not (node.settings.storage_dir / "instances").exists()
+
+
+def test_missing_study_uid_is_refused_and_quarantined(node: Node, tmp_path: Path) -> None:
+    ds = crafted_cr(StudyInstanceUID=None)
+    path = tmp_path / "no-study.dcm"
+    ds.save_as(path, enforce_file_format=True)
+
+    sent = dicom_peers.storescu(node.port, [path], called_ae="PLEURA")
+
+    assert "Received Store Response (Error: CannotUnderstand)" in sent.stderr, sent.stderr
+    assert node.ledger.list_studies() == []
+    [kept] = node.quarantined()
+    assert pydicom.dcmread(kept).SOPInstanceUID == ds.SOPInstanceUID  # nothing lost
+    reason = reason_file(kept).read_text()
+    assert "Study Instance UID (0020,000D) is missing" in reason
+    assert "calling AE: STORESCU" in reason
+
+
+def test_missing_sop_instance_uid_is_refused_and_quarantined(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pynetdicom sends a file as it is (from its file meta) in chunked mode, so the data set
+    # can lack the SOP Instance UID that its file meta names.
+    ds = crafted_cr(SOPInstanceUID=None)
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = tmp_path / "no-sop.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+    status = pynetdicom_store(node.port, path)
+
+    assert 0xC000 <= status.Status <= 0xCFFF
+    assert "SOP Instance UID" in status.ErrorComment
+    [kept] = node.quarantined()
+    assert "SOP Instance UID (0008,0018) is missing" in reason_file(kept).read_text()
+    assert node.ledger.list_studies() == []
+
+
+def test_a_data_set_of_another_sop_class_is_refused(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = crafted_cr(SOPClassUID=CT)  # the file meta (and so the context) still says CR
+    path = tmp_path / "ct-as-cr.dcm"
+    ds.preamble = b"\x00" * 128
+    pydicom.dcmwrite(path, ds, enforce_file_format=False)  # keeps the file meta as it is
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+    status = pynetdicom_store(node.port, path)
+
+    assert status.Status == 0xA900
+    [kept] = node.quarantined()
+    assert f"SOP Class UID (0008,0016) {CT} does not match" in reason_file(kept).read_text()
+    assert node.ledger.list_studies() == []
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_invalid_uid_is_refused(node: Node) -> None:
+    status = pynetdicom_store(node.port, crafted_cr(SeriesInstanceUID="1.2.abc"))
+    assert 0xC000 <= status.Status <= 0xCFFF
+    assert "not a valid DICOM UID" in reason_file(node.quarantined()[0]).read_text()
+
+
+def test_storage_failure_answers_out_of_resources_and_a_retry_succeeds(node: Node) -> None:
+    blocker = node.settings.storage_dir / "instances"
+    blocker.write_text("a file where the instances folder should be")
+    ds = crafted_cr()
+
+    status = pynetdicom_store(node.port, ds)
+    assert status.Status == 0xA700
+    assert node.ledger.list_studies() == []
+
+    blocker.unlink()
+    assert pynetdicom_store(node.port, ds).Status == 0x0000
+    assert [i.sop_instance_uid for i in node.ledger.list_instances(ds.StudyInstanceUID)] == [ds.SOPInstanceUID]
+
+
+def test_ledger_failure_answers_out_of_resources(node: Node) -> None:
+    with node.ledger.engine.begin() as connection:
+        connection.execute(text("DROP TABLE instances"))
+
+    status = pynetdicom_store(node.port, crafted_cr())
+
+    assert status.Status == 0xA700

@@ -1,0 +1,37 @@
+"""The worker's Celery task: analyse a study by reference and hand the summary to the node side."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import Celery, Task
+
+from worker.celery_app import ANALYSE_STUDY, RECORD_ANALYSIS
+
+log = logging.getLogger(__name__)
+
+_analyser_lock = threading.Lock()
+
+
+def _analyser(app: Celery):
+    """One loaded model set per worker process, built on first use."""
+    from worker.analysis import StudyAnalyser  # imports torch: only in worker processes
+
+    with _analyser_lock:
+        analyser = getattr(app, "_pleura_analyser", None)
+        if analyser is None:
+            settings = app.pleura_settings
+            analyser = StudyAnalyser.from_bundle_dir(settings.storage_dir, settings.bundle_dir, settings.device)
+            app._pleura_analyser = analyser
+        return analyser
+
+
+def register_worker_tasks(app: Celery) -> None:
+    @app.task(name=ANALYSE_STUDY, bind=True, acks_late=True, reject_on_worker_lost=True)
+    def analyse_study(self: Task, study_uid: str, instances: list[dict[str, str]]) -> dict[str, Any]:
+        """Analyse the given instances of one study; idempotent (result UIDs are deterministic)."""
+        summary = _analyser(self.app).analyse(study_uid, instances)
+        self.app.send_task(RECORD_ANALYSIS, args=[summary])
+        return {"study_uid": study_uid, "flagged": summary["flagged"], "results": len(summary["results"])}
