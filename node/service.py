@@ -139,8 +139,10 @@ class ExportWorkerProcess:
         check_interval: float = 1.0,
         max_restart_delay: float = 30.0,
         stop_timeout: float = 30.0,
+        log_file: Path | None = None,
     ) -> None:
         self.env = dict(env)
+        self.log_file = log_file
         self.command = list(command)
         self.check_interval = check_interval
         self.max_restart_delay = max_restart_delay
@@ -169,7 +171,14 @@ class ExportWorkerProcess:
         with self._lock:
             if self._stop.is_set():
                 return
-            self._process = subprocess.Popen(self.command, env=self.env, start_new_session=True)
+            output = open(self.log_file, "ab") if self.log_file is not None else None
+            try:
+                self._process = subprocess.Popen(
+                    self.command, env=self.env, start_new_session=True, stdout=output, stderr=output
+                )
+            finally:
+                if output is not None:
+                    output.close()  # the child holds its own descriptor
             self._started_at = time.monotonic()
             log.info("export worker started (pid %d)", self._process.pid)
 
@@ -228,8 +237,10 @@ class NodeService:
         settle_interval_seconds: float = 0.5,
         sweep_interval_seconds: float = 30.0,
         sweep_margin_seconds: float = 60.0,
+        export_worker_log: Path | None = None,
     ) -> None:
         self.settings = settings
+        self.export_worker_log = export_worker_log
         self.export_worker_enabled = export_worker
         self.config_file = config_file
         self.celery_app = celery_app
@@ -269,7 +280,7 @@ class NodeService:
             env = settings_environment(settings)
             if self.config_file is not None:
                 env[CONFIG_FILE_ENV] = str(Path(self.config_file).resolve())
-            self.export_worker = ExportWorkerProcess(env)
+            self.export_worker = ExportWorkerProcess(env, log_file=self.export_worker_log)
             self.export_worker.start()
 
         self.settle_loop = SettleLoop(

@@ -31,9 +31,9 @@ def _settings(config: Optional[Path], **overrides) -> Settings:
     return settings
 
 
-def _logging(verbose: bool) -> None:
+def _logging(verbose: bool, quiet: bool = False) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     for chatty in ("pynetdicom", "highdicom"):
@@ -109,15 +109,19 @@ def demo_model(
     settings = _settings(config)
     target = out or settings.bundle_dir
     from training.bundle import BundleError, load_bundle
+    from training.demo_model import build_demo_bundle, is_current_demo_bundle
 
     if not force:
         try:
             bundle = load_bundle(target)
+        except BundleError:
+            bundle = None
+        if bundle is not None and is_current_demo_bundle(bundle):
             console.print(f"demo bundle already present: {target} ({bundle.identity.label})")
             return
-        except BundleError:
-            pass
-    from training.demo_model import build_demo_bundle
+        if bundle is not None and not bundle.manifest.synthetic_demo:
+            console.print(f"[bold red]{target} holds a trained model, not the demo[/]: use --out or --force")
+            raise typer.Exit(2)
 
     console.print(f"training the synthetic demo bundle into {target} (a few minutes on a CPU)")
     bundle = build_demo_bundle(target, seed=seed, progress=True)
@@ -131,7 +135,7 @@ def demo(
     timeout: float = typer.Option(300.0, help="seconds to wait for the results"),
 ) -> None:
     """Start node, worker and a receiving PACS stand-in on loopback, send a chest image, show the result."""
-    _logging(False)
+    _logging(False, quiet=True)
     from pleura.demo import run_demo
 
     sys.exit(run_demo(workdir=workdir, timeout=timeout, console=Console()))

@@ -94,7 +94,7 @@ def run_demo(workdir: Path | None, timeout: float, console: Console) -> int:
     console.print(f"[bold]Pleura demo[/] in {workdir}")
     console.print(f"  node PLEURA@127.0.0.1:{node_port} (embedded broker), PACS stand-in {pacs.ae_title}@127.0.0.1:{pacs.port}")
 
-    service = NodeService(settings, export_worker=True)
+    service = NodeService(settings, export_worker=True, export_worker_log=workdir / "export-worker.log")
     service.start()
     worker_log = open(workdir / "worker.log", "wb")
     worker = subprocess.Popen(
@@ -141,7 +141,7 @@ def run_demo(workdir: Path | None, timeout: float, console: Console) -> int:
         table.add_row("pneumothorax probability", f"{study['probability']:.3f}")
         table.add_row("flagged", "[bold red]YES[/]" if study["flagged"] else "no")
         table.add_row("area", f"{int(mask.sum())} px" + (f", {study['area_cm2']:.1f} cm²" if study.get("area_cm2") else ""))
-        table.add_row("model", f"{study.get('model_version')}")
+        table.add_row("model", f"{study.get('model_name')} {study.get('model_version')}")
         table.add_row("SEG received", str(seg_path))
         table.add_row("SR received", str(sr_path))
         table.add_row("outline PNG", str(png))

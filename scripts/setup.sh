@@ -29,7 +29,7 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import pleura, torch, pydicom_data" 2>/dev/null \
+if ! "$VENV/bin/python" -c "import pleura, torch, data_store, psycopg" 2>/dev/null \
    || [ pyproject.toml -nt "$VENV/.pleura-installed" ]; then
     echo "setup: installing Python packages into $VENV"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"

@@ -16,12 +16,13 @@ def demo_bundle() -> Path:
     """The synthetic demo bundle, as `./scripts/setup.sh` builds it; built here when it is missing."""
     from config.settings import default_storage_dir
     from training.bundle import BundleError, load_bundle
+    from training.demo_model import build_demo_bundle, is_current_demo_bundle
 
     target = Path(os.environ.get("PLEURA_MODEL_DIR") or default_storage_dir() / "models" / "demo")
     try:
-        load_bundle(target)
+        current = is_current_demo_bundle(load_bundle(target))
     except BundleError:
-        from training.demo_model import build_demo_bundle
-
+        current = False
+    if not current:
         build_demo_bundle(target, progress=False)
     return target

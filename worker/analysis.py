@@ -41,6 +41,22 @@ def _write_result(dataset: pydicom.Dataset, target: Path) -> None:
     write_durably(target, buffer.getvalue())
 
 
+def failed_summary(study_uid: str, instances: list[dict[str, str]], reason: str) -> dict[str, Any]:
+    """The summary of an analysis that could not run at all, so the ledger shows why."""
+    return {
+        "study_uid": study_uid,
+        "model": {"name": "unavailable", "version": "unavailable", "synthetic_demo": False},
+        "images": [
+            {"sop_instance_uid": item["sop_instance_uid"], "status": "failed", "reason": reason, "probability": None,
+             "flagged": None, "area_px": None, "area_cm2": None}
+            for item in instances
+        ],
+        "results": [],
+        "flagged": False,
+        "analysed_at": datetime.now(timezone.utc).isoformat(),
+    }
+
+
 class StudyAnalyser:
     """Holds the loaded models; analyses studies one after another."""
 

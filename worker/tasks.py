@@ -12,6 +12,8 @@ from worker.celery_app import ANALYSE_STUDY, RECORD_ANALYSIS
 
 log = logging.getLogger(__name__)
 
+MAX_RETRIES = 3
+
 _analyser_lock = threading.Lock()
 
 
@@ -29,9 +31,22 @@ def _analyser(app: Celery):
 
 
 def register_worker_tasks(app: Celery) -> None:
-    @app.task(name=ANALYSE_STUDY, bind=True, acks_late=True, reject_on_worker_lost=True)
+    @app.task(name=ANALYSE_STUDY, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=MAX_RETRIES)
     def analyse_study(self: Task, study_uid: str, instances: list[dict[str, str]]) -> dict[str, Any]:
-        """Analyse the given instances of one study; idempotent (result UIDs are deterministic)."""
-        summary = _analyser(self.app).analyse(study_uid, instances)
+        """Analyse the given instances of one study; idempotent (result UIDs are deterministic).
+
+        An unexpected error is retried with a growing delay; after the last try the node is told
+        the study failed, with the reason, so it never waits in "queued" for ever.
+        """
+        from worker.analysis import failed_summary
+
+        try:
+            summary = _analyser(self.app).analyse(study_uid, instances)
+        except Exception as exc:
+            if self.request.retries < MAX_RETRIES:
+                log.warning("analysis of a study failed (%s); retrying", exc)
+                raise self.retry(exc=exc, countdown=5 * 2**self.request.retries) from exc
+            log.exception("analysis of a study failed for good")
+            summary = failed_summary(study_uid, instances, f"analysis failed: {type(exc).__name__}: {exc}")
         self.app.send_task(RECORD_ANALYSIS, args=[summary])
         return {"study_uid": study_uid, "flagged": summary["flagged"], "results": len(summary["results"])}

@@ -1,0 +1,72 @@
+"""The worker's analysis of one study, in process: selection, reasons, results on shared storage."""
+
+from __future__ import annotations
+
+import shutil
+
+import pydicom
+import pytest
+
+from dicom_samples import dciodvfy_errors, pydicom_data_file
+from training.synthetic import synthetic_dicom
+from worker.analysis import StudyAnalyser, failed_summary
+
+
+@pytest.fixture(scope="module")
+def analyser(tmp_path_factory, demo_bundle):
+    return StudyAnalyser.from_bundle_dir(tmp_path_factory.mktemp("storage"), demo_bundle, device="cpu")
+
+
+def _store(analyser: StudyAnalyser, name: str, write) -> dict[str, str]:
+    key = f"instances/study/series/{name}.dcm"
+    path = analyser.storage_dir / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write(path)
+    return {"sop_instance_uid": name, "key": key}
+
+
+def test_a_study_with_a_chest_image_an_extremity_and_a_broken_file(analyser):
+    positive, truth = synthetic_dicom(seed=77, positive=True, size=512)
+    items = [
+        _store(analyser, positive.SOPInstanceUID, lambda p: positive.save_as(p, enforce_file_format=True)),
+        _store(analyser, "1.2.3.4", lambda p: shutil.copy(pydicom_data_file("RG3_UNCR.dcm"), p)),
+        _store(analyser, "1.2.3.5", lambda p: p.write_bytes(b"not a DICOM file")),
+    ]
+    summary = analyser.analyse(positive.StudyInstanceUID, items)
+
+    by_uid = {image["sop_instance_uid"]: image for image in summary["images"]}
+    chest = by_uid[positive.SOPInstanceUID]
+    assert chest["status"] == "analysed" and chest["flagged"] is True and chest["probability"] >= 0.5
+    assert chest["area_cm2"] is not None and chest["area_px"] > 0
+    assert by_uid["1.2.3.4"]["status"] == "not_analysed" and "EXTREMITY" in by_uid["1.2.3.4"]["reason"]
+    assert by_uid["1.2.3.5"]["status"] == "failed" and "1.2.3.5" in by_uid["1.2.3.5"]["reason"]
+    assert summary["flagged"] is True
+    assert summary["model"]["synthetic_demo"] is True
+
+    kinds = sorted(result["kind"] for result in summary["results"])
+    assert kinds == ["SEG", "SR"]
+    for result in summary["results"]:
+        path = analyser.storage_dir / result["key"]
+        written = pydicom.dcmread(path)
+        assert written.SOPInstanceUID == result["sop_instance_uid"]
+        assert written.StudyInstanceUID == positive.StudyInstanceUID
+        assert dciodvfy_errors(path) == []
+    seg = next(r for r in summary["results"] if r["kind"] == "SEG")
+    mask = pydicom.dcmread(analyser.storage_dir / seg["key"]).pixel_array.astype(bool)
+    overlap = (mask & truth).sum() / max(1, (mask | truth).sum())
+    assert overlap > 0.5, f"the synthetic pneumothorax was segmented poorly (IoU {overlap:.2f})"
+
+
+def test_analysing_again_rewrites_the_same_result_files(analyser):
+    negative, _ = synthetic_dicom(seed=78, positive=False, size=512)
+    items = [_store(analyser, negative.SOPInstanceUID, lambda p: negative.save_as(p, enforce_file_format=True))]
+    first = analyser.analyse(negative.StudyInstanceUID, items)
+    second = analyser.analyse(negative.StudyInstanceUID, items)
+    assert [r["sop_instance_uid"] for r in first["results"]] == [r["sop_instance_uid"] for r in second["results"]]
+    assert first["images"][0]["flagged"] is False
+
+
+def test_failed_summary_names_the_reason_for_every_instance():
+    summary = failed_summary("1.2", [{"sop_instance_uid": "1.2.3", "key": "k"}], "analysis failed: boom")
+    assert summary["images"][0]["status"] == "failed" and summary["images"][0]["reason"].endswith("boom")
+    assert summary["results"] == [] and summary["flagged"] is False
