@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from pydicom.data import get_testdata_file
+from dicom_samples import pydicom_data_file
 
 T = TypeVar("T")
 
@@ -55,12 +55,7 @@ def dcmtk_tool(name: str) -> str:
     return path
 
 
-def testdata_file(name: str) -> Path:
-    """A file shipped by the pydicom-data package (e.g. RG1_UNCR.dcm), found through pydicom."""
-    path = get_testdata_file(name, download=False)  # never from the network
-    if path is None:
-        raise FileNotFoundError(f"{name} is not in pydicom's test data: install the pydicom-data package")
-    return Path(path)
+testdata_file = pydicom_data_file
 
 
 def echoscu(port: int, called_ae: str, calling_ae: str = "ECHOSCU", timeout: float = 30) -> subprocess.CompletedProcess:
