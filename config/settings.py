@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     settle_seconds: float = Field(default=5.0, ge=0, le=3600, description="quiet time before a study is analysed")
+    analysis_timeout_seconds: float = Field(
+        default=3600.0, gt=0, description="a study queued this long without a result is dispatched again"
+    )
     max_pdu: int = Field(default=0, ge=0, description="maximum PDU size received; 0 = unlimited")
     export_retry_seconds: float = Field(
         default=10.0, gt=0, description="first delay before a failed delivery is tried again (doubles each time)"

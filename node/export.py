@@ -181,8 +181,8 @@ def deliver_outbox_entry(
         failed = [s for s in statuses if not is_success(s)]
         if failed:
             error = f"{destination.label} answered 0x{failed[0]:04X} ({describe_status(failed[0])})"
-    except (DeliveryError, OSError, ValueError, RuntimeError) as exc:
-        error = str(exc)
+    except Exception as exc:  # any failure counts as an attempt, so a row always ends sent or failed
+        error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, DeliveryError) else str(exc)
 
     if error is None:
         ledger.record_delivery_success(outbox_id, now=now)

@@ -58,6 +58,7 @@ class StudyStatus(StrEnum):
     NOT_ANALYSED = "not_analysed"
     FAILED = "failed"
     DELIVERED = "delivered"
+    DELIVERY_FAILED = "delivery_failed"
 
 
 class AnalysisStatus(StrEnum):
@@ -519,6 +520,30 @@ class Ledger:
             due.setdefault(study_uid, DueStudy(study_uid)).instances.append({"sop_instance_uid": sop_uid, "key": key})
         return list(due.values())
 
+    def requeue_stale(self, timeout_seconds: float, *, now: datetime | None = None) -> list[str]:
+        """Put instances queued longer than `timeout_seconds` back to pending, so their study is
+        dispatched again: their task or its summary was lost (a worker killed, a broker restarted).
+        The ledger, not the broker, decides what still needs analysing; tasks are idempotent."""
+        now = _as_utc(now) if now else utcnow()
+        cutoff = now - timedelta(seconds=timeout_seconds)
+        with self._transaction() as session:
+            studies = list(
+                session.scalars(
+                    select(Study)
+                    .join(Instance, Instance.study_uid == Study.study_uid)
+                    .where(Instance.analysis_status == AnalysisStatus.QUEUED.value, Study.queued_at <= cutoff)
+                    .distinct()
+                )
+            )
+            for study in studies:
+                session.execute(
+                    update(Instance)
+                    .where(Instance.study_uid == study.study_uid, Instance.analysis_status == AnalysisStatus.QUEUED.value)
+                    .values(analysis_status=AnalysisStatus.PENDING.value)
+                )
+                study.status = StudyStatus.RECEIVING.value
+            return [study.study_uid for study in studies]
+
     def mark_queued(
         self,
         study_uid: str,
@@ -606,9 +631,10 @@ class Ledger:
             session.flush()
 
             study.analysed_at = analysed_at
-            study.model_name = str(model["name"])
-            study.model_version = str(model["version"])
-            study.synthetic_model = bool(model.get("synthetic_demo", False))
+            if any(image["status"] == AnalysisStatus.ANALYSED for image in summary["images"]):
+                study.model_name = str(model["name"])
+                study.model_version = str(model["version"])
+                study.synthetic_model = bool(model.get("synthetic_demo", False))
             analysed = [row for row in instances.values() if row.analysis_status == AnalysisStatus.ANALYSED]
             probabilities = [row.probability for row in analysed if row.probability is not None]
             study.probability = max(probabilities) if probabilities else None
@@ -619,7 +645,9 @@ class Ledger:
                 for row in instances.values()
                 if row.analysis_status in (AnalysisStatus.PENDING, AnalysisStatus.QUEUED)
             ]
-            if not waiting and study.status != StudyStatus.RECEIVING:
+            # No instance waits: the study is finished even if it is still marked receiving, which
+            # happens when the result comes back before the dispatcher has marked it queued.
+            if not waiting:
                 # A redelivered summary of a delivered study sets it to done and the refresh
                 # below puts it back to delivered, since nothing new needs sending.
                 study.status, study.reason = _study_outcome(list(instances.values()))
@@ -735,6 +763,8 @@ class Ledger:
                     f"delivery of {result.kind} {result.sop_instance_uid} to {entry.destination} failed "
                     f"after {entry.attempts} attempts: {error}"
                 )[:_ERROR_TEXT_LIMIT]
+                session.flush()
+                self._refresh_delivery(session, study, now)
             else:
                 delay = retry_seconds * 2 ** (entry.attempts - 1)
                 entry.next_attempt_at = now + timedelta(seconds=delay)
@@ -752,6 +782,8 @@ class Ledger:
             study.reason = f"delivery of {result.kind} {result.sop_instance_uid} to {entry.destination}: {reason}"[
                 :_ERROR_TEXT_LIMIT
             ]
+            session.flush()
+            self._refresh_delivery(session, study, _as_utc(now) if now else utcnow())
             return _outbox_view(entry, result)
 
     def requeue_overdue_outbox(self, margin_seconds: float, *, now: datetime | None = None) -> list[int]:
@@ -781,8 +813,9 @@ class Ledger:
 
     @staticmethod
     def _refresh_delivery(session: Session, study: Study, now: datetime) -> None:
-        """A done study is delivered once every result has reached every destination."""
-        if study.status not in (StudyStatus.DONE, StudyStatus.DELIVERED):
+        """A done study is delivered once every result has reached every destination, and
+        delivery_failed once nothing is pending and some delivery was given up."""
+        if study.status not in (StudyStatus.DONE, StudyStatus.DELIVERED, StudyStatus.DELIVERY_FAILED):
             return
         result_ids = list(session.scalars(select(Result.id).where(Result.study_uid == study.study_uid)))
         entries = (
@@ -795,8 +828,10 @@ class Ledger:
         if delivered and study.status != StudyStatus.DELIVERED:
             study.status = StudyStatus.DELIVERED.value
             study.delivered_at = max((e.sent_at for e in entries if e.sent_at), default=now)
-        elif not delivered and study.status == StudyStatus.DELIVERED:
-            study.status = StudyStatus.DONE.value
+        elif not delivered:
+            settled = bool(entries) and all(e.status != OutboxStatus.PENDING for e in entries)
+            given_up = settled and any(e.status == OutboxStatus.FAILED for e in entries)
+            study.status = (StudyStatus.DELIVERY_FAILED if given_up else StudyStatus.DONE).value
 
     # -- inspection ------------------------------------------------------------------------------
 

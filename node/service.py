@@ -284,7 +284,11 @@ class NodeService:
             self.export_worker.start()
 
         self.settle_loop = SettleLoop(
-            self.ledger, make_dispatcher(app), settings.settle_seconds, interval_seconds=self.settle_interval_seconds
+            self.ledger,
+            make_dispatcher(app),
+            settings.settle_seconds,
+            interval_seconds=self.settle_interval_seconds,
+            analysis_timeout_seconds=settings.analysis_timeout_seconds,
         )
         self.settle_loop.start()
 

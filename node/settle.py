@@ -33,8 +33,10 @@ class SettleLoop:
         settle_seconds: float,
         *,
         interval_seconds: float = DEFAULT_INTERVAL_SECONDS,
+        analysis_timeout_seconds: float | None = None,
     ) -> None:
         self.ledger = ledger
+        self.analysis_timeout_seconds = analysis_timeout_seconds
         self.dispatch = dispatch
         self.settle_seconds = settle_seconds
         self.interval_seconds = interval_seconds
@@ -45,6 +47,13 @@ class SettleLoop:
     def run_once(self, now: datetime | None = None) -> list[str]:
         """Dispatch every due study; returns the study UIDs that were dispatched."""
         dispatched: list[str] = []
+        if self.analysis_timeout_seconds is not None:
+            for study_uid in self.ledger.requeue_stale(self.analysis_timeout_seconds, now=now):
+                log.warning(
+                    "study %s was queued for over %.0f s without a result; dispatching it again",
+                    study_uid,
+                    self.analysis_timeout_seconds,
+                )
         for study in due_studies(self.ledger, self.settle_seconds, now):
             sop_uids = [instance["sop_instance_uid"] for instance in study.instances]
             try:
@@ -58,7 +67,12 @@ class SettleLoop:
             if self._failing:
                 log.info("dispatching works again")
                 self._failing = False
-            self.ledger.mark_queued(study.study_uid, sop_uids, task_id=task_id)
+            try:
+                self.ledger.mark_queued(study.study_uid, sop_uids, task_id=task_id, now=now)
+            except Exception as exc:
+                # Sent but not recorded: the study is sent again next round (the task is idempotent).
+                log.warning("study %s dispatched but the ledger could not record it: %s", study.study_uid, exc)
+                break
             log.info("study %s dispatched with %d instance(s), task %s", study.study_uid, len(sop_uids), task_id)
             dispatched.append(study.study_uid)
         return dispatched

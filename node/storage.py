@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import tempfile
+import threading
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -52,19 +53,28 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+# Held while folders are made, so that "the folder exists" always means "made and its entry
+# fsynced": otherwise a second association could write into a study folder whose own entry is not
+# yet durable, acknowledge, and lose that instance with the folder on a power cut.
+_directories_lock = threading.Lock()
+
+
 def _make_directories(directory: Path) -> None:
     """Create `directory` and its missing parents, fsyncing each parent that gained an entry."""
-    missing: list[Path] = []
-    current = directory
-    while not current.exists():
-        missing.append(current)
-        current = current.parent
-    for folder in reversed(missing):
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            continue  # another thread created it first; its parent is fsynced by that thread
-        _fsync_directory(folder.parent)
+    if directory.is_dir():
+        return
+    with _directories_lock:
+        missing: list[Path] = []
+        current = directory
+        while not current.exists():
+            missing.append(current)
+            current = current.parent
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                pass  # made by another process: fsync its parent all the same
+            _fsync_directory(folder.parent)
 
 
 def write_durably(target: Path, data: bytes) -> None:

@@ -15,7 +15,7 @@ from rich.console import Console
 from config.settings import CONFIG_FILE_ENV, Settings, SettingsError, load_settings
 
 app = typer.Typer(help="Pleura: a DICOM node that flags suspected pneumothorax.", no_args_is_help=True)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages stay whole for logs and grep
 
 ConfigOption = typer.Option(
     None, "--config", "-c", help=f"TOML settings file (same keys as the PLEURA_* variables; also {CONFIG_FILE_ENV})"

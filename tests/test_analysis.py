@@ -70,3 +70,29 @@ def test_failed_summary_names_the_reason_for_every_instance():
     summary = failed_summary("1.2", [{"sop_instance_uid": "1.2.3", "key": "k"}], "analysis failed: boom")
     assert summary["images"][0]["status"] == "failed" and summary["images"][0]["reason"].endswith("boom")
     assert summary["results"] == [] and summary["flagged"] is False
+
+
+def test_one_image_whose_results_cannot_be_written_fails_alone(analyser, monkeypatch):
+    import worker.analysis as analysis
+
+    first, _ = synthetic_dicom(seed=80, positive=True, size=256)
+    second, _ = synthetic_dicom(seed=81, positive=False, size=256)
+    second.StudyInstanceUID = first.StudyInstanceUID
+    items = [
+        _store(analyser, ds.SOPInstanceUID, lambda p, ds=ds: ds.save_as(p, enforce_file_format=True))
+        for ds in (first, second)
+    ]
+    real_build_seg = analysis.build_seg
+
+    def failing_for_first(source, finding, model):
+        if source.SOPInstanceUID == first.SOPInstanceUID:
+            raise ValueError("cannot encode this mask")
+        return real_build_seg(source, finding, model)
+
+    monkeypatch.setattr(analysis, "build_seg", failing_for_first)
+    summary = analyser.analyse(first.StudyInstanceUID, items)
+    by_uid = {image["sop_instance_uid"]: image for image in summary["images"]}
+    assert by_uid[first.SOPInstanceUID]["status"] == "failed"
+    assert "cannot encode this mask" in by_uid[first.SOPInstanceUID]["reason"]
+    assert by_uid[second.SOPInstanceUID]["status"] == "analysed"
+    assert {r["source_sop_instance_uid"] for r in summary["results"]} == {second.SOPInstanceUID}

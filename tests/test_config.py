@@ -91,3 +91,22 @@ def test_every_setting_is_documented():
     for name in Settings.model_fields:
         assert f"`PLEURA_{name.upper()}`" in text, f"{name} missing from docs/configuration.md"
         assert re.search(rf"\| `{name}` \|", text), f"key {name} missing from docs/configuration.md"
+
+
+def test_worker_names_a_missing_model_bundle(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLEURA_MODEL_DIR", str(tmp_path / "no-bundle"))
+    result = CliRunner().invoke(app, ["worker"])
+    assert result.exit_code == 2
+    assert "manifest.json" in result.output and "pleura demo-model" in result.output
+
+
+def test_demo_model_never_overwrites_a_trained_bundle(tmp_path, demo_bundle):
+    import shutil
+
+    trained = tmp_path / "trained"
+    shutil.copytree(demo_bundle, trained)
+    manifest = trained / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"synthetic_demo": true', '"synthetic_demo": false'))
+    result = CliRunner().invoke(app, ["demo-model", "--out", str(trained)])
+    assert result.exit_code == 2 and "trained model" in result.output
+    assert '"synthetic_demo": false' in manifest.read_text()

@@ -74,9 +74,10 @@ class Pleura:
     def ledger(self) -> Ledger:
         return Ledger(f"sqlite:///{self.storage / 'ledger.sqlite'}")
 
-    def storescu(self, *files: Path) -> subprocess.CompletedProcess:
+    def storescu(self, *files: Path, options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [find_tool("storescu"), "-aet", "MODALITY", "-aec", "PLEURA", "127.0.0.1", str(self.port), *map(str, files)],
+            [find_tool("storescu"), *options, "-aet", "MODALITY", "-aec", "PLEURA", "127.0.0.1", str(self.port),
+             *map(str, files)],
             capture_output=True, text=True, timeout=120,
         )
 
@@ -172,17 +173,29 @@ def test_redis_path_real_radiograph_and_synthetic_to_orthanc(tmp_path, demo_bund
         synth_status = ledger.study_status(synth.StudyInstanceUID)
         assert synth_status["flagged"] is True, synth_status
         assert synth_status["probability"] >= 0.5
+        wait_for(
+            lambda: ledger.study_status(real.StudyInstanceUID)["status"] == "delivered", 60, "the real study delivered"
+        )
+        real_status = ledger.study_status(real.StudyInstanceUID)
+        assert real_status["model_name"] == "pleura-demo" and real_status["synthetic_model"] is True
+        assert 0.0 <= real_status["probability"] <= 1.0
+        assert real_status["area_cm2"] is None  # RG1 carries Pixel Spacing 0\0: no physical size
     finally:
         pleura.stop()
 
 
 def test_embedded_broker_path_and_resend_makes_no_duplicate_work(tmp_path, demo_bundle, orthanc, synthetic_positive):
     synth_path, synth = synthetic_positive
+    real_path = pydicom_data_file("RG1_J2KR.dcm")  # the same radiograph, JPEG 2000 lossless this time
+    real = pydicom.dcmread(real_path, stop_before_pixels=True)
     pleura = Pleura(tmp_path, demo_bundle, orthanc, broker_url=None)
     try:
         assert pleura.storescu(synth_path).returncode == 0
-        _wait_for_results(orthanc, pleura, {synth.StudyInstanceUID})
+        sent = pleura.storescu(real_path, options=("-xv",))  # propose JPEG 2000 lossless
+        assert sent.returncode == 0, sent.stderr
+        _wait_for_results(orthanc, pleura, {synth.StudyInstanceUID, real.StudyInstanceUID})
         _check_results(orthanc, synth, tmp_path)
+        _check_results(orthanc, real, tmp_path)
         ledger = pleura.ledger
         wait_for(
             lambda: ledger.study_status(synth.StudyInstanceUID)["status"] == "delivered", 60, "the ledger to say delivered"
@@ -193,7 +206,7 @@ def test_embedded_broker_path_and_resend_makes_no_duplicate_work(tmp_path, demo_
         assert pleura.storescu(synth_path).returncode == 0
         time.sleep(4 * 1.0)  # several settle periods: long enough for a wrong second dispatch to show
         received = re.findall(r"Task pleura\.analyse_study\[[0-9a-f-]+\] received", pleura.worker.output())
-        assert len(received) == 1, pleura.logs()
+        assert len(received) == 2, pleura.logs()  # one task per study, none for the re-sent image
         status = ledger.study_status(synth.StudyInstanceUID)
         assert status["status"] == "delivered"
         assert status["instances"] == 1

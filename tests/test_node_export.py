@@ -161,7 +161,7 @@ def test_a_destination_that_is_down_gets_a_retry_schedule_then_fails_with_the_re
     assert (row.status, row.attempts) == ("failed", 3)
     assert "cannot associate with PACS@127.0.0.1" in row.last_error
     study = ledger.study_status(STUDY)
-    assert study["status"] == "done"
+    assert study["status"] == "delivery_failed"
     assert f"to {down.label} failed after 3 attempts" in study["reason"]
     assert deliver_outbox_entry(ledger, store, settings, outbox_id, now=T0 + timedelta(days=1)).state == "skipped"
     ledger.close()

@@ -336,6 +336,43 @@ def test_failed_deliveries_back_off_then_fail_with_the_reason(ledger: Ledger) ->
     assert "PACS@127.0.0.1:104 failed after 4 attempts: connection refused" in study["reason"]
 
 
+def test_a_study_whose_deliveries_are_settled_with_a_failure_is_delivery_failed(ledger: Ledger) -> None:
+    _analysed_study_with_results(ledger)
+    seg_row, sr_row = ledger.create_outbox(STUDY, ["PACS@127.0.0.1:104"], now=T0)
+    ledger.record_delivery_success(seg_row, now=T0)
+    ledger.record_delivery_failure(sr_row, "refused: unknown calling AE", retry_seconds=10, max_attempts=1, now=T0)
+    study = ledger.study_status(STUDY)
+    assert study["status"] == "delivery_failed"
+    assert "unknown calling AE" in study["reason"]
+    assert [s["study_uid"] for s in ledger.list_studies(status="delivery_failed")] == [STUDY]
+
+
+def test_a_result_back_before_the_study_is_marked_queued_still_finishes_it(ledger: Ledger) -> None:
+    record(ledger, "1.2.3.1", T0)
+    due = ledger.due_studies(5, T0 + timedelta(seconds=10))
+    assert [d.study_uid for d in due] == [STUDY]
+    # A fast worker: the summary is recorded before the dispatcher marks the study queued.
+    ledger.record_analysis(summary([analysed("1.2.3.1", 0.2, False)], [result("SR", "2.25.9", "1.2.3.1")]))
+    ledger.mark_queued(STUDY, ["1.2.3.1"], task_id="t1", now=T0 + timedelta(seconds=10))
+    assert ledger.study_status(STUDY)["status"] == "done"
+    assert ledger.due_studies(5, T0 + timedelta(minutes=5)) == []
+
+
+def test_a_study_queued_too_long_is_put_back_for_dispatch(ledger: Ledger) -> None:
+    record(ledger, "1.2.3.1", T0)
+    ledger.mark_queued(STUDY, now=T0 + timedelta(seconds=10))
+    assert ledger.requeue_stale(3600, now=T0 + timedelta(minutes=30)) == []
+    assert ledger.study_status(STUDY)["status"] == "queued"
+
+    assert ledger.requeue_stale(3600, now=T0 + timedelta(hours=2)) == [STUDY]
+    due = ledger.due_studies(5, T0 + timedelta(hours=2))
+    assert [(d.study_uid, [i["sop_instance_uid"] for i in d.instances]) for d in due] == [(STUDY, ["1.2.3.1"])]
+    # An analysed study is never put back.
+    ledger.mark_queued(STUDY, now=T0 + timedelta(hours=2))
+    ledger.record_analysis(summary([analysed("1.2.3.1", 0.2, False)], []))
+    assert ledger.requeue_stale(3600, now=T0 + timedelta(days=2)) == []
+
+
 def test_overdue_rows_are_requeued_once_per_margin(ledger: Ledger) -> None:
     _analysed_study_with_results(ledger)
     ids = ledger.create_outbox(STUDY, ["PACS@127.0.0.1:104"], now=T0)

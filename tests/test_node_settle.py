@@ -130,3 +130,13 @@ def test_the_loop_thread_dispatches_and_stops(ledger: Ledger) -> None:
         loop.stop()
     assert [study for study, _ in dispatch.calls] == ["1.1"]
     assert ledger.study_status("1.1")["status"] == "queued"
+
+
+def test_a_study_whose_task_was_lost_is_dispatched_again_after_the_timeout(ledger: Ledger) -> None:
+    dispatch = FakeDispatch()
+    loop = SettleLoop(ledger, dispatch, settle_seconds=5, analysis_timeout_seconds=600)
+    receive(ledger, "1.1", "1.1.1", T0)
+    assert loop.run_once(T0 + timedelta(seconds=6)) == ["1.1"]
+    assert loop.run_once(T0 + timedelta(seconds=300)) == []  # still within the timeout: no result yet
+    assert loop.run_once(T0 + timedelta(seconds=700)) == ["1.1"]  # the task or its summary was lost
+    assert [call[1][0]["sop_instance_uid"] for call in dispatch.calls] == ["1.1.1", "1.1.1"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pydicom
 import pytest
@@ -11,18 +9,13 @@ import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+from dicom_samples import pydicom_data_file as pydicom_data
 from training.bundle import Preprocessing
 from worker.inference.preprocess import ImageDecodeError, decode_radiograph, mask_to_source, to_network_input
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 RECIPE = Preprocessing(input_size=64)
-
-
-def pydicom_data(name: str) -> Path:
-    from data_store import DataStore  # the import name of the pydicom-data package
-
-    return Path(DataStore().get_path(name))
 
 
 def grayscale(pixels: np.ndarray, bits_stored: int = 12, photometric: str = "MONOCHROME2") -> Dataset:
@@ -107,6 +100,19 @@ def test_voi_lut_sequence_is_applied_and_preferred_over_the_window():
     ds.WindowCenter, ds.WindowWidth = 10, 5  # would saturate almost everything if it were used
     image = decode_radiograph(ds, RECIPE)
     np.testing.assert_allclose(image[0], lut / 255.0, atol=1e-6)
+
+
+def test_an_8_bit_voi_lut_with_more_than_256_entries_is_indexed_correctly():
+    pixels = np.tile(np.array([0, 255, 256, 600, 1023], dtype=np.uint16), (4, 1))
+    ds = grayscale(pixels, bits_stored=10)
+    lut = (np.arange(1024) // 4).astype(np.uint16)  # 1024 inputs onto 0..255
+    item = Dataset()
+    item.LUTDescriptor = [1024, 0, 8]
+    item.LUTData = lut.tolist()
+    ds.VOILUTSequence = [item]
+    image = decode_radiograph(ds, RECIPE)
+    np.testing.assert_allclose(image[0], np.array([0, 63, 64, 150, 255]) / 255.0, atol=1e-6)
+    assert ds.VOILUTSequence[0].LUTDescriptor[2] == 8  # the source dataset is left as it was
 
 
 def test_real_lossless_j2k_radiograph_decodes_like_the_uncompressed_one():

@@ -48,5 +48,10 @@ def register_worker_tasks(app: Celery) -> None:
                 raise self.retry(exc=exc, countdown=5 * 2**self.request.retries) from exc
             log.exception("analysis of a study failed for good")
             summary = failed_summary(study_uid, instances, f"analysis failed: {type(exc).__name__}: {exc}")
-        self.app.send_task(RECORD_ANALYSIS, args=[summary])
+        try:
+            self.app.send_task(RECORD_ANALYSIS, args=[summary])
+        except Exception as exc:
+            # The broker is unreachable: analyse again later (idempotent) rather than lose the
+            # summary. Should every retry fail, the node dispatches the study again in time.
+            raise self.retry(exc=exc, countdown=30, max_retries=MAX_RETRIES + 10) from exc
         return {"study_uid": study_uid, "flagged": summary["flagged"], "results": len(summary["results"])}

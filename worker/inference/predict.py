@@ -16,7 +16,7 @@ from worker.inference.result import ImageFinding
 __all__ = ["pixel_spacing_mm", "predict_images"]
 
 
-def _positive_pair(value: object) -> tuple[float, float] | None:
+def positive_pair(value: object) -> tuple[float, float] | None:
     """Two finite, positive numbers from a DS pair, else None."""
     if value is None:
         return None
@@ -36,10 +36,10 @@ def pixel_spacing_mm(ds: pydicom.Dataset) -> tuple[float, float] | None:
     divided by Estimated Radiographic Magnification Factor when that is present and positive. A
     spacing that is absent, zero or malformed counts as absent.
     """
-    spacing = _positive_pair(ds.get("PixelSpacing"))
+    spacing = positive_pair(ds.get("PixelSpacing"))
     if spacing is not None:
         return spacing
-    spacing = _positive_pair(ds.get("ImagerPixelSpacing"))
+    spacing = positive_pair(ds.get("ImagerPixelSpacing"))
     if spacing is None:
         return None
     magnification = ds.get("EstimatedRadiographicMagnificationFactor")

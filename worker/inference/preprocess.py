@@ -15,6 +15,8 @@ plain resize back to (Rows, Columns) and every source pixel gets a probability.
 
 from __future__ import annotations
 
+import copy
+
 from typing import Any
 
 import numpy as np
@@ -84,14 +86,34 @@ def _apply_voi(modality: np.ndarray, ds: pydicom.Dataset, recipe: Preprocessing)
     if recipe.voi == "dicom" and ds.get("VOILUTSequence"):
         # The LUT is indexed by the (integer) output of the Modality LUT.
         lut_input = np.rint(modality).astype(np.int64)
-        values = np.asarray(apply_voi(lut_input, ds), dtype=np.float64)
-        lo, hi = _voi_lut_range(ds)
+        voi = _wide_voi_lut(ds)
+        values = np.asarray(apply_voi(lut_input, voi), dtype=np.float64)
+        lo, hi = _voi_lut_range(voi)
         return _scale(values, lo, hi)
     if recipe.voi == "dicom" and ds.get("WindowCenter") not in (None, "") and ds.get("WindowWidth") not in (None, ""):
         values = np.asarray(apply_windowing(modality.copy(), ds), dtype=np.float64)
         lo, hi = _windowing_output_range(ds)
         return _scale(values, lo, hi)
     return _scale(modality, float(modality.min()), float(modality.max()))
+
+
+def _wide_voi_lut(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The dataset's VOI LUT, declared 16 bits per entry when it says 8.
+
+    pydicom's apply_voi() indexes an 8-bit LUT with 8-bit indices, so inputs above 255 wrap round
+    (a 1024-entry 8-bit LUT maps 256 to entry 0). The entries are the same values either way.
+    """
+    item = ds.VOILUTSequence[0]
+    if int(item.LUTDescriptor[2]) != 8:
+        return ds
+    wide = pydicom.Dataset()
+    wide.VOILUTSequence = copy.deepcopy(ds.VOILUTSequence)
+    descriptor = list(wide.VOILUTSequence[0].LUTDescriptor)
+    wide.VOILUTSequence[0].LUTDescriptor = [descriptor[0], descriptor[1], 16]
+    if hasattr(ds, "file_meta"):
+        wide.file_meta = ds.file_meta
+    wide.set_original_encoding(*ds.original_encoding, character_encoding=ds.original_character_set)
+    return wide
 
 
 def _scale(values: np.ndarray, lo: float, hi: float) -> np.ndarray:

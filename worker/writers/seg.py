@@ -37,6 +37,7 @@ from pydicom.sr.codedict import codes
 from pydicom.valuerep import PersonName
 
 from training.bundle import ModelIdentity
+from worker.inference.predict import positive_pair
 from worker.inference.result import ImageFinding
 from worker.writers.uids import device_uid, instance_uid, series_uid
 
@@ -92,7 +93,7 @@ def source_header(source: pydicom.Dataset, *, keep_spacing: bool = True) -> pydi
         header.add(element)
     if keep_spacing:
         for keyword in _SPACING_KEYWORDS:
-            if _positive_pair(source.get(keyword)) is not None:
+            if positive_pair(source.get(keyword)) is not None:
                 header.add(source[keyword])
     for keyword, empty in _TYPE2_HEADER_DEFAULTS.items():
         if keyword not in header:
@@ -199,14 +200,3 @@ def _instance_number(source: pydicom.Dataset) -> int:
     except (TypeError, ValueError):
         return 1
     return number if number >= 1 else 1
-
-
-def _positive_pair(value: object) -> tuple[float, float] | None:
-    try:
-        row, column = (float(v) for v in value)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        return None
-    if row > 0 and column > 0 and np.isfinite(row) and np.isfinite(column):
-        return row, column
-    return None
-
