@@ -137,7 +137,7 @@ def run_demo(workdir: Path | None, timeout: float, console: Console) -> int:
 
         table = Table(title="Result (SYNTHETIC DEMO MODEL - not for clinical use)")
         table.add_column("item")
-        table.add_column("value")
+        table.add_column("value", overflow="fold")
         table.add_row("pneumothorax probability", f"{study['probability']:.3f}")
         table.add_row("flagged", "[bold red]YES[/]" if study["flagged"] else "no")
         table.add_row("area", f"{int(mask.sum())} px" + (f", {study['area_cm2']:.1f} cm²" if study.get("area_cm2") else ""))
