@@ -8,11 +8,14 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${PLEURA_VENV:-.venv}
 
-# --- system tools: Redis (production broker), DCMTK (modality), dicom3tools (validator), Orthanc (PACS)
-declare -A tool_package=([redis-server]=redis-server [storescu]=dcmtk [dciodvfy]=dicom3tools [Orthanc]=orthanc)
+# --- system tools: Redis (production broker), DCMTK (modality), dicom3tools (validator), Orthanc (PACS),
+#     PostgreSQL (the ledger for many hosts; its tests start a throw-away server)
+declare -A tool_package=([redis-server]=redis-server [storescu]=dcmtk [dciodvfy]=dicom3tools [Orthanc]=orthanc
+                         [initdb]=postgresql)
 missing=()
 for tool in "${!tool_package[@]}"; do
-    command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || missing+=("${tool_package[$tool]}")
+    command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || compgen -G "/usr/lib/postgresql/*/bin/$tool" >/dev/null \
+        || missing+=("${tool_package[$tool]}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo="sudo"; else sudo="none"; fi

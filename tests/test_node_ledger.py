@@ -31,9 +31,11 @@ class PostgresCluster:
     """A throw-away PostgreSQL server (the Debian binaries) on a free loopback port."""
 
     def __init__(self) -> None:
-        initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+        debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"))  # Debian keeps them off PATH
+        search = os.pathsep.join([os.environ.get("PATH", ""), *map(str, debian)])
+        initdb, pg_ctl = shutil.which("initdb", path=search), shutil.which("pg_ctl", path=search)
         if not (initdb and pg_ctl):
-            pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+            pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed: run ./scripts/setup.sh")
         pytest.importorskip("psycopg", reason="the PostgreSQL driver psycopg is not installed")
         self.port = dicom_peers.free_port()
         self.folder = Path(tempfile.mkdtemp(prefix="pleura-pg-"))
