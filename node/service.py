@@ -23,6 +23,7 @@ from celery import Celery
 from config.settings import CONFIG_FILE_ENV, ENV_PREFIX, Settings
 from node.dispatch import PUBLISH_RETRY_POLICY, make_dispatcher
 from node.ledger import Ledger
+from node.periodic import PeriodicTask
 from node.scp import StorageSCP
 from node.settle import SettleLoop
 from node.storage import InstanceStore
@@ -72,8 +73,11 @@ def make_delivery_enqueuer(celery_app: Celery) -> Callable[[int], None]:
     return enqueue_delivery
 
 
-class OutboxSweeper:
+class OutboxSweeper(PeriodicTask):
     """Re-enqueues deliveries whose message was lost: pending outbox rows overdue by `margin_seconds`."""
+
+    thread_name = "pleura-outbox-sweeper"
+    run_at_start = False
 
     def __init__(
         self,
@@ -83,12 +87,10 @@ class OutboxSweeper:
         interval_seconds: float = 30.0,
         margin_seconds: float = 60.0,
     ) -> None:
+        super().__init__(interval_seconds)
         self.ledger = ledger
         self.enqueue = enqueue
-        self.interval_seconds = interval_seconds
         self.margin_seconds = margin_seconds
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def run_once(self, now: datetime | None = None) -> list[int]:
         """Enqueue every overdue row once; returns their ids."""
@@ -103,25 +105,6 @@ class OutboxSweeper:
         if overdue:
             log.warning("re-enqueued %d overdue delivery(ies): %s", len(overdue), overdue)
         return overdue
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="pleura-outbox-sweeper", daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_seconds):
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("outbox sweep failed; trying again")
 
 
 class ExportWorkerProcess:

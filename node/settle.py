@@ -7,11 +7,11 @@ analysis but loses nothing: the study is still due in the next round.
 from __future__ import annotations
 
 import logging
-import threading
 from datetime import datetime
 
 from node.dispatch import Dispatcher
 from node.ledger import DueStudy, Ledger, utcnow
+from node.periodic import PeriodicTask
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +23,10 @@ def due_studies(ledger: Ledger, settle_seconds: float, now: datetime | None = No
     return ledger.due_studies(settle_seconds, now or utcnow())
 
 
-class SettleLoop:
+class SettleLoop(PeriodicTask):
     """A background thread that dispatches each settled study once."""
+
+    thread_name = "pleura-settle"
 
     def __init__(
         self,
@@ -35,13 +37,11 @@ class SettleLoop:
         interval_seconds: float = DEFAULT_INTERVAL_SECONDS,
         analysis_timeout_seconds: float | None = None,
     ) -> None:
+        super().__init__(interval_seconds)
         self.ledger = ledger
         self.analysis_timeout_seconds = analysis_timeout_seconds
         self.dispatch = dispatch
         self.settle_seconds = settle_seconds
-        self.interval_seconds = interval_seconds
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._failing = False
 
     def run_once(self, now: datetime | None = None) -> list[str]:
@@ -76,24 +76,3 @@ class SettleLoop:
             log.info("study %s dispatched with %d instance(s), task %s", study.study_uid, len(sop_uids), task_id)
             dispatched.append(study.study_uid)
         return dispatched
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="pleura-settle", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("settle round failed; trying again")
-            self._stop.wait(self.interval_seconds)
