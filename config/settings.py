@@ -28,6 +28,11 @@ CONFIG_FILE_ENV = "PLEURA_CONFIG"
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
+ResultObject = Literal["SR", "SEG", "GSPS", "SC"]
+RESULT_OBJECTS: tuple[str, ...] = ("SR", "SEG", "GSPS", "SC")
+"""The result objects Pleura writes: the report, the segmentation, the presentation state with the
+outline, and the secondary capture image with outline and banner."""
+
 
 # The TOML file of the load_settings() call in progress (the settings sources cannot take arguments).
 _config_file: ContextVar[str | None] = ContextVar("pleura_config_file", default=None)
@@ -53,8 +58,18 @@ class Destination(BaseModel):
         default=None, description="AE title Pleura calls itself on this association; default: PLEURA_AE_TITLE"
     )
     max_attempts: int = Field(default=10, ge=1, description="delivery attempts before a result is marked failed")
+    objects: list[ResultObject] = Field(
+        default_factory=lambda: list(RESULT_OBJECTS),
+        min_length=1,
+        description="the result objects this destination receives: any of SR, SEG, GSPS, SC",
+    )
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @field_validator("objects")
+    @classmethod
+    def _unique_objects(cls, value: list[str]) -> list[str]:
+        return [kind for kind in RESULT_OBJECTS if kind in value]
 
     @property
     def label(self) -> str:
@@ -101,6 +116,9 @@ class Settings(BaseSettings):
     export_retry_seconds: float = Field(
         default=10.0, gt=0, description="first delay before a failed delivery is tried again (doubles each time)"
     )
+    sc_heatmap: bool = Field(
+        default=False, description="draw the classifier's Grad-CAM heat map into the secondary capture (SC)"
+    )
     worker_queues: list[str] = Field(
         default_factory=lambda: ["radiograph"], description="queues a `pleura worker` consumes"
     )
@@ -142,6 +160,15 @@ class Settings(BaseSettings):
     @property
     def bundle_dir(self) -> Path:
         return self.model_dir or (self.storage_dir / "models" / "demo")
+
+    @property
+    def result_objects(self) -> list[str]:
+        """The result objects the workers write: every kind some destination receives (the SR
+        always, it is the record of the analysis), or all of them when there is no destination."""
+        if not self.destinations:
+            return list(RESULT_OBJECTS)
+        wanted = {"SR"} | {kind for destination in self.destinations for kind in destination.objects}
+        return [kind for kind in RESULT_OBJECTS if kind in wanted]
 
     @property
     def embedded_broker(self) -> bool:

@@ -1,4 +1,4 @@
-"""Delivery of results (SEG, SR) to the destinations by C-STORE, through the durable outbox.
+"""Delivery of results (SR, SEG, GSPS, SC) to the destinations by C-STORE, through the durable outbox.
 
 :func:`send_results` is the Storage SCU; :func:`deliver_outbox_entry` is one delivery attempt of
 one outbox row: it records the outcome in the ledger and says when to try again.
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
@@ -74,13 +75,12 @@ def _file_identity(path: Path) -> tuple[UID, UID]:
 
 def requested_contexts(files: Sequence[tuple[UID, UID]]) -> list[PresentationContext]:
     """One context per SOP class, proposing each file's own transfer syntax, plus explicit and
-    implicit VR little endian when the file is uncompressed (pynetdicom converts between them)."""
+    implicit VR little endian (pynetdicom converts between uncompressed syntaxes; a compressed file
+    is decompressed when the destination takes only those, see :func:`send_results`)."""
     by_class: dict[str, list[str]] = {}
     for sop_class, transfer_syntax in files:
         syntaxes = by_class.setdefault(str(sop_class), [])
-        candidates = [transfer_syntax]
-        if not transfer_syntax.is_compressed and not transfer_syntax.is_deflated:
-            candidates += [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        candidates = [transfer_syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian]
         for candidate in candidates:
             if str(candidate) not in syntaxes:
                 syntaxes.append(str(candidate))
@@ -114,12 +114,21 @@ def send_results(destination: Destination, calling_ae: str, paths: list[Path]) -
         raise DeliveryError(f"cannot associate with {destination.label}: connection refused, timed out or aborted")
     statuses: list[int] = []
     try:
-        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
-        for path, (sop_class, _) in zip(paths, identities, strict=True):
-            if str(sop_class) not in accepted:
+        accepted: dict[str, set[str]] = {}
+        for cx in assoc.accepted_contexts:
+            accepted.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
+        for path, (sop_class, transfer_syntax) in zip(paths, identities, strict=True):
+            syntaxes = accepted.get(str(sop_class))
+            if not syntaxes:
                 statuses.append(SOP_CLASS_NOT_SUPPORTED)
                 continue
-            response = assoc.send_c_store(path)
+            if transfer_syntax.is_compressed and str(transfer_syntax) not in syntaxes:
+                # The destination takes this class only uncompressed: decode and send that.
+                dataset = dcmread(path)
+                dataset.decompress()
+                response = assoc.send_c_store(dataset)
+            else:
+                response = assoc.send_c_store(path)
             if "Status" not in response:
                 raise DeliveryError(f"{destination.label} gave no answer to the C-STORE of {path.name}")
             statuses.append(int(response.Status))
