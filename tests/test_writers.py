@@ -9,6 +9,7 @@ empty finding. The SC writer has tests of its own (test_writer_sc.py).
 from __future__ import annotations
 
 import copy
+import io
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -84,6 +85,17 @@ def _rg(name: str) -> pydicom.Dataset:
     return pydicom.dcmread(pydicom_data_file(name))
 
 
+def _as_received(source: pydicom.Dataset, transfer_syntax: str) -> pydicom.Dataset:
+    """``source`` written in ``transfer_syntax`` and read back, as the worker reads a stored instance."""
+    if UID(transfer_syntax).is_compressed:
+        source.compress(transfer_syntax)
+    else:
+        source.file_meta.TransferSyntaxUID = transfer_syntax
+    buffer = io.BytesIO()
+    source.save_as(buffer, enforce_file_format=True)
+    return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+
+
 # name -> (how to get the source, the spacing the inference step measures areas with)
 SOURCES = {
     # real CR, MONOCHROME1, 15 bits stored, Pixel Spacing present but 0\0, in each transfer syntax
@@ -104,6 +116,14 @@ SOURCES = {
         (0.4, 0.4),
     ),
     "dx-mono2-16bit": (lambda: source_variant(synthetic_radiograph(), bits=16), (0.4, 0.4)),
+    "dx-rle": (lambda: _as_received(synthetic_radiograph(), pydicom.uid.RLELossless), (0.4, 0.4)),
+    "cr-mono1-deflated": (
+        lambda: _as_received(
+            source_variant(synthetic_radiograph(modality="CR"), photometric="MONOCHROME1"),
+            pydicom.uid.DeflatedExplicitVRLittleEndian,
+        ),
+        (0.4, 0.4),
+    ),
     "dx-utf8-no-orientation": (
         lambda: source_variant(
             synthetic_radiograph(), charset="ISO_IR 192", patient_name="Müller^Zoë=山田^太郎", orientation=[]

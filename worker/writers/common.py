@@ -158,13 +158,16 @@ def check_source(source: pydicom.Dataset) -> None:
         raise ValueError("only single-frame source images are supported")
 
 
+def decision_text(finding: ImageFinding) -> str:
+    """"Pneumothorax suspected (left)" or "No pneumothorax suspected": the decision for a viewer."""
+    if not finding.flagged:
+        return "No pneumothorax suspected"
+    side = f" ({finding.side}{', assumed' if finding.side_assumed else ''})" if finding.side else ""
+    return f"Pneumothorax suspected{side}"
+
+
 def finding_text(finding: ImageFinding, model: ModelIdentity) -> str:
     """One line for a viewer: the decision, side, probability and model, and the disclaimer."""
-    if finding.flagged:
-        side = f" ({finding.side}{', assumed' if finding.side_assumed else ''})" if finding.side else ""
-        decision = f"Pneumothorax suspected{side}"
-    else:
-        decision = "No pneumothorax suspected"
-    text = f"{decision}, p={finding.probability:.2f} - {model.name} {model.version} - {AI_DISCLAIMER}"
+    text = f"{decision_text(finding)}, p={finding.probability:.2f} - {model.name} {model.version} - {AI_DISCLAIMER}"
     return f"{text} - {DEMO_LABEL}" if model.synthetic_demo else text
 

@@ -42,6 +42,7 @@ from worker.writers.common import (
     MANUFACTURER,
     carry_context,
     check_source,
+    decision_text,
     describe,
     instance_number,
     source_header,
@@ -181,13 +182,7 @@ def _compose(
 
 def banner_lines(finding: ImageFinding, model: ModelIdentity) -> list[str]:
     """The banner's text, one entry per line before wrapping."""
-    if finding.flagged:
-        side = finding.side
-        if side and finding.side_assumed:
-            side = f"{side}, assumed"  # as in common.finding_text
-        headline = f"Pneumothorax suspected ({side})" if side else "Pneumothorax suspected"
-    else:
-        headline = "No pneumothorax suspected"
+    headline = decision_text(finding)
     details = [f"Probability {finding.probability:.2f} (threshold {finding.threshold:.2f})"]
     if finding.flagged:
         if finding.area_cm2 is not None:
