@@ -13,9 +13,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image
-from skimage.segmentation import find_boundaries
-
 from dicom_samples import (
     dciodvfy_errors,
     dciodvfy_warnings,
@@ -23,27 +20,17 @@ from dicom_samples import (
     save_dataset,
     synthetic_radiograph,
 )
-from training.bundle import DEMO_INTENDED_USE, ModelIdentity, Preprocessing
+from PIL import Image
+from result_models import CLINICAL_MODEL, DEMO_MODEL
+from skimage.segmentation import find_boundaries
+
+from training.bundle import Preprocessing
 from worker.inference.preprocess import decode_radiograph
 from worker.inference.result import ImageFinding
-from worker.writers.sc import MAX_SIDE, SC_SERIES_NUMBER, banner_lines, build_sc
-from worker.writers.common import DEMO_LABEL, describe
+from worker.writers.common import DEMO_LABEL, SERIES_NUMBERS, describe
+from worker.writers.sc import MAX_SIDE, banner_lines, build_sc
 from worker.writers.uids import instance_uid, series_uid
 
-DEMO_MODEL = ModelIdentity(
-    name="pleura-demo",
-    version="0.1.0-demo",
-    manufacturer="Pleura",
-    synthetic_demo=True,
-    intended_use=DEMO_INTENDED_USE,
-)
-CLINICAL_MODEL = ModelIdentity(
-    name="pleura-cxr",
-    version="2.3.1",
-    manufacturer="Pleura",
-    synthetic_demo=False,
-    intended_use="Triage of suspected pneumothorax on adult chest radiographs",
-)
 # The recipe the demo bundle decodes with (VOI from the image, MONOCHROME1 inverted, no CLAHE).
 RECIPE = Preprocessing(input_size=128, channels=1, voi="dicom", invert_monochrome1=True, clahe=False)
 
@@ -315,7 +302,7 @@ def test_sc_belongs_to_the_source_study_and_patient(built, case) -> None:
     assert ds.Modality == "OT"
     assert ds.SeriesInstanceUID == series_uid(source.StudyInstanceUID, DEMO_MODEL, "SC")
     assert ds.SOPInstanceUID == instance_uid(source.SOPInstanceUID, DEMO_MODEL, "SC")
-    assert ds.SeriesNumber == SC_SERIES_NUMBER
+    assert ds.SeriesNumber == SERIES_NUMBERS["SC"]
     assert ds.Manufacturer == "Pleura"
     assert ds.ManufacturerModelName == "pleura-demo" and ds.SoftwareVersions == "0.1.0-demo"
     assert ds.SeriesDescription == describe("SC", DEMO_MODEL)

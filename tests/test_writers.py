@@ -18,8 +18,6 @@ import numpy as np
 import pydicom
 import pytest
 import skimage.draw
-from pydicom.uid import UID
-
 from dicom_samples import (
     dciodvfy_errors,
     dciodvfy_warnings,
@@ -27,6 +25,9 @@ from dicom_samples import (
     save_dataset,
     synthetic_radiograph,
 )
+from pydicom.uid import UID
+from result_models import CLINICAL_MODEL, DEMO_MODEL
+
 from training.bundle import DEMO_INTENDED_USE, ModelIdentity
 from worker.inference.result import ImageFinding
 from worker.writers.common import DEMO_LABEL, describe
@@ -35,20 +36,6 @@ from worker.writers.seg import build_seg
 from worker.writers.sr import AnalysedImage, SkippedImage, build_sr
 from worker.writers.uids import result_uid
 
-DEMO_MODEL = ModelIdentity(
-    name="pleura-demo",
-    version="0.1.0-demo",
-    manufacturer="Pleura",
-    synthetic_demo=True,
-    intended_use=DEMO_INTENDED_USE,
-)
-CLINICAL_MODEL = ModelIdentity(
-    name="pleura-cxr",
-    version="2.3.1",
-    manufacturer="Pleura",
-    synthetic_demo=False,
-    intended_use="Triage of suspected pneumothorax on adult chest radiographs",
-)
 
 def source_variant(
     source: pydicom.Dataset, *, photometric: str | None = None, bits: int | None = None,

@@ -8,6 +8,8 @@ source's in every object Pleura writes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pydicom
 from highdicom import AlgorithmIdentificationSequence
 from pydicom.sr.codedict import codes
@@ -16,7 +18,7 @@ from pydicom.valuerep import PersonName
 from training.bundle import ModelIdentity
 from worker.inference.predict import positive_pair
 from worker.inference.result import ImageFinding
-from worker.writers.uids import instance_uid
+from worker.writers.uids import device_uid, instance_uid, series_uid
 
 MANUFACTURER = "Pleura"
 """Manufacturer (0008,0070) of every object Pleura writes."""
@@ -136,6 +138,25 @@ def tracking_uid(source: pydicom.Dataset, model: ModelIdentity) -> str:
     """The UID that ties the SEG's segment, the SR's measurement group and the GSPS's outline
     for one image."""
     return instance_uid(source.SOPInstanceUID, model, "TRACKING")
+
+
+SERIES_NUMBERS = {"SEG": 9901, "SR": 9902, "SC": 9903, "GSPS": 9904}
+"""Series Number of each kind of result, so they sort the same way in every study."""
+
+
+def image_result_identity(source: pydicom.Dataset, model: ModelIdentity, kind: str) -> dict[str, Any]:
+    """The arguments every highdicom constructor of a per-image result takes alike: its series and
+    instance UIDs (deterministic, see :mod:`worker.writers.uids`), numbers, and the equipment."""
+    return {
+        "series_instance_uid": series_uid(source.StudyInstanceUID, model, kind),
+        "series_number": SERIES_NUMBERS[kind],
+        "sop_instance_uid": instance_uid(source.SOPInstanceUID, model, kind),
+        "instance_number": instance_number(source),
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": model.name,
+        "software_versions": model.version,
+        "device_serial_number": device_uid(model),
+    }
 
 
 def instance_number(source: pydicom.Dataset) -> int:

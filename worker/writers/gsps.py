@@ -35,18 +35,15 @@ from skimage.measure import approximate_polygon, find_contours
 from training.bundle import ModelIdentity
 from worker.inference.result import ImageFinding
 from worker.writers.common import (
-    MANUFACTURER,
     carry_context,
     check_source,
     describe,
     finding_text,
-    instance_number,
+    image_result_identity,
     source_header,
     tracking_uid,
 )
-from worker.writers.uids import device_uid, instance_uid, series_uid
 
-GSPS_SERIES_NUMBER = 9904
 LAYER = "PLEURA_AI"
 LAYER_COLOR = CIELabColor(53.24, 80.09, 67.20)  # red, as the SEG's segment
 CONTENT_LABEL = "PLEURA_AI"
@@ -124,14 +121,7 @@ def build_gsps(source: pydicom.Dataset, finding: ImageFinding, model: ModelIdent
     inverse = str(source.get("PhotometricInterpretation", "")) == "MONOCHROME1"
     gsps = GrayscaleSoftcopyPresentationState(
         referenced_images=[header],
-        series_instance_uid=series_uid(source.StudyInstanceUID, model, "GSPS"),
-        series_number=GSPS_SERIES_NUMBER,
-        sop_instance_uid=instance_uid(source.SOPInstanceUID, model, "GSPS"),
-        instance_number=instance_number(source),
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=model.name,
-        software_versions=model.version,
-        device_serial_number=device_uid(model),
+        **image_result_identity(source, model, "GSPS"),
         content_label=CONTENT_LABEL,
         content_description=describe("GSPS", model),
         graphic_annotations=[annotation],

@@ -39,19 +39,16 @@ from worker.inference.result import ImageFinding
 from worker.writers.common import (
     AI_DISCLAIMER,
     DEMO_LABEL,
-    MANUFACTURER,
     carry_context,
     check_source,
     decision_text,
     describe,
-    instance_number,
+    image_result_identity,
     source_header,
 )
-from worker.writers.uids import device_uid, instance_uid, series_uid
 
-__all__ = ["MAX_SIDE", "SC_SERIES_NUMBER", "banner_lines", "build_sc", "render_sc_pixels"]
+__all__ = ["MAX_SIDE", "banner_lines", "build_sc", "render_sc_pixels"]
 
-SC_SERIES_NUMBER = 9903
 MAX_SIDE = 2048
 """Largest Rows or Columns of the SC (banner included)."""
 
@@ -103,19 +100,12 @@ def build_sc(
         photometric_interpretation="YBR_FULL_422",
         bits_allocated=8,
         coordinate_system="PATIENT",
-        series_instance_uid=series_uid(source.StudyInstanceUID, model, "SC"),
-        series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=instance_uid(source.SOPInstanceUID, model, "SC"),
-        instance_number=instance_number(source),
-        manufacturer=MANUFACTURER,
+        **image_result_identity(source, model, "SC"),
         # highdicom wants a biped pair for a PATIENT image; the source's own value (compound,
         # e.g. "FL", or empty) replaces it below.
         patient_orientation=orientation or ("L", "F"),
         transfer_syntax_uid=JPEGBaseline8Bit,
         series_description=describe("SC", model),
-        manufacturer_model_name=model.name,
-        software_versions=model.version,
-        device_serial_number=device_uid(model),
     )
     carry_context(sc, source)  # character set, issuers, study description, as every result has
     # General Image: Patient Orientation is Type 2C (no Image Orientation on an SC); the picture

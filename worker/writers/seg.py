@@ -36,19 +36,16 @@ from training.bundle import ModelIdentity
 from worker.inference.result import ImageFinding
 from worker.writers.common import (
     FINDING_CATEGORY,
-    MANUFACTURER,
     PNEUMOTHORAX,
     algorithm_identification,
     carry_context,
     check_source,
     describe,
-    instance_number,
+    image_result_identity,
     source_header,
     tracking_uid,
 )
-from worker.writers.uids import device_uid, instance_uid, series_uid
 
-SEG_SERIES_NUMBER = 9901
 SEGMENT_NUMBER = 1
 SEGMENT_LABEL = "Pneumothorax"
 SEGMENT_COLOR = CIELabColor(53.24, 80.09, 67.20)  # red
@@ -85,14 +82,7 @@ def build_seg(source: pydicom.Dataset, finding: ImageFinding, model: ModelIdenti
         pixel_array=mask.astype(bool),
         segmentation_type=SegmentationTypeValues.BINARY,
         segment_descriptions=[segment],
-        series_instance_uid=series_uid(source.StudyInstanceUID, model, "SEG"),
-        series_number=SEG_SERIES_NUMBER,
-        sop_instance_uid=instance_uid(source.SOPInstanceUID, model, "SEG"),
-        instance_number=instance_number(source),
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=model.name,
-        software_versions=model.version,
-        device_serial_number=device_uid(model),
+        **image_result_identity(source, model, "SEG"),
         content_label="PNEUMOTHORAX",
         content_description=describe("pneumothorax SEG", model),
         series_description=describe("SEG", model),

@@ -72,6 +72,7 @@ from worker.writers.common import (
     FINDING_CATEGORY,
     MANUFACTURER,
     PNEUMOTHORAX,
+    SERIES_NUMBERS,
     carry_context,
     describe,
     source_header,
@@ -80,7 +81,6 @@ from worker.writers.common import (
 from worker.writers.seg import SEGMENT_NUMBER
 from worker.writers.uids import device_uid, result_uid, series_uid, study_result_uid
 
-SR_SERIES_NUMBER = 9902
 DEVICE_OBSERVER_NAME = "Pleura"
 
 # The classifier's output probability. DCM 111012 "Certainty of Finding" is the concept DICOM's
@@ -228,7 +228,7 @@ def build_sr(
         evidence=headers + skipped_headers + [image.seg for image in analysed if image.seg is not None],
         content=report[0],
         series_instance_uid=series_uid(study_uid, model, "SR"),
-        series_number=SR_SERIES_NUMBER,
+        series_number=SERIES_NUMBERS["SR"],
         sop_instance_uid=sr_instance_uid(study_uid, sop_uids, model),
         instance_number=1,
         manufacturer=MANUFACTURER,
