@@ -76,6 +76,16 @@ class Destination(BaseModel):
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
+class AllowedCaller(BaseModel):
+    """A modality or PACS allowed to send to Pleura: its AE title and, optionally, the addresses it
+    must call from."""
+
+    ae_title: str
+    hosts: list[str] = Field(default_factory=list, description="IP addresses it may call from; empty = any")
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+
 def default_storage_dir() -> Path:
     return Path(user_data_dir("pleura", appauthor=False))
 
@@ -113,6 +123,23 @@ class Settings(BaseSettings):
         default=3600.0, gt=0, description="a study queued this long without a result is dispatched again"
     )
     max_pdu: int = Field(default=0, ge=0, description="maximum PDU size received; 0 = unlimited")
+    allowed_callers: list[AllowedCaller] = Field(
+        default_factory=list,
+        description='JSON list of {"ae_title", "hosts"} allowed to associate; empty = any calling AE',
+    )
+    max_associations: int = Field(
+        default=16, ge=1, le=1000, description="simultaneous associations; more are rejected (transient)"
+    )
+    acse_timeout: float = Field(default=30.0, gt=0, description="seconds to wait for association messages")
+    dimse_timeout: float = Field(default=60.0, gt=0, description="seconds to wait for a DIMSE message")
+    network_timeout: float = Field(
+        default=120.0, gt=0, description="seconds an association may stay silent before it is aborted"
+    )
+    min_free_disk_mb: int = Field(
+        default=1024,
+        ge=0,
+        description="below this free space in the storage dir, associations and C-STOREs are refused (out of resources)",
+    )
     export_retry_seconds: float = Field(
         default=10.0, gt=0, description="first delay before a failed delivery is tried again (doubles each time)"
     )

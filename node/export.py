@@ -39,7 +39,23 @@ DEFAULT_LEASE_SECONDS = 600.0
 
 
 class DeliveryError(RuntimeError):
-    """No association with the destination, or it ended before every file got an answer."""
+    """No association with the destination, or it ended before every file got an answer.
+
+    ``permanent`` is True when the destination refused for good (an association rejected as
+    permanent, e.g. our calling AE title is unknown there): trying again cannot help until someone
+    changes a configuration, so the delivery is marked failed at once.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+# C-STORE failure statuses that a retry of the same object cannot turn into success (PS3.4 B.2.3:
+# "Error: data set does not match SOP class", "Error: cannot understand"), and ours for a SOP class
+# the destination did not accept. "Refused: out of resources" (0xA7xx) is worth retrying.
+def is_permanent_failure(status: int) -> bool:
+    return status == SOP_CLASS_NOT_SUPPORTED or (status & 0xFF00) == 0xA900 or (status & 0xF000) == 0xC000
 
 
 def is_success(status: int) -> bool:
@@ -110,7 +126,13 @@ def send_results(destination: Destination, calling_ae: str, paths: list[Path]) -
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
         if assoc.is_rejected:
-            raise DeliveryError(f"{destination.label} rejected the association (is {calling_ae} a known AE there?)")
+            answer = assoc.acceptor.primitive
+            permanent = getattr(answer, "result", None) == 0x01
+            why = f": {answer.result_str}, {answer.reason_str}" if answer is not None else ""
+            raise DeliveryError(
+                f"{destination.label} rejected the association{why} (is {calling_ae} a known AE there?)",
+                permanent=permanent,
+            )
         raise DeliveryError(f"cannot associate with {destination.label}: connection refused, timed out or aborted")
     statuses: list[int] = []
     try:
@@ -184,25 +206,30 @@ def deliver_outbox_entry(
 
     calling_ae = destination.calling_ae_title or settings.ae_title
     error: str | None = None
+    permanent = False
     try:
         path = store.path(entry.result_key)
         statuses = sender(destination, calling_ae, [path])
         failed = [s for s in statuses if not is_success(s)]
         if failed:
             error = f"{destination.label} answered 0x{failed[0]:04X} ({describe_status(failed[0])})"
+            permanent = is_permanent_failure(failed[0])
     except Exception as exc:  # any failure counts as an attempt, so a row always ends sent or failed
         error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, DeliveryError) else str(exc)
+        permanent = isinstance(exc, DeliveryError) and exc.permanent
 
     if error is None:
         ledger.record_delivery_success(outbox_id, now=now)
         log.info("sent %s %s to %s", entry.result_kind, entry.result_uid, destination.label)
         return DeliveryOutcome(outbox_id, "sent")
 
+    if permanent:
+        error = f"permanent refusal, not retried: {error}"
     view = ledger.record_delivery_failure(
         outbox_id,
         error,
         retry_seconds=settings.export_retry_seconds,
-        max_attempts=destination.max_attempts,
+        max_attempts=1 if permanent else destination.max_attempts,
         now=now,
     )
     if view.status == OutboxStatus.FAILED:
