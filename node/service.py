@@ -107,11 +107,23 @@ class OutboxSweeper(PeriodicTask):
         return overdue
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM when the node dies, however it dies
+    (a SIGKILL leaves no chance to stop children), so a restarted node never finds a stale export
+    worker beside its new one. Elsewhere nothing happens: the node's own stop() remains."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class ExportWorkerProcess:
     """The node-side Celery worker for the export queue, restarted when it dies.
 
     It runs in its own session, so a Ctrl-C meant for the node reaches the node, which then
-    stops the worker (SIGTERM: Celery's warm shutdown, then SIGKILL after `stop_timeout`).
+    stops the worker (SIGTERM: Celery's warm shutdown, then SIGKILL after `stop_timeout`); and it
+    is asked to end when the node dies (see :func:`_die_with_parent`).
     """
 
     def __init__(
@@ -157,7 +169,12 @@ class ExportWorkerProcess:
             output = open(self.log_file, "ab") if self.log_file is not None else None
             try:
                 self._process = subprocess.Popen(
-                    self.command, env=self.env, start_new_session=True, stdout=output, stderr=output
+                    self.command,
+                    env=self.env,
+                    start_new_session=True,
+                    stdout=output,
+                    stderr=output,
+                    preexec_fn=_die_with_parent,
                 )
             finally:
                 if output is not None:

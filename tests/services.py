@@ -56,11 +56,16 @@ class Process:
 class RedisServer:
     def __init__(self, folder: Path):
         self.port = free_port()
+        self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
+        self.start()
+
+    def start(self) -> None:
+        """Start (again, after stop()) on the same port."""
         self.process = Process(
             [find_tool("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(folder)],
-            folder / "redis.log",
+             "--appendonly", "no", "--dir", str(self.folder)],
+            self.folder / "redis.log",
         )
         wait_for(lambda: port_open(self.port), 20, "redis-server to listen")
 

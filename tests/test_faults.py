@@ -1,0 +1,237 @@
+"""Faults the node must survive with nothing acknowledged lost, each against real processes.
+
+`pleura node` killed with SIGKILL in the middle of an association and restarted; a `pleura worker`
+killed in the middle of a task; Redis stopped while the node keeps receiving. After each, every
+instance the node acknowledged is on disk and in the ledger, is analysed, and each of its results
+is delivered to Orthanc once (one outbox row per result and destination, sent).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE
+
+from node.ledger import Ledger
+from services import Orthanc, RedisServer, find_tool, free_port, pleura_process, port_open, wait_for, write_config
+from training.synthetic import synthetic_dicom
+
+RESULT_TIMEOUT = 300
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    server = Orthanc(tmp_path / "orthanc")
+    yield server
+    server.stop()
+
+
+def studies(count: int, images: int, size: int = 256, seed: int = 500) -> list[pydicom.Dataset]:
+    """`count` studies of `images` synthetic radiographs each (the first of each study positive)."""
+    datasets = []
+    for study in range(count):
+        first = None
+        for image in range(images):
+            ds, _ = synthetic_dicom(seed=seed + 100 * study + image, positive=image == 0, size=size)
+            if first is None:
+                first = ds
+            ds.StudyInstanceUID, ds.PatientID, ds.PatientName = first.StudyInstanceUID, first.PatientID, first.PatientName
+            datasets.append(ds)
+    return datasets
+
+
+class Node:
+    """A configuration and the `pleura node` / `pleura worker` processes run on it."""
+
+    def __init__(self, folder: Path, bundle: Path, orthanc: Orthanc, **values: object) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.storage = folder / "storage"
+        self.config = write_config(
+            folder / "pleura.toml",
+            ae_title="PLEURA", host="127.0.0.1", port=self.port, storage_dir=self.storage, model_dir=bundle,
+            device="cpu", settle_seconds=1.0, export_retry_seconds=2.0,
+            destinations=[{"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}],
+            **values,
+        )
+        self.orthanc = orthanc
+        self.node = self.worker = None
+        self.runs = 0
+
+    def start_node(self) -> None:
+        self.runs += 1
+        self.node = pleura_process("node", self.config, self.folder / f"node-{self.runs}.log")
+        wait_for(lambda: port_open(self.port) or not self.node.alive(), 60, "pleura node to listen")
+        assert self.node.alive(), self.node.output()
+
+    def start_worker(self) -> None:
+        self.runs += 1
+        self.worker = pleura_process("worker", self.config, self.folder / f"worker-{self.runs}.log")
+
+    def ledger(self) -> Ledger:
+        return Ledger(f"sqlite:///{self.storage / 'ledger.sqlite'}")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(self.folder.glob("*.log")))
+
+    def stop(self) -> None:
+        for process in (self.worker, self.node):
+            if process is not None:
+                process.stop()
+
+
+def send(port: int, datasets: list[pydicom.Dataset], acknowledged: list[str], pause: float = 0.0) -> None:
+    """C-STORE each data set in one association, recording the SOP Instance UIDs answered 0x0000;
+    stops at the first that gets no answer (the association is gone)."""
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(pydicom.uid.DigitalXRayImageStorageForPresentation, pydicom.uid.ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PLEURA")
+    if not assoc.is_established:
+        return
+    try:
+        for ds in datasets:
+            if not assoc.is_established:
+                return
+            status = assoc.send_c_store(ds)
+            if "Status" not in status:
+                return
+            if status.Status == 0x0000:
+                acknowledged.append(str(ds.SOPInstanceUID))
+            time.sleep(pause)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def processes_with(marker: str, storage: Path) -> list[int]:
+    """Pids whose command line contains `marker` and whose environment names `storage`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in cmdline and str(storage).encode() in environ:
+            found.append(int(entry.name))
+    return found
+
+
+def assert_everything_delivered_once(pleura: Node, datasets: list[pydicom.Dataset]) -> None:
+    """Every instance analysed; every study delivered; one sent outbox row per result, nothing else
+    at the PACS."""
+    ledger = pleura.ledger()
+    study_uids = {str(ds.StudyInstanceUID) for ds in datasets}
+
+    def delivered() -> bool:
+        statuses = [(ledger.study_status(uid) or {}).get("status") for uid in study_uids]
+        assert "failed" not in statuses and "delivery_failed" not in statuses, (statuses, pleura.logs())
+        return all(status == "delivered" for status in statuses)
+
+    try:
+        wait_for(delivered, RESULT_TIMEOUT, "every study delivered", interval=1.0)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{pleura.logs()}") from None
+    results = 0
+    for uid in study_uids:
+        for instance in ledger.list_instances(uid):
+            assert instance.analysis_status == "analysed", instance
+            assert (pleura.storage / instance.storage_key).is_file()
+        rows = ledger.list_outbox(uid)
+        study_results = ledger.list_results(uid)
+        assert sorted(row.result_uid for row in rows) == sorted(r.sop_instance_uid for r in study_results)
+        assert all(row.status == "sent" for row in rows)
+        results += len(study_results)
+    instances = {str(ds.SOPInstanceUID) for ds in datasets}
+    assert {i.sop_instance_uid for uid in study_uids for i in ledger.list_instances(uid)} == instances
+    at_pacs = [t for t in pleura.orthanc.instances() if t.get("StudyInstanceUID") in study_uids]
+    assert len(at_pacs) == results  # each result once (Orthanc keeps one copy per SOP Instance UID)
+    ledger.close()
+
+
+def test_a_node_killed_mid_association_loses_nothing_it_acknowledged(tmp_path, demo_bundle, orthanc):
+    datasets = studies(3, 4)
+    pleura = Node(tmp_path, demo_bundle, orthanc)
+    try:
+        pleura.start_node()
+        pleura.start_worker()
+        acknowledged: list[str] = []
+        sender = threading.Thread(target=send, args=(pleura.port, datasets, acknowledged, 0.3))
+        sender.start()
+        wait_for(lambda: len(acknowledged) >= 5, 60, "five instances acknowledged")
+        os.kill(pleura.node.proc.pid, signal.SIGKILL)
+        sender.join(60)
+        assert 5 <= len(acknowledged) < len(datasets)
+        # Its export worker goes with it: a restarted node never has two.
+        wait_for(lambda: not processes_with("node.celery_entry", pleura.storage), 20, "the export worker to end")
+
+        # Everything acknowledged is on disk and in the ledger, before any restart.
+        ledger = pleura.ledger()
+        for uid in acknowledged:
+            assert ledger.has_instance(uid)
+        for study in {str(ds.StudyInstanceUID) for ds in datasets}:
+            for instance in ledger.list_instances(study):
+                assert (pleura.storage / instance.storage_key).is_file()
+        ledger.close()
+
+        pleura.start_node()
+        # The modality sends again what was not acknowledged (and, to be sure, one that was).
+        unacknowledged = [ds for ds in datasets if str(ds.SOPInstanceUID) not in acknowledged]
+        again: list[str] = []
+        send(pleura.port, unacknowledged + [datasets[0]], again)
+        assert len(again) == len(unacknowledged) + 1
+        assert_everything_delivered_once(pleura, datasets)
+        assert len(processes_with("node.celery_entry", pleura.storage)) == 1
+    finally:
+        pleura.stop()
+
+
+def test_a_worker_killed_mid_task_is_replaced_and_the_results_arrive_once(tmp_path, demo_bundle, orthanc):
+    datasets = studies(1, 6, size=512, seed=700)
+    pleura = Node(tmp_path, demo_bundle, orthanc, analysis_timeout_seconds=8.0)
+    try:
+        pleura.start_node()
+        pleura.start_worker()
+        acknowledged: list[str] = []
+        send(pleura.port, datasets, acknowledged)
+        assert len(acknowledged) == len(datasets)
+        first_worker = pleura.worker
+        wait_for(lambda: "pleura.analyse_study" in first_worker.output() and " received" in first_worker.output(),
+                 120, "the worker to take the task")
+        os.killpg(first_worker.proc.pid, signal.SIGKILL)
+        first_worker.proc.wait(10)
+        pleura.start_worker()
+        assert_everything_delivered_once(pleura, datasets)
+    finally:
+        pleura.stop()
+
+
+def test_the_node_keeps_receiving_while_redis_is_down(tmp_path, demo_bundle, orthanc):
+    redis = RedisServer(tmp_path / "redis")
+    datasets = studies(2, 2, seed=900)
+    pleura = Node(tmp_path, demo_bundle, orthanc, broker_url=redis.url)
+    try:
+        pleura.start_node()
+        pleura.start_worker()
+        redis.stop()
+        acknowledged: list[str] = []
+        send(pleura.port, datasets, acknowledged)
+        assert len(acknowledged) == len(datasets)  # stored and recorded without the broker
+        time.sleep(5)  # several settle periods: dispatch fails and is tried again
+        ledger = pleura.ledger()
+        statuses = {(ledger.study_status(str(ds.StudyInstanceUID)) or {}).get("status") for ds in datasets}
+        assert statuses == {"receiving"}  # nothing marked queued that the broker never took
+        ledger.close()
+        redis.start()
+        assert_everything_delivered_once(pleura, datasets)
+    finally:
+        pleura.stop()
+        redis.stop()
