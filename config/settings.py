@@ -58,6 +58,10 @@ class Destination(BaseModel):
         default=None, description="AE title Pleura calls itself on this association; default: PLEURA_AE_TITLE"
     )
     max_attempts: int = Field(default=10, ge=1, description="delivery attempts before a result is marked failed")
+    tls: bool = Field(default=False, description="DICOM TLS to this destination")
+    tls_ca_file: Path | None = Field(
+        default=None, description="CA bundle that signs the destination's certificate; unset = the system's"
+    )
     objects: list[ResultObject] = Field(
         default_factory=lambda: list(RESULT_OBJECTS),
         min_length=1,
@@ -135,6 +139,13 @@ class Settings(BaseSettings):
     network_timeout: float = Field(
         default=120.0, gt=0, description="seconds an association may stay silent before it is aborted"
     )
+    tls_cert_file: Path | None = Field(
+        default=None, description="PEM certificate of the node: the SCP listens with DICOM TLS when set (with the key)"
+    )
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file")
+    tls_ca_file: Path | None = Field(
+        default=None, description="CA bundle: callers must present a certificate it signed (mutual TLS) when set"
+    )
     min_free_disk_mb: int = Field(
         default=1024,
         ge=0,
@@ -167,6 +178,20 @@ class Settings(BaseSettings):
         if value is not None and "://" not in value:
             raise ValueError("must be a URL such as redis://localhost:6379/0 (or unset for the embedded broker)")
         return value
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> "Settings":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file (PLEURA_TLS_CERT_FILE, PLEURA_TLS_KEY_FILE) go together")
+        for name in ("tls_cert_file", "tls_key_file", "tls_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).expanduser().is_file():
+                raise ValueError(f"{name} (PLEURA_{name.upper()}): {path} is not a file")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
     @model_validator(mode="after")
     def _absolute_paths(self) -> "Settings":

@@ -7,6 +7,7 @@ one outbox row: it records the outcome in the ledger and says when to try again.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +28,7 @@ from pynetdicom.status import (
 from config.settings import Destination, Settings
 from node.ledger import Ledger, OutboxStatus, utcnow
 from node.storage import InstanceStore
+from node.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +107,11 @@ def requested_contexts(files: Sequence[tuple[UID, UID]]) -> list[PresentationCon
     return [build_context(sop_class, syntaxes) for sop_class, syntaxes in by_class.items()]
 
 
-def send_results(destination: Destination, calling_ae: str, paths: list[Path]) -> list[int]:
-    """C-STORE each file to `destination` in one association; returns one status per file.
+def send_results(
+    destination: Destination, calling_ae: str, paths: list[Path], tls: ssl.SSLContext | None = None
+) -> list[int]:
+    """C-STORE each file to `destination` in one association (over TLS with `tls`); returns one
+    status per file.
 
     A file whose SOP class the destination did not accept gets :data:`SOP_CLASS_NOT_SUPPORTED`
     without being sent. Raises :class:`DeliveryError` when no association can be made or it ends
@@ -123,7 +128,8 @@ def send_results(destination: Destination, calling_ae: str, paths: list[Path]) -
     ae.network_timeout = 60
     ae.requested_contexts = requested_contexts(identities)
 
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = (tls, destination.host) if tls is not None else None
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         if assoc.is_rejected:
             answer = assoc.acceptor.primitive
@@ -184,7 +190,7 @@ def deliver_outbox_entry(
     *,
     now: datetime | None = None,
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
-    sender: Callable[[Destination, str, list[Path]], list[int]] = send_results,
+    sender: Callable[..., list[int]] = send_results,
 ) -> DeliveryOutcome:
     """Try one outbox row once and record the outcome.
 
@@ -209,7 +215,7 @@ def deliver_outbox_entry(
     permanent = False
     try:
         path = store.path(entry.result_key)
-        statuses = sender(destination, calling_ae, [path])
+        statuses = sender(destination, calling_ae, [path], client_context(settings, destination))
         failed = [s for s in statuses if not is_success(s)]
         if failed:
             error = f"{destination.label} answered 0x{failed[0]:04X} ({describe_status(failed[0])})"

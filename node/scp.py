@@ -44,6 +44,7 @@ from config.settings import Settings
 from node.admission import Admission, NodeAE
 from node.ledger import Ledger
 from node.storage import InstanceStore, InvalidUIDError, validate_uid
+from node.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ class StorageSCP:
             self._server = self.ae.start_server(
                 (self.settings.host, self.settings.port),
                 block=False,
+                ssl_context=server_context(self.settings),
                 evt_handlers=[(evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, self.handle_echo)],
             )
         except OSError as exc:
@@ -148,7 +150,13 @@ class StorageSCP:
                 f"cannot listen on {self.settings.host}:{self.settings.port} "
                 f"(PLEURA_HOST / PLEURA_PORT): {exc.strerror or exc}"
             ) from exc
-        log.info("DICOM SCP %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.settings.port)
+        log.info(
+            "DICOM SCP %s listening on %s:%d%s",
+            self.settings.ae_title,
+            self.settings.host,
+            self.settings.port,
+            " (DICOM TLS)" if self.settings.tls else "",
+        )
 
     def stop(self) -> None:
         if self._server is not None:
