@@ -27,6 +27,8 @@ from pynetdicom.status import (
 
 from config.settings import Destination, Settings
 from node.ledger import Ledger, OutboxStatus, utcnow
+from node.audit import AuditTrail
+from node.privacy import ref
 from node.storage import InstanceStore
 from node.tls import client_context
 
@@ -226,7 +228,11 @@ def deliver_outbox_entry(
 
     if error is None:
         ledger.record_delivery_success(outbox_id, now=now)
-        log.info("sent %s %s to %s", entry.result_kind, entry.result_uid, destination.label)
+        log.info("sent %s %s to %s", entry.result_kind, ref(entry.result_uid), destination.label)
+        AuditTrail(settings.storage_dir).record(
+            "result-sent", destination=destination.label, kind=entry.result_kind, study_uid=entry.study_uid,
+            sop_instance_uid=entry.result_uid, calling_ae=calling_ae,
+        )
         return DeliveryOutcome(outbox_id, "sent")
 
     if permanent:
@@ -242,7 +248,7 @@ def deliver_outbox_entry(
         log.error(
             "giving up sending %s %s to %s after %d attempts: %s",
             entry.result_kind,
-            entry.result_uid,
+            ref(entry.result_uid),
             destination.label,
             view.attempts,
             error,
@@ -253,7 +259,7 @@ def deliver_outbox_entry(
     log.warning(
         "sending %s %s to %s failed (attempt %d of %d), next try in %.0f s: %s",
         entry.result_kind,
-        entry.result_uid,
+        ref(entry.result_uid),
         destination.label,
         view.attempts,
         destination.max_attempts,

@@ -42,6 +42,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from node.privacy import ref
+
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -486,7 +488,7 @@ class Ledger:
                         study.patient_id = study.patient_id or patient_id or None
                         study.accession_number = study.accession_number or accession_number or None
                         if study.status != StudyStatus.RECEIVING:
-                            log.info("study %s reopened by a new instance (was %s)", study_uid, study.status)
+                            log.info("study %s reopened by a new instance (was %s)", ref(study_uid), study.status)
                             study.status = StudyStatus.RECEIVING.value
                     session.add(
                         Instance(
@@ -613,8 +615,8 @@ class Ledger:
                 if row is None:
                     log.warning(
                         "analysis summary of study %s names instance %s, which is not in that study; ignored",
-                        study_uid,
-                        image["sop_instance_uid"],
+                        ref(study_uid),
+                        ref(image["sop_instance_uid"]),
                     )
                     continue
                 row.analysis_status = image["status"]

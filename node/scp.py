@@ -42,7 +42,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from config.settings import Settings
 from node.admission import Admission, NodeAE
+from node.audit import AuditTrail
 from node.ledger import Ledger
+from node.privacy import ref
 from node.storage import InstanceStore, InvalidUIDError, validate_uid
 from node.tls import server_context
 
@@ -127,6 +129,7 @@ class StorageSCP:
         self.ledger = ledger
         self.store = store
         self.admission = admission or Admission(settings)
+        self.audit = AuditTrail(settings.storage_dir)
         self.ae = build_ae(settings, self.admission)
         self._server: ThreadedAssociationServer | None = None
 
@@ -143,7 +146,12 @@ class StorageSCP:
                 (self.settings.host, self.settings.port),
                 block=False,
                 ssl_context=server_context(self.settings),
-                evt_handlers=[(evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, self.handle_echo)],
+                evt_handlers=[
+                    (evt.EVT_C_STORE, self.handle_store),
+                    (evt.EVT_C_ECHO, self.handle_echo),
+                    (evt.EVT_ESTABLISHED, self._audit_association),
+                    (evt.EVT_REJECTED, self._audit_association),
+                ],
             )
         except OSError as exc:
             raise OSError(
@@ -164,6 +172,15 @@ class StorageSCP:
             self._server = None
             log.info("DICOM SCP stopped")
 
+    def _audit_association(self, event: Event) -> None:
+        requestor = event.assoc.requestor
+        self.audit.record(
+            "association-accepted" if event.event is evt.EVT_ESTABLISHED else "association-rejected",
+            calling_ae=requestor.ae_title.strip(),
+            address=requestor.address,
+            tls=self.settings.tls,
+        )
+
     def handle_echo(self, event: Event) -> int:
         log.debug("C-ECHO from %s", event.assoc.requestor.ae_title)
         return SUCCESS
@@ -183,29 +200,51 @@ class StorageSCP:
         sop_uid = identity["sop_instance_uid"]
         try:
             if self.ledger.has_instance(sop_uid):
-                log.info("instance %s from %s already received; not stored again", sop_uid, calling_ae)
+                log.info("instance %s from %s already received; not stored again", ref(sop_uid), calling_ae)
+                self._audit_instance(event, "instance-repeated", identity, SUCCESS)
                 return _status(SUCCESS)
             full = self.admission.disk_refusal()
             if full is not None:
-                log.error("refusing instance %s from %s: %s", sop_uid, calling_ae, full)
+                log.error("refusing instance %s from %s: %s", ref(sop_uid), calling_ae, full)
+                self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, full)
                 return _status(OUT_OF_RESOURCES, "disk nearly full; try again later")
             key = self.store.write_instance(identity["study_uid"], identity["series_instance_uid"], sop_uid, data)
             created = self.ledger.record_instance(storage_key=key, calling_ae=calling_ae, **identity)
         except (OSError, SQLAlchemyError) as exc:
-            log.error("cannot store instance %s from %s: %s", sop_uid, calling_ae, exc)
+            log.error("cannot store instance %s from %s: %s", ref(sop_uid), calling_ae, exc)
+            self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, str(exc))
             return _status(OUT_OF_RESOURCES, "storage or ledger unavailable; try again")
-        except Exception:
+        except Exception as exc:
             # Not stored, so the sender must keep it: answer a status it retries on.
-            log.exception("unexpected error storing instance %s from %s", sop_uid, calling_ae)
+            log.exception("unexpected error storing instance %s from %s", ref(sop_uid), calling_ae)
+            self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, repr(exc))
             return _status(OUT_OF_RESOURCES, "internal error; try again")
         log.info(
             "stored instance %s of study %s from %s%s",
-            sop_uid,
-            identity["study_uid"],
+            ref(sop_uid),
+            ref(identity["study_uid"]),
             calling_ae,
             "" if created else " (already recorded)",
         )
+        self._audit_instance(event, "instance-stored", identity, SUCCESS)
         return _status(SUCCESS)
+
+    def _audit_instance(
+        self, event: Event, what: str, identity: dict[str, Any] | None, status: int, reason: str | None = None
+    ) -> None:
+        identity = identity or {}
+        self.audit.record(
+            what,
+            calling_ae=event.assoc.requestor.ae_title.strip(),
+            address=event.assoc.requestor.address,
+            study_uid=identity.get("study_uid"),
+            sop_instance_uid=identity.get("sop_instance_uid") or str(
+                cast(C_STORE, event.request).AffectedSOPInstanceUID or ""
+            ),
+            sop_class_uid=str(event.context.abstract_syntax),
+            status=f"0x{status:04X}",
+            reason=reason,
+        )
 
     def _identify(self, event: Event, data: bytes) -> dict[str, Any]:
         """The UIDs and identifiers the ledger needs, read without decoding the pixel data."""
@@ -263,6 +302,9 @@ class StorageSCP:
         except OSError as exc:
             # Not kept here, so the sender must keep it: answer a status it retries on.
             log.error("cannot quarantine a rejected instance from %s: %s", calling_ae, exc)
+            self._audit_instance(event, "instance-refused", None, OUT_OF_RESOURCES, "cannot quarantine")
             return _status(OUT_OF_RESOURCES, "cannot keep the rejected data set; try again")
-        log.warning("rejected an instance from %s (%s); kept in %s", calling_ae, rejected.reason, path)
+        # The reason may quote UIDs: the log names the quarantine file, which holds it.
+        log.warning("rejected an instance from %s with status 0x%04X; kept in %s", calling_ae, rejected.status, path)
+        self._audit_instance(event, "instance-refused", None, rejected.status, f"{rejected.reason} (kept in {path.name})")
         return _status(rejected.status, rejected.reason)

@@ -12,6 +12,7 @@ from datetime import datetime
 from node.dispatch import Dispatcher
 from node.ledger import DueStudy, Ledger, utcnow
 from node.periodic import PeriodicTask
+from node.privacy import ref
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class SettleLoop(PeriodicTask):
             for study_uid in self.ledger.requeue_stale(self.analysis_timeout_seconds, now=now):
                 log.warning(
                     "study %s was queued for over %.0f s without a result; dispatching it again",
-                    study_uid,
+                    ref(study_uid),
                     self.analysis_timeout_seconds,
                 )
         for study in due_studies(self.ledger, self.settle_seconds, now):
@@ -71,8 +72,8 @@ class SettleLoop(PeriodicTask):
                 self.ledger.mark_queued(study.study_uid, sop_uids, task_id=task_id, now=now)
             except Exception as exc:
                 # Sent but not recorded: the study is sent again next round (the task is idempotent).
-                log.warning("study %s dispatched but the ledger could not record it: %s", study.study_uid, exc)
+                log.warning("study %s dispatched but the ledger could not record it: %s", ref(study.study_uid), exc)
                 break
-            log.info("study %s dispatched with %d instance(s), task %s", study.study_uid, len(sop_uids), task_id)
+            log.info("study %s dispatched with %d instance(s), task %s", ref(study.study_uid), len(sop_uids), task_id)
             dispatched.append(study.study_uid)
         return dispatched

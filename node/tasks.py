@@ -18,6 +18,7 @@ from sqlalchemy.exc import OperationalError
 from config.settings import Settings
 from node.export import deliver_outbox_entry
 from node.ledger import Ledger
+from node.privacy import ref
 from node.storage import InstanceStore
 from worker.celery_app import DELIVER_RESULT, RECORD_ANALYSIS
 
@@ -81,12 +82,13 @@ def register_node_tasks(app: Celery) -> NodeTasks:
         study = context.ledger.study_status(study_uid)
         log.info(
             "recorded analysis of study %s: %s, %d result(s), %d delivery(ies) enqueued",
-            study_uid,
+            ref(study_uid),
             study["status"] if study else "?",
             len(result_uids),
             len(pending),
         )
-        return {"study_uid": study_uid, "results": result_uids, "outbox_ids": pending}
+        # Celery logs what a task returns: references, not UIDs (see node/privacy.py).
+        return {"study": ref(study_uid), "results": len(result_uids), "outbox_ids": pending}
 
     @app.task(name=DELIVER_RESULT, bind=True, max_retries=None)
     def deliver_result(self: Task, outbox_id: int) -> dict[str, Any]:

@@ -211,6 +211,12 @@ def test_redis_path_real_radiograph_and_synthetic_to_orthanc(tmp_path, demo_bund
         assert real_status["model_name"] == "pleura-demo" and real_status["synthetic_model"] is True
         assert 0.0 <= real_status["probability"] <= 1.0
         assert real_status["area_cm2"] is None  # RG1 carries Pixel Spacing 0\0: no physical size
+
+        # The processes' logs name no patient, study or instance (node/privacy.py).
+        logs = pleura.node.output() + pleura.worker.output()
+        for ds in (real, synth):
+            for identifying in (ds.StudyInstanceUID, ds.SOPInstanceUID, ds.PatientID, str(ds.PatientName)):
+                assert identifying not in logs, identifying
     finally:
         pleura.stop()
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from celery import Celery, Task
 
+from node.privacy import ref
 from worker.celery_app import ANALYSE_STUDY, RECORD_ANALYSIS
 
 log = logging.getLogger(__name__)
@@ -59,4 +60,5 @@ def register_worker_tasks(app: Celery) -> None:
             # The broker is unreachable: analyse again later (idempotent) rather than lose the
             # summary. Should every retry fail, the node dispatches the study again in time.
             raise self.retry(exc=exc, countdown=30, max_retries=MAX_RETRIES + 10) from exc
-        return {"study_uid": study_uid, "flagged": summary["flagged"], "results": len(summary["results"])}
+        # Celery logs what a task returns: references, not UIDs (see node/privacy.py).
+        return {"study": ref(study_uid), "flagged": summary["flagged"], "results": len(summary["results"])}

@@ -1,0 +1,81 @@
+"""The audit trail says who sent what, who was refused and what was sent where; the logs name no
+patient, study or instance (only hashed references)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+import dicom_peers
+from node.audit import AuditTrail
+from node.export import deliver_outbox_entry
+from node.ledger import Ledger
+from node.privacy import ref
+from node.storage import InstanceStore
+from test_node_admission import echo, start_node
+from test_node_export import STUDY, PickyPACS, analysed_study, summary
+from test_node_scp import crafted_cr, pynetdicom_store
+from config.settings import Destination, Settings
+
+
+def test_receiving_is_audited_and_logged_without_identifiers(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="node")
+    scp, settings, ledger = start_node(tmp_path, allowed_callers=[{"ae_title": "CRAFTED"}, {"ae_title": "ECHOSCU"}])
+    try:
+        instance = crafted_cr(PatientID="MRN-778899", PatientName="Doe^Jane", AccessionNumber="ACC-4455")
+        assert pynetdicom_store(settings.port, instance).Status == 0x0000
+        assert pynetdicom_store(settings.port, instance).Status == 0x0000  # sent again
+        refused = crafted_cr(StudyInstanceUID=None, PatientID="MRN-778899")
+        assert 0xC000 <= pynetdicom_store(settings.port, refused).Status <= 0xCFFF
+        assert not echo(settings.port, "STRANGER")
+    finally:
+        scp.stop()
+        ledger.close()
+
+    events = AuditTrail(settings.storage_dir).events()
+    kinds = [e["event"] for e in events]
+    assert kinds.count("association-accepted") == 3 and "association-rejected" in kinds
+    [rejected] = [e for e in events if e["event"] == "association-rejected"]
+    assert (rejected["calling_ae"], rejected["address"]) == ("STRANGER", "127.0.0.1")
+    [stored] = [e for e in events if e["event"] == "instance-stored"]
+    assert (stored["calling_ae"], stored["address"], stored["status"]) == ("CRAFTED", "127.0.0.1", "0x0000")
+    assert (stored["study_uid"], stored["sop_instance_uid"]) == (instance.StudyInstanceUID, instance.SOPInstanceUID)
+    assert [e["sop_instance_uid"] for e in events if e["event"] == "instance-repeated"] == [instance.SOPInstanceUID]
+    [refusal] = [e for e in events if e["event"] == "instance-refused"]
+    assert refusal["status"] == "0xC000" and "Study Instance UID" in refusal["reason"]
+
+    text = caplog.text
+    assert "stored instance" in text and ref(instance.SOPInstanceUID) in text
+    for identifying in (instance.SOPInstanceUID, instance.StudyInstanceUID, refused.SOPInstanceUID, "MRN-778899",
+                        "Doe^Jane", "ACC-4455"):
+        assert identifying not in text, identifying
+
+
+def test_deliveries_are_audited(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="node")
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    pacs = PickyPACS()
+    try:
+        destination = Destination(ae_title="PACS", host="127.0.0.1", port=pacs.port)
+        settings = Settings(storage_dir=storage, destinations=[destination])
+        ledger = Ledger(settings.ledger_url)
+        results = analysed_study(ledger, storage)
+        ledger.record_analysis(summary(results[:1]))
+        [outbox_id] = ledger.create_outbox(STUDY, [destination.label])
+        assert deliver_outbox_entry(ledger, InstanceStore(storage), settings, outbox_id).state == "sent"
+        ledger.close()
+    finally:
+        pacs.stop()
+    [sent] = [e for e in AuditTrail(storage).events() if e["event"] == "result-sent"]
+    assert sent["destination"] == destination.label and sent["sop_instance_uid"] == results[0]["sop_instance_uid"]
+    assert sent["study_uid"] == STUDY and sent["calling_ae"] == "PLEURA"
+    assert results[0]["sop_instance_uid"] not in caplog.text and ref(results[0]["sop_instance_uid"]) in caplog.text
+
+
+def test_ref_is_short_stable_and_one_way() -> None:
+    assert ref("1.2.3") == ref("1.2.3") != ref("1.2.4")
+    assert len(ref("1.2.3")) == 13 and "1.2.3" not in ref("1.2.3")
+    assert ref(None) == "#-"
