@@ -142,3 +142,18 @@ def test_one_image_whose_results_cannot_be_written_fails_alone(analyser, monkeyp
     comments = [i.TextValue for i in pydicom.dcmread(analyser.storage_dir / report["key"]).ContentSequence
                 if i.ValueType == "TEXT"]
     assert any(first.SOPInstanceUID in c and "cannot encode this mask" in c for c in comments)
+
+
+def test_pixel_data_that_does_not_match_its_header_is_reported_not_analysed(analyser):
+    """The node stores such an instance (it never decodes pixel data on receipt); the analysis
+    says why it could not read it, and the report says so too."""
+    broken, _ = synthetic_dicom(seed=83, positive=True, size=256)
+    broken.PixelData = broken.PixelData[: len(broken.PixelData) // 3]  # fewer bytes than rows x columns x bits
+    items = [_store(analyser, broken.SOPInstanceUID, lambda p: broken.save_as(p, enforce_file_format=True))]
+    summary = analyser.analyse(broken.StudyInstanceUID, items)
+    [image] = summary["images"]
+    assert image["status"] == "not_analysed" and image["reason"].startswith("unreadable image")
+    [report] = summary["results"]
+    comments = [i.TextValue for i in pydicom.dcmread(analyser.storage_dir / report["key"]).ContentSequence
+                if i.ValueType == "TEXT"]
+    assert any("not analysed: unreadable image" in c for c in comments)
