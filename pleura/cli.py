@@ -235,6 +235,7 @@ def dataset_synthetic(
     positive_fraction: float = typer.Option(0.5, help="share of images with a synthetic pneumothorax"),
     images_per_patient: int = typer.Option(1, help="images per synthetic patient"),
     split_masks: bool = typer.Option(False, help="write each mask as two RLE rows"),
+    jpeg: bool = typer.Option(False, help="store 8-bit JPEG Baseline, as the SIIM-ACR files are"),
     seed: int = typer.Option(0),
 ) -> None:
     """Generate SYNTHETIC radiographs in the SIIM-ACR layout (for tests and demos; no patient data)."""
@@ -247,7 +248,7 @@ def dataset_synthetic(
         write_siim_dataset(
             out, n, size=size, positive_fraction=positive_fraction, seed=seed,
             on_image=lambda done: bar.update(task, completed=done),
-            images_per_patient=images_per_patient, split_masks=split_masks,
+            images_per_patient=images_per_patient, split_masks=split_masks, jpeg=jpeg,
         )
     console.print(f"[green]written[/] {out}: {n} SYNTHETIC images (not patients), SIIM-ACR layout")
 

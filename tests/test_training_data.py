@@ -207,3 +207,18 @@ def test_chestxray14_bad_input(tmp_path: Path):
     _write_rows(label_file, [["Image Index", "Labels"]] + rows[1:])
     with pytest.raises(DatasetError, match=r"row 1: missing column\(s\) Finding Labels, Patient ID"):
         read_cxr14(root)
+
+
+def test_jpeg_baseline_layout_reads_like_the_real_set(tmp_path: Path):
+    from training.synthetic import write_siim_dataset
+
+    plain = read_siim(write_siim_dataset(tmp_path / "plain", 3, size=64, seed=5))
+    jpeg = read_siim(write_siim_dataset(tmp_path / "jpeg", 3, size=64, seed=5, jpeg=True))
+    assert [e.image_id for e in jpeg.examples] == [e.image_id for e in plain.examples]
+    recipe = Preprocessing(input_size=32)
+    for lossy, exact in zip(jpeg.examples, plain.examples):
+        ds = pydicom.dcmread(lossy.path)
+        assert ds.file_meta.TransferSyntaxUID == pydicom.uid.JPEGBaseline8Bit and ds.BitsStored == 8
+        assert np.array_equal(lossy.mask(), exact.mask())
+        difference = decode_example(lossy, recipe) - decode_example(exact, recipe)
+        assert np.abs(difference).mean() < 0.02

@@ -44,6 +44,7 @@ __all__ = [
     "synthetic_chest_image",
     "radiograph_dataset",
     "synthetic_dicom",
+    "to_jpeg_baseline",
     "write_siim_dataset",
 ]
 
@@ -430,6 +431,32 @@ def synthetic_dicom(
     return ds, mask
 
 
+def to_jpeg_baseline(ds: Dataset, quality: int = 95) -> Dataset:
+    """``ds`` re-encoded as the SIIM-ACR files are: 8-bit MONOCHROME2, JPEG Baseline (lossy), in place.
+
+    The stored values are scaled to 8 bits by the image's bit depth; the window follows.
+    """
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    pixels = ds.pixel_array.astype(np.uint32)
+    eight = (pixels >> max(int(ds.BitsStored) - 8, 0)).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(eight, mode="L").save(buffer, format="JPEG", quality=quality)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.WindowCenter, ds.WindowWidth = 128, 256
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionMethod = "ISO_10918_1"
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    return ds
+
+
 def _mask_parts(mask: np.ndarray) -> list[np.ndarray]:
     """A mask as its upper and lower part (one part when it spans a single row or is empty)."""
     rows = np.flatnonzero(mask.any(axis=1))
@@ -452,6 +479,7 @@ def write_siim_dataset(
     *,
     images_per_patient: int = 1,
     split_masks: bool = False,
+    jpeg: bool = False,
 ) -> Path:
     """Write ``n`` synthetic images in the SIIM-ACR Pneumothorax layout and return ``out_dir``.
 
@@ -463,6 +491,7 @@ def write_siim_dataset(
     ``images_per_patient`` > 1 gives consecutive images one synthetic patient (PatientID
     ``SYN-P<k>``), for patient-level splits. ``split_masks`` writes each positive mask as two rows
     (its upper and lower part), as the real set does for an image with several pneumothoraces.
+    ``jpeg`` stores the images as the real set does: 8-bit JPEG Baseline (:func:`to_jpeg_baseline`).
     """
     if images_per_patient < 1:
         raise ValueError(f"write_siim_dataset: images_per_patient must be at least 1, got {images_per_patient}")
@@ -482,6 +511,8 @@ def write_siim_dataset(
         ds, mask = synthetic_dicom(int(image_seeds[index]), index in positives, size, patient_id=patient)
         target = images_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
         target.parent.mkdir(parents=True, exist_ok=True)
+        if jpeg:
+            to_jpeg_baseline(ds)
         ds.save_as(target, enforce_file_format=True)
         for part in _mask_parts(mask) if split_masks else [mask]:
             rows.append((str(ds.SOPInstanceUID), " " + rle_encode(part)))
