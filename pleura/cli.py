@@ -304,6 +304,9 @@ def train(
     skip_bad: bool = SkipBadOption,
     name: Optional[str] = typer.Option(None, help="bundle name (default: pleura-PRESET)"),
     version: Optional[str] = typer.Option(None, help="bundle version (default: a UTC timestamp)"),
+    intended_use: Optional[str] = typer.Option(
+        None, help="the bundle's intended-use line (a bundle with any synthetic part always says SYNTHETIC DEMO MODEL)"
+    ),
     config: Optional[Path] = ConfigOption,
     list_presets: bool = typer.Option(
         False, "--list-presets", callback=_list_presets, is_eager=True, help="list the presets and exit"
@@ -339,7 +342,8 @@ def train(
     try:
         result = run_training(
             preset, index, out, base=base_bundle, split_file=split_file, fractions=_fractions(split), device=device,
-            resume=resume, cache_root=cache_dir, skip_bad=skip_bad, name=name, version=version, console=console,
+            resume=resume, cache_root=cache_dir, skip_bad=skip_bad, name=name, version=version,
+            intended_use=intended_use, console=console,
         )
     except (TrainingError, DatasetError, BundleError, ValueError) as exc:
         console.print(f"[bold red]Training error[/]: {exc}")

@@ -134,6 +134,30 @@ def test_trained_unet_with_its_own_grid_and_clahe_runs_unchanged_in_the_worker(
         assert np.mean(finding.mask != expected) < 1e-3
 
 
+def test_a_bundle_is_a_synthetic_demo_while_any_network_is(
+    synthetic_siim: Path, tiny_base_bundle: Path, tmp_path: Path, monkeypatch
+):
+    """Classifier on "real" data with the demo's U-Net: demo; then a real U-Net beside it: not a demo."""
+    import training.trainer
+
+    monkeypatch.setattr(training.trainer, "_is_synthetic", lambda examples: False)  # pretend: patient data
+    data = read_siim(synthetic_siim)
+    common = dict(cache_root=tmp_path / "cache", device="cpu", progress=False)
+    first = train(_tiny("cls-cbr-baseline", epochs=1), data, tmp_path / "cls", base=load_bundle(tiny_base_bundle), **common)
+    assert first.bundle.manifest.synthetic_demo  # its U-Net is the synthetic base's
+    assert first.bundle.manifest.segmenter.training["synthetic"] is True
+    assert first.bundle.manifest.classifier.training["synthetic"] is False
+    second = train(
+        _tiny("seg-unet-resnet18", epochs=1), data, tmp_path / "seg", base=first.bundle,
+        split_file=tmp_path / "cls" / "splits.csv", intended_use="Research use only", **common,
+    )
+    manifest = second.bundle.manifest
+    assert not manifest.synthetic_demo and manifest.intended_use == "Research use only"
+    assert manifest.classifier.training["preset"] == "cls-cbr-baseline"
+    assert manifest.segmenter.training["preset"] == "seg-unet-resnet18"
+    assert second.bundle.identity.label == f"{manifest.name} {manifest.version}"
+
+
 def test_resume_continues_exactly_and_early_stopping_stops(synthetic_siim: Path, tiny_base_bundle: Path, tmp_path: Path):
     data, base = read_siim(synthetic_siim), load_bundle(tiny_base_bundle)
     common = dict(base=base, cache_root=tmp_path / "cache", device="cpu", progress=False)

@@ -477,6 +477,7 @@ def train(
         "device": str(target),
         "validation": {k: round(v, 4) for k, v in best_metrics.items() if k.startswith("val_") and math.isfinite(v)},
         "skipped_images": len(problems),
+        "synthetic": synthetic,
     }
     bundle = _write_bundle(
         out_dir / BUNDLE_DIR, preset, recipe, base, best_file, training_record, synthetic, name, version, intended_use
@@ -559,10 +560,15 @@ def _write_bundle(
     other_file = other.weights_file if other.weights_file != spec.weights_file else f"base-{other.weights_file}"
     shutil.copyfile(base.weights_path(other), target / other_file)
     other.weights_file = other_file
-    if not other.training:
-        other.training = {"from_bundle": f"{base.manifest.name} {base.manifest.version}", "data": base.manifest.training_data}
-
-    part_synthetic = synthetic or base.manifest.synthetic_demo
+    if "synthetic" not in other.training:  # a network not made by `pleura train` (e.g. the demo's)
+        other.training = {
+            **other.training,
+            "from_bundle": f"{base.manifest.name} {base.manifest.version}",
+            "data": base.manifest.training_data,
+            "synthetic": base.manifest.synthetic_demo,
+        }
+    # A bundle is a synthetic demo as long as either of its networks learnt from synthetic data.
+    part_synthetic = bool(synthetic or other.training["synthetic"])
     thresholds = base.manifest.thresholds.model_copy()
     if role == "classifier":
         thresholds.probability = preset.probability_threshold
