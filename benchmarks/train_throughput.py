@@ -37,12 +37,22 @@ BEGIN, END = "<!-- train-throughput:begin -->", "<!-- train-throughput:end -->"
 def _base(root: Path) -> Path:
     """A stand-in base bundle (tiny random networks) to complete each trained bundle."""
     manifest = Manifest(
-        name="bench-base", version="0", intended_use=DEMO_INTENDED_USE, synthetic_demo=True,
+        name="bench-base",
+        version="0",
+        intended_use=DEMO_INTENDED_USE,
+        synthetic_demo=True,
         preprocessing=Preprocessing(input_size=64),
-        classifier=NetworkSpec(architecture="densenet121", weights_file="classifier.pt",
-                               extra={"init_features": 8, "growth_rate": 4, "block_config": [2, 2]}),
-        segmenter=NetworkSpec(architecture="unet", encoder="resnet18", weights_file="segmenter.pt",
-                              extra={"encoder_depth": 3, "decoder_channels": [16, 8, 4]}),
+        classifier=NetworkSpec(
+            architecture="densenet121",
+            weights_file="classifier.pt",
+            extra={"init_features": 8, "growth_rate": 4, "block_config": [2, 2]},
+        ),
+        segmenter=NetworkSpec(
+            architecture="unet",
+            encoder="resnet18",
+            weights_file="segmenter.pt",
+            extra={"encoder_depth": 3, "decoder_channels": [16, 8, 4]},
+        ),
     )
     root.mkdir(parents=True, exist_ok=True)
     for spec in (manifest.classifier, manifest.segmenter):
@@ -73,11 +83,27 @@ def main() -> None:
         for name in args.presets.split(","):
             preset = PRESETS[name]
             batch = min(preset.batch_size, args.batch_size)
-            short = with_overrides(preset, {"epochs": 1, "steps_per_epoch": args.steps, "batch_size": batch,
-                                            "positives_only": False, "patience": 0})
+            short = with_overrides(
+                preset,
+                {
+                    "epochs": 1,
+                    "steps_per_epoch": args.steps,
+                    "batch_size": batch,
+                    "positives_only": False,
+                    "patience": 0,
+                },
+            )
             run = work / "runs" / name
-            train(short, data, run, base=base, cache_root=work / "cache", device=str(device), progress=False,
-                  fractions=(0.8, 0.2, 0.0))
+            train(
+                short,
+                data,
+                run,
+                base=base,
+                cache_root=work / "cache",
+                device=str(device),
+                progress=False,
+                fractions=(0.8, 0.2, 0.0),
+            )
             with (run / "metrics.csv").open(newline="") as handle:
                 metrics = list(csv.DictReader(handle))[-1]
             rate = float(metrics["images_per_second"])
@@ -108,7 +134,7 @@ def _record(rows, args, device: torch.device) -> None:
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     block = "\n".join(lines)
     if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
     else:
         text = text.rstrip("\n") + "\n\n## Training throughput (`pleura train`)\n\n" + block + "\n"
     DOC.write_text(text)

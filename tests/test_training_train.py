@@ -41,14 +41,25 @@ def _metrics_rows(run: Path) -> list[dict[str, str]]:
 
 def test_every_preset_of_the_issue_exists_and_builds():
     assert set(PRESETS) == {
-        "cls-densenet121", "cls-resnet50", "cls-densenet121-svm", "cls-cbr-baseline", "cls-resnet18",
-        "seg-unet-resnet34-dicefocal", "seg-unet-resnet50", "seg-unet-efficientnet-b0", "seg-unet-xception",
-        "seg-unet-resnet18", "seg-unet-vgg13",
+        "cls-densenet121",
+        "cls-resnet50",
+        "cls-densenet121-svm",
+        "cls-cbr-baseline",
+        "cls-resnet18",
+        "seg-unet-resnet34-dicefocal",
+        "seg-unet-resnet50",
+        "seg-unet-efficientnet-b0",
+        "seg-unet-xception",
+        "seg-unet-resnet18",
+        "seg-unet-vgg13",
     }
     cbr = PRESETS["cls-cbr-baseline"]
     assert (cbr.input_size, cbr.lr, cbr.weight_decay, cbr.batch_size, cbr.loss) == (224, 5e-4, 1e-3, 64, "bce")
     assert PRESETS["cls-densenet121-svm"].loss == "squared_hinge"
-    assert PRESETS["seg-unet-resnet34-dicefocal"].positives_only and PRESETS["seg-unet-resnet34-dicefocal"].input_size == 1024
+    assert (
+        PRESETS["seg-unet-resnet34-dicefocal"].positives_only
+        and PRESETS["seg-unet-resnet34-dicefocal"].input_size == 1024
+    )
     assert PRESETS["seg-unet-xception"].scheduler == "plateau" and PRESETS["seg-unet-xception"].input_size == 256
     assert all(p.encoder_weights == "none" for p in PRESETS.values())  # never a download by default
     for preset in PRESETS.values():
@@ -66,7 +77,9 @@ def _spec(preset):
 
 
 def test_overrides_are_checked():
-    preset = with_overrides(get_preset("cls-resnet18"), dict([parse_override("lr=3e-4"), parse_override("augment.flip_p=0.5")]))
+    preset = with_overrides(
+        get_preset("cls-resnet18"), dict([parse_override("lr=3e-4"), parse_override("augment.flip_p=0.5")])
+    )
     assert preset.lr == 3e-4 and preset.augment.flip_p == 0.5 and get_preset("cls-resnet18").lr == 1e-4
     with pytest.raises(PresetError, match="no such setting"):
         with_overrides(preset, {"learning_rate": 1})
@@ -81,8 +94,13 @@ def test_overrides_are_checked():
 def test_trained_classifier_runs_unchanged_in_the_worker(synthetic_siim: Path, tiny_base_bundle: Path, tmp_path: Path):
     preset = _tiny("cls-cbr-baseline", imbalance="weight")
     result = train(
-        preset, read_siim(synthetic_siim), tmp_path / "run", base=load_bundle(tiny_base_bundle),
-        cache_root=tmp_path / "cache", device="cpu", progress=False,
+        preset,
+        read_siim(synthetic_siim),
+        tmp_path / "run",
+        base=load_bundle(tiny_base_bundle),
+        cache_root=tmp_path / "cache",
+        device="cpu",
+        progress=False,
     )
     run = tmp_path / "run"
     rows = _metrics_rows(run)
@@ -114,8 +132,13 @@ def test_trained_unet_with_its_own_grid_and_clahe_runs_unchanged_in_the_worker(
     # 96 px and CLAHE for the U-Net only: the base bundle's classifier keeps its 64 px input without CLAHE.
     preset = _tiny("seg-unet-resnet18", input_size=96, clahe=True, imbalance="sample", positives_only=False)
     result = train(
-        preset, read_siim(synthetic_siim), tmp_path / "run", base=load_bundle(tiny_base_bundle),
-        cache_root=tmp_path / "cache", device="cpu", progress=False,
+        preset,
+        read_siim(synthetic_siim),
+        tmp_path / "run",
+        base=load_bundle(tiny_base_bundle),
+        cache_root=tmp_path / "cache",
+        device="cpu",
+        progress=False,
     )
     assert {"val_dice", "val_iou"} <= set(_metrics_rows(tmp_path / "run")[0])
     bundle = load_bundle(tmp_path / "run" / "bundle")
@@ -126,7 +149,9 @@ def test_trained_unet_with_its_own_grid_and_clahe_runs_unchanged_in_the_worker(
     models = load_models(bundle, "cpu")
     paths = sorted(synthetic_siim.rglob("*.dcm"))[:3]
     datasets = [pydicom.dcmread(path) for path in paths]
-    findings = predict_images(models, [decode_radiograph(ds, bundle.manifest.preprocessing) for ds in datasets], datasets)
+    findings = predict_images(
+        models, [decode_radiograph(ds, bundle.manifest.preprocessing) for ds in datasets], datasets
+    )
     own = predict_network(result.network, [decode_radiograph(ds, result.recipe) for ds in datasets], result.recipe)
     threshold = bundle.manifest.thresholds.mask
     for finding, probabilities, ds in zip(findings, own, datasets):
@@ -143,13 +168,20 @@ def test_a_bundle_is_a_synthetic_demo_while_any_network_is(
     monkeypatch.setattr(training.trainer, "_is_synthetic", lambda examples: False)  # pretend: patient data
     data = read_siim(synthetic_siim)
     common = dict(cache_root=tmp_path / "cache", device="cpu", progress=False)
-    first = train(_tiny("cls-cbr-baseline", epochs=1), data, tmp_path / "cls", base=load_bundle(tiny_base_bundle), **common)
+    first = train(
+        _tiny("cls-cbr-baseline", epochs=1), data, tmp_path / "cls", base=load_bundle(tiny_base_bundle), **common
+    )
     assert first.bundle.manifest.synthetic_demo  # its U-Net is the synthetic base's
     assert first.bundle.manifest.segmenter.training["synthetic"] is True
     assert first.bundle.manifest.classifier.training["synthetic"] is False
     second = train(
-        _tiny("seg-unet-resnet18", epochs=1), data, tmp_path / "seg", base=first.bundle,
-        split_file=tmp_path / "cls" / "splits.csv", intended_use="Research use only", **common,
+        _tiny("seg-unet-resnet18", epochs=1),
+        data,
+        tmp_path / "seg",
+        base=first.bundle,
+        split_file=tmp_path / "cls" / "splits.csv",
+        intended_use="Research use only",
+        **common,
     )
     manifest = second.bundle.manifest
     assert not manifest.synthetic_demo and manifest.intended_use == "Research use only"
@@ -158,7 +190,9 @@ def test_a_bundle_is_a_synthetic_demo_while_any_network_is(
     assert second.bundle.identity.label == f"{manifest.name} {manifest.version}"
 
 
-def test_resume_continues_exactly_and_early_stopping_stops(synthetic_siim: Path, tiny_base_bundle: Path, tmp_path: Path):
+def test_resume_continues_exactly_and_early_stopping_stops(
+    synthetic_siim: Path, tiny_base_bundle: Path, tmp_path: Path
+):
     data, base = read_siim(synthetic_siim), load_bundle(tiny_base_bundle)
     common = dict(base=base, cache_root=tmp_path / "cache", device="cpu", progress=False)
     straight = train(_tiny("cls-cbr-baseline", epochs=2, patience=0), data, tmp_path / "straight", **common)
@@ -167,23 +201,29 @@ def test_resume_continues_exactly_and_early_stopping_stops(synthetic_siim: Path,
     with pytest.raises(TrainingError, match="already holds a run"):
         train(_tiny("cls-cbr-baseline", epochs=2, patience=0), data, tmp_path / "resumed", **common)
     with pytest.raises(TrainingError, match="other settings"):
-        train(_tiny("cls-cbr-baseline", epochs=2, patience=0, lr=1e-2), data, tmp_path / "resumed", resume=True, **common)
+        train(
+            _tiny("cls-cbr-baseline", epochs=2, patience=0, lr=1e-2), data, tmp_path / "resumed", resume=True, **common
+        )
     resumed = train(_tiny("cls-cbr-baseline", epochs=2, patience=0), data, tmp_path / "resumed", resume=True, **common)
     assert [row["epoch"] for row in _metrics_rows(tmp_path / "resumed")] == ["1", "2"]
     assert _metrics_rows(tmp_path / "resumed")[1]["val_loss"] == _metrics_rows(tmp_path / "straight")[1]["val_loss"]
-    last = {name: torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=False)["model"] for name, run in
-            (("straight", "straight"), ("resumed", "resumed"))}
+    last = {
+        name: torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=False)["model"]
+        for name, run in (("straight", "straight"), ("resumed", "resumed"))
+    }
     for key, value in last["straight"].items():
         torch.testing.assert_close(last["resumed"][key], value)
     assert resumed.best_epoch == straight.best_epoch
 
     # lr 0: nothing improves after the first epoch, so patience 1 stops at epoch 2 of 5.
-    stopped = train(_tiny("cls-cbr-baseline", epochs=5, patience=1, lr=1e-12, monitor="loss"), data, tmp_path / "early", **common)
+    stopped = train(
+        _tiny("cls-cbr-baseline", epochs=5, patience=1, lr=1e-12, monitor="loss"), data, tmp_path / "early", **common
+    )
     assert stopped.stopped_early and stopped.epochs_run == 2 and stopped.best_epoch == 1
 
 
 def test_train_refuses_what_cannot_work(synthetic_siim: Path, tiny_base_bundle: Path, tmp_path: Path):
-    data, base = read_siim(synthetic_siim), load_bundle(tiny_base_bundle)
+    data = read_siim(synthetic_siim)
     with pytest.raises(TrainingError, match="give --base"):
         train(_tiny("cls-cbr-baseline"), data, tmp_path / "a", base=None, progress=False)
     clahe_base = tmp_path / "clahe-base"
@@ -209,10 +249,31 @@ def test_cli_train_and_dataset_commands(synthetic_siim: Path, tiny_base_bundle: 
     assert split.exit_code == 0 and (tmp_path / "s.csv").is_file(), split.output
 
     args = [
-        "train", "--preset", "seg-unet-resnet18", "--data", str(synthetic_siim), "--out", str(tmp_path / "run"),
-        "--base", str(tiny_base_bundle), "--split-file", str(tmp_path / "s.csv"), "--epochs", "1", "--batch-size", "4",
-        "--steps-per-epoch", "1", "--input-size", "64", "--set", json.dumps(TINY_UNET).join(["extra=", ""]),
-        "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+        "train",
+        "--preset",
+        "seg-unet-resnet18",
+        "--data",
+        str(synthetic_siim),
+        "--out",
+        str(tmp_path / "run"),
+        "--base",
+        str(tiny_base_bundle),
+        "--split-file",
+        str(tmp_path / "s.csv"),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--steps-per-epoch",
+        "1",
+        "--input-size",
+        "64",
+        "--set",
+        json.dumps(TINY_UNET).join(["extra=", ""]),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--device",
+        "cpu",
     ]
     trained = runner.invoke(app, args)
     assert trained.exit_code == 0, trained.output
@@ -221,8 +282,51 @@ def test_cli_train_and_dataset_commands(synthetic_siim: Path, tiny_base_bundle: 
     assert bundle.manifest.segmenter.training["hyperparameters"]["epochs"] == 1
     assert bundle.manifest.segmenter.training["split_file"] == str(tmp_path / "s.csv")
 
-    bad = runner.invoke(app, ["train", "--preset", "seg-unet-resnet18", "--data", str(synthetic_siim), "--base",
-                              str(tiny_base_bundle), "--set", "augment.spin=1"])
+    bad = runner.invoke(
+        app,
+        [
+            "train",
+            "--preset",
+            "seg-unet-resnet18",
+            "--data",
+            str(synthetic_siim),
+            "--base",
+            str(tiny_base_bundle),
+            "--set",
+            "augment.spin=1",
+        ],
+    )
     assert bad.exit_code == 2 and "augment has no setting spin" in bad.output
     listed = runner.invoke(app, ["train", "--list-presets"])
     assert listed.exit_code == 0 and "cls-densenet121-svm" in listed.output
+
+
+def test_classifier_trains_on_a_chestxray14_layout(tiny_base_bundle: Path, tmp_path: Path):
+    from PIL import Image
+
+    from training.datasets import read_cxr14
+    from training.synthetic import synthetic_chest_image
+
+    root = tmp_path / "cxr14"
+    (root / "images_001" / "images").mkdir(parents=True)
+    rows = ["Image Index,Finding Labels,Patient ID"]
+    for index in range(16):
+        positive = (index // 2) % 2 == 0  # 8 patients of two images, half of them positive
+        pixels, _ = synthetic_chest_image(100 + index, positive, 64)
+        Image.fromarray((pixels >> 4).astype(np.uint8)).save(root / "images_001" / "images" / f"{index:08d}_000.png")
+        rows.append(f"{index:08d}_000.png,{'Pneumothorax|Effusion' if positive else 'No Finding'},{index // 2}")
+    (root / "Data_Entry_2017.csv").write_text("\n".join(rows) + "\n")
+    result = train(
+        _tiny("cls-cbr-baseline", epochs=1),
+        read_cxr14(root),
+        tmp_path / "run",
+        base=load_bundle(tiny_base_bundle),
+        cache_root=tmp_path / "cache",
+        device="cpu",
+        progress=False,
+    )
+    manifest = result.bundle.manifest
+    assert manifest.classifier.architecture == "cbr"
+    assert "ChestX-ray14 layout" in manifest.classifier.training["data"]
+    assert not manifest.classifier.training["synthetic"]  # PNGs carry no synthetic marker ...
+    assert manifest.synthetic_demo  # ... but the U-Net is the synthetic base's

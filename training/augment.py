@@ -44,15 +44,23 @@ def build_augmentation(settings: Augmentation, size: int, with_mask: bool, seed:
     if settings.crop_p > 0 and settings.crop_scale < 1:
         transforms.append(
             RandZoomd(
-                keys, prob=settings.crop_p, min_zoom=1.0, max_zoom=1.0 / settings.crop_scale,
-                mode=("area", "nearest") if with_mask else "area", keep_size=True,
+                keys,
+                prob=settings.crop_p,
+                min_zoom=1.0,
+                max_zoom=1.0 / settings.crop_scale,
+                mode=("area", "nearest") if with_mask else "area",
+                keep_size=True,
             )
         )
     if settings.elastic_p > 0:
         transforms.append(
             Rand2DElasticd(
-                keys, spacing=max(4, size // 8), magnitude_range=(1.0, 2.0), prob=settings.elastic_p,
-                mode=linear, padding_mode="zeros",
+                keys,
+                spacing=max(4, size // 8),
+                magnitude_range=(1.0, 2.0),
+                prob=settings.elastic_p,
+                mode=linear,
+                padding_mode="zeros",
             )
         )
     if settings.brightness > 0:

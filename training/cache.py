@@ -121,7 +121,9 @@ def build_cache(
     size = recipe.input_size
     work = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
     try:
-        images = np.lib.format.open_memmap(work / "images.npy", mode="w+", dtype=np.float16, shape=(len(examples), size, size))
+        images = np.lib.format.open_memmap(
+            work / "images.npy", mode="w+", dtype=np.float16, shape=(len(examples), size, size)
+        )
         masks = (
             np.lib.format.open_memmap(work / "masks.npy", mode="w+", dtype=np.uint8, shape=(len(examples), size, size))
             if with_masks

@@ -2,7 +2,8 @@
 
 The demo bundle lets Pleura run end to end without patient data or downloaded weights. It goes
 through the same contract as a real model: the images are written as DICOM in the SIIM-ACR layout,
-indexed by :func:`~training.datasets.read_siim` (the reader of ``pleura train``), read back through :func:`~worker.inference.preprocess.decode_radiograph` and
+indexed by :func:`~training.datasets.read_siim` (the reader of ``pleura train``), read back through
+:func:`~worker.inference.preprocess.decode_radiograph` and
 :func:`~worker.inference.preprocess.to_network_input`, the networks come from
 :func:`~worker.inference.models.build_network`, and the held-out metrics are measured by loading the
 written bundle and running :func:`~worker.inference.predict.predict_images`, exactly as the worker

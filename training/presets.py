@@ -111,7 +111,14 @@ _KHATTAR = "Khattar et al."
 
 def _classifier(name: str, source: str, architecture: str, **fields: Any) -> Preset:
     defaults: dict[str, Any] = dict(
-        task="classify", input_size=224, channels=3, loss="bce", optimiser="adam", lr=1e-4, batch_size=32, epochs=50,
+        task="classify",
+        input_size=224,
+        channels=3,
+        loss="bce",
+        optimiser="adam",
+        lr=1e-4,
+        batch_size=32,
+        epochs=50,
         patience=10,
     )
     return Preset(name=name, source=source, architecture=architecture, **{**defaults, **fields})
@@ -119,8 +126,16 @@ def _classifier(name: str, source: str, architecture: str, **fields: Any) -> Pre
 
 def _segmenter(name: str, source: str, encoder: str, **fields: Any) -> Preset:
     defaults: dict[str, Any] = dict(
-        task="segment", architecture="unet", input_size=256, channels=1, loss="dice_bce", optimiser="adam", lr=1e-4,
-        batch_size=16, epochs=50, patience=10,
+        task="segment",
+        architecture="unet",
+        input_size=256,
+        channels=1,
+        loss="dice_bce",
+        optimiser="adam",
+        lr=1e-4,
+        batch_size=16,
+        epochs=50,
+        patience=10,
     )
     return Preset(name=name, source=source, encoder=encoder, **{**defaults, **fields})
 
@@ -132,12 +147,23 @@ PRESETS: dict[str, Preset] = {
         _classifier("cls-resnet50", _TRANSFER, "resnet50"),
         _classifier("cls-densenet121-svm", _BOLOURI, "densenet121", loss="squared_hinge"),
         _classifier(
-            "cls-cbr-baseline", _HUANG, "cbr", channels=1, lr=5e-4, weight_decay=1e-3, batch_size=64,
+            "cls-cbr-baseline",
+            _HUANG,
+            "cbr",
+            channels=1,
+            lr=5e-4,
+            weight_decay=1e-3,
+            batch_size=64,
             extra={"channels": [32, 64, 128, 256], "kernel_size": 7, "dropout": 0.25},
         ),
         _classifier("cls-resnet18", _HUANG, "resnet18"),
         _segmenter(
-            "seg-unet-resnet34-dicefocal", _BOLOURI, "resnet34", input_size=1024, batch_size=4, loss="dice_focal",
+            "seg-unet-resnet34-dicefocal",
+            _BOLOURI,
+            "resnet34",
+            input_size=1024,
+            batch_size=4,
+            loss="dice_focal",
             positives_only=True,
         ),
         *(

@@ -112,8 +112,13 @@ def _network_spec(preset: Preset, recipe: Preprocessing, shared: Preprocessing, 
     grid = ("input_size", "channels", "normalisation", "mean", "std", "clahe", "clahe_clip_limit")
     if any(getattr(recipe, name) != getattr(shared, name) for name in grid):
         own = NetworkInput(
-            input_size=recipe.input_size, channels=recipe.channels, normalisation=recipe.normalisation,
-            mean=recipe.mean, std=recipe.std, clahe=recipe.clahe, clahe_clip_limit=recipe.clahe_clip_limit,
+            input_size=recipe.input_size,
+            channels=recipe.channels,
+            normalisation=recipe.normalisation,
+            mean=recipe.mean,
+            std=recipe.std,
+            clahe=recipe.clahe,
+            clahe_clip_limit=recipe.clahe_clip_limit,
         )
     return NetworkSpec(
         architecture=preset.architecture,
@@ -153,14 +158,20 @@ def _squared_hinge(scores: torch.Tensor, labels: torch.Tensor, weights: torch.Te
     return (losses * weights).mean() if weights is not None else losses.mean()
 
 
-def _loss_function(preset: Preset, positive_weight: float | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _loss_function(
+    preset: Preset, positive_weight: float | None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if preset.loss == "bce":
+
         def bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             weight = torch.tensor(positive_weight, device=logits.device) if positive_weight else None
-            return nn.functional.binary_cross_entropy_with_logits(logits[:, 0], labels.to(logits.dtype), pos_weight=weight)
+            return nn.functional.binary_cross_entropy_with_logits(
+                logits[:, 0], labels.to(logits.dtype), pos_weight=weight
+            )
 
         return bce
     if preset.loss == "squared_hinge":
+
         def hinge(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             weights = None
             if positive_weight:
@@ -280,7 +291,9 @@ def train(
     checkpoints = out_dir / CHECKPOINTS
     last_file, best_file = checkpoints / "last.pt", checkpoints / "best.pt"
     if last_file.exists() and not resume:
-        raise TrainingError(f"{out_dir} already holds a run ({last_file}); use --resume to continue it or another --out")
+        raise TrainingError(
+            f"{out_dir} already holds a run ({last_file}); use --resume to continue it or another --out"
+        )
     if resume and not last_file.exists():
         raise TrainingError(f"nothing to resume in {out_dir}: {last_file} is missing")
     if preset.task == "segment" and not data.has_masks:
@@ -294,7 +307,10 @@ def train(
     shared = base.manifest.preprocessing
     for name_ in DECODING_FIELDS:
         if getattr(shared, name_) != getattr(recipe, name_):
-            raise TrainingError(f"base bundle {base.path} decodes with {name_}={getattr(shared, name_)}; the preset uses {getattr(recipe, name_)}")
+            raise TrainingError(
+                f"base bundle {base.path} decodes with {name_}={getattr(shared, name_)}; "
+                f"the preset uses {getattr(recipe, name_)}"
+            )
     if shared.clahe and not recipe.clahe:
         raise TrainingError(f"base bundle {base.path} applies CLAHE to both networks; set --clahe for this one too")
 
@@ -313,7 +329,9 @@ def train(
         now = {k: v for k, v in run_record["preset"].items() if k != "epochs"}
         if before != now:
             changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-            raise TrainingError(f"--resume: the run in {out_dir} was started with other settings ({', '.join(changed)})")
+            raise TrainingError(
+                f"--resume: the run in {out_dir} was started with other settings ({', '.join(changed)})"
+            )
     run_path.write_text(json.dumps(run_record, indent=2) + "\n")
 
     # Splits: given, kept from an earlier run, or made now and written.
@@ -337,14 +355,24 @@ def train(
         )
 
     target = resolve_device(device)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, disable=not progress) as bar:
         caches = []
         for label, subset in (("train", train_examples), ("val", val_examples)):
             task = bar.add_task(f"caching {label} images at {recipe.input_size} px", total=len(subset))
             caches.append(
                 build_cache(
-                    subset, recipe, with_masks=preset.task == "segment", cache_root=cache_root, skip_bad=skip_bad,
+                    subset,
+                    recipe,
+                    with_masks=preset.task == "segment",
+                    cache_root=cache_root,
+                    skip_bad=skip_bad,
                     on_image=lambda done, total, task=task: bar.update(task, completed=done),
                 )
             )
@@ -362,7 +390,8 @@ def train(
 
         torch.manual_seed(preset.seed)
         network = build_network(
-            _network_spec(preset, recipe, shared, {}), recipe,
+            _network_spec(preset, recipe, shared, {}),
+            recipe,
             encoder_weights=None if preset.encoder_weights == "none" else preset.encoder_weights,
         ).to(target)
         loss_function = _loss_function(preset, positive_weight)
@@ -403,10 +432,14 @@ def train(
             train_set = _CachedDataset(train_cache, range(len(train_cache)), transform)
             if preset.imbalance == "sample" and positives and negatives:
                 weights = np.where(train_cache.labels, 0.5 / positives, 0.5 / negatives)
-                sampler = WeightedRandomSampler(weights.tolist(), len(train_cache), replacement=True, generator=generator)
+                sampler = WeightedRandomSampler(
+                    weights.tolist(), len(train_cache), replacement=True, generator=generator
+                )
             else:
                 sampler = RandomSampler(train_set, generator=generator)
-            loader = DataLoader(train_set, batch_size=preset.batch_size, sampler=sampler, drop_last=len(train_set) > preset.batch_size)
+            loader = DataLoader(
+                train_set, batch_size=preset.batch_size, sampler=sampler, drop_last=len(train_set) > preset.batch_size
+            )
 
             network.train()
             bar.reset(steps_task, total=steps_per_epoch)
@@ -448,15 +481,23 @@ def train(
             _append_metrics(out_dir / METRICS_FILE, metrics, first=epoch == 1)
             _atomic_save(
                 {
-                    "epoch": epoch, "model": network.state_dict(), "optimiser": optimiser.state_dict(),
+                    "epoch": epoch,
+                    "model": network.state_dict(),
+                    "optimiser": optimiser.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "scaler": scaler.state_dict(), "best_score": best_score, "best_epoch": best_epoch,
-                    "bad_epochs": bad_epochs, "best_metrics": best_metrics,
+                    "scaler": scaler.state_dict(),
+                    "best_score": best_score,
+                    "best_epoch": best_epoch,
+                    "bad_epochs": bad_epochs,
+                    "best_metrics": best_metrics,
                 },
                 last_file,
             )
             shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("train_", "val_")))
-            console.print(f"epoch {epoch}/{preset.epochs}  {shown}  {metrics['images_per_second']:.1f} img/s" + ("  [green]best[/]" if improved else ""))
+            console.print(
+                f"epoch {epoch}/{preset.epochs}  {shown}  {metrics['images_per_second']:.1f} img/s"
+                + ("  [green]best[/]" if improved else "")
+            )
             bar.advance(epochs_task)
             if preset.patience and bad_epochs >= preset.patience:
                 stopped_early = True
@@ -487,13 +528,21 @@ def train(
 
 
 def _validate(
-    network: nn.Module, loader: DataLoader, loss_function, recipe: Preprocessing, preset: Preset,
-    device: torch.device, amp: bool,
+    network: nn.Module,
+    loader: DataLoader,
+    loss_function,
+    recipe: Preprocessing,
+    preset: Preset,
+    device: torch.device,
+    amp: bool,
 ) -> dict[str, float]:
     network.eval()
     losses, count = 0.0, 0
     probabilities, labels_all = [], []
-    dice, iou = DiceMetric(include_background=True, ignore_empty=False), MeanIoU(include_background=True, ignore_empty=False)
+    dice, iou = (
+        DiceMetric(include_background=True, ignore_empty=False),
+        MeanIoU(include_background=True, ignore_empty=False),
+    )
     with torch.inference_mode():
         for images, masks, labels in loader:
             inputs = normalise_input(images, recipe).to(device)
@@ -579,7 +628,10 @@ def _write_bundle(
     metrics = {f"{role}_{k}": round(v, 4) for k, v in training_record["validation"].items()}
     metrics.update({k: v for k, v in base.manifest.metrics.items() if k.startswith(other_role)})
     created = datetime.now(timezone.utc)
-    data_note = f"{role}: {training_record['data']}. {other_role}: from bundle {base.manifest.name} {base.manifest.version} ({base.manifest.training_data})"
+    data_note = (
+        f"{role}: {training_record['data']}. {other_role}: from bundle {base.manifest.name} "
+        f"{base.manifest.version} ({base.manifest.training_data})"
+    )
     manifest = Manifest(
         name=name or f"pleura-{preset.name}",
         version=version or created.strftime("%Y%m%d.%H%M%S"),
