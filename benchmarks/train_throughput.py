@@ -1,10 +1,10 @@
 """Training throughput (images/s) of every `pleura train` preset, through the real training loop.
 
-For each preset: a short run of `training.trainer.train` (one epoch of a few batches, augmentation
+For each preset: a short run of `training.trainer.train` (two epochs of a few batches, augmentation
 on, the preset's own input size and network) on a synthetic SIIM-ACR set, reading the images/s that
-the loop itself logs to metrics.csv (forward + backward + optimiser step + augmentation + batch
-assembly from the cache; caching and validation excluded). Results go into docs/benchmarks.md
-between the markers of the "Training throughput" section.
+the loop itself logs to metrics.csv for the second epoch (the first one warms up): forward, backward,
+optimiser step, augmentation and batch assembly from the cache; caching and validation excluded.
+Results go into docs/benchmarks.md between the markers of the "Training throughput" section.
 
     .venv/bin/python benchmarks/train_throughput.py [--device cpu] [--steps 3] [--batch-size 8]
         [--presets cls-resnet18,seg-unet-resnet50] [--write]
@@ -86,7 +86,7 @@ def main() -> None:
             short = with_overrides(
                 preset,
                 {
-                    "epochs": 1,
+                    "epochs": 2,  # the first epoch warms up (lazy initialisation); the second is measured
                     "steps_per_epoch": args.steps,
                     "batch_size": batch,
                     "positives_only": False,
@@ -122,7 +122,8 @@ def _record(rows, args, device: torch.device) -> None:
         BEGIN,
         f"Measured {time.strftime('%Y-%m-%d', time.gmtime())} on {where}, torch {torch.__version__}, with "
         f"`benchmarks/train_throughput.py --device {args.device} --steps {args.steps} --batch-size {args.batch_size}`: "
-        f"{args.steps} training batches per preset at the preset's input size, batch size capped at "
+        f"two epochs of {args.steps} training batches per preset, the second one timed, at the preset's input "
+        "size, batch size capped at "
         f"{args.batch_size}, augmentation on, synthetic {args.image_size} px DICOM images through the cache. "
         f"Load average when it started: {args.load:.1f} (other jobs share the machine: compare with care).",
         "",

@@ -125,6 +125,21 @@ def test_trained_classifier_runs_unchanged_in_the_worker(synthetic_siim: Path, t
     own = predict_network(result.network, [decode_radiograph(ds, result.recipe) for ds in datasets], result.recipe)
     np.testing.assert_allclose([f.probability for f in findings], own, rtol=1e-5, atol=1e-6)
 
+    # And the worker's whole analysis, result objects included, takes the bundle as it is.
+    from worker.analysis import StudyAnalyser
+
+    analyser = StudyAnalyser.from_bundle_dir(tmp_path / "storage", run / "bundle", device="cpu")
+    key = "instances/study/series/one.dcm"
+    (analyser.storage_dir / key).parent.mkdir(parents=True)
+    datasets[0].save_as(analyser.storage_dir / key, enforce_file_format=True)
+    summary = analyser.analyse(datasets[0].StudyInstanceUID, [{"sop_instance_uid": "one", "key": key}])
+    assert summary["images"][0]["status"] == "analysed"
+    assert summary["images"][0]["probability"] == pytest.approx(float(own[0]), abs=1e-5)
+    assert sorted(item["kind"] for item in summary["results"]) == ["SEG", "SR"]
+    for item in summary["results"]:
+        written = pydicom.dcmread(analyser.storage_dir / item["key"])
+        assert "SYNTHETIC DEMO MODEL" in written.SeriesDescription
+
 
 def test_trained_unet_with_its_own_grid_and_clahe_runs_unchanged_in_the_worker(
     synthetic_siim: Path, tiny_base_bundle: Path, tmp_path: Path

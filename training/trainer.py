@@ -416,7 +416,8 @@ def train(
 
         with_mask = preset.task == "segment"
         val_loader = DataLoader(_CachedDataset(val_cache, range(len(val_cache)), None), batch_size=preset.batch_size)
-        steps_per_epoch = math.ceil(len(train_cache) / preset.batch_size)
+        drop_last = len(train_cache) > preset.batch_size  # a last batch of one would break BatchNorm
+        steps_per_epoch = len(train_cache) // preset.batch_size if drop_last else 1
         if preset.steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, preset.steps_per_epoch)
         epochs_task = bar.add_task(f"{preset.name}: epochs", total=preset.epochs, completed=start_epoch - 1)
@@ -437,9 +438,7 @@ def train(
                 )
             else:
                 sampler = RandomSampler(train_set, generator=generator)
-            loader = DataLoader(
-                train_set, batch_size=preset.batch_size, sampler=sampler, drop_last=len(train_set) > preset.batch_size
-            )
+            loader = DataLoader(train_set, batch_size=preset.batch_size, sampler=sampler, drop_last=drop_last)
 
             network.train()
             bar.reset(steps_task, total=steps_per_epoch)
