@@ -27,7 +27,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from training.rle import EMPTY_RLE, rle_decode
-from training.synthetic import SIIM_CSV_NAME
+from training.synthetic import SIIM_CSV_NAME, SYNTHETIC_PATIENT_NAME
 
 __all__ = [
     "CXR14_LABEL",
@@ -80,6 +80,8 @@ class Example:
     """The CSV rows (1 = the header) the label came from, for messages."""
     height: int | None = None
     width: int | None = None
+    synthetic: bool = False
+    """Made by Pleura's generator (PatientName SYNTHETIC^DEMO): a model trained on it is a demo."""
 
     def mask(self) -> np.ndarray:
         """The union of the image's RLE masks at its full size, bool (Rows, Columns)."""
@@ -231,6 +233,7 @@ def read_siim(root: Path | str, rle_csv: Path | str | None = None, *, skip_bad: 
                 rows=tuple(number for number, _ in entries),
                 height=height,
                 width=width,
+                synthetic=str(ds.get("PatientName", "")) == SYNTHETIC_PATIENT_NAME,
             )
         )
     unlabelled = [path for stem, path in files.items() if stem not in grouped]

@@ -241,26 +241,21 @@ def _atomic_save(payload: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _describe_data(data: DatasetIndex, counts: dict[str, tuple[int, int]], synthetic: bool) -> str:
+def _describe_data(data: DatasetIndex, counts: dict[str, tuple[int, int]], used: Sequence[Example]) -> str:
     parts = ", ".join(f"{name} {n} ({p} positive)" for name, (n, p) in counts.items())
     kind = {"siim": "SIIM-ACR layout", "cxr14": "ChestX-ray14 layout"}[data.kind]
-    note = "; synthetic images from training.synthetic, no patient data" if synthetic else ""
+    synthetic = sum(example.synthetic for example in used)
+    note = ""
+    if synthetic == len(used):
+        note = "; synthetic images from training.synthetic, no patient data"
+    elif synthetic:
+        note = f"; {synthetic} of the {len(used)} training and validation images are synthetic (training.synthetic)"
     return f"{kind} at {data.root} (labels {data.label_file.name}): {parts}{note}"
 
 
 def _is_synthetic(examples: Sequence[Example]) -> bool:
-    """Whether every image was made by Pleura's synthetic generator (its header says so)."""
-    import pydicom
-
-    from training.synthetic import SYNTHETIC_PATIENT_NAME
-
-    for example in examples:
-        if example.path.suffix.lower() != ".dcm":
-            return False
-        ds = pydicom.dcmread(example.path, stop_before_pixels=True, specific_tags=["PatientName"])
-        if str(ds.get("PatientName", "")) != SYNTHETIC_PATIENT_NAME:
-            return False
-    return bool(examples)
+    """Whether any image was made by Pleura's synthetic generator (its header says so)."""
+    return any(example.synthetic for example in examples)
 
 
 def train(
@@ -510,7 +505,7 @@ def train(
         "preset": preset.name,
         "source": preset.source,
         "hyperparameters": preset.model_dump(mode="json", exclude={"name", "source"}),
-        "data": _describe_data(data, counts, synthetic),
+        "data": _describe_data(data, counts, train_examples + val_examples),
         "split_file": str(split_path),
         "best_epoch": best_epoch,
         "epochs_run": epoch,
