@@ -200,9 +200,40 @@ def dataset_check(
     labels: Optional[Path] = LabelsOption,
     data_format: Optional[str] = FormatOption,
     skip_bad: bool = SkipBadOption,
+    decode: bool = typer.Option(False, help="also decode every image's pixel data (slow: the whole set is read)"),
 ) -> None:
     """Read a data set's labels and headers; report images, patients, positives and anything unusable."""
-    _report_data(_read_data(data, labels, data_format, skip_bad))
+    index = _read_data(data, labels, data_format, skip_bad)
+    _report_data(index)
+    if not decode:
+        return
+    from rich.progress import Progress
+
+    from training.bundle import Preprocessing
+    from training.cache import decode_example
+    from worker.inference.preprocess import ImageDecodeError
+
+    failures = 0
+    with Progress(console=console) as bar:
+        task = bar.add_task("decoding pixel data", total=len(index.examples))
+        for example in index.examples:
+            try:
+                image = decode_example(example, Preprocessing())
+                if index.has_masks and image.shape != (example.height, example.width):
+                    raise ImageDecodeError(
+                        f"pixel data is {image.shape}, the header says {example.height}x{example.width}"
+                    )
+            except (ImageDecodeError, OSError, ValueError) as exc:
+                failures += 1
+                row = f", row {example.rows[0]}" if example.rows else ""
+                console.print(f"[bold red]cannot decode[/] {example.path}{row}: {exc}")
+            bar.advance(task)
+    if failures:
+        console.print(
+            f"[bold red]{failures} image(s) will not decode[/] (pleura train stops on them; --skip-bad leaves them out)"
+        )
+        raise typer.Exit(1)
+    console.print(f"[green]all {len(index.examples)} images decode[/]")
 
 
 @dataset_app.command("split")

@@ -222,3 +222,25 @@ def test_jpeg_baseline_layout_reads_like_the_real_set(tmp_path: Path):
         assert np.array_equal(lossy.mask(), exact.mask())
         difference = decode_example(lossy, recipe) - decode_example(exact, recipe)
         assert np.abs(difference).mean() < 0.02
+
+
+def test_cli_dataset_check_reports_rows_and_undecodable_images(siim_copy: Path):
+    from typer.testing import CliRunner
+
+    from pleura.cli import app
+
+    runner = CliRunner()
+    rows = _rows(siim_copy / "train-rle.csv")
+    rows.insert(2, ["1.2.3.4.5", " -1"])
+    _write_rows(siim_copy / "train-rle.csv", rows)
+    stopped = runner.invoke(app, ["dataset", "check", "--data", str(siim_copy)])
+    assert stopped.exit_code == 2 and "train-rle.csv, row 3: ImageId 1.2.3.4.5: no file" in stopped.output
+
+    victim = sorted(siim_copy.rglob("*.dcm"))[0]
+    ds = pydicom.dcmread(victim)
+    ds.PixelData = ds.PixelData[:10]
+    ds.save_as(victim)
+    checked = runner.invoke(app, ["dataset", "check", "--data", str(siim_copy), "--skip-bad", "--decode"])
+    assert checked.exit_code == 1, checked.output
+    assert "skipped" in checked.output and "row 3" in checked.output
+    assert f"cannot decode {victim}" in checked.output.replace("\n", "") and "1 image(s) will not decode" in checked.output
