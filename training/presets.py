@@ -207,7 +207,8 @@ def with_overrides(preset: Preset, overrides: dict[str, Any]) -> Preset:
         if target not in Preset.model_fields or target == "name":
             raise PresetError(f"override {key}: no such setting (known: {', '.join(sorted(Preset.model_fields))})")
         if rest:
-            if not isinstance(data[target], dict) or rest[0] not in data[target]:
+            known = data[target] if isinstance(data[target], dict) else {}
+            if target != "extra" and rest[0] not in known:  # extra: any network keyword argument
                 raise PresetError(f"override {key}: {target} has no setting {'.'.join(rest)}")
             data[target][rest[0]] = value
         else:
