@@ -31,7 +31,7 @@ from worker.inference.models import build_network, resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- train-throughput:begin -->", "<!-- train-throughput:end -->"
+MARKERS = "<!-- train-throughput-{}:begin -->", "<!-- train-throughput-{}:end -->"  # one block per device type
 
 
 def _base(root: Path) -> Path:
@@ -118,8 +118,9 @@ def _record(rows, args, device: torch.device) -> None:
         where = f"{torch.cuda.get_device_name(device)} (mixed precision)"
     else:
         where = f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    begin, end = (marker.format(device.type) for marker in MARKERS)
     lines = [
-        BEGIN,
+        begin,
         f"Measured {time.strftime('%Y-%m-%d', time.gmtime())} on {where}, torch {torch.__version__}, with "
         f"`benchmarks/train_throughput.py --device {args.device} --steps {args.steps} --batch-size {args.batch_size}`: "
         f"two epochs of {args.steps} training batches per preset, the second one timed, at the preset's input "
@@ -130,14 +131,15 @@ def _record(rows, args, device: torch.device) -> None:
         "| preset | input | batch | images/s |",
         "| --- | --- | --- | --- |",
         *[f"| `{name}` | {size} px | {batch} | {rate:.2f} |" for name, size, batch, rate in rows],
-        END,
+        end,
     ]
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     block = "\n".join(lines)
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
-        text = text.rstrip("\n") + "\n\n## Training throughput (`pleura train`)\n\n" + block + "\n"
+        heading = f"## Training throughput (`pleura train`, {'GPU' if device.type == 'cuda' else 'CPU'})"
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n" + block + "\n"
     DOC.write_text(text)
     print(f"recorded in {DOC}")
 
