@@ -28,6 +28,11 @@ CONFIG_FILE_ENV = "PLEURA_CONFIG"
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
+ResultObject = Literal["SR", "SEG", "GSPS", "SC"]
+RESULT_OBJECTS: tuple[str, ...] = ("SR", "SEG", "GSPS", "SC")
+"""The result objects Pleura writes: the report, the segmentation, the presentation state with the
+outline, and the secondary capture image with outline and banner."""
+
 
 # The TOML file of the load_settings() call in progress (the settings sources cannot take arguments).
 _config_file: ContextVar[str | None] = ContextVar("pleura_config_file", default=None)
@@ -53,12 +58,32 @@ class Destination(BaseModel):
         default=None, description="AE title Pleura calls itself on this association; default: PLEURA_AE_TITLE"
     )
     max_attempts: int = Field(default=10, ge=1, description="delivery attempts before a result is marked failed")
+    objects: list[ResultObject] = Field(
+        default_factory=lambda: list(RESULT_OBJECTS),
+        min_length=1,
+        description="the result objects this destination receives: any of SR, SEG, GSPS, SC",
+    )
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @field_validator("objects")
+    @classmethod
+    def _unique_objects(cls, value: list[str]) -> list[str]:
+        return [kind for kind in RESULT_OBJECTS if kind in value]
 
     @property
     def label(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class AllowedCaller(BaseModel):
+    """A modality or PACS allowed to send to Pleura: its AE title and, optionally, the addresses it
+    must call from."""
+
+    ae_title: str
+    hosts: list[str] = Field(default_factory=list, description="IP addresses it may call from; empty = any")
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
 
 def default_storage_dir() -> Path:
@@ -98,8 +123,28 @@ class Settings(BaseSettings):
         default=3600.0, gt=0, description="a study queued this long without a result is dispatched again"
     )
     max_pdu: int = Field(default=0, ge=0, description="maximum PDU size received; 0 = unlimited")
+    allowed_callers: list[AllowedCaller] = Field(
+        default_factory=list,
+        description='JSON list of {"ae_title", "hosts"} allowed to associate; empty = any calling AE',
+    )
+    max_associations: int = Field(
+        default=16, ge=1, le=1000, description="simultaneous associations; more are rejected (transient)"
+    )
+    acse_timeout: float = Field(default=30.0, gt=0, description="seconds to wait for association messages")
+    dimse_timeout: float = Field(default=60.0, gt=0, description="seconds to wait for a DIMSE message")
+    network_timeout: float = Field(
+        default=120.0, gt=0, description="seconds an association may stay silent before it is aborted"
+    )
+    min_free_disk_mb: int = Field(
+        default=1024,
+        ge=0,
+        description="below this free space in the storage dir, associations and C-STOREs are refused (out of resources)",
+    )
     export_retry_seconds: float = Field(
         default=10.0, gt=0, description="first delay before a failed delivery is tried again (doubles each time)"
+    )
+    sc_heatmap: bool = Field(
+        default=False, description="draw the classifier's Grad-CAM heat map into the secondary capture (SC)"
     )
     worker_queues: list[str] = Field(
         default_factory=lambda: ["radiograph"], description="queues a `pleura worker` consumes"
@@ -142,6 +187,15 @@ class Settings(BaseSettings):
     @property
     def bundle_dir(self) -> Path:
         return self.model_dir or (self.storage_dir / "models" / "demo")
+
+    @property
+    def result_objects(self) -> list[str]:
+        """The result objects the workers write: every kind some destination receives (the SR
+        always, it is the record of the analysis), or all of them when there is no destination."""
+        if not self.destinations:
+            return list(RESULT_OBJECTS)
+        wanted = {"SR"} | {kind for destination in self.destinations for kind in destination.objects}
+        return [kind for kind in RESULT_OBJECTS if kind in wanted]
 
     @property
     def embedded_broker(self) -> bool:

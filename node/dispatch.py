@@ -1,16 +1,19 @@
 """Sending a settled study to the workers, by task name and by reference.
 
 The node never imports the worker's code (or torch): the task is named by its stable string and
-carries the study UID and the storage keys of its instances, never pixel data.
+carries the study UID, the storage keys of its instances and the analysis options (which result
+objects to write, whether to draw the heat map), never pixel data.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 from celery import Celery
 
+from config.settings import Settings
 from worker.celery_app import ANALYSE_STUDY
 
 Dispatcher = Callable[[str, list[dict[str, str]]], str]
@@ -20,10 +23,21 @@ Dispatcher = Callable[[str, list[dict[str, str]]], str]
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
 
 
-def dispatch_analysis(celery_app: Celery, study_uid: str, instances: list[dict[str, str]]) -> str:
-    """Send ANALYSE_STUDY for `study_uid` with ``[{"sop_instance_uid", "key"}, ...]``; returns the task id."""
+def analysis_options(settings: Settings) -> dict[str, Any]:
+    """What the worker needs to know of the node's settings: the result objects some destination
+    receives, and whether the secondary capture carries the heat map."""
+    return {"objects": settings.result_objects, "sc_heatmap": settings.sc_heatmap}
+
+
+def dispatch_analysis(
+    celery_app: Celery, study_uid: str, instances: list[dict[str, str]], options: dict[str, Any] | None = None
+) -> str:
+    """Send ANALYSE_STUDY for `study_uid` with ``[{"sop_instance_uid", "key"}, ...]`` and the
+    :func:`analysis_options` (the app's settings' when not given); returns the task id."""
+    if options is None:
+        options = analysis_options(celery_app.pleura_settings)
     result = celery_app.send_task(
-        ANALYSE_STUDY, args=[study_uid, instances], retry=True, retry_policy=PUBLISH_RETRY_POLICY
+        ANALYSE_STUDY, args=[study_uid, instances, options], retry=True, retry_policy=PUBLISH_RETRY_POLICY
     )
     return str(result.id)
 

@@ -1,4 +1,4 @@
-"""Delivery of results (SEG, SR) to the destinations by C-STORE, through the durable outbox.
+"""Delivery of results (SR, SEG, GSPS, SC) to the destinations by C-STORE, through the durable outbox.
 
 :func:`send_results` is the Storage SCU; :func:`deliver_outbox_entry` is one delivery attempt of
 one outbox row: it records the outcome in the ledger and says when to try again.
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
@@ -38,7 +39,23 @@ DEFAULT_LEASE_SECONDS = 600.0
 
 
 class DeliveryError(RuntimeError):
-    """No association with the destination, or it ended before every file got an answer."""
+    """No association with the destination, or it ended before every file got an answer.
+
+    ``permanent`` is True when the destination refused for good (an association rejected as
+    permanent, e.g. our calling AE title is unknown there): trying again cannot help until someone
+    changes a configuration, so the delivery is marked failed at once.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+# C-STORE failure statuses that a retry of the same object cannot turn into success (PS3.4 B.2.3:
+# "Error: data set does not match SOP class", "Error: cannot understand"), and ours for a SOP class
+# the destination did not accept. "Refused: out of resources" (0xA7xx) is worth retrying.
+def is_permanent_failure(status: int) -> bool:
+    return status == SOP_CLASS_NOT_SUPPORTED or (status & 0xFF00) == 0xA900 or (status & 0xF000) == 0xC000
 
 
 def is_success(status: int) -> bool:
@@ -74,13 +91,12 @@ def _file_identity(path: Path) -> tuple[UID, UID]:
 
 def requested_contexts(files: Sequence[tuple[UID, UID]]) -> list[PresentationContext]:
     """One context per SOP class, proposing each file's own transfer syntax, plus explicit and
-    implicit VR little endian when the file is uncompressed (pynetdicom converts between them)."""
+    implicit VR little endian (pynetdicom converts between uncompressed syntaxes; a compressed file
+    is decompressed when the destination takes only those, see :func:`send_results`)."""
     by_class: dict[str, list[str]] = {}
     for sop_class, transfer_syntax in files:
         syntaxes = by_class.setdefault(str(sop_class), [])
-        candidates = [transfer_syntax]
-        if not transfer_syntax.is_compressed and not transfer_syntax.is_deflated:
-            candidates += [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        candidates = [transfer_syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian]
         for candidate in candidates:
             if str(candidate) not in syntaxes:
                 syntaxes.append(str(candidate))
@@ -110,16 +126,31 @@ def send_results(destination: Destination, calling_ae: str, paths: list[Path]) -
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
         if assoc.is_rejected:
-            raise DeliveryError(f"{destination.label} rejected the association (is {calling_ae} a known AE there?)")
+            answer = assoc.acceptor.primitive
+            permanent = getattr(answer, "result", None) == 0x01
+            why = f": {answer.result_str}, {answer.reason_str}" if answer is not None else ""
+            raise DeliveryError(
+                f"{destination.label} rejected the association{why} (is {calling_ae} a known AE there?)",
+                permanent=permanent,
+            )
         raise DeliveryError(f"cannot associate with {destination.label}: connection refused, timed out or aborted")
     statuses: list[int] = []
     try:
-        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
-        for path, (sop_class, _) in zip(paths, identities, strict=True):
-            if str(sop_class) not in accepted:
+        accepted: dict[str, set[str]] = {}
+        for cx in assoc.accepted_contexts:
+            accepted.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
+        for path, (sop_class, transfer_syntax) in zip(paths, identities, strict=True):
+            syntaxes = accepted.get(str(sop_class))
+            if not syntaxes:
                 statuses.append(SOP_CLASS_NOT_SUPPORTED)
                 continue
-            response = assoc.send_c_store(path)
+            if transfer_syntax.is_compressed and str(transfer_syntax) not in syntaxes:
+                # The destination takes this class only uncompressed: decode and send that.
+                dataset = dcmread(path)
+                dataset.decompress()
+                response = assoc.send_c_store(dataset)
+            else:
+                response = assoc.send_c_store(path)
             if "Status" not in response:
                 raise DeliveryError(f"{destination.label} gave no answer to the C-STORE of {path.name}")
             statuses.append(int(response.Status))
@@ -175,25 +206,30 @@ def deliver_outbox_entry(
 
     calling_ae = destination.calling_ae_title or settings.ae_title
     error: str | None = None
+    permanent = False
     try:
         path = store.path(entry.result_key)
         statuses = sender(destination, calling_ae, [path])
         failed = [s for s in statuses if not is_success(s)]
         if failed:
             error = f"{destination.label} answered 0x{failed[0]:04X} ({describe_status(failed[0])})"
+            permanent = is_permanent_failure(failed[0])
     except Exception as exc:  # any failure counts as an attempt, so a row always ends sent or failed
         error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, DeliveryError) else str(exc)
+        permanent = isinstance(exc, DeliveryError) and exc.permanent
 
     if error is None:
         ledger.record_delivery_success(outbox_id, now=now)
         log.info("sent %s %s to %s", entry.result_kind, entry.result_uid, destination.label)
         return DeliveryOutcome(outbox_id, "sent")
 
+    if permanent:
+        error = f"permanent refusal, not retried: {error}"
     view = ledger.record_delivery_failure(
         outbox_id,
         error,
         retry_seconds=settings.export_retry_seconds,
-        max_attempts=destination.max_attempts,
+        max_attempts=1 if permanent else destination.max_attempts,
         now=now,
     )
     if view.status == OutboxStatus.FAILED:

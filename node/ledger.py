@@ -11,7 +11,7 @@ PostgreSQL works with the same code.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -33,6 +33,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     make_url,
     select,
     update,
@@ -141,6 +142,9 @@ class Instance(Base):
     flagged: Mapped[bool | None] = mapped_column(Boolean)
     area_px: Mapped[int | None] = mapped_column(Integer)
     area_cm2: Mapped[float | None] = mapped_column(Float)
+    side: Mapped[str | None] = mapped_column(String(16))
+    gap_mm: Mapped[float | None] = mapped_column(Float)
+    hemithorax_fraction: Mapped[float | None] = mapped_column(Float)
 
 
 class Result(Base):
@@ -193,6 +197,9 @@ class InstanceView:
     flagged: bool | None
     area_px: int | None
     area_cm2: float | None
+    side: str | None = None
+    gap_mm: float | None = None
+    hemithorax_fraction: float | None = None
 
 
 @dataclass(frozen=True)
@@ -285,6 +292,9 @@ def _instance_view(row: Instance) -> InstanceView:
         flagged=row.flagged,
         area_px=row.area_px,
         area_cm2=row.area_cm2,
+        side=row.side,
+        gap_mm=row.gap_mm,
+        hemithorax_fraction=row.hemithorax_fraction,
     )
 
 
@@ -320,7 +330,7 @@ def _outbox_view(entry: OutboxEntry, result: Result) -> OutboxView:
 # The worker's summary, checked before anything is written.
 
 _IMAGE_STATUSES = {AnalysisStatus.ANALYSED.value, AnalysisStatus.NOT_ANALYSED.value, AnalysisStatus.FAILED.value}
-_RESULT_KINDS = {"SEG", "SR"}
+_RESULT_KINDS = {"SEG", "SR", "GSPS", "SC"}
 
 
 def _require(mapping: Any, key: str, where: str) -> Any:
@@ -405,6 +415,7 @@ class Ledger:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         try:
             Base.metadata.create_all(self.engine)
+            _add_missing_columns(self.engine)
         except SQLAlchemyError as exc:
             raise LedgerError(
                 f"cannot open the ledger database {self._display_url} (PLEURA_DATABASE_URL): {exc}"
@@ -612,11 +623,16 @@ class Ledger:
                 row.flagged = image.get("flagged")
                 row.area_px = image.get("area_px")
                 row.area_cm2 = image.get("area_cm2")
+                row.side = image.get("side")
+                row.gap_mm = image.get("gap_mm")
+                row.hemithorax_fraction = image.get("hemithorax_fraction")
 
+            added = 0
             for result in summary["results"]:
                 existing = session.scalar(select(Result).where(Result.sop_instance_uid == result["sop_instance_uid"]))
                 if existing is not None:
                     continue
+                added += 1
                 session.add(
                     Result(
                         sop_instance_uid=result["sop_instance_uid"],
@@ -651,16 +667,28 @@ class Ledger:
                 # A redelivered summary of a delivered study sets it to done and the refresh
                 # below puts it back to delivered, since nothing new needs sending.
                 study.status, study.reason = _study_outcome(list(instances.values()))
-                self._refresh_delivery(session, study, analysed_at)
+                if not added:  # new results get their outbox rows next, which refreshes the study
+                    self._refresh_delivery(session, study, analysed_at)
         return [str(result["sop_instance_uid"]) for result in summary["results"]]
 
     # -- outbox ----------------------------------------------------------------------------------
 
-    def create_outbox(self, study_uid: str, destinations: Sequence[str], *, now: datetime | None = None) -> list[int]:
-        """Make sure each result of the study has a row per destination; returns the pending ids.
+    def create_outbox(
+        self,
+        study_uid: str,
+        destinations: Sequence[str] | Mapping[str, Collection[str]],
+        *,
+        now: datetime | None = None,
+    ) -> list[int]:
+        """Make sure each result of the study has a row per destination that receives its kind;
+        returns the pending ids.
 
-        Existing rows are kept as they are, so calling this again creates nothing new.
+        ``destinations`` maps each destination label to the result kinds it receives; a plain
+        sequence of labels receives every kind. Existing rows are kept as they are, so calling
+        this again creates nothing new.
         """
+        if not isinstance(destinations, Mapping):
+            destinations = {label: _RESULT_KINDS for label in destinations}
         now = _as_utc(now) if now else utcnow()
         pending: list[int] = []
         with self._transaction() as session:
@@ -673,7 +701,9 @@ class Ledger:
                     entry.destination: entry
                     for entry in session.scalars(select(OutboxEntry).where(OutboxEntry.result_id == result.id))
                 }
-                for destination in destinations:
+                for destination, kinds in destinations.items():
+                    if result.kind not in kinds:
+                        continue
                     entry = existing.get(destination)
                     if entry is None:
                         entry = OutboxEntry(
@@ -813,8 +843,8 @@ class Ledger:
 
     @staticmethod
     def _refresh_delivery(session: Session, study: Study, now: datetime) -> None:
-        """A done study is delivered once every result has reached every destination, and
-        delivery_failed once nothing is pending and some delivery was given up."""
+        """A done study is delivered once every result has reached every destination that receives
+        its kind, and delivery_failed once nothing is pending and some delivery was given up."""
         if study.status not in (StudyStatus.DONE, StudyStatus.DELIVERED, StudyStatus.DELIVERY_FAILED):
             return
         result_ids = list(session.scalars(select(Result.id).where(Result.study_uid == study.study_uid)))
@@ -823,8 +853,9 @@ class Ledger:
             if result_ids
             else []
         )
-        covered = {entry.result_id for entry in entries}
-        delivered = bool(entries) and covered == set(result_ids) and all(e.status == OutboxStatus.SENT for e in entries)
+        # A result no destination receives (a SEG for a destination that takes only the SC) has no
+        # row: the study is delivered once every row there is was sent.
+        delivered = bool(entries) and all(e.status == OutboxStatus.SENT for e in entries)
         if delivered and study.status != StudyStatus.DELIVERED:
             study.status = StudyStatus.DELIVERED.value
             study.delivered_at = max((e.sent_at for e in entries if e.sent_at), default=now)
@@ -864,6 +895,29 @@ class Ledger:
         with self._transaction() as session:
             rows = session.scalars(select(Result).where(Result.study_uid == study_uid).order_by(Result.id))
             return [_result_view(row) for row in rows]
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Add the nullable columns a newer Pleura defines to a ledger an older one created.
+
+    ``create_all`` makes missing tables but never alters existing ones; every column added since
+    the first release is nullable, so an ``ALTER TABLE ... ADD COLUMN`` upgrades a ledger in place
+    (no data is rewritten). Anything else would need a real migration and fails loudly instead.
+    """
+    with engine.begin() as connection:
+        inspector = inspect(connection)
+        for table in Base.metadata.sorted_tables:
+            present = {column["name"] for column in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                if not column.nullable:
+                    raise LedgerError(
+                        f"the ledger's table {table.name} lacks the column {column.name}, which cannot be added in place"
+                    )
+                type_sql = column.type.compile(dialect=engine.dialect)
+                connection.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {type_sql}')
+                log.info("ledger upgraded: added column %s.%s", table.name, column.name)
 
 
 def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:

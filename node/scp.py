@@ -27,7 +27,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (
@@ -41,6 +41,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from config.settings import Settings
+from node.admission import Admission, NodeAE
 from node.ledger import Ledger
 from node.storage import InstanceStore, InvalidUIDError, validate_uid
 
@@ -99,14 +100,16 @@ def _text(dataset: Dataset, keyword: str) -> str | None:
     return str(value).strip() or None
 
 
-def build_ae(settings: Settings) -> AE:
-    """The node's application entity with the contexts it accepts as an SCP."""
-    ae = AE(ae_title=settings.ae_title)
+def build_ae(settings: Settings, admission: Admission | None = None) -> NodeAE:
+    """The node's application entity with the contexts it accepts as an SCP and its admission
+    rules (calling-AE allowlist, association limit, free-space guard, timeouts)."""
+    ae = NodeAE(settings.ae_title, admission or Admission(settings))
     ae.require_called_aet = True
     ae.maximum_pdu_size = settings.max_pdu
-    ae.acse_timeout = 30
-    ae.dimse_timeout = 60
-    ae.network_timeout = 120
+    ae.maximum_associations = settings.max_associations
+    ae.acse_timeout = settings.acse_timeout
+    ae.dimse_timeout = settings.dimse_timeout
+    ae.network_timeout = settings.network_timeout
     ae.add_supported_context(Verification)
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
@@ -116,11 +119,14 @@ def build_ae(settings: Settings) -> AE:
 class StorageSCP:
     """C-ECHO and C-STORE SCP that stores durably and records in the ledger."""
 
-    def __init__(self, settings: Settings, ledger: Ledger, store: InstanceStore) -> None:
+    def __init__(
+        self, settings: Settings, ledger: Ledger, store: InstanceStore, admission: Admission | None = None
+    ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.store = store
-        self.ae = build_ae(settings)
+        self.admission = admission or Admission(settings)
+        self.ae = build_ae(settings, self.admission)
         self._server: ThreadedAssociationServer | None = None
 
     @property
@@ -171,6 +177,10 @@ class StorageSCP:
             if self.ledger.has_instance(sop_uid):
                 log.info("instance %s from %s already received; not stored again", sop_uid, calling_ae)
                 return _status(SUCCESS)
+            full = self.admission.disk_refusal()
+            if full is not None:
+                log.error("refusing instance %s from %s: %s", sop_uid, calling_ae, full)
+                return _status(OUT_OF_RESOURCES, "disk nearly full; try again later")
             key = self.store.write_instance(identity["study_uid"], identity["series_instance_uid"], sop_uid, data)
             created = self.ledger.record_instance(storage_key=key, calling_ae=calling_ae, **identity)
         except (OSError, SQLAlchemyError) as exc:

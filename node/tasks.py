@@ -74,8 +74,8 @@ def register_node_tasks(app: Celery) -> NodeTasks:
         context = node_context(app)
         result_uids = context.ledger.record_analysis(summary)
         study_uid = str(summary["study_uid"])
-        labels = [destination.label for destination in context.settings.destinations]
-        pending = context.ledger.create_outbox(study_uid, labels) if labels else []
+        receives = {destination.label: destination.objects for destination in context.settings.destinations}
+        pending = context.ledger.create_outbox(study_uid, receives) if receives else []
         for outbox_id in pending:
             deliver_result.apply_async(args=[outbox_id])
         study = context.ledger.study_status(study_uid)

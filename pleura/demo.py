@@ -2,7 +2,7 @@
 
 Starts the node (in this process, with its export worker), an analysis worker (a child process)
 and a receiving PACS stand-in, all on loopback; sends a synthetic chest radiograph with a
-pneumothorax; waits for the SEG and SR to arrive at the PACS and shows what they say.
+pneumothorax; waits for the results (SR, SEG, GSPS, SC) to arrive at the PACS and shows what they say.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pynetdicom import AE
 from rich.console import Console
@@ -27,6 +28,19 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+_KIND_BY_CLASS = {
+    pydicom.uid.SegmentationStorage: "SEG",
+    pydicom.uid.ComprehensiveSRStorage: "SR",
+    pydicom.uid.GrayscaleSoftcopyPresentationStateStorage: "GSPS",
+    pydicom.uid.SecondaryCaptureImageStorage: "SC",
+}
+
+
+def _kind(path: Path) -> str:
+    sop_class = pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID
+    return _KIND_BY_CLASS.get(sop_class, str(sop_class))
 
 
 def _write_toml(path: Path, values: dict) -> None:
@@ -114,8 +128,8 @@ def run_demo(workdir: Path | None, timeout: float, console: Console) -> int:
         deadline = time.monotonic() + timeout
         with console.status("waiting for the analysis and the results at the PACS stand-in…"):
             while True:
-                kinds = {pydicom.dcmread(p, stop_before_pixels=True).Modality for p in list(pacs.received)}
-                if {"SEG", "SR"} <= kinds:
+                study = service.ledger.study_status(source.StudyInstanceUID)
+                if study and study["status"] in ("delivered", "delivery_failed", "failed", "not_analysed"):
                     break
                 if worker.poll() is not None:
                     console.print(f"[red]the worker stopped; see {workdir / 'worker.log'}[/]")
@@ -124,12 +138,16 @@ def run_demo(workdir: Path | None, timeout: float, console: Console) -> int:
                     console.print(f"[red]no results after {timeout:.0f}s; see {workdir}[/]")
                     return 1
                 time.sleep(0.5)
+        if study["status"] != "delivered":
+            console.print(f"[red]study ended {study['status']}: {study.get('reason')}; see {workdir}[/]")
+            return 1
 
-        seg_path = next(p for p in pacs.received if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG")
-        sr_path = next(p for p in pacs.received if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR")
-        mask = pydicom.dcmread(seg_path).pixel_array.astype(bool)
-        mask = mask.reshape(-1, source.Rows, source.Columns).any(axis=0)
-        study = service.ledger.study_status(source.StudyInstanceUID)
+        received = {_kind(p): p for p in list(pacs.received)}
+        [image] = service.ledger.list_instances(source.StudyInstanceUID)
+        mask = np.zeros((source.Rows, source.Columns), dtype=bool)
+        if "SEG" in received:
+            mask = pydicom.dcmread(received["SEG"]).pixel_array.astype(bool)
+            mask = mask.reshape(-1, source.Rows, source.Columns).any(axis=0)
         png = render_outline_png(
             source, mask, workdir / "result.png",
             caption=f"p={study['probability']:.2f} {'FLAGGED' if study['flagged'] else 'not flagged'} - synthetic demo model",
@@ -140,10 +158,16 @@ def run_demo(workdir: Path | None, timeout: float, console: Console) -> int:
         table.add_column("value", overflow="fold")
         table.add_row("pneumothorax probability", f"{study['probability']:.3f}")
         table.add_row("flagged", "[bold red]YES[/]" if study["flagged"] else "no")
+        table.add_row("side", image.side or "-")
         table.add_row("area", f"{int(mask.sum())} px" + (f", {study['area_cm2']:.1f} cm²" if study.get("area_cm2") else ""))
+        table.add_row("largest pleural gap", f"{image.gap_mm:.1f} mm" if image.gap_mm is not None else "-")
+        table.add_row(
+            "share of the hemithorax (estimate)",
+            f"{100 * image.hemithorax_fraction:.0f} %" if image.hemithorax_fraction is not None else "-",
+        )
         table.add_row("model", f"{study.get('model_name')} {study.get('model_version')}")
-        table.add_row("SEG received", str(seg_path))
-        table.add_row("SR received", str(sr_path))
+        for kind, path in sorted(received.items()):
+            table.add_row(f"{kind} received", str(path))
         table.add_row("outline PNG", str(png))
         console.print(table)
         return 0

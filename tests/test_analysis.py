@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
+import highdicom as hd
 import pydicom
 import pytest
 
@@ -25,11 +27,19 @@ def _store(analyser: StudyAnalyser, name: str, write) -> dict[str, str]:
     return {"sop_instance_uid": name, "key": key}
 
 
+def _same_study(source: Path, study: pydicom.Dataset, sop_uid: str, target: Path) -> None:
+    """Store a copy of ``source`` as an instance of ``study`` (the node groups instances by study)."""
+    ds = pydicom.dcmread(source)
+    ds.StudyInstanceUID, ds.PatientID, ds.PatientName = study.StudyInstanceUID, study.PatientID, study.PatientName
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.save_as(target, enforce_file_format=True)
+
+
 def test_a_study_with_a_chest_image_an_extremity_and_a_broken_file(analyser):
     positive, truth = synthetic_dicom(seed=77, positive=True, size=512)
     items = [
         _store(analyser, positive.SOPInstanceUID, lambda p: positive.save_as(p, enforce_file_format=True)),
-        _store(analyser, "1.2.3.4", lambda p: shutil.copy(pydicom_data_file("RG3_UNCR.dcm"), p)),
+        _store(analyser, "1.2.3.4", lambda p: _same_study(pydicom_data_file("RG3_UNCR.dcm"), positive, "1.2.3.4", p)),
         _store(analyser, "1.2.3.5", lambda p: p.write_bytes(b"not a DICOM file")),
     ]
     summary = analyser.analyse(positive.StudyInstanceUID, items)
@@ -43,8 +53,12 @@ def test_a_study_with_a_chest_image_an_extremity_and_a_broken_file(analyser):
     assert summary["flagged"] is True
     assert summary["model"]["synthetic_demo"] is True
 
+    assert chest["side"] in ("left", "right") and chest["gap_mm"] > 0
+    assert 0 < chest["hemithorax_fraction"] < 1
+
+    # No destination set: every object kind; one SR for the whole analysis.
     kinds = sorted(result["kind"] for result in summary["results"])
-    assert kinds == ["SEG", "SR"]
+    assert kinds == ["GSPS", "SC", "SEG", "SR"]
     for result in summary["results"]:
         path = analyser.storage_dir / result["key"]
         written = pydicom.dcmread(path)
@@ -55,6 +69,33 @@ def test_a_study_with_a_chest_image_an_extremity_and_a_broken_file(analyser):
     mask = pydicom.dcmread(analyser.storage_dir / seg["key"]).pixel_array.astype(bool)
     overlap = (mask & truth).sum() / max(1, (mask | truth).sum())
     assert overlap > 0.5, f"the synthetic pneumothorax was segmented poorly (IoU {overlap:.2f})"
+
+    # The report says what happened to every image, the ones not analysed included.
+    sr = hd.sr.srread(analyser.storage_dir / next(r for r in summary["results"] if r["kind"] == "SR")["key"])
+    assert len(sr.content.get_planar_roi_measurement_groups()) == 1
+    [extremity] = sr.content.get_image_measurement_groups()
+    assert extremity.source_images[0].referenced_sop_instance_uid == "1.2.3.4"
+    comments = [i.TextValue for i in sr.content[0].ContentSequence if i.ValueType == "TEXT"]
+    assert any(c.startswith("Image 1.2.3.4 not analysed:") and "EXTREMITY" in c for c in comments)
+    assert any(c.startswith("Image 1.2.3.5 not analysed: cannot read stored instance") for c in comments)
+
+
+def test_the_objects_written_follow_the_options(analyser):
+    positive, _ = synthetic_dicom(seed=79, positive=True, size=256)
+    items = [_store(analyser, positive.SOPInstanceUID, lambda p: positive.save_as(p, enforce_file_format=True))]
+    summary = analyser.analyse(positive.StudyInstanceUID, items, {"objects": ["SR", "SEG"], "sc_heatmap": False})
+    assert sorted(r["kind"] for r in summary["results"]) == ["SEG", "SR"]
+    summary = analyser.analyse(positive.StudyInstanceUID, items, {"objects": ["SR", "SC"], "sc_heatmap": True})
+    assert sorted(r["kind"] for r in summary["results"]) == ["SC", "SEG", "SR"]  # the SEG: the SR references it
+
+
+def test_a_study_with_nothing_to_analyse_still_gets_a_report(analyser):
+    items = [_store(analyser, "1.2.3.9", lambda p: shutil.copy(pydicom_data_file("RG3_UNCR.dcm"), p))]
+    summary = analyser.analyse("1.3.6.1.4.1.5962.1.2.11.20040826185059.5457", items)
+    assert summary["images"][0]["status"] == "not_analysed" and summary["flagged"] is False
+    [report] = summary["results"]
+    assert report["kind"] == "SR" and report["source_sop_instance_uid"] is None
+    assert dciodvfy_errors(analyser.storage_dir / report["key"]) == []
 
 
 def test_analysing_again_rewrites_the_same_result_files(analyser):
@@ -95,4 +136,9 @@ def test_one_image_whose_results_cannot_be_written_fails_alone(analyser, monkeyp
     assert by_uid[first.SOPInstanceUID]["status"] == "failed"
     assert "cannot encode this mask" in by_uid[first.SOPInstanceUID]["reason"]
     assert by_uid[second.SOPInstanceUID]["status"] == "analysed"
-    assert {r["source_sop_instance_uid"] for r in summary["results"]} == {second.SOPInstanceUID}
+    per_image = [r for r in summary["results"] if r["kind"] != "SR"]
+    assert {r["source_sop_instance_uid"] for r in per_image} == {second.SOPInstanceUID}
+    [report] = [r for r in summary["results"] if r["kind"] == "SR"]
+    comments = [i.TextValue for i in pydicom.dcmread(analyser.storage_dir / report["key"]).ContentSequence
+                if i.ValueType == "TEXT"]
+    assert any(first.SOPInstanceUID in c and "cannot encode this mask" in c for c in comments)

@@ -22,7 +22,8 @@ def test_demo_sends_an_image_and_shows_what_came_back(tmp_path, demo_bundle):
     assert "flagged" in run.stdout and "YES" in run.stdout
     received = sorted((workdir / "pacs-received").glob("*.dcm"))
     modalities = sorted(pydicom.dcmread(p, stop_before_pixels=True).Modality for p in received)
-    assert modalities == ["SEG", "SR"]
+    assert modalities == ["OT", "PR", "SEG", "SR"]  # SC, GSPS, SEG, SR
+    assert "largest pleural gap" in run.stdout and " mm" in run.stdout
     for path in received:
         assert dciodvfy_errors(path) == []
     png = workdir / "result.png"

@@ -19,7 +19,6 @@ from services import Orthanc, RedisServer, find_tool, free_port, pleura_process,
 from dicom_samples import dciodvfy_errors, pydicom_data_file
 from training.synthetic import synthetic_dicom
 
-SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 RESULT_TIMEOUT = 420  # CPU inference of a 2.5k x 3k radiograph on 2 cores, plus process start-up
 
 
@@ -48,7 +47,10 @@ def synthetic_positive(tmp_path) -> tuple[Path, pydicom.Dataset]:
 class Pleura:
     """A running `pleura node` and `pleura worker` pair on one configuration."""
 
-    def __init__(self, folder: Path, bundle: Path, orthanc: Orthanc, broker_url: str | None):
+    def __init__(
+        self, folder: Path, bundle: Path, orthanc: Orthanc, broker_url: str | None,
+        objects: list[str] | None = None, sc_heatmap: bool = False,
+    ):
         self.port = free_port()
         self.storage = folder / "storage"
         values = dict(
@@ -60,7 +62,11 @@ class Pleura:
             device="cpu",
             settle_seconds=1.0,
             export_retry_seconds=2.0,
-            destinations=[{"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}],
+            sc_heatmap=sc_heatmap,
+            destinations=[
+                {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}
+                | ({"objects": objects} if objects else {})
+            ],
         )
         if broker_url:
             values["broker_url"] = broker_url
@@ -89,59 +95,80 @@ class Pleura:
         self.node.stop()
 
 
-def _results_for(orthanc: Orthanc, source_uid: str) -> dict[str, dict]:
-    """Orthanc's SEG and SR instances that were made from `source_uid`, by kind."""
-    found: dict[str, dict] = {}
+KIND_BY_CLASS = {
+    pydicom.uid.SegmentationStorage: "SEG",
+    pydicom.uid.ComprehensiveSRStorage: "SR",
+    pydicom.uid.GrayscaleSoftcopyPresentationStateStorage: "GSPS",
+    pydicom.uid.SecondaryCaptureImageStorage: "SC",
+}
+
+
+def _check_results(
+    orthanc: Orthanc, source: pydicom.Dataset, folder: Path, ledger: Ledger, kinds: set[str]
+) -> dict[str, pydicom.Dataset]:
+    """Download what Orthanc holds of `source`'s study besides the source, check every object is
+    valid, filed in the source's study and references it, and that its kinds are `kinds` (the SEG
+    only when the ledger says the image was flagged)."""
+    flagged = ledger.study_status(source.StudyInstanceUID)["flagged"]
+    expected = set(kinds) - ({"SEG"} if not flagged else set())
+    source_study = next(
+        (orthanc.get(f"/instances/{tags['_id']}/study")["ID"] for tags in orthanc.instances()
+         if tags.get("SOPInstanceUID") == source.SOPInstanceUID),
+        None,
+    )
+    found: dict[str, list[pydicom.Dataset]] = {}
     for tags in orthanc.instances():
-        if tags.get("SOPInstanceUID") == source_uid:
+        if tags.get("StudyInstanceUID") != source.StudyInstanceUID or tags.get("SOPInstanceUID") == source.SOPInstanceUID:
             continue
-        kind = "SEG" if tags.get("Modality") == "SEG" else "SR" if tags.get("Modality") == "SR" else None
-        if kind:
-            found.setdefault(kind, []).append(tags)
-    return found
-
-
-def _check_results(orthanc: Orthanc, source: pydicom.Dataset, folder: Path) -> tuple[pydicom.Dataset, pydicom.Dataset]:
-    """Download the SEG and SR made from `source`, check they are valid and reference it."""
-    segs, srs = [], []
-    for tags in orthanc.instances():
         path = orthanc.download(tags["_id"], folder / f"{tags['_id']}.dcm")
         ds = pydicom.dcmread(path)
-        if ds.StudyInstanceUID != source.StudyInstanceUID or ds.SOPInstanceUID == source.SOPInstanceUID:
-            continue
-        assert dciodvfy_errors(path) == [], f"dciodvfy errors in {ds.Modality} {path}"
-        (segs if ds.Modality == "SEG" else srs).append(ds)
-    assert len(segs) == 1 and len(srs) == 1, (len(segs), len(srs))
-    seg, sr = segs[0], srs[0]
-    assert seg.SOPClassUID == SEG_CLASS
-    seg_refs = {
-        inst.ReferencedSOPInstanceUID
-        for series in seg.ReferencedSeriesSequence
-        for inst in series.ReferencedInstanceSequence
-    }
-    assert source.SOPInstanceUID in seg_refs
+        kind = KIND_BY_CLASS[ds.SOPClassUID]
+        assert dciodvfy_errors(path) == [], f"dciodvfy errors in {kind} {path}"
+        if source_study is not None:
+            assert orthanc.get(f"/instances/{tags['_id']}/study")["ID"] == source_study, f"{kind} filed elsewhere"
+        assert ds.PatientID == source.PatientID and ds.PatientName == source.PatientName
+        assert "DEMO" in ds.SeriesDescription.upper()
+        found.setdefault(kind, []).append(ds)
+    assert set(found) == expected, (set(found), expected)
+    assert all(len(objects) == 1 for objects in found.values()), {k: len(v) for k, v in found.items()}
+    results = {kind: objects[0] for kind, objects in found.items()}
+
     sr_refs = {
         inst.ReferencedSOPInstanceUID
-        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for study in results["SR"].CurrentRequestedProcedureEvidenceSequence
         for series in study.ReferencedSeriesSequence
         for inst in series.ReferencedSOPSequence
     }
-    assert {source.SOPInstanceUID, seg.SOPInstanceUID} <= sr_refs
-    assert "DEMO" in seg.SeriesDescription.upper()
-    return seg, sr
+    assert source.SOPInstanceUID in sr_refs
+    if "SEG" in results:
+        seg = results["SEG"]
+        assert source.SOPInstanceUID in {
+            inst.ReferencedSOPInstanceUID
+            for series in seg.ReferencedSeriesSequence
+            for inst in series.ReferencedInstanceSequence
+        }
+        if "SR" in results:
+            assert seg.SOPInstanceUID in sr_refs
+    if "GSPS" in results:
+        referenced = results["GSPS"].ReferencedSeriesSequence[0].ReferencedImageSequence[0]
+        assert referenced.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    if "SC" in results:
+        assert results["SC"].SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    return results
 
 
-def _wait_for_results(orthanc: Orthanc, pleura: Pleura, study_uids: set[str]) -> None:
+def _wait_for_delivery(pleura: Pleura, study_uids: set[str]) -> None:
+    ledger = pleura.ledger
+
     def delivered() -> bool:
         assert pleura.node.alive(), pleura.logs()
         assert pleura.worker.alive(), pleura.logs()
-        studies: dict[str, set[str]] = {}
-        for tags in orthanc.instances():
-            studies.setdefault(tags.get("StudyInstanceUID"), set()).add(tags.get("Modality"))
-        return all({"SEG", "SR"} <= studies.get(uid, set()) for uid in study_uids)
+        statuses = {uid: (ledger.study_status(uid) or {}).get("status") for uid in study_uids}
+        assert not {"failed", "delivery_failed"} & set(statuses.values()), (statuses, pleura.logs())
+        return all(status == "delivered" for status in statuses.values())
 
     try:
-        wait_for(delivered, RESULT_TIMEOUT, "SEG and SR of every study in Orthanc", interval=1.0)
+        wait_for(delivered, RESULT_TIMEOUT, "every study delivered to Orthanc", interval=1.0)
     except TimeoutError as exc:
         raise AssertionError(f"{exc}\n{pleura.logs()}") from None
 
@@ -151,8 +178,15 @@ def test_redis_path_real_radiograph_and_synthetic_to_orthanc(tmp_path, demo_bund
     real = pydicom.dcmread(real_path, stop_before_pixels=True)
     assert real.PhotometricInterpretation == "MONOCHROME1" and real.BitsStored == 15
     synth_path, synth = synthetic_positive
+    # The modality sends to the PACS as well: results must be filed in the images' own studies.
+    to_pacs = subprocess.run(
+        [find_tool("storescu"), "-aet", "MODALITY", "-aec", orthanc.ae_title, "127.0.0.1", str(orthanc.dicom_port),
+         str(real_path), str(synth_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert to_pacs.returncode == 0, to_pacs.stderr
 
-    pleura = Pleura(tmp_path, demo_bundle, orthanc, redis_server.url)
+    pleura = Pleura(tmp_path, demo_bundle, orthanc, redis_server.url, sc_heatmap=True)
     try:
         echo = subprocess.run(
             [find_tool("echoscu"), "-aec", "PLEURA", "127.0.0.1", str(pleura.port)], capture_output=True, text=True
@@ -160,22 +194,19 @@ def test_redis_path_real_radiograph_and_synthetic_to_orthanc(tmp_path, demo_bund
         assert echo.returncode == 0, echo.stderr
         sent = pleura.storescu(real_path, synth_path)
         assert sent.returncode == 0, sent.stderr
-        _wait_for_results(orthanc, pleura, {real.StudyInstanceUID, synth.StudyInstanceUID})
-
-        _check_results(orthanc, real, tmp_path)
-        seg, sr = _check_results(orthanc, synth, tmp_path)
-        assert seg.pixel_array.any(), "the synthetic pneumothorax was not segmented"
+        _wait_for_delivery(pleura, {real.StudyInstanceUID, synth.StudyInstanceUID})
 
         ledger = pleura.ledger
-        wait_for(
-            lambda: ledger.study_status(synth.StudyInstanceUID)["status"] == "delivered", 60, "the ledger to say delivered"
-        )
+        every_kind = {"SR", "SEG", "GSPS", "SC"}
+        _check_results(orthanc, real, tmp_path, ledger, every_kind)
+        results = _check_results(orthanc, synth, tmp_path, ledger, every_kind)
+        assert results["SEG"].pixel_array.any(), "the synthetic pneumothorax was not segmented"
+
         synth_status = ledger.study_status(synth.StudyInstanceUID)
         assert synth_status["flagged"] is True, synth_status
         assert synth_status["probability"] >= 0.5
-        wait_for(
-            lambda: ledger.study_status(real.StudyInstanceUID)["status"] == "delivered", 60, "the real study delivered"
-        )
+        [image] = ledger.list_instances(synth.StudyInstanceUID)
+        assert image.side in ("left", "right") and image.gap_mm > 0
         real_status = ledger.study_status(real.StudyInstanceUID)
         assert real_status["model_name"] == "pleura-demo" and real_status["synthetic_model"] is True
         assert 0.0 <= real_status["probability"] <= 1.0
@@ -188,18 +219,16 @@ def test_embedded_broker_path_and_resend_makes_no_duplicate_work(tmp_path, demo_
     synth_path, synth = synthetic_positive
     real_path = pydicom_data_file("RG1_J2KR.dcm")  # the same radiograph, JPEG 2000 lossless this time
     real = pydicom.dcmread(real_path, stop_before_pixels=True)
-    pleura = Pleura(tmp_path, demo_bundle, orthanc, broker_url=None)
+    # This PACS takes the report and the presentation state only.
+    pleura = Pleura(tmp_path, demo_bundle, orthanc, broker_url=None, objects=["SR", "GSPS"])
     try:
         assert pleura.storescu(synth_path).returncode == 0
         sent = pleura.storescu(real_path, options=("-xv",))  # propose JPEG 2000 lossless
         assert sent.returncode == 0, sent.stderr
-        _wait_for_results(orthanc, pleura, {synth.StudyInstanceUID, real.StudyInstanceUID})
-        _check_results(orthanc, synth, tmp_path)
-        _check_results(orthanc, real, tmp_path)
+        _wait_for_delivery(pleura, {synth.StudyInstanceUID, real.StudyInstanceUID})
         ledger = pleura.ledger
-        wait_for(
-            lambda: ledger.study_status(synth.StudyInstanceUID)["status"] == "delivered", 60, "the ledger to say delivered"
-        )
+        _check_results(orthanc, synth, tmp_path, ledger, {"SR", "GSPS"})
+        _check_results(orthanc, real, tmp_path, ledger, {"SR", "GSPS"})
         before = len(orthanc.instances())
 
         # The modality sends the same image again: stored once, analysed once.
@@ -211,5 +240,29 @@ def test_embedded_broker_path_and_resend_makes_no_duplicate_work(tmp_path, demo_
         assert status["status"] == "delivered"
         assert status["instances"] == 1
         assert len(orthanc.instances()) == before
+    finally:
+        pleura.stop()
+
+
+def test_a_study_with_nothing_to_analyse_gets_a_report_at_the_pacs(tmp_path, demo_bundle, orthanc):
+    extremity_path = pydicom_data_file("RG3_UNCR.dcm")
+    extremity = pydicom.dcmread(extremity_path, stop_before_pixels=True)
+    pleura = Pleura(tmp_path, demo_bundle, orthanc, broker_url=None)
+    try:
+        assert pleura.storescu(extremity_path).returncode == 0
+        ledger = pleura.ledger
+
+        def report_sent() -> bool:
+            assert pleura.worker.alive(), pleura.logs()
+            status = (ledger.study_status(extremity.StudyInstanceUID) or {}).get("status")
+            outbox = ledger.list_outbox(extremity.StudyInstanceUID)
+            return status == "not_analysed" and bool(outbox) and all(row.status == "sent" for row in outbox)
+
+        wait_for(report_sent, RESULT_TIMEOUT, "the not-analysed report delivered")
+        [tags] = [t for t in orthanc.instances() if t.get("StudyInstanceUID") == extremity.StudyInstanceUID]
+        report = pydicom.dcmread(orthanc.download(tags["_id"], tmp_path / "report.dcm"))
+        assert report.SOPClassUID == pydicom.uid.ComprehensiveSRStorage
+        comments = [item.TextValue for item in report.ContentSequence if item.ValueType == "TEXT"]
+        assert any("not analysed" in c and "EXTREMITY" in c for c in comments), comments
     finally:
         pleura.stop()

@@ -13,8 +13,8 @@ import pytest
 from celery import Celery
 
 import dicom_peers
-from config.settings import Settings
-from node.dispatch import dispatch_analysis, make_dispatcher
+from config.settings import Destination, Settings
+from node.dispatch import analysis_options, dispatch_analysis, make_dispatcher
 from node.ledger import Ledger, utcnow
 from node.settle import SettleLoop
 from worker.celery_app import ANALYSE_STUDY, RADIOGRAPH_QUEUE, make_celery
@@ -79,7 +79,9 @@ def test_dispatch_sends_the_task_by_name_with_references_only(tmp_path: Path, re
     headers, (args, kwargs, _) = next_message(app)
     assert headers["task"] == ANALYSE_STUDY
     assert headers["id"] == task_id
-    assert args == ["1.2.3", INSTANCES] and kwargs == {}
+    # The options say which result objects to write: all four when no destination is set.
+    assert args == ["1.2.3", INSTANCES, {"objects": ["SR", "SEG", "GSPS", "SC"], "sc_heatmap": False}]
+    assert kwargs == {}
 
 
 def test_a_study_waits_for_the_broker_and_is_then_dispatched_once(tmp_path: Path) -> None:
@@ -104,7 +106,7 @@ def test_a_study_waits_for_the_broker_and_is_then_dispatched_once(tmp_path: Path
         assert loop.run_once(utcnow() + timedelta(seconds=1)) == ["1.2.3"]
         assert loop.run_once(utcnow() + timedelta(seconds=2)) == []
         headers, (args, _, _) = next_message(app)
-        assert args == ["1.2.3", INSTANCES]
+        assert args[:2] == ["1.2.3", INSTANCES]
         study = ledger.study_status("1.2.3")
         assert (study["status"], study["task_id"]) == ("queued", headers["id"])
     finally:
@@ -118,5 +120,20 @@ def test_dispatch_through_the_embedded_broker(tmp_path: Path) -> None:
     task_id = dispatch_analysis(app, "1.2.3", INSTANCES)
 
     headers, (args, _, _) = next_message(app)
-    assert (headers["task"], headers["id"], args) == (ANALYSE_STUDY, task_id, ["1.2.3", INSTANCES])
+    assert (headers["task"], headers["id"], args[:2]) == (ANALYSE_STUDY, task_id, ["1.2.3", INSTANCES])
     assert (tmp_path / "broker.sqlite").is_file()
+
+
+def test_analysis_options_ask_for_what_the_destinations_receive(tmp_path: Path) -> None:
+    settings = Settings(
+        storage_dir=tmp_path,
+        sc_heatmap=True,
+        destinations=[
+            Destination(ae_title="PACS", host="127.0.0.1", port=104, objects=["SEG", "GSPS"]),
+            Destination(ae_title="VIEWER", host="127.0.0.1", port=105, objects=["SC"]),
+        ],
+    )
+    # The SR is always written: it is the record of the analysis.
+    assert analysis_options(settings) == {"objects": ["SR", "SEG", "GSPS", "SC"], "sc_heatmap": True}
+    only_sr = Settings(storage_dir=tmp_path, destinations=[Destination(ae_title="RIS", host="h", port=1, objects=["SR"])])
+    assert analysis_options(only_sr) == {"objects": ["SR"], "sc_heatmap": False}

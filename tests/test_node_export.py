@@ -262,3 +262,59 @@ def test_deliver_task_asks_celery_to_retry_with_the_backoff(storage: Path, monke
     assert early.result["state"] == "skipped"
     assert ledger.outbox_entry(outbox_id).attempts == 1
     ledger.close()
+
+
+class PickyPACS:
+    """A pynetdicom Storage SCP that knows only the calling AE `allowed` and answers every C-STORE
+    with `status`."""
+
+    def __init__(self, *, allowed: str = "PLEURA", status: int = 0x0000) -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+        self.port = dicom_peers.free_port()
+        self.ae = AE(ae_title="PACS")
+        self.ae.require_calling_aet = [allowed]
+        for context in AllStoragePresentationContexts:
+            self.ae.add_supported_context(context.abstract_syntax, ExplicitVRLittleEndian)
+        self.server = self.ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: status)]
+        )
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("allowed", "status", "permanent"),
+    [
+        ("SOMEONE", 0x0000, True),  # our AE title is unknown there: rejected-permanent
+        ("PLEURA", 0xA900, True),  # data set does not match the SOP class
+        ("PLEURA", 0xC001, True),  # cannot understand
+        ("PLEURA", 0xA700, False),  # out of resources: worth retrying
+    ],
+)
+def test_a_permanent_refusal_stops_retrying_and_says_why(storage: Path, allowed: str, status: int, permanent: bool) -> None:
+    pacs = PickyPACS(allowed=allowed, status=status)
+    try:
+        destination = Destination(ae_title="PACS", host="127.0.0.1", port=pacs.port, max_attempts=5)
+        settings = Settings(storage_dir=storage, destinations=[destination], export_retry_seconds=10)
+        ledger = Ledger(settings.ledger_url)
+        results = analysed_study(ledger, storage)
+        ledger.record_analysis(summary(results[:1]))
+        [outbox_id] = ledger.create_outbox(STUDY, [destination.label], now=T0)
+
+        outcome = deliver_outbox_entry(ledger, InstanceStore(storage), settings, outbox_id, now=T0)
+
+        [row] = ledger.list_outbox(STUDY)
+        if permanent:
+            assert (outcome.state, row.status, row.attempts) == ("failed", "failed", 1)
+            assert row.last_error.startswith("permanent refusal, not retried:")
+            assert ledger.study_status(STUDY)["status"] == "delivery_failed"
+            if allowed != "PLEURA":
+                assert "Calling AE title not recognised" in row.last_error
+        else:
+            assert (outcome.state, row.status) == ("retry", "pending")
+            assert "0xA700" in row.last_error
+        ledger.close()
+    finally:
+        pacs.stop()

@@ -134,7 +134,7 @@ def analysed(sop: str, probability: float, flagged: bool) -> dict[str, Any]:
     }
 
 
-def result(kind: str, uid: str, source: str) -> dict[str, Any]:
+def result(kind: str, uid: str, source: str | None) -> dict[str, Any]:
     return {
         "kind": kind,
         "key": f"results/{STUDY}/{uid}.dcm",
@@ -409,3 +409,46 @@ def test_concurrent_receivers_record_each_instance_once(ledger: Ledger) -> None:
 def test_a_ledger_in_a_missing_folder_names_the_setting(tmp_path: Path) -> None:
     with pytest.raises(LedgerError, match="PLEURA_DATABASE_URL"):
         Ledger(f"sqlite:///{tmp_path / 'missing' / 'ledger.sqlite'}")
+
+
+def test_each_destination_gets_only_the_kinds_it_receives(ledger: Ledger) -> None:
+    record(ledger, "1.2.3.1", T0)
+    ledger.mark_queued(STUDY)
+    image = analysed("1.2.3.1", 0.9, True) | {"side": "left", "gap_mm": 31.5, "hemithorax_fraction": 0.21}
+    ledger.record_analysis(
+        summary(
+            [image],
+            [result("SEG", "2.25.1", "1.2.3.1"), result("SR", "2.25.2", None), result("GSPS", "2.25.3", "1.2.3.1"),
+             result("SC", "2.25.4", "1.2.3.1")],
+        )
+    )
+    [instance] = ledger.list_instances(STUDY)
+    assert (instance.side, instance.gap_mm, instance.hemithorax_fraction) == ("left", 31.5, 0.21)
+
+    ids = ledger.create_outbox(STUDY, {"PACS@127.0.0.1:104": ["SR", "SEG"], "VIEWER@127.0.0.1:105": ["SC"]}, now=T0)
+    rows = {(row.destination, row.result_kind) for row in ledger.list_outbox(STUDY)}
+    assert rows == {("PACS@127.0.0.1:104", "SR"), ("PACS@127.0.0.1:104", "SEG"), ("VIEWER@127.0.0.1:105", "SC")}
+    # The GSPS no destination receives does not keep the study from being delivered.
+    for outbox_id in ids:
+        assert ledger.claim_outbox(outbox_id, now=T0) is not None
+        ledger.record_delivery_success(outbox_id, now=T0)
+    assert ledger.study_status(STUDY)["status"] == "delivered"
+
+
+def test_a_ledger_made_by_an_older_version_gains_the_new_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    Ledger(f"sqlite:///{path}").close()
+    with sqlite3.connect(path) as connection:  # the instances table as the first release made it
+        connection.execute("ALTER TABLE instances DROP COLUMN side")
+        connection.execute("ALTER TABLE instances DROP COLUMN hemithorax_fraction")
+    old = {row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(instances)")}
+    assert "side" not in old
+
+    upgraded = Ledger(f"sqlite:///{path}")
+    record(upgraded, "1.2.3.1", T0)
+    upgraded.mark_queued(STUDY)
+    upgraded.record_analysis(summary([analysed("1.2.3.1", 0.2, False) | {"side": "right"}], []))
+    assert upgraded.list_instances(STUDY)[0].side == "right"
+    upgraded.close()

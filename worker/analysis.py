@@ -1,4 +1,8 @@
-"""Analyse one study: select eligible images, decode, infer in batches, write SEG + SR.
+"""Analyse one study: select eligible images, decode, infer in batches, write the result objects.
+
+Per analysed image: a SEG when it is flagged, and the GSPS and SC when some destination receives
+them; per analysis: one SR covering every image, analysed or not (with the reason), so a study is
+never left without an answer.
 
 The worker reads the images from shared storage by key and writes its results back there; it
 never touches the node's ledger. What it returns (and sends to the node's export queue) is a
@@ -18,13 +22,16 @@ from pydicom.errors import InvalidDicomError
 
 from node.storage import InstanceStore, write_durably
 from training.bundle import Bundle, load_bundle
+from worker.inference.heatmap import gradcam_heatmap
 from worker.inference.models import LoadedModels, load_models
 from worker.inference.predict import predict_images
 from worker.inference.preprocess import ImageDecodeError, decode_radiograph
 from worker.inference.result import ImageFinding
 from worker.inference.select import ineligibility_reason
+from worker.writers.gsps import build_gsps
+from worker.writers.sc import build_sc
 from worker.writers.seg import build_seg
-from worker.writers.sr import build_sr
+from worker.writers.sr import AnalysedImage, SkippedImage, build_sr
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +48,35 @@ def failed_summary(study_uid: str, instances: list[dict[str, str]], reason: str)
         "study_uid": study_uid,
         "model": {"name": "unavailable", "version": "unavailable", "synthetic_demo": False},
         "images": [
-            {"sop_instance_uid": item["sop_instance_uid"], "status": "failed", "reason": reason, "probability": None,
-             "flagged": None, "area_px": None, "area_cm2": None}
-            for item in instances
+            _image_entry(item["sop_instance_uid"], status="failed", reason=reason) for item in instances
         ],
         "results": [],
         "flagged": False,
         "analysed_at": datetime.now(timezone.utc).isoformat(),
     }
+
+
+ALL_OBJECTS = ("SR", "SEG", "GSPS", "SC")
+
+
+def _image_entry(sop_instance_uid: str, *, status: str = "not_analysed", reason: str | None = None) -> dict[str, Any]:
+    """One image's line of the summary, before its finding is known."""
+    return {
+        "sop_instance_uid": sop_instance_uid,
+        "status": status,
+        "reason": reason,
+        "probability": None,
+        "flagged": None,
+        "area_px": None,
+        "area_cm2": None,
+        "side": None,
+        "gap_mm": None,
+        "hemithorax_fraction": None,
+    }
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(float(value), digits)
 
 
 class StudyAnalyser:
@@ -68,28 +96,31 @@ class StudyAnalyser:
     def _result_key(self, study_uid: str, sop_instance_uid: str) -> str:
         return f"results/{study_uid}/{sop_instance_uid}.dcm"
 
-    def analyse(self, study_uid: str, instances: list[dict[str, str]]) -> dict[str, Any]:
-        """Analyse the instances; one image's failure is recorded for that image alone."""
+    def analyse(
+        self, study_uid: str, instances: list[dict[str, str]], options: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Analyse the instances; one image's failure is recorded for that image alone.
+
+        ``options["objects"]`` names the per-image objects to write besides the SR and SEG
+        ("GSPS", "SC"; default all), ``options["sc_heatmap"]`` adds the Grad-CAM heat map to the SC.
+        """
+        options = options or {}
+        objects = set(options.get("objects") or ALL_OBJECTS)
+        heatmap = bool(options.get("sc_heatmap", False))
         identity = self.bundle.identity
         images: dict[str, dict[str, Any]] = {}
+        headers: dict[str, pydicom.Dataset] = {}
         candidates: list[tuple[str, Path]] = []
         for item in instances:
             sop_uid, key = item["sop_instance_uid"], item["key"]
-            entry = images[sop_uid] = {
-                "sop_instance_uid": sop_uid,
-                "status": "not_analysed",
-                "reason": None,
-                "probability": None,
-                "flagged": None,
-                "area_px": None,
-                "area_cm2": None,
-            }
+            entry = images[sop_uid] = _image_entry(sop_uid)
             try:
                 path = self.store.path(key)
                 header = pydicom.dcmread(path, stop_before_pixels=True)  # pixels only for eligible images
             except (OSError, ValueError, InvalidDicomError) as exc:
                 entry.update(status="failed", reason=f"cannot read stored instance {key}: {exc}")
                 continue
+            headers[sop_uid] = header
             reason = ineligibility_reason(header)
             if reason:
                 entry["reason"] = reason
@@ -98,6 +129,7 @@ class StudyAnalyser:
 
         recipe = self.bundle.manifest.preprocessing
         results: list[dict[str, Any]] = []
+        analysed: list[AnalysedImage] = []
         for start in range(0, len(candidates), self.batch_size):
             batch: list[tuple[str, pydicom.Dataset, Any]] = []
             for sop_uid, path in candidates[start : start + self.batch_size]:
@@ -111,22 +143,38 @@ class StudyAnalyser:
             findings = predict_images(
                 self.models, [image for _, _, image in batch], [ds for _, ds, _ in batch], batch_size=self.batch_size
             )
-            for (sop_uid, dataset, _), finding in zip(batch, findings):
+            for (sop_uid, dataset, image), finding in zip(batch, findings):
                 try:
-                    results.extend(self._write_results(study_uid, sop_uid, dataset, finding))
+                    seg, written = self._write_image_results(study_uid, sop_uid, dataset, image, finding, objects, heatmap)
                 except Exception as exc:
                     log.exception("cannot write the results of an image")
                     images[sop_uid].update(status="failed", reason=f"cannot write results: {type(exc).__name__}: {exc}")
                     continue
+                results.extend(written)
+                analysed.append(AnalysedImage(dataset, finding, seg))
                 images[sop_uid].update(
                     status="analysed",
                     probability=round(float(finding.probability), 6),
                     flagged=bool(finding.flagged),
                     area_px=int(finding.area_px),
-                    area_cm2=None if finding.area_cm2 is None else round(float(finding.area_cm2), 3),
+                    area_cm2=_rounded(finding.area_cm2, 3),
+                    side=finding.side,
+                    gap_mm=_rounded(finding.gap_mm, 2),
+                    hemithorax_fraction=_rounded(finding.hemithorax_fraction, 4),
                 )
                 log.info("image analysed: p=%.3f flagged=%s area_px=%d", finding.probability, finding.flagged,
                          finding.area_px)
+
+        # The report: every image of this analysis, analysed or not. Without it the analysis has
+        # no answer, so a failure here fails the task (and is retried).
+        skipped = [
+            SkippedImage(sop_uid, entry["reason"] or entry["status"], headers.get(sop_uid))
+            for sop_uid, entry in images.items()
+            if entry["status"] != "analysed"
+        ]
+        if analysed or any(image.source is not None for image in skipped):
+            sr = build_sr(analysed, skipped, identity)
+            results.append(self._store(study_uid, "SR", sr, None))
 
         return {
             "study_uid": study_uid,
@@ -137,23 +185,36 @@ class StudyAnalyser:
             "analysed_at": datetime.now(timezone.utc).isoformat(),
         }
 
-    def _write_results(
-        self, study_uid: str, sop_uid: str, dataset: pydicom.Dataset, finding: ImageFinding
-    ) -> list[dict[str, Any]]:
+    def _store(self, study_uid: str, kind: str, obj: pydicom.Dataset, source_sop_uid: str | None) -> dict[str, Any]:
+        key = self._result_key(study_uid, obj.SOPInstanceUID)
+        _write_result(obj, self.store.path(key))
+        return {
+            "kind": kind,
+            "key": key,
+            "sop_instance_uid": str(obj.SOPInstanceUID),
+            "sop_class_uid": str(obj.SOPClassUID),
+            "source_sop_instance_uid": source_sop_uid,
+        }
+
+    def _write_image_results(
+        self,
+        study_uid: str,
+        sop_uid: str,
+        dataset: pydicom.Dataset,
+        image: Any,
+        finding: ImageFinding,
+        objects: set[str],
+        heatmap: bool,
+    ) -> tuple[Any, list[dict[str, Any]]]:
+        """The SEG (flagged images), GSPS and SC of one image: (the SEG or None, their summaries)."""
         identity = self.bundle.identity
-        seg = build_seg(dataset, finding, identity)
-        sr = build_sr(dataset, finding, seg, identity)
-        written = []
-        for kind, obj in (("SEG", seg), ("SR", sr)):
-            key = self._result_key(study_uid, obj.SOPInstanceUID)
-            _write_result(obj, self.store.path(key))
-            written.append(
-                {
-                    "kind": kind,
-                    "key": key,
-                    "sop_instance_uid": str(obj.SOPInstanceUID),
-                    "sop_class_uid": str(obj.SOPClassUID),
-                    "source_sop_instance_uid": sop_uid,
-                }
-            )
-        return written
+        built: list[tuple[str, pydicom.Dataset]] = []
+        seg = build_seg(dataset, finding, identity) if finding.flagged else None
+        if seg is not None:
+            built.append(("SEG", seg))
+        if "GSPS" in objects:
+            built.append(("GSPS", build_gsps(dataset, finding, identity)))
+        if "SC" in objects:
+            heat = gradcam_heatmap(self.models, image) if heatmap else None
+            built.append(("SC", build_sc(dataset, image, finding, identity, heat)))
+        return seg, [self._store(study_uid, kind, obj, sop_uid) for kind, obj in built]

@@ -32,8 +32,13 @@ def _analyser(app: Celery):
 
 def register_worker_tasks(app: Celery) -> None:
     @app.task(name=ANALYSE_STUDY, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=MAX_RETRIES)
-    def analyse_study(self: Task, study_uid: str, instances: list[dict[str, str]]) -> dict[str, Any]:
+    def analyse_study(
+        self: Task, study_uid: str, instances: list[dict[str, str]], options: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Analyse the given instances of one study; idempotent (result UIDs are deterministic).
+
+        ``options`` (from :func:`node.dispatch.analysis_options`) say which result objects to
+        write; a message without them (sent by an older node) gets every object.
 
         An unexpected error is retried with a growing delay; after the last try the node is told
         the study failed, with the reason, so it never waits in "queued" for ever.
@@ -41,7 +46,7 @@ def register_worker_tasks(app: Celery) -> None:
         from worker.analysis import failed_summary
 
         try:
-            summary = _analyser(self.app).analyse(study_uid, instances)
+            summary = _analyser(self.app).analyse(study_uid, instances, options)
         except Exception as exc:
             if self.request.retries < MAX_RETRIES:
                 log.warning("analysis of a study failed (%s); retrying", exc)

@@ -9,12 +9,12 @@ import numpy as np
 import pydicom
 import torch
 
-from training.bundle import Preprocessing
+from worker.inference.measure import measure_mask
 from worker.inference.models import LoadedModels
-from worker.inference.preprocess import apply_clahe, describe_source, mask_to_source, to_network_input
+from worker.inference.preprocess import describe_source, mask_to_source, network_inputs
 from worker.inference.result import ImageFinding
 
-__all__ = ["network_inputs", "pixel_spacing_mm", "predict_images"]
+__all__ = ["pixel_spacing_mm", "predict_images"]
 
 
 def positive_pair(value: object) -> tuple[float, float] | None:
@@ -53,18 +53,6 @@ def pixel_spacing_mm(ds: pydicom.Dataset) -> tuple[float, float] | None:
     return spacing[0] / factor, spacing[1] / factor
 
 
-def network_inputs(images: Sequence[np.ndarray], decoded_with: Preprocessing, recipe: Preprocessing) -> np.ndarray:
-    """A batch (N, C, S, S) for a network with ``recipe`` from images decoded with the bundle's shared
-    recipe ``decoded_with``; a network that alone uses CLAHE gets it applied here."""
-    own_clahe = recipe.clahe and not decoded_with.clahe
-    return np.stack(
-        [
-            to_network_input(apply_clahe(image, recipe.clahe_clip_limit) if own_clahe else image, recipe)
-            for image in images
-        ]
-    )
-
-
 def predict_images(
     models: LoadedModels,
     images: Sequence[np.ndarray],
@@ -78,8 +66,10 @@ def predict_images(
     classifier and one of the U-Net. The U-Net probability map is resized to the source grid and
     thresholded at ``thresholds.mask``; the image is flagged when the classifier probability reaches
     ``thresholds.probability`` and that mask covers at least ``thresholds.min_area_px`` source
-    pixels. The mask is reported as the U-Net drew it even when the image is not flagged, so the
-    writers and reviewers see what the segmenter saw; ``flagged`` carries the decision.
+    pixels. Side, largest gap and hemithorax fraction come from
+    :func:`~worker.inference.measure.measure_mask`. The mask is reported as the U-Net drew it even
+    when the image is not flagged, so the writers and reviewers see what the segmenter saw;
+    ``flagged`` carries the decision.
     """
     if len(images) != len(sources):
         raise ValueError(f"predict_images: {len(images)} images but {len(sources)} source datasets")
@@ -120,6 +110,7 @@ def predict_images(
             spacing = pixel_spacing_mm(source)
             area_cm2 = area_px * spacing[0] * spacing[1] / 100.0 if spacing is not None else None
             flagged = probability >= thresholds.probability and area_px >= thresholds.min_area_px
+            measured = measure_mask(mask, image, source, spacing)
             findings.append(
                 ImageFinding(
                     probability=probability,
@@ -128,6 +119,11 @@ def predict_images(
                     mask=mask,
                     area_px=area_px,
                     area_cm2=area_cm2,
+                    side=measured.side,
+                    side_assumed=measured.side_assumed,
+                    gap_px=measured.gap_px,
+                    gap_mm=measured.gap_mm,
+                    hemithorax_fraction=measured.hemithorax_fraction,
                 )
             )
     return findings

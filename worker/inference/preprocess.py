@@ -16,6 +16,7 @@ plain resize back to (Rows, Columns) and every source pixel gets a probability.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ __all__ = [
     "decode_radiograph",
     "describe_source",
     "mask_to_source",
+    "network_inputs",
     "normalise_input",
     "resize_to_input",
     "to_network_input",
@@ -213,6 +215,19 @@ def normalise_input(resized: np.ndarray | torch.Tensor, recipe: Preprocessing):
     if recipe.normalisation == "zscore":
         values = (values - recipe.mean) / recipe.std
     return np.repeat(values[None], recipe.channels, axis=0).astype(np.float32, copy=False)
+
+
+def network_inputs(images: Sequence[np.ndarray], decoded_with: Preprocessing, recipe: Preprocessing) -> np.ndarray:
+    """A batch (N, C, S, S) for a network with ``recipe`` from images decoded with ``decoded_with``
+    (the bundle's shared recipe, :attr:`Manifest.preprocessing`). A network that alone uses CLAHE gets
+    it applied here: CLAHE is decoding's last step, so the result equals decoding with ``recipe``."""
+    own_clahe = recipe.clahe and not decoded_with.clahe
+    return np.stack(
+        [
+            to_network_input(apply_clahe(image, recipe.clahe_clip_limit) if own_clahe else image, recipe)
+            for image in images
+        ]
+    )
 
 
 def decode_bitmap(pixels: np.ndarray, recipe: Preprocessing, where: str = "image") -> np.ndarray:

@@ -22,3 +22,16 @@ class ImageFinding:
     area_px: int
     area_cm2: float | None
     """None when the image carries no usable pixel spacing."""
+    side: str | None = None
+    """"right", "left" or "bilateral" (the patient's side), None when the mask is empty or the
+    image's orientation cannot tell (see :mod:`worker.inference.measure`)."""
+    side_assumed: bool = False
+    """True when the side follows the usual display convention because the image has no
+    Patient Orientation."""
+    gap_px: float | None = None
+    """Largest pleural gap (widest point of the mask) in pixels; None when the mask is empty."""
+    gap_mm: float | None = None
+    """The same in mm at the patient; None without a usable pixel spacing."""
+    hemithorax_fraction: float | None = None
+    """Mask area over the estimated area of the affected hemithorax (0..1); None when the lung
+    fields cannot be estimated."""

@@ -1,22 +1,31 @@
-"""The Structured Report result: a TID 1500 Measurement Report for one projection radiograph.
+"""The Structured Report result: one TID 1500 Measurement Report per analysis of a study.
 
-Content tree (Comprehensive SR, the SR class PACS and viewers support most widely; nothing here
-needs 3D coordinates)::
+Every analysis of a study gets a report, positive or negative, and so does a study none of whose
+images could be analysed: a PACS never stays silent about a study Pleura received. Content tree
+(Comprehensive SR, the SR class PACS and viewers support most widely; nothing here needs 3D
+coordinates)::
 
     Imaging Measurement Report (TID 1500)
       Language, Device Observer "Pleura" (model name, manufacturer), Procedure Reported
-      Image Library: the source image (when its header allows the TID 1603 descriptors)
+      Image Library: the images (when their headers allow the TID 1603 descriptors)
       Imaging Measurements
-        Measurement Group (TID 1410, planar ROI = the SEG's "Pneumothorax" segment)
-          Tracking Identifier / Tracking UID (the same UID as the SEG segment's Tracking UID)
+        per image with a finding: Measurement Group (TID 1410, planar ROI = the SEG's segment)
+          Tracking Identifier / UID (the SEG segment's and the GSPS outline's Tracking UID)
           Finding: Pneumothorax; Finding Category: Morphologically abnormal structure
+          Finding Site: Pleural structure, Laterality Right / Left / Bilateral
           Algorithm Identification (TID 4019): model name, version, family AI, manufacturer
           Referenced Segmentation Frame -> the SEG; Source Image For Segmentation -> the image
           Certainty of Finding = classifier probability (UCUM "1")
           Threshold Value = decision threshold (UCUM "1")
           Area (cm2) when the image has a usable pixel spacing; Area ({pixels}) always
-          Pneumothorax = Present / Absent  (the decision: present iff the image is flagged)
-          Rendering Intent = Presentation Required / Not for Presentation (flagged or not)
+          Width, derivation Maximum = the largest pleural gap (mm when the spacing is known; pixels)
+          Fraction of hemithorax (99PLEURA, %) when the lung fields could be estimated
+          Pneumothorax = Present; Rendering Intent = Presentation Required
+        per image without a finding: Measurement Group (TID 1501) on the source image
+          Certainty of Finding, Threshold Value; Pneumothorax = Absent; Not for Presentation
+        per image not analysed (with a readable header): Measurement Group (TID 1501)
+          Pneumothorax = Not performed (SCT 262008008)
+      Comment, per image not analysed: its SOP Instance UID and the reason
       Comment: the model's intended use, led by the synthetic-demo warning for demo models
 
 Present/Absent is the model's final decision (``finding.flagged``: classifier above threshold and a
@@ -26,6 +35,9 @@ a reader can see how the decision was reached.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import pydicom
 from highdicom.seg import Segmentation
 from highdicom.sr import (
@@ -33,8 +45,10 @@ from highdicom.sr import (
     CodedConcept,
     ComprehensiveSR,
     DeviceObserverIdentifyingAttributes,
+    FindingSite,
     Measurement,
     MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
     ObservationContext,
     ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
@@ -42,6 +56,7 @@ from highdicom.sr import (
     ReferencedSegmentationFrame,
     RelationshipTypeValues,
     SourceImageForMeasurement,
+    SourceImageForMeasurementGroup,
     SourceImageForSegmentation,
     TextContentItem,
     TrackingIdentifier,
@@ -51,20 +66,21 @@ from pydicom.sr.coding import Code
 
 from training.bundle import ModelIdentity
 from worker.inference.result import ImageFinding
-from worker.writers.seg import (
+from worker.writers.common import (
     ALGORITHM_FAMILY,
     DEMO_LABEL,
     FINDING_CATEGORY,
     MANUFACTURER,
     PNEUMOTHORAX,
-    SEGMENT_NUMBER,
+    SERIES_NUMBERS,
+    carry_context,
     describe,
     source_header,
     tracking_uid,
 )
-from worker.writers.uids import device_uid, instance_uid, series_uid
+from worker.writers.seg import SEGMENT_NUMBER
+from worker.writers.uids import device_uid, result_uid, series_uid, study_result_uid
 
-SR_SERIES_NUMBER = 9902
 DEVICE_OBSERVER_NAME = "Pleura"
 
 # The classifier's output probability. DCM 111012 "Certainty of Finding" is the concept DICOM's
@@ -74,9 +90,19 @@ PROBABILITY = codes.DCM.CertaintyOfFinding
 # The bundle's probability threshold the decision was taken with: DCM 122411 "Threshold Value".
 THRESHOLD = codes.DCM.ThresholdValue
 AREA = codes.SCT.Area  # SCT 42798000
+# The largest pleural gap: the pneumothorax's Width (SCT 103355008) with derivation Maximum.
+WIDTH = codes.SCT.Width
+MAXIMUM = codes.SCT.Maximum  # SCT 56851009
+# No standard concept names the share of a hemithorax a finding takes: a local code (the "99"
+# prefix marks a private coding scheme, declared in the Coding Scheme Identification Sequence).
+PRIVATE_SCHEME = "99PLEURA"
+HEMITHORAX_FRACTION = Code("HTXFRACTION", PRIVATE_SCHEME, "Fraction of hemithorax")
+PLEURAL_STRUCTURE = codes.SCT.PleuralStructure  # SCT 3120008
+LATERALITY = {"right": codes.SCT.Right, "left": codes.SCT.Left, "bilateral": codes.SCT.Bilateral}
 # The codes of DICOM's Present/Absent context groups (SCT 272519000, not 2667000, for Absent).
 PRESENT = codes.SCT.Present  # SCT 52101004
 ABSENT = codes.SCT.Absent  # SCT 272519000
+NOT_PERFORMED = codes.SCT.NotPerformed  # SCT 262008008
 # "Flagged" in CAD terms: DCM 111056 "Rendering Intent", which CAD SR uses to say whether a
 # viewer is expected to show a finding.
 RENDERING_INTENT = codes.DCM.RenderingIntent
@@ -88,21 +114,57 @@ COMMENT = codes.DCM.Comment  # DCM 121106
 
 UNIT_ONE = codes.UCUM.NoUnits  # "1"
 UNIT_CM2 = codes.UCUM.SquareCentimeter  # "cm2"
+UNIT_MM = codes.UCUM.Millimeter
+UNIT_PERCENT = codes.UCUM.Percent
 UNIT_PIXELS = CodedConcept("{pixels}", "UCUM", "pixels")
 
 
+@dataclass(frozen=True)
+class AnalysedImage:
+    """An image the models ran on: its dataset (header enough), the finding, and the SEG made
+    from it when the image is flagged."""
+
+    source: pydicom.Dataset
+    finding: ImageFinding
+    seg: Segmentation | None = None
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """An image of the study that was not analysed, with the reason; ``source`` is its header
+    when it could be read."""
+
+    sop_instance_uid: str
+    reason: str
+    source: pydicom.Dataset | None = None
+
+
+def sr_instance_uid(study_uid: str, sop_instance_uids: Sequence[str], model: ModelIdentity) -> str:
+    """The report's SOP Instance UID: the same images and model version give the same report."""
+    return study_result_uid(study_uid, sop_instance_uids, model, "SR")
+
+
 def build_sr(
-    source: pydicom.Dataset,
-    finding: ImageFinding,
-    seg: Segmentation,
+    analysed: Sequence[AnalysedImage],
+    skipped: Sequence[SkippedImage],
     model: ModelIdentity,
 ) -> ComprehensiveSR:
-    """The TID 1500 report of ``finding`` on ``source``, referencing the pneumothorax segment of ``seg``.
+    """The TID 1500 report of one analysis of a study.
 
-    ``seg`` must be the SEG :func:`worker.writers.seg.build_seg` made from the same source and model.
+    ``analysed`` holds each image the models ran on (with its SEG when flagged, which the report
+    then references), ``skipped`` each image of the analysis that was not analysed and why.
+    Raises ValueError when no image has a readable header (there is no patient or study to
+    report on), when the images belong to different studies, or a SEG was not made from its image.
     """
-    header = source_header(source)
-    _check_seg_matches(seg, header)
+    headers = [source_header(image.source) for image in analysed]
+    skipped_headers = [source_header(image.source) for image in skipped if image.source is not None]
+    context = (headers + skipped_headers)[:1]
+    if not context:
+        raise ValueError("cannot write a report: no image of the analysis has a readable header")
+    study_uid = str(context[0].StudyInstanceUID)
+    for header in headers + skipped_headers:
+        if str(header.StudyInstanceUID) != study_uid:
+            raise ValueError("the images of one report must belong to one study")
 
     algorithm = AlgorithmIdentification(
         name=model.name,
@@ -110,26 +172,107 @@ def build_sr(
         family=ALGORITHM_FAMILY,
         manufacturer=model.manufacturer,
     )
-    source_of_measurement = [SourceImageForMeasurement.from_source_image(header)]
-
-    def measurement(
-        name: Code, value: float, unit: Code | CodedConcept, *, on_image: bool = False
-    ) -> Measurement:
-        return Measurement(
-            name=name,
-            value=value,
-            unit=unit,
-            algorithm_id=algorithm,
-            referenced_images=source_of_measurement if on_image else None,
+    groups: list[PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations] = []
+    for image, header in zip(analysed, headers):
+        if image.seg is not None:
+            groups.append(_finding_group(image, header, algorithm, model))
+        else:
+            groups.append(_negative_group(image, header, algorithm, model))
+    for header in skipped_headers:
+        groups.append(
+            MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=TrackingIdentifier(
+                    uid=result_uid(header.SOPInstanceUID, model.name, model.version, "NOT-ANALYSED"),
+                    identifier="Not analysed",
+                ),
+                finding_type=PNEUMOTHORAX,
+                algorithm_id=algorithm,
+                qualitative_evaluations=[QualitativeEvaluation(PNEUMOTHORAX, NOT_PERFORMED)],
+                source_images=[SourceImageForMeasurementGroup.from_source_image(header)],
+            )
         )
 
+    observer = ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=device_uid(model),
+            name=DEVICE_OBSERVER_NAME,
+            manufacturer_name=model.manufacturer,
+            model_name=model.name,
+        ),
+    )
+    library = [header for header in headers + skipped_headers if _has_library_descriptors(header)]
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=PLAIN_CHEST_XRAY,
+        imaging_measurements=groups,
+        referenced_images=library or None,
+    )
+    # TID 1500 is an extensible template: comments carry what the codes cannot say, where anyone
+    # reading the report's text sees it: why an image was not analysed, and the intended use (led
+    # by the demo warning).
+    comments = [f"Image {image.sop_instance_uid} not analysed: {image.reason}" for image in skipped]
+    comments += [
+        f"Image {header.SOPInstanceUID}: side from the usual display convention (no Patient Orientation)"
+        for image, header in zip(analysed, headers)
+        if image.finding.flagged and image.finding.side_assumed
+    ]
+    comments.append(_intended_use_text(model))
+    for text in comments:
+        report[0].ContentSequence.append(
+            TextContentItem(name=COMMENT, value=text, relationship_type=RelationshipTypeValues.CONTAINS)
+        )
+
+    sop_uids = [str(h.SOPInstanceUID) for h in headers] + [image.sop_instance_uid for image in skipped]
+    sr = ComprehensiveSR(
+        evidence=headers + skipped_headers + [image.seg for image in analysed if image.seg is not None],
+        content=report[0],
+        series_instance_uid=series_uid(study_uid, model, "SR"),
+        series_number=SERIES_NUMBERS["SR"],
+        sop_instance_uid=sr_instance_uid(study_uid, sop_uids, model),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=model.name,
+        software_versions=model.version,
+        series_description=describe("SR", model),
+        is_complete=True,
+        is_final=False,  # an algorithm's output, not a radiologist's report
+        is_verified=False,
+    )
+    _declare_private_scheme(sr)
+    return carry_context(sr, context[0])
+
+
+def _measurement(
+    name: Code, value: float, unit: Code | CodedConcept, algorithm: AlgorithmIdentification,
+    source: list[SourceImageForMeasurement] | None = None, derivation: Code | None = None,
+) -> Measurement:
+    return Measurement(
+        name=name, value=value, unit=unit, algorithm_id=algorithm, referenced_images=source, derivation=derivation
+    )
+
+
+def _finding_group(
+    image: AnalysedImage, header: pydicom.Dataset, algorithm: AlgorithmIdentification, model: ModelIdentity
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    finding, seg = image.finding, image.seg
+    assert seg is not None
+    _check_seg_matches(seg, header)
+    on_image = [SourceImageForMeasurement.from_source_image(header)]
     measurements = [
-        measurement(PROBABILITY, float(finding.probability), UNIT_ONE, on_image=True),
-        measurement(THRESHOLD, float(finding.threshold), UNIT_ONE),
+        _measurement(PROBABILITY, float(finding.probability), UNIT_ONE, algorithm, on_image),
+        _measurement(THRESHOLD, float(finding.threshold), UNIT_ONE, algorithm),
     ]
     if finding.area_cm2 is not None:
-        measurements.append(measurement(AREA, float(finding.area_cm2), UNIT_CM2, on_image=True))
-    measurements.append(measurement(AREA, int(finding.area_px), UNIT_PIXELS, on_image=True))
+        measurements.append(_measurement(AREA, float(finding.area_cm2), UNIT_CM2, algorithm, on_image))
+    measurements.append(_measurement(AREA, int(finding.area_px), UNIT_PIXELS, algorithm, on_image))
+    if finding.gap_mm is not None:
+        measurements.append(_measurement(WIDTH, round(finding.gap_mm, 2), UNIT_MM, algorithm, on_image, MAXIMUM))
+    if finding.gap_px is not None:
+        measurements.append(_measurement(WIDTH, round(finding.gap_px, 2), UNIT_PIXELS, algorithm, on_image, MAXIMUM))
+    if finding.hemithorax_fraction is not None:
+        percent = round(100.0 * finding.hemithorax_fraction, 1)
+        measurements.append(_measurement(HEMITHORAX_FRACTION, percent, UNIT_PERCENT, algorithm, on_image))
 
     referenced_segment = ReferencedSegmentationFrame(
         sop_class_uid=seg.SOPClassUID,
@@ -141,61 +284,58 @@ def build_sr(
     # The SOP Instance Reference macro forbids Referenced Segment Number next to Referenced Frame
     # Number (the frame already names its segment); highdicom writes both, dciodvfy rejects that.
     del referenced_segment[0].ReferencedSOPSequence[0].ReferencedSegmentNumber
-    group = PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(
-            uid=tracking_uid(source, model),
-            identifier=_tracking_text(model),
-        ),
+    sites = None
+    if finding.side is not None:
+        sites = [FindingSite(anatomic_location=PLEURAL_STRUCTURE, laterality=LATERALITY[finding.side])]
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=tracking_uid(header, model), identifier=_tracking_text(model)),
         referenced_segment=referenced_segment,
         finding_type=PNEUMOTHORAX,
         finding_category=FINDING_CATEGORY,
+        finding_sites=sites,
         algorithm_id=algorithm,
         measurements=measurements,
         qualitative_evaluations=[
-            QualitativeEvaluation(PNEUMOTHORAX, PRESENT if finding.flagged else ABSENT),
-            QualitativeEvaluation(RENDERING_INTENT, FLAGGED if finding.flagged else NOT_FLAGGED),
+            QualitativeEvaluation(PNEUMOTHORAX, PRESENT),
+            QualitativeEvaluation(RENDERING_INTENT, FLAGGED),
         ],
     )
-    observer = ObserverContext(
-        observer_type=codes.cid270.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=device_uid(model),
-            name=DEVICE_OBSERVER_NAME,
-            manufacturer_name=model.manufacturer,
-            model_name=model.name,
-        ),
-    )
-    report = MeasurementReport(
-        observation_context=ObservationContext(observer_device_context=observer),
-        procedure_reported=PLAIN_CHEST_XRAY,
-        imaging_measurements=[group],
-        referenced_images=[header] if _has_library_descriptors(header) else None,
-    )
-    # TID 1500 is an extensible template: a closing comment carries the intended use (and the
-    # demo warning) where anyone reading the report's text sees it.
-    report[0].ContentSequence.append(
-        TextContentItem(
-            name=COMMENT,
-            value=_intended_use_text(model),
-            relationship_type=RelationshipTypeValues.CONTAINS,
-        )
+
+
+def _negative_group(
+    image: AnalysedImage, header: pydicom.Dataset, algorithm: AlgorithmIdentification, model: ModelIdentity
+) -> MeasurementsAndQualitativeEvaluations:
+    finding = image.finding
+    if finding.flagged:
+        raise ValueError(f"image {header.SOPInstanceUID} is flagged but has no SEG to reference")
+    on_image = [SourceImageForMeasurement.from_source_image(header)]
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=tracking_uid(header, model), identifier=_tracking_text(model)),
+        finding_type=PNEUMOTHORAX,
+        finding_category=FINDING_CATEGORY,
+        algorithm_id=algorithm,
+        measurements=[
+            _measurement(PROBABILITY, float(finding.probability), UNIT_ONE, algorithm, on_image),
+            _measurement(THRESHOLD, float(finding.threshold), UNIT_ONE, algorithm),
+        ],
+        qualitative_evaluations=[
+            QualitativeEvaluation(PNEUMOTHORAX, ABSENT),
+            QualitativeEvaluation(RENDERING_INTENT, NOT_FLAGGED),
+        ],
+        source_images=[SourceImageForMeasurementGroup.from_source_image(header)],
     )
 
-    return ComprehensiveSR(
-        evidence=[header, seg],
-        content=report[0],
-        series_instance_uid=series_uid(header.StudyInstanceUID, model, "SR"),
-        series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=instance_uid(header.SOPInstanceUID, model, "SR"),
-        instance_number=int(seg.InstanceNumber),
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=model.name,
-        software_versions=model.version,
-        series_description=describe("SR", model),
-        is_complete=True,
-        is_final=False,  # an algorithm's output, not a radiologist's report
-        is_verified=False,
-    )
+
+def _declare_private_scheme(sr: pydicom.Dataset) -> None:
+    """Declare the private coding scheme of :data:`HEMITHORAX_FRACTION` (SR Document General module)."""
+    item = pydicom.Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = "Pleura local codes"
+    item.CodingSchemeResponsibleOrganization = MANUFACTURER
+    schemes = list(sr.get("CodingSchemeIdentificationSequence", []))
+    if not any(s.CodingSchemeDesignator == PRIVATE_SCHEME for s in schemes):
+        schemes.append(item)
+    sr.CodingSchemeIdentificationSequence = schemes
 
 
 def _tracking_text(model: ModelIdentity) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 
 from training.bundle import ModelIdentity
 
@@ -41,3 +42,10 @@ def series_uid(study_instance_uid: str, model: ModelIdentity, kind: str) -> str:
 def device_uid(model: ModelIdentity) -> str:
     """Device Observer UID of the model (the same for every report one model version writes)."""
     return result_uid(model.manufacturer, model.name, model.version, "device")
+
+
+def study_result_uid(study_instance_uid: str, source_sop_instance_uids: Sequence[str], model: ModelIdentity,
+                     kind: str) -> str:
+    """SOP Instance UID of a ``kind`` result about a set of images of one study (the order of the
+    images does not matter)."""
+    return result_uid(study_instance_uid, *sorted(set(source_sop_instance_uids)), model.name, model.version, kind)
