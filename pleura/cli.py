@@ -308,7 +308,10 @@ def _list_presets(value: bool) -> None:
 
 @app.command()
 def train(
-    preset_name: str = typer.Option(..., "--preset", "-p", help="recipe name (see --list-presets)"),
+    preset_names: list[str] = typer.Option(
+        ..., "--preset", "-p",
+        help="recipe name (see --list-presets); give a classifier and a U-Net preset to train both networks",
+    ),
     data: Path = DataOption,
     labels: Optional[Path] = LabelsOption,
     data_format: Optional[str] = FormatOption,
@@ -343,11 +346,16 @@ def train(
         False, "--list-presets", callback=_list_presets, is_eager=True, help="list the presets and exit"
     ),
 ) -> None:
-    """Train one network of a preset and write a model bundle that `pleura worker` runs unchanged."""
+    """Train a preset's network and write a model bundle that `pleura worker` runs unchanged.
+
+    With one preset the bundle's other network comes from --base. With a classifier and a U-Net
+    preset both are trained on the same split, each in OUT/PRESET, and OUT/<second preset>/bundle
+    holds both.
+    """
     from training.bundle import BundleError, load_bundle
     from training.datasets import DatasetError
     from training.presets import PresetError, get_preset, parse_override, with_overrides
-    from training.trainer import TrainingError, train as run_training
+    from training.trainer import CHECKPOINTS, SPLITS_FILE, TrainingError, train as run_training
 
     try:
         overrides = dict(parse_override(item) for item in set_)
@@ -356,29 +364,43 @@ def train(
             "imbalance": imbalance, "encoder_weights": encoder_weights, "patience": patience,
             "steps_per_epoch": steps_per_epoch, "seed": seed,
         }
-        preset = with_overrides(get_preset(preset_name), {**overrides, **{k: v for k, v in flags.items() if v is not None}})
+        chosen = {**overrides, **{k: v for k, v in flags.items() if v is not None}}
+        presets = [with_overrides(get_preset(name_), chosen) for name_ in preset_names]
     except PresetError as exc:
         console.print(f"[bold red]Preset error[/]: {exc}")
         raise typer.Exit(2) from None
+    if len(presets) > 2 or (len(presets) == 2 and {p.task for p in presets} != {"classify", "segment"}):
+        console.print("[bold red]Preset error[/]: give one preset, or one classifier and one U-Net preset")
+        raise typer.Exit(2)
     base_dir = base or _settings(config).bundle_dir
     try:
-        base_bundle = load_bundle(base_dir)
+        current_base = load_bundle(base_dir)
     except BundleError as exc:
         console.print(f"[bold red]Base bundle error[/]: {exc}")
         raise typer.Exit(2) from None
     index = _read_data(data, labels, data_format, skip_bad)
     _report_data(index)
-    other = "segmenter" if preset.task == "classify" else "classifier"
-    console.print(f"training the {preset.network_role} of {preset.name}; the {other} comes from {base_dir} ({base_bundle.identity.label})")
-    try:
-        result = run_training(
-            preset, index, out, base=base_bundle, split_file=split_file, fractions=_fractions(split), device=device,
-            resume=resume, cache_root=cache_dir, skip_bad=skip_bad, name=name, version=version,
-            intended_use=intended_use, console=console,
-        )
-    except (TrainingError, DatasetError, BundleError, ValueError) as exc:
-        console.print(f"[bold red]Training error[/]: {exc}")
-        raise typer.Exit(2) from None
+    fractions = _fractions(split)
+    current_split = split_file
+    result = None
+    for preset in presets:
+        run_dir = out if len(presets) == 1 else out / preset.name
+        other = "segmenter" if preset.task == "classify" else "classifier"
+        source = f"{current_base.path} ({current_base.identity.label})"
+        console.print(f"training the {preset.network_role} of {preset.name} in {run_dir}; the {other} comes from {source}")
+        stage_resume = resume and (len(presets) == 1 or (run_dir / CHECKPOINTS / "last.pt").exists())
+        try:
+            result = run_training(
+                preset, index, run_dir, base=current_base, split_file=current_split, fractions=fractions,
+                device=device, resume=stage_resume, cache_root=cache_dir, skip_bad=skip_bad, name=name,
+                version=version, intended_use=intended_use, console=console,
+            )
+        except (TrainingError, DatasetError, BundleError, ValueError) as exc:
+            console.print(f"[bold red]Training error[/]: {exc}")
+            raise typer.Exit(2) from None
+        current_base = result.bundle
+        current_split = current_split or run_dir / SPLITS_FILE
+    assert result is not None
     console.print(json.dumps(result.bundle.manifest.metrics, indent=2))
     console.print(f"use it: PLEURA_MODEL_DIR={result.bundle.path} pleura worker")
 

@@ -238,10 +238,11 @@ def test_resume_continues_exactly_and_early_stopping_stops(
     assert resumed.best_epoch == straight.best_epoch
 
     # lr 0: nothing improves after the first epoch, so patience 1 stops at epoch 2 of 5.
-    stopped = train(
-        _tiny("cls-cbr-baseline", epochs=5, patience=1, lr=1e-12, monitor="loss"), data, tmp_path / "early", **common
-    )
+    early = _tiny("cls-cbr-baseline", epochs=5, patience=1, lr=1e-12, monitor="loss")
+    stopped = train(early, data, tmp_path / "early", **common)
     assert stopped.stopped_early and stopped.epochs_run == 2 and stopped.best_epoch == 1
+    again = train(early, data, tmp_path / "early", resume=True, **common)  # stays stopped
+    assert again.stopped_early and again.epochs_run == 2 and len(_metrics_rows(tmp_path / "early")) == 2
 
 
 def test_train_refuses_what_cannot_work(synthetic_siim: Path, tiny_base_bundle: Path, tmp_path: Path):
@@ -352,3 +353,29 @@ def test_classifier_trains_on_a_chestxray14_layout(tiny_base_bundle: Path, tmp_p
     assert "ChestX-ray14 layout" in manifest.classifier.training["data"]
     assert not manifest.classifier.training["synthetic"]  # PNGs carry no synthetic marker ...
     assert manifest.synthetic_demo  # ... but the U-Net is the synthetic base's
+
+
+def test_cli_trains_both_networks_of_a_bundle(synthetic_siim: Path, tiny_base_bundle: Path, tmp_path: Path):
+    from pleura.cli import app
+
+    args = [
+        "train", "--preset", "cls-cbr-baseline", "--preset", "seg-unet-resnet18", "--data", str(synthetic_siim),
+        "--out", str(tmp_path / "run"), "--base", str(tiny_base_bundle), "--epochs", "1", "--batch-size", "4",
+        "--steps-per-epoch", "1", "--input-size", "64", "--set", "extra.encoder_depth=3",
+        "--set", "extra.decoder_channels=[16, 8, 4]", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+    ]
+    # The classifier preset takes no U-Net arguments: one extra for both presets does not fit.
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "cbr" in refused.output
+
+    args = [a for a in args if not a.startswith(("extra.", "--set"))]
+    trained = CliRunner().invoke(app, args)
+    assert trained.exit_code == 0, trained.output
+    final = load_bundle(tmp_path / "run" / "seg-unet-resnet18" / "bundle")
+    assert final.manifest.classifier.training["preset"] == "cls-cbr-baseline"
+    assert final.manifest.segmenter.training["preset"] == "seg-unet-resnet18"
+    assert final.manifest.segmenter.training["split_file"] == str(tmp_path / "run" / "cls-cbr-baseline" / "splits.csv")
+    assert final.manifest.synthetic_demo  # synthetic data
+    resumed = CliRunner().invoke(app, [*args, "--resume"])  # a finished run resumes to the same bundle
+    assert resumed.exit_code == 0, resumed.output
+    assert len(_metrics_rows(tmp_path / "run" / "seg-unet-resnet18")) == 1

@@ -396,6 +396,7 @@ def train(
         scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
         start_epoch, best_score, best_epoch, bad_epochs = 1, -math.inf, 0, 0
+        stopped_early = False
         best_metrics: dict[str, float] = {}
         if resume:
             state = torch.load(last_file, map_location=target, weights_only=False)
@@ -407,6 +408,7 @@ def train(
             start_epoch = state["epoch"] + 1
             best_score, best_epoch, bad_epochs = state["best_score"], state["best_epoch"], state["bad_epochs"]
             best_metrics = state["best_metrics"]
+            stopped_early = bool(state.get("stopped_early", False))
             console.print(f"resuming {out_dir} after epoch {state['epoch']} (best so far: epoch {best_epoch})")
 
         with_mask = preset.task == "segment"
@@ -417,8 +419,9 @@ def train(
             steps_per_epoch = min(steps_per_epoch, preset.steps_per_epoch)
         epochs_task = bar.add_task(f"{preset.name}: epochs", total=preset.epochs, completed=start_epoch - 1)
         steps_task = bar.add_task("  batches", total=steps_per_epoch)
-        stopped_early = False
         epoch = start_epoch - 1
+        if stopped_early:  # a resumed run that had stopped early stays stopped
+            start_epoch = preset.epochs + 1
         for epoch in range(start_epoch, preset.epochs + 1):
             # Everything random in an epoch follows from (seed, epoch): a resumed run repeats it exactly.
             epoch_seed = preset.seed * 100_003 + epoch
@@ -466,12 +469,13 @@ def train(
                 scheduler.step(score)
             elif scheduler is not None:
                 scheduler.step()
-            improved = score > best_score
+            improved = score > best_score or best_epoch == 0  # the first epoch counts even with a NaN score
             if improved:
                 best_score, best_epoch, bad_epochs, best_metrics = score, epoch, 0, dict(metrics)
                 _atomic_save({key: value.detach().cpu() for key, value in network.state_dict().items()}, best_file)
             else:
                 bad_epochs += 1
+            stopped_early = bool(preset.patience and bad_epochs >= preset.patience)
             _append_metrics(out_dir / METRICS_FILE, metrics, first=epoch == 1)
             _atomic_save(
                 {
@@ -484,6 +488,7 @@ def train(
                     "best_epoch": best_epoch,
                     "bad_epochs": bad_epochs,
                     "best_metrics": best_metrics,
+                    "stopped_early": stopped_early,
                 },
                 last_file,
             )
@@ -493,8 +498,7 @@ def train(
                 + ("  [green]best[/]" if improved else "")
             )
             bar.advance(epochs_task)
-            if preset.patience and bad_epochs >= preset.patience:
-                stopped_early = True
+            if stopped_early:
                 console.print(f"early stop: no improvement of val {preset.monitored} for {preset.patience} epochs")
                 break
 
