@@ -1,4 +1,4 @@
-"""The `pleura` command: run the node and the workers, build the demo model, run the demo."""
+"""The `pleura` command: run the node and the workers, build the demo model, run the demo, train models."""
 
 from __future__ import annotations
 
@@ -139,6 +139,270 @@ def demo(
     from pleura.demo import run_demo
 
     sys.exit(run_demo(workdir=workdir, timeout=timeout, console=Console()))
+
+
+# --- training: data sets and `pleura train` -------------------------------------------------------
+
+dataset_app = typer.Typer(
+    help="Training data: check a data set, write a patient-level split, generate a synthetic set.",
+    no_args_is_help=True,
+)
+app.add_typer(dataset_app, name="dataset")
+
+DataOption = typer.Option(..., "--data", "-d", help="data set directory (SIIM-ACR or ChestX-ray14 layout)")
+LabelsOption = typer.Option(
+    None, "--rle", "--labels", help="label file: SIIM train-rle.csv or ChestX-ray14 Data_Entry_2017*.csv (default: found in --data)"
+)
+FormatOption = typer.Option(None, "--format", help="siim or cxr14 (default: detected)")
+SkipBadOption = typer.Option(False, "--skip-bad", help="leave out unusable images and report them, instead of stopping")
+
+
+def _read_data(data: Path, labels: Optional[Path], data_format: Optional[str], skip_bad: bool):
+    from training.datasets import DatasetError, read_dataset
+
+    if data_format not in (None, "siim", "cxr14"):
+        console.print(f"[bold red]--format[/] must be siim or cxr14, not {data_format!r}")
+        raise typer.Exit(2)
+    try:
+        index = read_dataset(data, labels, kind=data_format, skip_bad=skip_bad)  # type: ignore[arg-type]
+    except DatasetError as exc:
+        console.print(f"[bold red]Data error[/]: {exc}")
+        raise typer.Exit(2) from None
+    return index
+
+
+def _report_data(index, limit: int = 20) -> None:
+    console.print(index.describe())
+    for problem in index.problems[:limit]:
+        console.print(f"[yellow]skipped[/] {problem}")
+    if len(index.problems) > limit:
+        console.print(f"[yellow]... and {len(index.problems) - limit} more skipped[/]")
+    for path in index.unlabelled[:limit]:
+        console.print(f"[yellow]no label row[/] {path} (not used)")
+    if len(index.unlabelled) > limit:
+        console.print(f"[yellow]... and {len(index.unlabelled) - limit} more images without a label row[/]")
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or any(v < 0 for v in values) or sum(values) <= 0:
+        console.print(f"[bold red]--split[/] takes three fractions train,val,test (e.g. 0.7,0.15,0.15), not {text!r}")
+        raise typer.Exit(2)
+    return values  # type: ignore[return-value]
+
+
+@dataset_app.command("check")
+def dataset_check(
+    data: Path = DataOption,
+    labels: Optional[Path] = LabelsOption,
+    data_format: Optional[str] = FormatOption,
+    skip_bad: bool = SkipBadOption,
+    decode: bool = typer.Option(False, help="also decode every image's pixel data (slow: the whole set is read)"),
+) -> None:
+    """Read a data set's labels and headers; report images, patients, positives and anything unusable."""
+    index = _read_data(data, labels, data_format, skip_bad)
+    _report_data(index)
+    if not decode:
+        return
+    from rich.progress import Progress
+
+    from training.bundle import Preprocessing
+    from training.cache import decode_example
+    from worker.inference.preprocess import ImageDecodeError
+
+    failures = 0
+    with Progress(console=console) as bar:
+        task = bar.add_task("decoding pixel data", total=len(index.examples))
+        for example in index.examples:
+            try:
+                image = decode_example(example, Preprocessing())
+                if index.has_masks and image.shape != (example.height, example.width):
+                    raise ImageDecodeError(
+                        f"pixel data is {image.shape}, the header says {example.height}x{example.width}"
+                    )
+            except (ImageDecodeError, OSError, ValueError) as exc:
+                failures += 1
+                row = f", row {example.rows[0]}" if example.rows else ""
+                console.print(f"[bold red]cannot decode[/] {example.path}{row}: {exc}")
+            bar.advance(task)
+    if failures:
+        console.print(
+            f"[bold red]{failures} image(s) will not decode[/] (pleura train stops on them; --skip-bad leaves them out)"
+        )
+        raise typer.Exit(1)
+    console.print(f"[green]all {len(index.examples)} images decode[/]")
+
+
+@dataset_app.command("split")
+def dataset_split(
+    data: Path = DataOption,
+    out: Path = typer.Option(..., "--out", "-o", help="split file to write (CSV)"),
+    labels: Optional[Path] = LabelsOption,
+    data_format: Optional[str] = FormatOption,
+    split: str = typer.Option("0.7,0.15,0.15", "--split", help="train,val,test fractions (of patients, per class)"),
+    seed: int = typer.Option(0),
+    skip_bad: bool = SkipBadOption,
+) -> None:
+    """Write a stratified, patient-level train/val/test split, for `pleura train --split-file`."""
+    from training.splits import make_splits, split_counts, write_splits
+
+    index = _read_data(data, labels, data_format, skip_bad)
+    _report_data(index)
+    assignment = make_splits(index.examples, _fractions(split), seed=seed)
+    write_splits(out, index.examples, assignment)
+    for name, (images, positives) in split_counts(index.examples, assignment).items():
+        console.print(f"{name}: {images} images, {positives} with pneumothorax")
+    console.print(f"[green]written[/] {out}")
+
+
+@dataset_app.command("synthetic")
+def dataset_synthetic(
+    out: Path = typer.Argument(..., help="directory to write the SIIM-ACR layout into"),
+    n: int = typer.Option(200, "--n", help="number of images"),
+    size: int = typer.Option(256, help="image side, pixels"),
+    positive_fraction: float = typer.Option(0.5, help="share of images with a synthetic pneumothorax"),
+    images_per_patient: int = typer.Option(1, help="images per synthetic patient"),
+    split_masks: bool = typer.Option(False, help="write each mask as two RLE rows"),
+    jpeg: bool = typer.Option(False, help="store 8-bit JPEG Baseline, as the SIIM-ACR files are"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Generate SYNTHETIC radiographs in the SIIM-ACR layout (for tests and demos; no patient data)."""
+    from rich.progress import Progress
+
+    from training.synthetic import write_siim_dataset
+
+    with Progress(console=console) as bar:
+        task = bar.add_task("generating synthetic radiographs", total=n)
+        write_siim_dataset(
+            out, n, size=size, positive_fraction=positive_fraction, seed=seed,
+            on_image=lambda done: bar.update(task, completed=done),
+            images_per_patient=images_per_patient, split_masks=split_masks, jpeg=jpeg,
+        )
+    console.print(f"[green]written[/] {out}: {n} SYNTHETIC images (not patients), SIIM-ACR layout")
+
+
+def _list_presets(value: bool) -> None:
+    if not value:
+        return
+    from rich.table import Table
+
+    from training.presets import PRESETS
+
+    table = Table(title="pleura train presets")
+    for column in ("preset", "network", "input", "loss / training", "from"):
+        table.add_column(column, no_wrap=column == "preset")
+    for preset in PRESETS.values():
+        network = preset.architecture + (f" ({preset.encoder})" if preset.encoder else "")
+        notes = [preset.loss, preset.optimiser, f"lr {preset.lr:g}", f"batch {preset.batch_size}", f"<= {preset.epochs} epochs"]
+        if preset.positives_only:
+            notes.append("positives only")
+        if preset.scheduler != "none":
+            notes.append(f"{preset.scheduler} LR")
+        table.add_row(preset.name, network, f"{preset.input_size} px x{preset.channels}", ", ".join(notes), preset.source)
+    Console().print(table)
+    raise typer.Exit()
+
+
+@app.command()
+def train(
+    preset_names: list[str] = typer.Option(
+        ..., "--preset", "-p",
+        help="recipe name (see --list-presets); give a classifier and a U-Net preset to train both networks",
+    ),
+    data: Path = DataOption,
+    labels: Optional[Path] = LabelsOption,
+    data_format: Optional[str] = FormatOption,
+    out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="run directory (checkpoints, metrics, bundle)"),
+    base: Optional[Path] = typer.Option(
+        None, help="bundle that supplies the other network (default: the configured model bundle)"
+    ),
+    split_file: Optional[Path] = typer.Option(None, help="existing split file (default: OUT/splits.csv, made once)"),
+    split: str = typer.Option("0.7,0.15,0.15", "--split", help="train,val,test fractions for a new split"),
+    epochs: Optional[int] = typer.Option(None, help="override: maximum epochs"),
+    batch_size: Optional[int] = typer.Option(None, help="override: batch size"),
+    lr: Optional[float] = typer.Option(None, help="override: learning rate"),
+    input_size: Optional[int] = typer.Option(None, help="override: network input side, pixels"),
+    clahe: Optional[bool] = typer.Option(None, "--clahe/--no-clahe", help="override: CLAHE in the preprocessing"),
+    imbalance: Optional[str] = typer.Option(None, help="override: none, weight (loss) or sample (sampler)"),
+    encoder_weights: Optional[str] = typer.Option(None, help="override: none, or imagenet (downloads; online only)"),
+    patience: Optional[int] = typer.Option(None, help="override: early-stopping patience, epochs (0: off)"),
+    steps_per_epoch: Optional[int] = typer.Option(None, help="override: cap on batches per epoch"),
+    seed: Optional[int] = typer.Option(None, help="override: random seed"),
+    set_: list[str] = typer.Option([], "--set", help="override any preset setting: KEY=VALUE (JSON), e.g. augment.flip_p=0.5"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (mixed precision on CUDA)"),
+    resume: bool = typer.Option(False, help="continue the interrupted run in OUT"),
+    cache_dir: Optional[Path] = typer.Option(None, help="where the resized image cache lives (default: user cache dir)"),
+    skip_bad: bool = SkipBadOption,
+    name: Optional[str] = typer.Option(None, help="bundle name (default: pleura-PRESET)"),
+    version: Optional[str] = typer.Option(None, help="bundle version (default: a UTC timestamp)"),
+    intended_use: Optional[str] = typer.Option(
+        None, help="the bundle's intended-use line (a bundle with any synthetic part always says SYNTHETIC DEMO MODEL)"
+    ),
+    config: Optional[Path] = ConfigOption,
+    list_presets: bool = typer.Option(
+        False, "--list-presets", callback=_list_presets, is_eager=True, help="list the presets and exit"
+    ),
+) -> None:
+    """Train a preset's network and write a model bundle that `pleura worker` runs unchanged.
+
+    With one preset the bundle's other network comes from --base. With a classifier and a U-Net
+    preset both are trained on the same split, each in OUT/PRESET, and OUT/<second preset>/bundle
+    holds both.
+    """
+    from training.bundle import BundleError, load_bundle
+    from training.datasets import DatasetError
+    from training.presets import PresetError, get_preset, parse_override, with_overrides
+    from training.trainer import CHECKPOINTS, SPLITS_FILE, TrainingError, train as run_training
+
+    try:
+        overrides = dict(parse_override(item) for item in set_)
+        flags = {
+            "epochs": epochs, "batch_size": batch_size, "lr": lr, "input_size": input_size, "clahe": clahe,
+            "imbalance": imbalance, "encoder_weights": encoder_weights, "patience": patience,
+            "steps_per_epoch": steps_per_epoch, "seed": seed,
+        }
+        chosen = {**overrides, **{k: v for k, v in flags.items() if v is not None}}
+        presets = [with_overrides(get_preset(name_), chosen) for name_ in preset_names]
+    except PresetError as exc:
+        console.print(f"[bold red]Preset error[/]: {exc}")
+        raise typer.Exit(2) from None
+    if len(presets) > 2 or (len(presets) == 2 and {p.task for p in presets} != {"classify", "segment"}):
+        console.print("[bold red]Preset error[/]: give one preset, or one classifier and one U-Net preset")
+        raise typer.Exit(2)
+    base_dir = base or _settings(config).bundle_dir
+    try:
+        current_base = load_bundle(base_dir)
+    except BundleError as exc:
+        console.print(f"[bold red]Base bundle error[/]: {exc}")
+        raise typer.Exit(2) from None
+    index = _read_data(data, labels, data_format, skip_bad)
+    _report_data(index)
+    fractions = _fractions(split)
+    current_split = split_file
+    result = None
+    for preset in presets:
+        run_dir = out if len(presets) == 1 else out / preset.name
+        other = "segmenter" if preset.task == "classify" else "classifier"
+        source = f"{current_base.path} ({current_base.identity.label})"
+        console.print(f"training the {preset.network_role} of {preset.name} in {run_dir}; the {other} comes from {source}")
+        stage_resume = resume and (len(presets) == 1 or (run_dir / CHECKPOINTS / "last.pt").exists())
+        try:
+            result = run_training(
+                preset, index, run_dir, base=current_base, split_file=current_split, fractions=fractions,
+                device=device, resume=stage_resume, cache_root=cache_dir, skip_bad=skip_bad, name=name,
+                version=version, intended_use=intended_use, console=console,
+            )
+        except (TrainingError, DatasetError, BundleError, ValueError) as exc:
+            console.print(f"[bold red]Training error[/]: {exc}")
+            raise typer.Exit(2) from None
+        current_base = result.bundle
+        current_split = current_split or run_dir / SPLITS_FILE
+    assert result is not None
+    console.print(json.dumps(result.bundle.manifest.metrics, indent=2))
+    console.print(f"use it: PLEURA_MODEL_DIR={result.bundle.path} pleura worker")
 
 
 @app.command("config")

@@ -26,3 +26,47 @@ def demo_bundle() -> Path:
     if not current:
         build_demo_bundle(target, progress=False)
     return target
+
+
+@pytest.fixture(scope="session")
+def synthetic_siim(tmp_path_factory) -> Path:
+    """A small synthetic SIIM-ACR layout for the training tests: 24 images of 64 px, half positive,
+    two images per patient, each mask written as two RLE rows. Read-only: copy it to change it."""
+    from training.synthetic import write_siim_dataset
+
+    return write_siim_dataset(
+        tmp_path_factory.mktemp("siim") / "data", 24, size=64, seed=1, images_per_patient=2, split_masks=True
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_base_bundle(tmp_path_factory) -> Path:
+    """A bundle with tiny random networks at 64 px, to stand for `pleura train --base` (synthetic demo)."""
+    import torch
+
+    from training.bundle import DEMO_INTENDED_USE, Manifest, NetworkSpec, Preprocessing, Thresholds, write_manifest
+    from worker.inference.models import build_network
+
+    root = tmp_path_factory.mktemp("tiny-base")
+    manifest = Manifest(
+        name="tiny-base",
+        version="0",
+        intended_use=DEMO_INTENDED_USE,
+        synthetic_demo=True,
+        preprocessing=Preprocessing(input_size=64),
+        classifier=NetworkSpec(
+            architecture="densenet121", weights_file="classifier.pt",
+            extra={"init_features": 8, "growth_rate": 4, "block_config": [2, 2]},
+        ),
+        segmenter=NetworkSpec(
+            architecture="unet", encoder="resnet18", weights_file="segmenter.pt",
+            extra={"encoder_depth": 3, "decoder_channels": [16, 8, 4]},
+        ),
+        thresholds=Thresholds(min_area_px=4),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for spec in (manifest.classifier, manifest.segmenter):
+            torch.save(build_network(spec, manifest.preprocessing).state_dict(), root / spec.weights_file)
+    write_manifest(root, manifest)
+    return root

@@ -14,14 +14,10 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    ExplicitVRLittleEndian,
-    PYDICOM_IMPLEMENTATION_UID,
-    generate_uid,
-)
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from training.synthetic import radiograph_dataset
 
 TEST_UID_PREFIX = "1.2.826.0.1.3680043.8.498."  # pydicom's root: test data only
 
@@ -70,100 +66,25 @@ def synthetic_radiograph(
     Computed Radiography one. Leaving out ``imager_pixel_spacing`` on a DX makes a (slightly
     invalid, Type 1 missing) image without any spacing, as some modalities send.
     UIDs are random (pydicom root) unless ``study_instance_uid`` is given; pixels depend on ``seed``.
+    The header is written by :func:`training.synthetic.radiograph_dataset`, as for the data sets.
     """
-    if modality not in ("DX", "CR"):
-        raise ValueError(f"modality must be DX or CR, not {modality!r}")
-    sop_class = (
-        DigitalXRayImageStorageForPresentation if modality == "DX" else ComputedRadiographyImageStorage
-    )
-    sop_instance_uid = generate_uid(TEST_UID_PREFIX)
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_instance_uid
-    # Patient
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = "19700101"
-    ds.PatientSex = "O"
-    # General Study
-    ds.StudyInstanceUID = study_instance_uid or generate_uid(TEST_UID_PREFIX)
-    ds.StudyDate = "20240102"
-    ds.StudyTime = "101500"
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "1"
-    ds.AccessionNumber = "ACC0001"
-    ds.StudyDescription = "CHEST PA"
-    # General Series (+ DX / CR Series)
-    ds.Modality = modality
-    ds.SeriesInstanceUID = generate_uid(TEST_UID_PREFIX)
-    ds.SeriesNumber = 1
-    ds.SeriesDescription = "Chest PA"
-    ds.BodyPartExamined = "CHEST"
-    if modality == "DX":
-        ds.PresentationIntentType = "FOR PRESENTATION"
-    else:
-        ds.ViewPosition = "PA"
-    # General Equipment
-    ds.Manufacturer = "Pleura test suite"
-    # General Image / General Acquisition
-    ds.InstanceNumber = 1
-    ds.PatientOrientation = ["L", "F"]
-    ds.ContentDate = ds.StudyDate
-    ds.ContentTime = ds.StudyTime
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.BurnedInAnnotation = "NO"
-    ds.LossyImageCompression = "00"
-    # Image Pixel
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = rows
-    ds.Columns = columns
-    ds.BitsAllocated = 16
-    ds.BitsStored = bits_stored
-    ds.HighBit = bits_stored - 1
-    ds.PixelRepresentation = 0
     top = (1 << bits_stored) - 1
-    ds.WindowCenter = top // 2
-    ds.WindowWidth = top
-    if modality == "DX":
-        # DX Anatomy Imaged, DX Image, DX Detector, DX Positioning, Acquisition Context
-        ds.ImageLaterality = "U"
-        ds.AnatomicRegionSequence = [_code("51185008", "SCT", "Thorax")]
-        ds.PixelIntensityRelationship = "LIN"
-        ds.PixelIntensityRelationshipSign = 1
-        ds.RescaleIntercept = 0
-        ds.RescaleSlope = 1
-        ds.RescaleType = "US"
-        ds.PresentationLUTShape = "IDENTITY"
-        ds.DetectorType = "DIRECT"
-        ds.ViewPosition = "PA"
-        ds.ViewCodeSequence = [_code("399348003", "SCT", "postero-anterior")]
-        ds.PositionerType = ""
-        ds.AcquisitionContextSequence = []
-    if imager_pixel_spacing is not None:
-        ds.ImagerPixelSpacing = [f"{v:g}" for v in imager_pixel_spacing]
-    if pixel_spacing is not None:
-        ds.PixelSpacing = [f"{v:g}" for v in pixel_spacing]
-        ds.PixelSpacingCalibrationType = "GEOMETRY"
-        ds.PixelSpacingCalibrationDescription = "test calibration"
-    ds.PixelData = _chest_like_pixels(rows, columns, bits_stored, seed).tobytes()
-    return ds
-
-
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue = value
-    item.CodingSchemeDesignator = scheme
-    item.CodeMeaning = meaning
-    return item
+    return radiograph_dataset(
+        _chest_like_pixels(rows, columns, bits_stored, seed),
+        modality=modality,
+        bits_stored=bits_stored,
+        sop_instance_uid=generate_uid(TEST_UID_PREFIX),
+        study_instance_uid=study_instance_uid or generate_uid(TEST_UID_PREFIX),
+        series_instance_uid=generate_uid(TEST_UID_PREFIX),
+        patient_name=patient_name,
+        patient_id=patient_id,
+        patient_birth_date="19700101",
+        accession_number="ACC0001",
+        manufacturer="Pleura test suite",
+        imager_pixel_spacing=imager_pixel_spacing,
+        pixel_spacing=pixel_spacing,
+        window=(top // 2, top),
+    )
 
 
 def save_dataset(ds: Dataset, path: Path) -> Path:

@@ -40,11 +40,31 @@ class Preprocessing(BaseModel):
     hu_window: tuple[float, float] | None = Field(default=None, description="CT only: (level, width)")
 
 
+class NetworkInput(BaseModel):
+    """A network's own input grid, when it differs from the manifest's preprocessing.
+
+    Decoding (VOI, MONOCHROME1, CLAHE) is shared by both networks of a bundle; the size, channels
+    and normalisation may differ (a 224 px classifier beside a 256 px U-Net).
+    """
+
+    input_size: int = Field(ge=32, description="square network input, pixels")
+    channels: int = Field(default=1, ge=1, le=3)
+    normalisation: Literal["unit", "zscore"] = "unit"
+    mean: float = 0.5
+    std: float = 0.25
+    clahe: bool | None = Field(default=None, description="CLAHE for this network only (None: the manifest's)")
+    clahe_clip_limit: float | None = None
+
+
 class NetworkSpec(BaseModel):
-    architecture: str = Field(description="densenet121 | unet")
+    architecture: str = Field(description="densenet121 | resnet18 | resnet50 | cbr | unet")
     encoder: str | None = Field(default=None, description="U-Net encoder (smp name), e.g. resnet34")
     weights_file: str
     extra: dict = Field(default_factory=dict, description="architecture keyword arguments")
+    input: NetworkInput | None = Field(default=None, description="own input grid; None = the manifest's")
+    training: dict = Field(
+        default_factory=dict, description="how it was trained: preset, hyperparameters, data, validation metrics"
+    )
 
 
 class Thresholds(BaseModel):
@@ -66,6 +86,17 @@ class Manifest(BaseModel):
     thresholds: Thresholds = Field(default_factory=Thresholds)
     training_data: str = ""
     metrics: dict[str, float] = Field(default_factory=dict)
+
+    def network_preprocessing(self, spec: NetworkSpec) -> Preprocessing:
+        """The full recipe for one of the bundle's networks: shared decoding, its own input grid."""
+        if spec.input is None:
+            return self.preprocessing
+        own = spec.input.model_dump(exclude_none=True)
+        if self.preprocessing.clahe and own.get("clahe") is False:
+            raise BundleError(
+                f"manifest: network {spec.weights_file} turns CLAHE off, but the bundle's shared decoding applies it"
+            )
+        return self.preprocessing.model_copy(update=own)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 The demo bundle lets Pleura run end to end without patient data or downloaded weights. It goes
 through the same contract as a real model: the images are written as DICOM in the SIIM-ACR layout,
-read back through :func:`~worker.inference.preprocess.decode_radiograph` and
+indexed by :func:`~training.datasets.read_siim` (the reader of ``pleura train``), read back through
+:func:`~worker.inference.preprocess.decode_radiograph` and
 :func:`~worker.inference.preprocess.to_network_input`, the networks come from
 :func:`~worker.inference.models.build_network`, and the held-out metrics are measured by loading the
 written bundle and running :func:`~worker.inference.predict.predict_images`, exactly as the worker
@@ -11,11 +12,9 @@ does. The manifest says the model is a synthetic demo, and so does everything ma
 
 from __future__ import annotations
 
-import csv
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,8 +37,8 @@ from training.bundle import (
     load_bundle,
     write_manifest,
 )
-from training.rle import rle_decode
-from training.synthetic import SIIM_CSV_NAME, SIIM_IMAGE_DIR, write_siim_dataset
+from training.datasets import Example, read_siim
+from training.synthetic import write_siim_dataset
 from worker.inference.models import build_network, load_models
 from worker.inference.predict import predict_images
 from worker.inference.preprocess import decode_radiograph, to_network_input
@@ -92,29 +91,7 @@ def is_current_demo_bundle(bundle: Bundle) -> bool:
     )
 
 
-@dataclass
-class _Example:
-    path: Path
-    rle: str
-    positive: bool
-
-
-def _read_siim(root: Path) -> list[_Example]:
-    """The examples of a SIIM-ACR layout directory, in the CSV's order."""
-    files = {path.stem: path for path in (root / SIIM_IMAGE_DIR).rglob("*.dcm")}
-    examples = []
-    with (root / SIIM_CSV_NAME).open(newline="") as handle:
-        reader = csv.reader(handle)
-        next(reader)
-        for row in reader:
-            image_id, rle = row[0].strip(), ",".join(row[1:]).strip()
-            if image_id not in files:
-                raise FileNotFoundError(f"{root / SIIM_CSV_NAME}: no DICOM file for ImageId {image_id}")
-            examples.append(_Example(files[image_id], rle, rle != "-1"))
-    return examples
-
-
-def _split(examples: list[_Example], seed: int) -> tuple[list[_Example], list[_Example]]:
+def _split(examples: list[Example], seed: int) -> tuple[list[Example], list[Example]]:
     """Train / held-out split, stratified by label, fixed by the seed."""
     rng = np.random.default_rng([seed, 3])
     train, held_out = [], []
@@ -128,7 +105,7 @@ def _split(examples: list[_Example], seed: int) -> tuple[list[_Example], list[_E
 
 
 def _network_tensors(
-    examples: list[_Example], recipe: Preprocessing, advance: Callable[[], None]
+    examples: list[Example], recipe: Preprocessing, advance: Callable[[], None]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs (N, C, S, S), masks on the network grid (N, 1, S, S) and labels (N,), via the worker's preprocessing."""
     size = recipe.input_size
@@ -137,7 +114,7 @@ def _network_tensors(
     for index, example in enumerate(examples):
         ds = pydicom.dcmread(example.path)
         inputs[index] = to_network_input(decode_radiograph(ds, recipe), recipe)
-        mask = rle_decode(example.rle, width=int(ds.Columns), height=int(ds.Rows)).astype(np.float32)
+        mask = example.mask().astype(np.float32)
         grid = F.interpolate(torch.from_numpy(mask)[None, None], size=(size, size), mode="bilinear", antialias=True)
         masks[index, 0] = (grid[0, 0] >= 0.5).numpy()
         advance()
@@ -185,7 +162,7 @@ def build_demo_bundle(
         root = write_siim_dataset(
             Path(tmp), n_images, size=image_size, seed=seed, on_image=lambda done: bar.update(generating, completed=done)
         )
-        train, held_out = _split(_read_siim(root), seed)
+        train, held_out = _split(read_siim(root).examples, seed)
 
         reading = bar.add_task("preprocessing (worker recipe)", total=len(train))
         inputs, masks, labels = _network_tensors(train, recipe, lambda: bar.advance(reading))
@@ -267,7 +244,7 @@ def _train(
 
 
 def _held_out_metrics(
-    bundle_dir: Path, manifest: Manifest, held_out: list[_Example], device: torch.device, advance: Callable[[], None]
+    bundle_dir: Path, manifest: Manifest, held_out: list[Example], device: torch.device, advance: Callable[[], None]
 ) -> dict[str, float]:
     """Classifier AUC/accuracy, U-Net Dice and the flag decision, through the worker's own path."""
     write_manifest(bundle_dir, manifest)
@@ -282,7 +259,7 @@ def _held_out_metrics(
             probabilities.append(finding.probability)
             flags.append(finding.flagged)
             if example.positive:
-                truth = rle_decode(example.rle, width=int(ds.Columns), height=int(ds.Rows))
+                truth = example.mask()
                 dices.append(_dice(finding.mask, truth))
             advance()
     truth_labels = np.array([e.positive for e in held_out])

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     generate_uid,
@@ -41,7 +42,9 @@ __all__ = [
     "SIIM_IMAGE_DIR",
     "SYNTHETIC_PATIENT_NAME",
     "synthetic_chest_image",
+    "radiograph_dataset",
     "synthetic_dicom",
+    "to_jpeg_baseline",
     "write_siim_dataset",
 ]
 
@@ -277,94 +280,193 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
     return item
 
 
-def synthetic_dicom(seed: int, positive: bool, size: int = 512) -> tuple[pydicom.Dataset, np.ndarray]:
-    """A synthetic DX For Presentation chest PA (MONOCHROME2, 12 bits in 16) and its pneumothorax mask.
+def radiograph_dataset(
+    pixels: np.ndarray,
+    *,
+    modality: str = "DX",
+    bits_stored: int = BITS_STORED,
+    sop_instance_uid: str,
+    study_instance_uid: str,
+    series_instance_uid: str,
+    patient_name: str,
+    patient_id: str,
+    patient_birth_date: str = "",
+    accession_number: str = "",
+    study_id: str = "1",
+    study_description: str = "CHEST PA",
+    series_description: str = "Chest PA",
+    manufacturer: str = "Pleura",
+    image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY"),
+    image_comments: str | None = None,
+    imager_pixel_spacing: tuple[float, float] | None = None,
+    pixel_spacing: tuple[float, float] | None = None,
+    window: tuple[float, float] | None = None,
+) -> Dataset:
+    """A single-frame MONOCHROME2 chest PA radiograph (DX For Presentation or CR) around ``pixels``.
 
-    UIDs, patient and dates follow from the seed, so the same call gives the same instance.
-    PatientName is SYNTHETIC^DEMO and the series description says the image is synthetic.
+    The one place that writes a radiograph's header, for the synthetic data sets and the tests.
+    ``pixels`` is uint16 (Rows, Columns) using ``bits_stored`` bits. ``window`` is (center, width),
+    by default the full range. A DX needs ``imager_pixel_spacing`` to be valid (Type 1); leaving it
+    out makes an image without spacing, as some modalities send.
     """
-    pixels, mask = synthetic_chest_image(seed, positive, size)
-    label = "positive" if positive else "negative"
-    sop_instance_uid = _uid(seed, label, size, "instance")
+    if modality not in ("DX", "CR"):
+        raise ValueError(f"modality must be DX or CR, not {modality!r}")
+    array = np.asarray(pixels)
+    if array.ndim != 2 or array.dtype != np.uint16:
+        raise ValueError(f"radiograph_dataset: pixels must be uint16 (Rows, Columns), got {array.dtype} {array.shape}")
+    sop_class = DigitalXRayImageStorageForPresentation if modality == "DX" else ComputedRadiographyImageStorage
 
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
     ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.file_meta.ImplementationVersionName = "PLEURA_SYNTH"
 
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_instance_uid
     ds.InstanceCreationDate = "20240101"
     ds.InstanceCreationTime = "120000"
     # Patient
-    ds.PatientName = SYNTHETIC_PATIENT_NAME
-    ds.PatientID = f"SYN-{seed}"
-    ds.PatientBirthDate = ""
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = patient_birth_date
     ds.PatientSex = "O"
     # General Study
-    ds.StudyInstanceUID = _uid(seed, label, size, "study")
+    ds.StudyInstanceUID = study_instance_uid
     ds.StudyDate = "20240101"
     ds.StudyTime = "120000"
     ds.ReferringPhysicianName = ""
-    ds.StudyID = str(seed)[-16:]
-    ds.AccessionNumber = f"SYN{seed}"[-16:]
-    ds.StudyDescription = "SYNTHETIC chest PA"
-    # General Series, DX Series
-    ds.Modality = "DX"
-    ds.SeriesInstanceUID = _uid(seed, label, size, "series")
+    ds.StudyID = study_id[-16:]
+    ds.AccessionNumber = accession_number[-16:]
+    ds.StudyDescription = study_description
+    # General Series (+ DX / CR Series)
+    ds.Modality = modality
+    ds.SeriesInstanceUID = series_instance_uid
     ds.SeriesNumber = 1
-    ds.SeriesDescription = SYNTHETIC_SERIES_DESCRIPTION
+    ds.SeriesDescription = series_description
     ds.BodyPartExamined = "CHEST"
-    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.ViewPosition = "PA"
+    if modality == "DX":
+        ds.PresentationIntentType = "FOR PRESENTATION"
     # General Equipment
-    ds.Manufacturer = "Pleura synthetic image generator"
+    ds.Manufacturer = manufacturer
     ds.ManufacturerModelName = "training.synthetic"
     # General Image, General Acquisition
     ds.InstanceNumber = 1
     ds.PatientOrientation = ["L", "F"]
     ds.ContentDate = ds.StudyDate
     ds.ContentTime = ds.StudyTime
-    ds.ImageType = ["DERIVED", "PRIMARY"]
-    ds.ImageComments = "Synthetic image made by Pleura's generator; not a patient. " + (
-        "Contains a synthetic pneumothorax." if positive else "No synthetic pneumothorax."
-    )
+    ds.ImageType = list(image_type)
+    if image_comments:
+        ds.ImageComments = image_comments
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
-    # DX Anatomy Imaged, DX Positioning
-    ds.ImageLaterality = "U"
-    ds.AnatomicRegionSequence = [_code("51185008", "SCT", "Thorax")]
-    ds.ViewPosition = "PA"
-    ds.ViewCodeSequence = [_code("399348003", "SCT", "postero-anterior")]
-    ds.PositionerType = ""
-    # DX Detector
-    ds.DetectorType = "DIRECT"
-    spacing = DETECTOR_WIDTH_MM / size
-    ds.ImagerPixelSpacing = [f"{spacing:.6g}", f"{spacing:.6g}"]
-    # Acquisition Context
-    ds.AcquisitionContextSequence = []
-    # Image Pixel, DX Image, VOI LUT
+    if modality == "DX":
+        # DX Anatomy Imaged, DX Positioning, DX Detector, Acquisition Context, DX Image
+        ds.ImageLaterality = "U"
+        ds.AnatomicRegionSequence = [_code("51185008", "SCT", "Thorax")]
+        ds.ViewCodeSequence = [_code("399348003", "SCT", "postero-anterior")]
+        ds.PositionerType = ""
+        ds.DetectorType = "DIRECT"
+        ds.AcquisitionContextSequence = []
+        ds.PixelIntensityRelationship = "LIN"
+        ds.PixelIntensityRelationshipSign = 1
+        ds.RescaleIntercept = 0
+        ds.RescaleSlope = 1
+        ds.RescaleType = "US"
+        ds.PresentationLUTShape = "IDENTITY"
+    if imager_pixel_spacing is not None:
+        ds.ImagerPixelSpacing = [f"{v:.6g}" for v in imager_pixel_spacing]
+    if pixel_spacing is not None:
+        ds.PixelSpacing = [f"{v:.6g}" for v in pixel_spacing]
+        ds.PixelSpacingCalibrationType = "GEOMETRY"
+        ds.PixelSpacingCalibrationDescription = "test calibration"
+    # Image Pixel, VOI LUT
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = size
-    ds.Columns = size
+    ds.Rows, ds.Columns = array.shape
     ds.BitsAllocated = 16
-    ds.BitsStored = BITS_STORED
-    ds.HighBit = BITS_STORED - 1
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
     ds.PixelRepresentation = 0
-    ds.PixelIntensityRelationship = "LIN"
-    ds.PixelIntensityRelationshipSign = 1
-    ds.RescaleIntercept = 0
-    ds.RescaleSlope = 1
-    ds.RescaleType = "US"
-    ds.PresentationLUTShape = "IDENTITY"
-    ds.WindowCenter = 1 << (BITS_STORED - 1)
-    ds.WindowWidth = 1 << BITS_STORED
-    ds.PixelData = pixels.tobytes()
+    center, width = window if window is not None else (1 << (bits_stored - 1), 1 << bits_stored)
+    ds.WindowCenter = center
+    ds.WindowWidth = width
+    ds.PixelData = np.ascontiguousarray(array).tobytes()
+    return ds
+
+
+def synthetic_dicom(
+    seed: int, positive: bool, size: int = 512, *, patient_id: str | None = None
+) -> tuple[pydicom.Dataset, np.ndarray]:
+    """A synthetic DX For Presentation chest PA (MONOCHROME2, 12 bits in 16) and its pneumothorax mask.
+
+    UIDs, patient and dates follow from the seed, so the same call gives the same instance
+    (``patient_id`` puts several images under one synthetic patient). PatientName is SYNTHETIC^DEMO
+    and the series description says the image is synthetic.
+    """
+    pixels, mask = synthetic_chest_image(seed, positive, size)
+    label = "positive" if positive else "negative"
+    spacing = DETECTOR_WIDTH_MM / size
+    ds = radiograph_dataset(
+        pixels,
+        sop_instance_uid=_uid(seed, label, size, "instance"),
+        study_instance_uid=_uid(seed, label, size, "study"),
+        series_instance_uid=_uid(seed, label, size, "series"),
+        patient_name=SYNTHETIC_PATIENT_NAME,
+        patient_id=patient_id or f"SYN-{seed}",
+        accession_number=f"SYN{seed}",
+        study_id=str(seed),
+        study_description="SYNTHETIC chest PA",
+        series_description=SYNTHETIC_SERIES_DESCRIPTION,
+        manufacturer="Pleura synthetic image generator",
+        image_type=("DERIVED", "PRIMARY"),
+        image_comments="Synthetic image made by Pleura's generator; not a patient. "
+        + ("Contains a synthetic pneumothorax." if positive else "No synthetic pneumothorax."),
+        imager_pixel_spacing=(spacing, spacing),
+    )
     return ds, mask
+
+
+def to_jpeg_baseline(ds: Dataset, quality: int = 95) -> Dataset:
+    """``ds`` re-encoded as the SIIM-ACR files are: 8-bit MONOCHROME2, JPEG Baseline (lossy), in place.
+
+    The stored values are scaled to 8 bits by the image's bit depth; the window follows.
+    """
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    pixels = ds.pixel_array.astype(np.uint32)
+    eight = (pixels >> max(int(ds.BitsStored) - 8, 0)).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(eight, mode="L").save(buffer, format="JPEG", quality=quality)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.WindowCenter, ds.WindowWidth = 128, 256
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionMethod = "ISO_10918_1"
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    return ds
+
+
+def _mask_parts(mask: np.ndarray) -> list[np.ndarray]:
+    """A mask as its upper and lower part (one part when it spans a single row or is empty)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if len(rows) < 2:
+        return [mask]
+    cut = int(rows[len(rows) // 2])
+    upper, lower = mask.copy(), mask.copy()
+    upper[cut:] = False
+    lower[:cut] = False
+    return [upper, lower]
 
 
 def write_siim_dataset(
@@ -374,6 +476,10 @@ def write_siim_dataset(
     positive_fraction: float = 0.5,
     seed: int = 0,
     on_image: Callable[[int], None] | None = None,
+    *,
+    images_per_patient: int = 1,
+    split_masks: bool = False,
+    jpeg: bool = False,
 ) -> Path:
     """Write ``n`` synthetic images in the SIIM-ACR Pneumothorax layout and return ``out_dir``.
 
@@ -381,7 +487,14 @@ def write_siim_dataset(
     (header "ImageId, EncodedPixels", one row per image, "-1" for an image without pneumothorax).
     Exactly ``round(n * positive_fraction)`` images are positive, in an order fixed by ``seed``.
     ``on_image(count)`` is called after each image is written (for progress bars).
+
+    ``images_per_patient`` > 1 gives consecutive images one synthetic patient (PatientID
+    ``SYN-P<k>``), for patient-level splits. ``split_masks`` writes each positive mask as two rows
+    (its upper and lower part), as the real set does for an image with several pneumothoraces.
+    ``jpeg`` stores the images as the real set does: 8-bit JPEG Baseline (:func:`to_jpeg_baseline`).
     """
+    if images_per_patient < 1:
+        raise ValueError(f"write_siim_dataset: images_per_patient must be at least 1, got {images_per_patient}")
     if n < 1:
         raise ValueError(f"write_siim_dataset: n must be at least 1, got {n}")
     if not 0.0 <= positive_fraction <= 1.0:
@@ -394,11 +507,15 @@ def write_siim_dataset(
     image_seeds = np.random.SeedSequence(seed).generate_state(n, dtype=np.uint32)
     rows: list[tuple[str, str]] = []
     for index in range(n):
-        ds, mask = synthetic_dicom(int(image_seeds[index]), index in positives, size)
+        patient = f"SYN-P{index // images_per_patient}" if images_per_patient > 1 else None
+        ds, mask = synthetic_dicom(int(image_seeds[index]), index in positives, size, patient_id=patient)
         target = images_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
         target.parent.mkdir(parents=True, exist_ok=True)
+        if jpeg:
+            to_jpeg_baseline(ds)
         ds.save_as(target, enforce_file_format=True)
-        rows.append((str(ds.SOPInstanceUID), " " + rle_encode(mask)))
+        for part in _mask_parts(mask) if split_masks else [mask]:
+            rows.append((str(ds.SOPInstanceUID), " " + rle_encode(part)))
         if on_image is not None:
             on_image(index + 1)
     with (root / SIIM_CSV_NAME).open("w", newline="") as handle:

@@ -1,8 +1,9 @@
 """Grad-CAM heat map of the classifier for one radiograph, on the source image's own grid.
 
 The map is MONAI's :class:`monai.visualize.GradCAM` of the classifier's single pneumothorax logit,
-computed on the same network input the prediction uses (:func:`to_network_input`), resized back to
-(Rows, Columns) like the U-Net's probability map (:func:`mask_to_source`) and scaled to 0..1.
+computed on the same network input the prediction uses (:func:`network_inputs`, the classifier's own
+input grid), resized back to (Rows, Columns) like the U-Net's probability map (:func:`mask_to_source`)
+and scaled to 0..1.
 
 It shows where the classifier looked; it is not a segmentation and says nothing the probability
 does not. The result writers blend it onto the secondary capture for the reader.
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from worker.inference.models import LoadedModels
-from worker.inference.preprocess import mask_to_source, to_network_input
+from worker.inference.preprocess import mask_to_source, network_inputs
 
 __all__ = ["gradcam_heatmap", "gradcam_target_layer"]
 
@@ -74,7 +75,7 @@ def gradcam_heatmap(models: LoadedModels, image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 2:
         raise ValueError(f"gradcam_heatmap expects a 2-D image (Rows, Columns), got shape {image.shape}")
-    net_input = to_network_input(image, models.manifest.preprocessing)
+    net_input = network_inputs([image], models.manifest.preprocessing, models.classifier_preprocessing)[0]
     layer = gradcam_target_layer(models.classifier, models.manifest.classifier.architecture)
 
     with torch.inference_mode(False), torch.enable_grad():

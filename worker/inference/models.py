@@ -17,7 +17,8 @@ from training.bundle import Bundle, BundleError, Manifest, NetworkSpec, Preproce
 
 __all__ = ["ARCHITECTURES", "LoadedModels", "build_network", "load_models", "resolve_device"]
 
-ARCHITECTURES = ("densenet121", "unet")
+TIMM_CLASSIFIERS = ("resnet18", "resnet50")
+ARCHITECTURES = ("densenet121", *TIMM_CLASSIFIERS, "cbr", "unet")
 DEFAULT_UNET_ENCODER = "resnet34"
 
 
@@ -40,38 +41,94 @@ class LoadedModels:
     def thresholds(self) -> Thresholds:
         return self.manifest.thresholds
 
+    @property
+    def classifier_preprocessing(self) -> Preprocessing:
+        return self.manifest.network_preprocessing(self.manifest.classifier)
 
-def build_network(spec: NetworkSpec, preprocessing: Preprocessing) -> nn.Module:
-    """A randomly initialised network for ``spec``, taking ``preprocessing.channels`` input channels.
+    @property
+    def segmenter_preprocessing(self) -> Preprocessing:
+        return self.manifest.network_preprocessing(self.manifest.segmenter)
+
+
+def build_network(spec: NetworkSpec, preprocessing: Preprocessing, encoder_weights: str | None = None) -> nn.Module:
+    """A network for ``spec``, taking ``preprocessing.channels`` input channels, with one output.
 
     ``densenet121``: MONAI's 2-D DenseNet121 with one output logit; ``spec.extra`` may change
     ``init_features``, ``growth_rate``, ``block_config``, ``dropout_prob`` and the like.
+    ``resnet18`` / ``resnet50``: timm's ResNets with one output logit (``spec.extra``: timm arguments
+    such as ``drop_rate``).
+    ``cbr``: MONAI's ``Classifier``, conv-BN-LeakyReLU blocks with stride 2 and a fully connected
+    logit (Huang's baseline); ``spec.extra`` may set ``channels``, ``kernel_size``, ``dropout``.
     ``unet``: segmentation-models-pytorch's Unet with one output class, encoder ``spec.encoder``
-    (default resnet34) and no pretrained encoder weights; ``spec.extra`` may set ``encoder_depth``,
-    ``decoder_channels`` and the like.
+    (default resnet34); ``spec.extra`` may set ``encoder_depth``, ``decoder_channels`` and the like.
+
+    ``encoder_weights`` is for training only: ``"imagenet"`` starts from published weights (downloaded
+    by the library, so online only). The worker always builds with ``None`` and loads the bundle's
+    own weights file.
     """
     extra = dict(spec.extra)
     architecture = spec.architecture.strip().lower()
+    channels = preprocessing.channels
+
+    def refuse(fixed: tuple[str, ...]) -> None:
+        for name in fixed:
+            if name in extra:
+                raise BundleError(f"network spec {spec.weights_file}: extra must not set {name!r} for {architecture}")
+
+    def invalid(exc: Exception) -> BundleError:
+        return BundleError(f"network spec {spec.weights_file}: invalid {architecture} arguments {extra}: {exc}")
+
+    if encoder_weights not in (None, "imagenet"):
+        raise BundleError(f"encoder weights {encoder_weights!r}: use none or imagenet")
     if architecture == "densenet121":
         from monai.networks.nets import DenseNet121
 
-        for fixed in ("spatial_dims", "in_channels", "out_channels", "pretrained"):
-            if fixed in extra:
-                raise BundleError(f"network spec {spec.weights_file}: extra must not set {fixed!r} for densenet121")
+        refuse(("spatial_dims", "in_channels", "out_channels", "pretrained"))
+        if encoder_weights and channels != 3:
+            raise BundleError("densenet121 with imagenet weights needs 3 input channels (set channels to 3)")
         try:
             return DenseNet121(
-                spatial_dims=2, in_channels=preprocessing.channels, out_channels=1, pretrained=False, **extra
+                spatial_dims=2, in_channels=channels, out_channels=1, pretrained=bool(encoder_weights), **extra
             )
         except TypeError as exc:
-            raise BundleError(
-                f"network spec {spec.weights_file}: invalid densenet121 arguments {extra}: {exc}"
-            ) from None
+            raise invalid(exc) from None
+    if architecture in TIMM_CLASSIFIERS:
+        import timm
+
+        refuse(("pretrained", "in_chans", "num_classes"))
+        try:
+            return timm.create_model(
+                architecture, pretrained=bool(encoder_weights), in_chans=channels, num_classes=1, **extra
+            )
+        except TypeError as exc:
+            raise invalid(exc) from None
+    if architecture == "cbr":
+        from monai.networks.nets import Classifier
+
+        refuse(("in_shape", "classes", "strides", "last_act"))
+        if encoder_weights:
+            raise BundleError("cbr has no published weights: use encoder weights none")
+        widths = tuple(extra.pop("channels", (32, 64, 128, 256)))
+        size = preprocessing.input_size
+        try:
+            return Classifier(
+                in_shape=(channels, size, size),
+                classes=1,
+                channels=widths,
+                strides=(2,) * len(widths),
+                kernel_size=extra.pop("kernel_size", 7),
+                num_res_units=extra.pop("num_res_units", 0),
+                act=extra.pop("act", ("leakyrelu", {"negative_slope": 0.1})),
+                norm=extra.pop("norm", "batch"),
+                dropout=extra.pop("dropout", 0.25),
+                **extra,
+            )
+        except (TypeError, ValueError) as exc:
+            raise invalid(exc) from None
     if architecture == "unet":
         import segmentation_models_pytorch as smp
 
-        for fixed in ("encoder_name", "encoder_weights", "in_channels", "classes"):
-            if fixed in extra:
-                raise BundleError(f"network spec {spec.weights_file}: extra must not set {fixed!r} for unet")
+        refuse(("encoder_name", "encoder_weights", "in_channels", "classes"))
         depth = int(extra.get("encoder_depth", 5))
         if preprocessing.input_size % (2**depth):
             raise BundleError(
@@ -81,8 +138,8 @@ def build_network(spec: NetworkSpec, preprocessing: Preprocessing) -> nn.Module:
         try:
             return smp.Unet(
                 encoder_name=spec.encoder or DEFAULT_UNET_ENCODER,
-                encoder_weights=None,
-                in_channels=preprocessing.channels,
+                encoder_weights=encoder_weights,
+                in_channels=channels,
                 classes=1,
                 **extra,
             )
@@ -143,7 +200,8 @@ def load_models(bundle: Bundle, device: str = "auto") -> LoadedModels:
     """Build both networks from the manifest and load the bundle's weights, in eval mode on ``device``."""
     target = resolve_device(device)
     manifest = bundle.manifest
-    preprocessing = manifest.preprocessing
-    classifier = _load_weights(build_network(manifest.classifier, preprocessing), bundle, manifest.classifier, target)
-    segmenter = _load_weights(build_network(manifest.segmenter, preprocessing), bundle, manifest.segmenter, target)
+    classifier, segmenter = (
+        _load_weights(build_network(spec, manifest.network_preprocessing(spec)), bundle, spec, target)
+        for spec in (manifest.classifier, manifest.segmenter)
+    )
     return LoadedModels(classifier=classifier, segmenter=segmenter, manifest=manifest, device=target)

@@ -11,7 +11,7 @@ import torch
 
 from worker.inference.measure import measure_mask
 from worker.inference.models import LoadedModels
-from worker.inference.preprocess import describe_source, mask_to_source, to_network_input
+from worker.inference.preprocess import describe_source, mask_to_source, network_inputs
 from worker.inference.result import ImageFinding
 
 __all__ = ["pixel_spacing_mm", "predict_images"]
@@ -85,16 +85,21 @@ def predict_images(
                 f"{describe_source(sources[index])} has Rows {rows}, Columns {columns}"
             )
 
-    recipe = models.manifest.preprocessing
+    decoded_with = models.manifest.preprocessing
+    classifier_recipe, segmenter_recipe = models.classifier_preprocessing, models.segmenter_preprocessing
     thresholds = models.manifest.thresholds
     findings: list[ImageFinding] = []
     for start in range(0, len(images), batch_size):
         batch_images = images[start : start + batch_size]
-        batch = torch.from_numpy(np.stack([to_network_input(image, recipe) for image in batch_images]))
+        batch = torch.from_numpy(network_inputs(batch_images, decoded_with, classifier_recipe))
+        if segmenter_recipe == classifier_recipe:
+            segmenter_batch = batch
+        else:  # each network has its own input grid
+            segmenter_batch = torch.from_numpy(network_inputs(batch_images, decoded_with, segmenter_recipe))
         with torch.inference_mode():
-            batch = batch.to(models.device)
+            batch, segmenter_batch = batch.to(models.device), segmenter_batch.to(models.device)
             probabilities = torch.sigmoid(models.classifier(batch)).reshape(len(batch_images), -1)[:, 0]
-            mask_probabilities = torch.sigmoid(models.segmenter(batch))[:, 0]
+            mask_probabilities = torch.sigmoid(models.segmenter(segmenter_batch))[:, 0]
             probabilities = probabilities.float().cpu().numpy()
             mask_probabilities = mask_probabilities.float().cpu().numpy()
         for offset, image in enumerate(batch_images):

@@ -16,7 +16,7 @@ plain resize back to (Rows, Columns) and every source pixel gets a probability.
 from __future__ import annotations
 
 import copy
-
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,18 @@ from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 
 from training.bundle import Preprocessing
 
-__all__ = ["ImageDecodeError", "decode_radiograph", "describe_source", "mask_to_source", "to_network_input"]
+__all__ = [
+    "ImageDecodeError",
+    "apply_clahe",
+    "decode_bitmap",
+    "decode_radiograph",
+    "describe_source",
+    "mask_to_source",
+    "network_inputs",
+    "normalise_input",
+    "resize_to_input",
+    "to_network_input",
+]
 
 
 class ImageDecodeError(ValueError):
@@ -151,10 +162,15 @@ def _windowing_output_range(ds: pydicom.Dataset) -> tuple[float, float]:
     return lo, hi
 
 
-def _clahe(image: np.ndarray, clip_limit: float) -> np.ndarray:
+def apply_clahe(image: np.ndarray, clip_limit: float) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation (scikit-image) of a [0, 1] image: the recipe's
+    last decoding step, so ``decode(recipe without CLAHE)`` then this equals ``decode(recipe with CLAHE)``."""
     from skimage.exposure import equalize_adapthist  # imported here: only CLAHE recipes need it
 
     return np.asarray(equalize_adapthist(image, clip_limit=clip_limit), dtype=np.float32)
+
+
+_clahe = apply_clahe
 
 
 def _resize(array: np.ndarray, shape: tuple[int, int], *, antialias: bool) -> np.ndarray:
@@ -168,14 +184,66 @@ def to_network_input(image: np.ndarray, recipe: Preprocessing) -> np.ndarray:
 
     The full image is resized to the square input (bilinear, antialiased); the aspect ratio is not
     kept, which chest radiographs (near square) tolerate and which keeps the inverse mapping trivial.
+    The same as :func:`resize_to_input` then :func:`normalise_input` (training augments between them).
     """
-    if image.ndim != 2:
-        raise ValueError(f"to_network_input expects a 2-D image (Rows, Columns), got shape {image.shape}")
+    return normalise_input(resize_to_input(image, recipe), recipe)
+
+
+def resize_to_input(image: np.ndarray, recipe: Preprocessing) -> np.ndarray:
+    """The decoded image resized to the recipe's square input, float32 (size, size), still in [0, 1]."""
+    if np.ndim(image) != 2:
+        raise ValueError(f"to_network_input expects a 2-D image (Rows, Columns), got shape {np.shape(image)}")
     size = recipe.input_size
-    resized = _resize(image, (size, size), antialias=True)
+    return _resize(image, (size, size), antialias=True)
+
+
+def normalise_input(resized: np.ndarray | torch.Tensor, recipe: Preprocessing):
+    """Normalise a resized image (size, size) and repeat it to the recipe's channels: (channels, size, size).
+
+    Takes a NumPy array (returns float32 NumPy) or a tensor of shape (size, size) or (N, 1, size, size)
+    (returns a tensor, (N, channels, size, size) for a batch), so the training loop normalises its
+    augmented batches with this same definition.
+    """
+    if isinstance(resized, torch.Tensor):
+        values = resized.float()
+        if recipe.normalisation == "zscore":
+            values = (values - recipe.mean) / recipe.std
+        if values.ndim == 2:
+            return values[None].repeat(recipe.channels, 1, 1)
+        return values.repeat(1, recipe.channels, 1, 1) if values.shape[1] == 1 else values
+    values = np.asarray(resized, dtype=np.float32)
     if recipe.normalisation == "zscore":
-        resized = (resized - recipe.mean) / recipe.std
-    return np.repeat(resized[None], recipe.channels, axis=0).astype(np.float32, copy=False)
+        values = (values - recipe.mean) / recipe.std
+    return np.repeat(values[None], recipe.channels, axis=0).astype(np.float32, copy=False)
+
+
+def network_inputs(images: Sequence[np.ndarray], decoded_with: Preprocessing, recipe: Preprocessing) -> np.ndarray:
+    """A batch (N, C, S, S) for a network with ``recipe`` from images decoded with ``decoded_with``
+    (the bundle's shared recipe, :attr:`Manifest.preprocessing`). A network that alone uses CLAHE gets
+    it applied here: CLAHE is decoding's last step, so the result equals decoding with ``recipe``."""
+    own_clahe = recipe.clahe and not decoded_with.clahe
+    return np.stack(
+        [
+            to_network_input(apply_clahe(image, recipe.clahe_clip_limit) if own_clahe else image, recipe)
+            for image in images
+        ]
+    )
+
+
+def decode_bitmap(pixels: np.ndarray, recipe: Preprocessing, where: str = "image") -> np.ndarray:
+    """A grayscale bitmap (a PNG's 8- or 16-bit values, e.g. ChestX-ray14) as :func:`decode_radiograph`
+    gives a DICOM image: float32 in [0, 1] by the bit depth's full range, bright = dense, then CLAHE
+    when the recipe asks for it."""
+    array = np.asarray(pixels)
+    if array.ndim == 3:  # RGB(A) saved grayscale: take the first channel
+        array = array[..., 0]
+    if array.ndim != 2 or array.dtype.kind not in "ui":
+        raise ImageDecodeError(f"{where}: expected a grayscale 8- or 16-bit image, got {array.dtype} {array.shape}")
+    top = 255.0 if array.dtype.itemsize == 1 else 65535.0
+    image = np.clip(array.astype(np.float32) / top, 0.0, 1.0)
+    if recipe.clahe:
+        image = _clahe(image, recipe.clahe_clip_limit)
+    return image
 
 
 def mask_to_source(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
