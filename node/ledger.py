@@ -1172,6 +1172,7 @@ class Ledger:
         build: Callable[[dict[str, Any], str], list[dict[str, Any]]],
         *,
         now: datetime | None = None,
+        first_look_within_seconds: float = 86400.0,
     ) -> list[int]:
         """Create notification rows for every analysed study whose flag in force changed since it
         was last announced: `build(study, event)` ("flagged" or "withdrawn") returns the messages,
@@ -1179,6 +1180,8 @@ class Ledger:
 
         A study is looked at again only when its analysis or its feedback changed, and the rows
         and the announced state are written in one transaction, so each change is announced once.
+        A study seen for the first time more than `first_look_within_seconds` after its analysis
+        (a ledger from before notifications existed) is recorded without being announced.
         """
         now = _as_utc(now) if now else utcnow()
         created: list[int] = []
@@ -1211,7 +1214,8 @@ class Ledger:
                 verdict = feedback.verdict if feedback is not None else None
                 flagged = flag_in_force(study.flagged, verdict)
                 announced = bool(state.flagged) if state is not None else False
-                if flagged != announced:
+                stale = state is None and study.analysed_at < now - timedelta(seconds=first_look_within_seconds)
+                if flagged != announced and not stale:
                     event = "flagged" if flagged else "withdrawn"
                     info = self._notification_info(session, study, refs[study.study_uid], feedback)
                     for message in build(info, event):

@@ -183,3 +183,14 @@ def test_failures_are_retried_with_backoff_then_given_up(tmp_path):
             refusing.stop()
     finally:
         receiver.stop()
+
+
+def test_old_flags_in_a_ledger_from_before_notifications_are_not_announced(tmp_path, peers):
+    listener, receiver = peers
+    notifier = make_notifier(tmp_path, listener.port, receiver.url)
+    analysed_study(notifier.ledger, flagged=True, at=datetime.now(timezone.utc) - timedelta(days=3))
+    assert notifier.run_once() == []
+    # Nor does a later confirmation (the flag stays as it was) announce it.
+    notifier.ledger.record_feedback(STUDY, "confirmed", "dr.a")
+    assert notifier.run_once() == []
+    assert listener.messages == [] and receiver.requests == []

@@ -201,3 +201,42 @@ def test_cli_exports_feedback_and_makes_tokens(worklist, tmp_path, monkeypatch):
     import hashlib
 
     assert hashlib.sha256(made["token"].encode()).hexdigest() == made["token_sha256"]
+
+
+def test_heat_map_toggle_serves_a_secondary_capture_once_the_analysis_writes_one(client, worklist):
+    """The current writers make no heat map; a Grad-CAM secondary capture (result kind SC) made
+    from an image is what the heat-map overlay shows. Recorded here the way the analysis will."""
+    from io import BytesIO
+
+    import highdicom as hd
+    from pydicom.uid import generate_uid
+
+    from node.ledger import Result, utcnow
+    from node.storage import write_durably
+
+    source = worklist.positive
+    rows, columns = int(source.Rows), int(source.Columns)
+    heat = np.zeros((rows, columns, 3), dtype=np.uint8)
+    heat[..., 0] = np.linspace(0, 255, columns, dtype=np.uint8)[None, :]  # a red ramp
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source, pixel_array=heat, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", series_instance_uid=generate_uid(), series_number=99,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="Pleura",
+        patient_orientation=("L", "F"),
+    )
+    buffer = BytesIO()
+    sc.save_as(buffer, enforce_file_format=True)
+    key = f"results/{source.StudyInstanceUID}/{sc.SOPInstanceUID}.dcm"
+    write_durably(worklist.settings.storage_dir / key, buffer.getvalue())
+    with worklist.ledger._transaction() as session:
+        session.add(Result(sop_instance_uid=sc.SOPInstanceUID, kind="SC", sop_class_uid=sc.SOPClassUID,
+                           storage_key=key, study_uid=source.StudyInstanceUID,
+                           source_sop_instance_uid=source.SOPInstanceUID, created_at=utcnow()))
+
+    ref = worklist.ledger.study_ref(source.StudyInstanceUID)
+    (image,) = client.get(f"/api/studies/{ref}", headers=bearer(READER_TOKEN)).json()["images"]
+    assert image["has_heatmap"] is True and image["heatmap_url"].endswith("overlay=heatmap")
+    answer = client.get(image["heatmap_url"], headers=bearer(READER_TOKEN))
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    picture = np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGB")).astype(int)
+    assert picture[:, -1, 0].mean() > 200 and picture[:, 0, 0].mean() < 50
