@@ -136,6 +136,7 @@ def test_feedback_needs_the_feedback_role_and_is_recorded_with_who_and_when(clie
     client.post(f"/api/studies/{positive}/feedback", json={"verdict": "rejected"}, headers=bearer(RADIOLOGIST_TOKEN))
     after = refs_by_accession(client)["ACC-POS"]
     assert after["flagged"] is False and after["model_flagged"] is True and after["urgency"] == "routine"
+    assert client.get("/api/studies?flagged=true", headers=bearer(READER_TOKEN)).json() == []
     history = client.get(f"/api/studies/{positive}/feedback", headers=bearer(READER_TOKEN)).json()
     assert [f["verdict"] for f in history] == ["known", "rejected"]
     assert history[0]["comment"] == "drain in place" and history[0]["model_flagged"] is True

@@ -112,7 +112,7 @@ def _study_or_404(ledger: Ledger, ref: str) -> tuple[str, dict[str, Any]]:
 
 @router.get("", response_model=list[StudySummary], summary="The worklist: most urgent first, then oldest first")
 def list_studies(
-    flagged: bool = Query(False, description="only studies the model flagged"),
+    flagged: bool = Query(False, description="only flagged studies (the flag in force)"),
     since: datetime | None = Query(None, description="only studies with an instance received at or after this time"),
     status_: list[ApiStatus] | None = Query(None, alias="status", description="only these statuses (repeatable)"),
     order: Literal["urgency", "newest"] = Query("urgency", description="urgency then age, or newest first"),
@@ -122,6 +122,8 @@ def list_studies(
 ) -> list[StudySummary]:
     statuses = sorted({API_TO_LEDGER[s] for s in status_}) if status_ else None
     studies = [study_summary(e) for e in ledger.worklist(flagged_only=flagged, since=since, statuses=statuses, limit=limit)]
+    if flagged:  # the flag in force: a flag a radiologist rejected is no longer shown as flagged
+        studies = [s for s in studies if s.flagged]
     if order == "urgency":
         studies.sort(key=lambda s: (-URGENCY_RANK[s.urgency], s.received_at))
     else:
