@@ -20,6 +20,21 @@ STUDY = "1.2.826.0.1.3680043.10.1234.1"
 SECRET = "webhook-secret"
 
 
+@pytest.fixture(scope="module")
+def postgres():
+    from test_node_ledger import PostgresCluster  # the throw-away server of the ledger tests
+
+    cluster = PostgresCluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request):
+    """None: the default SQLite ledger in the storage dir; else a fresh PostgreSQL database."""
+    return None if request.param == "sqlite" else request.getfixturevalue("postgres").new_database_url()
+
+
 @pytest.fixture
 def peers():
     listener, receiver = MllpListener(), WebhookReceiver()
@@ -28,7 +43,9 @@ def peers():
     receiver.stop()
 
 
-def make_notifier(tmp_path, listener_port: int, webhook_url: str, **extra) -> Notifier:
+def make_notifier(tmp_path, listener_port: int, webhook_url: str, database_url: str | None = None, **extra) -> Notifier:
+    if database_url:
+        extra["database_url"] = database_url
     settings = load_settings(
         storage_dir=tmp_path,
         hl7_destinations=[{"host": "127.0.0.1", "port": listener_port, "receiving_application": "RIS",
@@ -69,9 +86,9 @@ def observations(message: hl7.Message) -> dict[str, tuple[str, str, str]]:
     return found
 
 
-def test_a_flagged_study_is_announced_by_hl7_and_webhook_once(tmp_path, peers):
+def test_a_flagged_study_is_announced_by_hl7_and_webhook_once(tmp_path, peers, database_url):
     listener, receiver = peers
-    notifier = make_notifier(tmp_path, listener.port, receiver.url)
+    notifier = make_notifier(tmp_path, listener.port, receiver.url, database_url)
     analysed_study(notifier.ledger, flagged=True)
 
     attempts = notifier.run_once()
@@ -110,9 +127,9 @@ def test_a_flagged_study_is_announced_by_hl7_and_webhook_once(tmp_path, peers):
     assert sent["webhook"].response.startswith("HTTP 200")
 
 
-def test_rejecting_the_flag_withdraws_it(tmp_path, peers):
+def test_rejecting_the_flag_withdraws_it(tmp_path, peers, database_url):
     listener, receiver = peers
-    notifier = make_notifier(tmp_path, listener.port, receiver.url)
+    notifier = make_notifier(tmp_path, listener.port, receiver.url, database_url)
     analysed_study(notifier.ledger, flagged=True)
     notifier.run_once()
     notifier.ledger.record_feedback(STUDY, "confirmed", "dr.a")
