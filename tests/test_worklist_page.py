@@ -58,6 +58,8 @@ def test_a_study_sent_over_dicom_is_flagged_in_the_page_and_feedback_is_stored(t
 
         with chromium(tmp_path / "profile") as browser:
             page = browser.new_page()
+            requested: list[str] = []
+            page.on("request", lambda request: requested.append(request.url))
             page.goto(f"http://127.0.0.1:{api_port}/")
             page.fill("#token", RADIOLOGIST_TOKEN)
             page.click("#login-form button[type=submit]")
@@ -118,6 +120,9 @@ def test_a_study_sent_over_dicom_is_flagged_in_the_page_and_feedback_is_stored(t
             )
             page.wait_for_selector(f"#worklist-body tr[data-ref='{ref}']:not(.flagged)")
             assert [f["verdict"] for f in ledger.list_feedback(study_uid)] == ["confirmed", "rejected"]
+            # Everything the page loaded came from the node (no CDN), and no URL names the study or patient.
+            assert requested and all(url.startswith(f"http://127.0.0.1:{api_port}/") for url in requested), requested
+            assert not any(study_uid in url or str(dataset.PatientID) in url for url in requested)
             wait_for(lambda: len(listener.messages) >= 2, 60, "the withdrawal at the MLLP listener")
             withdrawn: hl7.Message = listener.messages[1]
             assert str(withdrawn.segment("OBR")[25]) == "C"
