@@ -235,6 +235,16 @@ class Notification(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+class AnalysisStart(Base):
+    """When a worker last took a study (the worklist's "analysing")."""
+
+    __tablename__ = "analysis_starts"
+
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid"), primary_key=True)
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class NotificationState(Base):
     """The flag last announced for a study, and the analysis and feedback it was decided from."""
 
@@ -1021,6 +1031,10 @@ class Ledger:
         session.flush()
         return known
 
+    def analysis_started_at(self, study_uid: str) -> datetime | None:
+        with self._transaction() as session:
+            return session.scalar(select(AnalysisStart.started_at).where(AnalysisStart.study_uid == study_uid))
+
     def study_for_ref(self, ref: str) -> str | None:
         """The study UID behind an opaque reference, or None."""
         with self._transaction() as session:
@@ -1065,10 +1079,18 @@ class Ledger:
                 .subquery()
             )
             statement = (
-                select(Study, aggregates.c.instances, aggregates.c.area_px, aggregates.c.area_cm2, Feedback)
+                select(
+                    Study,
+                    aggregates.c.instances,
+                    aggregates.c.area_px,
+                    aggregates.c.area_cm2,
+                    Feedback,
+                    AnalysisStart.started_at,
+                )
                 .outerjoin(aggregates, aggregates.c.study_uid == Study.study_uid)
                 .outerjoin(latest, latest.c.study_uid == Study.study_uid)
                 .outerjoin(Feedback, Feedback.id == latest.c.id)
+                .outerjoin(AnalysisStart, AnalysisStart.study_uid == Study.study_uid)
             )
             if flagged_only:
                 statement = statement.where(Study.flagged.is_(True))
@@ -1082,12 +1104,26 @@ class Ledger:
             rows = session.execute(statement).all()
             refs = self._refs_for(session, [study.study_uid for study, *_ in rows])
             studies = []
-            for study, count, area_px, area_cm2, feedback in rows:
+            for study, count, area_px, area_cm2, feedback, started_at in rows:
                 entry = _study_dict(study, count or 0, area_px, area_cm2)
+                entry["analysis_started_at"] = started_at
                 entry["ref"] = refs[study.study_uid]
                 entry["feedback"] = _feedback_dict(feedback) if feedback is not None else None
                 studies.append(entry)
             return studies
+
+    def mark_analysing(self, study_uid: str, task_id: str | None = None, *, now: datetime | None = None) -> bool:
+        """Record that a worker started on the study; False when the ledger does not know it."""
+        now = _as_utc(now) if now else utcnow()
+        with self._transaction() as session:
+            if session.get(Study, study_uid) is None:
+                return False
+            start = session.get(AnalysisStart, study_uid)
+            if start is None:
+                session.add(AnalysisStart(study_uid=study_uid, task_id=task_id, started_at=now))
+            else:
+                start.task_id, start.started_at = task_id, now
+            return True
 
     def record_feedback(
         self, study_uid: str, verdict: str, user: str, *, comment: str | None = None, now: datetime | None = None

@@ -241,3 +241,19 @@ def test_heat_map_toggle_serves_a_secondary_capture_once_the_analysis_writes_one
     assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
     picture = np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGB")).astype(int)
     assert picture[:, -1, 0].mean() > 200 and picture[:, 0, 0].mean() < 50
+
+
+def test_a_queued_study_a_worker_took_is_analysing(client, worklist):
+    pending = worklist.pending.StudyInstanceUID
+    worklist.ledger.mark_queued(pending)
+    headers = bearer(READER_TOKEN)
+    assert refs_by_accession(client)["ACC-PEND"]["status"] == "queued"
+    assert worklist.ledger.mark_analysing(pending, "task-1") is True
+    assert worklist.ledger.mark_analysing("9.9.9", "task-2") is False
+    study = refs_by_accession(client)["ACC-PEND"]
+    assert study["status"] == "analysing" and study["analysis_started_at"] and study["urgency"] == "pending"
+    assert [s["accession_number"] for s in client.get("/api/studies?status=analysing", headers=headers).json()] == [
+        "ACC-PEND"
+    ]
+    assert client.get("/api/studies?status=queued", headers=headers).json() == []
+    assert client.get(f"/api/studies/{study['ref']}", headers=headers).json()["status"] == "analysing"

@@ -99,6 +99,8 @@ def test_a_study_sent_over_dicom_is_flagged_in_the_page_and_feedback_is_stored(t
             page.wait_for_function(
                 "() => document.querySelector('#feedback-status').textContent.startsWith('Saved: confirmed')"
             )
+            # The worker reported taking the study (the worklist said "analysing" meanwhile).
+            wait_for(lambda: ledger.analysis_started_at(study_uid), 60, "the start of the analysis in the ledger")
             (confirmed,) = ledger.list_feedback(study_uid)
             assert confirmed["verdict"] == "confirmed" and confirmed["user"] == "dr.house"
             assert confirmed["flagged"] is True

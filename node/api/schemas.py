@@ -11,8 +11,7 @@ from node.ledger import FeedbackVerdict, StudyStatus
 
 
 class ApiStatus(StrEnum):
-    """A study's state in the API's words. The ledger cannot yet tell "queued" from "analysing"
-    (a worker does not report that it started), so queued studies show as queued."""
+    """A study's state in the API's words: "analysing" is a queued study a worker reported taking."""
 
     RECEIVED = "received"
     QUEUED = "queued"
@@ -90,6 +89,7 @@ class StudySummary(BaseModel):
     instances: int
     received_at: datetime
     last_received_at: datetime
+    analysis_started_at: datetime | None = Field(None, description="when a worker last took the study")
     analysed_at: datetime | None
     delivered_at: datetime | None
     time_to_flag_seconds: float | None = Field(description="first instance received → flag raised")

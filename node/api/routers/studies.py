@@ -58,6 +58,13 @@ def _urgency(entry: dict[str, Any], flagged: bool) -> Urgency:
     return Urgency.ROUTINE
 
 
+def _api_status(entry: dict[str, Any]) -> ApiStatus:
+    started, queued = entry.get("analysis_started_at"), entry.get("queued_at")
+    if entry["status"] == StudyStatus.QUEUED and started is not None and (queued is None or started >= queued):
+        return ApiStatus.ANALYSING
+    return LEDGER_TO_API.get(entry["status"], ApiStatus.RECEIVED)
+
+
 def study_summary(entry: dict[str, Any], *, side: str | None = None, gap: float | None = None) -> StudySummary:
     """The API's view of one of the ledger's study dicts (from :meth:`Ledger.worklist`)."""
     feedback = entry.get("feedback")
@@ -74,7 +81,7 @@ def study_summary(entry: dict[str, Any], *, side: str | None = None, gap: float 
         study_instance_uid=entry["study_uid"],
         accession_number=entry["accession_number"],
         patient_id=entry["patient_id"],
-        status=LEDGER_TO_API.get(entry["status"], ApiStatus.RECEIVED),
+        status=_api_status(entry),
         urgency=_urgency(entry, flagged),
         flagged=flagged,
         model_flagged=entry["flagged"],
@@ -88,6 +95,7 @@ def study_summary(entry: dict[str, Any], *, side: str | None = None, gap: float 
         instances=entry["instances"],
         received_at=entry["first_received_at"],
         last_received_at=entry["last_received_at"],
+        analysis_started_at=entry.get("analysis_started_at"),
         analysed_at=analysed,
         delivered_at=entry["delivered_at"],
         time_to_flag_seconds=(
@@ -105,6 +113,7 @@ def _study_or_404(ledger: Ledger, ref: str) -> tuple[str, dict[str, Any]]:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such study")
     history = ledger.list_feedback(study_uid)
     entry["ref"] = ref
+    entry["analysis_started_at"] = ledger.analysis_started_at(study_uid)
     entry["feedback"] = history[-1] if history else None
     entry["feedback_history"] = history
     return study_uid, entry
@@ -124,6 +133,8 @@ def list_studies(
     studies = [study_summary(e) for e in ledger.worklist(flagged_only=flagged, since=since, statuses=statuses, limit=limit)]
     if flagged:  # the flag in force: a flag a radiologist rejected is no longer shown as flagged
         studies = [s for s in studies if s.flagged]
+    if status_:  # the ledger's "queued" covers both queued and analysing
+        studies = [s for s in studies if s.status in status_]
     if order == "urgency":
         studies.sort(key=lambda s: (-URGENCY_RANK[s.urgency], s.received_at))
     else:
