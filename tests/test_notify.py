@@ -211,3 +211,30 @@ def test_old_flags_in_a_ledger_from_before_notifications_are_not_announced(tmp_p
     notifier.ledger.record_feedback(STUDY, "confirmed", "dr.a")
     assert notifier.run_once() == []
     assert listener.messages == [] and receiver.requests == []
+
+
+def test_a_new_analysis_that_no_longer_flags_withdraws_the_flag(tmp_path, peers):
+    listener, receiver = peers
+    notifier = make_notifier(tmp_path, listener.port, receiver.url)
+    now = datetime.now(timezone.utc)
+    analysed_study(notifier.ledger, flagged=True, at=now - timedelta(minutes=5))
+    notifier.run_once()
+    # The modality sends a corrected image of the same study; the model flags nothing any more.
+    ledger = notifier.ledger
+    sop = STUDY + ".2"
+    ledger.record_instance(
+        sop_instance_uid=sop, study_uid=STUDY, series_instance_uid=STUDY + ".0", sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        transfer_syntax_uid="1.2.840.10008.1.2.1", storage_key=f"instances/{STUDY}/x/{sop}.dcm", received_at=now,
+    )
+    ledger.mark_queued(STUDY)
+    ledger.record_analysis({
+        "study_uid": STUDY, "model": {"name": "pleura-demo", "version": "0.3.0"},
+        "images": [
+            {"sop_instance_uid": STUDY + ".1", "status": "analysed", "probability": 0.2, "flagged": False},
+            {"sop_instance_uid": sop, "status": "analysed", "probability": 0.1, "flagged": False},
+        ],
+        "results": [], "flagged": False, "analysed_at": now.isoformat(),
+    })
+    assert [a.sent for a in notifier.run_once()] == [True, True]
+    assert str(listener.messages[-1].segment("OBR")[25]) == "C"
+    assert [r["json"]["event"] for r in receiver.requests] == ["flagged", "withdrawn"]
