@@ -79,6 +79,7 @@ def test_a_study_sent_over_dicom_is_flagged_in_the_page_and_feedback_is_stored(t
             assert "PNEUMOTHORAX SUSPECTED" in row.inner_text() and str(dataset.AccessionNumber) in row.inner_text()
             assert row.get_attribute("data-urgency") == "critical"
             assert page.is_visible("#demo-banner")  # the demo model says so
+            assert page.title() == "(1) Pleura worklist"  # one unreviewed flag, visible from another tab
             ref = row.get_attribute("data-ref")
             assert ref and dataset.StudyInstanceUID not in ref
 

@@ -107,6 +107,8 @@ function renderWorklist(studies) {
   body.replaceChildren(...rows);
   $("empty").hidden = studies.length > 0;
   $("demo-banner").hidden = !studies.some((s) => s.model.synthetic_demo);
+  const unreviewed = studies.filter((s) => s.urgency === "critical").length;
+  document.title = unreviewed ? `(${unreviewed}) Pleura worklist` : "Pleura worklist";  // visible in a background tab
 }
 
 async function select(ref) {
