@@ -184,6 +184,7 @@ class FeedbackVerdict(StrEnum):
     CONFIRMED = "confirmed"
     REJECTED = "rejected"
     KNOWN = "known"  # already known or treated
+    CORRECTED = "corrected"  # a pneumothorax, with the radiologist's own outline (mask_key)
 
 
 class StudyRef(Base):
@@ -206,6 +207,9 @@ class Feedback(Base):
     user: Mapped[str] = mapped_column(String(64))
     comment: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    # A corrected outline: the image it was drawn on, and the mask (PNG) in the storage dir.
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    mask_key: Mapped[str | None] = mapped_column(String(255))
     # What the model said when the verdict was given.
     flagged: Mapped[bool | None] = mapped_column(Boolean)
     probability: Mapped[float | None] = mapped_column(Float)
@@ -304,6 +308,8 @@ def _feedback_dict(row: Feedback) -> dict[str, Any]:
         "user": row.user,
         "comment": row.comment,
         "created_at": row.created_at,
+        "sop_instance_uid": row.sop_instance_uid,
+        "mask_key": row.mask_key,
         "flagged": row.flagged,
         "probability": row.probability,
         "model_name": row.model_name,
@@ -317,7 +323,10 @@ def study_ref_for(study_uid: str) -> str:
 
 
 def flag_in_force(model_flagged: bool | None, verdict: str | None) -> bool:
-    """The flag the worklist and the notifications show: the model's, unless a radiologist rejected it."""
+    """The flag the worklist and the notifications show: the model's, unless a radiologist rejected
+    it; a radiologist's corrected outline flags the study even where the model missed it."""
+    if verdict == FeedbackVerdict.CORRECTED:
+        return True
     return bool(model_flagged) and verdict != FeedbackVerdict.REJECTED
 
 
@@ -1126,10 +1135,21 @@ class Ledger:
             return True
 
     def record_feedback(
-        self, study_uid: str, verdict: str, user: str, *, comment: str | None = None, now: datetime | None = None
+        self,
+        study_uid: str,
+        verdict: str,
+        user: str,
+        *,
+        comment: str | None = None,
+        sop_instance_uid: str | None = None,
+        mask_key: str | None = None,
+        now: datetime | None = None,
     ) -> dict[str, Any]:
-        """Record a radiologist's verdict (confirmed, rejected, known) with who and when."""
+        """Record a radiologist's verdict (confirmed, rejected, known, or corrected with the image
+        and the mask's storage key) with who and when."""
         verdict = FeedbackVerdict(verdict).value
+        if (verdict == FeedbackVerdict.CORRECTED) != (mask_key is not None):
+            raise ValueError("a corrected verdict comes with a mask, and only it")
         now = _as_utc(now) if now else utcnow()
         with self._transaction() as session:
             study = session.get(Study, study_uid)
@@ -1141,6 +1161,8 @@ class Ledger:
                 user=user[:64],
                 comment=comment[:_ERROR_TEXT_LIMIT] if comment else None,
                 created_at=now,
+                sop_instance_uid=sop_instance_uid,
+                mask_key=mask_key,
                 flagged=study.flagged,
                 probability=study.probability,
                 model_name=study.model_name,
@@ -1162,9 +1184,10 @@ class Ledger:
         """The feedback in force per study with what retraining needs: each image's stored key and
         the key of the SEG made from it, the model's outputs and a label.
 
-        `label` is 1 (pneumothorax) for confirmed and known, 0 for rejected. Per image,
+        `label` is 1 (pneumothorax) for confirmed, known and corrected, 0 for rejected. Per image,
         `label` is 0 for every image of a rejected study, 1 for the flagged images of a confirmed
-        or known study, and None (not known) for its other images.
+        or known study and for the corrected image (whose `mask_key` is the radiologist's outline,
+        to be used instead of `seg_key`), and None (not known) for the other images.
         """
         with self._transaction() as session:
             latest = select(func.max(Feedback.id)).group_by(Feedback.study_uid)
@@ -1182,7 +1205,11 @@ class Ledger:
                 for instance in session.scalars(
                     select(Instance).where(Instance.study_uid == row.study_uid).order_by(Instance.id)
                 ):
-                    label = (1 if instance.flagged else None) if positive else 0
+                    corrected = row.verdict == FeedbackVerdict.CORRECTED
+                    if corrected:
+                        label = 1 if instance.sop_instance_uid == row.sop_instance_uid else None
+                    else:
+                        label = (1 if instance.flagged else None) if positive else 0
                     images.append(
                         {
                             "sop_instance_uid": instance.sop_instance_uid,
@@ -1193,6 +1220,7 @@ class Ledger:
                             "probability": instance.probability,
                             "flagged": instance.flagged,
                             "area_px": instance.area_px,
+                            "mask_key": row.mask_key if corrected and label == 1 else None,
                             "label": label,
                         }
                     )

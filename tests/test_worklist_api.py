@@ -257,3 +257,43 @@ def test_a_queued_study_a_worker_took_is_analysing(client, worklist):
     ]
     assert client.get("/api/studies?status=queued", headers=headers).json() == []
     assert client.get(f"/api/studies/{study['ref']}", headers=headers).json()["status"] == "analysing"
+
+
+def test_a_corrected_outline_is_stored_as_a_mask_and_exported(client, worklist):
+    import base64
+
+    ref = worklist.ledger.study_ref(worklist.negative.StudyInstanceUID)
+    url = f"/api/studies/{ref}/images/0/correction"
+    painted = np.zeros((256, 256, 4), dtype=np.uint8)
+    painted[40:120, 150:200] = (0, 170, 255, 190)  # a stroke on the patient's left, in preview pixels
+    buffer = io.BytesIO()
+    Image.fromarray(painted, "RGBA").save(buffer, format="PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    assert client.post(url, json={"mask_png": data_url}, headers=bearer(READER_TOKEN)).status_code == 403
+    empty = io.BytesIO()
+    Image.new("RGBA", (256, 256)).save(empty, format="PNG")
+    blank = base64.b64encode(empty.getvalue()).decode()
+    assert client.post(url, json={"mask_png": blank}, headers=bearer(RADIOLOGIST_TOKEN)).status_code == 422
+    assert client.post(url, json={"mask_png": "not base64!"}, headers=bearer(RADIOLOGIST_TOKEN)).status_code == 422
+    assert client.post(
+        f"/api/studies/{ref}/feedback", json={"verdict": "corrected"}, headers=bearer(RADIOLOGIST_TOKEN)
+    ).status_code == 422
+
+    saved = client.post(url, json={"mask_png": data_url, "comment": "missed apical"}, headers=bearer(RADIOLOGIST_TOKEN))
+    assert saved.status_code == 201, saved.text
+    feedback = saved.json()
+    assert feedback["verdict"] == "corrected" and feedback["user"] == "dr.house"
+    assert feedback["sop_instance_uid"] == worklist.negative.SOPInstanceUID
+    mask = np.asarray(Image.open(worklist.settings.storage_dir / feedback["mask_key"])) > 0
+    assert mask.shape == (int(worklist.negative.Rows), int(worklist.negative.Columns))
+    assert mask[80:240, 300:400].all() and not mask[:70].any() and not mask[:, :290].any()
+
+    # The model missed it; the radiologist's outline flags the study.
+    study = refs_by_accession(client)["ACC-NEG"]
+    assert study["flagged"] is True and study["model_flagged"] is False and study["urgency"] == "flagged"
+    exported = {e["study_uid"]: e for e in client.get("/api/feedback/export", headers=bearer(READER_TOKEN)).json()}
+    entry = exported[worklist.negative.StudyInstanceUID]
+    assert entry["verdict"] == "corrected" and entry["label"] == 1 and entry["comment"] == "missed apical"
+    (image,) = entry["images"]
+    assert image["label"] == 1 and image["mask_key"] == feedback["mask_key"]

@@ -1,12 +1,14 @@
 """The worklist page in headless Chromium against a running `pleura node` and `pleura worker`: a
 study sent with DCMTK's storescu appears flagged without a reload, its preview shows, feedback
-clicked in the page is stored, and the RIS (a real MLLP listener) and a webhook receiver hear of
+clicked in the page (verdicts and a drawn outline) is stored, and the RIS (a real MLLP listener) and a webhook receiver hear of
 the flag and of its withdrawal."""
 
 from __future__ import annotations
 
 import hl7
+import numpy as np
 import pytest
+from PIL import Image
 
 from browser import chromium
 from node.ledger import Ledger
@@ -106,6 +108,24 @@ def test_a_study_sent_over_dicom_is_flagged_in_the_page_and_feedback_is_stored(t
             assert confirmed["verdict"] == "confirmed" and confirmed["user"] == "dr.house"
             assert confirmed["flagged"] is True
 
+            # The radiologist paints their own outline over the preview; it is stored as a mask.
+            page.click("#images figure button.draw")
+            canvas = page.wait_for_selector("#images canvas")
+            box = canvas.bounding_box()
+            page.mouse.move(box["x"] + box["width"] * 0.70, box["y"] + box["height"] * 0.25)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.75, box["y"] + box["height"] * 0.45, steps=8)
+            page.mouse.move(box["x"] + box["width"] * 0.78, box["y"] + box["height"] * 0.65, steps=8)
+            page.mouse.up()
+            page.click("#images button.save-outline")
+            page.wait_for_function(
+                "() => document.querySelector('#feedback-status').textContent.startsWith('Saved: corrected outline')"
+            )
+            corrected = ledger.list_feedback(study_uid)[-1]
+            assert corrected["verdict"] == "corrected" and corrected["user"] == "dr.house"
+            mask = np.asarray(Image.open(storage / corrected["mask_key"])) > 0
+            assert mask.shape == (512, 512) and mask[:, 340:420].any() and not mask[:, :300].any()
+
             # The RIS and the webhook heard of the flag.
             wait_for(lambda: listener.messages, 60, "the ORU^R01 at the MLLP listener")
             flagged = listener.messages[0]
@@ -122,7 +142,7 @@ def test_a_study_sent_over_dicom_is_flagged_in_the_page_and_feedback_is_stored(t
                 "() => document.querySelector('#feedback-status').textContent.startsWith('Saved: rejected')"
             )
             page.wait_for_selector(f"#worklist-body tr[data-ref='{ref}']:not(.flagged)")
-            assert [f["verdict"] for f in ledger.list_feedback(study_uid)] == ["confirmed", "rejected"]
+            assert [f["verdict"] for f in ledger.list_feedback(study_uid)] == ["confirmed", "corrected", "rejected"]
             # Everything the page loaded came from the node (no CDN), and no URL names the study or patient.
             assert requested and all(url.startswith(f"http://127.0.0.1:{api_port}/") for url in requested), requested
             assert not any(study_uid in url or str(dataset.PatientID) in url for url in requested)

@@ -59,6 +59,8 @@ class FeedbackOut(BaseModel):
     user: str
     created_at: datetime
     comment: str | None = None
+    sop_instance_uid: str | None = Field(None, description="corrected: the image the outline was drawn on")
+    mask_key: str | None = Field(None, description="corrected: the outline (PNG mask) in the storage dir")
     model_flagged: bool | None = Field(None, description="the model's flag when the verdict was given")
     probability: float | None = None
     model_name: str | None = None
@@ -66,7 +68,18 @@ class FeedbackOut(BaseModel):
 
 
 class FeedbackIn(BaseModel):
-    verdict: FeedbackVerdict = Field(description="confirmed, rejected, or known (already known or treated)")
+    verdict: FeedbackVerdict = Field(
+        description="confirmed, rejected, or known (already known or treated); corrected goes to .../correction"
+    )
+    comment: str | None = Field(None, max_length=2000)
+
+
+class CorrectionIn(BaseModel):
+    mask_png: str = Field(
+        max_length=20_000_000,
+        description="the radiologist's outline painted over the preview, as a PNG (base64, or a data: URL); "
+        "every non-transparent, non-black pixel is pneumothorax. Any size with the image's aspect ratio.",
+    )
     comment: str | None = Field(None, max_length=2000)
 
 

@@ -18,7 +18,7 @@ router = APIRouter(prefix="/api/feedback", tags=["feedback"])
 CSV_COLUMNS = (
     "study_uid", "verdict", "study_label", "user", "created_at", "model_name", "model_version",
     "study_probability", "study_flagged", "sop_instance_uid", "series_instance_uid", "instance_key", "seg_key",
-    "analysis_status", "probability", "flagged", "area_px", "label",
+    "analysis_status", "probability", "flagged", "area_px", "mask_key", "label",
 )  # fmt: skip
 
 
@@ -63,10 +63,10 @@ def export_feedback(
     ledger: Ledger = Depends(get_ledger),
     principal: Principal = Depends(current_principal),
 ) -> Response:
-    """JSON: one object per study with `label` (1 pneumothorax: confirmed or known; 0: rejected)
-    and its `images` (`instance_key`, `seg_key` relative to the storage dir, per-image `label`:
-    0 in a rejected study, 1 for a flagged image of a confirmed/known study, null otherwise).
-    CSV: one row per image."""
+    """JSON: one object per study with `label` (1 pneumothorax: confirmed, known or corrected;
+    0: rejected) and its `images` (`instance_key`, `seg_key` and, for a corrected image, `mask_key`,
+    relative to the storage dir; per-image `label`: 0 in a rejected study, 1 for a flagged image of
+    a confirmed/known study or the corrected image, null otherwise). CSV: one row per image."""
     exported = ledger.feedback_export()
     headers = {"Content-Disposition": f'attachment; filename="pleura-feedback.{format}"'}
     if format == "csv":

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
+import uuid
 from datetime import datetime
 from typing import Any, Literal
+
+import numpy as np
+import pydicom
+from PIL import Image, UnidentifiedImageError
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi.responses import FileResponse
 
 from node.api.auth import Principal, current_principal, require_feedback_role
-from node.api.deps import get_ledger, get_previews
+from node.api.deps import get_ledger, get_previews, get_settings
 from node.api.previews import HEATMAP_KINDS, PreviewError, PreviewRenderer
 from node.api.schemas import (
     API_TO_LEDGER,
     LEDGER_TO_API,
     URGENCY_RANK,
     ApiStatus,
+    CorrectionIn,
     DeliveryOut,
     FeedbackIn,
     FeedbackOut,
@@ -27,7 +36,9 @@ from node.api.schemas import (
     StudySummary,
     Urgency,
 )
+from config.settings import Settings
 from node.ledger import FeedbackVerdict, Ledger, LedgerError, StudyStatus, flag_in_force
+from node.storage import InstanceStore, write_durably
 
 router = APIRouter(prefix="/api/studies", tags=["studies"])
 
@@ -42,6 +53,8 @@ def _feedback_out(entry: dict[str, Any] | None) -> FeedbackOut | None:
         user=entry["user"],
         created_at=entry["created_at"],
         comment=entry["comment"],
+        sop_instance_uid=entry.get("sop_instance_uid"),
+        mask_key=entry.get("mask_key"),
         model_flagged=entry["flagged"],
         probability=entry["probability"],
         model_name=entry["model_name"],
@@ -284,10 +297,73 @@ def give_feedback(
     study_uid, entry = _study_or_404(ledger, ref)
     if entry["analysed_at"] is None:
         raise HTTPException(status.HTTP_409_CONFLICT, "the study has not been analysed yet")
+    if body.verdict == FeedbackVerdict.CORRECTED:
+        raise HTTPException(422, "a corrected outline goes to /api/studies/{ref}/images/{index}/correction")
     try:
         recorded = ledger.record_feedback(
             study_uid, FeedbackVerdict(body.verdict).value, principal.name, comment=body.comment
         )
     except LedgerError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    return _feedback_out(recorded)
+
+
+def _painted_mask(mask_png: str, rows: int, columns: int) -> np.ndarray:
+    """The painted pixels of a PNG (base64 or data: URL), resized to the image's rows x columns."""
+    data = mask_png.split(",", 1)[1] if mask_png.startswith("data:") else mask_png
+    try:
+        picture = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        picture.load()
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as exc:
+        raise HTTPException(422, f"mask_png is not a base64 PNG: {exc}") from None
+    if picture.width * picture.height > 64_000_000:
+        raise HTTPException(422, "mask_png is too large")
+    rgba = np.asarray(picture.convert("RGBA"))
+    painted = (rgba[..., 3] > 0) & (rgba[..., :3].max(axis=-1) > 0)
+    if not painted.any():
+        raise HTTPException(422, "the outline is empty")
+    resized = Image.fromarray(painted.astype(np.uint8) * 255).resize((columns, rows), Image.NEAREST)
+    return np.asarray(resized) > 0
+
+
+@router.post(
+    "/{ref}/images/{index}/correction",
+    response_model=FeedbackOut,
+    status_code=status.HTTP_201_CREATED,
+    summary="Record the radiologist's own outline of the pneumothorax on one image (role: feedback)",
+)
+def correct_outline(
+    ref: str,
+    index: int,
+    body: CorrectionIn,
+    ledger: Ledger = Depends(get_ledger),
+    settings: Settings = Depends(get_settings),
+    principal: Principal = Depends(require_feedback_role),
+) -> FeedbackOut:
+    """The mask is stored as a PNG at the image's own size under ``<storage_dir>/feedback/`` and
+    the verdict "corrected" (a pneumothorax, with this outline) is recorded with who and when."""
+    study_uid, entry = _study_or_404(ledger, ref)
+    instances = ledger.list_instances(study_uid)
+    if not 0 <= index < len(instances):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such image")
+    instance = instances[index]
+    store = InstanceStore(settings.storage_dir)
+    try:
+        header = pydicom.dcmread(store.path(instance.storage_key), stop_before_pixels=True)
+        rows, columns = int(header.Rows), int(header.Columns)
+    except (OSError, ValueError, AttributeError, pydicom.errors.InvalidDicomError) as exc:
+        raise HTTPException(422, f"cannot read the stored image: {type(exc).__name__}") from None
+    mask = _painted_mask(body.mask_png, rows, columns)
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG")
+    key = f"feedback/{ref}/{uuid.uuid4().hex}.png"
+    write_durably(store.path(key), buffer.getvalue())
+    recorded = ledger.record_feedback(
+        study_uid,
+        FeedbackVerdict.CORRECTED.value,
+        principal.name,
+        comment=body.comment,
+        sop_instance_uid=instance.sop_instance_uid,
+        mask_key=key,
+    )
     return _feedback_out(recorded)

@@ -41,7 +41,9 @@ function fmtSize(study) {
   if (study.largest_gap_mm !== null && study.largest_gap_mm !== undefined) parts.push(`gap ${study.largest_gap_mm.toFixed(0)} mm`);
   return parts.join(", ") || "–";
 }
-const VERDICT_WORDS = { confirmed: "confirmed", rejected: "rejected", known: "already known/treated" };
+const VERDICT_WORDS = {
+  confirmed: "confirmed", rejected: "rejected", known: "already known/treated", corrected: "corrected outline",
+};
 
 function showLogin() {
   clearInterval(state.timer);
@@ -154,23 +156,72 @@ async function loadDetail(ref, redrawImages) {
 
 function renderImages() {
   const study = state.detail;
+  const mayCorrect = state.me && state.me.may_give_feedback && study.analysed_at;
   const figures = study.images.map((image) => {
     const figure = el("figure");
+    const wrap = el("div", null, "canvas-wrap");
     const img = el("img");
     img.alt = `image ${image.index + 1} (${state.overlay})`;
     img.dataset.index = image.index;
     let src = image.preview_url + (state.overlay === "none" ? "?overlay=none" : "");
     if (state.overlay === "heatmap") src = image.heatmap_url || image.preview_url;
     img.src = src;
-    figure.append(img);
+    wrap.append(img);
+    figure.append(wrap);
     const caption = image.analysis_status === "analysed"
       ? `p=${image.probability.toFixed(3)}${image.flagged ? " · flagged" : ""}${image.side ? " · " + image.side : ""}`
         + `${image.has_outline ? "" : " · no outline"}`
       : `${image.analysis_status}${image.analysis_reason ? ": " + image.analysis_reason : ""}`;
     figure.append(el("figcaption", caption, "muted"));
+    if (mayCorrect) {
+      const draw = el("button", "Draw outline", "draw");
+      draw.type = "button";
+      draw.addEventListener("click", () => startDrawing(figure, wrap, img, image.index));
+      figure.append(draw);
+    }
     return figure;
   });
   $("images").replaceChildren(...figures);
+}
+
+// The radiologist paints the pneumothorax over the preview; the painted pixels are the mask.
+function startDrawing(figure, wrap, img, index) {
+  if (wrap.querySelector("canvas") || !img.naturalWidth) return;
+  const canvas = el("canvas");
+  canvas.width = img.naturalWidth;
+  canvas.height = img.naturalHeight;
+  canvas.dataset.index = index;
+  wrap.append(canvas);
+  const pen = canvas.getContext("2d");
+  pen.strokeStyle = "rgba(0, 170, 255, 0.75)";
+  pen.lineWidth = Math.max(6, canvas.width / 60);
+  pen.lineCap = "round";
+  pen.lineJoin = "round";
+  let down = false;
+  const point = (event) => {
+    const box = canvas.getBoundingClientRect();
+    return [(event.clientX - box.left) * canvas.width / box.width, (event.clientY - box.top) * canvas.height / box.height];
+  };
+  canvas.addEventListener("pointerdown", (event) => { down = true; pen.beginPath(); pen.moveTo(...point(event)); pen.lineTo(...point(event)); pen.stroke(); });
+  canvas.addEventListener("pointermove", (event) => { if (down) { pen.lineTo(...point(event)); pen.stroke(); } });
+  ["pointerup", "pointerleave"].forEach((name) => canvas.addEventListener(name, () => { down = false; }));
+  const save = el("button", "Save outline", "save-outline");
+  const cancel = el("button", "Cancel", "cancel-outline");
+  save.type = cancel.type = "button";
+  const finish = () => { canvas.remove(); save.remove(); cancel.remove(); };
+  cancel.addEventListener("click", finish);
+  save.addEventListener("click", async () => {
+    $("feedback-status").textContent = "saving…";
+    try {
+      const saved = await api(`/api/studies/${encodeURIComponent(state.selected)}/images/${index}/correction`, {
+        method: "POST", body: JSON.stringify({ mask_png: canvas.toDataURL("image/png"), comment: $("feedback-comment").value || null }),
+      });
+      finish();
+      $("feedback-status").textContent = `Saved: ${VERDICT_WORDS[saved.verdict]} by ${saved.user}`;
+      await refresh();
+    } catch (e) { $("feedback-status").textContent = "Not saved: " + e.message; }
+  });
+  figure.append(save, cancel);
 }
 
 function setOverlay(overlay, redraw = true) {
