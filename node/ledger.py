@@ -317,6 +317,26 @@ def _feedback_dict(row: Feedback) -> dict[str, Any]:
     }
 
 
+def _flagged_findings(session: Session, study_uids: list[str]) -> dict[str, tuple[str | None, float | None]]:
+    """Per study: the side of its flagged images ("bilateral" when they differ) and the largest
+    pleural gap, from the per-image side and gap_mm the analysis records (None where it does not)."""
+    found: dict[str, tuple[str | None, float | None]] = {}
+    if not study_uids:
+        return found
+    flagged = session.scalars(
+        select(Instance).where(Instance.study_uid.in_(study_uids), Instance.flagged.is_(True))
+    ).all()
+    by_study: dict[str, list[Instance]] = {}
+    for row in flagged:
+        by_study.setdefault(row.study_uid, []).append(row)
+    for study_uid, rows in by_study.items():
+        sides = {getattr(row, "side", None) for row in rows} - {None}
+        gaps = [getattr(row, "gap_mm", None) for row in rows]
+        side = None if not sides else "bilateral" if len(sides) > 1 else next(iter(sides))
+        found[study_uid] = (side, max((g for g in gaps if g is not None), default=None))
+    return found
+
+
 def study_ref_for(study_uid: str) -> str:
     """The opaque reference of a study (a hash of its UID): what URLs and logs name instead of the UID."""
     return hashlib.sha256(study_uid.encode("ascii", "replace")).hexdigest()[:20]
@@ -1112,10 +1132,12 @@ class Ledger:
             ).limit(limit)
             rows = session.execute(statement).all()
             refs = self._refs_for(session, [study.study_uid for study, *_ in rows])
+            findings = _flagged_findings(session, list(refs))
             studies = []
             for study, count, area_px, area_cm2, feedback, started_at in rows:
                 entry = _study_dict(study, count or 0, area_px, area_cm2)
                 entry["analysis_started_at"] = started_at
+                entry["side"], entry["largest_gap_mm"] = findings.get(study.study_uid, (None, None))
                 entry["ref"] = refs[study.study_uid]
                 entry["feedback"] = _feedback_dict(feedback) if feedback is not None else None
                 studies.append(entry)
@@ -1328,7 +1350,7 @@ class Ledger:
                 "area_cm2": i.area_cm2,
                 # Filled once the analysis reports them (side and pleural gap, from the result writers).
                 "side": getattr(i, "side", None),
-                "largest_gap_mm": getattr(i, "largest_gap_mm", None),
+                "largest_gap_mm": getattr(i, "gap_mm", None),
             }
             for i in instances
         ]

@@ -225,6 +225,7 @@ def test_heat_map_toggle_serves_a_secondary_capture_once_the_analysis_writes_one
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer="Pleura",
         patient_orientation=("L", "F"),
     )
+    sc.DerivationDescription = "DX image with the pleura-demo result burned in (result banner, Grad-CAM heat map)"
     buffer = BytesIO()
     sc.save_as(buffer, enforce_file_format=True)
     key = f"results/{source.StudyInstanceUID}/{sc.SOPInstanceUID}.dcm"
@@ -297,3 +298,29 @@ def test_a_corrected_outline_is_stored_as_a_mask_and_exported(client, worklist):
     assert entry["verdict"] == "corrected" and entry["label"] == 1 and entry["comment"] == "missed apical"
     (image,) = entry["images"]
     assert image["label"] == 1 and image["mask_key"] == feedback["mask_key"]
+
+
+def test_only_a_secondary_capture_with_a_heat_map_counts_as_one(tmp_path):
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from node.api.previews import PreviewRenderer
+    from node.ledger import ResultView, utcnow
+
+    renderer = PreviewRenderer(tmp_path)
+    views = []
+    for name, derivation in (("plain", "result burned in (result banner, pneumothorax outline)"),
+                             ("heat", "result burned in (result banner, Grad-CAM heat map)")):
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+        ds.SOPInstanceUID = generate_uid()
+        ds.DerivationDescription = derivation
+        (tmp_path / "results").mkdir(exist_ok=True)
+        ds.save_as(tmp_path / "results" / f"{name}.dcm", enforce_file_format=True)
+        views.append(ResultView(ds.SOPInstanceUID, "SC", "1.2.840.10008.5.1.4.1.1.7", f"results/{name}.dcm", "1.2",
+                                "1.2.3", utcnow()))
+    assert [renderer.is_heatmap(view) for view in views] == [False, True]
+    assert not renderer.is_heatmap(ResultView("9", "SEG", "x", "results/heat.dcm", "1.2", "1.2.3", utcnow()))

@@ -18,7 +18,8 @@ from node.ledger import InstanceView, ResultView
 from node.storage import InstanceStore
 
 PREVIEW_SIZE = 1024
-HEATMAP_KINDS = ("SC", "HEATMAP")  # a Grad-CAM secondary capture, once the analysis writes one
+HEATMAP_KINDS = ("SC", "HEATMAP")  # result kinds that may carry a Grad-CAM heat map
+HEATMAP_MARK = "heat map"  # the SC writer names it in DerivationDescription when it burned one in
 SYNTHETIC_CAPTION = "SYNTHETIC DEMO MODEL - not for clinical use"
 
 
@@ -41,6 +42,22 @@ class PreviewRenderer:
         self.store = InstanceStore(storage_dir)
         self.cache = storage_dir / "previews"
         self.size = size
+        self._heatmaps: dict[str, bool] = {}
+
+    def is_heatmap(self, result: ResultView) -> bool:
+        """Whether a result shows a heat map: a secondary capture whose Derivation Description says
+        a heat map is burned in (the SC without one shows only the outline)."""
+        if result.kind not in HEATMAP_KINDS:
+            return False
+        known = self._heatmaps.get(result.sop_instance_uid)
+        if known is None:
+            try:
+                header = pydicom.dcmread(self.store.path(result.storage_key), stop_before_pixels=True)
+                known = HEATMAP_MARK in str(header.get("DerivationDescription", "")).lower()
+            except (OSError, ValueError, pydicom.errors.InvalidDicomError):
+                return False
+            self._heatmaps[result.sop_instance_uid] = known
+        return known
 
     def _cached(self, *parts: str) -> Path:
         name = hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]

@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse
 
 from node.api.auth import Principal, current_principal, require_feedback_role
 from node.api.deps import get_ledger, get_previews, get_settings
-from node.api.previews import HEATMAP_KINDS, PreviewError, PreviewRenderer
+from node.api.previews import PreviewError, PreviewRenderer
 from node.api.schemas import (
     API_TO_LEDGER,
     LEDGER_TO_API,
@@ -157,12 +157,15 @@ def list_studies(
 
 @router.get("/{ref}", response_model=StudyDetail, summary="One study: images, results, deliveries, feedback, notifications")
 def get_study(
-    ref: str, ledger: Ledger = Depends(get_ledger), principal: Principal = Depends(current_principal)
+    ref: str,
+    ledger: Ledger = Depends(get_ledger),
+    previews: PreviewRenderer = Depends(get_previews),
+    principal: Principal = Depends(current_principal),
 ) -> StudyDetail:
     study_uid, entry = _study_or_404(ledger, ref)
     results = ledger.list_results(study_uid)
     segs = {r.source_sop_instance_uid: r for r in results if r.kind == "SEG"}
-    heatmaps = {r.source_sop_instance_uid: r for r in results if r.kind in HEATMAP_KINDS}
+    heatmaps = {r.source_sop_instance_uid: r for r in results if previews.is_heatmap(r)}
     images = []
     for index, instance in enumerate(ledger.list_instances(study_uid)):
         has_heatmap = instance.sop_instance_uid in heatmaps
@@ -179,7 +182,7 @@ def get_study(
                 area_px=instance.area_px,
                 area_cm2=instance.area_cm2,
                 side=getattr(instance, "side", None),
-                largest_gap_mm=getattr(instance, "largest_gap_mm", None),
+                largest_gap_mm=getattr(instance, "gap_mm", None),
                 has_outline=instance.sop_instance_uid in segs,
                 has_heatmap=has_heatmap,
                 preview_url=f"{base}/preview.png",
@@ -262,7 +265,7 @@ def preview(
     results = [r for r in ledger.list_results(study_uid) if r.source_sop_instance_uid == instance.sop_instance_uid]
     try:
         if overlay == "heatmap":
-            heatmap = next((r for r in results if r.kind in HEATMAP_KINDS), None)
+            heatmap = next((r for r in results if previews.is_heatmap(r)), None)
             if heatmap is None:
                 raise HTTPException(status.HTTP_404_NOT_FOUND, "the analysis wrote no heat map for this image")
             path = previews.heatmap(heatmap)
