@@ -96,7 +96,7 @@ def test_detail_and_preview_with_the_outline(client, worklist):
     assert image["sop_instance_uid"] == worklist.positive.SOPInstanceUID
     assert image["flagged"] is True and image["has_outline"] is True and image["has_heatmap"] is False
     assert image["heatmap_url"] is None
-    assert sorted(r["kind"] for r in detail["results"]) == ["SEG", "SR"]
+    assert {"SEG", "SR"} <= {r["kind"] for r in detail["results"]}  # (GSPS and SC where written)
 
     outline = client.get(image["preview_url"], headers=bearer(READER_TOKEN))
     assert outline.status_code == 200 and outline.headers["content-type"] == "image/png"
@@ -155,12 +155,14 @@ def test_feedback_export_for_retraining(client, worklist):
     neg = by_study[worklist.negative.StudyInstanceUID]
     assert neg["verdict"] == "confirmed" and neg["label"] == 1 and neg["user"] == "dr.house"
     (image,) = neg["images"]
-    assert image["instance_key"].startswith("instances/") and image["seg_key"].startswith("results/")
+    assert image["instance_key"].startswith("instances/")
     assert (worklist.settings.storage_dir / image["instance_key"]).is_file()
-    assert (worklist.settings.storage_dir / image["seg_key"]).is_file()
-    if worklist.positive.StudyInstanceUID in by_study:  # the rejection from the test before
-        assert by_study[worklist.positive.StudyInstanceUID]["label"] == 0
-        assert by_study[worklist.positive.StudyInstanceUID]["images"][0]["label"] == 0
+    assert image["seg_key"] is None or (worklist.settings.storage_dir / image["seg_key"]).is_file()
+    # The positive, rejected in the test before: its image has the SEG the model made.
+    rejected = by_study[worklist.positive.StudyInstanceUID]
+    assert rejected["label"] == 0 and rejected["images"][0]["label"] == 0
+    assert rejected["images"][0]["seg_key"].startswith("results/")
+    assert (worklist.settings.storage_dir / rejected["images"][0]["seg_key"]).is_file()
 
     answer = client.get("/api/feedback/export?format=csv", headers=bearer(READER_TOKEN))
     assert answer.headers["content-type"].startswith("text/csv")
