@@ -90,6 +90,51 @@ class AllowedCaller(BaseModel):
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
 
+class ApiUser(BaseModel):
+    """Someone (a person or a system) allowed to use the worklist API and page."""
+
+    name: str = Field(min_length=1, max_length=64, description="shown with the feedback this user gives")
+    role: Literal["read", "feedback"] = Field(
+        default="read", description="read: see the worklist; feedback: also confirm, reject, mark known"
+    )
+    token: str | None = Field(default=None, min_length=16, description="the secret the user logs in with")
+    token_sha256: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$", description="the SHA-256 (hex) of the token, instead of the token"
+    )
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> "ApiUser":
+        if (self.token is None) == (self.token_sha256 is None):
+            raise ValueError(f"API user {self.name!r} needs exactly one of token or token_sha256")
+        return self
+
+
+class Hl7Destination(BaseModel):
+    """A RIS or worklist that receives HL7 v2 ORU^R01 messages over MLLP."""
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+    receiving_application: str = Field(default="RIS", max_length=180)
+    receiving_facility: str = Field(default="", max_length=180)
+    priority: str = Field(default="S", max_length=2, description="OBR-5 priority of a flagged study (S = stat)")
+    abnormal_flag: str = Field(default="AA", max_length=5, description="OBX-8 of a suspected finding (AA = critical)")
+    max_attempts: int = Field(default=10, ge=1)
+    timeout_seconds: float = Field(default=10.0, gt=0)
+
+    @property
+    def label(self) -> str:
+        return f"mllp://{self.host}:{self.port}"
+
+
+class Webhook(BaseModel):
+    """An HTTP(S) endpoint that receives a JSON body when a study is flagged or its flag withdrawn."""
+
+    url: str = Field(pattern=r"^https?://", description="http:// or https:// URL")
+    secret: str | None = Field(default=None, description="signs each body: X-Pleura-Signature: sha256=<HMAC>")
+    max_attempts: int = Field(default=10, ge=1)
+    timeout_seconds: float = Field(default=10.0, gt=0)
+
+
 def default_storage_dir() -> Path:
     return Path(user_data_dir("pleura", appauthor=False))
 
@@ -159,6 +204,21 @@ class Settings(BaseSettings):
     )
     worker_queues: list[str] = Field(
         default_factory=lambda: ["radiograph"], description="queues a `pleura worker` consumes"
+    )
+    api_host: str = Field(default="127.0.0.1", description="address the worklist API and page listen on")
+    api_port: int = Field(default=8080, ge=1, le=65535, description="port of the worklist API and page")
+    api_users: list[ApiUser] = Field(
+        default_factory=list, description="JSON list of {name, role, token | token_sha256}; none = no worklist"
+    )
+    worklist_refresh_seconds: float = Field(default=5.0, gt=0, le=300, description="how often the page refreshes")
+    hl7_destinations: list[Hl7Destination] = Field(
+        default_factory=list, description="JSON list of RIS/worklist MLLP endpoints that receive ORU^R01"
+    )
+    hl7_sending_application: str = Field(default="PLEURA", max_length=180, description="MSH-3 of the messages")
+    hl7_sending_facility: str = Field(default="", max_length=180, description="MSH-4 of the messages")
+    webhooks: list[Webhook] = Field(default_factory=list, description="JSON list of webhook endpoints")
+    notify_retry_seconds: float = Field(
+        default=10.0, gt=0, description="first delay before a failed notification is tried again (doubles)"
     )
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))

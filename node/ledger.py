@@ -10,8 +10,9 @@ PostgreSQL works with the same code.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -35,6 +36,7 @@ from sqlalchemy import (
     func,
     inspect,
     make_url,
+    or_,
     select,
     update,
 )
@@ -178,6 +180,180 @@ class OutboxEntry(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+# The worklist (node/api): opaque study references for URLs, radiologists' feedback, and the
+# notification outbox (HL7 v2 over MLLP, webhooks) with the flag state last announced per study.
+
+
+class FeedbackVerdict(StrEnum):
+    CONFIRMED = "confirmed"
+    REJECTED = "rejected"
+    KNOWN = "known"  # already known or treated
+    CORRECTED = "corrected"  # a pneumothorax, with the radiologist's own outline (mask_key)
+
+
+class StudyRef(Base):
+    """A study's opaque reference, used in URLs instead of its UID."""
+
+    __tablename__ = "study_refs"
+
+    ref: Mapped[str] = mapped_column(String(32), primary_key=True)
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid"), unique=True)
+
+
+class Feedback(Base):
+    """A radiologist's verdict on a study's flag; the newest row per study is the one in force."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid"), index=True)
+    verdict: Mapped[str] = mapped_column(String(16))
+    user: Mapped[str] = mapped_column(String(64))
+    comment: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    # A corrected outline: the image it was drawn on, and the mask (PNG) in the storage dir.
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    mask_key: Mapped[str | None] = mapped_column(String(255))
+    # What the model said when the verdict was given.
+    flagged: Mapped[bool | None] = mapped_column(Boolean)
+    probability: Mapped[float | None] = mapped_column(Float)
+    model_name: Mapped[str | None] = mapped_column(String(128))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+
+
+class Notification(Base):
+    """One message (a study flagged, or its flag withdrawn) to one HL7 or webhook target."""
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid"), index=True)
+    event: Mapped[str] = mapped_column(String(16))
+    channel: Mapped[str] = mapped_column(String(8))
+    target: Mapped[str] = mapped_column(String(300))
+    payload: Mapped[str] = mapped_column(Text)  # exactly what is sent, every attempt
+    status: Mapped[str] = mapped_column(String(16), default=OutboxStatus.PENDING.value, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=10)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    response: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class AnalysisStart(Base):
+    """When a worker last took a study (the worklist's "analysing")."""
+
+    __tablename__ = "analysis_starts"
+
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid"), primary_key=True)
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class NotificationState(Base):
+    """The flag last announced for a study, and the analysis and feedback it was decided from."""
+
+    __tablename__ = "notification_state"
+
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid"), primary_key=True)
+    flagged: Mapped[bool] = mapped_column(Boolean)
+    analysed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    feedback_id: Mapped[int] = mapped_column(Integer, default=0)
+    checked_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+@dataclass(frozen=True)
+class NotificationView:
+    id: int
+    study_uid: str
+    event: str
+    channel: str
+    target: str
+    payload: str
+    status: str
+    attempts: int
+    max_attempts: int
+    next_attempt_at: datetime | None
+    last_attempt_at: datetime | None
+    last_error: str | None
+    response: str | None
+    created_at: datetime
+    sent_at: datetime | None
+
+
+def _notification_view(row: Notification) -> NotificationView:
+    return NotificationView(
+        id=row.id,
+        study_uid=row.study_uid,
+        event=row.event,
+        channel=row.channel,
+        target=row.target,
+        payload=row.payload,
+        status=row.status,
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        next_attempt_at=row.next_attempt_at,
+        last_attempt_at=row.last_attempt_at,
+        last_error=row.last_error,
+        response=row.response,
+        created_at=row.created_at,
+        sent_at=row.sent_at,
+    )
+
+
+def _feedback_dict(row: Feedback) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "study_uid": row.study_uid,
+        "verdict": row.verdict,
+        "user": row.user,
+        "comment": row.comment,
+        "created_at": row.created_at,
+        "sop_instance_uid": row.sop_instance_uid,
+        "mask_key": row.mask_key,
+        "flagged": row.flagged,
+        "probability": row.probability,
+        "model_name": row.model_name,
+        "model_version": row.model_version,
+    }
+
+
+def _flagged_findings(session: Session, study_uids: list[str]) -> dict[str, tuple[str | None, float | None]]:
+    """Per study: the side of its flagged images ("bilateral" when they differ) and the largest
+    pleural gap, from the per-image side and gap_mm the analysis records (None where it does not)."""
+    found: dict[str, tuple[str | None, float | None]] = {}
+    if not study_uids:
+        return found
+    flagged = session.scalars(
+        select(Instance).where(Instance.study_uid.in_(study_uids), Instance.flagged.is_(True))
+    ).all()
+    by_study: dict[str, list[Instance]] = {}
+    for row in flagged:
+        by_study.setdefault(row.study_uid, []).append(row)
+    for study_uid, rows in by_study.items():
+        sides = {getattr(row, "side", None) for row in rows} - {None}
+        gaps = [getattr(row, "gap_mm", None) for row in rows]
+        side = None if not sides else "bilateral" if len(sides) > 1 else next(iter(sides))
+        found[study_uid] = (side, max((g for g in gaps if g is not None), default=None))
+    return found
+
+
+def study_ref_for(study_uid: str) -> str:
+    """The opaque reference of a study (a hash of its UID): what URLs and logs name instead of the UID."""
+    return hashlib.sha256(study_uid.encode("ascii", "replace")).hexdigest()[:20]
+
+
+def flag_in_force(model_flagged: bool | None, verdict: str | None) -> bool:
+    """The flag the worklist and the notifications show: the model's, unless a radiologist rejected
+    it; a radiologist's corrected outline flags the study even where the model missed it."""
+    if verdict == FeedbackVerdict.CORRECTED:
+        return True
+    return bool(model_flagged) and verdict != FeedbackVerdict.REJECTED
 
 
 # Plain snapshots handed out of the ledger, so callers never hold a session.
@@ -897,6 +1073,397 @@ class Ledger:
         with self._transaction() as session:
             rows = session.scalars(select(Result).where(Result.study_uid == study_uid).order_by(Result.id))
             return [_result_view(row) for row in rows]
+
+    # -- worklist: study references, feedback, notifications (node/api, node/notify) --------------
+
+    @staticmethod
+    def _refs_for(session: Session, study_uids: Sequence[str]) -> dict[str, str]:
+        """The opaque reference of each study, recorded on first use."""
+        if not study_uids:
+            return {}
+        known = dict(
+            session.execute(
+                select(StudyRef.study_uid, StudyRef.ref).where(StudyRef.study_uid.in_(list(study_uids)))
+            ).all()
+        )
+        for study_uid in study_uids:
+            if study_uid not in known:
+                known[study_uid] = study_ref_for(study_uid)
+                session.add(StudyRef(ref=known[study_uid], study_uid=study_uid))
+        session.flush()
+        return known
+
+    def analysis_started_at(self, study_uid: str) -> datetime | None:
+        with self._transaction() as session:
+            return session.scalar(select(AnalysisStart.started_at).where(AnalysisStart.study_uid == study_uid))
+
+    def study_for_ref(self, ref: str) -> str | None:
+        """The study UID behind an opaque reference, or None."""
+        with self._transaction() as session:
+            return session.scalar(select(StudyRef.study_uid).where(StudyRef.ref == ref))
+
+    def study_ref(self, study_uid: str) -> str:
+        for attempt in range(3):
+            try:
+                with self._transaction() as session:
+                    return self._refs_for(session, [study_uid])[study_uid]
+            except IntegrityError:  # another process recorded the same reference just now
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def worklist(
+        self,
+        *,
+        flagged_only: bool = False,
+        since: datetime | None = None,
+        statuses: Sequence[str] | None = None,
+        limit: int = 200,
+    ) -> list[dict[str, Any]]:
+        """Studies as :meth:`study_status` describes them, plus their opaque reference (`ref`) and
+        the feedback in force (`feedback`, or None); flagged first, then most recently received."""
+        for attempt in range(3):
+            try:
+                return self._worklist(flagged_only, since, statuses, limit)
+            except IntegrityError:  # two processes recorded the same study reference at once
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _worklist(
+        self, flagged_only: bool, since: datetime | None, statuses: Sequence[str] | None, limit: int
+    ) -> list[dict[str, Any]]:
+        with self._transaction() as session:
+            aggregates = _study_aggregates()
+            latest = (
+                select(Feedback.study_uid.label("study_uid"), func.max(Feedback.id).label("id"))
+                .group_by(Feedback.study_uid)
+                .subquery()
+            )
+            statement = (
+                select(
+                    Study,
+                    aggregates.c.instances,
+                    aggregates.c.area_px,
+                    aggregates.c.area_cm2,
+                    Feedback,
+                    AnalysisStart.started_at,
+                )
+                .outerjoin(aggregates, aggregates.c.study_uid == Study.study_uid)
+                .outerjoin(latest, latest.c.study_uid == Study.study_uid)
+                .outerjoin(Feedback, Feedback.id == latest.c.id)
+                .outerjoin(AnalysisStart, AnalysisStart.study_uid == Study.study_uid)
+            )
+            if flagged_only:
+                statement = statement.where(Study.flagged.is_(True))
+            if since is not None:
+                statement = statement.where(Study.last_received_at >= _as_utc(since))
+            if statuses:
+                statement = statement.where(Study.status.in_(list(statuses)))
+            statement = statement.order_by(
+                case((Study.flagged.is_(True), 0), else_=1), Study.last_received_at.desc()
+            ).limit(limit)
+            rows = session.execute(statement).all()
+            refs = self._refs_for(session, [study.study_uid for study, *_ in rows])
+            findings = _flagged_findings(session, list(refs))
+            studies = []
+            for study, count, area_px, area_cm2, feedback, started_at in rows:
+                entry = _study_dict(study, count or 0, area_px, area_cm2)
+                entry["analysis_started_at"] = started_at
+                entry["side"], entry["largest_gap_mm"] = findings.get(study.study_uid, (None, None))
+                entry["ref"] = refs[study.study_uid]
+                entry["feedback"] = _feedback_dict(feedback) if feedback is not None else None
+                studies.append(entry)
+            return studies
+
+    def mark_analysing(self, study_uid: str, task_id: str | None = None, *, now: datetime | None = None) -> bool:
+        """Record that a worker started on the study; False when the ledger does not know it."""
+        now = _as_utc(now) if now else utcnow()
+        with self._transaction() as session:
+            if session.get(Study, study_uid) is None:
+                return False
+            start = session.get(AnalysisStart, study_uid)
+            if start is None:
+                session.add(AnalysisStart(study_uid=study_uid, task_id=task_id, started_at=now))
+            else:
+                start.task_id, start.started_at = task_id, now
+            return True
+
+    def record_feedback(
+        self,
+        study_uid: str,
+        verdict: str,
+        user: str,
+        *,
+        comment: str | None = None,
+        sop_instance_uid: str | None = None,
+        mask_key: str | None = None,
+        now: datetime | None = None,
+    ) -> dict[str, Any]:
+        """Record a radiologist's verdict (confirmed, rejected, known, or corrected with the image
+        and the mask's storage key) with who and when."""
+        verdict = FeedbackVerdict(verdict).value
+        if (verdict == FeedbackVerdict.CORRECTED) != (mask_key is not None):
+            raise ValueError("a corrected verdict comes with a mask, and only it")
+        now = _as_utc(now) if now else utcnow()
+        with self._transaction() as session:
+            study = session.get(Study, study_uid)
+            if study is None:
+                raise LedgerError("feedback names a study the ledger does not know")
+            row = Feedback(
+                study_uid=study_uid,
+                verdict=verdict,
+                user=user[:64],
+                comment=comment[:_ERROR_TEXT_LIMIT] if comment else None,
+                created_at=now,
+                sop_instance_uid=sop_instance_uid,
+                mask_key=mask_key,
+                flagged=study.flagged,
+                probability=study.probability,
+                model_name=study.model_name,
+                model_version=study.model_version,
+            )
+            session.add(row)
+            session.flush()
+            return _feedback_dict(row)
+
+    def list_feedback(self, study_uid: str | None = None) -> list[dict[str, Any]]:
+        """Feedback, oldest first (the last one per study is in force)."""
+        with self._transaction() as session:
+            statement = select(Feedback)
+            if study_uid is not None:
+                statement = statement.where(Feedback.study_uid == study_uid)
+            return [_feedback_dict(row) for row in session.scalars(statement.order_by(Feedback.id))]
+
+    def feedback_export(self) -> list[dict[str, Any]]:
+        """The feedback in force per study with what retraining needs: each image's stored key and
+        the key of the SEG made from it, the model's outputs and a label.
+
+        `label` is 1 (pneumothorax) for confirmed, known and corrected, 0 for rejected. Per image,
+        `label` is 0 for every image of a rejected study, 1 for the flagged images of a confirmed
+        or known study and for the corrected image (whose `mask_key` is the radiologist's outline,
+        to be used instead of `seg_key`), and None (not known) for the other images.
+        """
+        with self._transaction() as session:
+            latest = select(func.max(Feedback.id)).group_by(Feedback.study_uid)
+            rows = session.scalars(select(Feedback).where(Feedback.id.in_(latest)).order_by(Feedback.id)).all()
+            exported = []
+            for row in rows:
+                positive = row.verdict != FeedbackVerdict.REJECTED
+                segs = {
+                    result.source_sop_instance_uid: result.storage_key
+                    for result in session.scalars(
+                        select(Result).where(Result.study_uid == row.study_uid, Result.kind == "SEG")
+                    )
+                }
+                images = []
+                for instance in session.scalars(
+                    select(Instance).where(Instance.study_uid == row.study_uid).order_by(Instance.id)
+                ):
+                    corrected = row.verdict == FeedbackVerdict.CORRECTED
+                    if corrected:
+                        label = 1 if instance.sop_instance_uid == row.sop_instance_uid else None
+                    else:
+                        label = (1 if instance.flagged else None) if positive else 0
+                    images.append(
+                        {
+                            "sop_instance_uid": instance.sop_instance_uid,
+                            "series_instance_uid": instance.series_instance_uid,
+                            "instance_key": instance.storage_key,
+                            "seg_key": segs.get(instance.sop_instance_uid),
+                            "analysis_status": instance.analysis_status,
+                            "probability": instance.probability,
+                            "flagged": instance.flagged,
+                            "area_px": instance.area_px,
+                            "mask_key": row.mask_key if corrected and label == 1 else None,
+                            "label": label,
+                        }
+                    )
+                entry = _feedback_dict(row)
+                entry.pop("id")
+                entry["label"] = 1 if positive else 0
+                entry["images"] = images
+                exported.append(entry)
+            return exported
+
+    def enqueue_flag_notifications(
+        self,
+        build: Callable[[dict[str, Any], str], list[dict[str, Any]]],
+        *,
+        now: datetime | None = None,
+        first_look_within_seconds: float = 86400.0,
+    ) -> list[int]:
+        """Create notification rows for every analysed study whose flag in force changed since it
+        was last announced: `build(study, event)` ("flagged" or "withdrawn") returns the messages,
+        each ``{"channel", "target", "payload", "max_attempts"}``. Returns the new rows' ids.
+
+        A study is looked at again only when its analysis or its feedback changed, and the rows
+        and the announced state are written in one transaction, so each change is announced once.
+        A study seen for the first time more than `first_look_within_seconds` after its analysis
+        (a ledger from before notifications existed) is recorded without being announced.
+        """
+        now = _as_utc(now) if now else utcnow()
+        created: list[int] = []
+        with self._transaction() as session:
+            latest = (
+                select(Feedback.study_uid.label("study_uid"), func.max(Feedback.id).label("id"))
+                .group_by(Feedback.study_uid)
+                .subquery()
+            )
+            rows = session.execute(
+                select(Study, NotificationState, Feedback)
+                .outerjoin(NotificationState, NotificationState.study_uid == Study.study_uid)
+                .outerjoin(latest, latest.c.study_uid == Study.study_uid)
+                .outerjoin(Feedback, Feedback.id == latest.c.id)
+                .where(
+                    Study.analysed_at.is_not(None),
+                    or_(
+                        NotificationState.study_uid.is_(None),
+                        NotificationState.analysed_at.is_(None),
+                        NotificationState.analysed_at != Study.analysed_at,
+                        func.coalesce(latest.c.id, 0) != NotificationState.feedback_id,
+                    ),
+                )
+                .order_by(Study.analysed_at)
+            ).all()
+            if not rows:
+                return created
+            refs = self._refs_for(session, [study.study_uid for study, _, _ in rows])
+            for study, state, feedback in rows:
+                verdict = feedback.verdict if feedback is not None else None
+                flagged = flag_in_force(study.flagged, verdict)
+                announced = bool(state.flagged) if state is not None else False
+                stale = state is None and study.analysed_at < now - timedelta(seconds=first_look_within_seconds)
+                if flagged != announced and not stale:
+                    event = "flagged" if flagged else "withdrawn"
+                    info = self._notification_info(session, study, refs[study.study_uid], feedback)
+                    for message in build(info, event):
+                        row = Notification(
+                            study_uid=study.study_uid,
+                            event=event,
+                            channel=str(message["channel"]),
+                            target=str(message["target"])[:300],
+                            payload=str(message["payload"]),
+                            status=OutboxStatus.PENDING.value,
+                            attempts=0,
+                            max_attempts=int(message.get("max_attempts", 10)),
+                            next_attempt_at=now,
+                            created_at=now,
+                        )
+                        session.add(row)
+                        session.flush()
+                        created.append(row.id)
+                if state is None:
+                    state = NotificationState(study_uid=study.study_uid)
+                    session.add(state)
+                state.flagged = flagged
+                state.analysed_at = study.analysed_at
+                state.feedback_id = feedback.id if feedback is not None else 0
+                state.checked_at = now
+        return created
+
+    @staticmethod
+    def _notification_info(session: Session, study: Study, ref: str, feedback: Feedback | None) -> dict[str, Any]:
+        instances = session.scalars(select(Instance).where(Instance.study_uid == study.study_uid)).all()
+        flagged = [i for i in instances if i.flagged]
+        info = _study_dict(
+            study,
+            len(instances),
+            max((i.area_px for i in flagged if i.area_px is not None), default=None),
+            max((i.area_cm2 for i in flagged if i.area_cm2 is not None), default=None),
+        )
+        info["ref"] = ref
+        info["feedback"] = _feedback_dict(feedback) if feedback is not None else None
+        info["images"] = [
+            {
+                "sop_instance_uid": i.sop_instance_uid,
+                "probability": i.probability,
+                "flagged": i.flagged,
+                "area_px": i.area_px,
+                "area_cm2": i.area_cm2,
+                # Filled once the analysis reports them (side and pleural gap, from the result writers).
+                "side": getattr(i, "side", None),
+                "largest_gap_mm": getattr(i, "gap_mm", None),
+            }
+            for i in instances
+        ]
+        return info
+
+    def due_notifications(self, *, now: datetime | None = None, limit: int = 100) -> list[int]:
+        now = _as_utc(now) if now else utcnow()
+        with self._transaction() as session:
+            return list(
+                session.scalars(
+                    select(Notification.id)
+                    .where(Notification.status == OutboxStatus.PENDING.value, Notification.next_attempt_at <= now)
+                    .order_by(Notification.id)
+                    .limit(limit)
+                )
+            )
+
+    def claim_notification(
+        self, notification_id: int, *, now: datetime | None = None, lease_seconds: float = 300.0
+    ) -> NotificationView | None:
+        """Take a pending, due row for one attempt (moving its next attempt `lease_seconds` ahead),
+        or None when it is not to be tried now."""
+        now = _as_utc(now) if now else utcnow()
+        with self._transaction() as session:
+            row = session.get(Notification, notification_id, with_for_update=True)
+            if row is None or row.status != OutboxStatus.PENDING:
+                return None
+            if row.next_attempt_at is not None and row.next_attempt_at > now:
+                return None
+            row.next_attempt_at = now + timedelta(seconds=lease_seconds)
+            return _notification_view(row)
+
+    def record_notification_sent(
+        self, notification_id: int, response: str | None, *, now: datetime | None = None
+    ) -> NotificationView:
+        now = _as_utc(now) if now else utcnow()
+        with self._transaction() as session:
+            row = self._notification_row(session, notification_id)
+            row.status = OutboxStatus.SENT.value
+            row.attempts += 1
+            row.last_attempt_at = row.sent_at = now
+            row.next_attempt_at = None
+            row.last_error = None
+            row.response = response[:_ERROR_TEXT_LIMIT] if response else None
+            return _notification_view(row)
+
+    def record_notification_failure(
+        self, notification_id: int, error: str, *, retry_seconds: float, now: datetime | None = None
+    ) -> NotificationView:
+        """Count a failed attempt: try again after `retry_seconds` (doubling each time, at most an
+        hour) or, at the row's max_attempts, mark it failed."""
+        now = _as_utc(now) if now else utcnow()
+        with self._transaction() as session:
+            row = self._notification_row(session, notification_id)
+            row.attempts += 1
+            row.last_attempt_at = now
+            row.last_error = error[:_ERROR_TEXT_LIMIT]
+            if row.attempts >= row.max_attempts:
+                row.status = OutboxStatus.FAILED.value
+                row.next_attempt_at = None
+            else:
+                delay = min(retry_seconds * 2 ** (row.attempts - 1), 3600.0)
+                row.next_attempt_at = now + timedelta(seconds=delay)
+            return _notification_view(row)
+
+    def list_notifications(self, study_uid: str | None = None, *, limit: int = 500) -> list[NotificationView]:
+        """Notifications, newest first."""
+        with self._transaction() as session:
+            statement = select(Notification)
+            if study_uid is not None:
+                statement = statement.where(Notification.study_uid == study_uid)
+            rows = session.scalars(statement.order_by(Notification.id.desc()).limit(limit))
+            return [_notification_view(row) for row in rows]
+
+    @staticmethod
+    def _notification_row(session: Session, notification_id: int) -> Notification:
+        row = session.get(Notification, notification_id)
+        if row is None:
+            raise LedgerError(f"notification {notification_id} does not exist")
+        return row
 
 
 def _add_missing_columns(engine: Engine) -> None:

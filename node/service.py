@@ -1,4 +1,5 @@
-"""The node as one service: SCP, settle loop, outbox sweeper and the export worker (a child process).
+"""The node as one service: SCP, settle loop, outbox sweeper, the export worker (a child process),
+the notification loop and the worklist API and page.
 
 :class:`NodeService` starts and stops the parts; :func:`run_node` runs it until SIGTERM or SIGINT.
 """
@@ -17,6 +18,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import Any
 
 from celery import Celery
 
@@ -238,8 +240,14 @@ class NodeService:
         sweep_interval_seconds: float = 30.0,
         sweep_margin_seconds: float = 60.0,
         export_worker_log: Path | None = None,
+        worklist: bool = True,
+        notify_interval_seconds: float = 2.0,
     ) -> None:
         self.settings = settings
+        self.worklist_enabled = worklist
+        self.notify_interval_seconds = notify_interval_seconds
+        self.notify_loop: PeriodicTask | None = None
+        self.worklist: Any = None  # node.api.server.WorklistServer, imported only when it runs
         self.export_worker_log = export_worker_log
         self.export_worker_enabled = export_worker
         self.config_file = config_file
@@ -299,6 +307,7 @@ class NodeService:
             margin_seconds=self.sweep_margin_seconds,
         )
         self.sweeper.start()
+        self._start_worklist()
 
         # Last, so the node accepts instances only once everything behind the SCP runs.
         self.scp = StorageSCP(settings, self.ledger, self.store)
@@ -310,11 +319,35 @@ class NodeService:
             "embedded" if settings.embedded_broker else "external",
         )
 
+    def _start_worklist(self) -> None:
+        """The notification loop (HL7, webhooks) and, when API users are configured, the worklist
+        API and page."""
+        from node.notify.loop import NotificationLoop, Notifier
+
+        assert self.ledger is not None
+        self.notify_loop = NotificationLoop(Notifier(self.settings, self.ledger), interval_seconds=self.notify_interval_seconds)
+        self.notify_loop.start()
+        if not self.worklist_enabled:
+            return
+        if not self.settings.api_users:
+            log.info("worklist API and page off: no PLEURA_API_USERS configured")
+            return
+        from node.api.server import WorklistServer
+
+        self.worklist = WorklistServer(self.settings, self.ledger)
+        self.worklist.start()
+
     def stop(self) -> None:
-        """Stop receiving first, then the loops, then the export worker. Safe to call twice."""
+        """Stop receiving first, then the worklist and the loops, then the export worker. Safe to call twice."""
         if self.scp is not None:
             self.scp.stop()
             self.scp = None
+        if self.worklist is not None:
+            self.worklist.stop()
+            self.worklist = None
+        if self.notify_loop is not None:
+            self.notify_loop.stop()
+            self.notify_loop = None
         if self.settle_loop is not None:
             self.settle_loop.stop()
             self.settle_loop = None

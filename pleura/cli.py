@@ -405,11 +405,74 @@ def train(
     console.print(f"use it: PLEURA_MODEL_DIR={result.bundle.path} pleura worker")
 
 
+@app.command()
+def worklist(
+    config: Optional[Path] = ConfigOption,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Serve the worklist API and page on their own (`pleura node` serves them too when
+    PLEURA_API_USERS is set); notifications stay with `pleura node`."""
+    settings = _settings(config)
+    _logging(verbose)
+    if not settings.api_users:
+        console.print("[bold red]No API users[/]: set PLEURA_API_USERS (see docs/configuration.md)")
+        raise typer.Exit(2)
+    import uvicorn
+
+    from node.api.app import create_app
+    from node.ledger import Ledger
+
+    console.print(f"worklist on http://{settings.api_host}:{settings.api_port}/")
+    uvicorn.run(create_app(settings, Ledger(settings.ledger_url)), host=settings.api_host, port=settings.api_port,
+                log_level="info" if verbose else "warning", access_log=False)
+
+
+@app.command("api-token")
+def api_token() -> None:
+    """Make a new random API token and print it with its SHA-256 (for `token_sha256` in PLEURA_API_USERS)."""
+    import hashlib
+    import secrets
+
+    token = secrets.token_urlsafe(32)
+    print(json.dumps({"token": token, "token_sha256": hashlib.sha256(token.encode()).hexdigest()}, indent=2))
+
+
+@app.command("feedback-export")
+def feedback_export(
+    config: Optional[Path] = ConfigOption,
+    out: Path = typer.Option(..., help="file to write"),
+    format: str = typer.Option("json", help="json (one object per study) or csv (one row per image)"),
+) -> None:
+    """Write the radiologists' feedback in force per study, with image and SEG keys, for retraining."""
+    settings = _settings(config)
+    if format not in ("json", "csv"):
+        console.print("[bold red]--format must be json or csv[/]")
+        raise typer.Exit(2)
+    from node.api.routers.feedback import export_csv
+    from node.ledger import Ledger
+
+    exported = Ledger(settings.ledger_url).feedback_export()
+    if format == "csv":
+        out.write_text(export_csv(exported))
+    else:
+        out.write_text(json.dumps(exported, indent=2, default=lambda v: v.isoformat() if hasattr(v, "isoformat") else str(v)))
+    console.print(f"{len(exported)} stud{'y' if len(exported) == 1 else 'ies'} with feedback written to {out}")
+
+
 @app.command("config")
 def show_config(config: Optional[Path] = ConfigOption) -> None:
     """Check the configuration and print the effective settings."""
     settings = _settings(config)
-    Console().print_json(settings.model_dump_json())
+    Console().print_json(data=_mask_secrets(settings.model_dump(mode="json")))
+
+
+def _mask_secrets(value):
+    """The settings with API tokens and webhook secrets shown as ***."""
+    if isinstance(value, dict):
+        return {k: "***" if k in ("token", "secret") and v else _mask_secrets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_secrets(v) for v in value]
+    return value
 
 
 if __name__ == "__main__":

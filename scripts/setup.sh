@@ -9,9 +9,10 @@ PYTHON=${PYTHON:-python3}
 VENV=${PLEURA_VENV:-.venv}
 
 # --- system tools: Redis (production broker), DCMTK (modality), dicom3tools (validator), Orthanc (PACS),
-#     PostgreSQL (the ledger for many hosts; its tests start a throw-away server)
+#     PostgreSQL (the ledger for many hosts; its tests start a throw-away server), Chromium (the worklist
+#     page's tests drive it headless with Playwright; Playwright's own browser download is never used)
 declare -A tool_package=([redis-server]=redis-server [storescu]=dcmtk [dciodvfy]=dicom3tools [Orthanc]=orthanc
-                         [initdb]=postgresql)
+                         [initdb]=postgresql [chromium]=chromium)
 missing=()
 for tool in "${!tool_package[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || compgen -G "/usr/lib/postgresql/*/bin/$tool" >/dev/null \
@@ -32,7 +33,7 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import pleura, torch, data_store, psycopg" 2>/dev/null \
+if ! "$VENV/bin/python" -c "import pleura, torch, data_store, psycopg, fastapi, hl7apy, hl7, playwright" 2>/dev/null \
    || [ pyproject.toml -nt "$VENV/.pleura-installed" ]; then
     echo "setup: installing Python packages into $VENV"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"

@@ -14,6 +14,7 @@ from config.settings import Settings
 ANALYSE_STUDY = "pleura.analyse_study"
 RECORD_ANALYSIS = "pleura.record_analysis"
 DELIVER_RESULT = "pleura.deliver_result"
+ANALYSIS_STARTED = "pleura.analysis_started"  # a worker took a study: the worklist shows "analysing"
 
 RADIOGRAPH_QUEUE = "radiograph"
 EXPORT_QUEUE = "export"
@@ -22,6 +23,7 @@ TASK_ROUTES = {
     ANALYSE_STUDY: {"queue": RADIOGRAPH_QUEUE},
     RECORD_ANALYSIS: {"queue": EXPORT_QUEUE},
     DELIVER_RESULT: {"queue": EXPORT_QUEUE},
+    ANALYSIS_STARTED: {"queue": EXPORT_QUEUE},
 }
 
 

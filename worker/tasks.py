@@ -9,7 +9,7 @@ from typing import Any
 from celery import Celery, Task
 
 from node.privacy import ref
-from worker.celery_app import ANALYSE_STUDY, RECORD_ANALYSIS
+from worker.celery_app import ANALYSE_STUDY, ANALYSIS_STARTED, RECORD_ANALYSIS
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,10 @@ def register_worker_tasks(app: Celery) -> None:
         """
         from worker.analysis import failed_summary
 
+        try:  # tell the worklist; a message lost here costs nothing but the word "analysing"
+            self.app.send_task(ANALYSIS_STARTED, args=[study_uid, self.request.id])
+        except Exception as exc:
+            log.warning("cannot report the start of an analysis: %s", exc)
         try:
             summary = _analyser(self.app).analyse(study_uid, instances, options)
         except Exception as exc:

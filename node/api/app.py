@@ -1,0 +1,61 @@
+"""Builds the worklist application: the routers, the page, authentication and security headers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from config.settings import Settings
+from node.api.auth import Authenticator
+from node.api.previews import PreviewRenderer
+from node.api.routers import feedback, notifications, session, studies
+from node.ledger import Ledger
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "web" / "static"
+
+# The page loads nothing from elsewhere (it works offline); previews are fetched from the API.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+
+
+def create_app(settings: Settings, ledger: Ledger) -> FastAPI:
+    app = FastAPI(
+        title="Pleura worklist API",
+        version="1",
+        description=(
+            "Studies received by the Pleura node, sorted by urgency (suspected pneumothorax first), with "
+            "image previews, radiologists' feedback and its export, and the notifications sent. Every "
+            "endpoint needs `Authorization: Bearer <token>` or the session cookie set by `POST /api/session`. "
+            "URLs name studies by an opaque reference, never by a UID or a patient identifier."
+        ),
+        docs_url=None,  # Swagger UI and ReDoc load their assets from a CDN; /openapi.json is the reference
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.ledger = ledger
+    app.state.authenticator = Authenticator(settings.api_users)
+    app.state.previews = PreviewRenderer(settings.storage_dir)
+    for module in (session, studies, feedback, notifications):
+        app.include_router(module.router)
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next) -> Response:  # type: ignore[no-untyped-def]
+        response = await call_next(request)
+        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        if request.url.path.startswith("/api/") and "Cache-Control" not in response.headers:
+            response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

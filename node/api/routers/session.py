@@ -1,0 +1,54 @@
+"""Log in (token → session cookie for the page), who am I, log out."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+
+from config.settings import Settings
+from node.api.auth import SESSION_COOKIE, Authenticator, Principal, current_principal
+from node.api.deps import get_settings
+from node.api.schemas import SessionIn, SessionOut
+
+router = APIRouter(prefix="/api/session", tags=["session"])
+
+
+def _out(principal: Principal, settings: Settings) -> SessionOut:
+    return SessionOut(
+        name=principal.name,
+        role=principal.role,
+        may_give_feedback=principal.may_give_feedback,
+        refresh_seconds=settings.worklist_refresh_seconds,
+    )
+
+
+@router.post("", response_model=SessionOut, summary="Log in with a token; sets the session cookie")
+def log_in(body: SessionIn, request: Request, response: Response, settings: Settings = Depends(get_settings)) -> SessionOut:
+    auth: Authenticator = request.app.state.authenticator
+    principal = auth.check_token(body.token)
+    if principal is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown token")
+    response.set_cookie(
+        SESSION_COOKIE,
+        auth.open_session(principal),
+        max_age=int(auth.session_seconds),
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/",
+    )
+    return _out(principal, settings)
+
+
+@router.get("", response_model=SessionOut, summary="Who is logged in")
+def who_am_i(principal: Principal = Depends(current_principal), settings: Settings = Depends(get_settings)) -> SessionOut:
+    return _out(principal, settings)
+
+
+@router.delete("", status_code=status.HTTP_204_NO_CONTENT, summary="Log out")
+def log_out(request: Request, response: Response) -> Response:
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        request.app.state.authenticator.close_session(cookie)
+    response = Response(status_code=status.HTTP_204_NO_CONTENT)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response

@@ -1,0 +1,372 @@
+"""Studies: the worklist (sorted by urgency, then age), one study, its image previews, its feedback."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+import numpy as np
+import pydicom
+from PIL import Image, UnidentifiedImageError
+
+from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi.responses import FileResponse
+
+from node.api.auth import Principal, current_principal, require_feedback_role
+from node.api.deps import get_ledger, get_previews, get_settings
+from node.api.previews import PreviewError, PreviewRenderer
+from node.api.schemas import (
+    API_TO_LEDGER,
+    LEDGER_TO_API,
+    URGENCY_RANK,
+    ApiStatus,
+    CorrectionIn,
+    DeliveryOut,
+    FeedbackIn,
+    FeedbackOut,
+    ImageOut,
+    ModelInfo,
+    NotificationOut,
+    ResultOut,
+    StudyDetail,
+    StudySummary,
+    Urgency,
+)
+from config.settings import Settings
+from node.ledger import FeedbackVerdict, Ledger, LedgerError, StudyStatus, flag_in_force
+from node.storage import InstanceStore, write_durably
+
+router = APIRouter(prefix="/api/studies", tags=["studies"])
+
+_PENDING = {StudyStatus.RECEIVING.value, StudyStatus.QUEUED.value}
+
+
+def _feedback_out(entry: dict[str, Any] | None) -> FeedbackOut | None:
+    if entry is None:
+        return None
+    return FeedbackOut(
+        verdict=entry["verdict"],
+        user=entry["user"],
+        created_at=entry["created_at"],
+        comment=entry["comment"],
+        sop_instance_uid=entry.get("sop_instance_uid"),
+        mask_key=entry.get("mask_key"),
+        model_flagged=entry["flagged"],
+        probability=entry["probability"],
+        model_name=entry["model_name"],
+        model_version=entry["model_version"],
+    )
+
+
+def _urgency(entry: dict[str, Any], flagged: bool) -> Urgency:
+    feedback = entry.get("feedback")
+    if flagged:
+        return Urgency.FLAGGED if feedback else Urgency.CRITICAL
+    if entry["status"] in _PENDING and entry.get("analysed_at") is None:
+        return Urgency.PENDING
+    return Urgency.ROUTINE
+
+
+def _api_status(entry: dict[str, Any]) -> ApiStatus:
+    started, queued = entry.get("analysis_started_at"), entry.get("queued_at")
+    if entry["status"] == StudyStatus.QUEUED and started is not None and (queued is None or started >= queued):
+        return ApiStatus.ANALYSING
+    return LEDGER_TO_API.get(entry["status"], ApiStatus.RECEIVED)
+
+
+def study_summary(entry: dict[str, Any], *, side: str | None = None, gap: float | None = None) -> StudySummary:
+    """The API's view of one of the ledger's study dicts (from :meth:`Ledger.worklist`)."""
+    feedback = entry.get("feedback")
+    flagged = flag_in_force(entry["flagged"], feedback["verdict"] if feedback else None)
+    analysed = entry["analysed_at"]
+    if entry["flagged"] is None:
+        finding = None
+    elif entry["flagged"]:
+        finding = "pneumothorax suspected"
+    else:
+        finding = "pneumothorax not suspected"
+    return StudySummary(
+        ref=entry["ref"],
+        study_instance_uid=entry["study_uid"],
+        accession_number=entry["accession_number"],
+        patient_id=entry["patient_id"],
+        status=_api_status(entry),
+        urgency=_urgency(entry, flagged),
+        flagged=flagged,
+        model_flagged=entry["flagged"],
+        finding=finding,
+        probability=entry["probability"],
+        side=side if side is not None else entry.get("side"),
+        area_cm2=entry["area_cm2"],
+        area_px=entry["area_px"],
+        largest_gap_mm=gap if gap is not None else entry.get("largest_gap_mm"),
+        model=ModelInfo(name=entry["model_name"], version=entry["model_version"], synthetic_demo=entry["synthetic_model"]),
+        instances=entry["instances"],
+        received_at=entry["first_received_at"],
+        last_received_at=entry["last_received_at"],
+        analysis_started_at=entry.get("analysis_started_at"),
+        analysed_at=analysed,
+        delivered_at=entry["delivered_at"],
+        time_to_flag_seconds=(
+            (analysed - entry["first_received_at"]).total_seconds() if entry["flagged"] and analysed else None
+        ),
+        reason=entry["reason"],
+        feedback=_feedback_out(feedback),
+    )
+
+
+def _study_or_404(ledger: Ledger, ref: str) -> tuple[str, dict[str, Any]]:
+    study_uid = ledger.study_for_ref(ref)
+    entry = ledger.study_status(study_uid) if study_uid else None
+    if study_uid is None or entry is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such study")
+    history = ledger.list_feedback(study_uid)
+    entry["ref"] = ref
+    entry["analysis_started_at"] = ledger.analysis_started_at(study_uid)
+    entry["feedback"] = history[-1] if history else None
+    entry["feedback_history"] = history
+    return study_uid, entry
+
+
+@router.get("", response_model=list[StudySummary], summary="The worklist: most urgent first, then oldest first")
+def list_studies(
+    flagged: bool = Query(False, description="only flagged studies (the flag in force)"),
+    since: datetime | None = Query(None, description="only studies with an instance received at or after this time"),
+    status_: list[ApiStatus] | None = Query(None, alias="status", description="only these statuses (repeatable)"),
+    order: Literal["urgency", "newest"] = Query("urgency", description="urgency then age, or newest first"),
+    limit: int = Query(200, ge=1, le=2000),
+    ledger: Ledger = Depends(get_ledger),
+    principal: Principal = Depends(current_principal),
+) -> list[StudySummary]:
+    statuses = sorted({API_TO_LEDGER[s] for s in status_}) if status_ else None
+    studies = [study_summary(e) for e in ledger.worklist(flagged_only=flagged, since=since, statuses=statuses, limit=limit)]
+    if flagged:  # the flag in force: a flag a radiologist rejected is no longer shown as flagged
+        studies = [s for s in studies if s.flagged]
+    if status_:  # the ledger's "queued" covers both queued and analysing
+        studies = [s for s in studies if s.status in status_]
+    if order == "urgency":
+        studies.sort(key=lambda s: (-URGENCY_RANK[s.urgency], s.received_at))
+    else:
+        studies.sort(key=lambda s: s.last_received_at, reverse=True)
+    return studies
+
+
+@router.get("/{ref}", response_model=StudyDetail, summary="One study: images, results, deliveries, feedback, notifications")
+def get_study(
+    ref: str,
+    ledger: Ledger = Depends(get_ledger),
+    previews: PreviewRenderer = Depends(get_previews),
+    principal: Principal = Depends(current_principal),
+) -> StudyDetail:
+    study_uid, entry = _study_or_404(ledger, ref)
+    results = ledger.list_results(study_uid)
+    segs = {r.source_sop_instance_uid: r for r in results if r.kind == "SEG"}
+    heatmaps = {r.source_sop_instance_uid: r for r in results if previews.is_heatmap(r)}
+    images = []
+    for index, instance in enumerate(ledger.list_instances(study_uid)):
+        has_heatmap = instance.sop_instance_uid in heatmaps
+        base = f"/api/studies/{ref}/images/{index}"
+        images.append(
+            ImageOut(
+                index=index,
+                sop_instance_uid=instance.sop_instance_uid,
+                series_instance_uid=instance.series_instance_uid,
+                analysis_status=instance.analysis_status,
+                analysis_reason=instance.analysis_reason,
+                probability=instance.probability,
+                flagged=instance.flagged,
+                area_px=instance.area_px,
+                area_cm2=instance.area_cm2,
+                side=getattr(instance, "side", None),
+                largest_gap_mm=getattr(instance, "gap_mm", None),
+                has_outline=instance.sop_instance_uid in segs,
+                has_heatmap=has_heatmap,
+                preview_url=f"{base}/preview.png",
+                heatmap_url=f"{base}/preview.png?overlay=heatmap" if has_heatmap else None,
+            )
+        )
+    flagged_images = [i for i in images if i.flagged]
+    sides = sorted({i.side for i in flagged_images if i.side})
+    gaps = [i.largest_gap_mm for i in flagged_images if i.largest_gap_mm is not None]
+    summary = study_summary(
+        entry,
+        side=("bilateral" if len(sides) > 1 else sides[0]) if sides else None,
+        gap=max(gaps) if gaps else None,
+    )
+    return StudyDetail(
+        **summary.model_dump(),
+        images=images,
+        results=[
+            ResultOut(
+                kind=r.kind,
+                sop_instance_uid=r.sop_instance_uid,
+                source_sop_instance_uid=r.source_sop_instance_uid,
+                created_at=r.created_at,
+            )
+            for r in results
+        ],
+        deliveries=[
+            DeliveryOut(
+                result_kind=o.result_kind,
+                destination=o.destination,
+                status=o.status,
+                attempts=o.attempts,
+                last_error=o.last_error,
+                sent_at=o.sent_at,
+            )
+            for o in ledger.list_outbox(study_uid)
+        ],
+        feedback_history=[_feedback_out(f) for f in entry["feedback_history"]],
+        notifications=[notification_out(n) for n in ledger.list_notifications(study_uid)],
+    )
+
+
+def notification_out(row: Any, *, payload: bool = False) -> NotificationOut:
+    return NotificationOut(
+        id=row.id,
+        event=row.event,
+        channel=row.channel,
+        target=row.target,
+        status=row.status,
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        created_at=row.created_at,
+        last_attempt_at=row.last_attempt_at,
+        sent_at=row.sent_at,
+        last_error=row.last_error,
+        response=row.response,
+        payload=row.payload if payload else None,
+    )
+
+
+@router.get(
+    "/{ref}/images/{index}/preview.png",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}}},
+    summary="A PNG of the image with the outline of the suspected pneumothorax (or the heat map)",
+)
+def preview(
+    ref: str,
+    index: int,
+    overlay: Literal["outline", "heatmap", "none"] = Query("outline"),
+    ledger: Ledger = Depends(get_ledger),
+    previews: PreviewRenderer = Depends(get_previews),
+    principal: Principal = Depends(current_principal),
+) -> FileResponse:
+    study_uid, entry = _study_or_404(ledger, ref)
+    instances = ledger.list_instances(study_uid)
+    if not 0 <= index < len(instances):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such image")
+    instance = instances[index]
+    results = [r for r in ledger.list_results(study_uid) if r.source_sop_instance_uid == instance.sop_instance_uid]
+    try:
+        if overlay == "heatmap":
+            heatmap = next((r for r in results if previews.is_heatmap(r)), None)
+            if heatmap is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, "the analysis wrote no heat map for this image")
+            path = previews.heatmap(heatmap)
+        else:
+            seg = next((r for r in results if r.kind == "SEG"), None) if overlay == "outline" else None
+            path = previews.outline(instance, seg, synthetic=bool(entry["synthetic_model"]))
+    except PreviewError as exc:
+        raise HTTPException(422, str(exc)) from None
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
+
+
+@router.get("/{ref}/feedback", response_model=list[FeedbackOut], summary="Every verdict on the study, oldest first")
+def list_study_feedback(
+    ref: str, ledger: Ledger = Depends(get_ledger), principal: Principal = Depends(current_principal)
+) -> list[FeedbackOut]:
+    _, entry = _study_or_404(ledger, ref)
+    return [_feedback_out(f) for f in entry["feedback_history"]]
+
+
+@router.post(
+    "/{ref}/feedback",
+    response_model=FeedbackOut,
+    status_code=status.HTTP_201_CREATED,
+    summary="Confirm, reject, or mark the finding already known/treated (role: feedback)",
+)
+def give_feedback(
+    ref: str,
+    body: FeedbackIn,
+    ledger: Ledger = Depends(get_ledger),
+    principal: Principal = Depends(require_feedback_role),
+) -> FeedbackOut:
+    study_uid, entry = _study_or_404(ledger, ref)
+    if entry["analysed_at"] is None:
+        raise HTTPException(status.HTTP_409_CONFLICT, "the study has not been analysed yet")
+    if body.verdict == FeedbackVerdict.CORRECTED:
+        raise HTTPException(422, "a corrected outline goes to /api/studies/{ref}/images/{index}/correction")
+    try:
+        recorded = ledger.record_feedback(
+            study_uid, FeedbackVerdict(body.verdict).value, principal.name, comment=body.comment
+        )
+    except LedgerError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    return _feedback_out(recorded)
+
+
+def _painted_mask(mask_png: str, rows: int, columns: int) -> np.ndarray:
+    """The painted pixels of a PNG (base64 or data: URL), resized to the image's rows x columns."""
+    data = mask_png.split(",", 1)[1] if mask_png.startswith("data:") else mask_png
+    try:
+        picture = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        picture.load()
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as exc:
+        raise HTTPException(422, f"mask_png is not a base64 PNG: {exc}") from None
+    if picture.width * picture.height > 64_000_000:
+        raise HTTPException(422, "mask_png is too large")
+    rgba = np.asarray(picture.convert("RGBA"))
+    painted = (rgba[..., 3] > 0) & (rgba[..., :3].max(axis=-1) > 0)
+    if not painted.any():
+        raise HTTPException(422, "the outline is empty")
+    resized = Image.fromarray(painted.astype(np.uint8) * 255).resize((columns, rows), Image.NEAREST)
+    return np.asarray(resized) > 0
+
+
+@router.post(
+    "/{ref}/images/{index}/correction",
+    response_model=FeedbackOut,
+    status_code=status.HTTP_201_CREATED,
+    summary="Record the radiologist's own outline of the pneumothorax on one image (role: feedback)",
+)
+def correct_outline(
+    ref: str,
+    index: int,
+    body: CorrectionIn,
+    ledger: Ledger = Depends(get_ledger),
+    settings: Settings = Depends(get_settings),
+    principal: Principal = Depends(require_feedback_role),
+) -> FeedbackOut:
+    """The mask is stored as a PNG at the image's own size under ``<storage_dir>/feedback/`` and
+    the verdict "corrected" (a pneumothorax, with this outline) is recorded with who and when."""
+    study_uid, entry = _study_or_404(ledger, ref)
+    instances = ledger.list_instances(study_uid)
+    if not 0 <= index < len(instances):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such image")
+    instance = instances[index]
+    store = InstanceStore(settings.storage_dir)
+    try:
+        header = pydicom.dcmread(store.path(instance.storage_key), stop_before_pixels=True)
+        rows, columns = int(header.Rows), int(header.Columns)
+    except (OSError, ValueError, AttributeError, pydicom.errors.InvalidDicomError) as exc:
+        raise HTTPException(422, f"cannot read the stored image: {type(exc).__name__}") from None
+    mask = _painted_mask(body.mask_png, rows, columns)
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG")
+    key = f"feedback/{ref}/{uuid.uuid4().hex}.png"
+    write_durably(store.path(key), buffer.getvalue())
+    recorded = ledger.record_feedback(
+        study_uid,
+        FeedbackVerdict.CORRECTED.value,
+        principal.name,
+        comment=body.comment,
+        sop_instance_uid=instance.sop_instance_uid,
+        mask_key=key,
+    )
+    return _feedback_out(recorded)

@@ -1,0 +1,179 @@
+"""The API's response and request models (the OpenAPI document at /openapi.json shows them)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+
+from node.ledger import FeedbackVerdict, StudyStatus
+
+
+class ApiStatus(StrEnum):
+    """A study's state in the API's words: "analysing" is a queued study a worker reported taking."""
+
+    RECEIVED = "received"
+    QUEUED = "queued"
+    ANALYSING = "analysing"
+    DONE = "done"
+    NOT_ANALYSED = "not analysed"
+    FAILED = "failed"
+    DELIVERED = "delivered"
+    DELIVERY_FAILED = "delivery failed"
+
+
+LEDGER_TO_API = {
+    StudyStatus.RECEIVING.value: ApiStatus.RECEIVED,
+    StudyStatus.QUEUED.value: ApiStatus.QUEUED,
+    StudyStatus.DONE.value: ApiStatus.DONE,
+    StudyStatus.NOT_ANALYSED.value: ApiStatus.NOT_ANALYSED,
+    StudyStatus.FAILED.value: ApiStatus.FAILED,
+    StudyStatus.DELIVERED.value: ApiStatus.DELIVERED,
+    StudyStatus.DELIVERY_FAILED.value: ApiStatus.DELIVERY_FAILED,
+}
+API_TO_LEDGER = {api: ledger for ledger, api in LEDGER_TO_API.items()}
+API_TO_LEDGER[ApiStatus.ANALYSING] = StudyStatus.QUEUED.value
+
+
+class Urgency(StrEnum):
+    """How soon a radiologist should look: the worklist's first sort key."""
+
+    CRITICAL = "critical"  # flagged, nobody has reviewed it yet
+    FLAGGED = "flagged"  # flagged, confirmed or already known/treated
+    PENDING = "pending"  # not analysed yet: it may be flagged
+    ROUTINE = "routine"  # analysed and not flagged, flag rejected, or not analysable
+
+
+URGENCY_RANK = {Urgency.CRITICAL: 3, Urgency.FLAGGED: 2, Urgency.PENDING: 1, Urgency.ROUTINE: 0}
+
+
+class ModelInfo(BaseModel):
+    name: str | None
+    version: str | None
+    synthetic_demo: bool | None = Field(description="true: made by the SYNTHETIC DEMO model, not for clinical use")
+
+
+class FeedbackOut(BaseModel):
+    verdict: FeedbackVerdict
+    user: str
+    created_at: datetime
+    comment: str | None = None
+    sop_instance_uid: str | None = Field(None, description="corrected: the image the outline was drawn on")
+    mask_key: str | None = Field(None, description="corrected: the outline (PNG mask) in the storage dir")
+    model_flagged: bool | None = Field(None, description="the model's flag when the verdict was given")
+    probability: float | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+
+
+class FeedbackIn(BaseModel):
+    verdict: FeedbackVerdict = Field(
+        description="confirmed, rejected, or known (already known or treated); corrected goes to .../correction"
+    )
+    comment: str | None = Field(None, max_length=2000)
+
+
+class CorrectionIn(BaseModel):
+    mask_png: str = Field(
+        max_length=20_000_000,
+        description="the radiologist's outline painted over the preview, as a PNG (base64, or a data: URL); "
+        "every non-transparent, non-black pixel is pneumothorax. Any size with the image's aspect ratio.",
+    )
+    comment: str | None = Field(None, max_length=2000)
+
+
+class StudySummary(BaseModel):
+    ref: str = Field(description="the study's opaque reference, used in URLs instead of its UID")
+    study_instance_uid: str
+    accession_number: str | None
+    patient_id: str | None
+    status: ApiStatus
+    urgency: Urgency
+    flagged: bool = Field(description="the flag in force: the model's, unless a radiologist rejected it")
+    model_flagged: bool | None = Field(description="what the model said; null until analysed")
+    finding: str | None
+    probability: float | None
+    side: str | None = Field(None, description="left, right or bilateral; null until the analysis reports it")
+    area_cm2: float | None = Field(description="largest flagged area in cm², when the image has a pixel spacing")
+    area_px: int | None
+    largest_gap_mm: float | None = Field(None, description="largest pleural gap; null until the analysis reports it")
+    model: ModelInfo
+    instances: int
+    received_at: datetime
+    last_received_at: datetime
+    analysis_started_at: datetime | None = Field(None, description="when a worker last took the study")
+    analysed_at: datetime | None
+    delivered_at: datetime | None
+    time_to_flag_seconds: float | None = Field(description="first instance received → flag raised")
+    reason: str | None
+    feedback: FeedbackOut | None = Field(description="the verdict in force")
+
+
+class ImageOut(BaseModel):
+    index: int = Field(description="position in the study, used in the preview URL")
+    sop_instance_uid: str
+    series_instance_uid: str
+    analysis_status: str
+    analysis_reason: str | None
+    probability: float | None
+    flagged: bool | None
+    area_px: int | None
+    area_cm2: float | None
+    side: str | None = None
+    largest_gap_mm: float | None = None
+    has_outline: bool
+    has_heatmap: bool
+    preview_url: str
+    heatmap_url: str | None
+
+
+class ResultOut(BaseModel):
+    kind: str
+    sop_instance_uid: str
+    source_sop_instance_uid: str | None
+    created_at: datetime
+
+
+class DeliveryOut(BaseModel):
+    result_kind: str
+    destination: str
+    status: str
+    attempts: int
+    last_error: str | None
+    sent_at: datetime | None
+
+
+class NotificationOut(BaseModel):
+    id: int
+    event: str = Field(description="flagged, or withdrawn")
+    channel: str = Field(description="hl7 or webhook")
+    target: str
+    status: str = Field(description="pending, sent or failed")
+    attempts: int
+    max_attempts: int
+    created_at: datetime
+    last_attempt_at: datetime | None
+    sent_at: datetime | None
+    last_error: str | None
+    response: str | None = Field(description="the HL7 ACK or the HTTP status the target answered")
+    payload: str | None = Field(None, description="exactly what was sent (only with ?payload=true)")
+
+
+class StudyDetail(StudySummary):
+    images: list[ImageOut]
+    results: list[ResultOut]
+    deliveries: list[DeliveryOut]
+    feedback_history: list[FeedbackOut]
+    notifications: list[NotificationOut]
+
+
+class SessionIn(BaseModel):
+    token: str = Field(min_length=1, max_length=512)
+
+
+class SessionOut(BaseModel):
+    name: str
+    role: str
+    may_give_feedback: bool
+    refresh_seconds: float

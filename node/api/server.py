@@ -1,0 +1,60 @@
+"""Serves the worklist application with uvicorn in a thread, so `pleura node` can run it beside
+the SCP (or `pleura worklist` on its own)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import uvicorn
+
+from config.settings import Settings
+from node.api.app import create_app
+from node.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+
+class WorklistServer:
+    def __init__(self, settings: Settings, ledger: Ledger, *, host: str | None = None, port: int | None = None) -> None:
+        self.settings = settings
+        self.host = host or settings.api_host
+        self.port = port if port is not None else settings.api_port
+        config = uvicorn.Config(
+            create_app(settings, ledger),
+            host=self.host,
+            port=self.port,
+            log_level="warning",
+            access_log=False,  # URLs carry no patient data, but there is no need to log every poll
+            timeout_graceful_shutdown=5,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start serving; raises RuntimeError when the server cannot listen (port in use, say)."""
+        self._thread = threading.Thread(target=self._server.run, name="pleura-worklist", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError(
+                    f"the worklist API cannot listen on {self.host}:{self.port} (PLEURA_API_HOST, PLEURA_API_PORT)"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the worklist API did not start within {timeout:.0f} s")
+            time.sleep(0.05)
+        log.info("worklist API and page on %s", self.url)
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._server.should_exit = True
+        self._thread.join(15)
+        self._thread = None

@@ -1,0 +1,22 @@
+"""Node-side Celery task on the export queue that records when a worker starts on a study, so the
+worklist can say "analysing" rather than "queued"."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery, Task
+
+from node.tasks import node_context
+from worker.celery_app import ANALYSIS_STARTED
+
+log = logging.getLogger(__name__)
+
+
+def register_progress_tasks(app: Celery) -> Task:
+    @app.task(name=ANALYSIS_STARTED, ignore_result=True)
+    def analysis_started(study_uid: str, task_id: str | None = None) -> bool:
+        """Best effort: a lost or late message only leaves the study shown as queued."""
+        return node_context(app).ledger.mark_analysing(str(study_uid), task_id)
+
+    return analysis_started

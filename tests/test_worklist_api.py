@@ -1,0 +1,328 @@
+"""The worklist API on a ledger filled by the real worker analysis: access, sorting, filters,
+detail, previews, feedback and its export."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from node.api.app import create_app
+from worklist_fixtures import RADIOLOGIST_TOKEN, READER_TOKEN, build_worklist
+
+
+@pytest.fixture(scope="module")
+def worklist(tmp_path_factory, demo_bundle):
+    return build_worklist(tmp_path_factory.mktemp("worklist"), demo_bundle)
+
+
+@pytest.fixture(scope="module")
+def client(worklist):
+    with TestClient(create_app(worklist.settings, worklist.ledger)) as test_client:
+        yield test_client
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def refs_by_accession(client) -> dict[str, dict]:
+    return {s["accession_number"]: s for s in client.get("/api/studies", headers=bearer(READER_TOKEN)).json()}
+
+
+def test_every_endpoint_needs_a_token_or_a_session(client):
+    assert client.get("/api/studies").status_code == 401
+    assert client.get("/api/studies", headers=bearer("wrong-token-0123456789")).status_code == 401
+    assert client.get("/api/feedback/export").status_code == 401
+    assert client.get("/api/notifications").status_code == 401
+    assert client.post("/api/session", json={"token": "nope"}).status_code == 401
+    # The page itself and its assets are public; they hold no data.
+    assert client.get("/").status_code == 200 and "Pleura" in client.get("/").text
+    assert client.get("/static/app.js").status_code == 200
+
+
+def test_login_sets_a_session_cookie_the_page_uses(worklist):
+    with TestClient(create_app(worklist.settings, worklist.ledger)) as browser:
+        answer = browser.post("/api/session", json={"token": RADIOLOGIST_TOKEN})
+        assert answer.status_code == 200
+        assert answer.json() == {"name": "dr.house", "role": "feedback", "may_give_feedback": True, "refresh_seconds": 5.0}
+        cookie = answer.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie
+        assert browser.get("/api/studies").status_code == 200
+        assert browser.delete("/api/session").status_code == 204
+        assert browser.get("/api/studies").status_code == 401
+
+
+def test_flagged_first_then_oldest_with_api_status_words(client, worklist):
+    studies = client.get("/api/studies", headers=bearer(READER_TOKEN)).json()
+    assert [s["accession_number"] for s in studies] == ["ACC-POS", "ACC-PEND", "ACC-NEG"]
+    positive, pending, negative = studies
+    assert positive["flagged"] is True and positive["urgency"] == "critical"
+    assert positive["finding"] == "pneumothorax suspected" and positive["probability"] >= 0.5
+    assert positive["area_cm2"] > 0 and positive["time_to_flag_seconds"] > 0
+    assert positive["model"] == {"name": "pleura-demo", "version": positive["model"]["version"], "synthetic_demo": True}
+    assert positive["status"] == "done" and positive["study_instance_uid"] == worklist.positive.StudyInstanceUID
+    assert "side" in positive and "largest_gap_mm" in positive  # null until the analysis reports them
+    assert pending["status"] == "received" and pending["urgency"] == "pending" and pending["model_flagged"] is None
+    assert negative["flagged"] is False and negative["urgency"] == "routine" and negative["time_to_flag_seconds"] is None
+    # Opaque references: no UID in any URL.
+    for study in studies:
+        assert study["ref"] not in study["study_instance_uid"] and "." not in study["ref"]
+
+
+def test_filters(client):
+    headers = bearer(READER_TOKEN)
+    assert [s["accession_number"] for s in client.get("/api/studies?flagged=true", headers=headers).json()] == ["ACC-POS"]
+    received = client.get("/api/studies", params={"status": "received"}, headers=headers).json()
+    assert [s["accession_number"] for s in received] == ["ACC-PEND"]
+    both = client.get("/api/studies", params=[("status", "received"), ("status", "done")], headers=headers).json()
+    assert len(both) == 3
+    assert client.get("/api/studies?status=bogus", headers=headers).status_code == 422
+    since = client.get("/api/studies", params={"since": refs_by_accession(client)["ACC-PEND"]["received_at"]}, headers=headers)
+    assert [s["accession_number"] for s in since.json()] == ["ACC-PEND"]
+    newest = client.get("/api/studies?order=newest", headers=headers).json()
+    assert [s["accession_number"] for s in newest] == ["ACC-PEND", "ACC-POS", "ACC-NEG"]
+
+
+def test_detail_and_preview_with_the_outline(client, worklist):
+    ref = refs_by_accession(client)["ACC-POS"]["ref"]
+    detail = client.get(f"/api/studies/{ref}", headers=bearer(READER_TOKEN)).json()
+    assert detail["flagged"] is True
+    (image,) = detail["images"]
+    assert image["sop_instance_uid"] == worklist.positive.SOPInstanceUID
+    assert image["flagged"] is True and image["has_outline"] is True and image["has_heatmap"] is False
+    assert image["heatmap_url"] is None
+    assert {"SEG", "SR"} <= {r["kind"] for r in detail["results"]}  # (GSPS and SC where written)
+
+    outline = client.get(image["preview_url"], headers=bearer(READER_TOKEN))
+    assert outline.status_code == 200 and outline.headers["content-type"] == "image/png"
+    pixels = np.asarray(Image.open(io.BytesIO(outline.content)).convert("RGB")).astype(int)
+    red = (pixels[..., 0] > 200) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)
+    assert red.sum() > 20, "no outline drawn"
+    plain = client.get(image["preview_url"], params={"overlay": "none"}, headers=bearer(READER_TOKEN))
+    plain_pixels = np.asarray(Image.open(io.BytesIO(plain.content)).convert("RGB")).astype(int)
+    plain_red = (plain_pixels[..., 0] > 200) & (plain_pixels[..., 1] < 80) & (plain_pixels[..., 2] < 80)
+    assert plain_red.sum() < red.sum()
+    assert client.get(image["preview_url"], params={"overlay": "heatmap"}, headers=bearer(READER_TOKEN)).status_code == 404
+    assert client.get(f"/api/studies/{ref}/images/5/preview.png", headers=bearer(READER_TOKEN)).status_code == 404
+    assert client.get("/api/studies/0000/images/0/preview.png", headers=bearer(READER_TOKEN)).status_code == 404
+
+
+def test_feedback_needs_the_feedback_role_and_is_recorded_with_who_and_when(client, worklist):
+    studies = refs_by_accession(client)
+    positive, pending = studies["ACC-POS"]["ref"], studies["ACC-PEND"]["ref"]
+    denied = client.post(f"/api/studies/{positive}/feedback", json={"verdict": "confirmed"}, headers=bearer(READER_TOKEN))
+    assert denied.status_code == 403
+    assert client.post(
+        f"/api/studies/{pending}/feedback", json={"verdict": "confirmed"}, headers=bearer(RADIOLOGIST_TOKEN)
+    ).status_code == 409
+    assert client.post(
+        f"/api/studies/{positive}/feedback", json={"verdict": "maybe"}, headers=bearer(RADIOLOGIST_TOKEN)
+    ).status_code == 422
+
+    saved = client.post(
+        f"/api/studies/{positive}/feedback", json={"verdict": "known", "comment": "drain in place"},
+        headers=bearer(RADIOLOGIST_TOKEN),
+    )
+    assert saved.status_code == 201
+    assert saved.json()["user"] == "dr.house" and saved.json()["verdict"] == "known"
+    listed = client.get(f"/api/studies/{positive}", headers=bearer(READER_TOKEN)).json()
+    assert listed["feedback"]["verdict"] == "known" and listed["urgency"] == "flagged" and listed["flagged"] is True
+
+    client.post(f"/api/studies/{positive}/feedback", json={"verdict": "rejected"}, headers=bearer(RADIOLOGIST_TOKEN))
+    after = refs_by_accession(client)["ACC-POS"]
+    assert after["flagged"] is False and after["model_flagged"] is True and after["urgency"] == "routine"
+    assert client.get("/api/studies?flagged=true", headers=bearer(READER_TOKEN)).json() == []
+    history = client.get(f"/api/studies/{positive}/feedback", headers=bearer(READER_TOKEN)).json()
+    assert [f["verdict"] for f in history] == ["known", "rejected"]
+    assert history[0]["comment"] == "drain in place" and history[0]["model_flagged"] is True
+
+    stored = worklist.ledger.list_feedback(worklist.positive.StudyInstanceUID)
+    assert [(f["verdict"], f["user"]) for f in stored] == [("known", "dr.house"), ("rejected", "dr.house")]
+    assert stored[0]["created_at"] <= stored[1]["created_at"]
+
+
+def test_feedback_export_for_retraining(client, worklist):
+    negative = refs_by_accession(client)["ACC-NEG"]["ref"]
+    client.post(f"/api/studies/{negative}/feedback", json={"verdict": "confirmed"}, headers=bearer(RADIOLOGIST_TOKEN))
+    exported = client.get("/api/feedback/export", headers=bearer(READER_TOKEN)).json()
+    by_study = {e["study_uid"]: e for e in exported}
+    assert set(by_study) >= {worklist.negative.StudyInstanceUID}
+    neg = by_study[worklist.negative.StudyInstanceUID]
+    assert neg["verdict"] == "confirmed" and neg["label"] == 1 and neg["user"] == "dr.house"
+    (image,) = neg["images"]
+    assert image["instance_key"].startswith("instances/")
+    assert (worklist.settings.storage_dir / image["instance_key"]).is_file()
+    assert image["seg_key"] is None or (worklist.settings.storage_dir / image["seg_key"]).is_file()
+    # The positive, rejected in the test before: its image has the SEG the model made.
+    rejected = by_study[worklist.positive.StudyInstanceUID]
+    assert rejected["label"] == 0 and rejected["images"][0]["label"] == 0
+    assert rejected["images"][0]["seg_key"].startswith("results/")
+    assert (worklist.settings.storage_dir / rejected["images"][0]["seg_key"]).is_file()
+
+    answer = client.get("/api/feedback/export?format=csv", headers=bearer(READER_TOKEN))
+    assert answer.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(answer.text)))
+    assert {row["study_uid"] for row in rows} == set(by_study)
+    assert all(row["instance_key"] for row in rows)
+
+
+def test_openapi_documents_the_resources(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/api/studies", "/api/studies/{ref}", "/api/studies/{ref}/images/{index}/preview.png",
+                 "/api/studies/{ref}/feedback", "/api/feedback/export", "/api/notifications", "/api/session"):
+        assert path in paths, path
+
+
+def test_cli_exports_feedback_and_makes_tokens(worklist, tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from pleura.cli import app
+
+    ref = worklist.ledger.study_ref(worklist.negative.StudyInstanceUID)
+    assert worklist.ledger.study_for_ref(ref) == worklist.negative.StudyInstanceUID
+    worklist.ledger.record_feedback(worklist.negative.StudyInstanceUID, "rejected", "dr.cli")
+    monkeypatch.delenv("PLEURA_DATABASE_URL", raising=False)
+    monkeypatch.delenv("PLEURA_CONFIG", raising=False)
+    monkeypatch.setenv("PLEURA_STORAGE_DIR", str(worklist.settings.storage_dir))
+    out = tmp_path / "feedback.json"
+    result = CliRunner().invoke(app, ["feedback-export", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    exported = {e["study_uid"]: e for e in json.loads(out.read_text())}
+    assert exported[worklist.negative.StudyInstanceUID]["user"] == "dr.cli"
+    assert exported[worklist.negative.StudyInstanceUID]["label"] == 0
+    result = CliRunner().invoke(app, ["feedback-export", "--out", str(tmp_path / "f.csv"), "--format", "csv"])
+    assert result.exit_code == 0 and "dr.cli" in (tmp_path / "f.csv").read_text()
+
+    made = json.loads(CliRunner().invoke(app, ["api-token"]).output)
+    import hashlib
+
+    assert hashlib.sha256(made["token"].encode()).hexdigest() == made["token_sha256"]
+
+
+def test_heat_map_toggle_serves_a_secondary_capture_once_the_analysis_writes_one(client, worklist):
+    """The current writers make no heat map; a Grad-CAM secondary capture (result kind SC) made
+    from an image is what the heat-map overlay shows. Recorded here the way the analysis will."""
+    from io import BytesIO
+
+    import highdicom as hd
+    from pydicom.uid import generate_uid
+
+    from node.ledger import Result, utcnow
+    from node.storage import write_durably
+
+    source = worklist.positive
+    rows, columns = int(source.Rows), int(source.Columns)
+    heat = np.zeros((rows, columns, 3), dtype=np.uint8)
+    heat[..., 0] = np.linspace(0, 255, columns, dtype=np.uint8)[None, :]  # a red ramp
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source, pixel_array=heat, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", series_instance_uid=generate_uid(), series_number=99,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="Pleura",
+        patient_orientation=("L", "F"),
+    )
+    sc.DerivationDescription = "DX image with the pleura-demo result burned in (result banner, Grad-CAM heat map)"
+    buffer = BytesIO()
+    sc.save_as(buffer, enforce_file_format=True)
+    key = f"results/{source.StudyInstanceUID}/{sc.SOPInstanceUID}.dcm"
+    write_durably(worklist.settings.storage_dir / key, buffer.getvalue())
+    with worklist.ledger._transaction() as session:
+        session.add(Result(sop_instance_uid=sc.SOPInstanceUID, kind="SC", sop_class_uid=sc.SOPClassUID,
+                           storage_key=key, study_uid=source.StudyInstanceUID,
+                           source_sop_instance_uid=source.SOPInstanceUID, created_at=utcnow()))
+
+    ref = worklist.ledger.study_ref(source.StudyInstanceUID)
+    (image,) = client.get(f"/api/studies/{ref}", headers=bearer(READER_TOKEN)).json()["images"]
+    assert image["has_heatmap"] is True and image["heatmap_url"].endswith("overlay=heatmap")
+    answer = client.get(image["heatmap_url"], headers=bearer(READER_TOKEN))
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    picture = np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGB")).astype(int)
+    assert picture[:, -1, 0].mean() > 200 and picture[:, 0, 0].mean() < 50
+
+
+def test_a_queued_study_a_worker_took_is_analysing(client, worklist):
+    pending = worklist.pending.StudyInstanceUID
+    worklist.ledger.mark_queued(pending)
+    headers = bearer(READER_TOKEN)
+    assert refs_by_accession(client)["ACC-PEND"]["status"] == "queued"
+    assert worklist.ledger.mark_analysing(pending, "task-1") is True
+    assert worklist.ledger.mark_analysing("9.9.9", "task-2") is False
+    study = refs_by_accession(client)["ACC-PEND"]
+    assert study["status"] == "analysing" and study["analysis_started_at"] and study["urgency"] == "pending"
+    assert [s["accession_number"] for s in client.get("/api/studies?status=analysing", headers=headers).json()] == [
+        "ACC-PEND"
+    ]
+    assert client.get("/api/studies?status=queued", headers=headers).json() == []
+    assert client.get(f"/api/studies/{study['ref']}", headers=headers).json()["status"] == "analysing"
+
+
+def test_a_corrected_outline_is_stored_as_a_mask_and_exported(client, worklist):
+    import base64
+
+    ref = worklist.ledger.study_ref(worklist.negative.StudyInstanceUID)
+    url = f"/api/studies/{ref}/images/0/correction"
+    painted = np.zeros((256, 256, 4), dtype=np.uint8)
+    painted[40:120, 150:200] = (0, 170, 255, 190)  # a stroke on the patient's left, in preview pixels
+    buffer = io.BytesIO()
+    Image.fromarray(painted, "RGBA").save(buffer, format="PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    assert client.post(url, json={"mask_png": data_url}, headers=bearer(READER_TOKEN)).status_code == 403
+    empty = io.BytesIO()
+    Image.new("RGBA", (256, 256)).save(empty, format="PNG")
+    blank = base64.b64encode(empty.getvalue()).decode()
+    assert client.post(url, json={"mask_png": blank}, headers=bearer(RADIOLOGIST_TOKEN)).status_code == 422
+    assert client.post(url, json={"mask_png": "not base64!"}, headers=bearer(RADIOLOGIST_TOKEN)).status_code == 422
+    assert client.post(
+        f"/api/studies/{ref}/feedback", json={"verdict": "corrected"}, headers=bearer(RADIOLOGIST_TOKEN)
+    ).status_code == 422
+
+    saved = client.post(url, json={"mask_png": data_url, "comment": "missed apical"}, headers=bearer(RADIOLOGIST_TOKEN))
+    assert saved.status_code == 201, saved.text
+    feedback = saved.json()
+    assert feedback["verdict"] == "corrected" and feedback["user"] == "dr.house"
+    assert feedback["sop_instance_uid"] == worklist.negative.SOPInstanceUID
+    mask = np.asarray(Image.open(worklist.settings.storage_dir / feedback["mask_key"])) > 0
+    assert mask.shape == (int(worklist.negative.Rows), int(worklist.negative.Columns))
+    assert mask[80:240, 300:400].all() and not mask[:70].any() and not mask[:, :290].any()
+
+    # The model missed it; the radiologist's outline flags the study.
+    study = refs_by_accession(client)["ACC-NEG"]
+    assert study["flagged"] is True and study["model_flagged"] is False and study["urgency"] == "flagged"
+    exported = {e["study_uid"]: e for e in client.get("/api/feedback/export", headers=bearer(READER_TOKEN)).json()}
+    entry = exported[worklist.negative.StudyInstanceUID]
+    assert entry["verdict"] == "corrected" and entry["label"] == 1 and entry["comment"] == "missed apical"
+    (image,) = entry["images"]
+    assert image["label"] == 1 and image["mask_key"] == feedback["mask_key"]
+
+
+def test_only_a_secondary_capture_with_a_heat_map_counts_as_one(tmp_path):
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from node.api.previews import PreviewRenderer
+    from node.ledger import ResultView, utcnow
+
+    renderer = PreviewRenderer(tmp_path)
+    views = []
+    for name, derivation in (("plain", "result burned in (result banner, pneumothorax outline)"),
+                             ("heat", "result burned in (result banner, Grad-CAM heat map)")):
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+        ds.SOPInstanceUID = generate_uid()
+        ds.DerivationDescription = derivation
+        (tmp_path / "results").mkdir(exist_ok=True)
+        ds.save_as(tmp_path / "results" / f"{name}.dcm", enforce_file_format=True)
+        views.append(ResultView(ds.SOPInstanceUID, "SC", "1.2.840.10008.5.1.4.1.1.7", f"results/{name}.dcm", "1.2",
+                                "1.2.3", utcnow()))
+    assert [renderer.is_heatmap(view) for view in views] == [False, True]
+    assert not renderer.is_heatmap(ResultView("9", "SEG", "x", "results/heat.dcm", "1.2", "1.2.3", utcnow()))
