@@ -108,23 +108,18 @@ def demo_model(
     """Train the small SYNTHETIC DEMO model bundle (not for clinical use) from generated images."""
     settings = _settings(config)
     target = out or settings.bundle_dir
-    from training.bundle import BundleError, load_bundle
-    from training.demo_model import build_demo_bundle, is_current_demo_bundle
+    from training.bundle import BundleError
+    from training.demo_model import ensure_demo_bundle
 
-    if not force:
-        try:
-            bundle = load_bundle(target)
-        except BundleError:
-            bundle = None
-        if bundle is not None and is_current_demo_bundle(bundle):
-            console.print(f"demo bundle already present: {target} ({bundle.identity.label})")
-            return
-        if bundle is not None and not bundle.manifest.synthetic_demo:
-            console.print(f"[bold red]{target} holds a trained model, not the demo[/]: use --out or --force")
-            raise typer.Exit(2)
-
-    console.print(f"training the synthetic demo bundle into {target} (a few minutes on a CPU)")
-    bundle = build_demo_bundle(target, seed=seed, progress=True)
+    console.print(f"making sure the synthetic demo bundle in {target} is current (training it takes a few minutes)")
+    try:
+        bundle, built = ensure_demo_bundle(target, force=force, seed=seed, progress=True)
+    except BundleError as exc:
+        console.print(f"[bold red]{exc}[/]: use --out or --force")
+        raise typer.Exit(2) from None
+    if not built:
+        console.print(f"demo bundle already present: {target} ({bundle.identity.label})")
+        return
     console.print(f"[green]written[/] {bundle.path}: {bundle.identity.label}")
     console.print(json.dumps(bundle.manifest.metrics, indent=2))
 

@@ -12,7 +12,9 @@ does. The manifest says the model is a synthetic demo, and so does everything ma
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -30,6 +32,7 @@ from training.bundle import (
     DEMO_INTENDED_USE,
     MANIFEST_NAME,
     Bundle,
+    BundleError,
     Manifest,
     NetworkSpec,
     Preprocessing,
@@ -281,3 +284,37 @@ def _held_out_metrics(
     if (~truth_labels).any():
         metrics["flag_specificity"] = float((~flagged[~truth_labels]).mean())
     return {key: round(value, 4) for key, value in metrics.items()}
+
+
+def ensure_demo_bundle(target: Path, *, force: bool = False, seed: int = 0, progress: bool = True) -> tuple[Bundle, bool]:
+    """The current demo bundle at ``target``, built when it is missing or outdated: (bundle, built).
+
+    Safe when several processes ask at once (set-up scripts, test sessions, checkouts sharing the
+    user's data dir): one builds under an exclusive lock while the others wait and then find it
+    current, and the build goes to a staging folder that replaces ``target`` only once it is
+    complete, so nobody ever loads half a bundle. A trained (non-demo) bundle at ``target`` is never
+    replaced unless ``force``; that raises :class:`BundleError`.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            existing: Bundle | None = load_bundle(target)
+        except BundleError:
+            existing = None
+        if existing is not None and not force:
+            if is_current_demo_bundle(existing):
+                return existing, False
+            if not existing.manifest.synthetic_demo:
+                raise BundleError(f"{target} holds a trained model, not the demo: choose another folder or force")
+        staging = target.parent / f".{target.name}.building"
+        retired = target.parent / f".{target.name}.old"
+        for leftover in (staging, retired):
+            shutil.rmtree(leftover, ignore_errors=True)
+        build_demo_bundle(staging, seed=seed, progress=progress)
+        if target.exists():
+            os.replace(target, retired)
+        os.replace(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+        return load_bundle(target), True
