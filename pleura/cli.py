@@ -144,19 +144,23 @@ dataset_app = typer.Typer(
 )
 app.add_typer(dataset_app, name="dataset")
 
-DataOption = typer.Option(..., "--data", "-d", help="data set directory (SIIM-ACR or ChestX-ray14 layout)")
+DataOption = typer.Option(
+    ..., "--data", "-d", help="data set directory (SIIM-ACR or ChestX-ray14 layout, or a Pleura storage directory)"
+)
 LabelsOption = typer.Option(
     None, "--rle", "--labels", help="label file: SIIM train-rle.csv or ChestX-ray14 Data_Entry_2017*.csv (default: found in --data)"
 )
-FormatOption = typer.Option(None, "--format", help="siim or cxr14 (default: detected)")
+FormatOption = typer.Option(
+    None, "--format", help="siim, cxr14 or archive (a Pleura storage directory with feedback) (default: detected)"
+)
 SkipBadOption = typer.Option(False, "--skip-bad", help="leave out unusable images and report them, instead of stopping")
 
 
 def _read_data(data: Path, labels: Optional[Path], data_format: Optional[str], skip_bad: bool):
     from training.datasets import DatasetError, read_dataset
 
-    if data_format not in (None, "siim", "cxr14"):
-        console.print(f"[bold red]--format[/] must be siim or cxr14, not {data_format!r}")
+    if data_format not in (None, "siim", "cxr14", "archive"):
+        console.print(f"[bold red]--format[/] must be siim, cxr14 or archive, not {data_format!r}")
         raise typer.Exit(2)
     try:
         index = read_dataset(data, labels, kind=data_format, skip_bad=skip_bad)  # type: ignore[arg-type]

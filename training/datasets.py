@@ -46,7 +46,7 @@ CXR14_CSV_GLOB = "Data_Entry_2017*.csv"
 SIIM_COLUMNS = ("ImageId", "EncodedPixels")
 CXR14_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 
-DatasetKind = Literal["siim", "cxr14"]
+DatasetKind = Literal["siim", "cxr14", "archive"]
 
 
 class DatasetError(ValueError):
@@ -106,7 +106,7 @@ class DatasetIndex:
 
     @property
     def has_masks(self) -> bool:
-        return self.kind == "siim"
+        return self.kind in ("siim", "archive")
 
     @property
     def positives(self) -> int:
@@ -296,7 +296,10 @@ def read_cxr14(root: Path | str, labels_csv: Path | str | None = None, *, skip_b
 
 
 def detect_kind(root: Path) -> DatasetKind:
-    """``siim`` when ``root`` holds train-rle.csv or DICOM files, ``cxr14`` when it holds Data_Entry_2017*.csv."""
+    """``archive`` when ``root`` is a Pleura storage directory (it holds the ledger), ``siim`` when it
+    holds train-rle.csv or DICOM files, ``cxr14`` when it holds Data_Entry_2017*.csv."""
+    if (root / "ledger.sqlite").is_file():
+        return "archive"
     if (root / SIIM_CSV_NAME).is_file():
         return "siim"
     if any(root.glob(CXR14_CSV_GLOB)):
@@ -325,6 +328,10 @@ def read_dataset(
         name = Path(labels).name
         chosen = "siim" if "rle" in name.lower() else "cxr14" if name.startswith("Data_Entry") else None
     chosen = chosen or detect_kind(base)
+    if chosen == "archive":
+        from training.archive import read_archive
+
+        return read_archive(base, skip_bad=skip_bad)
     if chosen == "siim":
         return read_siim(base, labels, skip_bad=skip_bad)
     return read_cxr14(base, labels, skip_bad=skip_bad)

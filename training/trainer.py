@@ -243,7 +243,11 @@ def _atomic_save(payload: Any, path: Path) -> None:
 
 def _describe_data(data: DatasetIndex, counts: dict[str, tuple[int, int]], used: Sequence[Example]) -> str:
     parts = ", ".join(f"{name} {n} ({p} positive)" for name, (n, p) in counts.items())
-    kind = {"siim": "SIIM-ACR layout", "cxr14": "ChestX-ray14 layout"}[data.kind]
+    kind = {
+        "siim": "SIIM-ACR layout",
+        "cxr14": "ChestX-ray14 layout",
+        "archive": "Pleura's archive labelled by radiologists' feedback",
+    }[data.kind]
     synthetic = sum(example.synthetic for example in used)
     note = ""
     if synthetic == len(used):
