@@ -66,7 +66,8 @@ def test_flagged_first_then_oldest_with_api_status_words(client, worklist):
     assert positive["area_cm2"] > 0 and positive["time_to_flag_seconds"] > 0
     assert positive["model"] == {"name": "pleura-demo", "version": positive["model"]["version"], "synthetic_demo": True}
     assert positive["status"] == "done" and positive["study_instance_uid"] == worklist.positive.StudyInstanceUID
-    assert "side" in positive and "largest_gap_mm" in positive  # null until the analysis reports them
+    assert positive["side"] in ("left", "right") and positive["largest_gap_mm"] > 0
+    assert negative["side"] is None and negative["largest_gap_mm"] is None
     assert pending["status"] == "received" and pending["urgency"] == "pending" and pending["model_flagged"] is None
     assert negative["flagged"] is False and negative["urgency"] == "routine" and negative["time_to_flag_seconds"] is None
     # Opaque references: no UID in any URL.
