@@ -122,13 +122,14 @@ def stop(process: subprocess.Popen) -> None:
             os.killpg(process.pid, 9)
 
 
-def ingest(work: Path, files: list[Path], senders: int) -> dict[str, float]:
+def ingest(work: Path, files: list[Path], senders: int, max_pdu: int) -> dict[str, float]:
     megabytes = sum(p.stat().st_size for p in files) / 1e6
     reference_dir = work / "storescp"
     reference_dir.mkdir()
     port = free_port()
     # --fork: one process per association, so concurrent senders are served at once as by the node.
-    reference = subprocess.Popen([tool("storescp"), "--fork", "-aet", "REF", "-od", str(reference_dir), str(port)],
+    reference = subprocess.Popen([tool("storescp"), "--fork", "--max-pdu", str(max_pdu), "-aet", "REF", "-od",
+                                  str(reference_dir), str(port)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
@@ -140,7 +141,8 @@ def ingest(work: Path, files: list[Path], senders: int) -> dict[str, float]:
     port = free_port()
     storage = work / "node-storage"
     config = write_config(work / "ingest.toml", ae_title="PLEURA", host="127.0.0.1", port=port,
-                          storage_dir=str(storage), settle_seconds=1.0, max_associations=senders + 2)
+                          storage_dir=str(storage), settle_seconds=1.0, max_associations=senders + 2,
+                          max_pdu=max_pdu)
     node = pleura("node", config, work / "ingest-node.log")
     try:
         wait_port(port)
@@ -224,18 +226,19 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=2000)
     parser.add_argument("--size", type=int, default=256, help="rows and columns of the ingest images")
     parser.add_argument("--studies", type=int, default=20, help="studies for time to flag (one 512 px image each)")
+    parser.add_argument("--max-pdu", type=int, default=16384, help="largest PDU both receivers take (storescp's default)")
     parser.add_argument("--bundle", type=Path, default=Path.home() / ".local/share/pleura/models/demo")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pleura-load-") as tmp:
         work = Path(tmp)
         files = make_files(work / "ingest-files", args.instances, args.size, per_study=10, seed=10_000)
-        figures = ingest(work, files, args.senders)
+        figures = ingest(work, files, args.senders, args.max_pdu)
         ttf_files = make_files(work / "ttf-files", args.studies + 1, 512, per_study=1, seed=90_000)
         flags = time_to_flag(work, ttf_files, args.senders, args.bundle)
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPU, Python {platform.python_version()}")
     print(f"date: {datetime.now(timezone.utc):%Y-%m-%d}; command: {' '.join(sys.argv)}\n")
     print("| measure | pleura node | storescp (reference) | ratio |\n| --- | --- | --- | --- |")
-    print(f"| instances/s ({figures['files']} x {args.size}x{args.size}, {args.senders} senders) | "
+    print(f"| instances/s ({figures['files']} x {args.size}x{args.size}, {args.senders} senders, max PDU {args.max_pdu}) | "
           f"{figures['node_rate']:.0f} | {figures['reference_rate']:.0f} | {figures['node_rate'] / figures['reference_rate']:.2f} |")
     print(f"| MB/s | {figures['node_mbps']:.1f} | {figures['reference_mbps']:.1f} | "
           f"{figures['node_mbps'] / figures['reference_mbps']:.2f} |")
