@@ -4,7 +4,10 @@ For each preset: a short run of `training.trainer.train` (two epochs of a few ba
 on, the preset's own input size and network) on a synthetic SIIM-ACR set, reading the images/s that
 the loop itself logs to metrics.csv for the second epoch (the first one warms up): forward, backward,
 optimiser step, augmentation and batch assembly from the cache; caching and validation excluded.
-Results go into docs/benchmarks.md between the markers of the "Training throughput" section.
+The reference, measured in the same run: the bare training step of the same network (forward,
+backward, Adam step on a random batch of the same shape, no data pipeline); the ratio loop / bare
+is the share of the network's own speed the loop achieves. Results go into docs/benchmarks.md
+between the markers of the "Training throughput" section.
 
     .venv/bin/python benchmarks/train_throughput.py [--device cpu] [--steps 3] [--batch-size 8]
         [--presets cls-resnet18,seg-unet-resnet50] [--write]
@@ -61,6 +64,31 @@ def _base(root: Path) -> Path:
     return root
 
 
+def bare_step_rate(network: torch.nn.Module, batch: int, channels: int, size: int, steps: int,
+                   device: torch.device) -> float:
+    """Images/s of forward + backward + Adam step alone, on a random batch (one warm-up step)."""
+    network = network.to(device).train()
+    optimiser = torch.optim.Adam(network.parameters(), lr=1e-4)
+    inputs = torch.randn(batch, channels, size, size, device=device)
+
+    def step() -> None:
+        optimiser.zero_grad(set_to_none=True)
+        output = network(inputs)
+        output = output[0] if isinstance(output, (tuple, list)) else output
+        output.float().mean().backward()
+        optimiser.step()
+
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return batch * steps / (time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -107,8 +135,13 @@ def main() -> None:
             with (run / "metrics.csv").open(newline="") as handle:
                 metrics = list(csv.DictReader(handle))[-1]
             rate = float(metrics["images_per_second"])
-            rows.append((name, preset.input_size, batch, rate))
-            print(f"{name:32s} {preset.input_size:5d} px  batch {batch:3d}  {rate:8.2f} images/s", flush=True)
+            bundle = load_bundle(run / "bundle")
+            spec = bundle.manifest.segmenter if name.startswith("seg-") else bundle.manifest.classifier
+            recipe = bundle.manifest.network_preprocessing(spec)
+            bare = bare_step_rate(build_network(spec, recipe), batch, recipe.channels, recipe.input_size, args.steps, device)
+            rows.append((name, preset.input_size, batch, rate, bare))
+            print(f"{name:32s} {preset.input_size:5d} px  batch {batch:3d}  {rate:8.2f} images/s  "
+                  f"bare step {bare:8.2f}  ratio {rate / bare:5.2f}", flush=True)
     if args.write:
         _record(rows, args, device)
 
@@ -128,9 +161,10 @@ def _record(rows, args, device: torch.device) -> None:
         f"{args.batch_size}, augmentation on, synthetic {args.image_size} px DICOM images through the cache. "
         f"Load average when it started: {args.load:.1f} (other jobs share the machine: compare with care).",
         "",
-        "| preset | input | batch | images/s |",
-        "| --- | --- | --- | --- |",
-        *[f"| `{name}` | {size} px | {batch} | {rate:.2f} |" for name, size, batch, rate in rows],
+        "| preset | input | batch | images/s (training loop) | images/s (bare step, reference) | ratio |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *[f"| `{name}` | {size} px | {batch} | {rate:.2f} | {bare:.2f} | {rate / bare:.2f} |"
+          for name, size, batch, rate, bare in rows],
         end,
     ]
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
