@@ -65,7 +65,6 @@ class NodeAE(AE):
     def __init__(self, ae_title: str, admission: Admission) -> None:
         super().__init__(ae_title=ae_title)
         self.admission = admission
-        self._refused_lock = threading.Lock()
 
     @staticmethod
     def _requesting() -> Association | None:

@@ -64,3 +64,14 @@ def tiny_base_bundle(tmp_path_factory) -> Path:
             torch.save(build_network(spec, manifest.preprocessing).state_dict(), root / spec.weights_file)
     write_manifest(root, manifest)
     return root
+
+
+@pytest.fixture
+def peers():
+    """A real HL7 MLLP listener and a real webhook receiver on loopback, stopped afterwards."""
+    from notify_peers import MllpListener, WebhookReceiver
+
+    listener, receiver = MllpListener(), WebhookReceiver()
+    yield listener, receiver
+    listener.stop()
+    receiver.stop()

@@ -35,14 +35,6 @@ def database_url(request):
     return None if request.param == "sqlite" else request.getfixturevalue("postgres").new_database_url()
 
 
-@pytest.fixture
-def peers():
-    listener, receiver = MllpListener(), WebhookReceiver()
-    yield listener, receiver
-    listener.stop()
-    receiver.stop()
-
-
 def make_notifier(tmp_path, listener_port: int, webhook_url: str, database_url: str | None = None, **extra) -> Notifier:
     if database_url:
         extra["database_url"] = database_url

@@ -7,25 +7,15 @@ from __future__ import annotations
 
 import hl7
 import numpy as np
-import pytest
 from PIL import Image
 
 from browser import chromium
 from node.ledger import Ledger
-from notify_peers import MllpListener, WebhookReceiver
 from services import find_tool, free_port, pleura_process, port_open, wait_for, write_config
 from training.synthetic import synthetic_dicom
 from worklist_fixtures import API_USERS, RADIOLOGIST_TOKEN, READER_TOKEN
 
 RESULT_TIMEOUT = 300  # node and worker start, CPU inference of one 512 x 512 image on a busy machine
-
-
-@pytest.fixture
-def peers():
-    listener, receiver = MllpListener(), WebhookReceiver()
-    yield listener, receiver
-    listener.stop()
-    receiver.stop()
 
 
 def test_a_study_sent_over_dicom_is_flagged_in_the_page_and_feedback_is_stored(tmp_path, demo_bundle, peers):
