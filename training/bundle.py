@@ -73,9 +73,17 @@ class Thresholds(BaseModel):
     min_area_px: int = Field(default=64, ge=0, description="smallest mask area (source pixels) that counts")
 
 
+BundleKind = Literal["radiograph", "ct"]
+
+
 class Manifest(BaseModel):
     name: str
     version: str
+    kind: BundleKind = Field(
+        default="radiograph",
+        description="what the bundle analyses: chest radiographs (CR/DX) or chest CT series; "
+        "a registry keeps one active bundle per kind",
+    )
     intended_use: str
     synthetic_demo: bool = Field(description="trained on synthetic data only")
     manufacturer: str = "Pleura"
