@@ -1,0 +1,208 @@
+"""Worker throughput: images/s of the full analysis against the models' bare forward pass.
+
+The full analysis is :meth:`worker.analysis.StudyAnalyser.analyse`, exactly as the Celery task runs
+it: read the stored file, decode the pixel data, preprocess for each network, run the classifier
+and the U-Net, map the mask back and measure it, build and write the SEG, GSPS, SC and SR. The
+reference, measured in the same run on the same device with the same models: the bare forward pass
+of both networks on ready-made input tensors at the same batch size. The ratio full / bare is the
+share of the models' own speed that the worker achieves; the rest is overhead, broken down by stage
+(each stage timed on its own over the same images with the same functions the analysis calls).
+
+    .venv/bin/python benchmarks/worker_throughput.py [--images 16] [--size 2048] [--batch-size 8]
+        [--device auto] [--model-dir DIR] [--write]
+
+``--write`` records the table in docs/benchmarks.md between the markers of the "Worker throughput"
+section for the device type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import pydicom
+import torch
+
+from config.settings import Settings
+from node.storage import InstanceStore
+from training.bundle import load_bundle
+from training.demo_model import ensure_demo_bundle
+from training.synthetic import synthetic_dicom
+from worker.analysis import StudyAnalyser
+from worker.inference.measure import measure_mask
+from worker.inference.predict import pixel_spacing_mm, predict_images
+from worker.inference.preprocess import decode_radiograph, mask_to_source, network_inputs
+from worker.writers.gsps import build_gsps
+from worker.writers.sc import build_sc
+from worker.writers.seg import build_seg
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "benchmarks.md"
+MARKERS = "<!-- worker-throughput-{}:begin -->", "<!-- worker-throughput-{}:end -->"
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function: Callable[[], object], device: torch.device, repeats: int = 1) -> float:
+    """Seconds per call of ``function`` (best of ``repeats``), with the device's queue drained."""
+    best = float("inf")
+    for _ in range(repeats):
+        synchronise(device)
+        start = time.perf_counter()
+        function()
+        synchronise(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def store_images(storage: Path, count: int, size: int) -> list[dict[str, str]]:
+    """``count`` synthetic 16-bit radiographs of ``size`` px in one study, half of them positive."""
+    store = InstanceStore(storage)
+    study_uid = None
+    instances = []
+    for seed in range(count):
+        ds, _ = synthetic_dicom(seed, positive=seed % 2 == 0, size=size)
+        study_uid = study_uid or str(ds.StudyInstanceUID)
+        ds.StudyInstanceUID = study_uid
+        path = storage / "incoming.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        key = store.write_instance(study_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), path.read_bytes())
+        instances.append({"sop_instance_uid": str(ds.SOPInstanceUID), "key": key, "study_uid": study_uid})
+    path.unlink()
+    return instances
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--size", type=int, default=2048, help="side of the synthetic radiographs, pixels")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--model-dir", type=Path, default=None, help="bundle (default: the demo bundle)")
+    parser.add_argument("--write", action="store_true", help="record the result in docs/benchmarks.md")
+    args = parser.parse_args()
+
+    settings = Settings()
+    bundle_dir = args.model_dir or settings.bundle_dir
+    if args.model_dir is None:
+        ensure_demo_bundle(bundle_dir, progress=False)
+    bundle = load_bundle(bundle_dir)
+    with tempfile.TemporaryDirectory(prefix="pleura-bench-") as folder:
+        storage = Path(folder)
+        instances = store_images(storage, args.images, args.size)
+        study_uid = instances[0]["study_uid"]
+        analyser = StudyAnalyser(storage, bundle, args.device, batch_size=args.batch_size)
+        models, device = analyser.models, analyser.models.device
+        recipe = bundle.manifest.preprocessing
+
+        # Warm up both paths once (allocator, kernels, lazy imports).
+        analyser.analyse(study_uid, instances[: args.batch_size])
+
+        full = timed(lambda: analyser.analyse(study_uid, instances), device)
+
+        paths = [analyser.store.path(item["key"]) for item in instances]
+        datasets = [pydicom.dcmread(path) for path in paths]
+        images = [decode_radiograph(ds, recipe) for ds in datasets]
+        classifier_input = torch.from_numpy(network_inputs(images, recipe, models.classifier_preprocessing)).to(device)
+        segmenter_input = torch.from_numpy(network_inputs(images, recipe, models.segmenter_preprocessing)).to(device)
+
+        def bare() -> None:
+            with torch.inference_mode():
+                for start in range(0, len(images), args.batch_size):
+                    models.classifier(classifier_input[start : start + args.batch_size])
+                    models.segmenter(segmenter_input[start : start + args.batch_size])
+
+        bare()
+        forward = timed(bare, device, repeats=2)
+
+        findings = predict_images(models, images, datasets, batch_size=args.batch_size)
+        identity = bundle.identity
+        stages = {
+            "read (dcmread)": timed(lambda: [pydicom.dcmread(path) for path in paths], device),
+            "decode + VOI": timed(lambda: [decode_radiograph(ds, recipe) for ds in datasets], device),
+            "preprocess (both grids)": timed(
+                lambda: (network_inputs(images, recipe, models.classifier_preprocessing),
+                         network_inputs(images, recipe, models.segmenter_preprocessing)),
+                device,
+            ),
+            "forward (both networks)": forward,
+            "mask to source + measure": timed(
+                lambda: [
+                    measure_mask(mask_to_source(finding.mask.astype("float32"), image.shape) >= 0.5, image, ds,
+                                 pixel_spacing_mm(ds))
+                    for finding, image, ds in zip(findings, images, datasets)
+                ],
+                device,
+            ),
+            "SEG + GSPS + SC": timed(
+                lambda: [
+                    (build_seg(ds, finding, identity) if finding.flagged else None,
+                     build_gsps(ds, finding, identity), build_sc(ds, image, finding, identity, None))
+                    for finding, image, ds in zip(findings, images, datasets)
+                ],
+                device,
+            ),
+        }
+
+    count = args.images
+    row = {
+        "full": count / full,
+        "bare": count / forward,
+    }
+    threads = torch.get_num_threads()
+    where = f"{device.type}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {threads} threads")
+    print(f"device: {where}; bundle: {identity.label}; {count} images of {args.size} px, batch {args.batch_size}")
+    print(f"full analysis: {row['full']:.2f} images/s; bare forward pass: {row['bare']:.2f} images/s; "
+          f"ratio {row['full'] / row['bare']:.2f}")
+    total = sum(stages.values())
+    for name, seconds in stages.items():
+        print(f"  {name:<28} {1000 * seconds / count:8.1f} ms/image  {100 * seconds / total:5.1f} %")
+    if args.write:
+        record(row, stages, args, device, where, identity.label)
+
+
+def record(row: dict[str, float], stages: dict[str, float], args: argparse.Namespace, device: torch.device,
+           where: str, label: str) -> None:
+    begin, end = (marker.format(device.type) for marker in MARKERS)
+    load = os.getloadavg()[0]
+    lines = [
+        begin,
+        f"Measured {date.today().isoformat()} on {where} ({platform.machine()}, {os.cpu_count()} cores), "
+        f"torch {torch.__version__}, with `benchmarks/worker_throughput.py --images {args.images} --size {args.size} "
+        f"--batch-size {args.batch_size} --device {args.device}`, bundle {label}. "
+        f"Load average when it ended: {load:.1f}.",
+        "",
+        "| measure | images/s |",
+        "| --- | --- |",
+        f"| full analysis (`StudyAnalyser.analyse`) | {row['full']:.2f} |",
+        f"| bare forward pass of both networks (reference) | {row['bare']:.2f} |",
+        f"| ratio full / bare | {row['full'] / row['bare']:.2f} |",
+        "",
+        "| stage | ms per image | share |",
+        "| --- | --- | --- |",
+    ]
+    total = sum(stages.values())
+    for name, seconds in stages.items():
+        lines.append(f"| {name} | {1000 * seconds / args.images:.1f} | {100 * seconds / total:.0f} % |")
+    lines.append(end)
+    text = DOC.read_text()
+    block = "\n".join(lines)
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + f"\n\n## Worker throughput (`benchmarks/worker_throughput.py`, {device.type})\n\n{block}\n"
+    DOC.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
