@@ -38,8 +38,18 @@ def _open(config: Optional[Path]):
         raise _refused("No registry", exc) from None
 
 
-def _metrics_text(metrics: dict[str, float], limit: int = 4) -> str:
-    shown = [f"{key} {value:.3g}" for key, value in list(metrics.items())[:limit]]
+def _day(stamp: str | None) -> str:
+    return (stamp or "")[:16].replace("T", " ")
+
+
+def _data(synthetic: bool, training_data: str, limit: int = 40) -> str:
+    text = ("SYNTHETIC: " if synthetic else "") + training_data
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _metrics_text(metrics: dict[str, float], limit: int = 3) -> str:
+    headline = sorted(metrics, key=lambda key: not any(word in key for word in ("auc", "dice", "f1")))
+    shown = [f"{key} {metrics[key]:.3g}" for key in headline[:limit]]
     return ", ".join(shown) + (" …" if len(metrics) > limit else "")
 
 
@@ -65,26 +75,23 @@ def list_models(config: Optional[Path] = ConfigOption) -> None:
     except RegistryError as exc:
         raise _refused("Registry error", exc) from None
     table = Table(title=f"model registry {registry.root}")
-    for column in ("version", "kind", "active", "created", "training data", "metrics", "imported"):
+    for column in ("version", "kind", "active", "created", "data", "metrics", "imported"):
         table.add_column(column, overflow="fold", no_wrap=column == "version")
     active_ids = set(state.active.values())
     if "radiograph" not in state.active:
         try:
             demo = load_bundle(registry.demo_dir).manifest
-            table.add_row(
-                f"{demo.name}/{demo.version}", demo.kind, "[green]active[/] (demo bundle)", demo.created or "",
-                "SYNTHETIC" if demo.synthetic_demo else demo.training_data, _metrics_text(demo.metrics),
-                f"built in {registry.demo_dir}",
-            )
+            table.add_row(f"{demo.name}/{demo.version}", demo.kind, "[green]active[/] (demo bundle)",
+                          _day(demo.created), _data(demo.synthetic_demo, demo.training_data),
+                          _metrics_text(demo.metrics), "built by pleura demo-model")
         except BundleError:
-            table.add_row("(demo bundle)", "radiograph", "[red]missing[/]", "", "", "",
-                          f"run `pleura demo-model` to build {registry.demo_dir}")
+            table.add_row("(demo bundle)", "radiograph", "[red]not built[/]", "", "", "", "run pleura demo-model")
     for record in state.versions.values():
         p = record.provenance
-        data = ("SYNTHETIC " if p.synthetic_demo else "") + p.training_data
         table.add_row(
-            record.id, record.kind, "[green]active[/]" if record.id in active_ids else "", p.created or "",
-            data[:80] + ("…" if len(data) > 80 else ""), _metrics_text(record.metrics), f"{p.imported_at} by {p.imported_by}",
+            record.id, record.kind, "[green]active[/]" if record.id in active_ids else "", _day(p.created),
+            _data(p.synthetic_demo, p.training_data), _metrics_text(record.metrics),
+            f"{_day(p.imported_at)} {p.imported_by}",
         )
     out.print(table)
     missing = [kind for kind in KINDS if kind not in state.active and kind != "radiograph"]

@@ -180,15 +180,16 @@ def validate_bundle(
     *,
     kind: str | None = None,
     checksums: dict[str, str] | None = None,
-    run_networks: bool = True,
+    networks: Literal["run", "load", "skip"] = "run",
 ) -> Bundle:
     """Check a bundle thoroughly, or raise :class:`BundleError` naming the file and the reason.
 
     The manifest must be there and valid; with ``checksums``, every recorded file must be unchanged;
     with ``kind``, the bundle must be made for that input; then both networks are built on the CPU
     from the manifest and their weights loaded strictly (a truncated file, or a state dict of another
-    architecture or channel count, fails here); with ``run_networks``, each network runs once on a
-    blank image of its own input grid and must give one logit per image / per pixel.
+    architecture or channel count, fails here); with ``networks="run"``, each network then runs once
+    on a blank image of its own input grid and must give one logit per image / per pixel. A worker
+    passes ``"skip"``: it loads the networks itself, which is the same check.
     """
     import torch
 
@@ -206,8 +207,10 @@ def validate_bundle(
             f"bundle {root} is made for another input: its manifest {root / MANIFEST_NAME} says kind "
             f"{manifest.kind!r}, this slot takes {kind!r} models"
         )
+    if networks == "skip":
+        return bundle
     models = load_models(bundle, "cpu")
-    if not run_networks:
+    if networks == "load":
         return bundle
     for role, network in (("classifier", models.classifier), ("segmenter", models.segmenter)):
         spec = getattr(manifest, role)

@@ -20,6 +20,7 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from training.bundle import BundleError
@@ -27,7 +28,6 @@ from training.registry import Registry, active_bundle_dir, find_version_record, 
 
 if TYPE_CHECKING:
     from config.settings import Settings
-    from worker.analysis import StudyAnalyser
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,16 @@ class ActiveModel:
 
     settings: "Settings"
     kind: str = "radiograph"
-    analyser: "StudyAnalyser | None" = None
+    loader: "Callable[[Settings, Path], Any] | None" = None
+    """Builds the analyser of a bundle directory (default: the radiograph StudyAnalyser); whatever
+    it returns must have ``.bundle`` (the loaded :class:`~training.bundle.Bundle`)."""
+    analyser: Any = None
     loaded_dir: Path | None = None
     failed_dir: Path | None = None
+    failed: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def current(self) -> "StudyAnalyser":
+    def current(self) -> Any:
         """The analyser for the next task: the active bundle's, loading it when it changed.
 
         Raises only when no model was ever loaded (the task then fails and is retried).
@@ -60,8 +64,13 @@ class ActiveModel:
                     raise
                 self._report_failure(None, exc)
                 return self.analyser
-            if self.analyser is not None and wanted in (self.loaded_dir, self.failed_dir):
+            if self.analyser is not None and wanted == self.loaded_dir:
+                if self.failed:  # back to the loaded model (a rollback): the failure is history
+                    self.failed, self.failed_dir = False, None
+                    self._record({"loaded": self.analyser.bundle.identity.label, "bundle_dir": str(wanted), "error": None})
                 return self.analyser
+            if self.analyser is not None and wanted == self.failed_dir:
+                return self.analyser  # tried already: not again until the active version changes
             try:
                 analyser = self._load(wanted)
             except Exception as exc:
@@ -70,7 +79,8 @@ class ActiveModel:
                 self._report_failure(wanted, exc)
                 return self.analyser
             previous = self.analyser.bundle.identity.label if self.analyser is not None else None
-            self.analyser, self.loaded_dir, self.failed_dir = analyser, wanted, None  # tasks in flight keep theirs
+            # One assignment: a task in flight keeps the analyser it was given.
+            self.analyser, self.loaded_dir, self.failed_dir, self.failed = analyser, wanted, None, False
             label = analyser.bundle.identity.label
             if previous is not None:
                 log.warning("model changed: %s -> %s (%s)", previous, label, wanted)
@@ -79,18 +89,20 @@ class ActiveModel:
             self._record({"loaded": label, "bundle_dir": str(wanted), "error": None})
             return analyser
 
-    def _load(self, bundle_dir: Path) -> "StudyAnalyser":
-        from worker.analysis import StudyAnalyser  # imports torch: only in worker processes
-
+    def _load(self, bundle_dir: Path) -> Any:
         record = find_version_record(self.settings, bundle_dir)
         if record is not None:
             # A registered version: its files must still be those checked at import. Building the
             # networks (load_models, in the analyser) is the rest of the check.
-            validate_bundle(bundle_dir, kind=self.kind, checksums=record.files, run_networks=False)
+            validate_bundle(bundle_dir, kind=self.kind, checksums=record.files, networks="skip")
+        if self.loader is not None:
+            return self.loader(self.settings, bundle_dir)
+        from worker.analysis import StudyAnalyser  # imports torch: only in worker processes
+
         return StudyAnalyser.from_bundle_dir(self.settings.storage_dir, bundle_dir, self.settings.device)
 
     def _report_failure(self, wanted: Path | None, exc: Exception) -> None:
-        self.failed_dir = wanted
+        self.failed_dir, self.failed = wanted, True
         current = self.analyser.bundle.identity.label if self.analyser is not None else None
         log.error("cannot load the active %s model, keeping %s: %s", self.kind, current, exc)
         self._record(
