@@ -30,12 +30,21 @@ def _refused(what: str, exc: Exception) -> typer.Exit:
 
 
 def _open(config: Optional[Path]):
+    """(settings, the registry they name), or exit 2 saying why there is none."""
     from training.registry import RegistryError, open_registry
 
+    settings = _settings(config)
     try:
-        return open_registry(_settings(config))
+        return settings, open_registry(settings)
     except RegistryError as exc:
         raise _refused("No registry", exc) from None
+
+
+def _audit(settings, event: str, **fields) -> None:
+    """Model changes go to the storage's audit trail too, beside who sent and received what."""
+    from node.audit import AuditTrail
+
+    AuditTrail(settings.storage_dir).record(event, **fields)
 
 
 def _day(stamp: str | None) -> str:
@@ -69,7 +78,7 @@ def list_models(config: Optional[Path] = ConfigOption) -> None:
         out.print(f"PLEURA_MODEL_DIR={fixed} is a single bundle: {label}")
         out.print("(no registry: unset PLEURA_MODEL_DIR or point it at a registry directory to use promote/rollback)")
         return
-    registry = _open(config)
+    _, registry = _open(config)
     try:
         state = registry.read()
     except RegistryError as exc:
@@ -116,7 +125,7 @@ def show(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION when 
     from training.bundle import BundleError, load_bundle
     from training.registry import RegistryError
 
-    registry = _open(config)
+    _, registry = _open(config)
     try:
         record = registry.find(version)
         state = registry.read()
@@ -166,6 +175,8 @@ def import_into_registry(settings, source: Path):
     except BundleError as exc:
         raise _refused("Bundle refused", exc) from None
     if added:
+        _audit(settings, "model_imported", version=record.id, kind=record.kind, source=str(source),
+               by=record.provenance.imported_by)
         console.print(f"[green]imported[/] {record.id} ({record.kind}); make it active: pleura models promote {record.id}")
     else:
         console.print(f"{record.id} is already registered with the same files")
@@ -186,7 +197,7 @@ def export(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION whe
     """Write a version (files + checksums, metrics, provenance) for `pleura models import` elsewhere."""
     from training.bundle import BundleError
 
-    registry = _open(config)
+    _, registry = _open(config)
     try:
         written = registry.export(version, out)
     except BundleError as exc:
@@ -201,7 +212,7 @@ def promote(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION wh
     """Check a version and make it the active model of its kind; running workers pick it up."""
     from training.bundle import BundleError
 
-    registry = _open(config)
+    settings, registry = _open(config)
     try:
         event = registry.promote(version, kind=kind, reason=reason)
     except BundleError as exc:
@@ -209,6 +220,7 @@ def promote(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION wh
     if event is None:
         console.print(f"{version} is already the active model")
         return
+    _audit(settings, "model_promoted", **event.model_dump())
     console.print(f"[green]active {event.kind} model[/]: {event.to_version} (was {event.from_version or 'the demo bundle'})")
 
 
@@ -218,9 +230,10 @@ def rollback(kind: str = typer.Option("radiograph", "--kind", "-k", help="radiog
     """Make the previously active version of a kind active again (checked first)."""
     from training.bundle import BundleError
 
-    registry = _open(config)
+    settings, registry = _open(config)
     try:
         event = registry.rollback(kind, reason=reason)
     except BundleError as exc:
         raise _refused("Rollback refused (the active model is unchanged)", exc) from None
+    _audit(settings, "model_rolled_back", **event.model_dump())
     console.print(f"[green]active {kind} model[/]: {event.to_version or 'the demo bundle'} (was {event.from_version})")

@@ -15,6 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from node.audit import AuditTrail
 from pleura.cli import app
 from services import write_config
 from training.bundle import BundleError, Thresholds, load_bundle, write_manifest
@@ -91,6 +92,11 @@ def test_import_list_show_promote_rollback_export_round_trip(tmp_path, tiny_base
         ("rollback", "tiny/2.0", "tiny/1.0"), ("rollback", "tiny/1.0", None),
     ]
     assert registry.read().history[0].reason == "first"
+    audited = [(e["event"], e.get("to_version", e.get("version"))) for e in AuditTrail(storage).events()]
+    assert audited == [
+        ("model_imported", "tiny/1.0"), ("model_imported", "tiny/2.0"), ("model_promoted", "tiny/1.0"),
+        ("model_promoted", "tiny/2.0"), ("model_rolled_back", "tiny/1.0"), ("model_rolled_back", None),
+    ]
 
     # Export to an archive and to a folder; each imports elsewhere with the same files and the
     # provenance it had here.
