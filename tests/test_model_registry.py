@@ -254,6 +254,13 @@ def test_an_export_damaged_in_transit_is_refused(tmp_path, tiny_base_bundle, reg
     with pytest.raises(BundleError, match="holds no manifest.json"):
         Registry(tmp_path / "elsewhere").import_bundle(archive)
 
+    escaping = tmp_path / "escaping.tar.gz"
+    with tarfile.open(escaping, "w:gz") as tar:
+        tar.add(tiny_base_bundle / "manifest.json", arcname="../manifest.json")
+    with pytest.raises(BundleError, match="cannot unpack"):
+        Registry(tmp_path / "elsewhere").import_bundle(escaping)
+    assert not (tmp_path / "elsewhere" / "manifest.json").exists()
+
 
 def test_validation_runs_the_networks(tiny_base_bundle):
     bundle = validate_bundle(tiny_base_bundle, kind="radiograph")

@@ -510,7 +510,14 @@ def _unpack(source: Path, into: Path) -> Path:
         raise BundleError(f"{source} is neither a bundle directory nor a .tar.gz archive")
     try:
         with tarfile.open(source) as archive:
-            archive.extractall(into, filter="data")  # refuses links out of the folder, devices, absolute paths
+            if hasattr(tarfile, "data_filter"):
+                archive.extractall(into, filter="data")  # refuses links out of the folder, devices, absolute paths
+            else:  # Python < 3.11.4 has no extraction filters: take plain files and folders inside only
+                members = archive.getmembers()
+                for member in members:
+                    if not (member.isfile() or member.isdir()) or member.name.startswith("/") or ".." in Path(member.name).parts:
+                        raise tarfile.TarError(f"member {member.name!r} is not a plain file inside the archive")
+                archive.extractall(into, members=members)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise BundleError(f"cannot unpack {source}: {exc}") from None
     if (into / MANIFEST_NAME).is_file():
