@@ -180,20 +180,20 @@ def validate_bundle(
     *,
     kind: str | None = None,
     checksums: dict[str, str] | None = None,
-    networks: Literal["run", "load", "skip"] = "run",
+    networks: Literal["run", "skip"] = "run",
 ) -> Bundle:
     """Check a bundle thoroughly, or raise :class:`BundleError` naming the file and the reason.
 
     The manifest must be there and valid; with ``checksums``, every recorded file must be unchanged;
-    with ``kind``, the bundle must be made for that input; then both networks are built on the CPU
-    from the manifest and their weights loaded strictly (a truncated file, or a state dict of another
-    architecture or channel count, fails here); with ``networks="run"``, each network then runs once
-    on a blank image of its own input grid and must give one logit per image / per pixel. A worker
-    passes ``"skip"``: it loads the networks itself, which is the same check.
+    with ``kind``, the bundle must be made for that input. Then both networks are built on the CPU
+    from the manifest, their weights loaded strictly (a truncated file, or a state dict of another
+    architecture or channel count, fails here), and each runs once on a blank image of its own input
+    grid and must give one logit per image / per pixel. A worker passes ``networks="skip"``: loading
+    the networks itself is the same check.
     """
     import torch
 
-    from worker.inference.models import load_models
+    from worker.inference.models import load_models  # torch: only when a bundle is checked
 
     root = Path(path)
     if checksums is not None:
@@ -210,8 +210,6 @@ def validate_bundle(
     if networks == "skip":
         return bundle
     models = load_models(bundle, "cpu")
-    if networks == "load":
-        return bundle
     for role, network in (("classifier", models.classifier), ("segmenter", models.segmenter)):
         spec = getattr(manifest, role)
         recipe = manifest.network_preprocessing(spec)
