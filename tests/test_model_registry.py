@@ -82,6 +82,7 @@ def test_import_list_show_promote_rollback_export_round_trip(tmp_path, tiny_base
     missing = run(config, "models", "rollback", code=2)  # to the demo bundle, which is not built here
     assert "demo/manifest.json is missing" in missing and active_bundle_dir(settings).name == "1.0"
     make_version(tiny_base_bundle, storage / "models" / "demo", "0-demo", name="demo")
+    assert "not a registered version" in run(config, "models", "show", "demo/0-demo", code=2)
     run(config, "models", "rollback", "--reason", "back to the demo")
     assert active_bundle_dir(settings) == storage / "models" / "demo"
     refused = run(config, "models", "rollback", code=2)

@@ -299,6 +299,15 @@ class Registry:
         if len(matches) > 1:
             names = ", ".join(record.id for record in matches)
             raise RegistryError(f"version {ref!r} is ambiguous: {names} (give NAME/VERSION)")
+        try:
+            demo = json.loads((self.demo_dir / MANIFEST_NAME).read_text())
+        except (OSError, ValueError):
+            demo = {}
+        if ref in (f"{demo.get('name')}/{demo.get('version')}", demo.get("version")):
+            raise RegistryError(
+                f"{ref} is the demo bundle in {self.demo_dir}, not a registered version: "
+                f"`pleura models import {self.demo_dir}` registers it"
+            )
         known = ", ".join(state.versions) or "none imported yet"
         raise RegistryError(f"no version {ref!r} in the registry {self.root} (known: {known}; see `pleura models list`)")
 
