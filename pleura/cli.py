@@ -474,5 +474,8 @@ def _mask_secrets(value):
     return value
 
 
+# `pleura evaluate`, `tune`, `compare`: registered on `app` by importing their module (last, as it imports this one).
+from pleura import cli_evaluate  # noqa: E402,F401
+
 if __name__ == "__main__":
     app()
