@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from pleura.cli import app
 from training.bundle import Thresholds, load_bundle, write_manifest
-from training.datasets import read_siim
+from training.datasets import read_dataset, read_siim
 from training.evaluate import (
     _leaderboard_weights,
     dice_from_counts,
@@ -230,11 +230,16 @@ def test_tune_meets_the_sensitivity_target_and_the_worker_loads_the_bundle(
     evaluation_set: dict, demo_bundle: Path, tmp_path: Path
 ):
     bundle_dir = shutil.copytree(demo_bundle, tmp_path / "bundle")
-    before = load_bundle(bundle_dir).manifest
-    result = runner.invoke(app, [
+    command = [
         "tune", "--model", str(bundle_dir), "--data", str(evaluation_set["data"]),
         "--split-file", str(evaluation_set["split_file"]), "--min-sensitivity", "0.95", "--device", "cpu",
-    ])
+    ]
+    refused = runner.invoke(app, command)  # `pleura demo-model` would rebuild the demo with its own thresholds
+    assert refused.exit_code == 2 and "demo bundle" in refused.output and "--out" in refused.output
+    before = load_bundle(bundle_dir).manifest
+    before.name = "site-model"
+    write_manifest(bundle_dir, before)
+    result = runner.invoke(app, command)
     assert result.exit_code == 0, result.output
     tuned = load_bundle(bundle_dir).manifest
     record = tuned.tuning
@@ -353,3 +358,36 @@ def test_the_bootstrap_auc_is_scikit_learns_auc_on_each_resample():
     assert (low, high) != (None, None) and low < roc_auc_score(labels, scores) < high
     assert np.percentile(reference, [2.5, 97.5]) == pytest.approx([low, high], abs=1e-12)
     assert auc_confidence_interval(np.ones(5, bool), np.arange(5.0)) is None
+
+
+def test_a_data_set_without_masks_is_evaluated_and_tuned_on_its_labels(tiny_base_bundle: Path, tmp_path: Path):
+    """ChestX-ray14 layout: the classifier and the decision are measured, the U-Net's Dice is not."""
+    from training.synthetic import synthetic_chest_image
+
+    root = tmp_path / "cxr14"
+    (root / "images_001" / "images").mkdir(parents=True)
+    rows = ["Image Index,Finding Labels,Patient ID"]
+    for index in range(12):
+        positive = index % 2 == 0
+        pixels, _ = synthetic_chest_image(200 + index, positive, 64)
+        Image.fromarray((pixels >> 4).astype(np.uint8)).save(root / "images_001" / "images" / f"{index:08d}_000.png")
+        rows.append(f"{index:08d}_000.png,{'Pneumothorax' if positive else 'No Finding'},{index}")
+    (root / "Data_Entry_2017.csv").write_text("\n".join(rows) + "\n")
+    index = read_dataset(root)
+    split_file = write_splits(tmp_path / "splits.csv", index.examples, make_splits(index.examples, (0.2, 0.4, 0.4)))
+    out = tmp_path / "eval"
+    result = runner.invoke(app, ["evaluate", "--model", str(tiny_base_bundle), "--data", str(root), "--split-file",
+                                 str(split_file), "--out", str(out), "--device", "cpu", "--cases", "1"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["segmentation"]["available"] is False and metrics["decision"]["leaderboard"] is None
+    assert metrics["classification"]["auc"] is not None
+    page = (out / "report.html").read_text()
+    assert "no masks" in page and not (out / "plots" / "dice_histogram.png").exists()
+
+    bundle_dir = shutil.copytree(tiny_base_bundle, tmp_path / "bundle")
+    command = ["tune", "--model", str(bundle_dir), "--data", str(root), "--split-file", str(split_file), "--device", "cpu"]
+    assert "needs true masks" in runner.invoke(app, [*command, "--target", "leaderboard"]).output
+    result = runner.invoke(app, [*command, "--min-sensitivity", "1"])
+    assert result.exit_code == 0, result.output
+    assert load_bundle(bundle_dir).manifest.tuning["validation"]["sensitivity"] == 1.0

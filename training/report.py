@@ -117,8 +117,10 @@ def _confusion_plot(matrices: Sequence[tuple[str, dict[str, int]]]) -> bytes:
             colour = "white" if value > grid.max() / 2 else "black"
             axes.text(column, row, str(value), ha="center", va="center", color=colour, fontsize=14)
         axes.set_xticks([0, 1], ["negative", "positive"])
-        axes.set_yticks([0, 1], ["no pneumothorax", "pneumothorax"])
-        axes.set(xlabel="predicted", ylabel="truth", title=title)
+        first = number == 1
+        axes.set_yticks([0, 1], ["no pneumothorax", "pneumothorax"] if first else ["", ""])
+        axes.set(xlabel="predicted", ylabel="truth" if first else "", title=title)
+    figure.tight_layout()
     return _png(figure)
 
 

@@ -212,6 +212,11 @@ def write_tuned_bundle(
     if out is None:
         if version is not None:
             raise TuneError("--version needs --out: a bundle tuned in place keeps its version")
+        from training.demo_model import DEMO_NAME
+
+        if bundle.manifest.name == DEMO_NAME and bundle.manifest.synthetic_demo:
+            raise TuneError(f"{bundle.path} is the demo bundle, which `pleura demo-model` rebuilds with its own "
+                            "thresholds: give --out DIR to write a tuned copy")
         if not os.access(bundle.path, os.W_OK):
             raise TuneError(f"{bundle.path} is not writable: give --out DIR to write a tuned copy")
         write_manifest(bundle.path, manifest)
