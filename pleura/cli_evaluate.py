@@ -182,7 +182,8 @@ def tune(
 ) -> None:
     """Choose the decision thresholds (probability, mask, minimum area) on the validation split and write them into the bundle."""
     from training.evaluate import collect_statistics, summarise
-    from training.tune import Grid, Target, TuneError, default_grid, default_mask_grid, tune as run_tune
+    from training.tune import Grid, Target, TuneError, check_in_place, default_grid, default_mask_grid
+    from training.tune import tune as run_tune
     from training.tune import tuning_record, write_tuned_bundle
 
     if target not in (None, "leaderboard", "sensitivity"):
@@ -193,6 +194,11 @@ def tune(
         raise _fail("Option error", ValueError("give --target leaderboard or --min-sensitivity, not both"))
     chosen_target = Target("min_sensitivity", min_sensitivity) if min_sensitivity is not None else Target("leaderboard")
     bundle, models = _load(model, config, device)
+    if out is None:
+        try:
+            check_in_place(bundle, version)
+        except TuneError as exc:
+            raise _fail("Tuning error", exc) from None
     index = _read_data(data, labels, data_format, skip_bad)
     _report_data(index)
     held = _held_out(index, bundle, "val", split_file)

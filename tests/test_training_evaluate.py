@@ -97,7 +97,7 @@ def evaluated(evaluation_set: dict, demo_bundle: Path) -> dict:
     result = runner.invoke(app, [
         "evaluate", "--model", str(demo_bundle), "--data", str(evaluation_set["data"]),
         "--split-file", str(evaluation_set["split_file"]), "--out", str(out), "--predictions", str(predictions),
-        "--device", "cpu", "--cases", "2",
+        "--device", "cpu", "--cases", "1",
     ])
     assert result.exit_code == 0, result.output
     return {"out": out, "predictions": predictions, "output": result.output,
@@ -200,12 +200,12 @@ def test_report_is_self_contained_with_every_section(evaluated: dict):
 
 
 def test_the_held_out_split_comes_from_the_bundle_or_the_whole_set_with_a_warning(
-    evaluation_set: dict, demo_bundle: Path, tmp_path: Path
+    evaluation_set: dict, tiny_base_bundle: Path, tmp_path: Path
 ):
     index = evaluation_set["index"]
-    held = held_out_examples(index, load_bundle(demo_bundle), "test")  # the demo records no split file
+    held = held_out_examples(index, load_bundle(tiny_base_bundle), "test")  # no split file recorded
     assert held.split == "all" and len(held.examples) == len(index.examples) and "WHOLE data set" in held.note
-    copy = shutil.copytree(demo_bundle, tmp_path / "bundle")
+    copy = shutil.copytree(tiny_base_bundle, tmp_path / "bundle")
     manifest = load_bundle(copy).manifest
     manifest.segmenter.training["split_file"] = str(evaluation_set["split_file"])
     write_manifest(copy, manifest)
@@ -298,8 +298,8 @@ def test_tune_for_the_leaderboard_writes_a_copy_and_leaves_the_bundle(
     assert tune(stats, Target("leaderboard"), grid).thresholds == tuned.manifest.thresholds
 
     refused = runner.invoke(app, ["tune", "--model", str(demo_bundle), "--data", str(evaluation_set["data"]),
-                                  "--device", "cpu"])
-    assert refused.exit_code == 2 and "--split-file" in refused.output
+                                  "--out", str(tmp_path / "other"), "--device", "cpu"])  # no split: no val images
+    assert refused.exit_code == 2 and "--split-file" in refused.output and not (tmp_path / "other").exists()
 
 
 # --- compare -------------------------------------------------------------------------------------

@@ -257,10 +257,14 @@ def _weights_mb(network: torch.nn.Module) -> float:
 
 
 def profile_networks(
-    models: LoadedModels, images: Sequence[np.ndarray], repeats: int = 3
+    models: LoadedModels, images: Sequence[np.ndarray], repeats: int = 1
 ) -> dict[str, dict[str, float]]:
     """Each network alone on a batch of decoded images: ms per image (mean of ``repeats`` forward
-    passes after one warm-up) and peak memory (CUDA: allocator peak; CPU: weights + RSS peak growth)."""
+    passes) and peak memory (CUDA: allocator peak; CPU: weights + RSS peak growth).
+
+    Called after the evaluation's own pass, which has warmed the networks up (lazy initialisation,
+    allocator caches) on batches of the same size.
+    """
     decoded_with = models.manifest.preprocessing
     profile: dict[str, dict[str, float]] = {}
     for role, network, recipe in (
@@ -268,15 +272,13 @@ def profile_networks(
         ("segmenter", models.segmenter, models.segmenter_preprocessing),
     ):
         batch = torch.from_numpy(network_inputs(images, decoded_with, recipe)).to(models.device)
-        with torch.inference_mode():
-            network(batch)  # warm-up: lazy initialisation, allocator caches
-            with _PeakMemory(models.device) as memory:
-                started = time.perf_counter()
-                for _ in range(repeats):
-                    network(batch)
-                if models.device.type == "cuda":
-                    torch.cuda.synchronize(models.device)
-                seconds = time.perf_counter() - started
+        with torch.inference_mode(), _PeakMemory(models.device) as memory:
+            started = time.perf_counter()
+            for _ in range(repeats):
+                network(batch)
+            if models.device.type == "cuda":
+                torch.cuda.synchronize(models.device)
+            seconds = time.perf_counter() - started
         weights = _weights_mb(network)
         peak = memory.peak_mb if models.device.type == "cuda" else memory.peak_mb + weights
         profile[role] = {

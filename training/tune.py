@@ -36,7 +36,7 @@ from training.bundle import Bundle, Thresholds, load_bundle, write_manifest
 from training.evaluate import HeldOut, ImageStatistics, dice_from_counts, summarise
 from worker.inference.predict import flag_decision
 
-__all__ = ["Grid", "Sweep", "Target", "TuneError", "TuneResult", "choose", "default_grid", "sweep",
+__all__ = ["Grid", "Sweep", "Target", "TuneError", "TuneResult", "check_in_place", "choose", "default_grid", "sweep",
            "tuning_record", "write_tuned_bundle"]
 
 PROBABILITY_GRID = tuple(round(0.05 * i, 2) for i in range(20))  # 0, 0.05, ... 0.95
@@ -192,6 +192,19 @@ def tuning_record(
     }
 
 
+def check_in_place(bundle: Bundle, version: str | None = None) -> None:
+    """Refuse, before any work, a bundle that must not be tuned in place (the message says to use --out)."""
+    from training.demo_model import DEMO_NAME
+
+    if version is not None:
+        raise TuneError("--version needs --out: a bundle tuned in place keeps its version")
+    if bundle.manifest.name == DEMO_NAME and bundle.manifest.synthetic_demo:
+        raise TuneError(f"{bundle.path} is the demo bundle, which `pleura demo-model` rebuilds with its own "
+                        "thresholds: give --out DIR to write a tuned copy")
+    if not os.access(bundle.path, os.W_OK):
+        raise TuneError(f"{bundle.path} is not writable: give --out DIR to write a tuned copy")
+
+
 def write_tuned_bundle(
     bundle: Bundle, thresholds: Thresholds, record: dict[str, Any], *, out: Path | str | None = None,
     version: str | None = None,
@@ -210,15 +223,7 @@ def write_tuned_bundle(
          if isinstance(value, (int, float)) and name != "classifier_auc"}
     )
     if out is None:
-        if version is not None:
-            raise TuneError("--version needs --out: a bundle tuned in place keeps its version")
-        from training.demo_model import DEMO_NAME
-
-        if bundle.manifest.name == DEMO_NAME and bundle.manifest.synthetic_demo:
-            raise TuneError(f"{bundle.path} is the demo bundle, which `pleura demo-model` rebuilds with its own "
-                            "thresholds: give --out DIR to write a tuned copy")
-        if not os.access(bundle.path, os.W_OK):
-            raise TuneError(f"{bundle.path} is not writable: give --out DIR to write a tuned copy")
+        check_in_place(bundle, version)
         write_manifest(bundle.path, manifest)
         return load_bundle(bundle.path)
     target = Path(out)
