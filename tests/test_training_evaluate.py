@@ -391,3 +391,15 @@ def test_a_data_set_without_masks_is_evaluated_and_tuned_on_its_labels(tiny_base
     result = runner.invoke(app, [*command, "--min-sensitivity", "1"])
     assert result.exit_code == 0, result.output
     assert load_bundle(bundle_dir).manifest.tuning["validation"]["sensitivity"] == 1.0
+
+
+def test_an_image_that_will_not_decode_stops_the_evaluation_naming_it(
+    evaluation_set: dict, tiny_base_bundle: Path, tmp_path: Path
+):
+    data = shutil.copytree(evaluation_set["data"], tmp_path / "data")
+    broken = sorted(data.rglob("*.dcm"))[0]
+    broken.write_bytes(broken.read_bytes()[:-5000])  # pixel data cut short
+    result = runner.invoke(app, ["evaluate", "--model", str(tiny_base_bundle), "--data", str(data),
+                                 "--out", str(tmp_path / "out"), "--device", "cpu", "--cases", "0"])
+    assert result.exit_code == 2
+    assert "Data error" in result.output and broken.name in result.output and "cannot decode" in result.output

@@ -30,15 +30,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydicom.errors import InvalidDicomError
 
 from training.bundle import Bundle, Thresholds
 from training.cache import decode_example
-from training.datasets import DatasetError, DatasetIndex, Example
+from training.datasets import DatasetError, DatasetIndex, Example, Problem
 from training.rle import EMPTY_RLE, rle_encode
 from training.splits import read_splits
 from worker.inference.models import LoadedModels
 from worker.inference.predict import flag_decision, lesion_mask, network_outputs
-from worker.inference.preprocess import mask_to_source, network_inputs
+from worker.inference.preprocess import ImageDecodeError, mask_to_source, network_inputs
 
 __all__ = [
     "AUC_CI_METHOD",
@@ -289,6 +290,17 @@ def profile_networks(
     return profile
 
 
+def _decode(example: Example, recipe) -> np.ndarray:
+    """The worker's decoding of one image; a file that will not decode stops with its name and row."""
+    try:
+        return decode_example(example, recipe)
+    except (ImageDecodeError, InvalidDicomError, OSError, ValueError, AttributeError) as exc:
+        problem = Problem(example.path, example.rows[0] if example.rows else None, f"cannot decode the image: {exc}")
+        raise DatasetError(
+            f"{problem} (`pleura dataset check --decode` lists every such image; fix it or remove its row)"
+        ) from None
+
+
 @dataclass
 class ImageStatistics:
     """What each evaluated image contributes to the metrics, per U-Net mask threshold.
@@ -353,7 +365,7 @@ def collect_statistics(
         for start in range(0, n, batch_size):
             batch = examples[start : start + batch_size]
             began = time.perf_counter()
-            images = [decode_example(example, recipe) for example in batch]
+            images = [_decode(example, recipe) for example in batch]
             batch_probabilities, maps = network_outputs(models, images)
             node_seconds += time.perf_counter() - began
             if len(sample) < profile_images:
@@ -605,7 +617,7 @@ def _render_cases(
         if not indices:
             continue
         examples = [stats.examples[i] for i in indices]
-        images = [decode_example(example, recipe) for example in examples]
+        images = [_decode(example, recipe) for example in examples]
         _, maps = network_outputs(models, images)
         for i, example, image, unet_map in zip(indices, examples, images, maps):
             mask = lesion_mask(mask_to_source(unet_map, image.shape), thresholds.mask)
