@@ -194,12 +194,15 @@ def tune(
         raise _fail("Option error", ValueError("give --target leaderboard or --min-sensitivity, not both"))
     chosen_target = Target("min_sensitivity", min_sensitivity) if min_sensitivity is not None else Target("leaderboard")
     bundle, models = _load(model, config, device)
+    index = _read_data(data, labels, data_format, skip_bad)
+    if chosen_target.kind == "leaderboard" and not index.has_masks:
+        raise _fail("Tuning error", ValueError(
+            f"the leaderboard target needs true masks; {index.kind} data has none (use --min-sensitivity)"))
     if out is None:
         try:
             check_in_place(bundle, version)
         except TuneError as exc:
             raise _fail("Tuning error", exc) from None
-    index = _read_data(data, labels, data_format, skip_bad)
     _report_data(index)
     held = _held_out(index, bundle, "val", split_file)
     if held.split == "all":

@@ -215,6 +215,10 @@ def test_the_held_out_split_comes_from_the_bundle_or_the_whole_set_with_a_warnin
     write_manifest(copy, manifest)
     held = held_out_examples(index, load_bundle(copy), "test")
     assert held.split == "all" and "gone.csv" in held.note
+    in_run = shutil.copytree(tiny_base_bundle, tmp_path / "run" / "bundle")  # a run folder: OUT/splits.csv, OUT/bundle
+    shutil.copyfile(evaluation_set["split_file"], tmp_path / "run" / "splits.csv")
+    held = held_out_examples(index, load_bundle(in_run), "test")
+    assert held.split == "test" and held.split_file == tmp_path / "run" / "splits.csv" and len(held.examples) == 8
 
     result = runner.invoke(app, ["evaluate", "--model", str(copy), "--data", str(evaluation_set["data"]),
                                  "--out", str(tmp_path / "whole"), "--device", "cpu", "--cases", "0"])

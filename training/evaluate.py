@@ -107,23 +107,26 @@ def recorded_split_files(bundle: Bundle) -> list[Path]:
 
 
 def held_out_examples(data: DatasetIndex, bundle: Bundle, split: str, split_file: Path | None = None) -> HeldOut:
-    """The ``split`` images of ``data``: from ``split_file``, else from the split file recorded in the
-    bundle when it exists and fits the data set, else the whole data set (the note says so)."""
+    """The ``split`` images of ``data``: from ``split_file``; else from the split file recorded with
+    the bundle (or the ``splits.csv`` of the run folder it sits in) when it exists and fits the data
+    set; else the whole data set, and the note says so."""
     examples = list(data.examples)
     if split_file is not None:
         assignment = read_splits(split_file, examples)  # a given file that does not fit stops
         chosen_file, note = Path(split_file), f"the {split} split of {split_file}"
     else:
         assignment, chosen_file, reasons = None, None, []
-        recorded = recorded_split_files(bundle)
-        for candidate in recorded:
+        trained_with = recorded_split_files(bundle)
+        beside = bundle.path.parent / "splits.csv"
+        candidates = trained_with + ([beside] if beside.is_file() and beside not in trained_with else [])
+        for candidate in candidates:
             if not candidate.is_file():
                 reasons.append(f"{candidate} (recorded with the bundle) is missing")
                 continue
             try:
                 assignment = read_splits(candidate, examples)
             except DatasetError as exc:
-                reasons.append(f"{candidate} (recorded with the bundle) does not fit this data set: {exc}")
+                reasons.append(f"{candidate} (the bundle's training split) does not fit this data set: {exc}")
                 continue
             chosen_file = candidate
             break
@@ -136,9 +139,9 @@ def held_out_examples(data: DatasetIndex, bundle: Bundle, split: str, split_file
                 f"evaluating on the WHOLE data set ({why}); images the model was trained or tuned on make "
                 "the numbers look better than they are",
             )
-        note = f"the {split} split of {chosen_file} (recorded with the bundle)"
-        if len(recorded) > 1:
-            note += f"; the bundle's networks were trained with different split files ({', '.join(map(str, recorded))})"
+        note = f"the {split} split of {chosen_file} (recorded with the bundle's training run)"
+        if len(trained_with) > 1:
+            note += f"; the bundle's networks were trained with different split files ({', '.join(map(str, trained_with))})"
     chosen = [example for example in examples if assignment[example.image_id] == split]
     if not chosen:
         raise EvaluationError(f"{chosen_file}: the {split} split has no image of this data set")
