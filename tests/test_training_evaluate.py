@@ -326,6 +326,7 @@ def test_compare_writes_one_row_per_preset(synthetic_siim: Path, tiny_base_bundl
     assert all(float(row["ms_per_image"]) > 0 and float(row["classifier_peak_mb"]) > 0 for row in rows)
     table = (out / "compare.md").read_text()
     assert "| cls-cbr-baseline |" in table and "| cls-resnet18 |" in table
+    assert all(row["synthetic_demo"] == "SYNTHETIC DEMO" for row in rows) and "not for clinical use" in table
     assert (out / "cls-resnet18" / "evaluation" / "report.html").is_file()
     # Training curves of the run that made the bundle are in its report.
     assert (out / "cls-cbr-baseline" / "evaluation" / "plots" / "training_curves.png").is_file()

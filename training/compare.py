@@ -36,6 +36,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("classifier_peak_mb", "classifier peak MB"),
     ("segmenter_peak_mb", "U-Net peak MB"),
     ("device", "device"),
+    ("synthetic_demo", "synthetic demo"),
     ("bundle", "bundle"),
 )
 
@@ -88,6 +89,7 @@ def comparison_rows(entries: Sequence[CompareEntry]) -> list[dict[str, Any]]:
                 "classifier_peak_mb": networks.get("classifier", {}).get("peak_mb"),
                 "segmenter_peak_mb": networks.get("segmenter", {}).get("peak_mb"),
                 "device": resources["device"],
+                "synthetic_demo": "SYNTHETIC DEMO" if entry.evaluation.bundle.manifest.synthetic_demo else "no",
                 "bundle": str(entry.evaluation.bundle.path),
             }
         )
@@ -130,5 +132,8 @@ def write_comparison(rows: Sequence[dict[str, Any]], out_dir: Path | str, note: 
         "network alone. Each model's own report is in its evaluation folder.",
         "",
     ]
+    if any(row["synthetic_demo"] != "no" for row in rows):
+        lines += ["A SYNTHETIC DEMO model was trained (in part) on generated images: not for clinical use, and its "
+                  "numbers say nothing about real radiographs.", ""]
     md_path.write_text("\n".join(lines))
     return csv_path, md_path
