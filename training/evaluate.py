@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from pydicom.errors import InvalidDicomError
 
-from training.bundle import Bundle, Thresholds
+from training.bundle import Bundle, Preprocessing, Thresholds
 from training.cache import decode_example
 from training.datasets import DatasetError, DatasetIndex, Example, Problem
 from training.rle import EMPTY_RLE, rle_encode
@@ -293,7 +293,7 @@ def profile_networks(
     return profile
 
 
-def _decode(example: Example, recipe) -> np.ndarray:
+def _decode(example: Example, recipe: Preprocessing) -> np.ndarray:
     """The worker's decoding of one image; a file that will not decode stops with its name and row."""
     try:
         return decode_example(example, recipe)
@@ -350,7 +350,8 @@ def collect_statistics(
     on_images: Callable[[int], None] | None = None,
 ) -> ImageStatistics:
     """Run the networks once over ``examples`` (the worker's decoding and networks) and count, per
-    mask threshold, what the metrics need. ``with_masks``: the data set has true masks."""
+    mask threshold, what the metrics need. ``with_masks``: the data set has true masks. Then each
+    network alone is timed on the first ``profile_images`` images (none: no per-network profile)."""
     thresholds = np.asarray(sorted(set(float(t) for t in mask_thresholds)), dtype=np.float64)
     n, t_count = len(examples), len(thresholds)
     area = np.zeros((n, t_count), np.int64)
@@ -660,6 +661,7 @@ def evaluate_bundle(
         with_masks=data.has_masks,
         batch_size=batch_size,
         rle_thresholds=[thresholds.mask],
+        profile_images=batch_size,
         on_images=on_images,
     )
     decision = decide(stats, thresholds)

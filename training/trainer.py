@@ -215,6 +215,9 @@ def predict_network(
 
 
 def classifier_metrics(probabilities: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[str, float]:
+    """Accuracy, precision, recall, F1 and specificity at ``threshold`` (MONAI's confusion-matrix
+    metrics), and the ROC AUC when both classes are present; a ratio that is undefined is left out.
+    Training's validation and ``pleura evaluate`` share these definitions."""
     predicted = (probabilities >= threshold).float()
     matrix = get_confusion_matrix(predicted[:, None], labels[:, None].float()).sum(dim=0)
     metrics = {
