@@ -408,3 +408,15 @@ def test_an_image_that_will_not_decode_stops_the_evaluation_naming_it(
                                  "--out", str(tmp_path / "out"), "--device", "cpu", "--cases", "0"])
     assert result.exit_code == 2
     assert "Data error" in result.output and broken.name in result.output and "cannot decode" in result.output
+
+
+def test_cpu_peak_memory_sees_what_a_block_allocates():
+    from training.evaluate import _PeakMemory
+
+    with _PeakMemory(torch.device("cpu")) as memory:
+        block = np.ones(160 * 2**20 // 8)  # 160 MiB, every page touched
+        del block
+    assert memory.resettable and 150 <= memory.peak_mb <= 400
+    with _PeakMemory(torch.device("cpu")) as memory:
+        pass
+    assert memory.peak_mb < 50  # the high-water mark was reset, not the earlier peak

@@ -213,6 +213,7 @@ class _PeakMemory:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.resettable = device.type == "cuda"
 
     @staticmethod
     def _status_kb(key: str) -> float | None:
@@ -228,9 +229,12 @@ class _PeakMemory:
     def method(self) -> str:
         if self.device.type == "cuda":
             return "CUDA: torch.cuda.max_memory_allocated() (weights, inputs and activations on the GPU)"
+        if not self.resettable:
+            return "CPU: not measured (/proc/self/clear_refs cannot reset the resident-set high-water mark here)"
         return (
             "CPU: growth of the process's resident-set high-water mark (VmHWM, reset via /proc/self/clear_refs) "
-            "over its size before the block, plus the weights; approximate, and it includes what Python holds"
+            "over its size before the block, plus the networks' weights; approximate, and it includes what Python "
+            "holds"
         )
 
     def __enter__(self) -> _PeakMemory:
@@ -241,8 +245,9 @@ class _PeakMemory:
             return self
         try:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        except OSError:
-            pass
+            self.resettable = True
+        except OSError:  # without the reset, VmHWM is the whole process's past peak: no measure
+            self.resettable = False
         self.base_kb = self._status_kb("VmRSS")
         return self
 
@@ -252,7 +257,7 @@ class _PeakMemory:
             self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
             return
         high = self._status_kb("VmHWM")
-        if high is not None and self.base_kb is not None:
+        if self.resettable and high is not None and self.base_kb is not None:
             self.peak_mb = max(high - self.base_kb, 0.0) / 1024
 
 
@@ -401,11 +406,12 @@ def collect_statistics(
                     encoded.append(rle_encode(lesion_mask(source_map, threshold)))
             if on_images is not None:
                 on_images(min(start + batch_size, n))
+    weights = 0.0 if models.device.type == "cuda" else _weights_mb(models.classifier) + _weights_mb(models.segmenter)
     resources = Resources(
         device=str(models.device),
         images=n,
         seconds_per_image=node_seconds / max(n, 1),
-        peak_memory_mb=memory.peak_mb,
+        peak_memory_mb=memory.peak_mb + weights,
         networks=profile_networks(models, sample) if sample else {},
         memory_method=memory.method,
     )
