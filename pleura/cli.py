@@ -487,6 +487,8 @@ sys.modules.setdefault("pleura.cli", sys.modules[__name__])
 from pleura.models_cli import models_app  # noqa: E402
 
 app.add_typer(models_app, name="models")
+# `pleura evaluate`, `tune`, `compare`: registered on `app` by importing their module (last, as it imports this one).
+from pleura import cli_evaluate  # noqa: E402,F401
 
 if __name__ == "__main__":
     app()

@@ -259,3 +259,17 @@ def test_validation_runs_the_networks(tiny_base_bundle):
     assert bundle.manifest.name == "tiny-base"
     with pytest.raises(BundleError, match="made for another input"):
         validate_bundle(tiny_base_bundle, kind="ct")
+
+
+def test_tune_refuses_to_change_a_registered_version_in_place(tmp_path, tiny_base_bundle, config, registry):
+    a = make_version(tiny_base_bundle, tmp_path / "a", "1.0")
+    run(config, "models", "import", str(a))
+    registered = registry.version_dir(registry.find("tiny/1.0"))
+    before = (registered / "manifest.json").read_bytes()
+    from training.synthetic import write_siim_dataset
+
+    data = write_siim_dataset(tmp_path / "data", 4, size=64, seed=1)
+    out = run(config, "tune", "--model", str(registered), "--data", str(data), code=2)
+    assert "registered version" in out and "--out" in out
+    assert (registered / "manifest.json").read_bytes() == before
+    assert registry.verify(registry.find("tiny/1.0")) == []

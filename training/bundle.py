@@ -7,6 +7,7 @@ preprocesses the images and takes its decisions from it alone.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -94,6 +95,9 @@ class Manifest(BaseModel):
     thresholds: Thresholds = Field(default_factory=Thresholds)
     training_data: str = ""
     metrics: dict[str, float] = Field(default_factory=dict)
+    tuning: dict = Field(
+        default_factory=dict, description="how `pleura tune` chose the thresholds: target, split, metrics"
+    )
 
     def network_preprocessing(self, spec: NetworkSpec) -> Preprocessing:
         """The full recipe for one of the bundle's networks: shared decoding, its own input grid."""
@@ -161,5 +165,7 @@ def write_manifest(path: Path | str, manifest: Manifest) -> Path:
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     target = root / MANIFEST_NAME
-    target.write_text(manifest.model_dump_json(indent=2) + "\n")
+    tmp = root / f".{MANIFEST_NAME}.tmp"  # written whole, then renamed: a reader never sees half a manifest
+    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
+    os.replace(tmp, target)
     return target

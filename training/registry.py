@@ -654,6 +654,13 @@ def active_bundle_dir(settings: "Settings", kind: str = "radiograph") -> Path:
     return registry.active_dir(kind, state)  # type: ignore[arg-type]
 
 
+def is_registered_version(bundle_dir: Path | str) -> bool:
+    """Whether ``bundle_dir`` is a version kept by a registry (``<root>/versions/NAME/VERSION``),
+    which must never change after import."""
+    path = Path(bundle_dir).resolve()
+    return len(path.parents) > 2 and path.parents[1].name == VERSIONS_DIR and (path.parents[2] / STATE_NAME).is_file()
+
+
 def find_version_record(settings: "Settings", bundle_dir: Path) -> VersionRecord | None:
     """The registry's record of the version stored at ``bundle_dir`` (None: not a registered version)."""
     root = registry_root(settings)

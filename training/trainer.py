@@ -62,7 +62,7 @@ from training.splits import make_splits, read_splits, split_counts, write_splits
 from worker.inference.models import build_network, resolve_device
 from worker.inference.preprocess import normalise_input, resize_to_input
 
-__all__ = ["TrainingError", "TrainResult", "predict_network", "network_recipe", "train"]
+__all__ = ["TrainingError", "TrainResult", "classifier_metrics", "predict_network", "network_recipe", "train"]
 
 RUN_FILE = "run.json"
 SPLITS_FILE = "splits.csv"
@@ -214,7 +214,10 @@ def predict_network(
     return output[:, 0].numpy() if output.ndim == 4 else output.reshape(len(images), -1)[:, 0].numpy()
 
 
-def _classifier_metrics(probabilities: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[str, float]:
+def classifier_metrics(probabilities: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[str, float]:
+    """Accuracy, precision, recall, F1 and specificity at ``threshold`` (MONAI's confusion-matrix
+    metrics), and the ROC AUC when both classes are present; a ratio that is undefined is left out.
+    Training's validation and ``pleura evaluate`` share these definitions."""
     predicted = (probabilities >= threshold).float()
     matrix = get_confusion_matrix(predicted[:, None], labels[:, None].float()).sum(dim=0)
     metrics = {
@@ -566,7 +569,7 @@ def _validate(
         metrics["val_dice"] = float(dice.aggregate().item())
         metrics["val_iou"] = float(iou.aggregate().item())
     else:
-        found = _classifier_metrics(torch.cat(probabilities), torch.cat(labels_all), preset.probability_threshold)
+        found = classifier_metrics(torch.cat(probabilities), torch.cat(labels_all), preset.probability_threshold)
         metrics.update({f"val_{k}": v for k, v in found.items()})
     return metrics
 

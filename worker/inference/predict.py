@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 import pydicom
 import torch
 
@@ -14,7 +15,7 @@ from worker.inference.models import LoadedModels
 from worker.inference.preprocess import describe_source, mask_to_source, network_inputs
 from worker.inference.result import ImageFinding
 
-__all__ = ["pixel_spacing_mm", "predict_images"]
+__all__ = ["flag_decision", "lesion_mask", "network_outputs", "pixel_spacing_mm", "predict_images"]
 
 
 def positive_pair(value: object) -> tuple[float, float] | None:
@@ -53,6 +54,41 @@ def pixel_spacing_mm(ds: pydicom.Dataset) -> tuple[float, float] | None:
     return spacing[0] / factor, spacing[1] / factor
 
 
+def network_outputs(models: LoadedModels, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """One forward pass of each network on a batch of decoded images.
+
+    Returns the classifier probabilities (N,) and the U-Net probability maps (N, H, W) on the
+    U-Net's own input grid (:func:`~worker.inference.preprocess.mask_to_source` takes them to the
+    source grid). Evaluation and threshold tuning use this too, so they measure what the node decides.
+    """
+    decoded_with = models.manifest.preprocessing
+    classifier_recipe, segmenter_recipe = models.classifier_preprocessing, models.segmenter_preprocessing
+    batch = torch.from_numpy(network_inputs(images, decoded_with, classifier_recipe))
+    if segmenter_recipe == classifier_recipe:
+        segmenter_batch = batch
+    else:  # each network has its own input grid
+        segmenter_batch = torch.from_numpy(network_inputs(images, decoded_with, segmenter_recipe))
+    with torch.inference_mode():
+        batch, segmenter_batch = batch.to(models.device), segmenter_batch.to(models.device)
+        probabilities = torch.sigmoid(models.classifier(batch)).reshape(len(images), -1)[:, 0]
+        mask_probabilities = torch.sigmoid(models.segmenter(segmenter_batch))[:, 0]
+        return probabilities.float().cpu().numpy(), mask_probabilities.float().cpu().numpy()
+
+
+def lesion_mask(source_probabilities: np.ndarray, mask_threshold: float) -> np.ndarray:
+    """The U-Net's mask on the source grid: pixels whose probability reaches the mask threshold."""
+    return np.asarray(source_probabilities) >= mask_threshold
+
+
+def flag_decision(
+    probability: ArrayLike, area_px: ArrayLike, probability_threshold: ArrayLike, min_area_px: ArrayLike
+) -> np.ndarray:
+    """The node's decision: the classifier probability reaches its threshold and the mask covers at
+    least ``min_area_px`` source pixels. Takes numbers or NumPy arrays (broadcast), so threshold
+    tuning sweeps the very rule the worker applies."""
+    return np.logical_and(np.asarray(probability) >= probability_threshold, np.asarray(area_px) >= min_area_px)
+
+
 def predict_images(
     models: LoadedModels,
     images: Sequence[np.ndarray],
@@ -85,31 +121,19 @@ def predict_images(
                 f"{describe_source(sources[index])} has Rows {rows}, Columns {columns}"
             )
 
-    decoded_with = models.manifest.preprocessing
-    classifier_recipe, segmenter_recipe = models.classifier_preprocessing, models.segmenter_preprocessing
     thresholds = models.manifest.thresholds
     findings: list[ImageFinding] = []
     for start in range(0, len(images), batch_size):
         batch_images = images[start : start + batch_size]
-        batch = torch.from_numpy(network_inputs(batch_images, decoded_with, classifier_recipe))
-        if segmenter_recipe == classifier_recipe:
-            segmenter_batch = batch
-        else:  # each network has its own input grid
-            segmenter_batch = torch.from_numpy(network_inputs(batch_images, decoded_with, segmenter_recipe))
-        with torch.inference_mode():
-            batch, segmenter_batch = batch.to(models.device), segmenter_batch.to(models.device)
-            probabilities = torch.sigmoid(models.classifier(batch)).reshape(len(batch_images), -1)[:, 0]
-            mask_probabilities = torch.sigmoid(models.segmenter(segmenter_batch))[:, 0]
-            probabilities = probabilities.float().cpu().numpy()
-            mask_probabilities = mask_probabilities.float().cpu().numpy()
+        probabilities, mask_probabilities = network_outputs(models, batch_images)
         for offset, image in enumerate(batch_images):
             source = sources[start + offset]
             probability = float(probabilities[offset])
-            mask = mask_to_source(mask_probabilities[offset], image.shape) >= thresholds.mask
+            mask = lesion_mask(mask_to_source(mask_probabilities[offset], image.shape), thresholds.mask)
             area_px = int(mask.sum())
             spacing = pixel_spacing_mm(source)
             area_cm2 = area_px * spacing[0] * spacing[1] / 100.0 if spacing is not None else None
-            flagged = probability >= thresholds.probability and area_px >= thresholds.min_area_px
+            flagged = flag_decision(probability, area_px, thresholds.probability, thresholds.min_area_px)
             measured = measure_mask(mask, image, source, spacing)
             findings.append(
                 ImageFinding(
