@@ -19,7 +19,7 @@ import pytest
 from pynetdicom import AE
 
 from node.ledger import Ledger
-from services import Orthanc, RedisServer, find_tool, free_port, pleura_process, port_open, wait_for, write_config
+from services import Orthanc, RedisServer, free_port, pleura_process, port_open, wait_for, write_config
 from training.synthetic import synthetic_dicom
 
 RESULT_TIMEOUT = 300

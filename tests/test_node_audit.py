@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-import dicom_peers
 from node.audit import AuditTrail
 from node.export import deliver_outbox_entry
 from node.ledger import Ledger
