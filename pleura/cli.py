@@ -31,13 +31,10 @@ def _settings(config: Optional[Path], **overrides) -> Settings:
     return settings
 
 
-def _logging(verbose: bool, quiet: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for chatty in ("pynetdicom", "highdicom"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+def _logging(verbose: bool, quiet: bool = False, log_format: str = "text") -> None:
+    from pleura.logs import configure_logging
+
+    configure_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO, log_format)
 
 
 @app.command()
@@ -48,7 +45,7 @@ def node(
 ) -> None:
     """Run the DICOM node: Storage SCP, ledger, study settling, dispatch and export."""
     settings = _settings(config)
-    _logging(verbose)
+    _logging(verbose, log_format=settings.log_format)
     from node.service import run_node
 
     run_node(settings, export_worker=export_worker, config_file=config)
@@ -63,7 +60,7 @@ def worker(
 ) -> None:
     """Run an analysis worker (Celery): loads the model bundle and analyses queued studies."""
     settings = _settings(config)
-    _logging(verbose)
+    _logging(verbose, log_format=settings.log_format)
     from training.bundle import BundleError, load_bundle
 
     try:
@@ -77,6 +74,7 @@ def worker(
 
     celery_app = make_celery(settings)
     register_worker_tasks(celery_app)
+    start_worker_ops(settings, celery_app, verbose)  # JSON logs for Celery too; /healthz when configured
     queue_list = queues or ",".join(settings.worker_queues)
     pool = "solo" if concurrency == 1 else "prefork"
     celery_app.worker_main(
@@ -412,7 +410,7 @@ def worklist(
     """Serve the worklist API and page on their own (`pleura node` serves them too when
     PLEURA_API_USERS is set); notifications stay with `pleura node`."""
     settings = _settings(config)
-    _logging(verbose)
+    _logging(verbose, log_format=settings.log_format)
     if not settings.api_users:
         console.print("[bold red]No API users[/]: set PLEURA_API_USERS (see docs/configuration.md)")
         raise typer.Exit(2)
@@ -473,6 +471,10 @@ def _mask_secrets(value):
         return [_mask_secrets(v) for v in value]
     return value
 
+
+from pleura.ops_cli import register_ops_commands, start_worker_ops  # noqa: E402  (uses the helpers above)
+
+register_ops_commands(app, _settings, _logging, ConfigOption, console)
 
 if __name__ == "__main__":
     app()
