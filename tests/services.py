@@ -143,3 +143,43 @@ def pleura_process(command: str, config: Path, log: Path, extra_env: dict[str, s
     env.update(extra_env or {})
     env["PYTHONUNBUFFERED"] = "1"
     return Process([sys.executable, "-m", "pleura.cli", command, "--config", str(config)], log, env=env, cwd=REPO)
+
+
+class MotoS3:
+    """An S3-compatible object store on loopback (moto's server), with one bucket, for the shared
+    storage of many hosts. `env` holds the credentials the processes that use it need."""
+
+    env = {"AWS_ACCESS_KEY_ID": "pleura-test", "AWS_SECRET_ACCESS_KEY": "pleura-test-secret",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def __init__(self, bucket: str = "pleura-test"):
+        from moto.server import ThreadedMotoServer
+
+        self.port, self.bucket = free_port(), bucket
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.endpoint, **self._client_credentials()).create_bucket(Bucket=bucket)
+
+    def _client_credentials(self) -> dict[str, str]:
+        return {"aws_access_key_id": self.env["AWS_ACCESS_KEY_ID"], "region_name": self.env["AWS_DEFAULT_REGION"],
+                "aws_secret_access_key": self.env["AWS_SECRET_ACCESS_KEY"]}
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, prefix: str = "site") -> str:
+        """A PLEURA_SHARED_STORAGE_URL for this store."""
+        return f"s3://{self.bucket}/{prefix}?endpoint_url={self.endpoint}"
+
+    def keys(self) -> list[str]:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, **self._client_credentials())
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+    def stop(self) -> None:
+        self.server.stop()
