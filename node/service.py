@@ -293,7 +293,12 @@ class NodeService:
             env = settings_environment(settings)
             if self.config_file is not None:
                 env[CONFIG_FILE_ENV] = str(Path(self.config_file).resolve())
-            self.export_worker = ExportWorkerProcess(env, log_file=self.export_worker_log)
+            # JSON logs: no start-up banner, which Celery prints as plain text
+            command = EXPORT_WORKER_COMMAND
+            if settings.log_format == "json":  # a global option of `celery`: before "worker"
+                at = command.index("worker")
+                command = (*command[:at], "--quiet", *command[at:])
+            self.export_worker = ExportWorkerProcess(env, command=command, log_file=self.export_worker_log)
             self.export_worker.start()
 
         # Health and metrics first, so an orchestrator sees the node as soon as it runs.

@@ -68,7 +68,7 @@ def worker(
     except BundleError as exc:
         console.print(f"[bold red]Model bundle error[/]: {exc}")
         raise typer.Exit(2) from None
-    console.print(f"model: [bold]{bundle.identity.label}[/]")
+    logging.getLogger("pleura.worker").info("model: %s", bundle.identity.label)  # a log line (text or JSON)
     from worker.celery_app import make_celery
     from worker.tasks import register_worker_tasks
 
@@ -79,6 +79,7 @@ def worker(
     pool = "solo" if concurrency == 1 else "prefork"
     celery_app.worker_main(
         [
+            *(["--quiet"] if settings.log_format == "json" else []),  # no banner: it is plain text
             "worker",
             "-Q",
             queue_list,

@@ -13,9 +13,22 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 CHATTY_LOGGERS = ("pynetdicom", "highdicom")
 
 
+JSON_FIELDS = frozenset({"time", "level", "logger", "process", "thread", "message", "exc_info", "stack_info"})
+
+
+class PleuraJsonFormatter(JsonFormatter):
+    """The named fields only. A record's ``extra`` attributes stay out: the text format never
+    shows them, and Celery puts a task's arguments (UIDs) there."""
+
+    def add_fields(self, log_record: dict, record: logging.LogRecord, message_dict: dict) -> None:
+        super().add_fields(log_record, record, message_dict)
+        for key in [key for key in log_record if key not in JSON_FIELDS]:
+            del log_record[key]
+
+
 def make_formatter(log_format: str) -> logging.Formatter:
     if log_format == "json":
-        return JsonFormatter(
+        return PleuraJsonFormatter(
             "%(asctime)s %(levelname)s %(name)s %(process)d %(threadName)s %(message)s",
             rename_fields={"asctime": "time", "levelname": "level", "name": "logger", "threadName": "thread"},
             datefmt="%Y-%m-%dT%H:%M:%S%z",

@@ -66,6 +66,8 @@ def register_ops_commands(
         export_worker_ops_server(settings, node_context(celery_app).ledger, celery_app).start()
         args = list(EXPORT_WORKER_ARGS)
         args[args.index("-c") + 1] = str(concurrency)
+        if settings.log_format == "json":
+            args.insert(0, "--quiet")  # no start-up banner: it is plain text
         celery_app.worker_main(args)
 
     @app.command()

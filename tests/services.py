@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from dicom_peers import free_port, port_open, wait_for  # noqa: F401  (re-exported for the end-to-end tests)
 
@@ -153,7 +157,11 @@ class MotoS3:
            "AWS_DEFAULT_REGION": "us-east-1"}
 
     def __init__(self, bucket: str = "pleura-test"):
+        import logging
+
         from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
 
         self.port, self.bucket = free_port(), bucket
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
@@ -183,3 +191,54 @@ class MotoS3:
 
     def stop(self) -> None:
         self.server.stop()
+
+
+class PostgresCluster:
+    """A throw-away PostgreSQL server (the Debian binaries) on a free loopback port."""
+
+    def __init__(self) -> None:
+        debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"))  # Debian keeps them off PATH
+        search = os.pathsep.join([os.environ.get("PATH", ""), *map(str, debian)])
+        initdb, pg_ctl = shutil.which("initdb", path=search), shutil.which("pg_ctl", path=search)
+        if not (initdb and pg_ctl):
+            pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed: run ./scripts/setup.sh")
+        pytest.importorskip("psycopg", reason="the PostgreSQL driver psycopg is not installed")
+        self.port = free_port()
+        self.folder = Path(tempfile.mkdtemp(prefix="pleura-pg-"))
+        # PostgreSQL refuses to run as root: run it as the postgres user where we are root.
+        self._as_owner: list[str] = []
+        if os.geteuid() == 0:
+            owner = pwd.getpwnam("postgres")
+            os.chown(self.folder, owner.pw_uid, owner.pw_gid)
+            self._as_owner = ["runuser", "-u", "postgres", "--"]
+        data = self.folder / "data"
+        self._run(initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        self._run(
+            pg_ctl,
+            "-D",
+            str(data),
+            "-l",
+            str(self.folder / "server.log"),
+            "-w",
+            "start",
+            "-o",
+            f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off",
+        )
+        self._pg_ctl, self._data = pg_ctl, data
+        self._databases = 0
+
+    def _run(self, *command: str) -> None:
+        subprocess.run([*self._as_owner, *command], check=True, capture_output=True, timeout=60)
+
+    def new_database_url(self) -> str:
+        import psycopg
+
+        self._databases += 1
+        name = f"ledger{self._databases}"
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as db:
+            db.execute(f"CREATE DATABASE {name}")
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        self._run(self._pg_ctl, "-D", str(self._data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(self.folder, ignore_errors=True)

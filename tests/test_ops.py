@@ -176,8 +176,10 @@ def test_json_log_lines_are_one_object_each():
         import sys
 
         record = logging.LogRecord("node.scp", logging.ERROR, __file__, 1, "stored %s", ("ref-1",), sys.exc_info())
+    record.data = {"args": [STUDY]}  # what Celery passes as `extra` with a task: never written
     line = formatter.format(record)
     assert "\n" not in line
     entry = json.loads(line)
     assert entry["level"] == "ERROR" and entry["logger"] == "node.scp" and entry["message"] == "stored ref-1"
     assert "ValueError: bad value" in entry["exc_info"] and entry["time"].startswith(str(datetime.now().year))
+    assert STUDY not in line and set(entry) == {"time", "level", "logger", "process", "thread", "message", "exc_info"}
