@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -110,8 +110,6 @@ def test_node_and_two_workers_share_only_the_broker_and_the_object_store(tmp_pat
             files.append(path)
             studies[dataset.StudyInstanceUID] = dataset
         assert len(studies) == STUDIES
-        import subprocess
-
         sent = subprocess.run(
             [find_tool("storescu"), "-aet", "MODALITY", "-aec", "PLEURA", "127.0.0.1", str(node_port), *map(str, files)],
             capture_output=True, text=True, timeout=120,
