@@ -142,11 +142,13 @@ def write_config(path: Path, **values) -> Path:
     return path
 
 
-def pleura_process(command: str, config: Path, log: Path, extra_env: dict[str, str] | None = None) -> Process:
+def pleura_process(
+    command: str, config: Path, log: Path, extra_env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+) -> Process:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PLEURA_")}
     env.update(extra_env or {})
     env["PYTHONUNBUFFERED"] = "1"
-    return Process([sys.executable, "-m", "pleura.cli", command, "--config", str(config)], log, env=env, cwd=REPO)
+    return Process([sys.executable, "-m", "pleura.cli", command, *args, "--config", str(config)], log, env=env, cwd=REPO)
 
 
 class MotoS3:
@@ -242,3 +244,25 @@ class PostgresCluster:
     def stop(self) -> None:
         self._run(self._pg_ctl, "-D", str(self._data), "-m", "fast", "-w", "stop")
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """(status, body) of a GET, error statuses included."""
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def metric_sample(text: str, metric: str, **labels: str) -> float | None:
+    """The value of one sample in Prometheus text format, or None when it is absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for entry in family.samples:
+            if entry.name == metric and all(entry.labels.get(k) == v for k, v in labels.items()):
+                return entry.value
+    return None

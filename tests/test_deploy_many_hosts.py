@@ -1,4 +1,5 @@
-"""Many hosts: `pleura node` with a PostgreSQL ledger and a Redis broker, and two `pleura worker`
+"""Many hosts: `pleura node` with a PostgreSQL ledger and a Redis broker, its export worker as a
+process of its own (`pleura export-worker`, as in docker/compose.yaml), and two `pleura worker`
 processes that share nothing with it but the broker and an S3-compatible object store (moto's
 server). Each worker has its own storage directory and a database URL that points nowhere.
 Studies sent with storescu are each analysed exactly once and their results reach Orthanc; the
@@ -10,39 +11,19 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import urllib.error
-import urllib.request
 
 import pytest
 
 from node.ledger import Ledger
 from node.privacy import ref
 from services import (
-    MotoS3, Orthanc, PostgresCluster, RedisServer, find_tool, free_port, pleura_process, port_open, wait_for,
-    write_config,
+    MotoS3, Orthanc, PostgresCluster, RedisServer, find_tool, free_port, http_get, metric_sample, pleura_process,
+    port_open, wait_for, write_config,
 )
 from training.synthetic import synthetic_dicom
 
 STUDIES = 4
 TIMEOUT = 300
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-def _sample(text: str, metric: str, **labels: str) -> float | None:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(text):
-        for entry in family.samples:
-            if entry.name == metric and all(entry.labels.get(k) == v for k, v in labels.items()):
-                return entry.value
-    return None
 
 
 def _json_lines(output: str, who: str) -> list[dict]:
@@ -91,10 +72,16 @@ def test_node_and_two_workers_share_only_the_broker_and_the_object_store(tmp_pat
             worker_metrics_port=worker_metrics_port if index == 1 else 0, **common,
         )
         workers.append(pleura_process("worker", config, tmp_path / f"worker{index}.log", extra_env=s3.env))
-    node = pleura_process("node", node_config, tmp_path / "node.log", extra_env=s3.env)
+    # As in docker/compose.yaml: the node without its export worker, which runs on its own.
+    node = pleura_process("node", node_config, tmp_path / "node.log", extra_env=s3.env, args=("--no-export-worker",))
+    export_port = free_port()
+    exporter = pleura_process(
+        "export-worker", node_config, tmp_path / "export-worker.log",
+        extra_env={**s3.env, "PLEURA_METRICS_PORT": str(export_port)},  # beside the node on one host
+    )
 
     def logs() -> str:
-        return "\n".join(f"--- {p.log.name} ---\n{p.output()[-4000:]}" for p in (node, *workers))
+        return "\n".join(f"--- {p.log.name} ---\n{p.output()[-4000:]}" for p in (node, exporter, *workers))
 
     try:
         wait_for(lambda: port_open(node_port) or not node.alive(), 60, "pleura node to listen")
@@ -119,7 +106,7 @@ def test_node_and_two_workers_share_only_the_broker_and_the_object_store(tmp_pat
         ledger = Ledger(ledger_url)
 
         def delivered() -> bool:
-            assert node.alive() and all(w.alive() for w in workers), logs()
+            assert node.alive() and exporter.alive() and all(w.alive() for w in workers), logs()
             statuses = {uid: (ledger.study_status(uid) or {}).get("status") for uid in studies}
             assert not {"failed", "delivery_failed", "not_analysed"} & set(statuses.values()), (statuses, logs())
             return all(status == "delivered" for status in statuses.values())
@@ -161,34 +148,40 @@ def test_node_and_two_workers_share_only_the_broker_and_the_object_store(tmp_pat
             assert left == [] and not (folder / "ledger.sqlite").exists(), left
 
         # The node's metrics show what happened on the other hosts.
-        status, metrics = _get(f"http://127.0.0.1:{metrics_port}/metrics")
+        status, metrics = http_get(f"http://127.0.0.1:{metrics_port}/metrics")
         assert status == 200
         flagged = sum(1 for uid in studies if ledger.study_status(uid)["flagged"])
-        assert _sample(metrics, "pleura_instances_received_total") == STUDIES
-        assert _sample(metrics, "pleura_analysis_seconds_count") == STUDIES
-        assert 0 < _sample(metrics, "pleura_analysis_seconds_sum") < TIMEOUT * STUDIES
-        assert _sample(metrics, "pleura_time_to_flag_seconds_count") == flagged
-        outcomes = sum(_sample(metrics, "pleura_analyses_total", outcome=o) or 0 for o in ("flagged", "not_flagged"))
+        assert metric_sample(metrics, "pleura_instances_received_total") == STUDIES
+        assert metric_sample(metrics, "pleura_analysis_seconds_count") == STUDIES
+        assert 0 < metric_sample(metrics, "pleura_analysis_seconds_sum") < TIMEOUT * STUDIES
+        assert metric_sample(metrics, "pleura_time_to_flag_seconds_count") == flagged
+        outcomes = sum(metric_sample(metrics, "pleura_analyses_total", outcome=o) or 0 for o in ("flagged", "not_flagged"))
         assert outcomes == STUDIES
         label = f"{orthanc.ae_title}@127.0.0.1:{orthanc.dicom_port}"
-        assert _sample(metrics, "pleura_deliveries_total", destination=label) == len(outbox)
-        assert _sample(metrics, "pleura_delivery_failures_total", destination=label) == 0
-        assert _sample(metrics, "pleura_queue_depth", queue="radiograph") == 0
-        assert _sample(metrics, "pleura_broker_up") == 1
-        status, ready = _get(f"http://127.0.0.1:{metrics_port}/readyz")
+        assert metric_sample(metrics, "pleura_deliveries_total", destination=label) == len(outbox)
+        assert metric_sample(metrics, "pleura_delivery_failures_total", destination=label) == 0
+        assert metric_sample(metrics, "pleura_queue_depth", queue="radiograph") == 0
+        assert metric_sample(metrics, "pleura_broker_up") == 1
+        status, ready = http_get(f"http://127.0.0.1:{metrics_port}/readyz")
         assert status == 200 and set(json.loads(ready)["checks"]) == {"ledger", "broker", "storage", "shared_storage", "model"}
 
+        status, ready = http_get(f"http://127.0.0.1:{export_port}/readyz")
+        report = json.loads(ready)
+        assert status == 200 and report["role"] == "export-worker", report
+        assert set(report["checks"]) == {"ledger", "broker", "storage", "shared_storage"}
+
         # A worker's own readiness: broker, its cache, the object store and the model; no ledger.
-        status, ready = _get(f"http://127.0.0.1:{worker_metrics_port}/readyz")
+        status, ready = http_get(f"http://127.0.0.1:{worker_metrics_port}/readyz")
         report = json.loads(ready)
         assert status == 200 and report["role"] == "worker", report
         assert set(report["checks"]) == {"broker", "storage", "shared_storage", "model"}
 
         # JSON logs, one object a line, naming studies by reference only.
-        outputs = {"node": node.output(), "worker 1": workers[0].output(), "worker 2": workers[1].output()}
-        node_entries = _json_lines(outputs["node"], "the node")
-        assert any("stored instance" in e["message"] for e in node_entries)
-        assert any("recorded analysis of study" in e["message"] for e in node_entries)  # the export worker's
+        outputs = {"node": node.output(), "export worker": exporter.output(), "worker 1": workers[0].output(),
+                   "worker 2": workers[1].output()}
+        assert any("stored instance" in e["message"] for e in _json_lines(outputs["node"], "the node"))
+        exported = _json_lines(outputs["export worker"], "the export worker")
+        assert any("recorded analysis of study" in e["message"] for e in exported)
         for who, text in outputs.items():
             _json_lines(text, who)
             for uid, dataset in studies.items():
@@ -196,5 +189,6 @@ def test_node_and_two_workers_share_only_the_broker_and_the_object_store(tmp_pat
                 assert str(dataset.PatientID) not in text, f"{who} logged a patient ID"
     finally:
         node.stop()
+        exporter.stop()
         for worker in workers:
             worker.stop()

@@ -6,13 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from config.settings import Settings
@@ -23,29 +20,12 @@ from node.ops.metrics import LedgerCollector, active_models
 from node.service import NodeService
 from pleura.cli import app as cli_app
 from pleura.logs import make_formatter
-from services import RedisServer
+from services import RedisServer, http_get, metric_sample
 from training.bundle import load_bundle
 from training.synthetic import synthetic_dicom
 
 T0 = datetime(2026, 3, 1, 8, 0, 0, tzinfo=timezone.utc)
 STUDY, SERIES = "1.2.826.0.1.3680043.8.498.80", "1.2.826.0.1.3680043.8.498.81"
-
-
-def fetch(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-def sample(text: str, metric: str, **labels: str) -> float | None:
-    """The value of one sample in Prometheus text, or None when it is absent."""
-    for family in text_string_to_metric_families(text):
-        for entry in family.samples:
-            if entry.name == metric and all(entry.labels.get(k) == v for k, v in labels.items()):
-                return entry.value
-    return None
 
 
 def node_settings(tmp_path: Path, bundle: Path, **values) -> Settings:
@@ -59,18 +39,18 @@ def test_the_node_serves_health_readiness_and_metrics(tmp_path, demo_bundle):
     settings = node_settings(tmp_path, demo_bundle)
     with NodeService(settings, export_worker=False, worklist=False, settle_interval_seconds=0.1):
         base = f"http://127.0.0.1:{settings.metrics_port}"
-        assert fetch(f"{base}/healthz") == (200, '{"status":"ok","role":"node"}')
-        status, body = fetch(f"{base}/readyz")
+        assert http_get(f"{base}/healthz") == (200, '{"status":"ok","role":"node"}')
+        status, body = http_get(f"{base}/readyz")
         report = json.loads(body)
         assert status == 200 and report["ready"] is True, report
         assert set(report["checks"]) == {"ledger", "broker", "storage", "model"}
 
-        _, before = fetch(f"{base}/metrics")
-        received = sample(before, "pleura_instances_received_total") or 0.0
-        assert sample(before, "pleura_broker_up") == 1
+        _, before = http_get(f"{base}/metrics")
+        received = metric_sample(before, "pleura_instances_received_total") or 0.0
+        assert metric_sample(before, "pleura_broker_up") == 1
         manifest = load_bundle(demo_bundle).manifest
         assert active_models(settings) == [{"name": manifest.name, "version": manifest.version, "kind": manifest.kind}]
-        assert sample(before, "pleura_model_active", name=manifest.name, version=manifest.version, kind=manifest.kind) == 1
+        assert metric_sample(before, "pleura_model_active", name=manifest.name, version=manifest.version, kind=manifest.kind) == 1
 
         dataset, _ = synthetic_dicom(seed=11, positive=True, size=128)
         image = tmp_path / "image.dcm"
@@ -78,11 +58,11 @@ def test_the_node_serves_health_readiness_and_metrics(tmp_path, demo_bundle):
         sent = storescu(settings.port, [image], called_ae="PLEURA")
         assert sent.returncode == 0, sent.stderr
         # No worker runs: the dispatched study waits in the embedded broker's radiograph queue.
-        wait_for(lambda: sample(fetch(f"{base}/metrics")[1], "pleura_queue_depth", queue="radiograph") == 1, 30,
+        wait_for(lambda: metric_sample(http_get(f"{base}/metrics")[1], "pleura_queue_depth", queue="radiograph") == 1, 30,
                  "the study to wait in the radiograph queue")
-        _, after = fetch(f"{base}/metrics")
-        assert sample(after, "pleura_instances_received_total") == received + 1
-        assert sample(after, "pleura_queue_depth", queue="export") == 0
+        _, after = http_get(f"{base}/metrics")
+        assert metric_sample(after, "pleura_instances_received_total") == received + 1
+        assert metric_sample(after, "pleura_queue_depth", queue="export") == 0
 
         runner = CliRunner()
         assert runner.invoke(cli_app, ["healthcheck", "--url", f"{base}/healthz"]).exit_code == 0
@@ -97,16 +77,16 @@ def test_readiness_fails_while_the_broker_is_down(tmp_path, demo_bundle):
     try:
         with NodeService(settings, export_worker=False, worklist=False):
             base = f"http://127.0.0.1:{settings.metrics_port}"
-            assert fetch(f"{base}/readyz")[0] == 200
+            assert http_get(f"{base}/readyz")[0] == 200
             redis.stop()
-            status, body = fetch(f"{base}/readyz")
+            status, body = http_get(f"{base}/readyz")
             checks = json.loads(body)["checks"]
             assert status == 503 and checks["broker"]["ok"] is False, body
             assert checks["ledger"]["ok"] and checks["storage"]["ok"] and checks["model"]["ok"]
-            assert fetch(f"{base}/healthz")[0] == 200  # alive all the same: only not ready
-            assert sample(fetch(f"{base}/metrics")[1], "pleura_broker_up") == 0
+            assert http_get(f"{base}/healthz")[0] == 200  # alive all the same: only not ready
+            assert metric_sample(http_get(f"{base}/metrics")[1], "pleura_broker_up") == 0
             redis.start()
-            wait_for(lambda: fetch(f"{base}/readyz")[0] == 200, 30, "readiness to come back with the broker")
+            wait_for(lambda: http_get(f"{base}/readyz")[0] == 200, 30, "readiness to come back with the broker")
     finally:
         redis.stop()
 
