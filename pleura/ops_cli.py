@@ -26,6 +26,7 @@ def start_worker_ops(settings: Settings, celery_app: Celery, verbose: bool) -> N
     if settings.worker_metrics_port:
         from node.ops.server import worker_ops_server
 
+        settings.storage_dir.mkdir(parents=True, exist_ok=True)  # ready before its first study
         worker_ops_server(settings, celery_app, settings.worker_metrics_port).start()
 
 
