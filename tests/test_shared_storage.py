@@ -1,14 +1,19 @@
 """Shared storage for many hosts (node/shared_storage.py): a shared directory and an
-S3-compatible object store (moto's server), the node's upload before dispatch, a worker's fetch
-and clean-up, and the node's fetch of the results."""
+S3-compatible object store (moto's server), the node's upload before dispatch (an acknowledged
+study waits until the store takes it), a worker's fetch and clean-up, and the node's fetch of the
+results."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
 from config.settings import Settings, SettingsError, load_settings
+from dicom_peers import free_port, storescu, wait_for
+from node.ledger import Ledger
+from node.service import NodeService
 from node.shared_storage import (
     SharedStorage,
     SharedStorageError,
@@ -19,6 +24,7 @@ from node.shared_storage import (
 )
 from node.storage import InstanceStore
 from services import MotoS3
+from training.synthetic import synthetic_dicom
 
 STUDY, SERIES = "1.2.826.0.1.3680043.8.498.70", "1.2.826.0.1.3680043.8.498.71"
 
@@ -138,3 +144,29 @@ def test_without_a_shared_storage_url_nothing_moves(tmp_path):
     assert summary == {"results": []} and len(calls) == 1
     fetch_results(settings, InstanceStore(tmp_path), {"results": [{"key": "results/1/2.dcm"}]})  # no error
     assert not Path(tmp_path / "results").exists()
+
+
+def test_an_acknowledged_study_waits_in_the_ledger_until_the_shared_storage_takes_it(tmp_path, demo_bundle):
+    blocker = tmp_path / "shared"
+    blocker.write_text("a file where the shared folder should be: every upload fails")
+    settings = Settings(
+        storage_dir=tmp_path / "node", host="127.0.0.1", port=free_port(), metrics_port=free_port(),
+        model_dir=demo_bundle, settle_seconds=0.2, shared_storage_url=f"file://{blocker}/store",
+    )
+    dataset, _ = synthetic_dicom(seed=21, positive=False, size=64)
+    image = tmp_path / "image.dcm"
+    dataset.save_as(image, enforce_file_format=True)
+    with NodeService(settings, export_worker=False, worklist=False, settle_interval_seconds=0.1) as node:
+        sent = storescu(settings.port, [image], called_ae="PLEURA")
+        assert sent.returncode == 0, sent.stderr  # acknowledged: on the node's disk and in its ledger
+        ledger: Ledger = node.ledger
+        time.sleep(1.5)  # several settle rounds, each failing to upload
+        assert ledger.study_status(dataset.StudyInstanceUID)["status"] == "receiving"
+        key = ledger.list_instances(dataset.StudyInstanceUID)[0].storage_key
+        assert node.store.path(key).is_file()
+
+        blocker.unlink()
+        blocker.mkdir()  # the shared storage is back
+        wait_for(lambda: ledger.study_status(dataset.StudyInstanceUID)["status"] == "queued", 30,
+                 "the study to be uploaded and dispatched")
+        assert (blocker / "store" / key).read_bytes() == node.store.path(key).read_bytes()
