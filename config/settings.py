@@ -222,6 +222,16 @@ class Settings(BaseSettings):
     notify_retry_seconds: float = Field(
         default=10.0, gt=0, description="first delay before a failed notification is tried again (doubles)"
     )
+    shared_storage_url: str | None = Field(
+        default=None,
+        description="storage shared by hosts (s3://bucket/prefix?endpoint_url=..., file:///mnt/pleura); unset = one host",
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="address of /healthz, /readyz and /metrics")
+    metrics_port: int = Field(default=9464, ge=1, le=65535, description="port of /healthz, /readyz and /metrics")
+    worker_metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="port of a `pleura worker`'s own /healthz, /readyz, /metrics; 0 = none"
+    )
+    log_format: Literal["text", "json"] = Field(default="text", description="text, or json (one object per line)")
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
@@ -239,6 +249,15 @@ class Settings(BaseSettings):
             return None
         if value is not None and "://" not in value:
             raise ValueError("must be a URL such as redis://localhost:6379/0 (or unset for the embedded broker)")
+        return value
+
+    @field_validator("shared_storage_url")
+    @classmethod
+    def _check_shared_storage(cls, value: str | None) -> str | None:
+        if value is not None and value.strip() == "":
+            return None
+        if value is not None and "://" not in value:
+            raise ValueError("must be a URL such as s3://bucket/prefix or file:///mnt/pleura (or unset for one host)")
         return value
 
     @model_validator(mode="after")

@@ -5,11 +5,18 @@ Settings are read from the environment (``PLEURA_*``, ``PLEURA_CONFIG``) when th
 
 from __future__ import annotations
 
+import logging
+
 from config.settings import load_settings
+from pleura.logs import configure_logging, keep_celery_from_logging_setup
 from node.progress import register_progress_tasks
 from node.tasks import register_node_tasks
 from worker.celery_app import make_celery
 
-app = make_celery(load_settings())
+settings = load_settings()
+# The node's format (text or JSON) from the start, so that Celery's own warnings use it too.
+configure_logging(logging.INFO, settings.log_format)
+keep_celery_from_logging_setup(logging.INFO, settings.log_format)
+app = make_celery(settings)
 tasks = register_node_tasks(app)
 register_progress_tasks(app)

@@ -3,7 +3,9 @@ worklist can say "analysing" rather than "queued"."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from datetime import datetime
 
 from celery import Celery, Task
 
@@ -15,8 +17,15 @@ log = logging.getLogger(__name__)
 
 def register_progress_tasks(app: Celery) -> Task:
     @app.task(name=ANALYSIS_STARTED, ignore_result=True)
-    def analysis_started(study_uid: str, task_id: str | None = None) -> bool:
-        """Best effort: a lost or late message only leaves the study shown as queued."""
-        return node_context(app).ledger.mark_analysing(str(study_uid), task_id)
+    def analysis_started(study_uid: str, task_id: str | None = None, started_at: str | None = None) -> bool:
+        """Best effort: a lost or late message only leaves the study shown as queued.
+
+        `started_at` is the worker's clock (older workers send none: the node's clock is used),
+        so the analysis time in the metrics is measured on one clock."""
+        when = None
+        if started_at:
+            with contextlib.suppress(ValueError):
+                when = datetime.fromisoformat(started_at)
+        return node_context(app).ledger.mark_analysing(str(study_uid), task_id, now=when)
 
     return analysis_started

@@ -44,6 +44,7 @@ from config.settings import Settings
 from node.admission import Admission, NodeAE
 from node.audit import AuditTrail
 from node.ledger import Ledger
+from node.ops.metrics import INSTANCES_RECEIVED
 from node.privacy import ref
 from node.storage import InstanceStore, InvalidUIDError, validate_uid
 from node.tls import server_context
@@ -227,6 +228,7 @@ class StorageSCP:
             "" if created else " (already recorded)",
         )
         self._audit_instance(event, "instance-stored", identity, SUCCESS)
+        INSTANCES_RECEIVED.inc()
         return _status(SUCCESS)
 
     def _audit_instance(

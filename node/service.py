@@ -25,20 +25,24 @@ from celery import Celery
 from config.settings import CONFIG_FILE_ENV, ENV_PREFIX, Settings
 from node.dispatch import PUBLISH_RETRY_POLICY, make_dispatcher
 from node.ledger import Ledger
+from node.ops.server import node_ops_server
 from node.periodic import PeriodicTask
 from node.scp import StorageSCP
 from node.settle import SettleLoop
+from node.shared_storage import shared_storage_for, uploading_dispatcher
 from node.storage import InstanceStore
 from worker.celery_app import DELIVER_RESULT, make_celery
 
 log = logging.getLogger(__name__)
 
 # fmt: off
-EXPORT_WORKER_COMMAND: tuple[str, ...] = (
-    sys.executable, "-m", "celery", "-A", "node.celery_entry:app", "worker",
-    "-Q", "export", "-P", "threads", "-c", "2",
+EXPORT_WORKER_ARGS: tuple[str, ...] = (
+    "worker", "-Q", "export", "-P", "threads", "-c", "2",
     "--without-gossip", "--without-mingle", "--without-heartbeat",
     "-n", "export@%h", "--loglevel", "INFO",
+)
+EXPORT_WORKER_COMMAND: tuple[str, ...] = (
+    sys.executable, "-m", "celery", "-A", "node.celery_entry:app", *EXPORT_WORKER_ARGS,
 )
 # fmt: on
 
@@ -261,6 +265,7 @@ class NodeService:
         self.settle_loop: SettleLoop | None = None
         self.sweeper: OutboxSweeper | None = None
         self.export_worker: ExportWorkerProcess | None = None
+        self.ops: Any = None  # node.ops.server.OpsServer: /healthz, /readyz, /metrics
 
     def start(self) -> None:
         """Start every part; on failure, stop what was started and raise."""
@@ -288,12 +293,25 @@ class NodeService:
             env = settings_environment(settings)
             if self.config_file is not None:
                 env[CONFIG_FILE_ENV] = str(Path(self.config_file).resolve())
-            self.export_worker = ExportWorkerProcess(env, log_file=self.export_worker_log)
+            # JSON logs: no start-up banner, which Celery prints as plain text
+            command = EXPORT_WORKER_COMMAND
+            if settings.log_format == "json":  # a global option of `celery`: before "worker"
+                at = command.index("worker")
+                command = (*command[:at], "--quiet", *command[at:])
+            self.export_worker = ExportWorkerProcess(env, command=command, log_file=self.export_worker_log)
             self.export_worker.start()
 
+        # Health and metrics first, so an orchestrator sees the node as soon as it runs.
+        self.ops = node_ops_server(settings, self.ledger, app)
+        self.ops.start()
+
+        dispatch = make_dispatcher(app)
+        shared = shared_storage_for(settings)
+        if shared is not None:  # many hosts: the workers read the instances from the shared storage
+            dispatch = uploading_dispatcher(shared, self.store, dispatch)
         self.settle_loop = SettleLoop(
             self.ledger,
-            make_dispatcher(app),
+            dispatch,
             settings.settle_seconds,
             interval_seconds=self.settle_interval_seconds,
             analysis_timeout_seconds=settings.analysis_timeout_seconds,
@@ -313,10 +331,11 @@ class NodeService:
         self.scp = StorageSCP(settings, self.ledger, self.store)
         self.scp.start()
         log.info(
-            "node started: storage %s, ledger %s, broker %s",
+            "node started: storage %s, ledger %s, broker %s, shared storage %s",
             settings.storage_dir,
             self.ledger,
             "embedded" if settings.embedded_broker else "external",
+            shared.url if shared is not None else "none (one host)",
         )
 
     def _start_worklist(self) -> None:
@@ -357,6 +376,9 @@ class NodeService:
         if self.export_worker is not None:
             self.export_worker.stop()
             self.export_worker = None
+        if self.ops is not None:
+            self.ops.stop()
+            self.ops = None
         if self.ledger is not None:
             self.ledger.close()
             self.ledger = None

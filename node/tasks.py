@@ -19,6 +19,7 @@ from config.settings import Settings
 from node.export import deliver_outbox_entry
 from node.ledger import Ledger
 from node.privacy import ref
+from node.shared_storage import SharedStorageError, fetch_results
 from node.storage import InstanceStore
 from worker.celery_app import DELIVER_RESULT, RECORD_ANALYSIS
 
@@ -73,6 +74,11 @@ def register_node_tasks(app: Celery) -> NodeTasks:
     def record_analysis(self: Task, summary: dict[str, Any]) -> dict[str, Any]:
         """Record the worker's summary, create the outbox rows and enqueue their delivery."""
         context = node_context(app)
+        try:  # many hosts: the worker's result files, from the shared storage into ours
+            fetch_results(context.settings, context.store, summary)
+        except SharedStorageError as exc:
+            log.warning("cannot fetch the results of an analysis yet: %s", exc)
+            raise self.retry(exc=exc, countdown=min(300, 5 * 2**self.request.retries)) from exc
         result_uids = context.ledger.record_analysis(summary)
         study_uid = str(summary["study_uid"])
         receives = {destination.label: destination.objects for destination in context.settings.destinations}

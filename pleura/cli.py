@@ -31,13 +31,10 @@ def _settings(config: Optional[Path], **overrides) -> Settings:
     return settings
 
 
-def _logging(verbose: bool, quiet: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for chatty in ("pynetdicom", "highdicom"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+def _logging(verbose: bool, quiet: bool = False, log_format: str = "text") -> None:
+    from pleura.logs import configure_logging
+
+    configure_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO, log_format)
 
 
 @app.command()
@@ -48,7 +45,7 @@ def node(
 ) -> None:
     """Run the DICOM node: Storage SCP, ledger, study settling, dispatch and export."""
     settings = _settings(config)
-    _logging(verbose)
+    _logging(verbose, log_format=settings.log_format)
     from node.service import run_node
 
     run_node(settings, export_worker=export_worker, config_file=config)
@@ -63,7 +60,7 @@ def worker(
 ) -> None:
     """Run an analysis worker (Celery): loads the model bundle and analyses queued studies."""
     settings = _settings(config)
-    _logging(verbose)
+    _logging(verbose, log_format=settings.log_format)
     from training.bundle import BundleError, load_bundle
 
     try:
@@ -71,16 +68,18 @@ def worker(
     except BundleError as exc:
         console.print(f"[bold red]Model bundle error[/]: {exc}")
         raise typer.Exit(2) from None
-    console.print(f"model: [bold]{bundle.identity.label}[/]")
+    logging.getLogger("pleura.worker").info("model: %s", bundle.identity.label)  # a log line (text or JSON)
     from worker.celery_app import make_celery
     from worker.tasks import register_worker_tasks
 
     celery_app = make_celery(settings)
     register_worker_tasks(celery_app)
+    start_worker_ops(settings, celery_app, verbose)  # JSON logs for Celery too; /healthz when configured
     queue_list = queues or ",".join(settings.worker_queues)
     pool = "solo" if concurrency == 1 else "prefork"
     celery_app.worker_main(
         [
+            *(["--quiet"] if settings.log_format == "json" else []),  # no banner: it is plain text
             "worker",
             "-Q",
             queue_list,
@@ -419,7 +418,7 @@ def worklist(
     """Serve the worklist API and page on their own (`pleura node` serves them too when
     PLEURA_API_USERS is set); notifications stay with `pleura node`."""
     settings = _settings(config)
-    _logging(verbose)
+    _logging(verbose, log_format=settings.log_format)
     if not settings.api_users:
         console.print("[bold red]No API users[/]: set PLEURA_API_USERS (see docs/configuration.md)")
         raise typer.Exit(2)
@@ -489,6 +488,9 @@ from pleura.models_cli import models_app  # noqa: E402
 app.add_typer(models_app, name="models")
 # `pleura evaluate`, `tune`, `compare`: registered on `app` by importing their module (last, as it imports this one).
 from pleura import cli_evaluate  # noqa: E402,F401
+from pleura.ops_cli import register_ops_commands, start_worker_ops  # noqa: E402  (uses the helpers above)
+
+register_ops_commands(app, _settings, _logging, ConfigOption, console)
 
 if __name__ == "__main__":
     app()

@@ -105,6 +105,7 @@ def run_demo(workdir: Path | None, timeout: float, console: Console) -> int:
             "model_dir": str(bundle_dir),
             "settle_seconds": 1.0,
             "export_retry_seconds": 2.0,
+            "metrics_port": _free_port(),  # beside a node that may already run here
             "destinations": [{"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}],
         },
     )

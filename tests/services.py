@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from dicom_peers import free_port, port_open, wait_for  # noqa: F401  (re-exported for the end-to-end tests)
 
@@ -138,8 +142,127 @@ def write_config(path: Path, **values) -> Path:
     return path
 
 
-def pleura_process(command: str, config: Path, log: Path, extra_env: dict[str, str] | None = None) -> Process:
+def pleura_process(
+    command: str, config: Path, log: Path, extra_env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+) -> Process:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PLEURA_")}
     env.update(extra_env or {})
     env["PYTHONUNBUFFERED"] = "1"
-    return Process([sys.executable, "-m", "pleura.cli", command, "--config", str(config)], log, env=env, cwd=REPO)
+    return Process([sys.executable, "-m", "pleura.cli", command, *args, "--config", str(config)], log, env=env, cwd=REPO)
+
+
+class MotoS3:
+    """An S3-compatible object store on loopback (moto's server), with one bucket, for the shared
+    storage of many hosts. `env` holds the credentials the processes that use it need."""
+
+    env = {"AWS_ACCESS_KEY_ID": "pleura-test", "AWS_SECRET_ACCESS_KEY": "pleura-test-secret",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def __init__(self, bucket: str = "pleura-test"):
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+
+        self.port, self.bucket = free_port(), bucket
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.endpoint, **self._client_credentials()).create_bucket(Bucket=bucket)
+
+    def _client_credentials(self) -> dict[str, str]:
+        return {"aws_access_key_id": self.env["AWS_ACCESS_KEY_ID"], "region_name": self.env["AWS_DEFAULT_REGION"],
+                "aws_secret_access_key": self.env["AWS_SECRET_ACCESS_KEY"]}
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, prefix: str = "site") -> str:
+        """A PLEURA_SHARED_STORAGE_URL for this store."""
+        return f"s3://{self.bucket}/{prefix}?endpoint_url={self.endpoint}"
+
+    def keys(self) -> list[str]:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, **self._client_credentials())
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class PostgresCluster:
+    """A throw-away PostgreSQL server (the Debian binaries) on a free loopback port."""
+
+    def __init__(self) -> None:
+        debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"))  # Debian keeps them off PATH
+        search = os.pathsep.join([os.environ.get("PATH", ""), *map(str, debian)])
+        initdb, pg_ctl = shutil.which("initdb", path=search), shutil.which("pg_ctl", path=search)
+        if not (initdb and pg_ctl):
+            pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed: run ./scripts/setup.sh")
+        pytest.importorskip("psycopg", reason="the PostgreSQL driver psycopg is not installed")
+        self.port = free_port()
+        self.folder = Path(tempfile.mkdtemp(prefix="pleura-pg-"))
+        # PostgreSQL refuses to run as root: run it as the postgres user where we are root.
+        self._as_owner: list[str] = []
+        if os.geteuid() == 0:
+            owner = pwd.getpwnam("postgres")
+            os.chown(self.folder, owner.pw_uid, owner.pw_gid)
+            self._as_owner = ["runuser", "-u", "postgres", "--"]
+        data = self.folder / "data"
+        self._run(initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        self._run(
+            pg_ctl,
+            "-D",
+            str(data),
+            "-l",
+            str(self.folder / "server.log"),
+            "-w",
+            "start",
+            "-o",
+            f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off",
+        )
+        self._pg_ctl, self._data = pg_ctl, data
+        self._databases = 0
+
+    def _run(self, *command: str) -> None:
+        subprocess.run([*self._as_owner, *command], check=True, capture_output=True, timeout=60)
+
+    def new_database_url(self) -> str:
+        import psycopg
+
+        self._databases += 1
+        name = f"ledger{self._databases}"
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as db:
+            db.execute(f"CREATE DATABASE {name}")
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        self._run(self._pg_ctl, "-D", str(self._data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """(status, body) of a GET, error statuses included."""
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def metric_sample(text: str, metric: str, **labels: str) -> float | None:
+    """The value of one sample in Prometheus text format, or None when it is absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for entry in family.samples:
+            if entry.name == metric and all(entry.labels.get(k) == v for k, v in labels.items()):
+                return entry.value
+    return None

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import pwd
-import shutil
-import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -15,8 +10,8 @@ from typing import Any
 
 import pytest
 
-import dicom_peers
 from node.ledger import Ledger, LedgerError
+from services import PostgresCluster
 
 T0 = datetime(2025, 3, 1, 8, 0, 0, tzinfo=timezone.utc)
 STUDY = "1.2.826.0.1.3680043.8.498.10"
@@ -25,57 +20,6 @@ CR = "1.2.840.10008.5.1.4.1.1.1"
 EXPLICIT = "1.2.840.10008.1.2.1"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
-
-
-class PostgresCluster:
-    """A throw-away PostgreSQL server (the Debian binaries) on a free loopback port."""
-
-    def __init__(self) -> None:
-        debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"))  # Debian keeps them off PATH
-        search = os.pathsep.join([os.environ.get("PATH", ""), *map(str, debian)])
-        initdb, pg_ctl = shutil.which("initdb", path=search), shutil.which("pg_ctl", path=search)
-        if not (initdb and pg_ctl):
-            pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed: run ./scripts/setup.sh")
-        pytest.importorskip("psycopg", reason="the PostgreSQL driver psycopg is not installed")
-        self.port = dicom_peers.free_port()
-        self.folder = Path(tempfile.mkdtemp(prefix="pleura-pg-"))
-        # PostgreSQL refuses to run as root: run it as the postgres user where we are root.
-        self._as_owner: list[str] = []
-        if os.geteuid() == 0:
-            owner = pwd.getpwnam("postgres")
-            os.chown(self.folder, owner.pw_uid, owner.pw_gid)
-            self._as_owner = ["runuser", "-u", "postgres", "--"]
-        data = self.folder / "data"
-        self._run(initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
-        self._run(
-            pg_ctl,
-            "-D",
-            str(data),
-            "-l",
-            str(self.folder / "server.log"),
-            "-w",
-            "start",
-            "-o",
-            f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off",
-        )
-        self._pg_ctl, self._data = pg_ctl, data
-        self._databases = 0
-
-    def _run(self, *command: str) -> None:
-        subprocess.run([*self._as_owner, *command], check=True, capture_output=True, timeout=60)
-
-    def new_database_url(self) -> str:
-        import psycopg
-
-        self._databases += 1
-        name = f"ledger{self._databases}"
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as db:
-            db.execute(f"CREATE DATABASE {name}")
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
-
-    def stop(self) -> None:
-        self._run(self._pg_ctl, "-D", str(self._data), "-m", "fast", "-w", "stop")
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import datetime, timezone
 from typing import Any
 
 from celery import Celery, Task
 
 from node.privacy import ref
+from node.shared_storage import analyse_with_shared_storage
 from worker.celery_app import ANALYSE_STUDY, ANALYSIS_STARTED, RECORD_ANALYSIS
 
 log = logging.getLogger(__name__)
@@ -46,11 +48,14 @@ def register_worker_tasks(app: Celery) -> None:
         from worker.analysis import failed_summary
 
         try:  # tell the worklist; a message lost here costs nothing but the word "analysing"
-            self.app.send_task(ANALYSIS_STARTED, args=[study_uid, self.request.id])
+            started = datetime.now(timezone.utc).isoformat()  # the worker's clock, like "analysed_at"
+            self.app.send_task(ANALYSIS_STARTED, args=[study_uid, self.request.id, started])
         except Exception as exc:
             log.warning("cannot report the start of an analysis: %s", exc)
         try:
-            summary = _analyser(self.app).analyse(study_uid, instances, options)
+            summary = analyse_with_shared_storage(
+                _analyser(self.app).analyse, self.app.pleura_settings, study_uid, instances, options
+            )
         except Exception as exc:
             if self.request.retries < MAX_RETRIES:
                 log.warning("analysis of a study failed (%s); retrying", exc)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 import uvicorn
 
@@ -16,16 +17,21 @@ from node.ledger import Ledger
 log = logging.getLogger(__name__)
 
 
-class WorklistServer:
-    def __init__(self, settings: Settings, ledger: Ledger, *, host: str | None = None, port: int | None = None) -> None:
-        self.settings = settings
-        self.host = host or settings.api_host
-        self.port = port if port is not None else settings.api_port
+class AppServer:
+    """An ASGI application served by uvicorn in a daemon thread, with start() and stop()."""
+
+    thread_name = "pleura-http"
+    what = "the HTTP server"
+    settings_hint = ""
+
+    def __init__(self, app: Any, host: str, port: int) -> None:
+        self.host, self.port = host, port
         config = uvicorn.Config(
-            create_app(settings, ledger),
-            host=self.host,
-            port=self.port,
+            app,
+            host=host,
+            port=port,
             log_level="warning",
+            log_config=None,  # uvicorn's loggers go through ours (text or JSON)
             access_log=False,  # URLs carry no patient data, but there is no need to log every poll
             timeout_graceful_shutdown=5,
         )
@@ -39,18 +45,16 @@ class WorklistServer:
 
     def start(self, timeout: float = 30.0) -> None:
         """Start serving; raises RuntimeError when the server cannot listen (port in use, say)."""
-        self._thread = threading.Thread(target=self._server.run, name="pleura-worklist", daemon=True)
+        self._thread = threading.Thread(target=self._server.run, name=self.thread_name, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:
             if not self._thread.is_alive():
-                raise RuntimeError(
-                    f"the worklist API cannot listen on {self.host}:{self.port} (PLEURA_API_HOST, PLEURA_API_PORT)"
-                )
+                raise RuntimeError(f"{self.what} cannot listen on {self.host}:{self.port}{self.settings_hint}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the worklist API did not start within {timeout:.0f} s")
+                raise RuntimeError(f"{self.what} did not start within {timeout:.0f} s")
             time.sleep(0.05)
-        log.info("worklist API and page on %s", self.url)
+        log.info("%s on %s", self.what, self.url)
 
     def stop(self) -> None:
         if self._thread is None:
@@ -58,3 +62,15 @@ class WorklistServer:
         self._server.should_exit = True
         self._thread.join(15)
         self._thread = None
+
+
+class WorklistServer(AppServer):
+    thread_name = "pleura-worklist"
+    what = "the worklist API"
+    settings_hint = " (PLEURA_API_HOST, PLEURA_API_PORT)"
+
+    def __init__(self, settings: Settings, ledger: Ledger, *, host: str | None = None, port: int | None = None) -> None:
+        self.settings = settings
+        super().__init__(
+            create_app(settings, ledger), host or settings.api_host, port if port is not None else settings.api_port
+        )

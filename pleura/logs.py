@@ -1,0 +1,61 @@
+"""Logging for every Pleura process: plain text, or one JSON object per line
+(``PLEURA_LOG_FORMAT=json``) for a log collector. Either way the messages are the same, and they
+name studies and instances by reference only (node/privacy.py), never by UID or patient data."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from pythonjsonlogger.json import JsonFormatter
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+CHATTY_LOGGERS = ("pynetdicom", "highdicom")
+
+
+JSON_FIELDS = frozenset({"time", "level", "logger", "process", "thread", "message", "exc_info", "stack_info"})
+
+
+class PleuraJsonFormatter(JsonFormatter):
+    """The named fields only. A record's ``extra`` attributes stay out: the text format never
+    shows them, and Celery puts a task's arguments (UIDs) there."""
+
+    def add_fields(self, log_record: dict, record: logging.LogRecord, message_dict: dict) -> None:
+        super().add_fields(log_record, record, message_dict)
+        for key in [key for key in log_record if key not in JSON_FIELDS]:
+            del log_record[key]
+
+
+def make_formatter(log_format: str) -> logging.Formatter:
+    if log_format == "json":
+        return PleuraJsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(process)d %(threadName)s %(message)s",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger", "threadName": "thread"},
+            datefmt="%Y-%m-%dT%H:%M:%S%z",
+        )
+    return logging.Formatter(TEXT_FORMAT)
+
+
+def configure_logging(level: int = logging.INFO, log_format: str = "text") -> None:
+    """One handler on the root logger, writing to stderr in `log_format` ("text" or "json")."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(make_formatter(log_format))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(True)  # Python warnings go through the same handler (and format)
+    for chatty in CHATTY_LOGGERS:
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+def keep_celery_from_logging_setup(level: int, log_format: str) -> None:
+    """Celery configures logging itself unless something answers its ``setup_logging`` signal:
+    answer it with ours, so a worker's lines have the same format as the node's."""
+    from celery.signals import setup_logging
+
+    def configure(**_: object) -> None:
+        configure_logging(level, log_format)
+
+    setup_logging.connect(configure, weak=False)

@@ -1,0 +1,102 @@
+"""Commands for running Pleura as separate services (containers): `pleura export-worker` and
+`pleura healthcheck`; and the worker's health endpoint and log format."""
+
+from __future__ import annotations
+
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import typer
+
+from config.settings import Settings
+from pleura.logs import keep_celery_from_logging_setup
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+log = logging.getLogger(__name__)
+
+
+def start_worker_ops(settings: Settings, celery_app: Celery, verbose: bool) -> None:
+    """For `pleura worker`: Celery logs in our format; /healthz, /readyz, /metrics on
+    PLEURA_WORKER_METRICS_PORT when it is set."""
+    keep_celery_from_logging_setup(logging.DEBUG if verbose else logging.INFO, settings.log_format)
+    if settings.worker_metrics_port:
+        from node.ops.server import worker_ops_server
+
+        settings.storage_dir.mkdir(parents=True, exist_ok=True)  # ready before its first study
+        worker_ops_server(settings, celery_app, settings.worker_metrics_port).start()
+
+
+def _local_url(host: str, port: int, path: str) -> str:
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '', '::') else host}:{port}{path}"
+
+
+def register_ops_commands(
+    app: typer.Typer,
+    load: Callable[..., Settings],
+    setup_logging: Callable[..., None],
+    config_option: Any,
+    console: Any,
+) -> None:
+    """Add the commands to `app`; `load`, `setup_logging`, `config_option` and `console` are the
+    CLI's own helpers (passed in, so this module does not import the CLI module)."""
+
+    @app.command("export-worker")
+    def export_worker(
+        config: Optional[Path] = config_option,
+        concurrency: int = typer.Option(2, help="delivery threads"),
+        verbose: bool = typer.Option(False, "--verbose", "-v"),
+    ) -> None:
+        """Run the node-side export worker on its own, beside `pleura node --no-export-worker` (a
+        container of its own): records the workers' summaries and delivers the results."""
+        settings = load(config)
+        setup_logging(verbose, log_format=settings.log_format)
+        from node.ops.server import export_worker_ops_server
+        from node.progress import register_progress_tasks
+        from node.service import EXPORT_WORKER_ARGS
+        from node.tasks import node_context, register_node_tasks
+        from worker.celery_app import make_celery
+
+        celery_app = make_celery(settings)
+        register_node_tasks(celery_app)
+        register_progress_tasks(celery_app)
+        keep_celery_from_logging_setup(logging.DEBUG if verbose else logging.INFO, settings.log_format)
+        export_worker_ops_server(settings, node_context(celery_app).ledger, celery_app).start()
+        args = list(EXPORT_WORKER_ARGS)
+        args[args.index("-c") + 1] = str(concurrency)
+        if settings.log_format == "json":
+            args.insert(0, "--quiet")  # no start-up banner: it is plain text
+        celery_app.worker_main(args)
+
+    @app.command()
+    def healthcheck(
+        config: Optional[Path] = config_option,
+        url: Optional[str] = typer.Option(None, help="URL to ask (default: /healthz of this host's Pleura process)"),
+        ready: bool = typer.Option(False, "--ready", help="ask /readyz instead: every dependency must answer"),
+        timeout: float = typer.Option(5.0, help="seconds"),
+    ) -> None:
+        """Exit 0 when the Pleura process on this host answers /healthz (or /readyz): for Docker's
+        HEALTHCHECK and other probes. Tries PLEURA_WORKER_METRICS_PORT, then PLEURA_METRICS_PORT."""
+        settings = load(config)
+        path = "/readyz" if ready else "/healthz"
+        ports = [port for port in (settings.worker_metrics_port, settings.metrics_port) if port]
+        urls = [url] if url else [_local_url(settings.metrics_host, port, path) for port in dict.fromkeys(ports)]
+        problems = []
+        for candidate in urls:
+            try:
+                with urllib.request.urlopen(candidate, timeout=timeout) as response:
+                    if response.status == 200:
+                        print(f"{candidate}: ok")
+                        return
+                    problems.append(f"{candidate}: HTTP {response.status}")
+            except urllib.error.HTTPError as exc:
+                problems.append(f"{candidate}: HTTP {exc.code} {exc.read()[:300].decode(errors='replace')}")
+            except OSError as exc:
+                problems.append(f"{candidate}: {exc}")
+        console.print("[bold red]not healthy[/]: " + "; ".join(problems))
+        raise typer.Exit(1)
