@@ -18,6 +18,7 @@ import dicom_peers
 from config.settings import Settings
 from node.ledger import Ledger, utcnow
 from node.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, StorageSCP
+from node.seg_labels import SEG_TRANSFER_SYNTAXES, SEGMENTATION_SOP_CLASS
 from node.settle import SettleLoop
 from node.storage import InstanceStore, reason_file
 
@@ -147,6 +148,8 @@ def test_negotiation_accepts_the_listed_classes_and_syntaxes_only(node: Node) ->
     for sop_class in STORAGE_SOP_CLASSES:
         for transfer_syntax in TRANSFER_SYNTAXES:
             ae.add_requested_context(sop_class, transfer_syntax)
+    for transfer_syntax in TRANSFER_SYNTAXES:
+        ae.add_requested_context(SEGMENTATION_SOP_CLASS, transfer_syntax)
     ae.add_requested_context(CR, JPEGLSLossless)
     ae.add_requested_context(ENCAPSULATED_PDF, ExplicitVRLittleEndian)
     ae.add_requested_context(MR, ExplicitVRLittleEndian)
@@ -159,8 +162,14 @@ def test_negotiation_accepts_the_listed_classes_and_syntaxes_only(node: Node) ->
         rejected = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.rejected_contexts}
     finally:
         assoc.release()
-    assert accepted == {(c, t) for c in STORAGE_SOP_CLASSES for t in TRANSFER_SYNTAXES}
-    assert rejected == {(CR, JPEGLSLossless), (ENCAPSULATED_PDF, ExplicitVRLittleEndian), (MR, ExplicitVRLittleEndian)}
+    assert accepted == {(c, t) for c in STORAGE_SOP_CLASSES for t in TRANSFER_SYNTAXES} | {
+        (SEGMENTATION_SOP_CLASS, t) for t in TRANSFER_SYNTAXES if t in SEG_TRANSFER_SYNTAXES
+    }
+    # A Segmentation (sent back as a label) only in lossless syntaxes: its mask must stay exact.
+    lossy_seg = {(SEGMENTATION_SOP_CLASS, t) for t in TRANSFER_SYNTAXES if t not in SEG_TRANSFER_SYNTAXES}
+    assert lossy_seg and rejected == lossy_seg | {
+        (CR, JPEGLSLossless), (ENCAPSULATED_PDF, ExplicitVRLittleEndian), (MR, ExplicitVRLittleEndian)
+    }
 
 
 def test_deflated_transfer_syntax_is_stored_readable(node: Node) -> None:
