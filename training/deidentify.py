@@ -144,7 +144,7 @@ class Deidentifier:
             _code("113100", "Basic Application Confidentiality Profile"),
             _code("113108", "Retain Patient Characteristics Option"),
         ]
-        if "file_meta" in source:
+        if getattr(source, "file_meta", None) is not None:
             ds.file_meta = copy.deepcopy(source.file_meta)
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         return ds

@@ -28,6 +28,8 @@ from training.rle import EMPTY_RLE
 from training.synthetic import SIIM_CSV_HEADER, SIIM_CSV_NAME, SIIM_IMAGE_DIR
 
 PROVENANCE_FILE = "provenance.json"
+FEEDBACK_DATA_DIR = "feedback-data"
+"""Where `pleura train --from-feedback` exports the feedback, inside its run directory."""
 
 
 @dataclass(frozen=True)
