@@ -217,15 +217,8 @@ class StorageSCP:
                 return _status(OUT_OF_RESOURCES, "disk nearly full; try again later")
             key = self.store.write_instance(identity["study_uid"], identity["series_instance_uid"], sop_uid, data)
             created = self.ledger.record_instance(storage_key=key, calling_ae=calling_ae, **identity)
-        except (OSError, SQLAlchemyError) as exc:
-            log.error("cannot store instance %s from %s: %s", ref(sop_uid), calling_ae, exc)
-            self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, str(exc))
-            return _status(OUT_OF_RESOURCES, "storage or ledger unavailable; try again")
         except Exception as exc:
-            # Not stored, so the sender must keep it: answer a status it retries on.
-            log.exception("unexpected error storing instance %s from %s", ref(sop_uid), calling_ae)
-            self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, repr(exc))
-            return _status(OUT_OF_RESOURCES, "internal error; try again")
+            return self._not_stored(event, identity, exc)
         log.info(
             "stored instance %s of study %s from %s%s",
             ref(sop_uid),
@@ -235,6 +228,18 @@ class StorageSCP:
         )
         self._audit_instance(event, "instance-stored", identity, SUCCESS)
         return _status(SUCCESS)
+
+    def _not_stored(self, event: Event, identity: dict[str, Any], exc: Exception) -> Dataset:
+        """The answer when an instance could not be stored or recorded: not kept here, so the sender
+        must keep it, with a status it retries on."""
+        sop_uid, calling_ae = identity["sop_instance_uid"], event.assoc.requestor.ae_title
+        if isinstance(exc, (OSError, SQLAlchemyError)):
+            log.error("cannot store instance %s from %s: %s", ref(sop_uid), calling_ae, exc)
+            self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, str(exc))
+            return _status(OUT_OF_RESOURCES, "storage or ledger unavailable; try again")
+        log.error("unexpected error storing instance %s from %s", ref(sop_uid), calling_ae, exc_info=exc)
+        self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, repr(exc))
+        return _status(OUT_OF_RESOURCES, "internal error; try again")
 
     def _receive_segmentation(self, event: Event, data: bytes, identity: dict[str, Any]) -> Dataset:
         """Store a SEG sent back and record it as labels of the images it references; Pleura's own
@@ -272,14 +277,8 @@ class StorageSCP:
                 calling_ae=calling_ae,
                 labels=[(label.sop_instance_uid, label.positive) for label in read.labels],
             )
-        except (OSError, SQLAlchemyError) as exc:
-            log.error("cannot store Segmentation %s from %s: %s", ref(sop_uid), calling_ae, exc)
-            self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, str(exc))
-            return _status(OUT_OF_RESOURCES, "storage or ledger unavailable; try again")
         except Exception as exc:
-            log.exception("unexpected error storing Segmentation %s from %s", ref(sop_uid), calling_ae)
-            self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, repr(exc))
-            return _status(OUT_OF_RESOURCES, "internal error; try again")
+            return self._not_stored(event, identity, exc)
         outcome = (
             f"labels {len(read.labels)} image(s), {sum(label.positive for label in read.labels)} outlined"
             if read.labels

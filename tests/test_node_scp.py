@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,46 +13,17 @@ from pynetdicom import AE, _config
 from sqlalchemy import text
 
 import dicom_peers
-from config.settings import Settings
-from node.ledger import Ledger, utcnow
-from node.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, StorageSCP
+from node.ledger import utcnow
+from node.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from node.seg_labels import SEG_TRANSFER_SYNTAXES, SEGMENTATION_SOP_CLASS
 from node.settle import SettleLoop
-from node.storage import InstanceStore, reason_file
+from node.storage import reason_file
+from scp_node import Node
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 MR = "1.2.840.10008.5.1.4.1.1.4"
-
-
-@dataclass
-class Node:
-    settings: Settings
-    ledger: Ledger
-    store: InstanceStore
-    scp: StorageSCP
-
-    @property
-    def port(self) -> int:
-        return self.settings.port
-
-    def quarantined(self) -> list[Path]:
-        folder = self.settings.storage_dir / "quarantine"
-        return sorted(folder.glob("*.dcm")) if folder.exists() else []
-
-
-@pytest.fixture()
-def node(tmp_path: Path) -> Iterator[Node]:
-    settings = Settings(storage_dir=tmp_path / "store", host="127.0.0.1", port=dicom_peers.free_port())
-    settings.storage_dir.mkdir()
-    ledger = Ledger(settings.ledger_url)
-    store = InstanceStore(settings.storage_dir)
-    scp = StorageSCP(settings, ledger, store)
-    scp.start()
-    yield Node(settings, ledger, store, scp)
-    scp.stop()
-    ledger.close()
 
 
 def crafted_cr(**attributes: object) -> Dataset:

@@ -4,21 +4,16 @@ SEG coming back labels nothing; a malformed SEG is refused with a status and kep
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 from pydicom.sr.codedict import codes
 
 import dicom_peers
-from config.settings import Settings
-from node.ledger import Ledger
-from node.scp import StorageSCP
-from node.storage import InstanceStore, reason_file
+from node.storage import reason_file
 from seg_fixtures import radiologist_seg, save, store_image
+from scp_node import Node
 from test_node_scp import pynetdicom_store
 from training.archive import read_archive
 from training.bundle import ModelIdentity
@@ -31,43 +26,23 @@ MODEL = ModelIdentity(name="pleura-demo", version="0.1.0-demo", manufacturer="Pl
                       intended_use="test")
 
 
-@dataclass
-class Node:
-    settings: Settings
-    ledger: Ledger
-    store: InstanceStore
-
-    @property
-    def port(self) -> int:
-        return self.settings.port
-
-    def quarantined(self) -> list[Path]:
-        folder = self.settings.storage_dir / "quarantine"
-        return sorted(folder.glob("*.dcm")) if folder.exists() else []
-
-
-@pytest.fixture()
-def node(tmp_path: Path) -> Iterator[Node]:
-    settings = Settings(storage_dir=tmp_path / "store", host="127.0.0.1", port=dicom_peers.free_port())
-    settings.storage_dir.mkdir()
-    ledger = Ledger(settings.ledger_url)
-    scp = StorageSCP(settings, ledger, InstanceStore(settings.storage_dir))
-    scp.start()
-    yield Node(settings, ledger, scp.store)
-    scp.stop()
-    ledger.close()
-
-
-def analysed(node: Node, seed: int, positive: bool, results: list[dict] | None = None):
-    """A synthetic image received and analysed (not flagged), as the node records it."""
+def analysed(node: Node, seed: int, positive: bool, seg: pydicom.Dataset | None = None):
+    """A synthetic image received and analysed, as the node records it: flagged with the
+    result ``seg`` (stored under results/) when one is given, else not flagged."""
     ds, truth = synthetic_dicom(seed=seed, positive=positive, size=96)
     store_image(node.ledger, node.store, ds)
+    results = []
+    if seg is not None:
+        key = f"results/{ds.StudyInstanceUID}/{seg.SOPInstanceUID}.dcm"
+        save(seg, node.store.path(key))
+        results.append({"kind": "SEG", "key": key, "sop_instance_uid": seg.SOPInstanceUID,
+                        "sop_class_uid": seg.SOPClassUID, "source_sop_instance_uid": ds.SOPInstanceUID})
     node.ledger.mark_queued(ds.StudyInstanceUID)
     node.ledger.record_analysis({
         "study_uid": ds.StudyInstanceUID, "model": {"name": MODEL.name, "version": MODEL.version},
         "images": [{"sop_instance_uid": ds.SOPInstanceUID, "status": "analysed", "probability": 0.1,
-                    "flagged": False}],
-        "results": results or [], "flagged": False,
+                    "flagged": seg is not None}],
+        "results": results, "flagged": seg is not None,
     })
     return ds, truth
 
@@ -133,18 +108,7 @@ def test_a_later_seg_overrides_an_older_verdict_and_vice_versa(node: Node, tmp_p
 def test_pleuras_own_seg_coming_back_is_not_a_label(node: Node, tmp_path: Path) -> None:
     source, truth = synthetic_dicom(seed=4, positive=True, size=96)
     own = build_seg(source, ImageFinding(0.9, 0.5, True, truth, int(truth.sum()), None), MODEL)
-    key = f"results/{source.StudyInstanceUID}/{own.SOPInstanceUID}.dcm"
-    save(own, node.store.path(key))
-    store_image(node.ledger, node.store, source)
-    node.ledger.mark_queued(source.StudyInstanceUID)
-    node.ledger.record_analysis({
-        "study_uid": source.StudyInstanceUID, "model": {"name": MODEL.name, "version": MODEL.version},
-        "images": [{"sop_instance_uid": source.SOPInstanceUID, "status": "analysed", "probability": 0.9,
-                    "flagged": True}],
-        "results": [{"kind": "SEG", "key": key, "sop_instance_uid": own.SOPInstanceUID,
-                     "sop_class_uid": own.SOPClassUID, "source_sop_instance_uid": source.SOPInstanceUID}],
-        "flagged": True,
-    })
+    analysed(node, 4, True, seg=own)
     # As written (the ledger knows its UID), and re-identified by a PACS (a new UID, same maker).
     reuided = pydicom.dcmread(save(own, tmp_path / "own.dcm"))
     reuided.SOPInstanceUID = reuided.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
