@@ -139,8 +139,8 @@ def read_seg_labels(dataset: pydicom.Dataset) -> SegLabels:
     sources = seg.get_source_image_uids()
     if not sources:
         raise SegLabelError(
-            "references no image (Referenced Series Sequence (0008,1115) and the per-frame "
-            "Derivation Image Sequence (0008,9124) are empty)"
+            "references no image: Referenced Series Sequence (0008,1115) is missing or empty (it names "
+            "the images outlined; each frame's Derivation Image Sequence (0008,9124) names its image)"
         )
     segments = pneumothorax_segments(seg)
     if not segments:
