@@ -148,3 +148,13 @@ def test_a_malformed_seg_is_refused_and_kept_aside(node: Node) -> None:
     assert len(node.quarantined()) == 2
     assert "references no image" in reason_file(node.quarantined()[-1]).read_text()
     assert node.ledger.feedback_export() == []
+
+
+def test_the_node_reads_segmentations_without_loading_torch() -> None:
+    import subprocess
+    import sys
+
+    check = "import sys, node.scp, node.seg_labels; assert 'torch' not in sys.modules, 'torch imported'"
+    ran = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert ran.returncode == 0, ran.stderr
