@@ -154,3 +154,25 @@ def test_train_from_feedback_and_a_data_set(archive: dict, synthetic_siim: Path,
         assert sum(1 for _ in handle) - 1 == 24 + len(archive["truths"]) + len(archive["negatives"])
     nothing = CliRunner().invoke(app, ["train", "--preset", "seg-unet-resnet18", "--out", str(tmp_path / "x")])
     assert nothing.exit_code == 2 and "--from-feedback" in nothing.output
+
+
+def test_an_export_that_stops_leaves_nothing_behind(archive: dict, tmp_path: Path) -> None:  # noqa: F811
+    from training.datasets import DatasetError
+
+    storage = tmp_path / "archive"
+    shutil.copytree(archive["storage"], storage)
+    victim = next((storage / "instances").rglob(f"{archive['rejected']}.dcm"))
+    burned = pydicom.dcmread(victim)
+    burned.BurnedInAnnotation = "YES"  # cannot be de-identified: found while writing
+    burned.save_as(victim)
+    with pytest.raises(DatasetError, match="Burned In Annotation"):
+        export_feedback_dataset(storage, tmp_path / "out", deidentify=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["archive"]
+    skipped = export_feedback_dataset(storage, tmp_path / "out", deidentify=True, skip_bad=True)
+    assert [problem.file.name for problem in skipped.problems] == [victim.name]
+    assert len(read_siim(tmp_path / "out").examples) == skipped.images == len(skipped.archive.examples) - 1
+
+    victim.write_bytes(b"not DICOM")  # found when the archive is read: named, nothing written
+    with pytest.raises(DatasetError, match=archive["rejected"]):
+        export_feedback_dataset(storage, tmp_path / "other")
+    assert not (tmp_path / "other").exists()

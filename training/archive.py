@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.errors import InvalidDicomError
 
 from training.datasets import DatasetError, DatasetIndex, Example, Problem
 from training.rle import rle_encode
@@ -76,7 +77,7 @@ def read_archive(
                     else:
                         raise ValueError("a positive without an outline (no SEG and no drawn mask)")
                     rles = (rle_encode(mask),)
-            except (OSError, ValueError, AttributeError) as exc:
+            except (OSError, ValueError, AttributeError, InvalidDicomError) as exc:
                 message = f"{path}: {exc} (study feedback by {study.get('user')})"
                 if not skip_bad:
                     raise DatasetError(message) from None

@@ -69,7 +69,11 @@ REMOVED = frozenset({
 })  # fmt: skip
 """Type 3 identifiers (or ones no radiograph module requires): removed."""
 
-_KEEP_UIDS = frozenset({"SOPClassUID", "ReferencedSOPClassUID", "TransferSyntaxUID", "MediaStorageSOPClassUID"})
+_KEEP_UIDS = frozenset({
+    "SOPClassUID", "ReferencedSOPClassUID", "TransferSyntaxUID", "MediaStorageSOPClassUID", "CodingSchemeUID",
+    "ContextUID", "MappingResourceUID", "ImplementationClassUID",
+})  # fmt: skip
+"""UIDs that name a kind of thing (class, syntax, coding scheme), not a patient's object: kept."""
 
 
 class DeidentificationError(ValueError):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -75,6 +77,31 @@ def export_feedback_dataset(
     if deidentify:
         deidentifier = Deidentifier(load_key(key_file or Path(storage_dir) / KEY_FILE))
 
+    # Written beside ``out`` and renamed into place at the end: an export that stops half-way
+    # leaves nothing behind, and ``out`` is either absent or complete.
+    partial = root.parent / f".{root.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        written = _write(archive, partial, deidentifier, skip_bad=skip_bad, on_image=on_image)
+        if root.exists():
+            root.rmdir()
+        partial.rename(root)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    images, positives, patients, problems = written
+    return FeedbackExport(root, images, positives, patients, deidentifier is not None, archive, problems)
+
+
+def _write(
+    archive: DatasetIndex,
+    root: Path,
+    deidentifier: Deidentifier | None,
+    *,
+    skip_bad: bool,
+    on_image: Callable[[int, int], None] | None,
+) -> tuple[int, int, int, list[Problem]]:
+    """Write the SIIM-ACR layout of ``archive`` into ``root``; returns (images, positives, patients,
+    images left out)."""
     images_dir = root / SIIM_IMAGE_DIR
     images_dir.mkdir(parents=True, exist_ok=True)
     problems = list(archive.problems)
@@ -119,4 +146,4 @@ def export_feedback_dataset(
         "deidentification_method": METHOD if deidentifier is not None else None,
     }
     (root / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-    return FeedbackExport(root, images, positives, len(patients), deidentifier is not None, archive, problems)
+    return images, positives, len(patients), problems
