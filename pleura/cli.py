@@ -139,7 +139,7 @@ def demo(
 # --- training: data sets and `pleura train` -------------------------------------------------------
 
 dataset_app = typer.Typer(
-    help="Training data: check a data set, write a patient-level split, generate a synthetic set.",
+    help="Training data: check a data set, write a patient-level split, generate a synthetic set, export the feedback.",
     no_args_is_help=True,
 )
 app.add_typer(dataset_app, name="dataset")
