@@ -164,7 +164,9 @@ class Settings(BaseSettings):
         default_factory=list, description='JSON list of {"ae_title", "host", "port"} receiving results'
     )
     model_dir: Path | None = Field(
-        default=None, description="model bundle directory; unset = the demo bundle in the storage dir"
+        default=None,
+        description="model registry directory, or one bundle directory (with manifest.json); "
+        "unset = the registry <storage_dir>/models",
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     settle_seconds: float = Field(default=5.0, ge=0, le=3600, description="quiet time before a study is analysed")
@@ -271,7 +273,11 @@ class Settings(BaseSettings):
 
     @property
     def bundle_dir(self) -> Path:
-        return self.model_dir or (self.storage_dir / "models" / "demo")
+        """The active radiograph bundle: PLEURA_MODEL_DIR when it is a bundle, else the registry's
+        promoted version, else the demo bundle (``training/registry.py: active_bundle_dir()``)."""
+        from training.registry import active_bundle_dir  # the registry reads files: only when asked
+
+        return active_bundle_dir(self, "radiograph")
 
     @property
     def result_objects(self) -> list[str]:

@@ -107,9 +107,11 @@ def demo_model(
 ) -> None:
     """Train the small SYNTHETIC DEMO model bundle (not for clinical use) from generated images."""
     settings = _settings(config)
-    target = out or settings.bundle_dir
     from training.bundle import BundleError
     from training.demo_model import ensure_demo_bundle
+    from training.registry import demo_bundle_dir
+
+    target = out or demo_bundle_dir(settings)
 
     console.print(f"making sure the synthetic demo bundle in {target} is current (training it takes a few minutes)")
     try:
@@ -431,6 +433,7 @@ def train(
     list_presets: bool = typer.Option(
         False, "--list-presets", callback=_list_presets, is_eager=True, help="list the presets and exit"
     ),
+    register: bool = typer.Option(False, "--register", help="import the bundle into the model registry (not promoted)"),
 ) -> None:
     """Train a preset's network and write a model bundle that `pleura worker` runs unchanged.
 
@@ -461,9 +464,8 @@ def train(
     if data is None and not from_feedback:
         console.print("[bold red]No data[/]: give --data, --from-feedback, or both")
         raise typer.Exit(2)
-    base_dir = base or _settings(config).bundle_dir
     try:
-        current_base = load_bundle(base_dir)
+        current_base = load_bundle(base or _settings(config).bundle_dir)
     except BundleError as exc:
         console.print(f"[bold red]Base bundle error[/]: {exc}")
         raise typer.Exit(2) from None
@@ -490,7 +492,12 @@ def train(
         current_split = current_split or run_dir / SPLITS_FILE
     assert result is not None
     console.print(json.dumps(result.bundle.manifest.metrics, indent=2))
-    console.print(f"use it: PLEURA_MODEL_DIR={result.bundle.path} pleura worker")
+    if register:
+        from pleura.models_cli import import_into_registry
+
+        import_into_registry(_settings(config), result.bundle.path)
+    else:
+        console.print(f"use it: pleura models import {result.bundle.path} (or PLEURA_MODEL_DIR={result.bundle.path})")
 
 
 @app.command()
@@ -562,6 +569,13 @@ def _mask_secrets(value):
         return [_mask_secrets(v) for v in value]
     return value
 
+
+# `pleura models …` (pleura/models_cli.py) uses the helpers above; under `python -m pleura.cli` this
+# file is __main__, so it is also registered under its own name for that import to find.
+sys.modules.setdefault("pleura.cli", sys.modules[__name__])
+from pleura.models_cli import models_app  # noqa: E402
+
+app.add_typer(models_app, name="models")
 
 if __name__ == "__main__":
     app()

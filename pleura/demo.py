@@ -69,11 +69,15 @@ def _send(path: Path, port: int) -> int:
 def _ensure_bundle(console: Console) -> Path:
     from training.bundle import BundleError, load_bundle
 
-    bundle_dir = load_settings().bundle_dir
+    settings = load_settings()
     try:
+        bundle_dir = settings.bundle_dir
         load_bundle(bundle_dir)
     except BundleError:
         from training.demo_model import build_demo_bundle
+        from training.registry import demo_bundle_dir
+
+        bundle_dir = demo_bundle_dir(settings)  # never into a registered version: those never change
 
         console.print(f"building the synthetic demo model into {bundle_dir} (first run only, a few minutes)")
         build_demo_bundle(bundle_dir, progress=True)

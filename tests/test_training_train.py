@@ -262,6 +262,7 @@ def test_train_refuses_what_cannot_work(synthetic_siim: Path, tiny_base_bundle: 
 
 def test_cli_train_and_dataset_commands(synthetic_siim: Path, tiny_base_bundle: Path, tmp_path: Path):
     from pleura.cli import app
+    from training.registry import Registry
 
     runner = CliRunner()
     checked = runner.invoke(app, ["dataset", "check", "--data", str(synthetic_siim)])
@@ -298,10 +299,11 @@ def test_cli_train_and_dataset_commands(synthetic_siim: Path, tiny_base_bundle: 
         "--device",
         "cpu",
     ]
-    trained = runner.invoke(app, args)
+    trained = runner.invoke(app, [*args, "--register"], env={"PLEURA_STORAGE_DIR": str(tmp_path / "storage")})
     assert trained.exit_code == 0, trained.output
-    assert "PLEURA_MODEL_DIR=" in trained.output
     bundle = load_bundle(tmp_path / "run" / "bundle")
+    [registered] = Registry(tmp_path / "storage" / "models").read().versions.values()  # --register imported it
+    assert registered.id == f"{bundle.manifest.name}/{bundle.manifest.version}" and f"imported {registered.id}" in trained.output
     assert bundle.manifest.segmenter.training["hyperparameters"]["epochs"] == 1
     assert bundle.manifest.segmenter.training["split_file"] == str(tmp_path / "s.csv")
 

@@ -15,20 +15,19 @@ log = logging.getLogger(__name__)
 
 MAX_RETRIES = 3
 
-_analyser_lock = threading.Lock()
+_models_lock = threading.Lock()
 
 
 def _analyser(app: Celery):
-    """One loaded model set per worker process, built on first use."""
-    from worker.analysis import StudyAnalyser  # imports torch: only in worker processes
+    """The analyser for the next task: the registry's active radiograph model, reloaded when it
+    changes (worker/active_model.py). The task keeps this reference until it ends."""
+    from worker.active_model import ActiveModel  # imports the registry: only in worker processes
 
-    with _analyser_lock:
-        analyser = getattr(app, "_pleura_analyser", None)
-        if analyser is None:
-            settings = app.pleura_settings
-            analyser = StudyAnalyser.from_bundle_dir(settings.storage_dir, settings.bundle_dir, settings.device)
-            app._pleura_analyser = analyser
-        return analyser
+    with _models_lock:
+        active = getattr(app, "_pleura_active_model", None)
+        if active is None:
+            active = app._pleura_active_model = ActiveModel(app.pleura_settings, "radiograph")
+    return active.current()
 
 
 def register_worker_tasks(app: Celery) -> None:

@@ -1,0 +1,239 @@
+"""`pleura models …`: the model registry (list, show, import, export, promote, rollback).
+
+The registry itself is ``training/registry.py``; these commands print what it holds and report its
+refusals (a bundle that fails a check, a version that does not exist) with the reason, exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pleura.cli import ConfigOption, _settings, console
+
+models_app = typer.Typer(
+    help="The model registry: import bundles as versions, promote one per kind, roll back.", no_args_is_help=True
+)
+
+KindOption = typer.Option(None, "--kind", "-k", help="radiograph or ct (default: the version's own kind)")
+ReasonOption = typer.Option(None, "--reason", help="why, for the registry's history")
+
+
+def _refused(what: str, exc: Exception) -> typer.Exit:
+    console.print(f"[bold red]{what}[/]: {exc}")
+    return typer.Exit(2)
+
+
+def _open(config: Optional[Path]):
+    """(settings, the registry they name), or exit 2 saying why there is none."""
+    from training.registry import RegistryError, open_registry
+
+    settings = _settings(config)
+    try:
+        return settings, open_registry(settings)
+    except RegistryError as exc:
+        raise _refused("No registry", exc) from None
+
+
+def _audit(settings, event: str, **fields) -> None:
+    """Model changes go to the storage's audit trail too, beside who sent and received what."""
+    from node.audit import AuditTrail
+
+    AuditTrail(settings.storage_dir).record(event, **fields)
+
+
+def _day(stamp: str | None) -> str:
+    return (stamp or "")[:16].replace("T", " ")
+
+
+def _data(synthetic: bool, training_data: str, limit: int = 40) -> str:
+    text = ("SYNTHETIC: " if synthetic else "") + training_data
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _metrics_text(metrics: dict[str, float], limit: int = 3) -> str:
+    headline = sorted(metrics, key=lambda key: not any(word in key for word in ("auc", "dice", "f1")))
+    shown = [f"{key} {metrics[key]:.3g}" for key in headline[:limit]]
+    return ", ".join(shown) + (" …" if len(metrics) > limit else "")
+
+
+@models_app.command("list")
+def list_models(config: Optional[Path] = ConfigOption) -> None:
+    """The registered versions, which one is active per kind, and what each worker has loaded."""
+    from training.bundle import BundleError, load_bundle
+    from training.registry import KINDS, RegistryError, fixed_bundle_dir
+
+    fixed = fixed_bundle_dir(_settings(config))
+    out = Console(soft_wrap=True)
+    if fixed is not None:
+        try:
+            label = load_bundle(fixed).identity.label
+        except BundleError as exc:
+            label = f"[red]unusable[/]: {exc}"
+        out.print(f"PLEURA_MODEL_DIR={fixed} is a single bundle: {label}")
+        out.print("(no registry: unset PLEURA_MODEL_DIR or point it at a registry directory to use promote/rollback)")
+        return
+    _, registry = _open(config)
+    try:
+        state = registry.read()
+    except RegistryError as exc:
+        raise _refused("Registry error", exc) from None
+    table = Table(title=f"model registry {registry.root}")
+    for column in ("version", "kind", "active", "created", "data", "metrics", "imported"):
+        table.add_column(column, overflow="fold", no_wrap=column == "version")
+    active_ids = set(state.active.values())
+    if "radiograph" not in state.active:
+        try:
+            demo = load_bundle(registry.demo_dir).manifest
+            table.add_row(f"{demo.name}/{demo.version}", demo.kind, "[green]active[/] (demo bundle)",
+                          _day(demo.created), _data(demo.synthetic_demo, demo.training_data),
+                          _metrics_text(demo.metrics), "built by pleura demo-model")
+        except BundleError:
+            table.add_row("(demo bundle)", "radiograph", "[red]not built[/]", "", "", "", "run pleura demo-model")
+    for record in state.versions.values():
+        p = record.provenance
+        table.add_row(
+            record.id, record.kind, "[green]active[/]" if record.id in active_ids else "", _day(p.created),
+            _data(p.synthetic_demo, p.training_data), _metrics_text(record.metrics),
+            f"{_day(p.imported_at)} {p.imported_by}",
+        )
+    out.print(table)
+    missing = [kind for kind in KINDS if kind not in state.active and kind != "radiograph"]
+    for kind in missing:
+        out.print(f"no active {kind} model")
+    workers = registry.workers()
+    if workers:
+        running = Table(title="workers (last report)")
+        for column in ("worker", "kind", "loaded", "since", "last error"):
+            running.add_column(column, overflow="fold")
+        for item in workers[:20]:
+            error = item.get("error")
+            running.add_row(item.get("worker", "?"), item.get("kind", "?"), str(item.get("loaded")),
+                            item.get("updated", ""), f"[red]{error}[/]" if error else "")
+        out.print(running)
+
+
+@models_app.command("show")
+def show(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION when unique"),
+         config: Optional[Path] = ConfigOption) -> None:
+    """A version's manifest, metrics, provenance, checksum status and activation history."""
+    from training.bundle import BundleError, load_bundle
+    from training.registry import RegistryError
+
+    _, registry = _open(config)
+    try:
+        record = registry.find(version)
+        state = registry.read()
+    except RegistryError as exc:
+        raise _refused("Unknown version", exc) from None
+    out = Console(soft_wrap=True)
+    folder = registry.version_dir(record)
+    active_as = [kind for kind, ref in state.active.items() if ref == record.id]
+    out.print(f"[bold]{record.id}[/] ({record.kind}) in {folder}" + (f" — [green]active[/] for {', '.join(active_as)}" if active_as else ""))
+    try:
+        out.print_json(data=json.loads(load_bundle(folder).manifest.model_dump_json()))
+    except BundleError as exc:
+        out.print(f"[red]manifest unreadable[/]: {exc}")
+    out.print("[bold]metrics[/]")
+    out.print_json(data=record.metrics)
+    out.print("[bold]provenance[/]")
+    out.print_json(data=record.provenance.model_dump(mode="json"))
+    problems = registry.verify(record)
+    checks = Table(title="files (SHA-256 recorded at import)")
+    for column in ("file", "sha256", "status"):
+        checks.add_column(column, overflow="fold")
+    for relative, digest in sorted(record.files.items()):
+        bad = [p for p in problems if str(folder / relative) in p]
+        checks.add_row(relative, digest[:16] + "…", f"[red]{bad[0]}[/]" if bad else "[green]intact[/]")
+    out.print(checks)
+    events = [e for e in state.history if record.id in (e.from_version, e.to_version)]
+    if events:
+        history = Table(title="activations")
+        for column in ("at", "kind", "action", "from", "to", "by", "reason"):
+            history.add_column(column, overflow="fold")
+        for e in events:
+            history.add_row(e.at, e.kind, e.action, e.from_version or "(demo)", e.to_version or "(demo)", e.by, e.reason or "")
+        out.print(history)
+    if problems:
+        raise typer.Exit(1)
+
+
+def import_into_registry(settings, source: Path):
+    """Import a bundle into the configured registry and print what happened; exit 2 on refusal."""
+    from training.bundle import BundleError
+    from training.registry import RegistryError, open_registry
+
+    try:
+        record, added = open_registry(settings).import_bundle(source)
+    except RegistryError as exc:
+        raise _refused("Registry error", exc) from None
+    except BundleError as exc:
+        raise _refused("Bundle refused", exc) from None
+    if added:
+        _audit(settings, "model_imported", version=record.id, kind=record.kind, source=str(source),
+               by=record.provenance.imported_by)
+        console.print(f"[green]imported[/] {record.id} ({record.kind}); make it active: pleura models promote {record.id}")
+    else:
+        console.print(f"{record.id} is already registered with the same files")
+    return record
+
+
+@models_app.command("import")
+def import_(path: Path = typer.Argument(..., help="a bundle directory or a .tar.gz made by `pleura models export`"),
+            config: Optional[Path] = ConfigOption) -> None:
+    """Check a bundle and copy it into the registry as a new, immutable version."""
+    import_into_registry(_settings(config), path)
+
+
+@models_app.command("export")
+def export(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION when unique"),
+           out: Path = typer.Argument(..., help="a .tar.gz file, or a new directory"),
+           config: Optional[Path] = ConfigOption) -> None:
+    """Write a version (files + checksums, metrics, provenance) for `pleura models import` elsewhere."""
+    from training.bundle import BundleError
+
+    _, registry = _open(config)
+    try:
+        written = registry.export(version, out)
+    except BundleError as exc:
+        raise _refused("Export refused", exc) from None
+    console.print(f"[green]exported[/] {version} to {written}")
+
+
+@models_app.command("promote")
+def promote(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION when unique"),
+            kind: Optional[str] = KindOption, reason: Optional[str] = ReasonOption,
+            config: Optional[Path] = ConfigOption) -> None:
+    """Check a version and make it the active model of its kind; running workers pick it up."""
+    from training.bundle import BundleError
+
+    settings, registry = _open(config)
+    try:
+        event = registry.promote(version, kind=kind, reason=reason)
+    except BundleError as exc:
+        raise _refused("Promotion refused (the active model is unchanged)", exc) from None
+    if event is None:
+        console.print(f"{version} is already the active model")
+        return
+    _audit(settings, "model_promoted", **event.model_dump())
+    console.print(f"[green]active {event.kind} model[/]: {event.to_version} (was {event.from_version or 'the demo bundle'})")
+
+
+@models_app.command("rollback")
+def rollback(kind: str = typer.Option("radiograph", "--kind", "-k", help="radiograph or ct"),
+             reason: Optional[str] = ReasonOption, config: Optional[Path] = ConfigOption) -> None:
+    """Make the previously active version of a kind active again (checked first)."""
+    from training.bundle import BundleError
+
+    settings, registry = _open(config)
+    try:
+        event = registry.rollback(kind, reason=reason)
+    except BundleError as exc:
+        raise _refused("Rollback refused (the active model is unchanged)", exc) from None
+    _audit(settings, "model_rolled_back", **event.model_dump())
+    console.print(f"[green]active {kind} model[/]: {event.to_version or 'the demo bundle'} (was {event.from_version})")

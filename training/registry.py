@@ -1,0 +1,667 @@
+"""The model registry: immutable, checksummed bundle versions and one active version per kind.
+
+A registry is a directory (``<storage_dir>/models`` by default, or ``PLEURA_MODEL_DIR`` when that is
+not a bundle itself)::
+
+    registry.json                     the state: active version per kind, rollback stack, history,
+                                      and per version its files' SHA-256, metrics and provenance
+    .registry.lock                    taken while the state is read-modified-written
+    versions/<name>/<version>/        an imported bundle, never changed after import
+    workers/<host>-<pid>.json         what each worker has loaded, and its last loading error
+    demo/                             the synthetic demo bundle (`pleura demo-model`): the active
+                                      radiograph model while nothing has been promoted
+
+Every change goes through the lock and is written to a temporary file that replaces
+``registry.json`` (rename is atomic), so a worker reading it never sees half a state. Workers on other
+hosts share the directory (it lives in the shared storage), and find the active bundle with
+:func:`active_bundle_dir`, the one place where "which model runs" is decided.
+
+A bundle is checked on import, on promote and rollback, and again when a worker loads it
+(:func:`validate_bundle`): its manifest, the checksums recorded at import, the kind of input it is
+made for, and the networks themselves, built from the manifest with their weights loaded. A bundle
+that fails is refused with the reason and the active model stays as it was.
+
+``PLEURA_MODEL_DIR`` naming a bundle directory (one with ``manifest.json``) still works: that
+bundle is the fixed model, and promote/rollback refuse (there is no registry to change).
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tarfile
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from filelock import FileLock
+from pydantic import BaseModel, Field, ValidationError
+
+from training.bundle import MANIFEST_NAME, Bundle, BundleError, BundleKind, Manifest, load_bundle
+
+if TYPE_CHECKING:
+    from config.settings import Settings
+
+__all__ = [
+    "Registry",
+    "RegistryError",
+    "VersionRecord",
+    "active_bundle_dir",
+    "demo_bundle_dir",
+    "open_registry",
+    "validate_bundle",
+]
+
+STATE_NAME = "registry.json"
+LOCK_NAME = ".registry.lock"
+VERSIONS_DIR = "versions"
+WORKERS_DIR = "workers"
+DEMO_DIR = "demo"
+RECORD_NAME = "registry-record.json"
+"""Written beside the bundle files by ``export``: the version's record (checksums, metrics,
+provenance), so an import elsewhere checks the files and keeps where they came from."""
+KINDS: tuple[str, ...] = ("radiograph", "ct")
+_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-")
+
+
+class RegistryError(BundleError):
+    """The registry cannot do what was asked (unknown version, nothing to roll back, a fixed
+    bundle instead of a registry, a damaged state file); the message says why and what to do."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # no login name (containers without a passwd entry)
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+class Provenance(BaseModel):
+    """Where a version came from: what it learnt from, and how it entered this registry."""
+
+    training_data: str = ""
+    synthetic_demo: bool = False
+    intended_use: str = ""
+    created: str | None = None
+    presets: list[str] = Field(default_factory=list, description="the `pleura train` presets of its networks")
+    imported_from: str = ""
+    imported_by: str = ""
+    imported_at: str = ""
+    earlier: list[dict] = Field(
+        default_factory=list, description="the provenance it had in the registries it was exported from"
+    )
+
+
+class VersionRecord(BaseModel):
+    name: str
+    version: str
+    kind: BundleKind
+    files: dict[str, str] = Field(description="path inside the bundle -> SHA-256, recorded at import")
+    size_bytes: int = 0
+    metrics: dict[str, float] = Field(default_factory=dict)
+    provenance: Provenance = Field(default_factory=Provenance)
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}/{self.version}"
+
+
+class Activation(BaseModel):
+    """One change of the active version of a kind (the audit trail of promote and rollback)."""
+
+    kind: BundleKind
+    action: Literal["promote", "rollback"]
+    from_version: str | None = Field(description="None: the demo bundle (nothing promoted)")
+    to_version: str | None
+    by: str
+    at: str
+    reason: str | None = None
+
+
+class RegistryState(BaseModel):
+    format: int = 1
+    active: dict[str, str] = Field(default_factory=dict, description="kind -> version id")
+    previous: dict[str, list[str | None]] = Field(
+        default_factory=dict, description="kind -> the versions active before, most recent last (rollback pops)"
+    )
+    history: list[Activation] = Field(default_factory=list)
+    versions: dict[str, VersionRecord] = Field(default_factory=dict)
+
+
+# --- checks ---------------------------------------------------------------------------------------
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    """SHA-256 of every regular file under ``root`` (relative POSIX paths), the export record aside."""
+    digests: dict[str, str] = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name != RECORD_NAME:
+            digests[path.relative_to(root).as_posix()] = _sha256(path)
+    return digests
+
+
+def checksum_problems(root: Path, recorded: dict[str, str]) -> list[str]:
+    """What differs between the files under ``root`` and the recorded checksums (empty: intact)."""
+    problems = []
+    for relative, expected in sorted(recorded.items()):
+        path = root / relative
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+            continue
+        actual = _sha256(path)
+        if actual != expected:
+            problems.append(f"{path} has changed since it was recorded (checksum mismatch: SHA-256 {actual[:12]}…, recorded {expected[:12]}…)")
+    return problems
+
+
+def _sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def validate_bundle(
+    path: Path | str,
+    *,
+    kind: str | None = None,
+    checksums: dict[str, str] | None = None,
+    networks: Literal["run", "skip"] = "run",
+) -> Bundle:
+    """Check a bundle thoroughly, or raise :class:`BundleError` naming the file and the reason.
+
+    The manifest must be there and valid; with ``checksums``, every recorded file must be unchanged;
+    with ``kind``, the bundle must be made for that input. Then both networks are built on the CPU
+    from the manifest, their weights loaded strictly (a truncated file, or a state dict of another
+    architecture or channel count, fails here), and each runs once on a blank image of its own input
+    grid and must give one logit per image / per pixel. A worker passes ``networks="skip"``: loading
+    the networks itself is the same check.
+    """
+    import torch
+
+    from worker.inference.models import load_models  # torch: only when a bundle is checked
+
+    root = Path(path)
+    if checksums is not None:
+        problems = checksum_problems(root, checksums)
+        if problems:
+            raise BundleError(f"bundle {root} is corrupted: " + "; ".join(problems))
+    bundle = load_bundle(root)
+    manifest = bundle.manifest
+    if kind is not None and manifest.kind != kind:
+        raise BundleError(
+            f"bundle {root} is made for another input: its manifest {root / MANIFEST_NAME} says kind "
+            f"{manifest.kind!r}, this slot takes {kind!r} models"
+        )
+    if networks == "skip":
+        return bundle
+    models = load_models(bundle, "cpu")
+    for role, network in (("classifier", models.classifier), ("segmenter", models.segmenter)):
+        spec = getattr(manifest, role)
+        recipe = manifest.network_preprocessing(spec)
+        size, channels = recipe.input_size, recipe.channels
+        blank = torch.zeros(1, channels, size, size)
+        try:
+            with torch.inference_mode():
+                out = network(blank)
+        except Exception as exc:
+            raise BundleError(
+                f"bundle {root}: the {role} in {bundle.weights_path(spec)} does not run on its input grid "
+                f"({channels} x {size} x {size} px, from {root / MANIFEST_NAME}): {type(exc).__name__}: {exc}"
+            ) from None
+        expected = (1, 1) if role == "classifier" else (1, 1, size, size)
+        if tuple(out.shape) != expected:
+            raise BundleError(
+                f"bundle {root}: the {role} in {bundle.weights_path(spec)} gives output shape {tuple(out.shape)} "
+                f"on its {size} px input, expected {expected}"
+            )
+    return bundle
+
+
+def _checked_name(value: str, what: str, manifest_file: str) -> str:
+    if not value or value in (".", "..") or not set(value) <= _SAFE:
+        raise BundleError(
+            f"manifest {manifest_file}: {what} {value!r} cannot name a registry folder "
+            "(use letters, digits and . _ + -)"
+        )
+    return value
+
+
+# --- the registry --------------------------------------------------------------------------------
+
+
+class Registry:
+    """A registry directory (see the module docstring)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.state_file = self.root / STATE_NAME
+        self._lock = FileLock(str(self.root / LOCK_NAME))
+
+    @property
+    def demo_dir(self) -> Path:
+        return self.root / DEMO_DIR
+
+    def version_dir(self, record: VersionRecord) -> Path:
+        return self.root / VERSIONS_DIR / record.name / record.version
+
+    # state
+    def read(self) -> RegistryState:
+        """The current state (an empty one when nothing was ever imported)."""
+        try:
+            text = self.state_file.read_text()
+        except FileNotFoundError:
+            return RegistryState()
+        except OSError as exc:
+            raise RegistryError(f"cannot read the registry state {self.state_file}: {exc}") from None
+        try:
+            return RegistryState.model_validate(json.loads(text))
+        except (json.JSONDecodeError, ValidationError) as exc:
+            raise RegistryError(
+                f"the registry state {self.state_file} is damaged ({exc}); restore it from a backup "
+                "(the versions themselves are untouched under versions/)"
+            ) from None
+
+    def _write(self, state: RegistryState) -> None:
+        _write_json_atomically(self.state_file, state.model_dump(mode="json"))
+
+    @contextmanager
+    def _changing(self) -> Iterator[RegistryState]:
+        """The state under the lock; written back (atomically) when the block ends without error."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            state = self.read()
+            yield state
+            self._write(state)
+
+    def find(self, ref: str, state: RegistryState | None = None) -> VersionRecord:
+        """A version by ``name/version``, or by ``version`` alone when only one name has it."""
+        state = state or self.read()
+        if ref in state.versions:
+            return state.versions[ref]
+        matches = [record for record in state.versions.values() if record.version == ref]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            names = ", ".join(record.id for record in matches)
+            raise RegistryError(f"version {ref!r} is ambiguous: {names} (give NAME/VERSION)")
+        try:
+            demo = json.loads((self.demo_dir / MANIFEST_NAME).read_text())
+        except (OSError, ValueError):
+            demo = {}
+        if ref in (f"{demo.get('name')}/{demo.get('version')}", demo.get("version")):
+            raise RegistryError(
+                f"{ref} is the demo bundle in {self.demo_dir}, not a registered version: "
+                f"`pleura models import {self.demo_dir}` registers it"
+            )
+        known = ", ".join(state.versions) or "none imported yet"
+        raise RegistryError(f"no version {ref!r} in the registry {self.root} (known: {known}; see `pleura models list`)")
+
+    def active(self, kind: str, state: RegistryState | None = None) -> VersionRecord | None:
+        """The promoted version of ``kind``; None: nothing promoted (the demo bundle, for radiographs)."""
+        state = state or self.read()
+        ref = state.active.get(kind)
+        return state.versions.get(ref) if ref else None
+
+    def active_dir(self, kind: str, state: RegistryState | None = None) -> Path:
+        record = self.active(kind, state)
+        if record is not None:
+            return self.version_dir(record)
+        if kind == "radiograph":
+            return self.demo_dir
+        raise RegistryError(
+            f"no active {kind} model in the registry {self.root}: "
+            f"`pleura models import BUNDLE` then `pleura models promote VERSION`"
+        )
+
+    def verify(self, record: VersionRecord) -> list[str]:
+        return checksum_problems(self.version_dir(record), record.files)
+
+    # import / export
+    def import_bundle(self, source: Path | str, by: str | None = None) -> tuple[VersionRecord, bool]:
+        """Copy a bundle (directory or .tar.gz) in as a new immutable version: (record, newly added).
+
+        The copy is checked (:func:`validate_bundle`) before it is registered; a bundle already
+        registered with identical files is not added twice, one with the same name and version but
+        other files is refused (versions never change).
+        """
+        source = Path(source)
+        self.root.mkdir(parents=True, exist_ok=True)
+        incoming = self.root / VERSIONS_DIR / f".incoming-{uuid.uuid4().hex}"
+        incoming.mkdir(parents=True)
+        try:
+            unpacked = incoming / "unpacked"
+            bundle_root = _unpack(source, unpacked)
+            label = _source_label(source, bundle_root, unpacked)
+            staged = incoming / "bundle"
+            shutil.copytree(bundle_root, staged, ignore=shutil.ignore_patterns(RECORD_NAME))
+            files = file_digests(staged)
+            earlier = _read_export_record(bundle_root)
+            if earlier is not None:
+                problems = checksum_problems(staged, earlier.files)
+                if problems:
+                    raise BundleError(
+                        f"bundle {source} does not match the checksums of its export record "
+                        f"{RECORD_NAME} (damaged in transit?): " + "; ".join(problems)
+                    )
+            try:
+                bundle = validate_bundle(staged)
+            except BundleError as exc:  # name the files as the user knows them, not the staging copy
+                raise BundleError(str(exc).replace(str(staged), label)) from None
+            manifest = bundle.manifest
+            manifest_file = f"{label}/{MANIFEST_NAME}"
+            name = _checked_name(manifest.name, "name", manifest_file)
+            version = _checked_name(manifest.version, "version", manifest_file)
+            record = VersionRecord(
+                name=name,
+                version=version,
+                kind=manifest.kind,
+                files=files,
+                size_bytes=sum((staged / f).stat().st_size for f in files),
+                metrics=manifest.metrics,
+                provenance=_provenance(manifest, source, by or _who(), earlier),
+            )
+            with self._changing() as state:
+                existing = state.versions.get(record.id)
+                if existing is not None:
+                    if existing.files == record.files:
+                        return existing, False
+                    raise BundleError(
+                        f"version {record.id} is already registered with other files; versions never change: "
+                        f"give the bundle a new version in {manifest_file}"
+                    )
+                target = self.version_dir(record)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if target.exists():  # left by an import that died before writing the state
+                    shutil.rmtree(target)
+                os.replace(staged, target)
+                for path in target.rglob("*"):
+                    if path.is_file():
+                        path.chmod(0o444)  # a reminder, not a defence: the checksums are that
+                state.versions[record.id] = record
+            return record, True
+        finally:
+            shutil.rmtree(incoming, ignore_errors=True)
+
+    def export(self, ref: str, out: Path | str) -> Path:
+        """Write a version (its files and its record) to ``out``: a ``.tar.gz`` or a directory."""
+        record = self.find(ref)
+        source = self.version_dir(record)
+        problems = self.verify(record)
+        if problems:
+            raise BundleError(f"version {record.id} is corrupted, not exported: " + "; ".join(problems))
+        out = Path(out)
+        record_text = record.model_dump_json(indent=2) + "\n"
+        if out.name.endswith((".tar.gz", ".tgz")):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            folder = f"{record.name}-{record.version}"
+            partial = out.with_name(out.name + ".partial")
+            with tarfile.open(partial, "w:gz") as archive:
+                for relative in sorted(record.files):
+                    archive.add(source / relative, arcname=f"{folder}/{relative}")
+                with tempfile.NamedTemporaryFile("w", suffix=".json") as handle:
+                    handle.write(record_text)
+                    handle.flush()
+                    archive.add(handle.name, arcname=f"{folder}/{RECORD_NAME}")
+            os.replace(partial, out)
+            return out
+        if out.exists() and any(out.iterdir()):
+            raise RegistryError(f"export target {out} is not empty: name a new directory or a .tar.gz file")
+        out.mkdir(parents=True, exist_ok=True)
+        for relative in sorted(record.files):
+            (out / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / relative, out / relative)
+        (out / RECORD_NAME).write_text(record_text)
+        return out
+
+    # promote / rollback
+    def promote(self, ref: str, kind: str | None = None, by: str | None = None, reason: str | None = None) -> Activation | None:
+        """Make a version the active one of its kind, after checking it; None when it already is."""
+        record = self.find(ref)
+        slot = kind or record.kind
+        if slot not in KINDS:
+            raise RegistryError(f"kind {slot!r}: use one of {', '.join(KINDS)}")
+        validate_bundle(self.version_dir(record), kind=slot, checksums=record.files)
+        with self._changing() as state:
+            current = state.active.get(slot)
+            if current == record.id:
+                return None
+            if record.id not in state.versions:
+                raise RegistryError(f"version {record.id} left the registry while it was checked")
+            state.previous.setdefault(slot, []).append(current)
+            state.active[slot] = record.id
+            event = Activation(kind=slot, action="promote", from_version=current, to_version=record.id,
+                               by=by or _who(), at=_now(), reason=reason)
+            state.history.append(event)
+        return event
+
+    def rollback(self, kind: str = "radiograph", by: str | None = None, reason: str | None = None) -> Activation:
+        """Make the version active before the current one active again (checked first)."""
+        state = self.read()
+        stack = state.previous.get(kind) or []
+        if kind not in state.active or not stack:
+            raise RegistryError(f"nothing to roll back to: no {kind} model was promoted before the current one")
+        target = stack[-1]
+        if target is None:
+            if kind != "radiograph":
+                raise RegistryError(f"nothing to roll back to: the {kind} model is the first one promoted")
+            validate_bundle(self.demo_dir, kind=kind)
+        else:
+            record = self.find(target, state)
+            validate_bundle(self.version_dir(record), kind=kind, checksums=record.files)
+        with self._changing() as now:
+            if now.active.get(kind) != state.active.get(kind) or now.previous.get(kind) != stack:
+                raise RegistryError("the registry changed while the rollback was checked: look again and retry")
+            now.previous[kind].pop()
+            current = now.active.pop(kind)
+            if target is not None:
+                now.active[kind] = target
+            event = Activation(kind=kind, action="rollback", from_version=current, to_version=target,
+                               by=by or _who(), at=_now(), reason=reason)
+            now.history.append(event)
+        return event
+
+    # workers
+    def record_worker(self, worker: str, kind: str, status: dict) -> None:
+        """What a worker runs for ``kind`` (and its last loading error), for `pleura models list`."""
+        _write_json_atomically(
+            self.root / WORKERS_DIR / f"{worker}.{kind}.json", {"worker": worker, "kind": kind, "updated": _now(), **status}
+        )
+
+    def workers(self) -> list[dict]:
+        found = []
+        for path in sorted((self.root / WORKERS_DIR).glob("*.json")):
+            try:
+                found.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError):
+                continue
+        return sorted(found, key=lambda item: item.get("updated", ""), reverse=True)
+
+
+def _write_json_atomically(target: Path, data: dict) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _unpack(source: Path, into: Path) -> Path:
+    """The bundle directory of ``source``: the directory itself, or the one unpacked from an archive."""
+    if source.is_dir():
+        return source
+    if not source.exists():
+        raise BundleError(f"no bundle at {source}: give a bundle directory or a .tar.gz archive of one")
+    if not source.name.endswith((".tar.gz", ".tgz", ".tar")):
+        raise BundleError(f"{source} is neither a bundle directory nor a .tar.gz archive")
+    try:
+        with tarfile.open(source) as archive:
+            if hasattr(tarfile, "data_filter"):
+                archive.extractall(into, filter="data")  # refuses links out of the folder, devices, absolute paths
+            else:  # Python < 3.11.4 has no extraction filters: take plain files and folders inside only
+                members = archive.getmembers()
+                for member in members:
+                    if not (member.isfile() or member.isdir()) or member.name.startswith("/") or ".." in Path(member.name).parts:
+                        raise tarfile.TarError(f"member {member.name!r} is not a plain file inside the archive")
+                archive.extractall(into, members=members)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise BundleError(f"cannot unpack {source}: {exc}") from None
+    if (into / MANIFEST_NAME).is_file():
+        return into
+    entries = [entry for entry in into.iterdir()]
+    if len(entries) == 1 and entries[0].is_dir():
+        if (entries[0] / MANIFEST_NAME).is_file():
+            return entries[0]
+    raise BundleError(f"archive {source} holds no {MANIFEST_NAME} (at its top, or in its one folder): not a bundle")
+
+
+def _source_label(source: Path, bundle_root: Path, unpacked: Path) -> str:
+    """How a bundle's files are named in messages: its directory, or the archive (and its folder)."""
+    if source.is_dir():
+        return str(source)
+    inner = bundle_root.relative_to(unpacked).as_posix()
+    return str(source) if inner == "." else f"{source}:{inner}"
+
+
+def _read_export_record(bundle_root: Path) -> VersionRecord | None:
+    path = bundle_root / RECORD_NAME
+    if not path.is_file():
+        return None
+    try:
+        return VersionRecord.model_validate(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValidationError) as exc:
+        raise BundleError(f"export record {path} is damaged: {exc}") from None
+
+
+def _provenance(manifest: Manifest, source: Path, by: str, earlier: VersionRecord | None) -> Provenance:
+    presets = [
+        str(spec.training["preset"]) for spec in (manifest.classifier, manifest.segmenter) if spec.training.get("preset")
+    ]
+    history = []
+    if earlier is not None:
+        history = [*earlier.provenance.earlier, earlier.provenance.model_dump(exclude={"earlier"})]
+    return Provenance(
+        training_data=manifest.training_data,
+        synthetic_demo=manifest.synthetic_demo,
+        intended_use=manifest.intended_use,
+        created=manifest.created,
+        presets=presets,
+        imported_from=str(source.resolve()),
+        imported_by=by,
+        imported_at=_now(),
+        earlier=history,
+    )
+
+
+# --- resolution from the settings -----------------------------------------------------------------
+
+
+def fixed_bundle_dir(settings: "Settings") -> Path | None:
+    """``PLEURA_MODEL_DIR`` when it names one bundle (has a manifest) instead of a registry."""
+    if settings.model_dir is not None and (settings.model_dir / MANIFEST_NAME).is_file():
+        return settings.model_dir
+    return None
+
+
+def registry_root(settings: "Settings") -> Path | None:
+    """The registry directory; None when ``PLEURA_MODEL_DIR`` names a single bundle."""
+    if settings.model_dir is None:
+        return settings.storage_dir / "models"
+    return None if fixed_bundle_dir(settings) else settings.model_dir
+
+
+def open_registry(settings: "Settings") -> Registry:
+    root = registry_root(settings)
+    if root is None:
+        raise RegistryError(
+            f"PLEURA_MODEL_DIR={settings.model_dir} names a single model bundle, not a registry: "
+            "unset it (the registry is then <storage_dir>/models) or point it at a registry directory"
+        )
+    return Registry(root)
+
+
+def demo_bundle_dir(settings: "Settings") -> Path:
+    """Where `pleura demo-model` builds the demo bundle: the fixed bundle, or the registry's demo/."""
+    return fixed_bundle_dir(settings) or Registry(registry_root(settings)).demo_dir  # type: ignore[arg-type]
+
+
+_cache: dict[tuple[str, str], tuple[tuple[int, int, int], object]] = {}
+
+
+def _cached(kind: str, path: Path, read):
+    """``read(path)``, again only when the file was replaced or changed (stat: inode, size, mtime)."""
+    try:
+        info = path.stat()
+        stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
+    except FileNotFoundError:
+        stamp = (0, 0, 0)
+    key = (kind, str(path))
+    hit = _cache.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    value = read(path)
+    _cache[key] = (stamp, value)
+    return value
+
+
+def _manifest_kind(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("kind", "radiograph")
+    except (OSError, ValueError, AttributeError):
+        return None  # a broken manifest: the loader reports it with its reason
+
+
+def active_bundle_dir(settings: "Settings", kind: str = "radiograph") -> Path:
+    """The bundle directory that analyses ``kind`` now: the one place that decides.
+
+    A fixed bundle (``PLEURA_MODEL_DIR`` with a manifest) serves its own kind; otherwise the
+    registry's promoted version, or, for radiographs while nothing was promoted, the demo bundle.
+    Cheap enough to call before every task: the state file is read again only when it changed.
+    Raises :class:`RegistryError` when there is no model for ``kind`` or the state is damaged.
+    """
+    fixed = fixed_bundle_dir(settings)
+    if fixed is not None:
+        bundle_kind = _cached("manifest", fixed / MANIFEST_NAME, _manifest_kind) or "radiograph"
+        if bundle_kind != kind:
+            raise RegistryError(
+                f"PLEURA_MODEL_DIR={fixed} is a {bundle_kind} bundle: there is no {kind} model "
+                "(use a registry to have both)"
+            )
+        return fixed
+    registry = Registry(registry_root(settings))  # type: ignore[arg-type]
+    state = _cached("state", registry.state_file, lambda _: registry.read())
+    return registry.active_dir(kind, state)  # type: ignore[arg-type]
+
+
+def find_version_record(settings: "Settings", bundle_dir: Path) -> VersionRecord | None:
+    """The registry's record of the version stored at ``bundle_dir`` (None: not a registered version)."""
+    root = registry_root(settings)
+    if root is None:
+        return None
+    registry = Registry(root)
+    state = _cached("state", registry.state_file, lambda _: registry.read())
+    for record in state.versions.values():  # type: ignore[union-attr]
+        if registry.version_dir(record) == bundle_dir:
+            return record
+    return None
