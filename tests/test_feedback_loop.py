@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -70,10 +71,12 @@ def test_feedback_retrains_a_model_that_analyses_the_next_study(
     for name in ("PLEURA_DATABASE_URL", "PLEURA_CONFIG", "PLEURA_MODEL_DIR", "PLEURA_STORAGE_DIR"):
         monkeypatch.delenv(name, raising=False)
     storage = tmp_path / "storage"
+    # The registry in the storage directory, with the demo bundle active while nothing is promoted.
+    shutil.copytree(demo_bundle, storage / "models" / "demo")
     port, api_port = free_port(), free_port()
     config = write_config(
         tmp_path / "pleura.toml", ae_title="PLEURA", host="127.0.0.1", port=port, storage_dir=storage,
-        model_dir=demo_bundle, device="cpu", settle_seconds=1.0, api_host="127.0.0.1", api_port=api_port,
+        device="cpu", settle_seconds=1.0, api_host="127.0.0.1", api_port=api_port,
     )
     env = {"PLEURA_API_USERS": json.dumps(API_USERS)}
     node = pleura_process("node", config, tmp_path / "node.log", env)
@@ -128,10 +131,11 @@ def test_feedback_retrains_a_model_that_analyses_the_next_study(
             np.testing.assert_array_equal(exported[cases[name][0].SOPInstanceUID].mask(), cases[name][1])
         assert node.alive() and worker.alive(), logs()
 
-        # Retrain the U-Net a few steps on the feedback plus a synthetic set, beside the demo classifier.
+        # Retrain the U-Net a few steps on the feedback plus a synthetic set, beside the classifier of
+        # the model in service (the demo's).
         run = tmp_path / "run"
         _cli("train", "--preset", "seg-unet-resnet18", "--from-feedback", "--data", str(synthetic_siim),
-             "--out", str(run), "--base", str(demo_bundle), "--epochs", "1", "--steps-per-epoch", "1",
+             "--out", str(run), "--epochs", "1", "--steps-per-epoch", "1",
              "--batch-size", "2", "--input-size", "64", "--set", json.dumps(TINY_UNET).join(["extra=", ""]),
              "--name", NEW_NAME, "--version", NEW_VERSION, "--cache-dir", str(tmp_path / "cache"),
              "--device", "cpu", "--config", str(config))
