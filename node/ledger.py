@@ -223,6 +223,23 @@ class Feedback(Base):
     model_version: Mapped[str | None] = mapped_column(String(64))
 
 
+class SegLabel(Base):
+    """What a Segmentation sent back to Pleura says about one image it references: a pneumothorax
+    outlined (positive) or an empty outline (negative); the SEG is stored at storage_key."""
+
+    __tablename__ = "seg_labels"
+    __table_args__ = (UniqueConstraint("seg_sop_instance_uid", "sop_instance_uid", name="uq_seg_label_image"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    seg_sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    seg_study_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)  # the image labelled
+    storage_key: Mapped[str] = mapped_column(String(255))
+    positive: Mapped[bool] = mapped_column(Boolean)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
 class Notification(Base):
     """One message (a study flagged, or its flag withdrawn) to one HL7 or webhook target."""
 
@@ -1237,54 +1254,152 @@ class Ledger:
 
     def feedback_export(self) -> list[dict[str, Any]]:
         """The feedback in force per study with what retraining needs: each image's stored key and
-        the key of the SEG made from it, the model's outputs and a label.
+        the key of the SEG that outlines it, the model's outputs and a label.
 
         `label` is 1 (pneumothorax) for confirmed, known and corrected, 0 for rejected. Per image,
         `label` is 0 for every image of a rejected study, 1 for the flagged images of a confirmed
         or known study and for the corrected image (whose `mask_key` is the radiologist's outline,
         to be used instead of `seg_key`), and None (not known) for the other images.
+
+        A Segmentation sent back to Pleura (:meth:`record_seg_labels`) is a corrected outline by
+        the sending AE: for each image it references, when it is newer than the study's verdict,
+        it sets the image's `label` (1, or 0 for an empty outline) and its `seg_key` is the
+        received SEG. A study labelled only that way is exported with the verdict "corrected",
+        the AE title as `user`, and `label` 1 when any of its images has an outline. `labelled_by`
+        says per image whose label it is.
         """
         with self._transaction() as session:
             latest = select(func.max(Feedback.id)).group_by(Feedback.study_uid)
-            rows = session.scalars(select(Feedback).where(Feedback.id.in_(latest)).order_by(Feedback.id)).all()
+            verdicts = {
+                row.study_uid: row
+                for row in session.scalars(select(Feedback).where(Feedback.id.in_(latest)).order_by(Feedback.id))
+            }
+            seg_labels: dict[str, SegLabel] = {}  # the newest per image the ledger holds
+            seg_studies: dict[str, list[SegLabel]] = {}
+            for label, study_uid in session.execute(
+                select(SegLabel, Instance.study_uid)
+                .join(Instance, Instance.sop_instance_uid == SegLabel.sop_instance_uid)
+                .order_by(SegLabel.id)
+            ):
+                seg_labels[label.sop_instance_uid] = label
+                seg_studies.setdefault(study_uid, []).append(label)
             exported = []
-            for row in rows:
-                positive = row.verdict != FeedbackVerdict.REJECTED
+            for study_uid in [*verdicts, *(uid for uid in seg_studies if uid not in verdicts)]:
+                row = verdicts.get(study_uid)
                 segs = {
                     result.source_sop_instance_uid: result.storage_key
                     for result in session.scalars(
-                        select(Result).where(Result.study_uid == row.study_uid, Result.kind == "SEG")
+                        select(Result).where(Result.study_uid == study_uid, Result.kind == "SEG")
                     )
                 }
                 images = []
                 for instance in session.scalars(
-                    select(Instance).where(Instance.study_uid == row.study_uid).order_by(Instance.id)
+                    select(Instance).where(Instance.study_uid == study_uid).order_by(Instance.id)
                 ):
-                    corrected = row.verdict == FeedbackVerdict.CORRECTED
-                    if corrected:
-                        label = 1 if instance.sop_instance_uid == row.sop_instance_uid else None
+                    seg_label = seg_labels.get(instance.sop_instance_uid)
+                    corrected = row is not None and row.verdict == FeedbackVerdict.CORRECTED
+                    seg_key, mask_key = segs.get(instance.sop_instance_uid), None
+                    if seg_label is not None and (row is None or seg_label.received_at >= row.created_at):
+                        label: int | None = 1 if seg_label.positive else 0
+                        seg_key, labelled_by = seg_label.storage_key, seg_label.calling_ae
+                    elif row is None:
+                        label, labelled_by = None, None
                     else:
-                        label = (1 if instance.flagged else None) if positive else 0
+                        if corrected:
+                            label = 1 if instance.sop_instance_uid == row.sop_instance_uid else None
+                            mask_key = row.mask_key if label == 1 else None
+                        elif row.verdict != FeedbackVerdict.REJECTED:
+                            label = 1 if instance.flagged else None
+                        else:
+                            label = 0
+                        labelled_by = row.user if label is not None else None
                     images.append(
                         {
                             "sop_instance_uid": instance.sop_instance_uid,
                             "series_instance_uid": instance.series_instance_uid,
                             "instance_key": instance.storage_key,
-                            "seg_key": segs.get(instance.sop_instance_uid),
+                            "seg_key": seg_key,
                             "analysis_status": instance.analysis_status,
                             "probability": instance.probability,
                             "flagged": instance.flagged,
                             "area_px": instance.area_px,
-                            "mask_key": row.mask_key if corrected and label == 1 else None,
+                            "mask_key": mask_key,
                             "label": label,
+                            "labelled_by": labelled_by,
                         }
                     )
-                entry = _feedback_dict(row)
-                entry.pop("id")
-                entry["label"] = 1 if positive else 0
+                outlined = any(image["label"] == 1 for image in images)
+                if row is not None:
+                    entry = _feedback_dict(row)
+                    entry.pop("id")
+                    entry["label"] = 1 if row.verdict != FeedbackVerdict.REJECTED or outlined else 0
+                else:
+                    newest = seg_studies[study_uid][-1]
+                    study = session.get_one(Study, study_uid)
+                    entry = {
+                        "study_uid": study_uid,
+                        "verdict": FeedbackVerdict.CORRECTED.value,
+                        "user": newest.calling_ae,
+                        "comment": f"Segmentation {newest.seg_sop_instance_uid} sent back by {newest.calling_ae}",
+                        "created_at": newest.received_at,
+                        "sop_instance_uid": newest.sop_instance_uid,
+                        "mask_key": None,
+                        "flagged": study.flagged,
+                        "probability": study.probability,
+                        "model_name": study.model_name,
+                        "model_version": study.model_version,
+                        "label": 1 if outlined else 0,
+                    }
                 entry["images"] = images
                 exported.append(entry)
             return exported
+
+    # -- Segmentations sent back (node/seg_labels.py) ----------------------------------------------
+
+    def is_result(self, sop_instance_uid: str) -> bool:
+        """Whether the SOP Instance UID is one of the results Pleura wrote."""
+        with self._transaction() as session:
+            return session.scalar(select(Result.id).where(Result.sop_instance_uid == sop_instance_uid)) is not None
+
+    def has_seg_labels(self, seg_sop_instance_uid: str) -> bool:
+        with self._transaction() as session:
+            found = session.scalar(select(SegLabel.id).where(SegLabel.seg_sop_instance_uid == seg_sop_instance_uid))
+            return found is not None
+
+    def record_seg_labels(
+        self,
+        *,
+        seg_sop_instance_uid: str,
+        seg_study_uid: str,
+        storage_key: str,
+        calling_ae: str,
+        labels: Sequence[tuple[str, bool]],
+        received_at: datetime | None = None,
+    ) -> bool:
+        """Record a received Segmentation as a label per image it references (``(SOP Instance UID,
+        positive)``); False when that SEG was already recorded. It never touches the studies'
+        analysis: a SEG is not analysed, and the images it labels need not be here yet."""
+        now = _as_utc(received_at) if received_at else utcnow()
+        try:
+            with self._transaction() as session:
+                known = session.scalar(select(SegLabel.id).where(SegLabel.seg_sop_instance_uid == seg_sop_instance_uid))
+                if known is not None:
+                    return False
+                for sop_instance_uid, positive in labels:
+                    session.add(
+                        SegLabel(
+                            seg_sop_instance_uid=seg_sop_instance_uid,
+                            seg_study_uid=seg_study_uid,
+                            sop_instance_uid=sop_instance_uid,
+                            storage_key=storage_key,
+                            positive=bool(positive),
+                            calling_ae=calling_ae.strip()[:16],
+                            received_at=now,
+                        )
+                    )
+            return True
+        except IntegrityError:  # another association recorded the same SEG at the same moment
+            return False
 
     def enqueue_flag_notifications(
         self,

@@ -1,10 +1,13 @@
-"""The DICOM SCP: C-ECHO and C-STORE of radiographs and CT images.
+"""The DICOM SCP: C-ECHO and C-STORE of radiographs and CT images, and of Segmentations sent back.
 
 The C-STORE handler is small on purpose: it reads the few UIDs it needs from the encoded dataset
 (no pixel decoding), writes the bytes durably, records the instance in the ledger and only then
 answers success. What cannot be accepted is kept in quarantine with the reason, and the sender gets
 a failure status from PS3.4 Annex B; a storage or ledger error answers "Out of Resources", so the
 sender keeps the instance and tries again.
+
+A Segmentation (SEG) is not analysed: it is a radiologist's outline sent back to Pleura, stored
+like an instance and recorded as labels for the images it references (:mod:`node.seg_labels`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from node.audit import AuditTrail
 from node.ledger import Ledger
 from node.ops.metrics import INSTANCES_RECEIVED
 from node.privacy import ref
+from node.seg_labels import SEG_TRANSFER_SYNTAXES, SEGMENTATION_SOP_CLASS, SegLabelError, is_pleura_seg, read_seg_labels
 from node.storage import InstanceStore, InvalidUIDError, validate_uid
 from node.tls import server_context
 
@@ -117,6 +121,7 @@ def build_ae(settings: Settings, admission: Admission | None = None) -> NodeAE:
     ae.add_supported_context(Verification)
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+    ae.add_supported_context(SEGMENTATION_SOP_CLASS, list(SEG_TRANSFER_SYNTAXES))
     return ae
 
 
@@ -198,6 +203,8 @@ class StorageSCP:
         except RejectedInstance as rejected:
             return self._quarantine(event, data, rejected)
 
+        if identity["sop_class_uid"] == SEGMENTATION_SOP_CLASS:
+            return self._receive_segmentation(event, data, identity)
         sop_uid = identity["sop_instance_uid"]
         try:
             if self.ledger.has_instance(sop_uid):
@@ -211,15 +218,8 @@ class StorageSCP:
                 return _status(OUT_OF_RESOURCES, "disk nearly full; try again later")
             key = self.store.write_instance(identity["study_uid"], identity["series_instance_uid"], sop_uid, data)
             created = self.ledger.record_instance(storage_key=key, calling_ae=calling_ae, **identity)
-        except (OSError, SQLAlchemyError) as exc:
-            log.error("cannot store instance %s from %s: %s", ref(sop_uid), calling_ae, exc)
-            self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, str(exc))
-            return _status(OUT_OF_RESOURCES, "storage or ledger unavailable; try again")
         except Exception as exc:
-            # Not stored, so the sender must keep it: answer a status it retries on.
-            log.exception("unexpected error storing instance %s from %s", ref(sop_uid), calling_ae)
-            self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, repr(exc))
-            return _status(OUT_OF_RESOURCES, "internal error; try again")
+            return self._not_stored(event, identity, exc)
         log.info(
             "stored instance %s of study %s from %s%s",
             ref(sop_uid),
@@ -229,6 +229,65 @@ class StorageSCP:
         )
         self._audit_instance(event, "instance-stored", identity, SUCCESS)
         INSTANCES_RECEIVED.inc()
+        return _status(SUCCESS)
+
+    def _not_stored(self, event: Event, identity: dict[str, Any], exc: Exception) -> Dataset:
+        """The answer when an instance could not be stored or recorded: not kept here, so the sender
+        must keep it, with a status it retries on."""
+        sop_uid, calling_ae = identity["sop_instance_uid"], event.assoc.requestor.ae_title
+        if isinstance(exc, (OSError, SQLAlchemyError)):
+            log.error("cannot store instance %s from %s: %s", ref(sop_uid), calling_ae, exc)
+            self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, str(exc))
+            return _status(OUT_OF_RESOURCES, "storage or ledger unavailable; try again")
+        log.error("unexpected error storing instance %s from %s", ref(sop_uid), calling_ae, exc_info=exc)
+        self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, repr(exc))
+        return _status(OUT_OF_RESOURCES, "internal error; try again")
+
+    def _receive_segmentation(self, event: Event, data: bytes, identity: dict[str, Any]) -> Dataset:
+        """Store a SEG sent back and record it as labels of the images it references; Pleura's own
+        SEG coming back is acknowledged and not kept again, an unreadable one is quarantined."""
+        calling_ae = event.assoc.requestor.ae_title
+        sop_uid = identity["sop_instance_uid"]
+        try:
+            if self.ledger.is_result(sop_uid) or self.ledger.has_seg_labels(sop_uid):
+                log.info("Segmentation %s from %s already held; not stored again", ref(sop_uid), calling_ae)
+                self._audit_instance(event, "instance-repeated", identity, SUCCESS)
+                return _status(SUCCESS)
+            try:
+                dataset = dcmread(BytesIO(data))
+                own = is_pleura_seg(dataset)
+                read = None if own else read_seg_labels(dataset)
+            except SegLabelError as exc:
+                return self._quarantine(event, data, RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, f"SEG: {exc}"))
+            except Exception as exc:  # pydicom raises many kinds of errors on malformed data
+                return self._quarantine(
+                    event, data, RejectedInstance(CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}")
+                )
+            if read is None:
+                log.info("Segmentation %s from %s is Pleura's own result; not a label", ref(sop_uid), calling_ae)
+                self._audit_instance(event, "instance-repeated", identity, SUCCESS, "Pleura's own SEG")
+                return _status(SUCCESS)
+            full = self.admission.disk_refusal()
+            if full is not None:
+                self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, full)
+                return _status(OUT_OF_RESOURCES, "disk nearly full; try again later")
+            key = self.store.write_instance(identity["study_uid"], identity["series_instance_uid"], sop_uid, data)
+            self.ledger.record_seg_labels(
+                seg_sop_instance_uid=sop_uid,
+                seg_study_uid=identity["study_uid"],
+                storage_key=key,
+                calling_ae=calling_ae,
+                labels=[(label.sop_instance_uid, label.positive) for label in read.labels],
+            )
+        except Exception as exc:
+            return self._not_stored(event, identity, exc)
+        outcome = (
+            f"labels {len(read.labels)} image(s), {sum(label.positive for label in read.labels)} outlined"
+            if read.labels
+            else f"labels nothing: {read.why_none}"
+        )
+        log.info("stored Segmentation %s from %s; it %s", ref(sop_uid), calling_ae, outcome)
+        self._audit_instance(event, "instance-stored", identity, SUCCESS, f"Segmentation {outcome}")
         return _status(SUCCESS)
 
     def _audit_instance(

@@ -140,7 +140,7 @@ def demo(
 # --- training: data sets and `pleura train` -------------------------------------------------------
 
 dataset_app = typer.Typer(
-    help="Training data: check a data set, write a patient-level split, generate a synthetic set.",
+    help="Training data: check a data set, write a patient-level split, generate a synthetic set, export the feedback.",
     no_args_is_help=True,
 )
 app.add_typer(dataset_app, name="dataset")
@@ -284,6 +284,61 @@ def dataset_synthetic(
     console.print(f"[green]written[/] {out}: {n} SYNTHETIC images (not patients), SIIM-ACR layout")
 
 
+def _feedback_source(config: Optional[Path], storage: Optional[Path]) -> tuple[Path, Optional[str]]:
+    """The storage directory whose feedback to use and its ledger: the configured ones, or the
+    SQLite ledger in the directory given."""
+    if storage is not None:
+        return storage, None
+    settings = _settings(config)
+    return settings.storage_dir, settings.ledger_url
+
+
+def _export_feedback(storage: Path, ledger_url: Optional[str], out: Path, **options):
+    from rich.progress import Progress
+
+    from training.datasets import DatasetError
+    from training.deidentify import DeidentificationError
+    from training.feedback_dataset import export_feedback_dataset
+
+    try:
+        with Progress(console=console) as bar:
+            task = bar.add_task("writing the labelled images", total=None)
+            exported = export_feedback_dataset(
+                storage, out, ledger_url=ledger_url, on_image=lambda done, total: bar.update(task, completed=done, total=total),
+                **options,
+            )
+    except (DatasetError, DeidentificationError) as exc:
+        console.print(f"[bold red]Data error[/]: {exc}")
+        raise typer.Exit(2) from None
+    for problem in exported.problems[:20]:
+        console.print(f"[yellow]skipped[/] {problem}")
+    console.print(
+        f"[green]written[/] {out}: {exported.images} images ({exported.positives} with pneumothorax) from "
+        f"{exported.patients} patients{', de-identified' if exported.deidentified else ''}; "
+        f"{len(exported.archive.unlabelled)} images without feedback left out"
+    )
+    return exported
+
+
+@dataset_app.command("export-feedback")
+def dataset_export_feedback(
+    out: Path = typer.Option(..., "--out", "-o", help="new directory to write the SIIM-ACR layout into"),
+    deidentify: bool = typer.Option(False, help="de-identify the DICOM copies (pseudonymous patient IDs, new UIDs)"),
+    key_file: Optional[Path] = typer.Option(
+        None, help="de-identification key (default: STORAGE/deidentify.key, made on first use); same key, same pseudonyms"
+    ),
+    storage: Optional[Path] = typer.Option(
+        None, help="a storage directory with its SQLite ledger (default: the configured PLEURA_STORAGE_DIR and ledger)"
+    ),
+    skip_bad: bool = SkipBadOption,
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Write the radiologists' feedback (verdicts, corrected outlines, Segmentations sent back) as a
+    training set in the SIIM-ACR layout: DICOM images, train-rle.csv and provenance.json."""
+    source, ledger_url = _feedback_source(config, storage)
+    _export_feedback(source, ledger_url, out, deidentify=deidentify, key_file=key_file, skip_bad=skip_bad)
+
+
 def _list_presets(value: bool) -> None:
     if not value:
         return
@@ -306,15 +361,47 @@ def _list_presets(value: bool) -> None:
     raise typer.Exit()
 
 
+def _training_data(data, labels, data_format, skip_bad, from_feedback, feedback_storage, out, resume, config):
+    """The data set `pleura train` reads: --data, the feedback exported to OUT/feedback-data, or
+    both merged (the feedback last, so its labels win for an image in both)."""
+    from training.datasets import merge_datasets
+    from training.feedback_dataset import FEEDBACK_DATA_DIR
+
+    indexes = []
+    if data is not None:
+        indexes.append(_read_data(data, labels, data_format, skip_bad))
+        _report_data(indexes[-1])
+    if from_feedback:
+        exported = out / FEEDBACK_DATA_DIR
+        if not (resume and exported.is_dir()):  # a resumed run keeps the data it started with
+            source, ledger_url = _feedback_source(config, feedback_storage)
+            _export_feedback(source, ledger_url, exported, skip_bad=skip_bad)
+        indexes.append(_read_data(exported, None, "siim", skip_bad))
+    index = merge_datasets(indexes)
+    if len(indexes) > 1:
+        _report_data(index)
+    return index
+
+
 @app.command()
 def train(
     preset_names: list[str] = typer.Option(
         ..., "--preset", "-p",
         help="recipe name (see --list-presets); give a classifier and a U-Net preset to train both networks",
     ),
-    data: Path = DataOption,
+    data: Optional[Path] = typer.Option(
+        None, "--data", "-d",
+        help="data set directory (SIIM-ACR or ChestX-ray14 layout, or a Pleura storage directory); with --from-feedback, trained on together",
+    ),
     labels: Optional[Path] = LabelsOption,
     data_format: Optional[str] = FormatOption,
+    from_feedback: bool = typer.Option(
+        False, "--from-feedback",
+        help="also train on the radiologists' feedback: exported to OUT/feedback-data (SIIM-ACR layout) first",
+    ),
+    feedback_storage: Optional[Path] = typer.Option(
+        None, help="with --from-feedback: a storage directory with its SQLite ledger (default: the configured one)"
+    ),
     out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="run directory (checkpoints, metrics, bundle)"),
     base: Optional[Path] = typer.Option(
         None, help="bundle that supplies the other network (default: the configured model bundle)"
@@ -373,13 +460,15 @@ def train(
     if len(presets) > 2 or (len(presets) == 2 and {p.task for p in presets} != {"classify", "segment"}):
         console.print("[bold red]Preset error[/]: give one preset, or one classifier and one U-Net preset")
         raise typer.Exit(2)
+    if data is None and not from_feedback:
+        console.print("[bold red]No data[/]: give --data, --from-feedback, or both")
+        raise typer.Exit(2)
     try:
         current_base = load_bundle(base or _settings(config).bundle_dir)
     except BundleError as exc:
         console.print(f"[bold red]Base bundle error[/]: {exc}")
         raise typer.Exit(2) from None
-    index = _read_data(data, labels, data_format, skip_bad)
-    _report_data(index)
+    index = _training_data(data, labels, data_format, skip_bad, from_feedback, feedback_storage, out, resume, config)
     fractions = _fractions(split)
     current_split = split_file
     result = None

@@ -75,3 +75,11 @@ def peers():
     yield listener, receiver
     listener.stop()
     receiver.stop()
+
+
+@pytest.fixture()
+def node(tmp_path: Path):
+    """The Storage SCP alone, with its ledger and store (scp_node.py)."""
+    from scp_node import running_node
+
+    yield from running_node(tmp_path)

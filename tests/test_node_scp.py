@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,45 +13,17 @@ from pynetdicom import AE, _config
 from sqlalchemy import text
 
 import dicom_peers
-from config.settings import Settings
-from node.ledger import Ledger, utcnow
-from node.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, StorageSCP
+from node.ledger import utcnow
+from node.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from node.seg_labels import SEG_TRANSFER_SYNTAXES, SEGMENTATION_SOP_CLASS
 from node.settle import SettleLoop
-from node.storage import InstanceStore, reason_file
+from node.storage import reason_file
+from scp_node import Node
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 MR = "1.2.840.10008.5.1.4.1.1.4"
-
-
-@dataclass
-class Node:
-    settings: Settings
-    ledger: Ledger
-    store: InstanceStore
-    scp: StorageSCP
-
-    @property
-    def port(self) -> int:
-        return self.settings.port
-
-    def quarantined(self) -> list[Path]:
-        folder = self.settings.storage_dir / "quarantine"
-        return sorted(folder.glob("*.dcm")) if folder.exists() else []
-
-
-@pytest.fixture()
-def node(tmp_path: Path) -> Iterator[Node]:
-    settings = Settings(storage_dir=tmp_path / "store", host="127.0.0.1", port=dicom_peers.free_port())
-    settings.storage_dir.mkdir()
-    ledger = Ledger(settings.ledger_url)
-    store = InstanceStore(settings.storage_dir)
-    scp = StorageSCP(settings, ledger, store)
-    scp.start()
-    yield Node(settings, ledger, store, scp)
-    scp.stop()
-    ledger.close()
 
 
 def crafted_cr(**attributes: object) -> Dataset:
@@ -147,6 +117,8 @@ def test_negotiation_accepts_the_listed_classes_and_syntaxes_only(node: Node) ->
     for sop_class in STORAGE_SOP_CLASSES:
         for transfer_syntax in TRANSFER_SYNTAXES:
             ae.add_requested_context(sop_class, transfer_syntax)
+    for transfer_syntax in TRANSFER_SYNTAXES:
+        ae.add_requested_context(SEGMENTATION_SOP_CLASS, transfer_syntax)
     ae.add_requested_context(CR, JPEGLSLossless)
     ae.add_requested_context(ENCAPSULATED_PDF, ExplicitVRLittleEndian)
     ae.add_requested_context(MR, ExplicitVRLittleEndian)
@@ -159,8 +131,14 @@ def test_negotiation_accepts_the_listed_classes_and_syntaxes_only(node: Node) ->
         rejected = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.rejected_contexts}
     finally:
         assoc.release()
-    assert accepted == {(c, t) for c in STORAGE_SOP_CLASSES for t in TRANSFER_SYNTAXES}
-    assert rejected == {(CR, JPEGLSLossless), (ENCAPSULATED_PDF, ExplicitVRLittleEndian), (MR, ExplicitVRLittleEndian)}
+    assert accepted == {(c, t) for c in STORAGE_SOP_CLASSES for t in TRANSFER_SYNTAXES} | {
+        (SEGMENTATION_SOP_CLASS, t) for t in TRANSFER_SYNTAXES if t in SEG_TRANSFER_SYNTAXES
+    }
+    # A Segmentation (sent back as a label) only in lossless syntaxes: its mask must stay exact.
+    lossy_seg = {(SEGMENTATION_SOP_CLASS, t) for t in TRANSFER_SYNTAXES if t not in SEG_TRANSFER_SYNTAXES}
+    assert lossy_seg and rejected == lossy_seg | {
+        (CR, JPEGLSLossless), (ENCAPSULATED_PDF, ExplicitVRLittleEndian), (MR, ExplicitVRLittleEndian)
+    }
 
 
 def test_deflated_transfer_syntax_is_stored_readable(node: Node) -> None:

@@ -4,7 +4,9 @@ radiologists' feedback (the retraining loop).
 The labels come from :meth:`node.ledger.Ledger.feedback_export`, the same export the worklist
 offers: a rejected study makes each of its images a negative; a confirmed (or already known)
 study makes its flagged images positives, outlined by the SEG Pleura wrote; a corrected study
-makes its corrected image a positive outlined by the radiologist's own drawing. Images the
+makes its corrected image a positive outlined by the radiologist's own drawing; a Segmentation
+sent back to Pleura makes each image it references a positive with that outline, or a negative
+when its outline is empty. Images the
 feedback says nothing about are listed as unlabelled, never guessed. Masks are kept as SIIM-ACR
 RLE strings at each image's size, so the archive trains exactly like a SIIM-ACR set.
 """
@@ -15,18 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.errors import InvalidDicomError
 
 from training.datasets import DatasetError, DatasetIndex, Example, Problem
 from training.rle import rle_encode
 from training.synthetic import SYNTHETIC_PATIENT_NAME
 
 LEDGER_FILE = "ledger.sqlite"
-
-
-def _mask_from_seg(path: Path, rows: int, columns: int) -> np.ndarray:
-    seg = pydicom.dcmread(path)
-    mask = np.asarray(seg.pixel_array).astype(bool).reshape(-1, rows, columns).any(axis=0)
-    return mask
 
 
 def _mask_from_png(path: Path, rows: int, columns: int) -> np.ndarray:
@@ -46,6 +43,7 @@ def read_archive(
     SQLite ledger in it). Raises :class:`DatasetError` naming the file for an unusable image,
     unless ``skip_bad``, which leaves it out and reports it."""
     from node.ledger import Ledger  # the node's ledger; imported here so training needs it only for archives
+    from node.seg_labels import seg_mask
 
     root = Path(storage_dir)
     url = ledger_url or f"sqlite:///{root / LEDGER_FILE}"
@@ -75,11 +73,11 @@ def read_archive(
                     if image.get("mask_key"):
                         mask = _mask_from_png(root / image["mask_key"], rows, columns)
                     elif image.get("seg_key"):
-                        mask = _mask_from_seg(root / image["seg_key"], rows, columns)
+                        mask = seg_mask(root / image["seg_key"], str(image["sop_instance_uid"]), rows, columns)
                     else:
                         raise ValueError("a positive without an outline (no SEG and no drawn mask)")
                     rles = (rle_encode(mask),)
-            except (OSError, ValueError, AttributeError) as exc:
+            except (OSError, ValueError, AttributeError, InvalidDicomError) as exc:
                 message = f"{path}: {exc} (study feedback by {study.get('user')})"
                 if not skip_bad:
                     raise DatasetError(message) from None

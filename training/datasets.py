@@ -36,6 +36,7 @@ __all__ = [
     "Example",
     "Problem",
     "find_cxr14_csv",
+    "merge_datasets",
     "read_cxr14",
     "read_dataset",
     "read_siim",
@@ -46,7 +47,7 @@ CXR14_CSV_GLOB = "Data_Entry_2017*.csv"
 SIIM_COLUMNS = ("ImageId", "EncodedPixels")
 CXR14_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 
-DatasetKind = Literal["siim", "cxr14", "archive"]
+DatasetKind = Literal["siim", "cxr14", "archive", "merged"]
 
 
 class DatasetError(ValueError):
@@ -103,9 +104,13 @@ class DatasetIndex:
     examples: list[Example]
     problems: list[Problem] = field(default_factory=list)
     unlabelled: list[Path] = field(default_factory=list)
+    parts: list[DatasetIndex] = field(default_factory=list)
+    """For a merged index: the data sets it was made of (:func:`merge_datasets`)."""
 
     @property
     def has_masks(self) -> bool:
+        if self.kind == "merged":
+            return all(part.has_masks for part in self.parts)
         return self.kind in ("siim", "archive")
 
     @property
@@ -293,6 +298,41 @@ def read_cxr14(root: Path | str, labels_csv: Path | str | None = None, *, skip_b
         )
     unlabelled = [path for name, path in files.items() if name not in seen]
     return DatasetIndex("cxr14", base, label_file, examples, problems, unlabelled)
+
+
+def merge_datasets(indexes: list[DatasetIndex]) -> DatasetIndex:
+    """One index of several data sets, to train on their union (split by patient across all of them).
+
+    Image ids are SOP Instance UIDs (SIIM-ACR, archive) or file stems (ChestX-ray14): an id found
+    in two sets is the same image, so it is kept once, with the label of the later set (pass the
+    radiologists' feedback last to let it correct an older label); the earlier copy is reported as
+    left out. Patients are grouped by their Patient ID across the sets, so a patient whose images
+    are in two sets stays in one split.
+    """
+    if not indexes:
+        raise ValueError("merge_datasets needs at least one data set")
+    if len(indexes) == 1:
+        return indexes[0]
+    chosen: dict[str, tuple[Example, DatasetIndex]] = {}
+    problems: list[Problem] = []
+    for index in indexes:
+        problems.extend(index.problems)
+        for example in index.examples:
+            earlier = chosen.get(example.image_id)
+            if earlier is not None:
+                problems.append(
+                    Problem(earlier[0].path, None, f"image {example.image_id} is also in {index.root}; its label there is used")
+                )
+            chosen[example.image_id] = (example, index)
+    return DatasetIndex(
+        "merged",
+        indexes[0].root,
+        indexes[0].label_file,
+        [example for example, _ in chosen.values()],
+        problems,
+        [path for index in indexes for path in index.unlabelled],
+        list(indexes),
+    )
 
 
 def detect_kind(root: Path) -> DatasetKind:

@@ -246,18 +246,20 @@ def _atomic_save(payload: Any, path: Path) -> None:
 
 def _describe_data(data: DatasetIndex, counts: dict[str, tuple[int, int]], used: Sequence[Example]) -> str:
     parts = ", ".join(f"{name} {n} ({p} positive)" for name, (n, p) in counts.items())
-    kind = {
+    kinds = {
         "siim": "SIIM-ACR layout",
         "cxr14": "ChestX-ray14 layout",
         "archive": "Pleura's archive labelled by radiologists' feedback",
-    }[data.kind]
+    }
     synthetic = sum(example.synthetic for example in used)
     note = ""
     if synthetic == len(used):
         note = "; synthetic images from training.synthetic, no patient data"
     elif synthetic:
         note = f"; {synthetic} of the {len(used)} training and validation images are synthetic (training.synthetic)"
-    return f"{kind} at {data.root} (labels {data.label_file.name}): {parts}{note}"
+    sources = data.parts if data.kind == "merged" else [data]
+    where = " + ".join(f"{kinds[part.kind]} at {part.root} (labels {part.label_file.name})" for part in sources)
+    return f"{where}: {parts}{note}"
 
 
 def _is_synthetic(examples: Sequence[Example]) -> bool:

@@ -18,10 +18,9 @@ from pydicom.valuerep import PersonName
 from training.bundle import ModelIdentity
 from worker.inference.predict import positive_pair
 from worker.inference.result import ImageFinding
+from worker.writers.marks import MANUFACTURER, SERIES_NUMBERS
 from worker.writers.uids import device_uid, instance_uid, series_uid
 
-MANUFACTURER = "Pleura"
-"""Manufacturer (0008,0070) of every object Pleura writes."""
 DEMO_LABEL = "SYNTHETIC DEMO MODEL - not for clinical use"
 """Said by every object made with a model trained on synthetic data only."""
 AI_DISCLAIMER = "AI result - not a diagnosis"
@@ -138,10 +137,6 @@ def tracking_uid(source: pydicom.Dataset, model: ModelIdentity) -> str:
     """The UID that ties the SEG's segment, the SR's measurement group and the GSPS's outline
     for one image."""
     return instance_uid(source.SOPInstanceUID, model, "TRACKING")
-
-
-SERIES_NUMBERS = {"SEG": 9901, "SR": 9902, "SC": 9903, "GSPS": 9904}
-"""Series Number of each kind of result, so they sort the same way in every study."""
 
 
 def image_result_identity(source: pydicom.Dataset, model: ModelIdentity, kind: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ router = APIRouter(prefix="/api/feedback", tags=["feedback"])
 CSV_COLUMNS = (
     "study_uid", "verdict", "study_label", "user", "created_at", "model_name", "model_version",
     "study_probability", "study_flagged", "sop_instance_uid", "series_instance_uid", "instance_key", "seg_key",
-    "analysis_status", "probability", "flagged", "area_px", "mask_key", "label",
+    "analysis_status", "probability", "flagged", "area_px", "mask_key", "label", "labelled_by",
 )  # fmt: skip
 
 
