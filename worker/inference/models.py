@@ -15,7 +15,7 @@ from torch import nn
 
 from training.bundle import Bundle, BundleError, Manifest, NetworkSpec, Preprocessing, Thresholds
 
-__all__ = ["ARCHITECTURES", "LoadedModels", "build_network", "load_models", "resolve_device"]
+__all__ = ["ARCHITECTURES", "LoadedModels", "build_network", "load_models", "load_segmenter", "resolve_device"]
 
 TIMM_CLASSIFIERS = ("resnet18", "resnet50")
 ARCHITECTURES = ("densenet121", *TIMM_CLASSIFIERS, "cbr", "unet")
@@ -200,8 +200,20 @@ def load_models(bundle: Bundle, device: str = "auto") -> LoadedModels:
     """Build both networks from the manifest and load the bundle's weights, in eval mode on ``device``."""
     target = resolve_device(device)
     manifest = bundle.manifest
+    if manifest.kind != "radiograph" or manifest.classifier is None:
+        raise BundleError(f"bundle {bundle.path} analyses {manifest.kind}, not radiographs (check PLEURA_MODEL_DIR)")
     classifier, segmenter = (
         _load_weights(build_network(spec, manifest.network_preprocessing(spec)), bundle, spec, target)
         for spec in (manifest.classifier, manifest.segmenter)
     )
     return LoadedModels(classifier=classifier, segmenter=segmenter, manifest=manifest, device=target)
+
+
+def load_segmenter(bundle: Bundle, device: str = "auto") -> tuple[nn.Module, torch.device]:
+    """A CT bundle's U-Net with its weights, in eval mode on ``device``: (network, device)."""
+    target = resolve_device(device)
+    manifest = bundle.manifest
+    if manifest.kind != "ct":
+        raise BundleError(f"bundle {bundle.path} analyses {manifest.kind}, not CT (check PLEURA_CT_MODEL_DIR)")
+    spec = manifest.segmenter
+    return _load_weights(build_network(spec, manifest.network_preprocessing(spec)), bundle, spec, target), target

@@ -192,18 +192,9 @@ def build_sr(
             )
         )
 
-    observer = ObserverContext(
-        observer_type=codes.cid270.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=device_uid(model),
-            name=DEVICE_OBSERVER_NAME,
-            manufacturer_name=model.manufacturer,
-            model_name=model.name,
-        ),
-    )
     library = [header for header in headers + skipped_headers if _has_library_descriptors(header)]
     report = MeasurementReport(
-        observation_context=ObservationContext(observer_device_context=observer),
+        observation_context=device_observation_context(model),
         procedure_reported=PLAIN_CHEST_XRAY,
         imaging_measurements=groups,
         referenced_images=library or None,
@@ -241,6 +232,20 @@ def build_sr(
     )
     _declare_private_scheme(sr)
     return carry_context(sr, context[0])
+
+
+def device_observation_context(model: ModelIdentity) -> ObservationContext:
+    """The report's observer: the device "Pleura" named by the model."""
+    observer = ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=device_uid(model),
+            name=DEVICE_OBSERVER_NAME,
+            manufacturer_name=model.manufacturer,
+            model_name=model.name,
+        ),
+    )
+    return ObservationContext(observer_device_context=observer)
 
 
 def _measurement(
