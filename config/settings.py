@@ -220,6 +220,9 @@ class Settings(BaseSettings):
     notify_retry_seconds: float = Field(
         default=10.0, gt=0, description="first delay before a failed notification is tried again (doubles)"
     )
+    ct_model_dir: Path | None = Field(
+        default=None, description="CT model bundle directory; unset = the CT demo bundle in the storage dir"
+    )
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 

@@ -695,7 +695,13 @@ class Ledger:
         cutoff = (_as_utc(now) if now else utcnow()) - timedelta(seconds=settle_seconds)
         with self._transaction() as session:
             rows = session.execute(
-                select(Instance.study_uid, Instance.sop_instance_uid, Instance.storage_key)
+                select(
+                    Instance.study_uid,
+                    Instance.sop_instance_uid,
+                    Instance.storage_key,
+                    Instance.series_instance_uid,
+                    Instance.sop_class_uid,
+                )
                 .join(Study, Study.study_uid == Instance.study_uid)
                 .where(
                     Study.status == StudyStatus.RECEIVING.value,
@@ -705,8 +711,11 @@ class Ledger:
                 .order_by(Study.last_received_at, Study.study_uid, Instance.id)
             ).all()
         due: dict[str, DueStudy] = {}
-        for study_uid, sop_uid, key in rows:
-            due.setdefault(study_uid, DueStudy(study_uid)).instances.append({"sop_instance_uid": sop_uid, "key": key})
+        for study_uid, sop_uid, key, series_uid, sop_class in rows:
+            # The series and SOP class let the dispatcher send CT series to their own queue.
+            due.setdefault(study_uid, DueStudy(study_uid)).instances.append(
+                {"sop_instance_uid": sop_uid, "key": key, "series_instance_uid": series_uid, "sop_class_uid": sop_class}
+            )
         return list(due.values())
 
     def requeue_stale(self, timeout_seconds: float, *, now: datetime | None = None) -> list[str]:

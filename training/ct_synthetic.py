@@ -142,6 +142,7 @@ def make_phantom(
             truth = inside & (yy <= -lung_b + depth)  # anterior is -y in LPS
     hu[truth] = AIR_HU
     hu += rng.normal(0.0, noise_hu, hu.shape).astype(np.float32)
+    np.rint(hu, out=hu)
     np.clip(hu, RESCALE_INTERCEPT, RESCALE_INTERCEPT + (1 << BITS_STORED) - 1, out=hu)  # what the slices can store
     volume = _ellipsoid_cap_ml(lung_a, lung_b, lung_c, depth) if pneumothorax else 0.0
     return Phantom(

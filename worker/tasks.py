@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
@@ -44,25 +45,40 @@ def register_worker_tasks(app: Celery) -> None:
         An unexpected error is retried with a growing delay; after the last try the node is told
         the study failed, with the reason, so it never waits in "queued" for ever.
         """
-        from worker.analysis import failed_summary
+        return analyse_and_report(
+            self, study_uid, instances, lambda: _analyser(self.app).analyse(study_uid, instances, options)
+        )
 
-        try:  # tell the worklist; a message lost here costs nothing but the word "analysing"
-            self.app.send_task(ANALYSIS_STARTED, args=[study_uid, self.request.id])
-        except Exception as exc:
-            log.warning("cannot report the start of an analysis: %s", exc)
-        try:
-            summary = _analyser(self.app).analyse(study_uid, instances, options)
-        except Exception as exc:
-            if self.request.retries < MAX_RETRIES:
-                log.warning("analysis of a study failed (%s); retrying", exc)
-                raise self.retry(exc=exc, countdown=5 * 2**self.request.retries) from exc
-            log.exception("analysis of a study failed for good")
-            summary = failed_summary(study_uid, instances, f"analysis failed: {type(exc).__name__}: {exc}")
-        try:
-            self.app.send_task(RECORD_ANALYSIS, args=[summary])
-        except Exception as exc:
-            # The broker is unreachable: analyse again later (idempotent) rather than lose the
-            # summary. Should every retry fail, the node dispatches the study again in time.
-            raise self.retry(exc=exc, countdown=30, max_retries=MAX_RETRIES + 10) from exc
-        # Celery logs what a task returns: references, not UIDs (see node/privacy.py).
-        return {"study": ref(study_uid), "flagged": summary["flagged"], "results": len(summary["results"])}
+    from worker.ct_tasks import register_ct_tasks  # the CT queue's task: worker/ct_tasks.py
+
+    register_ct_tasks(app)
+
+
+def analyse_and_report(
+    task: Task, study_uid: str, instances: list[dict[str, str]], analyse: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """The body every analysis task shares: say it started, run ``analyse()``, retry an unexpected
+    error with a growing delay (after the last try the node is told the study failed, with the
+    reason), and send the summary to the node side."""
+    from worker.analysis import failed_summary
+
+    try:  # tell the worklist; a message lost here costs nothing but the word "analysing"
+        task.app.send_task(ANALYSIS_STARTED, args=[study_uid, task.request.id])
+    except Exception as exc:
+        log.warning("cannot report the start of an analysis: %s", exc)
+    try:
+        summary = analyse()
+    except Exception as exc:
+        if task.request.retries < MAX_RETRIES:
+            log.warning("analysis of a study failed (%s); retrying", exc)
+            raise task.retry(exc=exc, countdown=5 * 2**task.request.retries) from exc
+        log.exception("analysis of a study failed for good")
+        summary = failed_summary(study_uid, instances, f"analysis failed: {type(exc).__name__}: {exc}")
+    try:
+        task.app.send_task(RECORD_ANALYSIS, args=[summary])
+    except Exception as exc:
+        # The broker is unreachable: analyse again later (idempotent) rather than lose the
+        # summary. Should every retry fail, the node dispatches the study again in time.
+        raise task.retry(exc=exc, countdown=30, max_retries=MAX_RETRIES + 10) from exc
+    # Celery logs what a task returns: references, not UIDs (see node/privacy.py).
+    return {"study": ref(study_uid), "flagged": summary["flagged"], "results": len(summary["results"])}
