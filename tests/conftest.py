@@ -75,3 +75,14 @@ def peers():
     yield listener, receiver
     listener.stop()
     receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def ct_demo_bundle() -> Path:
+    """The synthetic CT demo bundle, as `pleura demo-model` builds it; built here when it is missing."""
+    from config.settings import default_storage_dir
+    from training.ct_demo_model import ensure_ct_demo_bundle
+
+    target = Path(os.environ.get("PLEURA_CT_MODEL_DIR") or default_storage_dir() / "models" / "ct-demo")
+    ensure_ct_demo_bundle(target, progress=False)
+    return target

@@ -45,8 +45,8 @@ def ct_demo_preset(seed: int = 0) -> Preset:
             "encoder": "resnet18",
             "extra": {"encoder_depth": 3, "decoder_channels": [32, 16, 8]},
             "input_size": CT_DEMO_SIZE,
-            "batch_size": 8,
-            "lr": 3e-3,
+            "batch_size": 16,
+            "lr": 2e-3,
             "epochs": 8,
             "patience": 0,
             "split": [0.75, 0.25, 0.0],
@@ -94,7 +94,7 @@ def _held_out_volume_error(bundle: Bundle) -> dict[str, float]:
 
 
 def build_ct_demo_bundle(
-    out_dir: Path, *, seed: int = 0, cases: int = 6, slices: int = 24, progress: bool = True
+    out_dir: Path, *, seed: int = 0, cases: int = 8, slices: int = 32, progress: bool = True
 ) -> Bundle:
     """Generate ``cases`` phantoms, train the demo U-Net, write the bundle to ``out_dir`` and check it."""
     out = Path(out_dir)
