@@ -73,7 +73,7 @@ def ensure_ct_demo(settings, out: Optional[Path], force: bool, seed: int, consol
     from worker.bundles import active_bundle_dir
 
     target = out or active_bundle_dir(settings, "ct")
-    console.print(f"making sure the synthetic CT demo bundle in {target} is current (about a minute to train)")
+    console.print(f"making sure the synthetic CT demo bundle in {target} is current (a minute or two to train on a CPU)")
     try:
         bundle, built = ensure_ct_demo_bundle(target, force=force, seed=seed, progress=False)
     except BundleError as exc:
