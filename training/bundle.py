@@ -57,7 +57,7 @@ class NetworkInput(BaseModel):
 
 
 class NetworkSpec(BaseModel):
-    architecture: str = Field(description="densenet121 | resnet18 | resnet50 | cbr | unet")
+    architecture: str = Field(description="densenet121 | resnet18 | resnet50 | cbr | unet | basicunet")
     encoder: str | None = Field(default=None, description="U-Net encoder (smp name), e.g. resnet34")
     weights_file: str
     extra: dict = Field(default_factory=dict, description="architecture keyword arguments")

@@ -1,4 +1,4 @@
-"""The synthetic CT demo bundle: a tiny U-Net trained on CT phantoms in well under a minute of CPU.
+"""The synthetic CT demo bundle: a tiny U-Net trained on CT phantoms in a minute or two of CPU.
 
 It goes through the same contract as a real CT model: the phantoms are written as DICOM series
 with their truth as DICOM SEG (:func:`~training.ct_synthetic.write_ct_dataset`), indexed by
@@ -38,16 +38,18 @@ HELD_OUT_SEED = 90_001
 
 def ct_demo_preset(seed: int = 0) -> Preset:
     """``ct-seg-unet-resnet50``'s recipe (HU window, BCE + Jaccard, Adam) with a network small enough
-    for a CPU: a ResNet-18 encoder cut to three stages, 128 px slices, a faster learning rate."""
+    for a CPU: MONAI's BasicUNet with narrow layers (8 to 128 channels) on 128 px slices, a faster
+    learning rate and 20 epochs (it reaches a validation Dice near 0.999 on the phantoms)."""
     return with_overrides(
         get_preset("ct-seg-unet-resnet50"),
         {
-            "encoder": "resnet18",
-            "extra": {"encoder_depth": 3, "decoder_channels": [32, 16, 8]},
+            "architecture": "basicunet",
+            "encoder": None,
+            "extra": {"features": [8, 16, 32, 64, 128, 8]},
             "input_size": CT_DEMO_SIZE,
             "batch_size": 16,
-            "lr": 2e-3,
-            "epochs": 8,
+            "lr": 3e-3,
+            "epochs": 20,
             "patience": 0,
             "split": [0.75, 0.25, 0.0],
             "seed": seed,
@@ -62,7 +64,7 @@ def is_current_ct_demo_bundle(bundle: Bundle) -> bool:
         found.synthetic_demo
         and found.kind == "ct"
         and (found.name, found.version) == (CT_DEMO_NAME, CT_DEMO_VERSION)
-        and found.segmenter.encoder == preset.encoder
+        and (found.segmenter.architecture, found.segmenter.encoder) == (preset.architecture, preset.encoder)
         and found.segmenter.extra == preset.extra
         and found.preprocessing.input_size == preset.input_size
     )

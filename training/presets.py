@@ -88,9 +88,9 @@ class Preset(BaseModel, validate_assignment=True):
             raise ValueError(f"a classifier takes loss {' or '.join(classify_losses)}, not {self.loss}")
         if self.task == "segment" and self.loss not in segment_losses:
             raise ValueError(f"a segmenter takes loss {', '.join(segment_losses)}, not {self.loss}")
-        if self.task == "segment" and self.architecture != "unet":
-            raise ValueError(f"segmenter architecture must be unet, not {self.architecture}")
-        if self.task == "classify" and self.architecture == "unet":
+        if self.task == "segment" and self.architecture not in ("unet", "basicunet"):
+            raise ValueError(f"segmenter architecture must be unet or basicunet, not {self.architecture}")
+        if self.task == "classify" and self.architecture in ("unet", "basicunet"):
             raise ValueError("a classifier cannot be a unet")
         if self.task == "segment" and self.imbalance == "weight":
             raise ValueError("imbalance 'weight' weights the classifier loss; for a segmenter use 'sample'")
