@@ -56,12 +56,12 @@ def _recipe_bundle(folder: Path) -> Path:
     import torch
 
     from training.bundle import DEMO_INTENDED_USE, Manifest, NetworkSpec, Thresholds, write_manifest
-    from training.ct_trainer import ct_network_recipe
     from training.presets import get_preset
+    from training.trainer import network_recipe
     from worker.inference.models import build_network
 
     preset = get_preset("ct-seg-unet-resnet50")
-    recipe = ct_network_recipe(preset)
+    recipe = network_recipe(preset)
     spec = NetworkSpec(architecture="unet", encoder=preset.encoder, weights_file="segmenter.pt")
     torch.save(build_network(spec, recipe).state_dict(), folder / spec.weights_file)
     write_manifest(

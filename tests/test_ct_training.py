@@ -76,3 +76,20 @@ def test_a_case_without_a_mask_names_the_folder(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=f"{missing.name}.*exactly one truth mask"):
         read_ct_dataset(data)
     assert len(read_ct_dataset(data, skip_bad=True).cases) == 1
+
+
+def test_a_manifest_checks_its_networks_against_its_kind() -> None:
+    from pydantic import ValidationError
+
+    from training.bundle import Manifest, NetworkSpec, Preprocessing
+
+    unet = NetworkSpec(architecture="unet", weights_file="segmenter.pt")
+    common = dict(name="m", version="1", intended_use="test", synthetic_demo=True, segmenter=unet)
+    ct = Manifest(kind="ct", preprocessing=Preprocessing(hu_window=(-600, 1500)), **common)
+    assert ct.networks == [unet]
+    with pytest.raises(ValidationError, match="needs a classifier"):
+        Manifest(**common)  # a radiograph bundle
+    with pytest.raises(ValidationError, match="segments only"):
+        Manifest(kind="ct", preprocessing=Preprocessing(hu_window=(-600, 1500)), classifier=unet, **common)
+    with pytest.raises(ValidationError, match="hu_window"):
+        Manifest(kind="ct", **common)

@@ -61,12 +61,13 @@ from training.trainer import (
     _loss_function,
     _monitor_score,
     _optimiser,
+    network_recipe,
 )
 from worker.inference.ct_preprocess import window_hu
 from worker.inference.models import build_network, resolve_device
 from worker.inference.preprocess import normalise_input, resize_to_input
 
-__all__ = ["CT_DEFAULT_SPLIT", "CTTrainResult", "ct_network_recipe", "segmentation_metrics", "train_ct"]
+__all__ = ["CT_DEFAULT_SPLIT", "CTTrainResult", "segmentation_metrics", "train_ct"]
 
 CT_DEFAULT_SPLIT = (0.64, 0.16, 0.20)
 CT_INTENDED_USE = (
@@ -85,18 +86,6 @@ class CTTrainResult:
     best_metrics: dict[str, float]
     epochs_run: int
     stopped_early: bool
-
-
-def ct_network_recipe(preset: Preset) -> Preprocessing:
-    """The preprocessing a CT preset's network is trained with (and the worker applies)."""
-    return Preprocessing(
-        input_size=preset.input_size,
-        channels=preset.channels,
-        voi="minmax",  # not used for CT: the HU window decides
-        invert_monochrome1=False,
-        normalisation=preset.normalisation,
-        hu_window=preset.hu_window,
-    )
 
 
 def _slices(cases: Sequence[CTCase], recipe: Preprocessing, name: str) -> CachedImages:
@@ -185,7 +174,7 @@ def train_ct(
     if best_file.exists():
         raise TrainingError(f"{out_dir} already holds a run ({best_file}); use another --out")
     checkpoints.mkdir(parents=True, exist_ok=True)
-    recipe = ct_network_recipe(preset)
+    recipe = network_recipe(preset)  # the one recipe function: with the preset's HU window
     (out_dir / RUN_FILE).write_text(
         json.dumps({"preset": preset.model_dump(mode="json"), "data": str(data.root)}, indent=2) + "\n"
     )

@@ -104,6 +104,7 @@ def network_recipe(preset: Preset) -> Preprocessing:
         clahe=preset.clahe,
         clahe_clip_limit=preset.clahe_clip_limit,
         normalisation=preset.normalisation,
+        hu_window=preset.hu_window,  # CT presets only (the HU window decides, not the VOI)
     )
 
 

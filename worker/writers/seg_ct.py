@@ -18,20 +18,11 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from highdicom.seg import Segmentation, SegmentAlgorithmTypeValues, SegmentationTypeValues, SegmentDescription
+from highdicom.seg import Segmentation, SegmentationTypeValues
 
 from training.bundle import ModelIdentity
-from worker.writers.common import (
-    FINDING_CATEGORY,
-    MANUFACTURER,
-    PNEUMOTHORAX,
-    SERIES_NUMBERS,
-    algorithm_identification,
-    carry_context,
-    describe,
-    source_header,
-)
-from worker.writers.seg import SEGMENT_COLOR, SEGMENT_LABEL, SEGMENT_NUMBER
+from worker.writers.common import MANUFACTURER, SERIES_NUMBERS, carry_context, describe, source_header
+from worker.writers.seg import pneumothorax_segment
 from worker.writers.uids import device_uid, result_uid, series_uid
 
 __all__ = ["build_ct_seg", "ct_series_result_identity", "ct_tracking_uid"]
@@ -68,17 +59,7 @@ def build_ct_seg(sources: Sequence[pydicom.Dataset], mask: np.ndarray, model: Mo
     if not volume.any():
         raise ValueError("the mask is empty: a SEG is written only for a finding")
     headers = [source_header(ds) for ds in sources]
-    segment = SegmentDescription(
-        segment_number=SEGMENT_NUMBER,
-        segment_label=SEGMENT_LABEL,
-        segmented_property_category=FINDING_CATEGORY,
-        segmented_property_type=PNEUMOTHORAX,
-        algorithm_type=SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm_identification(model),
-        tracking_uid=ct_tracking_uid(first.SeriesInstanceUID, model),
-        tracking_id=SEGMENT_LABEL,
-        display_color=SEGMENT_COLOR,
-    )
+    segment = pneumothorax_segment(model, ct_tracking_uid(first.SeriesInstanceUID, model))
     seg = Segmentation(
         source_images=headers,
         pixel_array=volume,
