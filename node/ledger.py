@@ -710,6 +710,7 @@ class Ledger:
                 )
                 .order_by(Study.last_received_at, Study.study_uid, Instance.id)
             ).all()
+            rows += self._rest_of_ct_series(session, rows)
         due: dict[str, DueStudy] = {}
         for study_uid, sop_uid, key, series_uid, sop_class in rows:
             # The series and SOP class let the dispatcher send CT series to their own queue.
@@ -717,6 +718,31 @@ class Ledger:
                 {"sop_instance_uid": sop_uid, "key": key, "series_instance_uid": series_uid, "sop_class_uid": sop_class}
             )
         return list(due.values())
+
+    @staticmethod
+    def _rest_of_ct_series(session: Session, pending: Sequence[Any]) -> list[Any]:
+        """A CT series is analysed whole: the already analysed slices of a series that got a new
+        slice go with it (their status is left as it is until the new summary)."""
+        from node.routing import CT_SOP_CLASSES
+
+        series = {(row[0], row[3]) for row in pending if row[4] in CT_SOP_CLASSES}
+        if not series:
+            return []
+        rest = session.execute(
+            select(
+                Instance.study_uid,
+                Instance.sop_instance_uid,
+                Instance.storage_key,
+                Instance.series_instance_uid,
+                Instance.sop_class_uid,
+            )
+            .where(
+                Instance.series_instance_uid.in_([uid for _, uid in series]),
+                Instance.analysis_status != AnalysisStatus.PENDING.value,
+            )
+            .order_by(Instance.id)
+        ).all()
+        return [row for row in rest if (row[0], row[3]) in series and row[4] in CT_SOP_CLASSES]
 
     def requeue_stale(self, timeout_seconds: float, *, now: datetime | None = None) -> list[str]:
         """Put instances queued longer than `timeout_seconds` back to pending, so their study is

@@ -116,3 +116,33 @@ def test_ct_series_and_radiographs_go_to_separate_queues(tmp_path: Path) -> None
     finally:
         redis.stop()
     shutil.rmtree(tmp_path / "redis", ignore_errors=True)
+
+
+def test_a_late_slice_sends_its_whole_ct_series_again(tmp_path: Path) -> None:
+    from node.ledger import Ledger
+
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    ct_class = pydicom.uid.CTImageStorage
+
+    def receive(sop: str, series: str = "5.1", sop_class: str = ct_class) -> None:
+        ledger.record_instance(
+            sop_instance_uid=sop, study_uid="5", series_instance_uid=series, sop_class_uid=sop_class,
+            transfer_syntax_uid="1.2.840.10008.1.2.1", storage_key=f"instances/5/{series}/{sop}.dcm",
+        )
+
+    for sop in ("5.1.1", "5.1.2"):
+        receive(sop)
+    receive("5.2.1", series="5.2", sop_class="1.2.840.10008.5.1.4.1.1.1")  # a CR in the same study
+    [due] = ledger.due_studies(0)
+    assert [i["sop_instance_uid"] for i in due.instances] == ["5.1.1", "5.1.2", "5.2.1"]
+    ledger.mark_queued("5", [i["sop_instance_uid"] for i in due.instances], task_id="t1")
+    ledger.record_analysis({
+        "study_uid": "5", "model": {"name": "m", "version": "1"}, "results": [],
+        "images": [{"sop_instance_uid": uid, "status": "analysed"} for uid in ("5.1.1", "5.1.2", "5.2.1")],
+    })
+    receive("5.1.3")  # a late slice re-opens the study
+
+    [due] = ledger.due_studies(0)
+    assert sorted(i["sop_instance_uid"] for i in due.instances) == ["5.1.1", "5.1.2", "5.1.3"]  # not the CR
+    routed = route_instances(due.instances)
+    assert not routed.radiograph and len(routed.ct_series["5.1"]) == 3
