@@ -80,6 +80,9 @@ def test_a_series_with_a_foreign_slice_is_reported_not_analysed(analyser: Series
     assert all("CT series not analysed" in image["reason"] for uid, image in statuses.items() if uid != radiograph.SOPInstanceUID)
     assert [result["kind"] for result in summary["results"]] == ["SR"]  # never silent
     assert dciodvfy_errors(analyser.store.path(summary["results"][0]["key"])) == []
+    report = pydicom.dcmread(analyser.store.path(summary["results"][0]["key"]))
+    procedure = [item for item in report.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "121058"]
+    assert procedure[0].ConceptCodeSequence[0].CodeMeaning == "CT of chest"
 
 
 def test_ct_series_and_radiographs_go_to_separate_queues(tmp_path: Path) -> None:

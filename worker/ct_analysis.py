@@ -29,7 +29,7 @@ from worker.inference.models import load_segmenter
 from worker.inference.preprocess import ImageDecodeError, mask_to_source
 from worker.writers.seg_ct import build_ct_seg
 from worker.writers.sr import SkippedImage, build_sr
-from worker.writers.sr_ct import build_ct_sr, volume_text
+from worker.writers.sr_ct import CT_OF_CHEST, build_ct_sr, volume_text
 
 __all__ = ["SeriesAnalyser", "segment_series"]
 
@@ -149,7 +149,7 @@ class SeriesAnalyser:
                 for sop_uid, entry in images.items()
             ]
             if datasets:
-                results.append(self._store(study_uid, "SR", build_sr([], skipped, identity)))
+                results.append(self._store(study_uid, "SR", build_sr([], skipped, identity, CT_OF_CHEST)))
 
         return {
             "study_uid": study_uid,

@@ -148,8 +148,10 @@ def build_sr(
     analysed: Sequence[AnalysedImage],
     skipped: Sequence[SkippedImage],
     model: ModelIdentity,
+    procedure_reported: Code = PLAIN_CHEST_XRAY,
 ) -> ComprehensiveSR:
-    """The TID 1500 report of one analysis of a study.
+    """The TID 1500 report of one analysis of a study (``procedure_reported``: the CT path's
+    report of a series it could not analyse says "CT of chest").
 
     ``analysed`` holds each image the models ran on (with its SEG when flagged, which the report
     then references), ``skipped`` each image of the analysis that was not analysed and why.
@@ -195,7 +197,7 @@ def build_sr(
     library = [header for header in headers + skipped_headers if _has_library_descriptors(header)]
     report = MeasurementReport(
         observation_context=device_observation_context(model),
-        procedure_reported=PLAIN_CHEST_XRAY,
+        procedure_reported=procedure_reported,
         imaging_measurements=groups,
         referenced_images=library or None,
     )
