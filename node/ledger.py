@@ -552,6 +552,18 @@ def _check_summary(summary: dict[str, Any]) -> None:
             raise ValueError(f"analysis summary: {where}.kind {kind!r} is not one of {sorted(_RESULT_KINDS)}")
 
 
+def _due_columns() -> tuple[Any, ...]:
+    """What :meth:`Ledger.due_studies` tells the dispatcher of each instance (the series and SOP
+    class let it send CT series to their own queue)."""
+    return (
+        Instance.study_uid,
+        Instance.sop_instance_uid,
+        Instance.storage_key,
+        Instance.series_instance_uid,
+        Instance.sop_class_uid,
+    )
+
+
 def _study_outcome(instances: Sequence[Instance]) -> tuple[str, str | None]:
     """The study status and reason once no instance is waiting for a worker."""
     analysed = [i for i in instances if i.analysis_status == AnalysisStatus.ANALYSED]
@@ -695,13 +707,7 @@ class Ledger:
         cutoff = (_as_utc(now) if now else utcnow()) - timedelta(seconds=settle_seconds)
         with self._transaction() as session:
             rows = session.execute(
-                select(
-                    Instance.study_uid,
-                    Instance.sop_instance_uid,
-                    Instance.storage_key,
-                    Instance.series_instance_uid,
-                    Instance.sop_class_uid,
-                )
+                select(*_due_columns())
                 .join(Study, Study.study_uid == Instance.study_uid)
                 .where(
                     Study.status == StudyStatus.RECEIVING.value,
@@ -729,13 +735,7 @@ class Ledger:
         if not series:
             return []
         rest = session.execute(
-            select(
-                Instance.study_uid,
-                Instance.sop_instance_uid,
-                Instance.storage_key,
-                Instance.series_instance_uid,
-                Instance.sop_class_uid,
-            )
+            select(*_due_columns())
             .where(
                 Instance.series_instance_uid.in_([uid for _, uid in series]),
                 Instance.analysis_status != AnalysisStatus.PENDING.value,

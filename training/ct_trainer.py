@@ -21,7 +21,6 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,7 +35,6 @@ from torch.utils.data import DataLoader, RandomSampler
 from training.augment import build_augmentation
 from training.bundle import (
     DEMO_INTENDED_USE,
-    Bundle,
     Manifest,
     NetworkSpec,
     Preprocessing,
@@ -55,6 +53,7 @@ from training.trainer import (
     RUN_FILE,
     SPLITS_FILE,
     TrainingError,
+    TrainResult,
     _append_metrics,
     _atomic_save,
     _CachedDataset,
@@ -67,7 +66,7 @@ from worker.inference.ct_preprocess import window_hu
 from worker.inference.models import build_network, resolve_device
 from worker.inference.preprocess import normalise_input, resize_to_input
 
-__all__ = ["CT_DEFAULT_SPLIT", "CTTrainResult", "segmentation_metrics", "train_ct"]
+__all__ = ["CT_DEFAULT_SPLIT", "segmentation_metrics", "train_ct"]
 
 CT_DEFAULT_SPLIT = (0.64, 0.16, 0.20)
 CT_INTENDED_USE = (
@@ -75,17 +74,6 @@ CT_INTENDED_USE = (
     "validate on local data before any clinical use"
 )
 _AUC_MAX_VOXELS = 200_000
-
-
-@dataclass
-class CTTrainResult:
-    bundle: Bundle
-    network: nn.Module
-    recipe: Preprocessing
-    best_epoch: int
-    best_metrics: dict[str, float]
-    epochs_run: int
-    stopped_early: bool
 
 
 def _slices(cases: Sequence[CTCase], recipe: Preprocessing, name: str) -> CachedImages:
@@ -163,7 +151,7 @@ def train_ct(
     intended_use: str | None = None,
     progress: bool = True,
     console: Console | None = None,
-) -> CTTrainResult:
+) -> TrainResult:
     """Train the CT ``preset`` on ``data`` into ``out`` and write ``out/bundle`` (see the module docstring)."""
     console = console or Console(stderr=True, quiet=not progress)
     if preset.kind != "ct":
@@ -303,4 +291,4 @@ def train_ct(
     write_manifest(bundle_dir, manifest)
     bundle = load_bundle(bundle_dir)
     console.print(f"[green]bundle written[/] {bundle.path}: {bundle.identity.label} (best epoch {best_epoch})")
-    return CTTrainResult(bundle, network, recipe, best_epoch, best_metrics, epoch, stopped_early)
+    return TrainResult(bundle, network, recipe, best_epoch, best_metrics, epoch, stopped_early)
