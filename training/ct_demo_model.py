@@ -39,7 +39,7 @@ HELD_OUT_SEED = 90_001
 def ct_demo_preset(seed: int = 0) -> Preset:
     """``ct-seg-unet-resnet50``'s recipe (HU window, BCE + Jaccard, Adam) with a network small enough
     for a CPU: MONAI's BasicUNet with narrow layers (8 to 128 channels) on 128 px slices, a faster
-    learning rate and 20 epochs (it reaches a validation Dice near 0.999 on the phantoms)."""
+    learning rate and 12 epochs (it reaches a validation Dice near 0.999 on the phantoms)."""
     return with_overrides(
         get_preset("ct-seg-unet-resnet50"),
         {
@@ -48,8 +48,8 @@ def ct_demo_preset(seed: int = 0) -> Preset:
             "extra": {"features": [8, 16, 32, 64, 128, 8]},
             "input_size": CT_DEMO_SIZE,
             "batch_size": 16,
-            "lr": 3e-3,
-            "epochs": 20,
+            "lr": 5e-3,
+            "epochs": 12,
             "patience": 0,
             "split": [0.75, 0.25, 0.0],
             "seed": seed,
@@ -67,6 +67,10 @@ def is_current_ct_demo_bundle(bundle: Bundle) -> bool:
         and (found.segmenter.architecture, found.segmenter.encoder) == (preset.architecture, preset.encoder)
         and found.segmenter.extra == preset.extra
         and found.preprocessing.input_size == preset.input_size
+        and all(
+            found.segmenter.training.get("hyperparameters", {}).get(name) == getattr(preset, name)
+            for name in ("epochs", "lr", "batch_size")
+        )
     )
 
 
