@@ -232,6 +232,9 @@ class Settings(BaseSettings):
         default=0, ge=0, le=65535, description="port of a `pleura worker`'s own /healthz, /readyz, /metrics; 0 = none"
     )
     log_format: Literal["text", "json"] = Field(default="text", description="text, or json (one object per line)")
+    ct_model_dir: Path | None = Field(
+        default=None, description="CT model bundle directory; unset = the CT demo bundle in the storage dir"
+    )
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
@@ -279,6 +282,8 @@ class Settings(BaseSettings):
         self.storage_dir = self.storage_dir.expanduser().resolve()
         if self.model_dir is not None:
             self.model_dir = self.model_dir.expanduser().resolve()
+        if self.ct_model_dir is not None:
+            self.ct_model_dir = self.ct_model_dir.expanduser().resolve()
         return self
 
     # Derived locations. They are properties, not settings, so there is one source of truth.

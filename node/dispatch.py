@@ -14,7 +14,8 @@ from typing import Any
 from celery import Celery
 
 from config.settings import Settings
-from worker.celery_app import ANALYSE_STUDY
+from node.routing import route_instances
+from worker.celery_app import ANALYSE_SERIES_CT, ANALYSE_STUDY
 
 Dispatcher = Callable[[str, list[dict[str, str]]], str]
 """dispatch(study_uid, instances) -> task id; raises when the broker cannot take the task."""
@@ -33,13 +34,24 @@ def dispatch_analysis(
     celery_app: Celery, study_uid: str, instances: list[dict[str, str]], options: dict[str, Any] | None = None
 ) -> str:
     """Send ANALYSE_STUDY for `study_uid` with ``[{"sop_instance_uid", "key"}, ...]`` and the
-    :func:`analysis_options` (the app's settings' when not given); returns the task id."""
+    :func:`analysis_options` (the app's settings' when not given), and ANALYSE_SERIES_CT per CT
+    series (:mod:`node.routing`); returns the task id (the radiograph task's when there is one)."""
     if options is None:
         options = analysis_options(celery_app.pleura_settings)
-    result = celery_app.send_task(
-        ANALYSE_STUDY, args=[study_uid, instances, options], retry=True, retry_policy=PUBLISH_RETRY_POLICY
-    )
-    return str(result.id)
+    routed = route_instances(instances)  # CT series go to their own queue, one task per series
+    task_ids = []
+    for series_uid, slices in routed.ct_series.items():
+        result = celery_app.send_task(
+            ANALYSE_SERIES_CT, args=[study_uid, series_uid, slices, options], retry=True,
+            retry_policy=PUBLISH_RETRY_POLICY,
+        )
+        task_ids.append(str(result.id))
+    if routed.radiograph:
+        result = celery_app.send_task(
+            ANALYSE_STUDY, args=[study_uid, routed.radiograph, options], retry=True, retry_policy=PUBLISH_RETRY_POLICY
+        )
+        task_ids.insert(0, str(result.id))
+    return task_ids[0]
 
 
 def make_dispatcher(celery_app: Celery) -> Dispatcher:

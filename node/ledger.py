@@ -569,6 +569,18 @@ def _check_summary(summary: dict[str, Any]) -> None:
             raise ValueError(f"analysis summary: {where}.kind {kind!r} is not one of {sorted(_RESULT_KINDS)}")
 
 
+def _due_columns() -> tuple[Any, ...]:
+    """What :meth:`Ledger.due_studies` tells the dispatcher of each instance (the series and SOP
+    class let it send CT series to their own queue)."""
+    return (
+        Instance.study_uid,
+        Instance.sop_instance_uid,
+        Instance.storage_key,
+        Instance.series_instance_uid,
+        Instance.sop_class_uid,
+    )
+
+
 def _study_outcome(instances: Sequence[Instance]) -> tuple[str, str | None]:
     """The study status and reason once no instance is waiting for a worker."""
     analysed = [i for i in instances if i.analysis_status == AnalysisStatus.ANALYSED]
@@ -712,7 +724,7 @@ class Ledger:
         cutoff = (_as_utc(now) if now else utcnow()) - timedelta(seconds=settle_seconds)
         with self._transaction() as session:
             rows = session.execute(
-                select(Instance.study_uid, Instance.sop_instance_uid, Instance.storage_key)
+                select(*_due_columns())
                 .join(Study, Study.study_uid == Instance.study_uid)
                 .where(
                     Study.status == StudyStatus.RECEIVING.value,
@@ -721,10 +733,33 @@ class Ledger:
                 )
                 .order_by(Study.last_received_at, Study.study_uid, Instance.id)
             ).all()
+            rows += self._rest_of_ct_series(session, rows)
         due: dict[str, DueStudy] = {}
-        for study_uid, sop_uid, key in rows:
-            due.setdefault(study_uid, DueStudy(study_uid)).instances.append({"sop_instance_uid": sop_uid, "key": key})
+        for study_uid, sop_uid, key, series_uid, sop_class in rows:
+            # The series and SOP class let the dispatcher send CT series to their own queue.
+            due.setdefault(study_uid, DueStudy(study_uid)).instances.append(
+                {"sop_instance_uid": sop_uid, "key": key, "series_instance_uid": series_uid, "sop_class_uid": sop_class}
+            )
         return list(due.values())
+
+    @staticmethod
+    def _rest_of_ct_series(session: Session, pending: Sequence[Any]) -> list[Any]:
+        """A CT series is analysed whole: the already analysed slices of a series that got a new
+        slice go with it (their status is left as it is until the new summary)."""
+        from node.routing import CT_SOP_CLASSES
+
+        series = {(row[0], row[3]) for row in pending if row[4] in CT_SOP_CLASSES}
+        if not series:
+            return []
+        rest = session.execute(
+            select(*_due_columns())
+            .where(
+                Instance.series_instance_uid.in_([uid for _, uid in series]),
+                Instance.analysis_status != AnalysisStatus.PENDING.value,
+            )
+            .order_by(Instance.id)
+        ).all()
+        return [row for row in rest if (row[0], row[3]) in series and row[4] in CT_SOP_CLASSES]
 
     def requeue_stale(self, timeout_seconds: float, *, now: datetime | None = None) -> list[str]:
         """Put instances queued longer than `timeout_seconds` back to pending, so their study is

@@ -62,20 +62,26 @@ def worker(
     settings = _settings(config)
     _logging(verbose, log_format=settings.log_format)
     from training.bundle import BundleError, load_bundle
+    from training.registry import active_bundle_dir, is_ct_demo_dir
 
-    try:
-        bundle = load_bundle(settings.bundle_dir)
-    except BundleError as exc:
-        console.print(f"[bold red]Model bundle error[/]: {exc}")
-        raise typer.Exit(2) from None
-    logging.getLogger("pleura.worker").info("model: %s", bundle.identity.label)  # a log line (text or JSON)
+    queue_list = queues or ",".join(settings.worker_queues)
+    kinds = [kind for kind in ("radiograph", "ct") if kind in queue_list.split(",")]
+    for kind in kinds:
+        if kind == "ct" and is_ct_demo_dir(settings, active_bundle_dir(settings, "ct")):
+            continue  # the CT demo bundle is built on first use when nothing else is active
+        try:
+            bundle = load_bundle(active_bundle_dir(settings, kind))
+        except BundleError as exc:
+            console.print(f"[bold red]Model bundle error[/] ({kind}): {exc}")
+            raise typer.Exit(2) from None
+        # a log line (text or JSON); the worker follows the registry from then on
+        logging.getLogger("pleura.worker").info("%s model: %s", kind, bundle.identity.label)
     from worker.celery_app import make_celery
     from worker.tasks import register_worker_tasks
 
     celery_app = make_celery(settings)
     register_worker_tasks(celery_app)
     start_worker_ops(settings, celery_app, verbose)  # JSON logs for Celery too; /healthz when configured
-    queue_list = queues or ",".join(settings.worker_queues)
     pool = "solo" if concurrency == 1 else "prefork"
     celery_app.worker_main(
         [
@@ -103,8 +109,10 @@ def demo_model(
     out: Optional[Path] = typer.Option(None, help="where to write the bundle (default: the configured model dir)"),
     force: bool = typer.Option(False, help="rebuild even if a bundle is already there"),
     seed: int = typer.Option(0),
+    ct: bool = typer.Option(False, "--ct", help="only the CT demo bundle (default: both; --out names the radiograph one)"),
 ) -> None:
-    """Train the small SYNTHETIC DEMO model bundle (not for clinical use) from generated images."""
+    """Train the small SYNTHETIC DEMO model bundles (not for clinical use) from generated images:
+    radiograph (classifier + U-Net) and CT (U-Net on CT phantoms)."""
     settings = _settings(config)
     from training.bundle import BundleError
     from training.demo_model import ensure_demo_bundle
@@ -112,6 +120,12 @@ def demo_model(
 
     target = out or demo_bundle_dir(settings)
 
+    if ct or out is None:
+        from pleura.ct_cli import ensure_ct_demo
+
+        ensure_ct_demo(settings, out if ct else None, force, seed, console)
+        if ct:
+            return
     console.print(f"making sure the synthetic demo bundle in {target} is current (training it takes a few minutes)")
     try:
         bundle, built = ensure_demo_bundle(target, force=force, seed=seed, progress=True)
@@ -144,6 +158,9 @@ dataset_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(dataset_app, name="dataset")
+from pleura.ct_cli import register as _register_ct  # noqa: E402  (CT commands: pleura/ct_cli.py)
+
+_register_ct(dataset_app, console)
 
 DataOption = typer.Option(
     ..., "--data", "-d", help="data set directory (SIIM-ACR or ChestX-ray14 layout, or a Pleura storage directory)"
@@ -457,6 +474,12 @@ def train(
     except PresetError as exc:
         console.print(f"[bold red]Preset error[/]: {exc}")
         raise typer.Exit(2) from None
+    if len(presets) == 1 and presets[0].kind == "ct":
+        from pleura.ct_cli import train_ct_command
+
+        explicit_split = _fractions(split) if split != "0.7,0.15,0.15" else None  # else the preset's 64/16/20
+        return train_ct_command(presets[0], data, out, split_file, explicit_split, device, name, version,
+                                intended_use, skip_bad, console)
     if len(presets) > 2 or (len(presets) == 2 and {p.task for p in presets} != {"classify", "segment"}):
         console.print("[bold red]Preset error[/]: give one preset, or one classifier and one U-Net preset")
         raise typer.Exit(2)

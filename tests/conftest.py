@@ -83,3 +83,12 @@ def node(tmp_path: Path):
     from scp_node import running_node
 
     yield from running_node(tmp_path)
+@pytest.fixture(scope="session")
+def ct_demo_bundle() -> Path:
+    """The synthetic CT demo bundle, as `pleura demo-model` builds it; built here when it is missing."""
+    from config.settings import default_storage_dir
+    from training.ct_demo_model import ensure_ct_demo_bundle
+
+    target = Path(os.environ.get("PLEURA_CT_MODEL_DIR") or default_storage_dir() / "models" / "ct-demo")
+    ensure_ct_demo_bundle(target, progress=False)
+    return target

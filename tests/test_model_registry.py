@@ -108,7 +108,9 @@ def test_import_list_show_promote_rollback_export_round_trip(tmp_path, tiny_base
         assert other.active("radiograph").id == "tiny/2.0"
 
 
-def test_a_version_never_changes_and_a_fixed_bundle_is_not_a_registry(tmp_path, tiny_base_bundle, registry):
+def test_a_version_never_changes_and_a_fixed_bundle_is_not_a_registry(
+    tmp_path, tiny_base_bundle, ct_demo_bundle, registry
+):
     registry.import_bundle(make_version(tiny_base_bundle, tmp_path / "a", "1.0"))
     other = make_version(tiny_base_bundle, tmp_path / "a2", "1.0", thresholds=Thresholds(probability=0.9))
     with pytest.raises(BundleError, match="already registered with other files"):
@@ -116,8 +118,13 @@ def test_a_version_never_changes_and_a_fixed_bundle_is_not_a_registry(tmp_path, 
 
     fixed = load_settings(storage_dir=tmp_path / "s", model_dir=tiny_base_bundle)
     assert active_bundle_dir(fixed) == tiny_base_bundle
-    with pytest.raises(RegistryError, match="no ct model"):
-        active_bundle_dir(fixed, "ct")
+    # beside a fixed radiograph bundle, CT series go to the CT demo bundle or PLEURA_CT_MODEL_DIR
+    assert active_bundle_dir(fixed, "ct") == (tmp_path / "s" / "models" / "ct-demo").resolve()
+    ct_fixed = load_settings(storage_dir=tmp_path / "s", model_dir=tiny_base_bundle, ct_model_dir=tmp_path / "ct")
+    assert active_bundle_dir(ct_fixed, "ct") == (tmp_path / "ct").resolve()
+    fixed_ct = make_version(ct_demo_bundle, tmp_path / "fixed-ct", "1.0", name="tiny-ct")
+    with pytest.raises(RegistryError, match="no radiograph model"):
+        active_bundle_dir(load_settings(storage_dir=tmp_path / "s", model_dir=fixed_ct), "radiograph")
     config = write_config(tmp_path / "fixed.toml", storage_dir=tmp_path / "s", model_dir=tiny_base_bundle)
     assert "names a single model bundle" in run(config, "models", "promote", "tiny/1.0", code=2)
     assert "is a single bundle" in run(config, "models", "list")
@@ -201,10 +208,12 @@ def test_a_bad_bundle_is_refused_with_its_reason_and_the_active_model_stays(
     assert active_bundle_dir(load_settings(config)).name == "1.0"
 
 
-def test_a_bundle_for_another_input_is_not_promoted_to_the_slot(tmp_path, tiny_base_bundle, config, registry):
+def test_a_bundle_for_another_input_is_not_promoted_to_the_slot(
+    tmp_path, tiny_base_bundle, ct_demo_bundle, config, registry
+):
     registry.import_bundle(make_version(tiny_base_bundle, tmp_path / "xr", "1.0"))
     registry.promote("tiny/1.0")
-    registry.import_bundle(make_version(tiny_base_bundle, tmp_path / "ct", "1.0", name="tiny-ct", kind="ct"))
+    registry.import_bundle(make_version(ct_demo_bundle, tmp_path / "ct", "1.0", name="tiny-ct"))
     out = run(config, "models", "promote", "tiny-ct/1.0", "--kind", "radiograph", code=2)
     assert "made for another input" in out and "'ct'" in out and "manifest.json" in out
     assert registry.read().active == {"radiograph": "tiny/1.0"}

@@ -20,6 +20,7 @@ from node.settle import SettleLoop
 from worker.celery_app import ANALYSE_STUDY, RADIOGRAPH_QUEUE, make_celery
 
 INSTANCES = [{"sop_instance_uid": "1.2.3.4", "key": "instances/1.2.3/1.2.3.9/1.2.3.4.dcm"}]
+CR = "1.2.840.10008.5.1.4.1.1.1"
 
 
 class Redis:
@@ -106,7 +107,7 @@ def test_a_study_waits_for_the_broker_and_is_then_dispatched_once(tmp_path: Path
         assert loop.run_once(utcnow() + timedelta(seconds=1)) == ["1.2.3"]
         assert loop.run_once(utcnow() + timedelta(seconds=2)) == []
         headers, (args, _, _) = next_message(app)
-        assert args[:2] == ["1.2.3", INSTANCES]
+        assert args[:2] == ["1.2.3", [{**INSTANCES[0], "series_instance_uid": "1.2.3.9", "sop_class_uid": CR}]]
         study = ledger.study_status("1.2.3")
         assert (study["status"], study["task_id"]) == ("queued", headers["id"])
     finally:

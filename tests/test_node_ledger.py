@@ -114,8 +114,8 @@ def test_due_studies_waits_for_the_quiet_time(ledger: Ledger) -> None:
     due = ledger.due_studies(5, T0 + timedelta(seconds=9))
     assert [d.study_uid for d in due] == [STUDY]
     assert due[0].instances == [
-        {"sop_instance_uid": "1.2.3.1", "key": f"instances/{STUDY}/{SERIES}/1.2.3.1.dcm"},
-        {"sop_instance_uid": "1.2.3.2", "key": f"instances/{STUDY}/{SERIES}/1.2.3.2.dcm"},
+        {"sop_instance_uid": "1.2.3.1", "key": f"instances/{STUDY}/{SERIES}/1.2.3.1.dcm", "series_instance_uid": SERIES, "sop_class_uid": CR},
+        {"sop_instance_uid": "1.2.3.2", "key": f"instances/{STUDY}/{SERIES}/1.2.3.2.dcm", "series_instance_uid": SERIES, "sop_class_uid": CR},
     ]
 
     ledger.mark_queued(STUDY, ["1.2.3.1", "1.2.3.2"], task_id="task-1", now=T0 + timedelta(seconds=9))

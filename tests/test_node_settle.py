@@ -81,13 +81,16 @@ def test_each_settled_study_is_dispatched_exactly_once(ledger: Ledger) -> None:
         (
             "1.1",
             [
-                {"sop_instance_uid": "1.1.1", "key": f"instances/1.1/{SERIES}/1.1.1.dcm"},
-                {"sop_instance_uid": "1.1.2", "key": f"instances/1.1/{SERIES}/1.1.2.dcm"},
+                {"sop_instance_uid": "1.1.1", "key": f"instances/1.1/{SERIES}/1.1.1.dcm", **CR_SERIES},
+                {"sop_instance_uid": "1.1.2", "key": f"instances/1.1/{SERIES}/1.1.2.dcm", **CR_SERIES},
             ],
         )
     ]
     study = ledger.study_status("1.1")
     assert (study["status"], study["task_id"]) == ("queued", "task-1")
+
+
+CR_SERIES = {"series_instance_uid": SERIES, "sop_class_uid": "1.2.840.10008.5.1.4.1.1.1"}
 
 
 def test_a_broker_outage_delays_dispatch_without_losing_it(ledger: Ledger) -> None:

@@ -52,6 +52,7 @@ def test_every_preset_of_the_issue_exists_and_builds():
         "seg-unet-xception",
         "seg-unet-resnet18",
         "seg-unet-vgg13",
+        "ct-seg-unet-resnet50",
     }
     cbr = PRESETS["cls-cbr-baseline"]
     assert (cbr.input_size, cbr.lr, cbr.weight_decay, cbr.batch_size, cbr.loss) == (224, 5e-4, 1e-3, 64, "bce")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 MANIFEST_NAME = "manifest.json"
 DEMO_INTENDED_USE = (
@@ -58,7 +58,7 @@ class NetworkInput(BaseModel):
 
 
 class NetworkSpec(BaseModel):
-    architecture: str = Field(description="densenet121 | resnet18 | resnet50 | cbr | unet")
+    architecture: str = Field(description="densenet121 | resnet18 | resnet50 | cbr | unet | basicunet")
     encoder: str | None = Field(default=None, description="U-Net encoder (smp name), e.g. resnet34")
     weights_file: str
     extra: dict = Field(default_factory=dict, description="architecture keyword arguments")
@@ -72,6 +72,7 @@ class Thresholds(BaseModel):
     probability: float = Field(default=0.5, ge=0, le=1, description="classifier probability that flags")
     mask: float = Field(default=0.5, ge=0, le=1, description="U-Net pixel probability inside the mask")
     min_area_px: int = Field(default=64, ge=0, description="smallest mask area (source pixels) that counts")
+    min_volume_ml: float = Field(default=1.0, ge=0, description="CT: smallest 3D component (mL) that counts")
 
 
 BundleKind = Literal["radiograph", "ct"]
@@ -90,7 +91,7 @@ class Manifest(BaseModel):
     manufacturer: str = "Pleura"
     created: str | None = None
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
-    classifier: NetworkSpec
+    classifier: NetworkSpec | None = Field(default=None, description="required for a radiograph bundle; none for CT")
     segmenter: NetworkSpec
     thresholds: Thresholds = Field(default_factory=Thresholds)
     training_data: str = ""
@@ -98,6 +99,21 @@ class Manifest(BaseModel):
     tuning: dict = Field(
         default_factory=dict, description="how `pleura tune` chose the thresholds: target, split, metrics"
     )
+
+    @model_validator(mode="after")
+    def _networks_for_kind(self) -> "Manifest":
+        if self.kind == "radiograph" and self.classifier is None:
+            raise ValueError("a radiograph bundle needs a classifier (kind 'ct' bundles have none)")
+        if self.kind == "ct" and self.classifier is not None:
+            raise ValueError("a CT bundle segments only: leave out 'classifier'")
+        if self.kind == "ct" and self.preprocessing.hu_window is None:
+            raise ValueError("a CT bundle needs preprocessing.hu_window (level, width) in Hounsfield units")
+        return self
+
+    @property
+    def networks(self) -> list[NetworkSpec]:
+        """The bundle's networks: classifier (radiograph bundles) and segmenter."""
+        return [spec for spec in (self.classifier, self.segmenter) if spec is not None]
 
     def network_preprocessing(self, spec: NetworkSpec) -> Preprocessing:
         """The full recipe for one of the bundle's networks: shared decoding, its own input grid."""
@@ -155,7 +171,7 @@ def load_bundle(path: Path | str) -> Bundle:
     except (json.JSONDecodeError, ValidationError) as exc:
         raise BundleError(f"invalid manifest {manifest_file}: {exc}") from None
     bundle = Bundle(root, manifest)
-    for spec in (manifest.classifier, manifest.segmenter):
+    for spec in manifest.networks:
         if not bundle.weights_path(spec).is_file():
             raise BundleError(f"bundle {root}: weights file {bundle.weights_path(spec)} is missing")
     return bundle

@@ -289,6 +289,21 @@ def _held_out_metrics(
 def ensure_demo_bundle(target: Path, *, force: bool = False, seed: int = 0, progress: bool = True) -> tuple[Bundle, bool]:
     """The current demo bundle at ``target``, built when it is missing or outdated: (bundle, built).
 
+    See :func:`ensure_bundle` for the locking and the swap.
+    """
+    return ensure_bundle(
+        target,
+        lambda staging: build_demo_bundle(staging, seed=seed, progress=progress),
+        is_current_demo_bundle,
+        force=force,
+    )
+
+
+def ensure_bundle(
+    target: Path, build: Callable[[Path], Bundle], is_current: Callable[[Bundle], bool], *, force: bool = False
+) -> tuple[Bundle, bool]:
+    """The bundle at ``target`` when ``is_current`` says so, else ``build(staging)``: (bundle, built).
+
     Safe when several processes ask at once (set-up scripts, test sessions, checkouts sharing the
     user's data dir): one builds under an exclusive lock while the others wait and then find it
     current, and the build goes to a staging folder that replaces ``target`` only once it is
@@ -304,7 +319,7 @@ def ensure_demo_bundle(target: Path, *, force: bool = False, seed: int = 0, prog
         except BundleError:
             existing = None
         if existing is not None and not force:
-            if is_current_demo_bundle(existing):
+            if is_current(existing):
                 return existing, False
             if not existing.manifest.synthetic_demo:
                 raise BundleError(f"{target} holds a trained model, not the demo: choose another folder or force")
@@ -312,7 +327,7 @@ def ensure_demo_bundle(target: Path, *, force: bool = False, seed: int = 0, prog
         retired = target.parent / f".{target.name}.old"
         for leftover in (staging, retired):
             shutil.rmtree(leftover, ignore_errors=True)
-        build_demo_bundle(staging, seed=seed, progress=progress)
+        build(staging)
         if target.exists():
             os.replace(target, retired)
         os.replace(staging, target)

@@ -56,7 +56,7 @@ class Preset(BaseModel, validate_assignment=True):
     clahe: bool = False
     clahe_clip_limit: float = Field(default=0.01, gt=0)
     normalisation: Literal["unit", "zscore"] = "unit"
-    loss: Literal["bce", "squared_hinge", "dice", "dice_bce", "dice_focal"]
+    loss: Literal["bce", "squared_hinge", "dice", "dice_bce", "dice_focal", "jaccard_bce"]
     optimiser: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
@@ -74,22 +74,32 @@ class Preset(BaseModel, validate_assignment=True):
     probability_threshold: float = Field(default=0.5, ge=0, le=1)
     mask_threshold: float = Field(default=0.5, ge=0, le=1)
     min_area_px: int | None = Field(default=None, ge=0, description="None: keep the base bundle's")
+    kind: Literal["radiograph", "ct"] = Field(default="radiograph", description="what the network analyses")
+    hu_window: tuple[float, float] | None = Field(default=None, description="CT: HU (level, width) mapped to 0..1")
+    split: tuple[float, float, float] | None = Field(
+        default=None, description="the recipe's train/val/test fractions (None: the command's --split)"
+    )
+    min_volume_ml: float = Field(default=1.0, ge=0, description="CT: smallest 3D component that counts, mL")
 
     @model_validator(mode="after")
     def _consistent(self) -> Preset:
-        classify_losses, segment_losses = ("bce", "squared_hinge"), ("dice", "dice_bce", "dice_focal")
+        classify_losses, segment_losses = ("bce", "squared_hinge"), ("dice", "dice_bce", "dice_focal", "jaccard_bce")
         if self.task == "classify" and self.loss not in classify_losses:
             raise ValueError(f"a classifier takes loss {' or '.join(classify_losses)}, not {self.loss}")
         if self.task == "segment" and self.loss not in segment_losses:
             raise ValueError(f"a segmenter takes loss {', '.join(segment_losses)}, not {self.loss}")
-        if self.task == "segment" and self.architecture != "unet":
-            raise ValueError(f"segmenter architecture must be unet, not {self.architecture}")
-        if self.task == "classify" and self.architecture == "unet":
+        if self.task == "segment" and self.architecture not in ("unet", "basicunet"):
+            raise ValueError(f"segmenter architecture must be unet or basicunet, not {self.architecture}")
+        if self.task == "classify" and self.architecture in ("unet", "basicunet"):
             raise ValueError("a classifier cannot be a unet")
         if self.task == "segment" and self.imbalance == "weight":
             raise ValueError("imbalance 'weight' weights the classifier loss; for a segmenter use 'sample'")
         if self.task == "classify" and self.positives_only:
             raise ValueError("positives_only is for segmenters")
+        if self.kind == "ct" and (self.task != "segment" or self.hu_window is None):
+            raise ValueError("a CT preset segments (task segment) and needs hu_window (level, width)")
+        if self.kind == "radiograph" and self.hu_window is not None:
+            raise ValueError("hu_window is for CT presets (kind ct)")
         if self.monitor == "auc" and self.task == "segment" or self.monitor == "dice" and self.task == "classify":
             raise ValueError(f"monitor {self.monitor} does not fit task {self.task}")
         return self
@@ -107,6 +117,9 @@ _TRANSFER = "transfer-learning classifier paper"
 _BOLOURI = "Bolouri"
 _HUANG = "Huang"
 _KHATTAR = "Khattar et al."
+_GENCER = "Gencer and Toker (CT)"
+LUNG_WINDOW = (-600.0, 1500.0)
+"""HU (level, width) of the CT preset: -1350..150 HU, air to soft tissue, mapped to 0..1."""
 
 
 def _classifier(name: str, source: str, architecture: str, **fields: Any) -> Preset:
@@ -173,6 +186,23 @@ PRESETS: dict[str, Preset] = {
         *(
             _segmenter(f"seg-unet-{encoder}", _HUANG, encoder, loss="dice", positives_only=True)
             for encoder in ("resnet18", "vgg13")
+        ),
+        # 2D U-Net slice by slice on 512 x 512 axial slices, HU normalised to 0..1, BCE + Jaccard,
+        # Adam 1e-4, early stopping after 8 epochs, 64/16/20 split. No augmentation is named by the
+        # recipe: none is applied. Batch size is not given: 8 fits a 16 GB GPU at 512 px.
+        _segmenter(
+            "ct-seg-unet-resnet50",
+            _GENCER,
+            "resnet50",
+            kind="ct",
+            input_size=512,
+            hu_window=LUNG_WINDOW,
+            loss="jaccard_bce",
+            batch_size=8,
+            epochs=100,
+            patience=8,
+            split=(0.64, 0.16, 0.20),
+            augment=Augmentation.off(),
         ),
     )
 }

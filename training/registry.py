@@ -65,6 +65,7 @@ LOCK_NAME = ".registry.lock"
 VERSIONS_DIR = "versions"
 WORKERS_DIR = "workers"
 DEMO_DIR = "demo"
+CT_DEMO_DIR = "ct-demo"
 RECORD_NAME = "registry-record.json"
 """Written beside the bundle files by ``export``: the version's record (checksums, metrics,
 provenance), so an import elsewhere checks the files and keeps where they came from."""
@@ -193,7 +194,7 @@ def validate_bundle(
     """
     import torch
 
-    from worker.inference.models import load_models  # torch: only when a bundle is checked
+    from worker.inference.models import load_models, load_segmenter  # torch: only when a bundle is checked
 
     root = Path(path)
     if checksums is not None:
@@ -209,8 +210,12 @@ def validate_bundle(
         )
     if networks == "skip":
         return bundle
-    models = load_models(bundle, "cpu")
-    for role, network in (("classifier", models.classifier), ("segmenter", models.segmenter)):
+    if manifest.kind == "ct":  # a CT bundle segments only
+        roles = [("segmenter", load_segmenter(bundle, "cpu")[0])]
+    else:
+        models = load_models(bundle, "cpu")
+        roles = [("classifier", models.classifier), ("segmenter", models.segmenter)]
+    for role, network in roles:
         spec = getattr(manifest, role)
         recipe = manifest.network_preprocessing(spec)
         size, channels = recipe.input_size, recipe.channels
@@ -255,6 +260,10 @@ class Registry:
     @property
     def demo_dir(self) -> Path:
         return self.root / DEMO_DIR
+
+    @property
+    def ct_demo_dir(self) -> Path:
+        return self.root / CT_DEMO_DIR
 
     def version_dir(self, record: VersionRecord) -> Path:
         return self.root / VERSIONS_DIR / record.name / record.version
@@ -323,6 +332,8 @@ class Registry:
             return self.version_dir(record)
         if kind == "radiograph":
             return self.demo_dir
+        if kind == "ct":
+            return self.ct_demo_dir
         raise RegistryError(
             f"no active {kind} model in the registry {self.root}: "
             f"`pleura models import BUNDLE` then `pleura models promote VERSION`"
@@ -556,7 +567,9 @@ def _read_export_record(bundle_root: Path) -> VersionRecord | None:
 
 def _provenance(manifest: Manifest, source: Path, by: str, earlier: VersionRecord | None) -> Provenance:
     presets = [
-        str(spec.training["preset"]) for spec in (manifest.classifier, manifest.segmenter) if spec.training.get("preset")
+        str(spec.training["preset"])
+        for spec in (manifest.classifier, manifest.segmenter)
+        if spec is not None and spec.training.get("preset")
     ]
     history = []
     if earlier is not None:
@@ -606,6 +619,18 @@ def demo_bundle_dir(settings: "Settings") -> Path:
     return fixed_bundle_dir(settings) or Registry(registry_root(settings)).demo_dir  # type: ignore[arg-type]
 
 
+def ct_demo_bundle_dir(settings: "Settings") -> Path:
+    """Where the synthetic CT demo bundle lives: the registry's ``ct-demo/`` (``<storage_dir>/models/ct-demo``
+    beside a fixed radiograph bundle). It is the CT model while no CT version was promoted."""
+    root = registry_root(settings) or settings.storage_dir / "models"
+    return Registry(root).ct_demo_dir
+
+
+def is_ct_demo_dir(settings: "Settings", bundle_dir: Path) -> bool:
+    """Whether ``bundle_dir`` is the CT demo bundle's place (built on first use when missing)."""
+    return Path(bundle_dir) == ct_demo_bundle_dir(settings)
+
+
 _cache: dict[tuple[str, str], tuple[tuple[int, int, int], object]] = {}
 
 
@@ -635,12 +660,18 @@ def _manifest_kind(path: Path) -> str | None:
 def active_bundle_dir(settings: "Settings", kind: str = "radiograph") -> Path:
     """The bundle directory that analyses ``kind`` now: the one place that decides.
 
-    A fixed bundle (``PLEURA_MODEL_DIR`` with a manifest) serves its own kind; otherwise the
-    registry's promoted version, or, for radiographs while nothing was promoted, the demo bundle.
+    ``PLEURA_CT_MODEL_DIR``, when set, is the CT model. A fixed bundle (``PLEURA_MODEL_DIR`` with a
+    manifest) serves its own kind (CT series beside a fixed radiograph bundle: the CT demo bundle);
+    otherwise the registry's promoted version, or, while nothing of that kind was promoted, the
+    demo bundle of the kind (``demo/`` or ``ct-demo/``).
     Cheap enough to call before every task: the state file is read again only when it changed.
     Raises :class:`RegistryError` when there is no model for ``kind`` or the state is damaged.
     """
+    if kind == "ct" and settings.ct_model_dir is not None:
+        return settings.ct_model_dir
     fixed = fixed_bundle_dir(settings)
+    if fixed is not None and kind == "ct" and _cached("manifest", fixed / MANIFEST_NAME, _manifest_kind) != "ct":
+        return ct_demo_bundle_dir(settings)
     if fixed is not None:
         bundle_kind = _cached("manifest", fixed / MANIFEST_NAME, _manifest_kind) or "radiograph"
         if bundle_kind != kind:

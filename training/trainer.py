@@ -104,6 +104,7 @@ def network_recipe(preset: Preset) -> Preprocessing:
         clahe=preset.clahe,
         clahe_clip_limit=preset.clahe_clip_limit,
         normalisation=preset.normalisation,
+        hu_window=preset.hu_window,  # CT presets only (the HU window decides, not the VOI)
     )
 
 
@@ -183,6 +184,8 @@ def _loss_function(
         return DiceLoss(sigmoid=True, batch=True)
     if preset.loss == "dice_bce":
         return DiceCELoss(sigmoid=True, batch=True)
+    if preset.loss == "jaccard_bce":  # MONAI's soft Jaccard (DiceLoss with jaccard=True) + BCE
+        return DiceCELoss(sigmoid=True, batch=True, jaccard=True)
     return DiceFocalLoss(sigmoid=True, batch=True)
 
 
@@ -300,6 +303,8 @@ def train(
         )
     if resume and not last_file.exists():
         raise TrainingError(f"nothing to resume in {out_dir}: {last_file} is missing")
+    if preset.kind == "ct":
+        raise TrainingError(f"preset {preset.name} is a CT preset: it trains on CT series (training.ct_trainer)")
     if preset.task == "segment" and not data.has_masks:
         raise TrainingError(f"preset {preset.name} trains a U-Net and needs masks; {data.kind} data has none")
     if base is None:

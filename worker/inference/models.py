@@ -15,10 +15,10 @@ from torch import nn
 
 from training.bundle import Bundle, BundleError, Manifest, NetworkSpec, Preprocessing, Thresholds
 
-__all__ = ["ARCHITECTURES", "LoadedModels", "build_network", "load_models", "resolve_device"]
+__all__ = ["ARCHITECTURES", "LoadedModels", "build_network", "load_models", "load_segmenter", "resolve_device"]
 
 TIMM_CLASSIFIERS = ("resnet18", "resnet50")
-ARCHITECTURES = ("densenet121", *TIMM_CLASSIFIERS, "cbr", "unet")
+ARCHITECTURES = ("densenet121", *TIMM_CLASSIFIERS, "cbr", "unet", "basicunet")
 DEFAULT_UNET_ENCODER = "resnet34"
 
 
@@ -59,6 +59,8 @@ def build_network(spec: NetworkSpec, preprocessing: Preprocessing, encoder_weigh
     such as ``drop_rate``).
     ``cbr``: MONAI's ``Classifier``, conv-BN-LeakyReLU blocks with stride 2 and a fully connected
     logit (Huang's baseline); ``spec.extra`` may set ``channels``, ``kernel_size``, ``dropout``.
+    ``basicunet``: MONAI's BasicUNet (two convolutions per level, four poolings), small enough for
+    the CT demo on a CPU; ``spec.extra`` may set ``features`` (six widths), ``act``, ``norm``, ``dropout``.
     ``unet``: segmentation-models-pytorch's Unet with one output class, encoder ``spec.encoder``
     (default resnet34); ``spec.extra`` may set ``encoder_depth``, ``decoder_channels`` and the like.
 
@@ -123,6 +125,21 @@ def build_network(spec: NetworkSpec, preprocessing: Preprocessing, encoder_weigh
                 dropout=extra.pop("dropout", 0.25),
                 **extra,
             )
+        except (TypeError, ValueError) as exc:
+            raise invalid(exc) from None
+    if architecture == "basicunet":
+        from monai.networks.nets import BasicUNet
+
+        refuse(("spatial_dims", "in_channels", "out_channels"))
+        if encoder_weights:
+            raise BundleError("basicunet has no published weights: use encoder weights none")
+        if preprocessing.input_size % 16:
+            raise BundleError(
+                f"network spec {spec.weights_file}: input_size {preprocessing.input_size} must be divisible by 16 "
+                "for a basicunet (four poolings)"
+            )
+        try:
+            return BasicUNet(spatial_dims=2, in_channels=channels, out_channels=1, **extra)
         except (TypeError, ValueError) as exc:
             raise invalid(exc) from None
     if architecture == "unet":
@@ -200,8 +217,20 @@ def load_models(bundle: Bundle, device: str = "auto") -> LoadedModels:
     """Build both networks from the manifest and load the bundle's weights, in eval mode on ``device``."""
     target = resolve_device(device)
     manifest = bundle.manifest
+    if manifest.kind != "radiograph" or manifest.classifier is None:
+        raise BundleError(f"bundle {bundle.path} analyses {manifest.kind}, not radiographs (check PLEURA_MODEL_DIR)")
     classifier, segmenter = (
         _load_weights(build_network(spec, manifest.network_preprocessing(spec)), bundle, spec, target)
         for spec in (manifest.classifier, manifest.segmenter)
     )
     return LoadedModels(classifier=classifier, segmenter=segmenter, manifest=manifest, device=target)
+
+
+def load_segmenter(bundle: Bundle, device: str = "auto") -> tuple[nn.Module, torch.device]:
+    """A CT bundle's U-Net with its weights, in eval mode on ``device``: (network, device)."""
+    target = resolve_device(device)
+    manifest = bundle.manifest
+    if manifest.kind != "ct":
+        raise BundleError(f"bundle {bundle.path} analyses {manifest.kind}, not CT (check PLEURA_CT_MODEL_DIR)")
+    spec = manifest.segmenter
+    return _load_weights(build_network(spec, manifest.network_preprocessing(spec)), bundle, spec, target), target

@@ -51,6 +51,21 @@ SEGMENT_LABEL = "Pneumothorax"
 SEGMENT_COLOR = CIELabColor(53.24, 80.09, 67.20)  # red
 
 
+def pneumothorax_segment(model: ModelIdentity, tracking: str) -> SegmentDescription:
+    """The one segment of every SEG Pleura writes (radiograph or CT), tied to the SR by ``tracking``."""
+    return SegmentDescription(
+        segment_number=SEGMENT_NUMBER,
+        segment_label=SEGMENT_LABEL,
+        segmented_property_category=FINDING_CATEGORY,
+        segmented_property_type=PNEUMOTHORAX,
+        algorithm_type=SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm_identification(model),
+        tracking_uid=tracking,
+        tracking_id=SEGMENT_LABEL,
+        display_color=SEGMENT_COLOR,
+    )
+
+
 def build_seg(source: pydicom.Dataset, finding: ImageFinding, model: ModelIdentity) -> Segmentation:
     """A binary SEG of ``finding.mask`` on the single-frame CR/DX image ``source``.
 
@@ -66,17 +81,7 @@ def build_seg(source: pydicom.Dataset, finding: ImageFinding, model: ModelIdenti
 
     # Without spacing in its input highdicom writes no Pixel Measures (see the module docstring).
     header = source_header(source, keep_spacing=False)
-    segment = SegmentDescription(
-        segment_number=SEGMENT_NUMBER,
-        segment_label=SEGMENT_LABEL,
-        segmented_property_category=FINDING_CATEGORY,
-        segmented_property_type=PNEUMOTHORAX,
-        algorithm_type=SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm_identification(model),
-        tracking_uid=tracking_uid(source, model),
-        tracking_id=SEGMENT_LABEL,
-        display_color=SEGMENT_COLOR,
-    )
+    segment = pneumothorax_segment(model, tracking_uid(source, model))
     seg = Segmentation(
         source_images=[header],
         pixel_array=mask.astype(bool),

@@ -148,8 +148,10 @@ def build_sr(
     analysed: Sequence[AnalysedImage],
     skipped: Sequence[SkippedImage],
     model: ModelIdentity,
+    procedure_reported: Code = PLAIN_CHEST_XRAY,
 ) -> ComprehensiveSR:
-    """The TID 1500 report of one analysis of a study.
+    """The TID 1500 report of one analysis of a study (``procedure_reported``: the CT path's
+    report of a series it could not analyse says "CT of chest").
 
     ``analysed`` holds each image the models ran on (with its SEG when flagged, which the report
     then references), ``skipped`` each image of the analysis that was not analysed and why.
@@ -192,19 +194,10 @@ def build_sr(
             )
         )
 
-    observer = ObserverContext(
-        observer_type=codes.cid270.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=device_uid(model),
-            name=DEVICE_OBSERVER_NAME,
-            manufacturer_name=model.manufacturer,
-            model_name=model.name,
-        ),
-    )
     library = [header for header in headers + skipped_headers if _has_library_descriptors(header)]
     report = MeasurementReport(
-        observation_context=ObservationContext(observer_device_context=observer),
-        procedure_reported=PLAIN_CHEST_XRAY,
+        observation_context=device_observation_context(model),
+        procedure_reported=procedure_reported,
         imaging_measurements=groups,
         referenced_images=library or None,
     )
@@ -241,6 +234,20 @@ def build_sr(
     )
     _declare_private_scheme(sr)
     return carry_context(sr, context[0])
+
+
+def device_observation_context(model: ModelIdentity) -> ObservationContext:
+    """The report's observer: the device "Pleura" named by the model."""
+    observer = ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=device_uid(model),
+            name=DEVICE_OBSERVER_NAME,
+            manufacturer_name=model.manufacturer,
+            model_name=model.name,
+        ),
+    )
+    return ObservationContext(observer_device_context=observer)
 
 
 def _measurement(
