@@ -38,9 +38,10 @@ from sqlalchemy import (
     make_url,
     or_,
     select,
+    text,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -621,8 +622,7 @@ class Ledger:
             event.listen(self.engine, "begin", _sqlite_on_begin)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         try:
-            Base.metadata.create_all(self.engine)
-            _add_missing_columns(self.engine)
+            _create_schema(self.engine)
         except SQLAlchemyError as exc:
             raise LedgerError(
                 f"cannot open the ledger database {self._display_url} (PLEURA_DATABASE_URL): {exc}"
@@ -1616,27 +1616,48 @@ class Ledger:
         return row
 
 
-def _add_missing_columns(engine: Engine) -> None:
+SCHEMA_LOCK_KEY = 0x504C4555  # "PLEU": the advisory lock that serialises schema changes on PostgreSQL
+
+
+def _create_schema(engine: Engine) -> None:
+    """Create the missing tables and columns, once, even when several processes start together.
+
+    The node and its export worker (and, on several hosts, more processes) open the ledger at the
+    same moment on a new database. PostgreSQL's CREATE TABLE is not safe against a concurrent one
+    (a duplicate-key error on its catalogue), so there the work runs under a transaction-level
+    advisory lock; SQLite serialises writers itself.
+    """
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as connection:
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            Base.metadata.create_all(connection)
+            _add_missing_columns(connection)
+        return
+    Base.metadata.create_all(engine)
+    with engine.begin() as connection:
+        _add_missing_columns(connection)
+
+
+def _add_missing_columns(connection: Connection) -> None:
     """Add the nullable columns a newer Pleura defines to a ledger an older one created.
 
     ``create_all`` makes missing tables but never alters existing ones; every column added since
     the first release is nullable, so an ``ALTER TABLE ... ADD COLUMN`` upgrades a ledger in place
     (no data is rewritten). Anything else would need a real migration and fails loudly instead.
     """
-    with engine.begin() as connection:
-        inspector = inspect(connection)
-        for table in Base.metadata.sorted_tables:
-            present = {column["name"] for column in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in present:
-                    continue
-                if not column.nullable:
-                    raise LedgerError(
-                        f"the ledger's table {table.name} lacks the column {column.name}, which cannot be added in place"
-                    )
-                type_sql = column.type.compile(dialect=engine.dialect)
-                connection.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {type_sql}')
-                log.info("ledger upgraded: added column %s.%s", table.name, column.name)
+    inspector = inspect(connection)
+    for table in Base.metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable:
+                raise LedgerError(
+                    f"the ledger's table {table.name} lacks the column {column.name}, which cannot be added in place"
+                )
+            type_sql = column.type.compile(dialect=connection.dialect)
+            connection.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {type_sql}')
+            log.info("ledger upgraded: added column %s.%s", table.name, column.name)
 
 
 def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:

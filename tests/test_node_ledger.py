@@ -396,3 +396,34 @@ def test_a_ledger_made_by_an_older_version_gains_the_new_columns(tmp_path: Path)
     upgraded.record_analysis(summary([analysed("1.2.3.1", 0.2, False) | {"side": "right"}], []))
     assert upgraded.list_instances(STUDY)[0].side == "right"
     upgraded.close()
+
+
+def test_processes_opening_a_new_postgresql_ledger_at_once_all_succeed(postgres: PostgresCluster) -> None:
+    """The node and its export worker start together on a fresh database (a compose stack): the
+    tables must be created once, not raced into a duplicate-key error."""
+    import multiprocessing
+    import time
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(4) as pool:
+        pool.map(_open_ledger, [(postgres.new_database_url(), 0.0)] * 4)  # imports done: start together below
+        for _ in range(5):
+            url = postgres.new_database_url()
+            start = time.time() + 0.5
+            outcomes = pool.map(_open_ledger, [(url, start)] * 4, chunksize=1)
+            assert outcomes == ["ok"] * 4
+        ledger = Ledger(url)
+        assert ledger.record_instance is not None
+        ledger.close()
+
+
+def _open_ledger(job: tuple[str, float]) -> str:
+    import time
+
+    url, start = job
+    time.sleep(max(0.0, start - time.time()))
+    try:
+        Ledger(url).close()
+    except LedgerError as exc:
+        return str(exc)
+    return "ok"
