@@ -15,7 +15,7 @@ import io
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -24,7 +24,9 @@ from node.storage import InstanceStore, write_durably
 from training.bundle import Bundle, load_bundle
 from worker.inference.heatmap import gradcam_heatmap
 from worker.inference.models import LoadedModels, load_models
-from worker.inference.predict import predict_images
+from worker.inference.batcher import ForwardBatcher
+from worker.inference.predict import network_outputs, predict_images
+from worker.inference.runtime import accelerate
 from worker.inference.preprocess import ImageDecodeError, decode_radiograph
 from worker.inference.result import ImageFinding
 from worker.inference.select import ineligibility_reason
@@ -32,6 +34,9 @@ from worker.writers.gsps import build_gsps
 from worker.writers.sc import build_sc
 from worker.writers.seg import build_seg
 from worker.writers.sr import AnalysedImage, SkippedImage, build_sr
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,8 @@ def failed_summary(study_uid: str, instances: list[dict[str, str]], reason: str)
 
 
 ALL_OBJECTS = ("SR", "SEG", "GSPS", "SC")
+DEFER_SIZE = 64 * 1024
+"""Values larger than this (bytes) are read from the stored file only when used: the pixel data."""
 
 
 def _image_entry(sop_instance_uid: str, *, status: str = "not_analysed", reason: str | None = None) -> dict[str, Any]:
@@ -82,16 +89,33 @@ def _rounded(value: float | None, digits: int) -> float | None:
 class StudyAnalyser:
     """Holds the loaded models; analyses studies one after another."""
 
-    def __init__(self, storage_dir: Path, bundle: Bundle, device: str = "auto", batch_size: int = 8) -> None:
+    def __init__(
+        self, storage_dir: Path, bundle: Bundle, device: str = "auto", batch_size: int = 8, batch_wait_s: float = 0.005,
+        precision: str = "auto", compile_networks: bool = False,
+    ) -> None:
         self.storage_dir = storage_dir
         self.store = InstanceStore(storage_dir)
         self.bundle = bundle
-        self.models: LoadedModels = load_models(bundle, device)
+        # On CUDA: mixed precision, channels-last, optionally compiled; on the CPU as loaded.
+        self.models: LoadedModels = accelerate(load_models(bundle, device), precision, compile_networks)
         self.batch_size = batch_size
+        # Analyses running at once in this process (a threads pool) share forward passes; this
+        # analyser's batcher never mixes in another model's images.
+        self.batcher = ForwardBatcher(lambda images: network_outputs(self.models, images), batch_size, batch_wait_s)
 
     @classmethod
-    def from_bundle_dir(cls, storage_dir: Path, bundle_dir: Path, device: str = "auto") -> "StudyAnalyser":
-        return cls(storage_dir, load_bundle(bundle_dir), device)
+    def from_bundle_dir(cls, storage_dir: Path, bundle_dir: Path, device: str = "auto", **options: Any) -> "StudyAnalyser":
+        """``options``: the keyword arguments of the constructor after ``device``."""
+        return cls(storage_dir, load_bundle(bundle_dir), device, **options)
+
+    @classmethod
+    def for_settings(cls, settings: "Settings", bundle_dir: Path) -> "StudyAnalyser":
+        """The analyser a worker runs for ``bundle_dir`` with the speed settings of ``settings``."""
+        return cls.from_bundle_dir(
+            settings.storage_dir, bundle_dir, settings.device, batch_size=settings.inference_batch_size,
+            batch_wait_s=settings.batch_wait_ms / 1000, precision=settings.inference_precision,
+            compile_networks=settings.torch_compile,
+        )
 
     def _result_key(self, study_uid: str, sop_instance_uid: str) -> str:
         return f"results/{study_uid}/{sop_instance_uid}.dcm"
@@ -110,13 +134,15 @@ class StudyAnalyser:
         identity = self.bundle.identity
         images: dict[str, dict[str, Any]] = {}
         headers: dict[str, pydicom.Dataset] = {}
-        candidates: list[tuple[str, Path]] = []
+        candidates: list[tuple[str, pydicom.Dataset]] = []
         for item in instances:
             sop_uid, key = item["sop_instance_uid"], item["key"]
             entry = images[sop_uid] = _image_entry(sop_uid)
             try:
                 path = self.store.path(key)
-                header = pydicom.dcmread(path, stop_before_pixels=True)  # pixels only for eligible images
+                # Parsed once; the pixel data (and any other large value) is read from the file
+                # only when used, so an ineligible image costs a header read.
+                header = pydicom.dcmread(path, defer_size=DEFER_SIZE)
             except (OSError, ValueError, InvalidDicomError) as exc:
                 entry.update(status="failed", reason=f"cannot read stored instance {key}: {exc}")
                 continue
@@ -125,23 +151,23 @@ class StudyAnalyser:
             if reason:
                 entry["reason"] = reason
                 continue
-            candidates.append((sop_uid, path))
+            candidates.append((sop_uid, header))
 
         recipe = self.bundle.manifest.preprocessing
         results: list[dict[str, Any]] = []
         analysed: list[AnalysedImage] = []
         for start in range(0, len(candidates), self.batch_size):
             batch: list[tuple[str, pydicom.Dataset, Any]] = []
-            for sop_uid, path in candidates[start : start + self.batch_size]:
+            for sop_uid, dataset in candidates[start : start + self.batch_size]:
                 try:
-                    dataset = pydicom.dcmread(path)
                     batch.append((sop_uid, dataset, decode_radiograph(dataset, recipe)))
                 except (OSError, InvalidDicomError, ImageDecodeError) as exc:
                     images[sop_uid].update(status="not_analysed", reason=f"unreadable image: {exc}")
             if not batch:
                 continue
             findings = predict_images(
-                self.models, [image for _, _, image in batch], [ds for _, ds, _ in batch], batch_size=self.batch_size
+                self.models, [image for _, _, image in batch], [ds for _, ds, _ in batch], batch_size=self.batch_size,
+                forward=self.batcher.run,
             )
             for (sop_uid, dataset, image), finding in zip(batch, findings):
                 try:

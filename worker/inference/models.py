@@ -32,6 +32,8 @@ class LoadedModels:
     """Outputs one logit per pixel of the network grid, shape (N, 1, H, W)."""
     manifest: Manifest
     device: torch.device
+    autocast_dtype: torch.dtype | None = None
+    """Mixed precision of the forward pass on CUDA (worker/inference/runtime.py); None = fp32."""
 
     @property
     def preprocessing(self) -> Preprocessing:

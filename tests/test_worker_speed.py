@@ -1,0 +1,158 @@
+"""The worker's speed work, in process: thread counts, dynamic batching, reading each file once,
+and the CUDA-only settings leaving the CPU path as it is. (No timing is asserted: see benchmarks/.)"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+import worker.analysis
+from training.synthetic import synthetic_dicom
+from worker.analysis import StudyAnalyser
+from worker.inference.batcher import ForwardBatcher
+from worker.inference.predict import network_outputs
+from worker.inference.runtime import accelerate, forward_context, thread_counts, to_device
+
+
+def test_thread_counts_share_the_cpus_between_processes_unless_set():
+    assert thread_counts(16, 1) == (16, 2)
+    assert thread_counts(16, 4) == (4, 1)
+    assert thread_counts(2, 4) == (1, 1)  # never zero
+    assert thread_counts(16, 4, setting=3) == (3, 1)
+
+
+def _echo_forward(calls: list[int]):
+    """A stand-in network: probability = the image's first pixel, mask = the image itself."""
+
+    def forward(images):
+        calls.append(len(images))
+        return np.array([float(image[0, 0]) for image in images]), np.stack(images)
+
+    return forward
+
+
+def test_the_batcher_gives_each_caller_its_own_rows_from_shared_passes():
+    calls: list[int] = []
+    batcher = ForwardBatcher(_echo_forward(calls), max_images=8, max_wait_s=0.2)
+    start = threading.Barrier(4)
+
+    def caller(index: int):
+        images = [np.full((2, 2), 10 * index + k, dtype=np.float32) for k in range(2)]
+        start.wait()
+        return index, batcher.run(images)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(caller, range(4)))
+    for index, (probabilities, masks) in results:
+        assert probabilities.tolist() == [10 * index, 10 * index + 1]
+        assert masks[:, 0, 0].tolist() == [10 * index, 10 * index + 1]
+    assert sum(calls) == 8 and len(calls) < 4, calls  # fewer passes than callers
+    assert max(calls) <= 8 and batcher.forward_passes == len(calls)
+
+
+def test_the_batcher_respects_its_maximum_and_passes_errors_to_every_caller():
+    calls: list[int] = []
+    batcher = ForwardBatcher(_echo_forward(calls), max_images=3, max_wait_s=0.05)
+    with ThreadPoolExecutor(3) as pool:
+        outputs = list(pool.map(lambda i: batcher.run([np.full((1, 1), i, dtype=np.float32)] * 2), range(3)))
+    assert [o[0].tolist() for o in outputs] == [[0, 0], [1, 1], [2, 2]]
+    assert max(calls) <= 3
+
+    def broken(images):
+        raise RuntimeError("CUDA out of memory")
+
+    failing = ForwardBatcher(broken, max_images=4, max_wait_s=0.0)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        failing.run([np.zeros((1, 1), dtype=np.float32)])
+    with pytest.raises(ValueError, match="no images"):
+        failing.run([])
+
+
+@pytest.fixture(scope="module")
+def analyser(tmp_path_factory, demo_bundle):
+    return StudyAnalyser.from_bundle_dir(tmp_path_factory.mktemp("storage"), demo_bundle, device="cpu",
+                                         batch_wait_s=0.2)
+
+
+def _study(analyser: StudyAnalyser, seed: int, count: int) -> tuple[str, list[dict[str, str]]]:
+    study_uid, items = None, []
+    for offset in range(count):
+        ds, _ = synthetic_dicom(seed=seed + offset, positive=offset % 2 == 0, size=256)
+        study_uid = study_uid or str(ds.StudyInstanceUID)
+        ds.StudyInstanceUID = study_uid
+        key = f"instances/{study_uid}/{ds.SOPInstanceUID}.dcm"
+        path = analyser.storage_dir / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        items.append({"sop_instance_uid": str(ds.SOPInstanceUID), "key": key})
+    return study_uid, items
+
+
+def _timeless(path) -> pydicom.Dataset:
+    """A written object without its creation dates and times and highdicom's random Dimension
+    Organization UID of a SEG (all else must match)."""
+    dataset = pydicom.dcmread(path)
+
+    def strip(ds: pydicom.Dataset) -> None:
+        for element in list(ds):
+            if element.VR in ("DA", "TM", "DT") or element.keyword == "DimensionOrganizationUID":
+                del ds[element.tag]
+            elif element.VR == "SQ":
+                for item in element.value:
+                    strip(item)
+
+    strip(dataset)
+    return dataset
+
+
+def _comparable(summary: dict) -> dict:
+    return {key: value for key, value in summary.items() if key != "analysed_at"}
+
+
+def test_studies_analysed_at_once_share_forward_passes_and_give_the_same_results(analyser, monkeypatch):
+    studies = [_study(analyser, seed, 2) for seed in (300, 310, 320)]
+    alone = [analyser.analyse(uid, items) for uid, items in studies]
+    written = {r["key"]: _timeless(analyser.storage_dir / r["key"]) for s in alone for r in s["results"]}
+
+    reads: list[str] = []
+    original = pydicom.dcmread
+    monkeypatch.setattr(worker.analysis.pydicom, "dcmread", lambda path, **kw: reads.append(str(path)) or original(path, **kw))
+    before = analyser.batcher.forward_passes
+    start = threading.Barrier(len(studies))
+
+    def analyse(study):
+        start.wait()
+        return analyser.analyse(*study)
+
+    with ThreadPoolExecutor(len(studies)) as pool:
+        together = list(pool.map(analyse, studies))
+    passes = analyser.batcher.forward_passes - before
+    assert passes < len(studies), f"{passes} forward passes for {len(studies)} studies analysed at once"
+    assert [_comparable(s) for s in together] == [_comparable(s) for s in alone]
+    for summary in together:  # the same objects (deterministic UIDs, same content), but for the time made
+        for result in summary["results"]:
+            assert _timeless(analyser.storage_dir / result["key"]) == written[result["key"]], result["kind"]
+    # Each stored instance was read once (header and pixel data from one parse).
+    assert sorted(r for r in reads if "/instances/" in r) == sorted(str(analyser.store.path(i["key"])) for _, items in studies for i in items)
+
+
+def test_the_cuda_settings_leave_the_cpu_path_as_it_is(analyser):
+    models = analyser.models
+    assert accelerate(models, "fp16", compile_networks=True) is models
+    assert models.autocast_dtype is None
+    assert next(models.classifier.parameters()).is_contiguous()  # not channels-last
+    batch = torch.zeros(2, 1, 8, 8)
+    moved = to_device(batch, torch.device("cpu"))
+    assert moved.data_ptr() == batch.data_ptr() and not moved.is_pinned()
+    with forward_context(models):
+        assert torch.is_inference_mode_enabled() and not torch.is_autocast_enabled("cuda")
+    with pytest.raises(ValueError, match="precision"):
+        accelerate(type(models)(models.classifier, models.segmenter, models.manifest, torch.device("cuda")), "fp8")
+    image = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    probabilities, masks = network_outputs(models, [image])
+    assert probabilities.dtype == np.float32 and masks.shape[0] == 1
