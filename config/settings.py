@@ -241,7 +241,7 @@ class Settings(BaseSettings):
     )
     inference_batch_size: int = Field(default=8, ge=1, le=256, description="most images in one forward pass")
     batch_wait_ms: float = Field(
-        default=5.0, ge=0, le=1000, description="how long a forward pass waits for other studies' images"
+        default=5.0, ge=0, le=10000, description="how long a forward pass waits for other studies' images"
     )
     inference_precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         default="auto", description="autocast precision on CUDA (auto = fp16); the CPU always runs fp32"
