@@ -219,3 +219,24 @@ def test_a_real_worker_batches_studies_sent_together_and_writes_what_one_at_a_ti
         assert recorded == sorted(result["key"] for result in summary["results"])
         for key in recorded:
             assert _timeless(storage / key) == _timeless(alone.store.path(key)), key
+
+
+def test_on_cuda_the_next_batch_is_decoded_while_this_one_runs(analyser, monkeypatch):
+    """The prefetching order (CUDA only) yields what decoding one batch after the other yields."""
+    _, items = _study(analyser, 400, 5)
+    candidates = [(i["sop_instance_uid"], pydicom.dcmread(analyser.store.path(i["key"]))) for i in items]
+    candidates[2][1].PhotometricInterpretation = "RGB"  # one image that cannot be decoded
+    monkeypatch.setattr(analyser, "batch_size", 2)
+    sequential = list(analyser._decoded_batches(candidates))
+    threads: set[str] = set()
+    decode = analyser._decode
+    monkeypatch.setattr(analyser, "_decode", lambda chunk: threads.add(threading.current_thread().name) or decode(chunk))
+    monkeypatch.setattr(analyser.models, "device", torch.device("cuda"))
+    prefetched = list(analyser._decoded_batches(candidates))
+    assert len(prefetched) == len(sequential) == 3
+    for (batch, unreadable), (expected, expected_unreadable) in zip(prefetched, sequential):
+        assert [uid for uid, _, _ in batch] == [uid for uid, _, _ in expected]
+        assert all(np.array_equal(a, b) for (_, _, a), (_, _, b) in zip(batch, expected))
+        assert unreadable == expected_unreadable
+    assert sum(len(u) for _, u in prefetched) == 1
+    assert all(name.startswith("pleura-decode") for name in threads)

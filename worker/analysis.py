@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -153,16 +155,11 @@ class StudyAnalyser:
                 continue
             candidates.append((sop_uid, header))
 
-        recipe = self.bundle.manifest.preprocessing
         results: list[dict[str, Any]] = []
         analysed: list[AnalysedImage] = []
-        for start in range(0, len(candidates), self.batch_size):
-            batch: list[tuple[str, pydicom.Dataset, Any]] = []
-            for sop_uid, dataset in candidates[start : start + self.batch_size]:
-                try:
-                    batch.append((sop_uid, dataset, decode_radiograph(dataset, recipe)))
-                except (OSError, InvalidDicomError, ImageDecodeError) as exc:
-                    images[sop_uid].update(status="not_analysed", reason=f"unreadable image: {exc}")
+        for batch, unreadable in self._decoded_batches(candidates):
+            for sop_uid, reason in unreadable:
+                images[sop_uid].update(status="not_analysed", reason=reason)
             if not batch:
                 continue
             findings = predict_images(
@@ -210,6 +207,37 @@ class StudyAnalyser:
             "flagged": any(bool(e["flagged"]) for e in images.values()),
             "analysed_at": datetime.now(timezone.utc).isoformat(),
         }
+
+    def _decode(self, chunk: list[tuple[str, pydicom.Dataset]]) -> tuple[list[tuple[str, pydicom.Dataset, Any]], list[tuple[str, str]]]:
+        """The decoded images of ``chunk``, and (SOP Instance UID, reason) of those that cannot be decoded."""
+        recipe = self.bundle.manifest.preprocessing
+        decoded, unreadable = [], []
+        for sop_uid, dataset in chunk:
+            try:
+                decoded.append((sop_uid, dataset, decode_radiograph(dataset, recipe)))
+            except (OSError, InvalidDicomError, ImageDecodeError) as exc:
+                unreadable.append((sop_uid, f"unreadable image: {exc}"))
+        return decoded, unreadable
+
+    def _decoded_batches(
+        self, candidates: list[tuple[str, pydicom.Dataset]]
+    ) -> Iterator[tuple[list[tuple[str, pydicom.Dataset, Any]], list[tuple[str, str]]]]:
+        """:meth:`_decode` of each batch of ``candidates``, in order. On CUDA the next batch is
+        decoded in a helper thread while the caller runs the networks on this one (the GPU computes
+        while the CPU decodes); on the CPU, where both would compete for the same cores, one after
+        the other."""
+        chunks = [candidates[start : start + self.batch_size] for start in range(0, len(candidates), self.batch_size)]
+        if self.models.device.type != "cuda" or len(chunks) < 2:
+            for chunk in chunks:
+                yield self._decode(chunk)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="pleura-decode") as prefetch:
+            upcoming = prefetch.submit(self._decode, chunks[0])
+            for index in range(len(chunks)):
+                current = upcoming.result()
+                if index + 1 < len(chunks):
+                    upcoming = prefetch.submit(self._decode, chunks[index + 1])
+                yield current
 
     def _store(self, study_uid: str, kind: str, obj: pydicom.Dataset, source_sop_uid: str | None) -> dict[str, Any]:
         key = self._result_key(study_uid, obj.SOPInstanceUID)
