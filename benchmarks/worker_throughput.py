@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048, help="side of the synthetic radiographs, pixels")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"),
+                        help="inference_backend of the full analysis (CPU); the reference stays torch")
     parser.add_argument("--model-dir", type=Path, default=None, help="bundle (default: the demo bundle)")
     parser.add_argument("--write", action="store_true", help="record the result in docs/benchmarks.md")
     args = parser.parse_args()
@@ -100,7 +102,7 @@ def main() -> None:
         storage = Path(folder)
         instances = store_images(storage, args.images, args.size)
         study_uid = instances[0]["study_uid"]
-        analyser = StudyAnalyser(storage, bundle, args.device, batch_size=args.batch_size)
+        analyser = StudyAnalyser(storage, bundle, args.device, batch_size=args.batch_size, backend=args.backend)
         models, device = analyser.models, analyser.models.device
         recipe = bundle.manifest.preprocessing
 
@@ -123,6 +125,17 @@ def main() -> None:
 
         bare()
         forward = timed(bare, device, repeats=2)
+        onnx_forward = None
+        if analyser.networks is not None:  # the same bare pass through ONNX Runtime
+            onnx_classifier, onnx_segmenter = analyser.networks
+
+            def bare_onnx() -> None:
+                for start in range(0, len(images), args.batch_size):
+                    onnx_classifier(classifier_input[start : start + args.batch_size])
+                    onnx_segmenter(segmenter_input[start : start + args.batch_size])
+
+            bare_onnx()
+            onnx_forward = timed(bare_onnx, device, repeats=2)
 
         findings = predict_images(models, images, datasets, batch_size=args.batch_size)
         identity = bundle.identity
@@ -160,9 +173,13 @@ def main() -> None:
     }
     threads = torch.get_num_threads()
     where = f"{device.type}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {threads} threads")
-    print(f"device: {where}; bundle: {identity.label}; {count} images of {args.size} px, batch {args.batch_size}")
+    print(f"device: {where}; bundle: {identity.label}; {count} images of {args.size} px, batch {args.batch_size}, "
+          f"backend {args.backend}")
     print(f"full analysis: {row['full']:.2f} images/s; bare forward pass: {row['bare']:.2f} images/s; "
           f"ratio {row['full'] / row['bare']:.2f}")
+    if onnx_forward is not None:
+        print(f"bare forward pass in ONNX Runtime: {count / onnx_forward:.2f} images/s; "
+              f"ratio ONNX Runtime / torch {forward / onnx_forward:.2f}")
     total = sum(stages.values())
     for name, seconds in stages.items():
         print(f"  {name:<28} {1000 * seconds / count:8.1f} ms/image  {100 * seconds / total:5.1f} %")

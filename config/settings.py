@@ -247,6 +247,9 @@ class Settings(BaseSettings):
         default="auto", description="autocast precision on CUDA (auto = fp16); the CPU always runs fp32"
     )
     torch_compile: bool = Field(default=False, description="torch.compile the networks on CUDA")
+    inference_backend: Literal["torch", "onnxruntime"] = Field(
+        default="torch", description="what runs the networks on the CPU: torch, or onnxruntime (pleura[onnx])"
+    )
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 

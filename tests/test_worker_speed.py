@@ -240,3 +240,44 @@ def test_on_cuda_the_next_batch_is_decoded_while_this_one_runs(analyser, monkeyp
         assert unreadable == expected_unreadable
     assert sum(len(u) for _, u in prefetched) == 1
     assert all(name.startswith("pleura-decode") for name in threads)
+
+
+def test_onnxruntime_gives_the_decisions_and_probabilities_of_torch(tmp_path, analyser, demo_bundle):
+    """The ONNX Runtime path: exported once into the storage's cache (keyed by the weights), then
+    the same flags and, within float tolerance, the same probabilities and masks as torch."""
+    from worker.inference.onnx_backend import OnnxNetwork
+
+    onnx = StudyAnalyser.from_bundle_dir(analyser.storage_dir, demo_bundle, device="cpu", backend="onnxruntime")
+    assert all(isinstance(network, OnnxNetwork) for network in onnx.networks)
+    exported = sorted((analyser.storage_dir / "onnx-cache").glob("*/*.onnx"))
+    assert len(exported) == 2
+    stamps = [path.stat().st_mtime_ns for path in exported]
+    again = StudyAnalyser.from_bundle_dir(analyser.storage_dir, demo_bundle, device="cpu", backend="onnxruntime")
+    assert [path.stat().st_mtime_ns for path in exported] == stamps  # not exported again
+    assert sorted(str(network.path) for network in again.networks) == [str(path) for path in exported]
+
+    rng = np.random.default_rng(5)
+    images = [rng.random((200, 180), dtype=np.float32) for _ in range(3)]
+    images += _decoded(analyser, 600, 3)
+    torch_p, torch_masks = network_outputs(analyser.models, images)
+    onnx_p, onnx_masks = network_outputs(onnx.models, images, onnx.networks)
+    np.testing.assert_allclose(onnx_p, torch_p, atol=1e-4)
+    np.testing.assert_allclose(onnx_masks, torch_masks, atol=1e-4)
+
+    uid, items = _study(analyser, 610, 4)
+    by_torch, by_onnx = analyser.analyse(uid, items), onnx.analyse(uid, items)
+    for a, b in zip(by_torch["images"], by_onnx["images"]):
+        assert (a["status"], a["flagged"], a["side"]) == (b["status"], b["flagged"], b["side"])
+        assert abs(a["probability"] - b["probability"]) < 1e-4
+        assert abs(a["area_px"] - b["area_px"]) <= max(2, 0.01 * a["area_px"])
+    assert any(image["flagged"] for image in by_onnx["images"])
+
+    with pytest.raises(ValueError, match="backend"):
+        StudyAnalyser.from_bundle_dir(tmp_path, demo_bundle, device="cpu", backend="tensorflow")
+
+
+def _decoded(analyser: StudyAnalyser, seed: int, count: int) -> list[np.ndarray]:
+    from worker.inference.preprocess import decode_radiograph
+
+    return [decode_radiograph(synthetic_dicom(seed=seed + k, positive=True, size=256)[0],
+                              analyser.bundle.manifest.preprocessing) for k in range(count)]

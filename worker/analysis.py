@@ -93,7 +93,7 @@ class StudyAnalyser:
 
     def __init__(
         self, storage_dir: Path, bundle: Bundle, device: str = "auto", batch_size: int = 8, batch_wait_s: float = 0.005,
-        precision: str = "auto", compile_networks: bool = False,
+        precision: str = "auto", compile_networks: bool = False, backend: str = "torch",
     ) -> None:
         self.storage_dir = storage_dir
         self.store = InstanceStore(storage_dir)
@@ -103,7 +103,16 @@ class StudyAnalyser:
         self.batch_size = batch_size
         # Analyses running at once in this process (a threads pool) share forward passes; this
         # analyser's batcher never mixes in another model's images.
-        self.batcher = ForwardBatcher(lambda images: network_outputs(self.models, images), batch_size, batch_wait_s)
+        self.networks = None  # the models' own torch networks
+        if backend == "onnxruntime" and self.models.device.type == "cpu":
+            from worker.inference.onnx_backend import onnx_networks  # optional dependency
+
+            self.networks = onnx_networks(self.models, bundle, storage_dir / "onnx-cache")
+        elif backend not in ("torch", "onnxruntime"):
+            raise ValueError(f"inference backend {backend!r}: use torch or onnxruntime")
+        self.batcher = ForwardBatcher(
+            lambda images: network_outputs(self.models, images, self.networks), batch_size, batch_wait_s
+        )
 
     @classmethod
     def from_bundle_dir(cls, storage_dir: Path, bundle_dir: Path, device: str = "auto", **options: Any) -> "StudyAnalyser":
@@ -116,7 +125,7 @@ class StudyAnalyser:
         return cls.from_bundle_dir(
             settings.storage_dir, bundle_dir, settings.device, batch_size=settings.inference_batch_size,
             batch_wait_s=settings.batch_wait_ms / 1000, precision=settings.inference_precision,
-            compile_networks=settings.torch_compile,
+            compile_networks=settings.torch_compile, backend=settings.inference_backend,
         )
 
     def _result_key(self, study_uid: str, sop_instance_uid: str) -> str:

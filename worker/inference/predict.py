@@ -55,13 +55,19 @@ def pixel_spacing_mm(ds: pydicom.Dataset) -> tuple[float, float] | None:
     return spacing[0] / factor, spacing[1] / factor
 
 
-def network_outputs(models: LoadedModels, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def network_outputs(
+    models: LoadedModels,
+    images: Sequence[np.ndarray],
+    networks: tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """One forward pass of each network on a batch of decoded images.
 
     Returns the classifier probabilities (N,) and the U-Net probability maps (N, H, W) on the
     U-Net's own input grid (:func:`~worker.inference.preprocess.mask_to_source` takes them to the
     source grid). Evaluation and threshold tuning use this too, so they measure what the node decides.
+    ``networks`` (classifier, segmenter) replace ``models``' own, e.g. their ONNX Runtime exports.
     """
+    classifier, segmenter = networks or (models.classifier, models.segmenter)
     decoded_with = models.manifest.preprocessing
     classifier_recipe, segmenter_recipe = models.classifier_preprocessing, models.segmenter_preprocessing
     batch = torch.from_numpy(network_inputs(images, decoded_with, classifier_recipe))
@@ -73,8 +79,8 @@ def network_outputs(models: LoadedModels, images: Sequence[np.ndarray]) -> tuple
     with forward_context(models):  # on CUDA: autocast, pinned memory, channels-last (runtime.py)
         batch = to_device(batch, models.device)
         segmenter_batch = batch if shared else to_device(segmenter_batch, models.device)
-        probabilities = torch.sigmoid(models.classifier(batch)).reshape(len(images), -1)[:, 0]
-        mask_probabilities = torch.sigmoid(models.segmenter(segmenter_batch))[:, 0]
+        probabilities = torch.sigmoid(classifier(batch)).reshape(len(images), -1)[:, 0]
+        mask_probabilities = torch.sigmoid(segmenter(segmenter_batch))[:, 0]
         return probabilities.float().cpu().numpy(), mask_probabilities.float().cpu().numpy()
 
 
