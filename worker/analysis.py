@@ -89,7 +89,8 @@ def _rounded(value: float | None, digits: int) -> float | None:
 
 
 class StudyAnalyser:
-    """Holds the loaded models; analyses studies one after another."""
+    """Holds the loaded models; analyses studies, one after another or several at once from
+    threads (their images then share forward passes through :attr:`batcher`)."""
 
     def __init__(
         self, storage_dir: Path, bundle: Bundle, device: str = "auto", batch_size: int = 8, batch_wait_s: float = 0.005,
