@@ -152,7 +152,7 @@ def test_studies_analysed_at_once_share_forward_passes_and_give_the_same_results
 def test_the_cuda_settings_leave_the_cpu_path_as_it_is(analyser):
     models = analyser.models
     assert accelerate(models, "fp16", compile_networks=True) is models
-    assert models.autocast_dtype is None
+    assert models.autocast_dtype is None and models.compiled is None
     assert next(models.classifier.parameters()).is_contiguous()  # not channels-last
     batch = torch.zeros(2, 1, 8, 8)
     moved = to_device(batch, torch.device("cpu"))
@@ -174,7 +174,7 @@ def test_a_real_worker_batches_studies_sent_together_and_writes_what_one_at_a_ti
     config = write_config(
         tmp_path / "pleura.toml", ae_title="PLEURA", host="127.0.0.1", port=port, storage_dir=storage,
         device="cpu", settle_seconds=1.0, model_dir=demo_bundle, worker_threads=4, inference_batch_size=4,
-        batch_wait_ms=5000, metrics_port=free_port(),
+        batch_wait_ms=5000, metrics_port=free_port(), torch_threads=1,
     )
     files = []
     for seed in range(4):
@@ -203,6 +203,7 @@ def test_a_real_worker_batches_studies_sent_together_and_writes_what_one_at_a_ti
         wait_for(analysed, 300, "the four studies analysed", interval=0.5)
         passes = [int(m) for m in re.findall(r"forward pass: (\d+) images", worker.output())]
         assert sum(passes) == 4 and len(passes) < 4, (passes, logs())
+        assert "torch threads: 1 intra-op" in worker.output(), logs()  # PLEURA_TORCH_THREADS applied
     finally:
         worker.stop()
         node.stop()
@@ -281,3 +282,20 @@ def _decoded(analyser: StudyAnalyser, seed: int, count: int) -> list[np.ndarray]
 
     return [decode_radiograph(synthetic_dicom(seed=seed + k, positive=True, size=256)[0],
                               analyser.bundle.manifest.preprocessing) for k in range(count)]
+
+
+def test_on_cuda_accelerate_sets_mixed_precision_channels_last_and_compiled_networks(analyser):
+    """The CUDA branch's choices, checked without a GPU (nothing runs on the device here)."""
+    import copy
+
+    models = analyser.models
+    on_gpu = type(models)(copy.deepcopy(models.classifier), copy.deepcopy(models.segmenter), models.manifest,
+                          torch.device("cuda"))
+    assert accelerate(on_gpu, "auto", compile_networks=True) is on_gpu
+    assert on_gpu.autocast_dtype is torch.float16
+    weight = next(p for p in on_gpu.segmenter.parameters() if p.ndim == 4)
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    assert on_gpu.compiled is not None and on_gpu.compiled[0] is not on_gpu.classifier  # modules kept for Grad-CAM
+    plain = type(models)(copy.deepcopy(models.classifier), copy.deepcopy(models.segmenter), models.manifest,
+                         torch.device("cuda"))
+    assert accelerate(plain, "fp32").autocast_dtype is None and plain.compiled is None

@@ -67,7 +67,7 @@ def network_outputs(
     source grid). Evaluation and threshold tuning use this too, so they measure what the node decides.
     ``networks`` (classifier, segmenter) replace ``models``' own, e.g. their ONNX Runtime exports.
     """
-    classifier, segmenter = networks or (models.classifier, models.segmenter)
+    classifier, segmenter = networks or models.compiled or (models.classifier, models.segmenter)
     decoded_with = models.manifest.preprocessing
     classifier_recipe, segmenter_recipe = models.classifier_preprocessing, models.segmenter_preprocessing
     batch = torch.from_numpy(network_inputs(images, decoded_with, classifier_recipe))

@@ -67,9 +67,8 @@ def accelerate(models: LoadedModels, precision: str = "auto", compile_networks: 
         dtype = torch.float16
     models.classifier = models.classifier.to(memory_format=torch.channels_last)
     models.segmenter = models.segmenter.to(memory_format=torch.channels_last)
-    if compile_networks:
-        models.classifier = torch.compile(models.classifier)
-        models.segmenter = torch.compile(models.segmenter)
+    if compile_networks:  # beside the modules, which Grad-CAM copies and hooks by layer
+        models.compiled = (torch.compile(models.classifier), torch.compile(models.segmenter))
     models.autocast_dtype = dtype
     return models
 
