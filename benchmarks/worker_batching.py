@@ -21,32 +21,8 @@ from pathlib import Path
 
 import torch
 
-from config.settings import Settings
-from node.storage import InstanceStore
-from training.bundle import load_bundle
-from training.demo_model import ensure_demo_bundle
-from training.synthetic import synthetic_dicom
 from worker.analysis import StudyAnalyser
-
-
-def store_study(storage: Path, first_seed: int, count: int, size: int) -> tuple[str, list[dict[str, str]]]:
-    """One study of ``count`` synthetic radiographs, half of them positive: (its UID, its instances)."""
-    store, study_uid, instances = InstanceStore(storage), None, []
-    for seed in range(first_seed, first_seed + count):
-        ds, _ = synthetic_dicom(seed, positive=seed % 2 == 0, size=size)
-        study_uid = study_uid or str(ds.StudyInstanceUID)
-        ds.StudyInstanceUID = study_uid
-        path = storage / "incoming.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        key = store.write_instance(study_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), path.read_bytes())
-        instances.append({"sop_instance_uid": str(ds.SOPInstanceUID), "key": key})
-        path.unlink()
-    return str(study_uid), instances
-
-
-def synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from worker_throughput import benchmark_bundle, store_images, synchronise  # benchmarks/ is on the path
 
 
 def main() -> None:
@@ -61,15 +37,13 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=None, help="bundle (default: the demo bundle)")
     args = parser.parse_args()
 
-    settings = Settings()
-    bundle_dir = args.model_dir or settings.bundle_dir
-    if args.model_dir is None:
-        ensure_demo_bundle(bundle_dir, progress=False)
-    bundle = load_bundle(bundle_dir)
+    bundle = benchmark_bundle(args.model_dir)
     with tempfile.TemporaryDirectory(prefix="pleura-bench-") as folder:
         storage = Path(folder)
-        studies = [store_study(storage, index * args.images_per_study, args.images_per_study, args.size)
-                   for index in range(args.studies)]
+        studies = []
+        for index in range(args.studies):
+            instances = store_images(storage, args.images_per_study, args.size, first_seed=index * args.images_per_study)
+            studies.append((instances[0]["study_uid"], instances))
         analyser = StudyAnalyser(storage, bundle, args.device, batch_size=args.batch_size, batch_wait_s=args.wait_ms / 1000)
         device = analyser.models.device
         analyser.analyse(*studies[0])  # warm up

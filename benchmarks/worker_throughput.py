@@ -31,7 +31,7 @@ import torch
 
 from config.settings import Settings
 from node.storage import InstanceStore
-from training.bundle import load_bundle
+from training.bundle import Bundle, load_bundle
 from training.demo_model import ensure_demo_bundle
 from training.synthetic import synthetic_dicom
 from worker.analysis import StudyAnalyser
@@ -64,12 +64,13 @@ def timed(function: Callable[[], object], device: torch.device, repeats: int = 1
     return best
 
 
-def store_images(storage: Path, count: int, size: int) -> list[dict[str, str]]:
-    """``count`` synthetic 16-bit radiographs of ``size`` px in one study, half of them positive."""
+def store_images(storage: Path, count: int, size: int, first_seed: int = 0) -> list[dict[str, str]]:
+    """``count`` synthetic 16-bit radiographs of ``size`` px in one study, half of them positive
+    (another ``first_seed``, another study)."""
     store = InstanceStore(storage)
     study_uid = None
     instances = []
-    for seed in range(count):
+    for seed in range(first_seed, first_seed + count):
         ds, _ = synthetic_dicom(seed, positive=seed % 2 == 0, size=size)
         study_uid = study_uid or str(ds.StudyInstanceUID)
         ds.StudyInstanceUID = study_uid
@@ -79,6 +80,14 @@ def store_images(storage: Path, count: int, size: int) -> list[dict[str, str]]:
         instances.append({"sop_instance_uid": str(ds.SOPInstanceUID), "key": key, "study_uid": study_uid})
     path.unlink()
     return instances
+
+
+def benchmark_bundle(model_dir: Path | None) -> Bundle:
+    """The bundle of ``--model-dir``, else the demo bundle (built when missing)."""
+    bundle_dir = model_dir or Settings().bundle_dir
+    if model_dir is None:
+        ensure_demo_bundle(bundle_dir, progress=False)
+    return load_bundle(bundle_dir)
 
 
 def main() -> None:
@@ -93,11 +102,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="record the result in docs/benchmarks.md")
     args = parser.parse_args()
 
-    settings = Settings()
-    bundle_dir = args.model_dir or settings.bundle_dir
-    if args.model_dir is None:
-        ensure_demo_bundle(bundle_dir, progress=False)
-    bundle = load_bundle(bundle_dir)
+    bundle = benchmark_bundle(args.model_dir)
     with tempfile.TemporaryDirectory(prefix="pleura-bench-") as folder:
         storage = Path(folder)
         instances = store_images(storage, args.images, args.size)
