@@ -299,3 +299,26 @@ def test_on_cuda_accelerate_sets_mixed_precision_channels_last_and_compiled_netw
     plain = type(models)(copy.deepcopy(models.classifier), copy.deepcopy(models.segmenter), models.manifest,
                          torch.device("cuda"))
     assert accelerate(plain, "fp32").autocast_dtype is None and plain.compiled is None
+
+
+def test_the_pixel_data_of_an_image_not_analysed_is_never_read(analyser, monkeypatch):
+    """Headers decide eligibility; an ineligible image's pixel data stays on disk, even while its
+    header goes into the report."""
+    import pydicom.filereader
+
+    uid, items = _study(analyser, 700, 2)
+    lateral_path = analyser.store.path(items[1]["key"])
+    lateral = pydicom.dcmread(lateral_path)
+    lateral.ViewPosition = "LL"
+    lateral.save_as(lateral_path, enforce_file_format=True)
+    deferred: list[str] = []
+    original = pydicom.filereader.read_deferred_data_element
+    monkeypatch.setattr(pydicom.filereader, "read_deferred_data_element",
+                        lambda fileobj_type, filename, *a, **kw: deferred.append(str(filename))
+                        or original(fileobj_type, filename, *a, **kw))
+    summary = analyser.analyse(uid, items)
+    statuses = [image["status"] for image in summary["images"]]
+    assert statuses == ["analysed", "not_analysed"] and "lateral" in summary["images"][1]["reason"]
+    assert str(analyser.store.path(items[0]["key"])) in deferred  # the analysed one: read when decoded
+    assert str(lateral_path) not in deferred
+    assert any(result["kind"] == "SR" for result in summary["results"])

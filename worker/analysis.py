@@ -93,7 +93,7 @@ class StudyAnalyser:
     threads (their images then share forward passes through :attr:`batcher`)."""
 
     def __init__(
-        self, storage_dir: Path, bundle: Bundle, device: str = "auto", batch_size: int = 8, batch_wait_s: float = 0.005,
+        self, storage_dir: Path, bundle: Bundle, device: str = "auto", batch_size: int = 8, batch_wait_s: float = 0.0,
         precision: str = "auto", compile_networks: bool = False, backend: str = "torch",
     ) -> None:
         self.storage_dir = storage_dir
@@ -102,15 +102,15 @@ class StudyAnalyser:
         # On CUDA: mixed precision, channels-last, optionally compiled; on the CPU as loaded.
         self.models: LoadedModels = accelerate(load_models(bundle, device), precision, compile_networks)
         self.batch_size = batch_size
-        # Analyses running at once in this process (a threads pool) share forward passes; this
-        # analyser's batcher never mixes in another model's images.
-        self.networks = None  # the models' own torch networks
+        self.networks = None  # None: the torch networks of self.models; else their ONNX Runtime exports
         if backend == "onnxruntime" and self.models.device.type == "cpu":
             from worker.inference.onnx_backend import onnx_networks  # optional dependency
 
             self.networks = onnx_networks(self.models, bundle, storage_dir / "onnx-cache")
         elif backend not in ("torch", "onnxruntime"):
             raise ValueError(f"inference backend {backend!r}: use torch or onnxruntime")
+        # Analyses running at once in this process (a threads pool) share forward passes; this
+        # analyser's batcher never mixes in another model's images.
         self.batcher = ForwardBatcher(
             lambda images: network_outputs(self.models, images, self.networks), batch_size, batch_wait_s
         )
@@ -125,7 +125,9 @@ class StudyAnalyser:
         """The analyser a worker runs for ``bundle_dir`` with the speed settings of ``settings``."""
         return cls.from_bundle_dir(
             settings.storage_dir, bundle_dir, settings.device, batch_size=settings.inference_batch_size,
-            batch_wait_s=settings.batch_wait_ms / 1000, precision=settings.inference_precision,
+            # One study at a time (the solo pool): nobody else's images to wait for.
+            batch_wait_s=settings.batch_wait_ms / 1000 if settings.worker_threads > 1 else 0.0,
+            precision=settings.inference_precision,
             compile_networks=settings.torch_compile, backend=settings.inference_backend,
         )
 
