@@ -16,7 +16,9 @@ import torch
 
 import worker.analysis
 from node.ledger import Ledger
-from services import find_tool, free_port, pleura_process, port_open, wait_for, write_config
+from services import (
+    find_tool, free_port, http_get, metric_sample, pleura_process, port_open, wait_for, write_config,
+)
 from training.synthetic import synthetic_dicom
 from worker.analysis import StudyAnalyser
 from worker.inference.batcher import ForwardBatcher
@@ -42,8 +44,11 @@ def _echo_forward(calls: list[int]):
 
 
 def test_the_batcher_gives_each_caller_its_own_rows_from_shared_passes():
+    from node.ops.metrics import FORWARD_IMAGES, FORWARD_PASSES
+
     calls: list[int] = []
     batcher = ForwardBatcher(_echo_forward(calls), max_images=8, max_wait_s=0.2)
+    passes_before, images_before = FORWARD_PASSES._value.get(), FORWARD_IMAGES._value.get()
     start = threading.Barrier(4)
 
     def caller(index: int):
@@ -58,6 +63,8 @@ def test_the_batcher_gives_each_caller_its_own_rows_from_shared_passes():
         assert masks[:, 0, 0].tolist() == [10 * index, 10 * index + 1]
     assert sum(calls) == 8 and len(calls) < 4, calls  # fewer passes than callers
     assert max(calls) <= 8 and batcher.forward_passes == len(calls)
+    assert FORWARD_PASSES._value.get() - passes_before == len(calls)  # /metrics of the worker
+    assert FORWARD_IMAGES._value.get() - images_before == 8
 
 
 def test_the_batcher_respects_its_maximum_and_passes_errors_to_every_caller():
@@ -170,11 +177,11 @@ def test_a_real_worker_batches_studies_sent_together_and_writes_what_one_at_a_ti
     """`pleura node` + `pleura worker` (threads pool, embedded broker); storescu sends four
     one-image studies in one association. The worker's log counts its forward passes; each
     study's results equal those of the same study analysed alone, in process."""
-    port, storage = free_port(), tmp_path / "storage"
+    port, metrics_port, storage = free_port(), free_port(), tmp_path / "storage"
     config = write_config(
         tmp_path / "pleura.toml", ae_title="PLEURA", host="127.0.0.1", port=port, storage_dir=storage,
         device="cpu", settle_seconds=1.0, model_dir=demo_bundle, worker_threads=4, inference_batch_size=4,
-        batch_wait_ms=5000, metrics_port=free_port(), torch_threads=1,
+        batch_wait_ms=5000, metrics_port=free_port(), worker_metrics_port=metrics_port, torch_threads=1,
     )
     files = []
     for seed in range(4):
@@ -204,6 +211,9 @@ def test_a_real_worker_batches_studies_sent_together_and_writes_what_one_at_a_ti
         passes = [int(m) for m in re.findall(r"forward pass: (\d+) images", worker.output())]
         assert sum(passes) == 4 and len(passes) < 4, (passes, logs())
         assert "torch threads: 1 intra-op" in worker.output(), logs()  # PLEURA_TORCH_THREADS applied
+        _, metrics = http_get(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert metric_sample(metrics, "pleura_worker_forward_passes_total") == len(passes)
+        assert metric_sample(metrics, "pleura_worker_forward_images_total") == 4
     finally:
         worker.stop()
         node.stop()

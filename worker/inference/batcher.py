@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from node.ops.metrics import FORWARD_IMAGES, FORWARD_PASSES
+
 __all__ = ["ForwardBatcher", "Forward"]
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,8 @@ class ForwardBatcher:
                 request.error, request.done = exc, True
             return
         self.forward_passes += 1
+        FORWARD_PASSES.inc()
+        FORWARD_IMAGES.inc(len(images))
         log.info("forward pass: %d images from %d analyses", len(images), len(batch))
         start = 0
         for request in batch:
