@@ -79,8 +79,10 @@ def network_outputs(
     with forward_context(models):  # on CUDA: autocast, pinned memory, channels-last (runtime.py)
         batch = to_device(batch, models.device)
         segmenter_batch = batch if shared else to_device(segmenter_batch, models.device)
-        probabilities = torch.sigmoid(classifier(batch)).reshape(len(images), -1)[:, 0]
-        mask_probabilities = torch.sigmoid(segmenter(segmenter_batch))[:, 0]
+        # Logits to fp32 before the sigmoid: under fp16 autocast a probability near 1 would keep
+        # only about three digits (a no-op on the CPU, which computes in fp32).
+        probabilities = torch.sigmoid(classifier(batch).float()).reshape(len(images), -1)[:, 0]
+        mask_probabilities = torch.sigmoid(segmenter(segmenter_batch).float())[:, 0]
         return probabilities.float().cpu().numpy(), mask_probabilities.float().cpu().numpy()
 
 
