@@ -31,7 +31,7 @@ import torch
 
 from config.settings import Settings
 from node.storage import InstanceStore
-from training.bundle import load_bundle
+from training.bundle import Bundle, load_bundle
 from training.demo_model import ensure_demo_bundle
 from training.synthetic import synthetic_dicom
 from worker.analysis import StudyAnalyser
@@ -64,12 +64,13 @@ def timed(function: Callable[[], object], device: torch.device, repeats: int = 1
     return best
 
 
-def store_images(storage: Path, count: int, size: int) -> list[dict[str, str]]:
-    """``count`` synthetic 16-bit radiographs of ``size`` px in one study, half of them positive."""
+def store_images(storage: Path, count: int, size: int, first_seed: int = 0) -> list[dict[str, str]]:
+    """``count`` synthetic 16-bit radiographs of ``size`` px in one study, half of them positive
+    (another ``first_seed``, another study)."""
     store = InstanceStore(storage)
     study_uid = None
     instances = []
-    for seed in range(count):
+    for seed in range(first_seed, first_seed + count):
         ds, _ = synthetic_dicom(seed, positive=seed % 2 == 0, size=size)
         study_uid = study_uid or str(ds.StudyInstanceUID)
         ds.StudyInstanceUID = study_uid
@@ -81,26 +82,32 @@ def store_images(storage: Path, count: int, size: int) -> list[dict[str, str]]:
     return instances
 
 
+def benchmark_bundle(model_dir: Path | None) -> Bundle:
+    """The bundle of ``--model-dir``, else the demo bundle (built when missing)."""
+    bundle_dir = model_dir or Settings().bundle_dir
+    if model_dir is None:
+        ensure_demo_bundle(bundle_dir, progress=False)
+    return load_bundle(bundle_dir)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--size", type=int, default=2048, help="side of the synthetic radiographs, pixels")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"),
+                        help="inference_backend of the full analysis (CPU); the reference stays torch")
     parser.add_argument("--model-dir", type=Path, default=None, help="bundle (default: the demo bundle)")
     parser.add_argument("--write", action="store_true", help="record the result in docs/benchmarks.md")
     args = parser.parse_args()
 
-    settings = Settings()
-    bundle_dir = args.model_dir or settings.bundle_dir
-    if args.model_dir is None:
-        ensure_demo_bundle(bundle_dir, progress=False)
-    bundle = load_bundle(bundle_dir)
+    bundle = benchmark_bundle(args.model_dir)
     with tempfile.TemporaryDirectory(prefix="pleura-bench-") as folder:
         storage = Path(folder)
         instances = store_images(storage, args.images, args.size)
         study_uid = instances[0]["study_uid"]
-        analyser = StudyAnalyser(storage, bundle, args.device, batch_size=args.batch_size)
+        analyser = StudyAnalyser(storage, bundle, args.device, batch_size=args.batch_size, backend=args.backend)
         models, device = analyser.models, analyser.models.device
         recipe = bundle.manifest.preprocessing
 
@@ -123,6 +130,17 @@ def main() -> None:
 
         bare()
         forward = timed(bare, device, repeats=2)
+        onnx_forward = None
+        if analyser.networks is not None:  # the same bare pass through ONNX Runtime
+            onnx_classifier, onnx_segmenter = analyser.networks
+
+            def bare_onnx() -> None:
+                for start in range(0, len(images), args.batch_size):
+                    onnx_classifier(classifier_input[start : start + args.batch_size])
+                    onnx_segmenter(segmenter_input[start : start + args.batch_size])
+
+            bare_onnx()
+            onnx_forward = timed(bare_onnx, device, repeats=2)
 
         findings = predict_images(models, images, datasets, batch_size=args.batch_size)
         identity = bundle.identity
@@ -160,9 +178,13 @@ def main() -> None:
     }
     threads = torch.get_num_threads()
     where = f"{device.type}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {threads} threads")
-    print(f"device: {where}; bundle: {identity.label}; {count} images of {args.size} px, batch {args.batch_size}")
+    print(f"device: {where}; bundle: {identity.label}; {count} images of {args.size} px, batch {args.batch_size}, "
+          f"backend {args.backend}")
     print(f"full analysis: {row['full']:.2f} images/s; bare forward pass: {row['bare']:.2f} images/s; "
           f"ratio {row['full'] / row['bare']:.2f}")
+    if onnx_forward is not None:
+        print(f"bare forward pass in ONNX Runtime: {count / onnx_forward:.2f} images/s; "
+              f"ratio ONNX Runtime / torch {forward / onnx_forward:.2f}")
     total = sum(stages.values())
     for name, seconds in stages.items():
         print(f"  {name:<28} {1000 * seconds / count:8.1f} ms/image  {100 * seconds / total:5.1f} %")

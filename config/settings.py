@@ -233,7 +233,25 @@ class Settings(BaseSettings):
     )
     log_format: Literal["text", "json"] = Field(default="text", description="text, or json (one object per line)")
     ct_model_dir: Path | None = Field(
-        default=None, description="CT model bundle directory; unset = the CT demo bundle in the storage dir"
+        default=None, description="a fixed CT model bundle directory; unset = the registry's active CT model (the CT demo bundle until one is promoted)"
+    )
+    torch_threads: int = Field(
+        default=0, ge=0, le=1024, description="torch CPU threads per worker process; 0 = the CPU count / processes"
+    )
+    worker_threads: int = Field(
+        default=1, ge=1, le=64,
+        description="studies a `pleura worker` process analyses at once (threads pool); their images share forward passes",
+    )
+    inference_batch_size: int = Field(default=8, ge=1, le=256, description="most images in one forward pass")
+    batch_wait_ms: float = Field(
+        default=5.0, ge=0, le=10000, description="how long a forward pass waits for other studies' images"
+    )
+    inference_precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        default="auto", description="autocast precision on CUDA (auto = fp16); the CPU always runs fp32"
+    )
+    torch_compile: bool = Field(default=False, description="torch.compile the networks on CUDA")
+    inference_backend: Literal["torch", "onnxruntime"] = Field(
+        default="torch", description="what runs the networks on the CPU: torch, or onnxruntime (pleura[onnx])"
     )
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))

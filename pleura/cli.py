@@ -83,6 +83,9 @@ def worker(
     register_worker_tasks(celery_app)
     start_worker_ops(settings, celery_app, verbose)  # JSON logs for Celery too; /healthz when configured
     pool = "solo" if concurrency == 1 else "prefork"
+    if concurrency == 1 and settings.worker_threads > 1:  # studies at once, sharing forward passes
+        pool, concurrency = "threads", settings.worker_threads
+    celery_app.pleura_worker_processes = 1 if pool != "prefork" else concurrency  # torch threads per process
     celery_app.worker_main(
         [
             *(["--quiet"] if settings.log_format == "json" else []),  # no banner: it is plain text

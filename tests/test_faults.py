@@ -236,3 +236,24 @@ def test_the_node_keeps_receiving_while_redis_is_down(tmp_path, demo_bundle, ort
     finally:
         pleura.stop()
         redis.stop()
+
+
+def test_a_batching_worker_killed_with_studies_in_flight_loses_none_of_them(tmp_path, demo_bundle, orthanc):
+    """`worker_threads` 3: three studies in flight in one process (acknowledged only when done);
+    killed, the process's unfinished studies come back, and each result reaches the PACS once."""
+    datasets = studies(3, 2, size=512, seed=900)
+    pleura = Node(tmp_path, demo_bundle, orthanc, analysis_timeout_seconds=8.0, worker_threads=3, batch_wait_ms=200)
+    try:
+        pleura.start_node()
+        pleura.start_worker()
+        acknowledged: list[str] = []
+        send(pleura.port, datasets, acknowledged)
+        assert len(acknowledged) == len(datasets)
+        first_worker = pleura.worker
+        wait_for(lambda: "forward pass:" in first_worker.output(), 120, "the worker's first forward pass")
+        os.killpg(first_worker.proc.pid, signal.SIGKILL)
+        first_worker.proc.wait(10)
+        pleura.start_worker()
+        assert_everything_delivered_once(pleura, datasets)
+    finally:
+        pleura.stop()

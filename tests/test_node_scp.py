@@ -255,3 +255,26 @@ def test_ledger_failure_answers_out_of_resources(node: Node) -> None:
     status = pynetdicom_store(node.port, crafted_cr())
 
     assert status.Status == 0xA700
+
+
+def test_the_receive_path_never_decodes_pixel_data(node: Node) -> None:
+    """An instance whose pixel data no decoder can read is still accepted and stored byte for byte:
+    the SCP reads headers only (decoding is the worker's job, which reports such an image)."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = crafted_cr(Rows=64, Columns=64, BitsAllocated=16, BitsStored=12, HighBit=11, PixelRepresentation=0,
+                    SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2")
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51 not a JPEG 2000 code stream " * 4])
+    ds["PixelData"].VR = "OB"
+    with pytest.raises(Exception):  # the proof that the pixel data cannot be decoded
+        _ = ds.pixel_array
+
+    status = pynetdicom_store(node.port, ds, transfer_syntax=JPEG2000Lossless)
+    assert status.Status == 0x0000
+    [instance] = node.ledger.list_instances(ds.StudyInstanceUID)
+    stored = pydicom.dcmread(node.store.path(instance.storage_key))
+    assert stored.file_meta.TransferSyntaxUID == JPEG2000Lossless
+    assert stored.PixelData == ds.PixelData
+    assert not node.quarantined()

@@ -99,7 +99,7 @@ class ActiveModel:
             return self.loader(self.settings, bundle_dir)
         from worker.analysis import StudyAnalyser  # imports torch: only in worker processes
 
-        return StudyAnalyser.from_bundle_dir(self.settings.storage_dir, bundle_dir, self.settings.device)
+        return StudyAnalyser.for_settings(self.settings, bundle_dir)
 
     def _report_failure(self, wanted: Path | None, exc: Exception) -> None:
         self.failed_dir, self.failed = wanted, True

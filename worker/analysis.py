@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -24,7 +26,9 @@ from node.storage import InstanceStore, write_durably
 from training.bundle import Bundle, load_bundle
 from worker.inference.heatmap import gradcam_heatmap
 from worker.inference.models import LoadedModels, load_models
-from worker.inference.predict import predict_images
+from worker.inference.batcher import ForwardBatcher
+from worker.inference.predict import network_outputs, predict_images
+from worker.inference.runtime import accelerate
 from worker.inference.preprocess import ImageDecodeError, decode_radiograph
 from worker.inference.result import ImageFinding
 from worker.inference.select import ineligibility_reason
@@ -32,6 +36,9 @@ from worker.writers.gsps import build_gsps
 from worker.writers.sc import build_sc
 from worker.writers.seg import build_seg
 from worker.writers.sr import AnalysedImage, SkippedImage, build_sr
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,8 @@ def failed_summary(study_uid: str, instances: list[dict[str, str]], reason: str)
 
 
 ALL_OBJECTS = ("SR", "SEG", "GSPS", "SC")
+DEFER_SIZE = 64 * 1024
+"""Values larger than this (bytes) are read from the stored file only when used: the pixel data."""
 
 
 def _image_entry(sop_instance_uid: str, *, status: str = "not_analysed", reason: str | None = None) -> dict[str, Any]:
@@ -80,18 +89,47 @@ def _rounded(value: float | None, digits: int) -> float | None:
 
 
 class StudyAnalyser:
-    """Holds the loaded models; analyses studies one after another."""
+    """Holds the loaded models; analyses studies, one after another or several at once from
+    threads (their images then share forward passes through :attr:`batcher`)."""
 
-    def __init__(self, storage_dir: Path, bundle: Bundle, device: str = "auto", batch_size: int = 8) -> None:
+    def __init__(
+        self, storage_dir: Path, bundle: Bundle, device: str = "auto", batch_size: int = 8, batch_wait_s: float = 0.0,
+        precision: str = "auto", compile_networks: bool = False, backend: str = "torch",
+    ) -> None:
         self.storage_dir = storage_dir
         self.store = InstanceStore(storage_dir)
         self.bundle = bundle
-        self.models: LoadedModels = load_models(bundle, device)
+        # On CUDA: mixed precision, channels-last, optionally compiled; on the CPU as loaded.
+        self.models: LoadedModels = accelerate(load_models(bundle, device), precision, compile_networks)
         self.batch_size = batch_size
+        self.networks = None  # None: the torch networks of self.models; else their ONNX Runtime exports
+        if backend == "onnxruntime" and self.models.device.type == "cpu":
+            from worker.inference.onnx_backend import onnx_networks  # optional dependency
+
+            self.networks = onnx_networks(self.models, bundle, storage_dir / "onnx-cache")
+        elif backend not in ("torch", "onnxruntime"):
+            raise ValueError(f"inference backend {backend!r}: use torch or onnxruntime")
+        # Analyses running at once in this process (a threads pool) share forward passes; this
+        # analyser's batcher never mixes in another model's images.
+        self.batcher = ForwardBatcher(
+            lambda images: network_outputs(self.models, images, self.networks), batch_size, batch_wait_s
+        )
 
     @classmethod
-    def from_bundle_dir(cls, storage_dir: Path, bundle_dir: Path, device: str = "auto") -> "StudyAnalyser":
-        return cls(storage_dir, load_bundle(bundle_dir), device)
+    def from_bundle_dir(cls, storage_dir: Path, bundle_dir: Path, device: str = "auto", **options: Any) -> "StudyAnalyser":
+        """``options``: the keyword arguments of the constructor after ``device``."""
+        return cls(storage_dir, load_bundle(bundle_dir), device, **options)
+
+    @classmethod
+    def for_settings(cls, settings: "Settings", bundle_dir: Path) -> "StudyAnalyser":
+        """The analyser a worker runs for ``bundle_dir`` with the speed settings of ``settings``."""
+        return cls.from_bundle_dir(
+            settings.storage_dir, bundle_dir, settings.device, batch_size=settings.inference_batch_size,
+            # One study at a time (the solo pool): nobody else's images to wait for.
+            batch_wait_s=settings.batch_wait_ms / 1000 if settings.worker_threads > 1 else 0.0,
+            precision=settings.inference_precision,
+            compile_networks=settings.torch_compile, backend=settings.inference_backend,
+        )
 
     def _result_key(self, study_uid: str, sop_instance_uid: str) -> str:
         return f"results/{study_uid}/{sop_instance_uid}.dcm"
@@ -110,13 +148,15 @@ class StudyAnalyser:
         identity = self.bundle.identity
         images: dict[str, dict[str, Any]] = {}
         headers: dict[str, pydicom.Dataset] = {}
-        candidates: list[tuple[str, Path]] = []
+        candidates: list[tuple[str, pydicom.Dataset]] = []
         for item in instances:
             sop_uid, key = item["sop_instance_uid"], item["key"]
             entry = images[sop_uid] = _image_entry(sop_uid)
             try:
                 path = self.store.path(key)
-                header = pydicom.dcmread(path, stop_before_pixels=True)  # pixels only for eligible images
+                # Parsed once; the pixel data (and any other large value) is read from the file
+                # only when used, so an ineligible image costs a header read.
+                header = pydicom.dcmread(path, defer_size=DEFER_SIZE)
             except (OSError, ValueError, InvalidDicomError) as exc:
                 entry.update(status="failed", reason=f"cannot read stored instance {key}: {exc}")
                 continue
@@ -125,23 +165,18 @@ class StudyAnalyser:
             if reason:
                 entry["reason"] = reason
                 continue
-            candidates.append((sop_uid, path))
+            candidates.append((sop_uid, header))
 
-        recipe = self.bundle.manifest.preprocessing
         results: list[dict[str, Any]] = []
         analysed: list[AnalysedImage] = []
-        for start in range(0, len(candidates), self.batch_size):
-            batch: list[tuple[str, pydicom.Dataset, Any]] = []
-            for sop_uid, path in candidates[start : start + self.batch_size]:
-                try:
-                    dataset = pydicom.dcmread(path)
-                    batch.append((sop_uid, dataset, decode_radiograph(dataset, recipe)))
-                except (OSError, InvalidDicomError, ImageDecodeError) as exc:
-                    images[sop_uid].update(status="not_analysed", reason=f"unreadable image: {exc}")
+        for batch, unreadable in self._decoded_batches(candidates):
+            for sop_uid, reason in unreadable:
+                images[sop_uid].update(status="not_analysed", reason=reason)
             if not batch:
                 continue
             findings = predict_images(
-                self.models, [image for _, _, image in batch], [ds for _, ds, _ in batch], batch_size=self.batch_size
+                self.models, [image for _, _, image in batch], [ds for _, ds, _ in batch], batch_size=self.batch_size,
+                forward=self.batcher.run,
             )
             for (sop_uid, dataset, image), finding in zip(batch, findings):
                 try:
@@ -184,6 +219,37 @@ class StudyAnalyser:
             "flagged": any(bool(e["flagged"]) for e in images.values()),
             "analysed_at": datetime.now(timezone.utc).isoformat(),
         }
+
+    def _decode(self, chunk: list[tuple[str, pydicom.Dataset]]) -> tuple[list[tuple[str, pydicom.Dataset, Any]], list[tuple[str, str]]]:
+        """The decoded images of ``chunk``, and (SOP Instance UID, reason) of those that cannot be decoded."""
+        recipe = self.bundle.manifest.preprocessing
+        decoded, unreadable = [], []
+        for sop_uid, dataset in chunk:
+            try:
+                decoded.append((sop_uid, dataset, decode_radiograph(dataset, recipe)))
+            except (OSError, InvalidDicomError, ImageDecodeError) as exc:
+                unreadable.append((sop_uid, f"unreadable image: {exc}"))
+        return decoded, unreadable
+
+    def _decoded_batches(
+        self, candidates: list[tuple[str, pydicom.Dataset]]
+    ) -> Iterator[tuple[list[tuple[str, pydicom.Dataset, Any]], list[tuple[str, str]]]]:
+        """:meth:`_decode` of each batch of ``candidates``, in order. On CUDA the next batch is
+        decoded in a helper thread while the caller runs the networks on this one (the GPU computes
+        while the CPU decodes); on the CPU, where both would compete for the same cores, one after
+        the other."""
+        chunks = [candidates[start : start + self.batch_size] for start in range(0, len(candidates), self.batch_size)]
+        if self.models.device.type != "cuda" or len(chunks) < 2:
+            for chunk in chunks:
+                yield self._decode(chunk)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="pleura-decode") as prefetch:
+            upcoming = prefetch.submit(self._decode, chunks[0])
+            for index in range(len(chunks)):
+                current = upcoming.result()
+                if index + 1 < len(chunks):
+                    upcoming = prefetch.submit(self._decode, chunks[index + 1])
+                yield current
 
     def _store(self, study_uid: str, kind: str, obj: pydicom.Dataset, source_sop_uid: str | None) -> dict[str, Any]:
         key = self._result_key(study_uid, obj.SOPInstanceUID)

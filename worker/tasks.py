@@ -29,6 +29,10 @@ def _analyser(app: Celery):
     with _models_lock:
         active = getattr(app, "_pleura_active_model", None)
         if active is None:
+            from worker.inference.runtime import configure_torch_threads  # torch: worker processes only
+
+            settings = app.pleura_settings
+            configure_torch_threads(settings.torch_threads, getattr(app, "pleura_worker_processes", 1))
             active = app._pleura_active_model = ActiveModel(app.pleura_settings, "radiograph")
     return active.current()
 

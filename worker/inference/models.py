@@ -8,6 +8,7 @@ and end up in the bundle's own weights file.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,11 @@ class LoadedModels:
     """Outputs one logit per pixel of the network grid, shape (N, 1, H, W)."""
     manifest: Manifest
     device: torch.device
+    autocast_dtype: torch.dtype | None = None
+    """Mixed precision of the forward pass on CUDA (worker/inference/runtime.py); None = fp32."""
+    compiled: tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None = None
+    """(classifier, segmenter) compiled with ``torch.compile`` for the forward pass (CUDA, opt-in);
+    the modules above stay as they are for Grad-CAM."""
 
     @property
     def preprocessing(self) -> Preprocessing:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -14,6 +14,7 @@ from worker.inference.measure import measure_mask
 from worker.inference.models import LoadedModels
 from worker.inference.preprocess import describe_source, mask_to_source, network_inputs
 from worker.inference.result import ImageFinding
+from worker.inference.runtime import forward_context, to_device
 
 __all__ = ["flag_decision", "lesion_mask", "network_outputs", "pixel_spacing_mm", "predict_images"]
 
@@ -54,13 +55,19 @@ def pixel_spacing_mm(ds: pydicom.Dataset) -> tuple[float, float] | None:
     return spacing[0] / factor, spacing[1] / factor
 
 
-def network_outputs(models: LoadedModels, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def network_outputs(
+    models: LoadedModels,
+    images: Sequence[np.ndarray],
+    networks: tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """One forward pass of each network on a batch of decoded images.
 
     Returns the classifier probabilities (N,) and the U-Net probability maps (N, H, W) on the
     U-Net's own input grid (:func:`~worker.inference.preprocess.mask_to_source` takes them to the
     source grid). Evaluation and threshold tuning use this too, so they measure what the node decides.
+    ``networks`` (classifier, segmenter) replace ``models``' own, e.g. their ONNX Runtime exports.
     """
+    classifier, segmenter = networks or models.compiled or (models.classifier, models.segmenter)
     decoded_with = models.manifest.preprocessing
     classifier_recipe, segmenter_recipe = models.classifier_preprocessing, models.segmenter_preprocessing
     batch = torch.from_numpy(network_inputs(images, decoded_with, classifier_recipe))
@@ -68,10 +75,14 @@ def network_outputs(models: LoadedModels, images: Sequence[np.ndarray]) -> tuple
         segmenter_batch = batch
     else:  # each network has its own input grid
         segmenter_batch = torch.from_numpy(network_inputs(images, decoded_with, segmenter_recipe))
-    with torch.inference_mode():
-        batch, segmenter_batch = batch.to(models.device), segmenter_batch.to(models.device)
-        probabilities = torch.sigmoid(models.classifier(batch)).reshape(len(images), -1)[:, 0]
-        mask_probabilities = torch.sigmoid(models.segmenter(segmenter_batch))[:, 0]
+    shared = segmenter_batch is batch
+    with forward_context(models):  # on CUDA: autocast, pinned memory, channels-last (runtime.py)
+        batch = to_device(batch, models.device)
+        segmenter_batch = batch if shared else to_device(segmenter_batch, models.device)
+        # Logits to fp32 before the sigmoid: under fp16 autocast a probability near 1 would keep
+        # only about three digits (a no-op on the CPU, which computes in fp32).
+        probabilities = torch.sigmoid(classifier(batch).float()).reshape(len(images), -1)[:, 0]
+        mask_probabilities = torch.sigmoid(segmenter(segmenter_batch).float())[:, 0]
         return probabilities.float().cpu().numpy(), mask_probabilities.float().cpu().numpy()
 
 
@@ -94,6 +105,7 @@ def predict_images(
     images: Sequence[np.ndarray],
     sources: Sequence[pydicom.Dataset],
     batch_size: int = 8,
+    forward: Callable[[Sequence[np.ndarray]], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> list[ImageFinding]:
     """One :class:`ImageFinding` per image, in order.
 
@@ -105,7 +117,8 @@ def predict_images(
     pixels. Side, largest gap and hemithorax fraction come from
     :func:`~worker.inference.measure.measure_mask`. The mask is reported as the U-Net drew it even
     when the image is not flagged, so the writers and reviewers see what the segmenter saw;
-    ``flagged`` carries the decision.
+    ``flagged`` carries the decision. ``forward`` replaces :func:`network_outputs` for each batch
+    (the worker's :class:`~worker.inference.batcher.ForwardBatcher` shares passes between analyses).
     """
     if len(images) != len(sources):
         raise ValueError(f"predict_images: {len(images)} images but {len(sources)} source datasets")
@@ -125,7 +138,10 @@ def predict_images(
     findings: list[ImageFinding] = []
     for start in range(0, len(images), batch_size):
         batch_images = images[start : start + batch_size]
-        probabilities, mask_probabilities = network_outputs(models, batch_images)
+        if forward is None:
+            probabilities, mask_probabilities = network_outputs(models, batch_images)
+        else:
+            probabilities, mask_probabilities = forward(batch_images)
         for offset, image in enumerate(batch_images):
             source = sources[start + offset]
             probability = float(probabilities[offset])

@@ -77,8 +77,11 @@ def source_header(source: pydicom.Dataset, *, keep_spacing: bool = True) -> pydi
     ``keep_spacing``; missing Type 2 patient/study attributes are added empty.
     """
     header = pydicom.Dataset()
-    for element in source:
-        if element.tag.group == 0x7FE0 or element.keyword in _SPACING_KEYWORDS:
+    for tag in source.keys():
+        if tag.group == 0x7FE0:  # before reading it: a deferred pixel data value stays on disk
+            continue
+        element = source[tag]
+        if element.keyword in _SPACING_KEYWORDS:
             continue
         header.add(element)
     if keep_spacing:
