@@ -17,20 +17,11 @@ from typer.testing import CliRunner
 
 from node.audit import AuditTrail
 from pleura.cli import app
+from model_versions import make_version
 from services import write_config
-from training.bundle import BundleError, Thresholds, load_bundle, write_manifest
+from training.bundle import BundleError, Thresholds
 from training.registry import Registry, RegistryError, active_bundle_dir, validate_bundle
 from config.settings import load_settings
-
-
-def make_version(base: Path, target: Path, version: str, name: str = "tiny", **changes) -> Path:
-    """A copy of ``base`` whose manifest says ``name``/``version`` (and any other ``changes``)."""
-    shutil.copytree(base, target)
-    for path in target.rglob("*"):
-        path.chmod(0o644 if path.is_file() else 0o755)
-    manifest = load_bundle(target).manifest.model_copy(update={"name": name, "version": version, **changes})
-    write_manifest(target, manifest)
-    return target
 
 
 @pytest.fixture

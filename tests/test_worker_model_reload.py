@@ -17,7 +17,7 @@ import pydicom
 
 from config.settings import load_settings
 from services import REPO, find_tool, free_port, pleura_process, port_open, wait_for, write_config
-from test_model_registry import make_version
+from model_versions import make_version
 from node.ledger import Ledger
 from training.registry import Registry
 from training.synthetic import synthetic_dicom
