@@ -427,3 +427,26 @@ def _open_ledger(job: tuple[str, float]) -> str:
     except LedgerError as exc:
         return str(exc)
     return "ok"
+
+
+def test_deliveries_of_one_study_finished_at_once_leave_it_delivered(ledger: Ledger) -> None:
+    """The export worker delivers a study's SEG and SR in two threads; whichever commits last must
+    see the other's delivery and mark the study delivered (on PostgreSQL too, where both
+    transactions run at once)."""
+    _analysed_study_with_results(ledger)
+    destinations = [f"PACS{n}@127.0.0.1:104" for n in range(4)]
+    ids = ledger.create_outbox(STUDY, destinations, now=T0)
+    assert len(ids) == 8
+    barrier = threading.Barrier(len(ids))
+
+    def deliver(outbox_id: int) -> None:
+        barrier.wait()
+        ledger.record_delivery_success(outbox_id, now=T0 + timedelta(seconds=1))
+
+    threads = [threading.Thread(target=deliver, args=(outbox_id,)) for outbox_id in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(row.status == "sent" for row in ledger.list_outbox(STUDY))
+    assert ledger.study_status(STUDY)["status"] == "delivered"
