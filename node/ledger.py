@@ -1074,7 +1074,20 @@ class Ledger:
     @staticmethod
     def _refresh_delivery(session: Session, study: Study, now: datetime) -> None:
         """A done study is delivered once every result has reached every destination that receives
-        its kind, and delivery_failed once nothing is pending and some delivery was given up."""
+        its kind, and delivery_failed once nothing is pending and some delivery was given up.
+
+        The study's row is locked first: deliveries of one study finish in parallel (the export
+        worker's threads, several export workers), and on PostgreSQL two transactions that each
+        mark one row sent would otherwise each see the other row still pending, leaving the study
+        "done" for ever. Under the lock, the last one sees every row sent. (SQLite serialises
+        writers already.)
+        """
+        study = session.scalars(
+            select(Study)
+            .where(Study.study_uid == study.study_uid)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).one()
         if study.status not in (StudyStatus.DONE, StudyStatus.DELIVERED, StudyStatus.DELIVERY_FAILED):
             return
         result_ids = list(session.scalars(select(Result.id).where(Result.study_uid == study.study_uid)))
