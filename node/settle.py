@@ -62,7 +62,7 @@ class SettleLoop(PeriodicTask):
             except Exception as exc:
                 # Most likely the broker is down: every other study would fail the same way.
                 level = logging.DEBUG if self._failing else logging.WARNING
-                log.log(level, "cannot dispatch study %s (will try again): %s", study.study_uid, exc)
+                log.log(level, "cannot dispatch study %s (will try again): %s", ref(study.study_uid), exc)
                 self._failing = True
                 break
             if self._failing:
