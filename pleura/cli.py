@@ -117,26 +117,31 @@ def demo_model(
     """Train the small SYNTHETIC DEMO model bundles (not for clinical use) from generated images:
     radiograph (classifier + U-Net) and CT (U-Net on CT phantoms)."""
     settings = _settings(config)
-    from training.bundle import BundleError
+    from training.ct_demo_model import ensure_ct_demo_bundle
     from training.demo_model import ensure_demo_bundle
-    from training.registry import demo_bundle_dir
-
-    target = out or demo_bundle_dir(settings)
+    from training.registry import ct_demo_bundle_dir, demo_bundle_dir
 
     if ct or out is None:
-        from pleura.ct_cli import ensure_ct_demo
-
-        ensure_ct_demo(settings, out if ct else None, force, seed, console)
+        target = (out if ct else None) or ct_demo_bundle_dir(settings)
+        _ensure_demo("CT demo bundle", target, "a minute or two", ensure_ct_demo_bundle, force, seed, progress=False)
         if ct:
             return
-    console.print(f"making sure the synthetic demo bundle in {target} is current (training it takes a few minutes)")
+    target = out or demo_bundle_dir(settings)
+    _ensure_demo("demo bundle", target, "a few minutes", ensure_demo_bundle, force, seed, progress=True)
+
+
+def _ensure_demo(what: str, target: Path, duration: str, ensure, force: bool, seed: int, *, progress: bool) -> None:
+    """Build one synthetic demo bundle at ``target`` unless it is already there and current."""
+    from training.bundle import BundleError
+
+    console.print(f"making sure the synthetic {what} in {target} is current (training it takes {duration})")
     try:
-        bundle, built = ensure_demo_bundle(target, force=force, seed=seed, progress=True)
+        bundle, built = ensure(target, force=force, seed=seed, progress=progress)
     except BundleError as exc:
         console.print(f"[bold red]{exc}[/]: use --out or --force")
         raise typer.Exit(2) from None
     if not built:
-        console.print(f"demo bundle already present: {target} ({bundle.identity.label})")
+        console.print(f"{what} already present: {target} ({bundle.identity.label})")
         return
     console.print(f"[green]written[/] {bundle.path}: {bundle.identity.label}")
     console.print(json.dumps(bundle.manifest.metrics, indent=2))

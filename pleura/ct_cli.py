@@ -64,22 +64,3 @@ def train_ct_command(
         raise typer.Exit(2) from None
     console.print(json.dumps(result.bundle.manifest.metrics, indent=2))
     console.print(f"use it: PLEURA_CT_MODEL_DIR={result.bundle.path} pleura worker --queues ct")
-
-
-def ensure_ct_demo(settings, out: Optional[Path], force: bool, seed: int, console: Console) -> None:
-    """`pleura demo-model`'s CT part: the CT demo bundle at ``out`` or where the workers look for it."""
-    from training.bundle import BundleError
-    from training.ct_demo_model import ensure_ct_demo_bundle
-    from training.registry import ct_demo_bundle_dir
-
-    target = out or ct_demo_bundle_dir(settings)
-    console.print(f"making sure the synthetic CT demo bundle in {target} is current (a minute or two to train on a CPU)")
-    try:
-        bundle, built = ensure_ct_demo_bundle(target, force=force, seed=seed, progress=False)
-    except BundleError as exc:
-        console.print(f"[bold red]{exc}[/]: use --out or --force")
-        raise typer.Exit(2) from None
-    state = "written" if built else "already present"
-    console.print(f"[green]{state}[/] {bundle.path}: {bundle.identity.label}")
-    if built:
-        console.print(json.dumps(bundle.manifest.metrics, indent=2))
