@@ -89,6 +89,45 @@ def test_window_applies_after_the_rescale():
     np.testing.assert_allclose(image[0], np.clip((rescaled - 39.5) / 400 + 0.5, 0, 1), atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("function", "center", "width"),
+    [("LINEAR", 1000, 501), ("LINEAR", 2047.5, 1), ("LINEAR", [800, 3000], [300, 10]), ("LINEAR_EXACT", 1000, 501),
+     ("LINEAR_EXACT", 512.25, 0.5), ("SIGMOID", 1500, 900), (None, 2000, 4096)],
+)
+@pytest.mark.parametrize(("signed", "rescale"), [(False, None), (True, (2, -100)), (False, (0.37, 3.25))])
+def test_windowing_matches_pydicoms_scaled_to_its_output_range(function, center, width, signed, rescale):
+    """The decoder's own rescale and windowing (float32, one clipped linear map, for speed)
+    against pydicom's apply_modality_lut and apply_windowing, scaled from the output range that
+    PS3.3 C.11.2.1.2 gives it."""
+    from pydicom.pixels import apply_modality_lut, apply_windowing
+
+    pixels = np.random.default_rng(7).integers(0, 4096, size=(32, 64)).astype(np.uint16)
+    ds = grayscale(pixels)
+    low, high = (-2048, 2047) if signed else (0, 4095)
+    if signed:
+        ds.PixelRepresentation = 1
+        ds.PixelData = (pixels.astype(np.int16) - 2048).tobytes()
+    if rescale is not None:  # the output range follows the rescale
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+        low, high = sorted((low * rescale[0] + rescale[1], high * rescale[0] + rescale[1]))
+    ds.WindowCenter, ds.WindowWidth = center, width
+    if function is not None:
+        ds.VOILUTFunction = function
+    image = decode_radiograph(ds, RECIPE)
+
+    modality = apply_modality_lut(ds.pixel_array, ds)
+    reference = apply_windowing(np.asarray(modality, dtype=np.float64), ds)
+    np.testing.assert_allclose(image, (reference - low) / (high - low), atol=2e-6)
+
+
+@pytest.mark.parametrize(("function", "width"), [("LINEAR", 0.5), ("LINEAR_EXACT", 0), ("SIGMOID", -3), ("CUBIC", 10)])
+def test_an_impossible_window_is_a_decode_error(function, width):
+    ds = grayscale(ramp())
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 1000, width, function
+    with pytest.raises(ImageDecodeError, match="VOI LUT|Window Width"):
+        decode_radiograph(ds, RECIPE)
+
+
 def test_voi_lut_sequence_is_applied_and_preferred_over_the_window():
     pixels = np.tile(np.arange(256, dtype=np.uint16), (4, 1))
     ds = grayscale(pixels, bits_stored=8)
