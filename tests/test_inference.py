@@ -14,8 +14,8 @@ from pydicom.dataset import Dataset
 from training.bundle import BundleError, Manifest, NetworkSpec, Preprocessing, Thresholds, load_bundle, write_manifest
 from training.synthetic import synthetic_dicom
 from worker.inference.models import LoadedModels, build_network, load_models
-from worker.inference.predict import pixel_spacing_mm, predict_images
-from worker.inference.preprocess import decode_radiograph
+from worker.inference.predict import lesion_mask, pixel_spacing_mm, predict_images, source_lesion_mask
+from worker.inference.preprocess import decode_radiograph, mask_to_source
 from worker.inference.select import ineligibility_reason
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -269,3 +269,18 @@ def test_demo_bundle_pipeline_on_a_tiny_set_is_deterministic(tmp_path):
         b = torch.load(second.weights_path(spec), weights_only=True)
         assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
     assert first.identity.synthetic_demo
+
+
+@pytest.mark.parametrize("shape", [(2048, 1792), (100, 90)])  # enlarging, and shrinking (antialiased)
+def test_the_source_mask_skips_the_resize_only_when_nothing_can_reach_the_threshold(shape) -> None:
+    """Most images have no pixel near the mask threshold; their mask is not resized, and it is
+    the mask the resize would give. Maps that touch the threshold are resized as before."""
+    rng = np.random.default_rng(5)
+    threshold = 0.5
+    for peak in (0.2, threshold - 2e-5, threshold - 1e-6, threshold, 0.9):
+        network_map = (rng.random((256, 256)) * peak).astype(np.float32)
+        network_map[100:140, 30:90] = peak
+        fast = source_lesion_mask(network_map, shape, threshold)
+        assert fast.shape == shape and fast.dtype == bool
+        np.testing.assert_array_equal(fast, lesion_mask(mask_to_source(network_map, shape), threshold))
+        assert fast.any() == (peak >= threshold)

@@ -38,7 +38,7 @@ from training.datasets import DatasetError, DatasetIndex, Example, Problem
 from training.rle import EMPTY_RLE, rle_encode
 from training.splits import read_splits
 from worker.inference.models import LoadedModels
-from worker.inference.predict import flag_decision, lesion_mask, network_outputs
+from worker.inference.predict import flag_decision, lesion_mask, network_outputs, source_lesion_mask
 from worker.inference.preprocess import ImageDecodeError, mask_to_source, network_inputs
 
 __all__ = [
@@ -630,7 +630,7 @@ def _render_cases(
         images = [_decode(example, recipe) for example in examples]
         _, maps = network_outputs(models, images)
         for i, example, image, unet_map in zip(indices, examples, images, maps):
-            mask = lesion_mask(mask_to_source(unet_map, image.shape), thresholds.mask)
+            mask = source_lesion_mask(unet_map, image.shape, thresholds.mask)
             dice = decision.leaderboard[i] if stats.has_masks else None
             cases.append(
                 Case(

@@ -25,9 +25,10 @@ import pydicom
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.morphology import disk
-from skimage.transform import resize
 
-__all__ = ["MaskMeasurements", "measure_mask", "lung_fields"]
+from worker.inference.preprocess import resize_map
+
+__all__ = ["MaskMeasurements", "bounding_box", "measure_mask", "lung_fields"]
 
 BILATERAL_SHARE = 0.15
 """A side holding at least this share of the mask's area makes the finding bilateral."""
@@ -65,12 +66,14 @@ def column_direction(source: pydicom.Dataset) -> tuple[int | None, bool]:
     return 1, True
 
 
-def lung_fields(image: np.ndarray) -> np.ndarray | None:
-    """Estimated lung fields of a displayed radiograph (bright = dense), or None when none is found."""
+def _small_lung_fields(image: np.ndarray) -> np.ndarray | None:
+    """Estimated lung fields on the working-size copy of ``image`` (see :func:`lung_fields`)."""
     rows, columns = image.shape
     scale = LUNG_FIELD_WORKING_SIZE / max(rows, columns)
     small_shape = (max(8, round(rows * scale)), max(8, round(columns * scale)))
-    small = resize(image.astype(np.float32), small_shape, anti_aliasing=True, preserve_range=True)
+    # The antialiased resize the networks' inputs get (torch's, much faster at 2048 px than
+    # scikit-image's Gaussian prefilter and the same low-pass in effect).
+    small = resize_map(np.asarray(image, dtype=np.float32), small_shape, antialias=True)
     small = ndimage.gaussian_filter(small, 1.5)
     if float(small.max() - small.min()) < 1e-6:
         return None
@@ -88,19 +91,34 @@ def lung_fields(image: np.ndarray) -> np.ndarray | None:
     keep = [i + 1 for i in np.argsort(areas)[::-1][:2] if areas[i] >= MIN_LUNG_SHARE * dark.size]
     if not keep:
         return None
-    fields = ndimage.binary_fill_holes(np.isin(labels, keep))
-    return resize(fields.astype(np.float32), (rows, columns), order=0) >= 0.5
+    return ndimage.binary_fill_holes(np.isin(labels, keep))
+
+
+def _to_source_grid(fields: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Working-size fields on the source grid ``shape`` (nearest neighbour)."""
+    rows = (np.arange(shape[0]) * fields.shape[0]) // shape[0]
+    columns = (np.arange(shape[1]) * fields.shape[1]) // shape[1]
+    return fields[np.ix_(rows, columns)]
+
+
+def lung_fields(image: np.ndarray) -> np.ndarray | None:
+    """Estimated lung fields of a displayed radiograph (bright = dense), or None when none is found."""
+    fields = _small_lung_fields(image)
+    return None if fields is None else _to_source_grid(fields, image.shape)
 
 
 def _midline(fields: np.ndarray | None, columns: int) -> float:
-    """Column between the two lung fields; the image centre when there are not two."""
+    """Column between the two lung fields, on a grid of ``columns`` columns (``fields`` may be a
+    smaller copy of it); the image centre when there are not two."""
     if fields is not None:
         labels, count = ndimage.label(fields)
         if count >= 2:
             areas = ndimage.sum_labels(fields, labels, index=np.arange(1, count + 1))
             two = np.argsort(areas)[::-1][:2] + 1
-            centres = [ndimage.center_of_mass(labels == label)[1] for label in two]
-            return float(np.mean(centres))
+            centres = ndimage.center_of_mass(fields, labels, two)
+            centre = float(np.mean([column for _, column in centres]))
+            scale = columns / fields.shape[1]  # pixel centres: (c + 0.5) * scale - 0.5
+            return (centre + 0.5) * scale - 0.5
     return (columns - 1) / 2.0
 
 
@@ -108,13 +126,23 @@ def largest_gap(mask: np.ndarray, spacing_mm: tuple[float, float] | None) -> tup
     """(pixels, mm) diameter of the largest disc inside ``mask``; (None, None) for an empty mask."""
     if not mask.any():
         return None, None
-    row_index, column_index = np.nonzero(mask)
-    crop = np.pad(mask[row_index.min() : row_index.max() + 1, column_index.min() : column_index.max() + 1], 1)
+    crop = np.pad(mask[bounding_box(mask)], 1)
     gap_px = 2.0 * float(ndimage.distance_transform_edt(crop).max())
     gap_mm = None
     if spacing_mm is not None:
-        gap_mm = 2.0 * float(ndimage.distance_transform_edt(crop, sampling=spacing_mm).max())
+        if spacing_mm[0] == spacing_mm[1]:  # square pixels: the same disc, scaled
+            gap_mm = gap_px * spacing_mm[0]
+        else:
+            gap_mm = 2.0 * float(ndimage.distance_transform_edt(crop, sampling=spacing_mm).max())
     return gap_px, gap_mm
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, slice]:
+    """The smallest (rows, columns) slices holding every set pixel of a non-empty 2-D ``mask``
+    (two reductions along the axes instead of the coordinates of every pixel)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    columns = np.flatnonzero(mask.any(axis=0))
+    return slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1)
 
 
 def measure_mask(
@@ -124,9 +152,10 @@ def measure_mask(
     if not mask.any():
         return MaskMeasurements(None, False, None, None, None)
     gap_px, gap_mm = largest_gap(mask, spacing_mm)
-    fields = lung_fields(image)
+    small_fields = _small_lung_fields(image)
     columns = mask.shape[1]
-    midline = _midline(fields, columns)
+    midline = _midline(small_fields, columns)
+    fields = None if small_fields is None else _to_source_grid(small_fields, mask.shape)
     on_high_side = np.zeros(mask.shape, dtype=bool)
     on_high_side[:, int(np.ceil(midline)) :] = True
     area = float(mask.sum())

@@ -16,7 +16,9 @@ from worker.inference.preprocess import describe_source, mask_to_source, network
 from worker.inference.result import ImageFinding
 from worker.inference.runtime import forward_context, to_device
 
-__all__ = ["flag_decision", "lesion_mask", "network_outputs", "pixel_spacing_mm", "predict_images"]
+__all__ = [
+    "flag_decision", "lesion_mask", "network_outputs", "pixel_spacing_mm", "predict_images", "source_lesion_mask",
+]
 
 
 def positive_pair(value: object) -> tuple[float, float] | None:
@@ -91,6 +93,16 @@ def lesion_mask(source_probabilities: np.ndarray, mask_threshold: float) -> np.n
     return np.asarray(source_probabilities) >= mask_threshold
 
 
+def source_lesion_mask(network_map: np.ndarray, shape: tuple[int, int], mask_threshold: float) -> np.ndarray:
+    """``lesion_mask(mask_to_source(network_map, shape), mask_threshold)``, without resizing a map
+    none of whose pixels comes near the threshold (most images): bilinear resizing, antialiased or
+    not, takes means with non-negative weights, so no source pixel can reach it either. The margin
+    covers float32 rounding in those means."""
+    if float(np.max(network_map)) < mask_threshold - 1e-5:
+        return np.zeros((int(shape[0]), int(shape[1])), dtype=bool)
+    return lesion_mask(mask_to_source(network_map, shape), mask_threshold)
+
+
 def flag_decision(
     probability: ArrayLike, area_px: ArrayLike, probability_threshold: ArrayLike, min_area_px: ArrayLike
 ) -> np.ndarray:
@@ -145,7 +157,7 @@ def predict_images(
         for offset, image in enumerate(batch_images):
             source = sources[start + offset]
             probability = float(probabilities[offset])
-            mask = lesion_mask(mask_to_source(mask_probabilities[offset], image.shape), thresholds.mask)
+            mask = source_lesion_mask(mask_probabilities[offset], image.shape, thresholds.mask)
             area_px = int(mask.sum())
             spacing = pixel_spacing_mm(source)
             area_cm2 = area_px * spacing[0] * spacing[1] / 100.0 if spacing is not None else None
