@@ -367,3 +367,43 @@ def test_build_sc_refuses_what_it_cannot_picture() -> None:
     source.SOPClassUID = pydicom.uid.CTImageStorage
     with pytest.raises(ValueError, match="only CR and DX"):
         build_sc(source, image, finding, DEMO_MODEL)
+
+
+def _whole_picture_outline(mask: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The outline drawn the plain way (the whole mask resized, its boundary found and widened),
+    and the pixels near a tie (a resized value within rounding of the 0.5 threshold), where
+    rounding in another resize may draw the line one pixel over."""
+    from scipy import ndimage
+
+    cover = np.asarray(Image.fromarray(mask.astype(np.float32), mode="F").resize((shape[1], shape[0]), Image.BILINEAR))
+    small = cover >= 0.5
+    if not small.any():
+        small = cover >= cover.max()
+    radius = max(1, round(max(shape) / 700))
+    outline = ndimage.binary_dilation(find_boundaries(small, mode="inner"), iterations=radius)
+    ties = ndimage.binary_dilation(np.abs(cover - 0.5) < 1e-5, iterations=radius + 2)
+    return outline, ties
+
+
+@pytest.mark.parametrize("scale", [0.37, 0.5, 0.93, 1.0, 1.7])
+def test_the_outline_drawn_around_the_mask_is_the_whole_pictures(scale) -> None:
+    """The SC traces the outline on a crop around the mask (fast): it is the outline the whole
+    mask gives, but where a resized value ties with the threshold."""
+    from scipy import ndimage
+
+    from worker.writers.sc import _outline
+
+    rng = np.random.default_rng(11)
+    for _ in range(25):
+        rows, columns = (int(v) for v in rng.integers(40, 700, 2))
+        mask = np.zeros((rows, columns), dtype=bool)
+        top, left = int(rng.integers(0, rows)), int(rng.integers(0, columns))
+        mask[top : top + int(rng.integers(1, rows)), left : left + int(rng.integers(1, columns))] = True
+        mask = ndimage.binary_dilation(mask & (rng.random(mask.shape) > 0.3), iterations=2)
+        shape = (max(1, round(rows * scale)), max(1, round(columns * scale)))
+        outline, where = _outline(mask, shape)
+        drawn = np.zeros(shape, dtype=bool)
+        drawn[where] = outline
+        expected, ties = _whole_picture_outline(mask, shape)
+        assert expected.any()
+        assert not ((drawn != expected) & ~ties).any()

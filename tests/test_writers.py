@@ -376,6 +376,21 @@ def test_outline_polylines_of_two_regions() -> None:
     assert outline_polylines(np.zeros((10, 10), dtype=bool)) == []
 
 
+
+def test_outline_polylines_do_not_depend_on_where_the_mask_lies() -> None:
+    """The contours are traced on the mask's bounding box: the same mask placed elsewhere in a
+    larger image gives the same polylines, shifted."""
+    rng = np.random.default_rng(3)
+    blob = rng.random((40, 50)) > 0.35
+    alone = outline_polylines(blob)
+    assert alone
+    placed = np.zeros((300, 400), dtype=bool)
+    placed[123:163, 211:261] = blob
+    shifted = outline_polylines(placed)
+    assert len(shifted) == len(alone)
+    for small, large in zip(alone, shifted):
+        np.testing.assert_allclose(large, small + [211, 123], atol=1e-9)
+
 # --- SR read back ------------------------------------------------------------------------------
 
 

@@ -33,6 +33,7 @@ from pydicom.pixels import apply_modality_lut
 from skimage.measure import approximate_polygon, find_contours
 
 from training.bundle import ModelIdentity
+from worker.inference.measure import bounding_box
 from worker.inference.result import ImageFinding
 from worker.writers.common import (
     carry_context,
@@ -56,13 +57,21 @@ SIMPLIFY_TOLERANCE_PX = 0.75
 def outline_polylines(mask: np.ndarray) -> list[np.ndarray]:
     """Closed (column, row) polylines around each region of ``mask``, in DICOM PIXEL units (the
     top-left corner of the first pixel is 0,0, so a pixel's centre is at index + 0.5)."""
-    padded = np.pad(np.asarray(mask, dtype=bool), 1)
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return []
+    # Traced on the mask's bounding box only (the contours are the same, found in a fraction of
+    # the pixels), padded so that regions on its edge close.
+    box = bounding_box(mask)
+    padded = np.pad(mask[box], 1)
+    offset = np.array([box[1].start, box[0].start], dtype=np.float64)
     polylines = []
     for contour in find_contours(padded.astype(np.float32), 0.5):
         contour = approximate_polygon(contour, tolerance=SIMPLIFY_TOLERANCE_PX)
         if len(contour) < MIN_CONTOUR_POINTS:
             continue
-        points = contour[:, ::-1] - 1.0 + 0.5  # (row, col) in the padded grid -> (col, row) + centre
+        # (row, col) in the padded box -> (col, row) in the image, at the pixel centre
+        points = contour[:, ::-1] - 1.0 + 0.5 + offset
         points = np.clip(points, 0.0, [mask.shape[1], mask.shape[0]])
         if not np.array_equal(points[0], points[-1]):
             points = np.vstack([points, points[:1]])

@@ -35,6 +35,7 @@ from scipy import ndimage
 from skimage.segmentation import find_boundaries
 
 from training.bundle import ModelIdentity
+from worker.inference.measure import bounding_box
 from worker.inference.result import ImageFinding
 from worker.writers.common import (
     AI_DISCLAIMER,
@@ -158,15 +159,23 @@ def _compose(
         raise ValueError(f"cannot fit a {rows} x {columns} image and its banner into {MAX_SIDE} px")
 
     size = (out_columns, out_rows)  # Pillow's order
-    grey = _resize(image, size, Image.Resampling.LANCZOS)
-    rgb = np.repeat(np.clip(grey, 0.0, 1.0)[..., None], 3, axis=2) * 255.0
-    if heatmap is not None:
+    # The picture is 8-bit, so the image is quantised first and resized as 8-bit grey: a quarter
+    # of the data of a float resize, and the same picture to within a grey level.
+    grey = np.empty(np.shape(image), dtype=np.float32)
+    np.multiply(np.clip(image, 0.0, 1.0, dtype=np.float32), 255.0, out=grey)
+    grey8 = np.rint(grey, out=grey).astype(np.uint8)
+    if grey8.shape != (out_rows, out_columns):
+        grey8 = np.asarray(Image.fromarray(grey8, mode="L").resize(size, Image.Resampling.LANCZOS))
+    if heatmap is None:
+        picture = np.repeat(grey8[..., None], 3, axis=2)
+    else:
         heat = np.clip(_resize(heatmap, size, Image.Resampling.BILINEAR), 0.0, 1.0)
         alpha = (HEAT_MAX_ALPHA * heat)[..., None]
-        rgb = (1.0 - alpha) * rgb + alpha * _heat_colours(heat)
-    picture = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+        rgb = (1.0 - alpha) * grey8[..., None].astype(np.float32) + alpha * _heat_colours(heat)
+        picture = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
     if finding.flagged:
-        picture[_outline(np.asarray(finding.mask, dtype=bool), (out_rows, out_columns))] = OUTLINE_RGB
+        outline, where = _outline(np.asarray(finding.mask, dtype=bool), (out_rows, out_columns))
+        picture[where][outline] = OUTLINE_RGB
     return np.concatenate([banner, picture], axis=0), banner.shape[0]
 
 
@@ -202,17 +211,53 @@ def _heat_colours(heat: np.ndarray) -> np.ndarray:
     return np.stack([np.interp(heat, _HEAT_STOPS, _HEAT_COLOURS[:, c]) for c in range(3)], axis=-1)
 
 
-def _outline(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """The mask's boundary on the output grid ``shape``, a few pixels wide (wider for bigger pictures)."""
+def _outline(mask: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """The mask's boundary on the output grid ``shape``, a few pixels wide (wider for bigger
+    pictures), as (boundary, where): the boundary covers the region ``where`` of the picture.
+
+    Only the region around the mask is resized and traced (a pneumothorax covers a small part of
+    the image); the crop is taken on whole source pixels with a margin, so the outline is the one
+    the whole mask would give."""
     if not mask.any():
-        return np.zeros(shape, dtype=bool)
-    cover = _resize(mask.astype(np.float32), (shape[1], shape[0]), Image.Resampling.BILINEAR)
+        return np.zeros((0, 0), dtype=bool), (slice(0, 0), slice(0, 0))
+    rows, columns = mask.shape
+    scale_rows, scale_columns = shape[0] / rows, shape[1] / columns
+    radius = max(1, round(max(shape) / 700))
+    box = bounding_box(mask)
+    # Margin, in source pixels: the bilinear kernel's reach and the dilation radius, both
+    # measured on the output grid.
+    margin = int(np.ceil((radius + 3) / min(scale_rows, scale_columns))) + 1
+    top, bottom = max(0, box[0].start - margin), min(rows, box[0].stop + margin)
+    left, right = max(0, box[1].start - margin), min(columns, box[1].stop + margin)
+    # Output pixels whose centres fall inside the crop.
+    out_top = 0 if top == 0 else int(np.ceil(top * scale_rows - 1e-6))
+    out_bottom = shape[0] if bottom == rows else int(np.floor(bottom * scale_rows + 1e-6))
+    out_left = 0 if left == 0 else int(np.ceil(left * scale_columns - 1e-6))
+    out_right = shape[1] if right == columns else int(np.floor(right * scale_columns + 1e-6))
+    if (out_top, out_bottom, out_left, out_right) == (0, shape[0], 0, shape[1]) or min(
+        out_bottom - out_top, out_right - out_left
+    ) < 1:
+        cover = _resize(mask.astype(np.float32), (shape[1], shape[0]), Image.Resampling.BILINEAR)
+        where = (slice(0, shape[0]), slice(0, shape[1]))
+    else:
+        crop = mask[top:bottom, left:right].astype(np.float32)
+        # The crop's output pixels, resampled from the crop's own extent in source coordinates.
+        box_in_crop = (
+            out_left / scale_columns - left, out_top / scale_rows - top,
+            out_right / scale_columns - left, out_bottom / scale_rows - top,
+        )
+        cover = np.asarray(
+            Image.fromarray(crop, mode="F").resize(
+                (out_right - out_left, out_bottom - out_top), Image.Resampling.BILINEAR, box=box_in_crop
+            ),
+            dtype=np.float32,
+        )
+        where = (slice(out_top, out_bottom), slice(out_left, out_right))
     small = cover >= 0.5
     if not small.any():  # smaller than an output pixel: keep a dot where it was
         small = cover >= cover.max()
     edge = find_boundaries(small, mode="inner")
-    radius = max(1, round(max(shape) / 700))
-    return ndimage.binary_dilation(edge, iterations=radius)
+    return ndimage.binary_dilation(edge, iterations=radius), where
 
 
 _Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
