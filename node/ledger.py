@@ -4,7 +4,9 @@ SQLAlchemy 2.0 models and one :class:`Ledger` class that owns every query, so th
 instance creates no work, a new instance reopens an analysed study, a study is delivered when every
 result reached every destination) live in one place. SQLite is the default and is shared by several
 processes (the SCP, the export worker): it runs in WAL mode with a busy timeout, and every
-transaction takes the write lock up front so that two writers never deadlock on a lock upgrade.
+transaction that may write takes the write lock up front so that two writers never deadlock on a
+lock upgrade; read-only transactions (:meth:`Ledger.reading`) take none and read a snapshot, so the
+worklist, the API and the dispatcher's polling never wait for the SCP's writes, nor hold them up.
 PostgreSQL works with the same code.
 """
 
@@ -50,6 +52,8 @@ from node.privacy import ref
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+READ_ONLY = "pleura_read_only"
+"""Execution option of the connections of :meth:`Ledger.reading` (a plain BEGIN on SQLite)."""
 _ERROR_TEXT_LIMIT = 2000
 
 
@@ -621,6 +625,8 @@ class Ledger:
             event.listen(self.engine, "connect", _sqlite_on_connect)
             event.listen(self.engine, "begin", _sqlite_on_begin)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Read-only transactions: the same pool, marked so that SQLite begins them deferred.
+        self._read_sessions = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
         try:
             _create_schema(self.engine)
         except SQLAlchemyError as exc:
@@ -639,10 +645,17 @@ class Ledger:
         with self._sessions.begin() as session:
             yield session
 
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A read-only transaction. On SQLite it begins deferred and reads a snapshot (WAL) without
+        the write lock that every other transaction takes first; nothing may be written in it."""
+        with self._read_sessions.begin() as session:
+            yield session
+
     # -- receiving -------------------------------------------------------------------------------
 
     def has_instance(self, sop_instance_uid: str) -> bool:
-        with self._transaction() as session:
+        with self.reading() as session:
             found = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid))
             return found is not None
 
@@ -722,7 +735,7 @@ class Ledger:
         """Studies still receiving whose last instance arrived `settle_seconds` ago or earlier,
         with their instances not yet sent to a worker (oldest study first)."""
         cutoff = (_as_utc(now) if now else utcnow()) - timedelta(seconds=settle_seconds)
-        with self._transaction() as session:
+        with self.reading() as session:
             rows = session.execute(
                 select(*_due_columns())
                 .join(Study, Study.study_uid == Instance.study_uid)
@@ -952,12 +965,12 @@ class Ledger:
         return pending
 
     def outbox_entry(self, outbox_id: int) -> OutboxView | None:
-        with self._transaction() as session:
+        with self.reading() as session:
             entry = session.get(OutboxEntry, outbox_id)
             return None if entry is None else _outbox_view(entry, session.get_one(Result, entry.result_id))
 
     def list_outbox(self, study_uid: str | None = None) -> list[OutboxView]:
-        with self._transaction() as session:
+        with self.reading() as session:
             statement = select(OutboxEntry, Result).join(Result, Result.id == OutboxEntry.result_id)
             if study_uid is not None:
                 statement = statement.where(Result.study_uid == study_uid)
@@ -1119,7 +1132,7 @@ class Ledger:
         return self._studies(Study.status == status if status is not None else None, limit=limit)
 
     def _studies(self, condition: Any, limit: int) -> list[dict[str, Any]]:
-        with self._transaction() as session:
+        with self.reading() as session:
             aggregates = _study_aggregates()
             statement = select(Study, aggregates.c.instances, aggregates.c.area_px, aggregates.c.area_cm2).outerjoin(
                 aggregates, aggregates.c.study_uid == Study.study_uid
@@ -1130,12 +1143,12 @@ class Ledger:
             return [_study_dict(study, count or 0, area_px, area_cm2) for study, count, area_px, area_cm2 in rows]
 
     def list_instances(self, study_uid: str) -> list[InstanceView]:
-        with self._transaction() as session:
+        with self.reading() as session:
             rows = session.scalars(select(Instance).where(Instance.study_uid == study_uid).order_by(Instance.id))
             return [_instance_view(row) for row in rows]
 
     def list_results(self, study_uid: str) -> list[ResultView]:
-        with self._transaction() as session:
+        with self.reading() as session:
             rows = session.scalars(select(Result).where(Result.study_uid == study_uid).order_by(Result.id))
             return [_result_view(row) for row in rows]
 
@@ -1159,12 +1172,12 @@ class Ledger:
         return known
 
     def analysis_started_at(self, study_uid: str) -> datetime | None:
-        with self._transaction() as session:
+        with self.reading() as session:
             return session.scalar(select(AnalysisStart.started_at).where(AnalysisStart.study_uid == study_uid))
 
     def study_for_ref(self, ref: str) -> str | None:
         """The study UID behind an opaque reference, or None."""
-        with self._transaction() as session:
+        with self.reading() as session:
             return session.scalar(select(StudyRef.study_uid).where(StudyRef.ref == ref))
 
     def study_ref(self, study_uid: str) -> str:
@@ -1294,7 +1307,7 @@ class Ledger:
 
     def list_feedback(self, study_uid: str | None = None) -> list[dict[str, Any]]:
         """Feedback, oldest first (the last one per study is in force)."""
-        with self._transaction() as session:
+        with self.reading() as session:
             statement = select(Feedback)
             if study_uid is not None:
                 statement = statement.where(Feedback.study_uid == study_uid)
@@ -1316,7 +1329,7 @@ class Ledger:
         the AE title as `user`, and `label` 1 when any of its images has an outline. `labelled_by`
         says per image whose label it is.
         """
-        with self._transaction() as session:
+        with self.reading() as session:
             latest = select(func.max(Feedback.id)).group_by(Feedback.study_uid)
             verdicts = {
                 row.study_uid: row
@@ -1406,11 +1419,11 @@ class Ledger:
 
     def is_result(self, sop_instance_uid: str) -> bool:
         """Whether the SOP Instance UID is one of the results Pleura wrote."""
-        with self._transaction() as session:
+        with self.reading() as session:
             return session.scalar(select(Result.id).where(Result.sop_instance_uid == sop_instance_uid)) is not None
 
     def has_seg_labels(self, seg_sop_instance_uid: str) -> bool:
-        with self._transaction() as session:
+        with self.reading() as session:
             found = session.scalar(select(SegLabel.id).where(SegLabel.seg_sop_instance_uid == seg_sop_instance_uid))
             return found is not None
 
@@ -1554,7 +1567,7 @@ class Ledger:
 
     def due_notifications(self, *, now: datetime | None = None, limit: int = 100) -> list[int]:
         now = _as_utc(now) if now else utcnow()
-        with self._transaction() as session:
+        with self.reading() as session:
             return list(
                 session.scalars(
                     select(Notification.id)
@@ -1614,7 +1627,7 @@ class Ledger:
 
     def list_notifications(self, study_uid: str | None = None, *, limit: int = 500) -> list[NotificationView]:
         """Notifications, newest first."""
-        with self._transaction() as session:
+        with self.reading() as session:
             statement = select(Notification)
             if study_uid is not None:
                 statement = statement.where(Notification.study_uid == study_uid)
@@ -1689,4 +1702,6 @@ def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
 def _sqlite_on_begin(connection: Any) -> None:
     # Take the write lock at the start: a deferred transaction that reads and then writes can fail
     # at once with "database is locked" when another process wrote in between, busy timeout or not.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # A read-only transaction (Ledger.reading) never writes, so it needs no lock.
+    read_only = connection.get_execution_options().get(READ_ONLY, False)
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")

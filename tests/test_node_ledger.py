@@ -450,3 +450,41 @@ def test_deliveries_of_one_study_finished_at_once_leave_it_delivered(ledger: Led
         thread.join()
     assert all(row.status == "sent" for row in ledger.list_outbox(STUDY))
     assert ledger.study_status(STUDY)["status"] == "delivered"
+
+
+def test_reads_do_not_wait_for_a_writer_holding_the_sqlite_lock(tmp_path: Path) -> None:
+    """The worklist, the API and the dispatcher only read: on SQLite they read a snapshot while
+    another process holds the write lock (the SCP recording an instance), instead of queueing
+    behind it, and they see what was committed before it."""
+    import sqlite3
+
+    path = tmp_path / "ledger.db"
+    ledger = Ledger(f"sqlite:///{path}")
+    now = datetime.now(timezone.utc)
+    record(ledger, "1.2.3.1", now - timedelta(seconds=30))
+    writer = sqlite3.connect(path, isolation_level=None, timeout=0.1)
+    writer.execute("BEGIN IMMEDIATE")  # another process's write transaction, not committed yet
+    writer.execute("UPDATE studies SET status = 'analysing'")
+    outcome: dict[str, Any] = {}
+
+    def read() -> None:
+        try:
+            outcome["instances"] = [i.sop_instance_uid for i in ledger.list_instances(STUDY)]
+            outcome["known"] = ledger.has_instance("1.2.3.1")
+            outcome["due"] = [s.study_uid for s in ledger.due_studies(settle_seconds=5)]
+            outcome["studies"] = [s["status"] for s in ledger.list_studies()]
+        except Exception as exc:  # the test's verdict below names it
+            outcome["error"] = exc
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    reader.join(timeout=5)  # a locked read would wait the 30 s busy timeout
+    try:
+        assert not reader.is_alive(), "the reads waited for the write lock"
+        assert "error" not in outcome, outcome.get("error")
+        assert outcome == {"instances": ["1.2.3.1"], "known": True, "due": [STUDY], "studies": ["receiving"]}
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+        reader.join()
+        ledger.close()

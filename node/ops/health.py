@@ -27,8 +27,8 @@ class Check:
 
 
 def check_ledger(ledger: Ledger) -> str:
-    with ledger.engine.connect() as connection:
-        connection.execute(text("SELECT 1"))
+    with ledger.reading() as session:
+        session.execute(text("SELECT 1"))
     return repr(ledger)
 
 

@@ -27,7 +27,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 from config.settings import Settings
 from node.ledger import AnalysisStart, Ledger, OutboxEntry, OutboxStatus, Study, StudyStatus, utcnow
@@ -152,7 +151,7 @@ class LedgerCollector(Collector):
             .outerjoin(AnalysisStart, AnalysisStart.study_uid == Study.study_uid)
             .where(Study.analysed_at >= self._since)
         )
-        with Session(self.ledger.engine) as session:
+        with self.ledger.reading() as session:
             rows = session.execute(query).all()
         latest = self._since
         for study_uid, status, flagged, first_received, analysed, started in rows:
@@ -172,7 +171,7 @@ class LedgerCollector(Collector):
         query = select(OutboxEntry.destination, OutboxEntry.status, func.count(), func.sum(OutboxEntry.attempts)).group_by(
             OutboxEntry.destination, OutboxEntry.status
         )
-        with Session(self.ledger.engine) as session:
+        with self.ledger.reading() as session:
             rows = session.execute(query).all()
         sent = CounterMetricFamily("pleura_deliveries", "Results delivered, by destination", labels=["destination"])
         failures = CounterMetricFamily(
