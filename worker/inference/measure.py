@@ -98,7 +98,7 @@ def _to_source_grid(fields: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Working-size fields on the source grid ``shape`` (nearest neighbour)."""
     rows = (np.arange(shape[0]) * fields.shape[0]) // shape[0]
     columns = (np.arange(shape[1]) * fields.shape[1]) // shape[1]
-    return fields[np.ix_(rows, columns)]
+    return np.take(np.take(fields, rows, axis=0), columns, axis=1)  # one axis at a time: several times faster than np.ix_
 
 
 def lung_fields(image: np.ndarray) -> np.ndarray | None:
@@ -155,27 +155,26 @@ def measure_mask(
     small_fields = _small_lung_fields(image)
     columns = mask.shape[1]
     midline = _midline(small_fields, columns)
-    fields = None if small_fields is None else _to_source_grid(small_fields, mask.shape)
-    on_high_side = np.zeros(mask.shape, dtype=bool)
-    on_high_side[:, int(np.ceil(midline)) :] = True
+    # The two sides are column ranges: measured on slices, not on image-sized masks.
+    split = max(0, int(np.ceil(midline)))
     area = float(mask.sum())
-    high_share = float((mask & on_high_side).sum()) / area
+    high_share = float(mask[:, split:].sum()) / area
 
     direction, assumed = column_direction(source)
+    affected = slice(None)  # the columns of the affected hemithorax
     if direction is None:
         side = None
-        affected = np.ones(mask.shape, dtype=bool)
     elif min(high_share, 1.0 - high_share) >= BILATERAL_SHARE:
         side = "bilateral"
-        affected = np.ones(mask.shape, dtype=bool)
     else:
         high_is_left = direction > 0
         side = "left" if (high_share >= 0.5) == high_is_left else "right"
-        affected = on_high_side if high_share >= 0.5 else ~on_high_side
+        affected = slice(split, None) if high_share >= 0.5 else slice(0, split)
 
     fraction = None
-    if fields is not None:
-        hemithorax = (fields | mask) & affected
-        if (fields & affected & ~mask).any():
-            fraction = min(1.0, float((mask & affected).sum()) / float(hemithorax.sum()))
+    if small_fields is not None:
+        fields = _to_source_grid(small_fields, mask.shape)[:, affected]
+        lesion = mask[:, affected]
+        if (fields & ~lesion).any():
+            fraction = min(1.0, float(lesion.sum()) / float((fields | lesion).sum()))
     return MaskMeasurements(side, assumed and side is not None, gap_px, gap_mm, fraction)
