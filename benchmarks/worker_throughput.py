@@ -6,7 +6,8 @@ and the U-Net, map the mask back and measure it, build and write the SEG, GSPS, 
 reference, measured in the same run on the same device with the same models: the bare forward pass
 of both networks on ready-made input tensors at the same batch size. The ratio full / bare is the
 share of the models' own speed that the worker achieves; the rest is overhead, broken down by stage
-(each stage timed on its own over the same images with the same functions the analysis calls).
+(each stage timed on its own over the same images with the same functions the analysis calls; the
+stages add up to about the full analysis).
 
     .venv/bin/python benchmarks/worker_throughput.py [--images 16] [--size 2048] [--batch-size 8]
         [--device auto] [--model-dir DIR] [--write]
@@ -34,13 +35,14 @@ from node.storage import InstanceStore
 from training.bundle import Bundle, load_bundle
 from training.demo_model import ensure_demo_bundle
 from training.synthetic import synthetic_dicom
-from worker.analysis import StudyAnalyser
+from worker.analysis import StudyAnalyser, write_result
 from worker.inference.measure import measure_mask
 from worker.inference.predict import pixel_spacing_mm, predict_images
 from worker.inference.preprocess import decode_radiograph, mask_to_source, network_inputs
 from worker.writers.gsps import build_gsps
 from worker.writers.sc import build_sc
 from worker.writers.seg import build_seg
+from worker.writers.sr import AnalysedImage, build_sr
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -90,21 +92,52 @@ def benchmark_bundle(model_dir: Path | None) -> Bundle:
     return load_bundle(bundle_dir)
 
 
+def recipe_bundle(folder: Path, classifier: str, segmenter: str) -> Bundle:
+    """A bundle of two presets' networks at their own input sizes, with untrained weights (the
+    speed of a full-size model; its decisions mean nothing)."""
+    from training.bundle import DEMO_INTENDED_USE, Manifest, Thresholds, write_manifest
+    from training.presets import get_preset
+    from training.trainer import network_recipe, network_spec
+    from worker.inference.models import build_network
+
+    presets = get_preset(classifier), get_preset(segmenter)
+    shared = network_recipe(presets[0])
+    specs = [network_spec(preset, network_recipe(preset), shared, {}) for preset in presets]
+    folder.mkdir(parents=True, exist_ok=True)
+    for preset, spec in zip(presets, specs):
+        torch.save(build_network(spec, network_recipe(preset)).state_dict(), folder / spec.weights_file)
+    write_manifest(
+        folder,
+        Manifest(
+            name=f"benchmark-{classifier}-{segmenter}", version="untrained", intended_use=DEMO_INTENDED_USE,
+            synthetic_demo=True, preprocessing=shared, classifier=specs[0], segmenter=specs[1], thresholds=Thresholds(),
+        ),
+    )
+    return load_bundle(folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--size", type=int, default=2048, help="side of the synthetic radiographs, pixels")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"),
+    parser.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "auto"),
                         help="inference_backend of the full analysis (CPU); the reference stays torch")
     parser.add_argument("--model-dir", type=Path, default=None, help="bundle (default: the demo bundle)")
+    parser.add_argument("--network", choices=("demo", "recipe"), default="demo",
+                        help="recipe: untrained full-size networks of --classifier and --segmenter instead of the demo's")
+    parser.add_argument("--classifier", default="cls-densenet121", help="classifier preset for --network recipe")
+    parser.add_argument("--segmenter", default="seg-unet-resnet34-dicefocal", help="segmenter preset for --network recipe")
     parser.add_argument("--write", action="store_true", help="record the result in docs/benchmarks.md")
     args = parser.parse_args()
 
-    bundle = benchmark_bundle(args.model_dir)
     with tempfile.TemporaryDirectory(prefix="pleura-bench-") as folder:
         storage = Path(folder)
+        if args.network == "recipe":
+            bundle = recipe_bundle(storage / "bundle", args.classifier, args.segmenter)
+        else:
+            bundle = benchmark_bundle(args.model_dir)
         instances = store_images(storage, args.images, args.size)
         study_uid = instances[0]["study_uid"]
         analyser = StudyAnalyser(storage, bundle, args.device, batch_size=args.batch_size, backend=args.backend)
@@ -131,7 +164,7 @@ def main() -> None:
         bare()
         forward = timed(bare, device, repeats=2)
         onnx_forward = None
-        if analyser.networks is not None:  # the same bare pass through ONNX Runtime
+        if analyser.networks is not None:  # the same bare pass through the chosen backends
             onnx_classifier, onnx_segmenter = analyser.networks
 
             def bare_onnx() -> None:
@@ -144,6 +177,8 @@ def main() -> None:
 
         findings = predict_images(models, images, datasets, batch_size=args.batch_size)
         identity = bundle.identity
+        built: list[tuple] = []  # each image's (SEG or None, GSPS, SC), then the SR
+        (storage / "results").mkdir(exist_ok=True)
         stages = {
             "read (dcmread)": timed(lambda: [pydicom.dcmread(path) for path in paths], device),
             "decode + VOI": timed(lambda: [decode_radiograph(ds, recipe) for ds in datasets], device),
@@ -162,10 +197,24 @@ def main() -> None:
                 device,
             ),
             "SEG + GSPS + SC": timed(
-                lambda: [
+                lambda: built.extend(
                     (build_seg(ds, finding, identity) if finding.flagged else None,
                      build_gsps(ds, finding, identity), build_sc(ds, image, finding, identity, None))
                     for finding, image, ds in zip(findings, images, datasets)
+                ),
+                device,
+            ),
+            "SR (one for the study)": timed(
+                lambda: built.append((build_sr(
+                    [AnalysedImage(ds, finding, objects[0]) for ds, finding, objects in zip(datasets, findings, built)],
+                    [], identity,
+                ),)),
+                device,
+            ),
+            "writing (durable)": timed(
+                lambda: [
+                    write_result(obj, storage / "results" / f"{index}-{kind}.dcm")
+                    for index, objects in enumerate(built) for kind, obj in enumerate(objects) if obj is not None
                 ],
                 device,
             ),
@@ -176,31 +225,38 @@ def main() -> None:
         "full": count / full,
         "bare": count / forward,
     }
+    if onnx_forward is not None:
+        row["onnx"] = count / onnx_forward
     threads = torch.get_num_threads()
     where = f"{device.type}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {threads} threads")
     print(f"device: {where}; bundle: {identity.label}; {count} images of {args.size} px, batch {args.batch_size}, "
-          f"backend {args.backend}")
+          f"backend {args.backend} (classifier {analyser.backends[0]}, segmenter {analyser.backends[1]})")
     print(f"full analysis: {row['full']:.2f} images/s; bare forward pass: {row['bare']:.2f} images/s; "
           f"ratio {row['full'] / row['bare']:.2f}")
     if onnx_forward is not None:
-        print(f"bare forward pass in ONNX Runtime: {count / onnx_forward:.2f} images/s; "
-              f"ratio ONNX Runtime / torch {forward / onnx_forward:.2f}")
+        print(f"bare forward pass on {analyser.backends[0]} / {analyser.backends[1]}: {count / onnx_forward:.2f} "
+              f"images/s; ratio to torch's {forward / onnx_forward:.2f}")
     total = sum(stages.values())
     for name, seconds in stages.items():
         print(f"  {name:<28} {1000 * seconds / count:8.1f} ms/image  {100 * seconds / total:5.1f} %")
     if args.write:
-        record(row, stages, args, device, where, identity.label)
+        record(row, stages, args, device, where, identity.label, analyser.backends)
 
 
 def record(row: dict[str, float], stages: dict[str, float], args: argparse.Namespace, device: torch.device,
-           where: str, label: str) -> None:
-    begin, end = (marker.format(device.type) for marker in MARKERS)
+           where: str, label: str, backends: tuple[str, str]) -> None:
+    key = device.type + ("-recipe" if args.network == "recipe" else "") + (
+        f"-{args.backend}" if args.backend != "torch" else ""
+    )
+    begin, end = (marker.format(key) for marker in MARKERS)
+    options = f" --network recipe --classifier {args.classifier} --segmenter {args.segmenter}" if args.network == "recipe" else ""
+    options += f" --backend {args.backend}" if args.backend != "torch" else ""
     load = os.getloadavg()[0]
     lines = [
         begin,
         f"Measured {date.today().isoformat()} on {where} ({platform.machine()}, {os.cpu_count()} cores), "
         f"torch {torch.__version__}, with `benchmarks/worker_throughput.py --images {args.images} --size {args.size} "
-        f"--batch-size {args.batch_size} --device {args.device}`, bundle {label}. "
+        f"--batch-size {args.batch_size} --device {args.device}{options}`, bundle {label}. "
         f"Load average when it ended: {load:.1f}.",
         "",
         "| measure | images/s |",
@@ -208,6 +264,12 @@ def record(row: dict[str, float], stages: dict[str, float], args: argparse.Names
         f"| full analysis (`StudyAnalyser.analyse`) | {row['full']:.2f} |",
         f"| bare forward pass of both networks (reference) | {row['bare']:.2f} |",
         f"| ratio full / bare | {row['full'] / row['bare']:.2f} |",
+        *(
+            [f"| bare forward pass on the full analysis's backends (classifier {backends[0]}, segmenter "
+             f"{backends[1]}) | {row['onnx']:.2f} |",
+             f"| ratio of that to torch's bare forward pass | {row['onnx'] / row['bare']:.2f} |"]
+            if "onnx" in row else []
+        ),
         "",
         "| stage | ms per image | share |",
         "| --- | --- | --- |",
@@ -222,7 +284,7 @@ def record(row: dict[str, float], stages: dict[str, float], args: argparse.Names
         head, rest = text.split(begin, 1)
         text = head + block + rest.split(end, 1)[1]
     else:
-        text = text.rstrip() + f"\n\n## Worker throughput (`benchmarks/worker_throughput.py`, {device.type})\n\n{block}\n"
+        text = text.rstrip() + f"\n\n## Worker throughput (`benchmarks/worker_throughput.py`, {key})\n\n{block}\n"
     DOC.write_text(text)
 
 

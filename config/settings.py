@@ -250,8 +250,15 @@ class Settings(BaseSettings):
         default="auto", description="autocast precision on CUDA (auto = fp16); the CPU always runs fp32"
     )
     torch_compile: bool = Field(default=False, description="torch.compile the networks on CUDA")
-    inference_backend: Literal["torch", "onnxruntime"] = Field(
-        default="torch", description="what runs the networks on the CPU: torch, or onnxruntime (pleura[onnx])"
+    inference_backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        default="auto",
+        description="what runs the networks on the CPU: auto (whichever of torch and ONNX Runtime is faster "
+        "for each network on this host, measured once), torch, or onnxruntime",
+    )
+    onnx_cache_dir: Path | None = Field(
+        default=None,
+        description="where the networks' ONNX exports and backend measurements are kept; "
+        "unset = <storage_dir>/onnx-cache",
     )
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
@@ -302,12 +309,18 @@ class Settings(BaseSettings):
             self.model_dir = self.model_dir.expanduser().resolve()
         if self.ct_model_dir is not None:
             self.ct_model_dir = self.ct_model_dir.expanduser().resolve()
+        if self.onnx_cache_dir is not None:
+            self.onnx_cache_dir = self.onnx_cache_dir.expanduser().resolve()
         return self
 
     # Derived locations. They are properties, not settings, so there is one source of truth.
     @property
     def ledger_url(self) -> str:
         return self.database_url or f"sqlite:///{self.storage_dir / 'ledger.sqlite'}"
+
+    @property
+    def onnx_cache(self) -> Path:
+        return self.onnx_cache_dir or self.storage_dir / "onnx-cache"
 
     @property
     def celery_broker_url(self) -> str:

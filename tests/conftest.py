@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Every worker the tests start (inference_backend auto) shares one ONNX export of each bundle per
+# run, instead of exporting it again into each test's storage; the export itself, per storage, is
+# tested in test_worker_speed.py.
+os.environ.setdefault("PLEURA_ONNX_CACHE_DIR", tempfile.mkdtemp(prefix="pleura-test-onnx-"))
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from training.bundle import ModelIdentity, load_bundle
 from training.datasets import DatasetError, read_dataset
 from training.synthetic import synthetic_dicom
 from training.trainer import train
-from worker.analysis import _write_result
+from worker.analysis import write_result
 from worker.inference.result import ImageFinding
 from worker.writers.seg import build_seg
 
@@ -43,7 +43,7 @@ def _store(ledger: Ledger, store: InstanceStore, seed: int, positive: bool, *, f
         finding = ImageFinding(0.9, 0.5, True, truth, int(truth.sum()), None)
         seg = build_seg(ds, finding, MODEL)
         seg_key = f"results/{ds.StudyInstanceUID}/{seg.SOPInstanceUID}.dcm"
-        _write_result(seg, store.path(seg_key))
+        write_result(seg, store.path(seg_key))
         results.append({"kind": "SEG", "key": seg_key, "sop_instance_uid": seg.SOPInstanceUID,
                         "sop_class_uid": seg.SOPClassUID, "source_sop_instance_uid": ds.SOPInstanceUID})
     return ds, truth, results

@@ -72,9 +72,9 @@ def test_every_preset_of_the_issue_exists_and_builds():
 
 
 def _spec(preset):
-    from training.trainer import _network_spec
+    from training.trainer import network_spec
 
-    return _network_spec(preset, network_recipe(preset), network_recipe(preset), {})
+    return network_spec(preset, network_recipe(preset), network_recipe(preset), {})
 
 
 def test_overrides_are_checked():

@@ -287,6 +287,62 @@ def test_onnxruntime_gives_the_decisions_and_probabilities_of_torch(tmp_path, an
         StudyAnalyser.from_bundle_dir(tmp_path, demo_bundle, device="cpu", backend="tensorflow")
 
 
+def test_auto_backend_runs_each_network_on_the_faster_and_measures_once_per_host(tmp_path, analyser, demo_bundle):
+    """``auto``: per network, ONNX Runtime only when it is clearly faster than torch on this host;
+    the measurement is recorded beside the export and reused, not taken again."""
+    import json
+
+    from worker.inference.onnx_backend import AUTO_MARGIN, OnnxNetwork, auto_networks
+
+    models, bundle = analyser.models, analyser.bundle
+    # A timer that makes ONNX Runtime faster for the segmenter only, by a margin each side of AUTO_MARGIN.
+    timings = {(False, False): 1.0, (False, True): 1.0 / (AUTO_MARGIN * 0.95),  # classifier: torch, ONNX
+               (True, False): 1.0, (True, True): 1.0 / (AUTO_MARGIN * 1.5)}  # segmenter: torch, ONNX
+    calls: list[tuple[bool, bool]] = []
+
+    def timer(network, example):
+        onnx = isinstance(network, OnnxNetwork)
+        segmenter = network.path.stem == "segmenter" if onnx else network is models.segmenter
+        calls.append((segmenter, onnx))
+        return timings[(segmenter, onnx)]
+
+    networks, backends = auto_networks(models, bundle, tmp_path / "cache", timer=timer)
+    assert backends == ("torch", "onnxruntime")
+    assert networks[0] is models.classifier and isinstance(networks[1], OnnxNetwork)
+    assert sorted(calls) == sorted(timings)  # each network timed on both backends
+    records = sorted((tmp_path / "cache").glob("*/backend-choice.json"))
+    assert len(records) == 2
+    recorded = [next(iter(json.loads(path.read_text()).values()))["backend"] for path in records]
+    assert sorted(recorded) == ["onnxruntime", "torch"]
+
+    calls.clear()
+    _, again = auto_networks(models, bundle, tmp_path / "cache", timer=timer)
+    assert again == backends and calls == []  # read back, not measured again
+
+    # Used for real: the analyser runs the chosen mix, and its decisions are torch's.
+    auto = StudyAnalyser.from_bundle_dir(analyser.storage_dir, demo_bundle, device="cpu", backend="auto")
+    assert set(auto.backends) <= {"torch", "onnxruntime"}
+    uid, items = _study(analyser, 620, 2)
+    by_torch, by_auto = analyser.analyse(uid, items)["images"], auto.analyse(uid, items)["images"]
+    assert [a["status"] for a in by_auto] == ["analysed", "analysed"]
+    for a, b in zip(by_torch, by_auto):
+        assert (a["flagged"], a["side"]) == (b["flagged"], b["side"]) and abs(a["probability"] - b["probability"]) < 1e-4
+
+
+def test_auto_backend_without_onnx_runtime_stays_on_torch(tmp_path, analyser, monkeypatch, caplog):
+    from worker.inference import onnx_backend
+
+    def missing(*args, **kwargs):
+        raise RuntimeError("ONNX Runtime is not installed")
+
+    monkeypatch.setattr(onnx_backend, "onnx_networks", missing)
+    with caplog.at_level("WARNING", logger=onnx_backend.__name__):
+        networks, backends = onnx_backend.auto_networks(analyser.models, analyser.bundle, tmp_path)
+    assert backends == ("torch", "torch")
+    assert networks == (analyser.models.classifier, analyser.models.segmenter)
+    assert "ONNX Runtime not usable: ONNX Runtime is not installed" in caplog.text
+
+
 def _decoded(analyser: StudyAnalyser, seed: int, count: int) -> list[np.ndarray]:
     from worker.inference.preprocess import decode_radiograph
 

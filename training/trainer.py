@@ -108,7 +108,9 @@ def network_recipe(preset: Preset) -> Preprocessing:
     )
 
 
-def _network_spec(preset: Preset, recipe: Preprocessing, shared: Preprocessing, training: dict) -> NetworkSpec:
+def network_spec(preset: Preset, recipe: Preprocessing, shared: Preprocessing, training: dict) -> NetworkSpec:
+    """The manifest entry of ``preset``'s network; its own input grid when ``recipe`` differs from
+    the bundle's ``shared`` preprocessing."""
     own = None
     grid = ("input_size", "channels", "normalisation", "mean", "std", "clahe", "clahe_clip_limit")
     if any(getattr(recipe, name) != getattr(shared, name) for name in grid):
@@ -399,7 +401,7 @@ def train(
 
         torch.manual_seed(preset.seed)
         network = build_network(
-            _network_spec(preset, recipe, shared, {}),
+            network_spec(preset, recipe, shared, {}),
             recipe,
             encoder_weights=None if preset.encoder_weights == "none" else preset.encoder_weights,
         ).to(target)
@@ -614,7 +616,7 @@ def _write_bundle(
     target.mkdir(parents=True)
     shared = base.manifest.preprocessing
     role = preset.network_role
-    spec = _network_spec(preset, recipe, shared, training_record)
+    spec = network_spec(preset, recipe, shared, training_record)
     shutil.copyfile(best_file, target / spec.weights_file)
     other_role = "segmenter" if role == "classifier" else "classifier"
     other = getattr(base.manifest, other_role).model_copy(deep=True)

@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _write_result(dataset: pydicom.Dataset, target: Path) -> None:
+def write_result(dataset: pydicom.Dataset, target: Path) -> None:
+    """``dataset`` as a DICOM file at ``target``, durably (fsync, then rename), as every result is written."""
     buffer = io.BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     write_durably(target, buffer.getvalue())
@@ -90,11 +91,16 @@ def _rounded(value: float | None, digits: int) -> float | None:
 
 class StudyAnalyser:
     """Holds the loaded models; analyses studies, one after another or several at once from
-    threads (their images then share forward passes through :attr:`batcher`)."""
+    threads (their images then share forward passes through :attr:`batcher`).
+
+    ``backend`` (the CPU only): torch, onnxruntime, or auto, whichever of the two is faster for
+    each network on this host (:func:`~worker.inference.onnx_backend.auto_networks`; the worker's
+    default through ``inference_backend``).
+    """
 
     def __init__(
         self, storage_dir: Path, bundle: Bundle, device: str = "auto", batch_size: int = 8, batch_wait_s: float = 0.0,
-        precision: str = "auto", compile_networks: bool = False, backend: str = "torch",
+        precision: str = "auto", compile_networks: bool = False, backend: str = "torch", onnx_cache: Path | None = None,
     ) -> None:
         self.storage_dir = storage_dir
         self.store = InstanceStore(storage_dir)
@@ -102,13 +108,21 @@ class StudyAnalyser:
         # On CUDA: mixed precision, channels-last, optionally compiled; on the CPU as loaded.
         self.models: LoadedModels = accelerate(load_models(bundle, device), precision, compile_networks)
         self.batch_size = batch_size
-        self.networks = None  # None: the torch networks of self.models; else their ONNX Runtime exports
-        if backend == "onnxruntime" and self.models.device.type == "cpu":
-            from worker.inference.onnx_backend import onnx_networks  # optional dependency
+        if backend not in ("auto", "torch", "onnxruntime"):
+            raise ValueError(f"inference backend {backend!r}: use auto, torch or onnxruntime")
+        # None: the torch networks of self.models; else (classifier, segmenter) callables, each the
+        # torch network or its ONNX Runtime export. ONNX Runtime runs on the CPU only.
+        self.networks = None
+        self.backends = ("torch", "torch")
+        if self.models.device.type == "cpu" and backend != "torch":
+            from worker.inference.onnx_backend import auto_networks, onnx_networks
 
-            self.networks = onnx_networks(self.models, bundle, storage_dir / "onnx-cache")
-        elif backend not in ("torch", "onnxruntime"):
-            raise ValueError(f"inference backend {backend!r}: use torch or onnxruntime")
+            cache = onnx_cache or storage_dir / "onnx-cache"
+            if backend == "onnxruntime":
+                self.networks, self.backends = onnx_networks(self.models, bundle, cache), ("onnxruntime", "onnxruntime")
+            else:
+                networks, self.backends = auto_networks(self.models, bundle, cache)
+                self.networks = None if self.backends == ("torch", "torch") else networks
         # Analyses running at once in this process (a threads pool) share forward passes; this
         # analyser's batcher never mixes in another model's images.
         self.batcher = ForwardBatcher(
@@ -129,6 +143,7 @@ class StudyAnalyser:
             batch_wait_s=settings.batch_wait_ms / 1000 if settings.worker_threads > 1 else 0.0,
             precision=settings.inference_precision,
             compile_networks=settings.torch_compile, backend=settings.inference_backend,
+            onnx_cache=settings.onnx_cache,
         )
 
     def _result_key(self, study_uid: str, sop_instance_uid: str) -> str:
@@ -253,7 +268,7 @@ class StudyAnalyser:
 
     def _store(self, study_uid: str, kind: str, obj: pydicom.Dataset, source_sop_uid: str | None) -> dict[str, Any]:
         key = self._result_key(study_uid, obj.SOPInstanceUID)
-        _write_result(obj, self.store.path(key))
+        write_result(obj, self.store.path(key))
         return {
             "kind": kind,
             "key": key,

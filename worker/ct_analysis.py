@@ -22,7 +22,7 @@ from pydicom.errors import InvalidDicomError
 
 from node.storage import InstanceStore
 from training.bundle import Bundle, load_bundle
-from worker.analysis import _image_entry, _rounded, _write_result
+from worker.analysis import _image_entry, _rounded, write_result
 from worker.inference.ct_measure import SeriesFinding, measure_series
 from worker.inference.ct_preprocess import SeriesError, ct_network_input, ct_slice_problem, series_geometry, slice_hu
 from worker.inference.models import load_segmenter
@@ -67,7 +67,7 @@ class SeriesAnalyser:
 
     def _store(self, study_uid: str, kind: str, obj: pydicom.Dataset) -> dict[str, Any]:
         key = f"results/{study_uid}/{obj.SOPInstanceUID}.dcm"
-        _write_result(obj, self.store.path(key))
+        write_result(obj, self.store.path(key))
         return {
             "kind": kind,
             "key": key,

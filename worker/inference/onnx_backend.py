@@ -1,4 +1,4 @@
-"""The optional ONNX Runtime path for the CPU (``inference_backend = "onnxruntime"``).
+"""The ONNX Runtime path for the CPU (``inference_backend`` ``auto``, the default, or ``onnxruntime``).
 
 A bundle's two networks are exported to ONNX the first time a worker needs them, into
 ``<storage_dir>/onnx-cache/<key>/``, where the key is a SHA-256 of the weights file, the network's
@@ -9,6 +9,14 @@ half a file. The torch networks stay loaded: Grad-CAM needs their gradients.
 
 ONNX Runtime runs only on the CPU here; on CUDA the torch path (mixed precision, channels-last)
 is used whatever this setting says.
+
+``auto`` measures instead of guessing: which of torch and ONNX Runtime is faster depends on the
+network and the CPU (on a 2-core x86 host ONNX Runtime ran a DenseNet-121 and a ResNet-34 U-Net
+three times as fast as torch, and the demo bundle's small networks no faster; docs/benchmarks.md).
+For each network it times one image through both, once per host and exported file, keeps ONNX
+Runtime only when it is clearly faster (:data:`AUTO_MARGIN`), and records the measurement beside
+the export (``backend-choice.json``) so later workers on the host skip it. A network that cannot be
+exported, or a host without ONNX Runtime, stays on torch, with the reason in the log.
 """
 
 from __future__ import annotations
@@ -17,8 +25,11 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import tempfile
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +39,17 @@ from torch import nn
 from training.bundle import Bundle, NetworkSpec, Preprocessing
 from worker.inference.models import LoadedModels
 
-__all__ = ["OnnxNetwork", "export_key", "onnx_networks"]
+__all__ = ["AUTO_MARGIN", "OnnxNetwork", "auto_networks", "export_key", "forward_seconds", "onnx_networks"]
 
 log = logging.getLogger(__name__)
 
 INPUT, OUTPUT = "input", "logits"
+AUTO_MARGIN = 1.1
+"""``auto`` runs a network by ONNX Runtime only when torch takes at least this many times as long
+(torch is the path training and evaluation use, so it keeps near-ties)."""
+CHOICE_FILE = "backend-choice.json"
+
+Network = Callable[[torch.Tensor], torch.Tensor]
 
 
 def export_key(bundle: Bundle, spec: NetworkSpec, recipe: Preprocessing) -> str:
@@ -88,8 +105,8 @@ def onnx_networks(models: LoadedModels, bundle: Bundle, cache_dir: Path) -> tupl
         import onnxruntime  # noqa: F401
     except ImportError:
         raise RuntimeError(
-            "inference_backend onnxruntime (PLEURA_INFERENCE_BACKEND) needs ONNX Runtime: "
-            "pip install 'pleura[onnx]', or set it to torch"
+            "inference_backend onnxruntime (PLEURA_INFERENCE_BACKEND) needs ONNX Runtime, which is not "
+            "installed: reinstall pleura (it depends on onnxruntime), or set inference_backend to torch"
         ) from None
     manifest = bundle.manifest
     networks = []
@@ -101,3 +118,85 @@ def onnx_networks(models: LoadedModels, bundle: Bundle, cache_dir: Path) -> tupl
             _export(network, recipe, path)
         networks.append(OnnxNetwork(path, torch.get_num_threads()))
     return networks[0], networks[1]
+
+
+def forward_seconds(network: Network, example: torch.Tensor, repeats: int = 2) -> float:
+    """Best time of ``repeats`` calls of ``network`` on ``example``, after one call to warm it up."""
+    best = float("inf")
+    with torch.inference_mode():
+        network(example)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            network(example)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _host_key() -> str:
+    """What the measurement depends on besides the exported file: the CPU and the thread count."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} / {os.cpu_count()} CPUs / {torch.get_num_threads()} threads / onnxruntime {_onnxruntime_version()}"
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime
+
+    return str(onnxruntime.__version__)
+
+
+def _read_choices(path: Path) -> dict:
+    try:
+        choices = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return choices if isinstance(choices, dict) else {}
+
+
+def _write_choices(path: Path, choices: dict) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".json.partial")
+    with os.fdopen(handle, "w") as file:
+        json.dump(choices, file, indent=2, sort_keys=True)
+    os.replace(temporary, path)
+
+
+def auto_networks(
+    models: LoadedModels, bundle: Bundle, cache_dir: Path, timer: Callable[[Network, torch.Tensor], float] = forward_seconds
+) -> tuple[tuple[Network, Network], tuple[str, str]]:
+    """(classifier, segmenter) each run by whichever of torch and ONNX Runtime is faster on this
+    host (see the module's docstring), and the name of each one's backend."""
+    torch_networks: tuple[Network, Network] = (models.classifier, models.segmenter)
+    try:
+        exported = onnx_networks(models, bundle, cache_dir)
+    except Exception as exc:  # ONNX Runtime not installed, or a network the exporter cannot take
+        log.warning("inference_backend auto: torch runs the networks (ONNX Runtime not usable: %s)", exc)
+        return torch_networks, ("torch", "torch")
+    manifest = bundle.manifest
+    host = _host_key()
+    chosen: list[Network] = []
+    names: list[str] = []
+    for spec, by_torch, by_onnx in zip((manifest.classifier, manifest.segmenter), torch_networks, exported):
+        record = by_onnx.path.parent / CHOICE_FILE
+        choices = _read_choices(record)
+        choice = choices.get(host)
+        if not isinstance(choice, dict) or choice.get("backend") not in ("torch", "onnxruntime"):
+            recipe = manifest.network_preprocessing(spec)
+            example = torch.zeros(1, recipe.channels, recipe.input_size, recipe.input_size)
+            torch_s, onnx_s = timer(by_torch, example), timer(by_onnx, example)
+            backend = "onnxruntime" if torch_s >= AUTO_MARGIN * onnx_s else "torch"
+            choice = {"backend": backend, "torch_seconds": round(torch_s, 6), "onnxruntime_seconds": round(onnx_s, 6)}
+            _write_choices(record, {**_read_choices(record), host: choice})
+        log.info(
+            "inference_backend auto: %s of %s runs on %s (one image: torch %.1f ms, ONNX Runtime %.1f ms)",
+            spec.weights_file, bundle.identity.label, choice["backend"], 1000 * float(choice["torch_seconds"]),
+            1000 * float(choice["onnxruntime_seconds"]),
+        )
+        chosen.append(by_onnx if choice["backend"] == "onnxruntime" else by_torch)
+        names.append(choice["backend"])
+    return (chosen[0], chosen[1]), (names[0], names[1])
