@@ -329,6 +329,29 @@ def test_auto_backend_runs_each_network_on_the_faster_and_measures_once_per_host
         assert (a["flagged"], a["side"]) == (b["flagged"], b["side"]) and abs(a["probability"] - b["probability"]) < 1e-4
 
 
+def test_the_export_runs_in_a_child_process_and_its_failure_names_the_reason(tmp_path, demo_bundle):
+    """The worker never imports the exporter (its leftovers slowed every later garbage collection);
+    an export that fails says why."""
+    import subprocess
+    import sys
+
+    from training.bundle import load_bundle
+    from worker.inference.onnx_backend import export_in_child
+
+    script = (
+        "import sys; from pathlib import Path; from worker.analysis import StudyAnalyser; "
+        f"a = StudyAnalyser.from_bundle_dir(Path({str(tmp_path)!r}), Path({str(demo_bundle)!r}), device='cpu', "
+        "backend='onnxruntime'); "
+        "print(a.backends, 'onnxscript' in sys.modules)"  # the exporter's own library
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "('onnxruntime', 'onnxruntime') False"
+    assert len(list((tmp_path / "onnx-cache").glob("*/*.onnx"))) == 2
+
+    with pytest.raises(RuntimeError, match="cannot export .* to ONNX: unknown network 'detector'"):
+        export_in_child(load_bundle(demo_bundle), {"detector": tmp_path / "detector.onnx"})
+
+
 def test_auto_backend_without_onnx_runtime_stays_on_torch(tmp_path, analyser, monkeypatch, caplog):
     from worker.inference import onnx_backend
 

@@ -119,7 +119,7 @@ class StudyAnalyser:
 
             cache = onnx_cache or storage_dir / "onnx-cache"
             if backend == "onnxruntime":
-                self.networks, self.backends = onnx_networks(self.models, bundle, cache), ("onnxruntime", "onnxruntime")
+                self.networks, self.backends = onnx_networks(bundle, cache), ("onnxruntime", "onnxruntime")
             else:
                 networks, self.backends = auto_networks(self.models, bundle, cache)
                 self.networks = None if self.backends == ("torch", "torch") else networks
