@@ -100,6 +100,7 @@ def recipe_bundle(folder: Path, classifier: str, segmenter: str) -> Bundle:
     from training.trainer import network_recipe, network_spec
     from worker.inference.models import build_network
 
+    torch.manual_seed(0)  # the same untrained networks in every run, so runs compare
     presets = get_preset(classifier), get_preset(segmenter)
     shared = network_recipe(presets[0])
     specs = [network_spec(preset, network_recipe(preset), shared, {}) for preset in presets]
