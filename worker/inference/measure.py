@@ -98,7 +98,8 @@ def _to_source_grid(fields: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Working-size fields on the source grid ``shape`` (nearest neighbour)."""
     rows = (np.arange(shape[0]) * fields.shape[0]) // shape[0]
     columns = (np.arange(shape[1]) * fields.shape[1]) // shape[1]
-    return np.take(np.take(fields, rows, axis=0), columns, axis=1)  # one axis at a time: several times faster than np.ix_
+    # One axis at a time: several times faster than indexing with np.ix_ at 2048 px.
+    return np.take(np.take(fields, rows, axis=0), columns, axis=1)
 
 
 def lung_fields(image: np.ndarray) -> np.ndarray | None:

@@ -123,7 +123,8 @@ def onnx_networks(bundle: Bundle, cache_dir: Path) -> tuple[OnnxNetwork, OnnxNet
     paths = {}
     for role in ROLES:
         spec = getattr(manifest, role)
-        paths[role] = cache_dir / export_key(bundle, spec, manifest.network_preprocessing(spec)) / f"{Path(spec.weights_file).stem}.onnx"
+        key = export_key(bundle, spec, manifest.network_preprocessing(spec))
+        paths[role] = cache_dir / key / f"{Path(spec.weights_file).stem}.onnx"
     missing = {role: path for role, path in paths.items() if not path.exists()}
     if missing:
         log.info("exporting the %s of %s to ONNX into %s", " and ".join(missing), bundle.identity.label, cache_dir)
