@@ -3,8 +3,10 @@
 A stored radiograph becomes the network's input in two steps:
 
 1. :func:`decode_radiograph` turns the DICOM pixel data into a float image in [0, 1] on the source
-   grid, with bright meaning dense (the MONOCHROME2 sense): Modality LUT, then VOI LUT or window,
-   then MONOCHROME1 inversion, then optionally CLAHE.
+   grid, as the radiologist's display shows it (bright = dense for a usual chest film): the grayscale
+   pipeline of PS3.4 N.2 — Modality LUT, then VOI LUT or window, then the Presentation LUT (the
+   image's Presentation LUT Sequence, or its Presentation LUT Shape INVERSE, or MONOCHROME1) —
+   then optionally CLAHE.
 2. :func:`to_network_input` resizes that image to the bundle's square input size, normalises it and
    repeats it to the network's channel count.
 
@@ -38,22 +40,40 @@ __all__ = [
     "resize_map",
     "network_inputs",
     "normalise_input",
+    "presentation_inverted",
+    "presentation_lut_entries",
     "resize_to_input",
     "to_network_input",
 ]
 
 
 class ImageDecodeError(ValueError):
-    """The pixel data of an image cannot be turned into a radiograph; the message names the file."""
+    """The pixel data of an image cannot be turned into a radiograph; the message names the file.
+
+    :attr:`reason` is the same without the file: what the worker writes into the report and the
+    worklist, which must never show a server path.
+    """
+
+    def __init__(self, reason: str, where: str | None = None, detail: str | None = None) -> None:
+        text = f"{where}: {reason}" if where else reason
+        super().__init__(f"{text}: {detail}" if detail else text)
+        self.reason = reason
+
+
+def _file_or_description(ds: pydicom.Dataset) -> str:
+    """The dataset's file when it was read from one (for whoever runs training or checks on
+    files), else :func:`describe_source`. :attr:`ImageDecodeError.reason` never holds either."""
+    filename = getattr(ds, "filename", None)
+    return filename if isinstance(filename, str) and filename else describe_source(ds)
 
 
 def describe_source(ds: pydicom.Dataset) -> str:
-    """A short name for a dataset in error messages: its file, else its SOP Instance UID."""
-    filename = getattr(ds, "filename", None)
-    if isinstance(filename, str) and filename:
-        return filename
-    uid = ds.get("SOPInstanceUID")
-    return f"SOP Instance {uid}" if uid else "dataset without SOP Instance UID"
+    """A short name for a dataset in error messages that may reach a report or the worklist: its
+    Instance and Series Numbers, never its file path or a UID (callers that know the file, such as
+    training's data checks, name it themselves)."""
+    instance, series = ds.get("InstanceNumber"), ds.get("SeriesNumber")
+    name = f"instance {instance}" if instance not in (None, "") else "an image without Instance Number"
+    return f"{name} of series {series}" if series not in (None, "") else name
 
 
 def decode_radiograph(ds: pydicom.Dataset, recipe: Preprocessing) -> np.ndarray:
@@ -62,34 +82,84 @@ def decode_radiograph(ds: pydicom.Dataset, recipe: Preprocessing) -> np.ndarray:
     With ``recipe.voi == "dicom"`` the image's own VOI LUT Sequence is applied if present, else its
     first Window Center/Width, else the image's min..max range; with ``"minmax"`` always the latter.
     """
-    where = describe_source(ds)
+    where = _file_or_description(ds)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ImageDecodeError(
-            f"{where}: PhotometricInterpretation {photometric or '(absent)'} is not a grayscale "
-            "image (MONOCHROME1 or MONOCHROME2)"
+            f"PhotometricInterpretation {photometric or '(absent)'} is not a grayscale image "
+            "(MONOCHROME1 or MONOCHROME2)",
+            where,
         )
     try:
         stored = ds.pixel_array
     except Exception as exc:  # pydicom raises many kinds: missing data, no decoder, truncated data
-        raise ImageDecodeError(f"{where}: cannot decode the pixel data: {exc}") from exc
+        raise ImageDecodeError(f"cannot decode the pixel data ({type(exc).__name__})", where, str(exc)) from exc
     if stored.ndim != 2:
         raise ImageDecodeError(
-            f"{where}: pixel data has shape {stored.shape}; expected one frame of one sample (Rows, Columns)"
+            f"pixel data has shape {stored.shape}; expected one frame of one sample (Rows, Columns)", where
         )
 
     try:
         image = _apply_voi(_modality_values(stored, ds), ds, recipe)
     except Exception as exc:
-        raise ImageDecodeError(f"{where}: cannot apply the Modality/VOI LUT: {exc}") from exc
+        raise ImageDecodeError(f"cannot apply the Modality/VOI LUT: {exc}", where) from exc
 
     if not np.all(np.isfinite(image)):
-        raise ImageDecodeError(f"{where}: pixel values are not finite after the Modality/VOI LUT")
-    if photometric == "MONOCHROME1" and recipe.invert_monochrome1:
-        image = 1.0 - image
+        raise ImageDecodeError("pixel values are not finite after the Modality/VOI LUT", where)
+    if recipe.invert_monochrome1:
+        try:
+            image = _apply_presentation(image, ds)
+        except Exception as exc:
+            raise ImageDecodeError(f"cannot apply the Presentation LUT: {exc}", where) from exc
     image = image.astype(np.float32, copy=False)
     if recipe.clahe:
         image = _clahe(image, recipe.clahe_clip_limit)
+    return image
+
+
+def presentation_inverted(ds: pydicom.Dataset) -> bool:
+    """Whether the display shows the lowest VOI output white: MONOCHROME1, or a Presentation LUT
+    Shape of INVERSE (PS3.3 C.11.6). For a MONOCHROME1 image INVERSE says the same thing once
+    (PS3.3 C.8.11.1.1.1 requires it of DX), so the two never cancel out.
+
+    An image with a Presentation LUT Sequence is shown through that LUT instead
+    (:func:`decode_radiograph`); this is then the direction of the LUT.
+    """
+    if ds.get("PresentationLUTSequence"):
+        lut = presentation_lut_entries(ds)
+        return bool(lut[-1] < lut[0])
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    return photometric == "MONOCHROME1" or shape == "INVERSE"
+
+
+def presentation_lut_entries(ds: pydicom.Dataset) -> np.ndarray:
+    """The entries of the image's Presentation LUT Sequence, scaled to [0, 1] by its bit depth."""
+    item = ds.PresentationLUTSequence[0]
+    entries, _, bits = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 2**16
+    if not 8 <= bits <= 16:
+        raise ValueError(f"Presentation LUT Descriptor bit depth {bits} (expected 8 to 16)")
+    raw = item.LUTData
+    if isinstance(raw, bytes):  # OW: 16-bit words whatever the bit depth (PS3.3 C.11.4.1)
+        values = np.frombuffer(raw, dtype="<u2")[:entries]
+    else:
+        values = np.atleast_1d(np.asarray(raw, dtype=np.float64))
+    if len(values) < 2:
+        raise ValueError("Presentation LUT Sequence holds fewer than two entries")
+    return np.asarray(values, dtype=np.float32) / np.float32(2**bits - 1)
+
+
+def _apply_presentation(image: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """The Presentation LUT stage on a VOI output in [0, 1]: the image's Presentation LUT Sequence
+    (VOI output spread over its entries, PS3.3 C.11.4), else an inversion when
+    :func:`presentation_inverted`, else the identity. The result is what the display shows."""
+    if ds.get("PresentationLUTSequence"):
+        lut = presentation_lut_entries(ds)
+        index = np.rint(image * np.float32(len(lut) - 1)).astype(np.intp)
+        return np.clip(lut[index], 0.0, 1.0)
+    if presentation_inverted(ds):
+        return np.subtract(np.float32(1.0), image, dtype=np.float32)
     return image
 
 
@@ -281,7 +351,7 @@ def decode_bitmap(pixels: np.ndarray, recipe: Preprocessing, where: str = "image
     if array.ndim == 3:  # RGB(A) saved grayscale: take the first channel
         array = array[..., 0]
     if array.ndim != 2 or array.dtype.kind not in "ui":
-        raise ImageDecodeError(f"{where}: expected a grayscale 8- or 16-bit image, got {array.dtype} {array.shape}")
+        raise ImageDecodeError(f"expected a grayscale 8- or 16-bit image, got {array.dtype} {array.shape}", where)
     top = 255.0 if array.dtype.itemsize == 1 else 65535.0
     image = np.clip(array.astype(np.float32) / top, 0.0, 1.0)
     if recipe.clahe:

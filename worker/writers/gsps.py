@@ -6,17 +6,18 @@ contour, in the image's own pixel coordinates) and a one-line text label (decisi
 probability, model, "AI result - not a diagnosis"). An image without a finding gets the label
 alone, so a reader sees it was analysed.
 
-The display pipeline is the source's: its VOI (window or VOI LUT) is copied, and one is made from
-the stored values' range when the source has none; a MONOCHROME1 source gets the INVERSE
-presentation LUT shape, which is what makes a presentation state show it white-on-black like its
-own viewer would.
+The display pipeline is the source's, the one the model's input went through: its VOI (window or
+VOI LUT) is copied, and one is made from the stored values' range when the source has none; its
+Presentation LUT Sequence is carried over, and otherwise a MONOCHROME1 source, or one whose
+Presentation LUT Shape is INVERSE, gets the INVERSE presentation LUT shape (a presentation state's
+shape replaces the image's own), so a viewer shows what the radiologist and the model see.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pydicom
-from highdicom import PresentationLUTTransformation
+from highdicom import PresentationLUT, PresentationLUTTransformation
 from highdicom.color import CIELabColor
 from highdicom.enum import PresentationLUTShapeValues
 from highdicom.pr import (
@@ -34,6 +35,7 @@ from skimage.measure import approximate_polygon, find_contours
 
 from training.bundle import ModelIdentity
 from worker.inference.measure import bounding_box
+from worker.inference.preprocess import presentation_inverted, presentation_lut_entries
 from worker.inference.result import ImageFinding
 from worker.writers.common import (
     carry_context,
@@ -91,6 +93,23 @@ def _voi_from_values(source: pydicom.Dataset) -> SoftcopyVOILUTTransformation:
     )
 
 
+def presentation_lut(source: pydicom.Dataset) -> PresentationLUTTransformation:
+    """The presentation state's Presentation LUT: the one the model's input went through
+    (:func:`~worker.inference.preprocess.decode_radiograph`), so the outline is drawn on the picture
+    the model saw. The source's own Presentation LUT Sequence is carried over (as 16-bit entries);
+    otherwise INVERSE for a MONOCHROME1 source or one with Presentation LUT Shape INVERSE, IDENTITY
+    for the rest."""
+    if source.get("PresentationLUTSequence"):
+        entries = np.rint(presentation_lut_entries(source) * 65535.0).astype(np.uint16)
+        return PresentationLUTTransformation(
+            presentation_lut=PresentationLUT(0, entries, "Pleura: the source image's Presentation LUT")
+        )
+    inverse = presentation_inverted(source)
+    return PresentationLUTTransformation(
+        presentation_lut_shape=PresentationLUTShapeValues.INVERSE if inverse else PresentationLUTShapeValues.IDENTITY
+    )
+
+
 def build_gsps(source: pydicom.Dataset, finding: ImageFinding, model: ModelIdentity) -> GrayscaleSoftcopyPresentationState:
     """The presentation state of ``finding`` on the single-frame CR/DX image ``source``."""
     check_source(source)
@@ -127,7 +146,6 @@ def build_gsps(source: pydicom.Dataset, finding: ImageFinding, model: ModelIdent
         text_objects=[label],
     )
     has_voi = "WindowCenter" in source or "VOILUTSequence" in source
-    inverse = str(source.get("PhotometricInterpretation", "")) == "MONOCHROME1"
     gsps = GrayscaleSoftcopyPresentationState(
         referenced_images=[header],
         **image_result_identity(source, model, "GSPS"),
@@ -136,9 +154,7 @@ def build_gsps(source: pydicom.Dataset, finding: ImageFinding, model: ModelIdent
         graphic_annotations=[annotation],
         graphic_layers=[layer],
         voi_lut_transformations=None if has_voi else [_voi_from_values(source)],
-        presentation_lut_transformation=PresentationLUTTransformation(
-            presentation_lut_shape=PresentationLUTShapeValues.INVERSE if inverse else PresentationLUTShapeValues.IDENTITY
-        ),
+        presentation_lut_transformation=presentation_lut(source),
     )
     gsps.SeriesDescription = describe("GSPS", model)
     # General Series: Laterality is Type 2C, required for a paired body part; with the source's
