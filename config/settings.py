@@ -34,6 +34,19 @@ RESULT_OBJECTS: tuple[str, ...] = ("SR", "SEG", "GSPS", "SC")
 outline, and the secondary capture image with outline and banner."""
 
 
+DEFAULT_CHEST_BODY_PARTS: tuple[str, ...] = ("CHEST", "THORAX", "TORAX", "THORAKS", "TORACE", "BRUST", "LUNG", "LUNGS")
+"""Words that name the chest in Body Part Examined or a description ("PORT CHEST", "TORAX AP")."""
+DEFAULT_NON_CHEST_TERMS: tuple[str, ...] = (
+    "SPINE", "TSPINE", "CSPINE", "LSPINE", "RIB", "RIBS", "STERNUM", "CLAVICLE", "SCAPULA", "SHOULDER",
+    "HUMERUS", "ABDOMEN", "ABD", "PELVIS", "SKULL", "EXTREMITY", "HAND", "KNEE", "FOOT", "BREAST",
+)
+"""Words that make a body part or description something other than a chest film ("THORACIC SPINE")."""
+DEFAULT_FRONTAL_VIEW_TERMS: tuple[str, ...] = ("PA", "AP", "FRONTAL", "POSTERO ANTERIOR", "ANTERO POSTERIOR")
+"""Words that name a frontal view in View Position, a view code's meaning or a description."""
+DEFAULT_LATERAL_VIEW_TERMS: tuple[str, ...] = ("LL", "RL", "LAT", "LATERAL", "LATERALE", "SEITLICH")
+"""Words that name a lateral view."""
+
+
 # The TOML file of the load_settings() call in progress (the settings sources cannot take arguments).
 _config_file: ContextVar[str | None] = ContextVar("pleura_config_file", default=None)
 
@@ -259,6 +272,22 @@ class Settings(BaseSettings):
         default=None,
         description="where the networks' ONNX exports and backend measurements are kept; "
         "unset = <storage_dir>/onnx-cache",
+    )
+    chest_body_parts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_CHEST_BODY_PARTS),
+        description="words that name the chest in Body Part Examined or a study/series description/protocol",
+    )
+    non_chest_terms: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_NON_CHEST_TERMS),
+        description="words that make a body part or description something other than a chest film",
+    )
+    frontal_view_terms: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_FRONTAL_VIEW_TERMS),
+        description="words that name a frontal view in View Position, a view code's meaning or a description",
+    )
+    lateral_view_terms: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LATERAL_VIEW_TERMS),
+        description="words that name a lateral view in View Position, a view code's meaning or a description",
     )
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))

@@ -10,6 +10,7 @@ which are access-controlled, keep the UIDs; ``ref()`` of a UID found there finds
 from __future__ import annotations
 
 import hashlib
+import re
 
 REF_LENGTH = 12
 
@@ -19,3 +20,18 @@ def ref(uid: object) -> str:
     if uid is None or str(uid) == "":
         return "#-"
     return "#" + hashlib.sha256(str(uid).encode("utf-8")).hexdigest()[:REF_LENGTH]
+
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?[\\/][^\s'\"]*")
+_UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")
+
+
+def error_text(exc: BaseException, limit: int = 160) -> str:
+    """An error in a few words for text a clinical object or the worklist shows: its kind and the
+    first line of its message, with file paths and UID-like numbers taken out (an OSError quotes
+    the file, a decoder may quote a UID)."""
+    message = str(exc).splitlines()[0].strip() if str(exc).strip() else ""
+    message = _UID.sub("<UID>", _PATH.sub("<file>", message))
+    if len(message) > limit:
+        message = message[: limit - 3].rstrip() + "..."
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

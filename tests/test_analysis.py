@@ -49,7 +49,10 @@ def test_a_study_with_a_chest_image_an_extremity_and_a_broken_file(analyser):
     assert chest["status"] == "analysed" and chest["flagged"] is True and chest["probability"] >= 0.5
     assert chest["area_cm2"] is not None and chest["area_px"] > 0
     assert by_uid["1.2.3.4"]["status"] == "not_analysed" and "EXTREMITY" in by_uid["1.2.3.4"]["reason"]
-    assert by_uid["1.2.3.5"]["status"] == "failed" and "1.2.3.5" in by_uid["1.2.3.5"]["reason"]
+    assert by_uid["1.2.3.5"]["status"] == "failed"
+    # The reason says what happened, in words: no storage key, path or UID.
+    assert by_uid["1.2.3.5"]["reason"].startswith("the stored instance cannot be read (InvalidDicomError")
+    assert "1.2.3.5" not in by_uid["1.2.3.5"]["reason"] and "/" not in by_uid["1.2.3.5"]["reason"]
     assert summary["flagged"] is True
     assert summary["model"]["synthetic_demo"] is True
 
@@ -76,8 +79,10 @@ def test_a_study_with_a_chest_image_an_extremity_and_a_broken_file(analyser):
     [extremity] = sr.content.get_image_measurement_groups()
     assert extremity.source_images[0].referenced_sop_instance_uid == "1.2.3.4"
     comments = [i.TextValue for i in sr.content[0].ContentSequence if i.ValueType == "TEXT"]
-    assert any(c.startswith("Image 1.2.3.4 not analysed:") and "EXTREMITY" in c for c in comments)
-    assert any(c.startswith("Image 1.2.3.5 not analysed: cannot read stored instance") for c in comments)
+    assert any(c.startswith("Image 2 (series 1, instance 1) not analysed:") and "EXTREMITY" in c for c in comments)
+    assert any(c.startswith("Image 3 (header unreadable) not analysed: the stored instance cannot be read")
+               for c in comments)
+    assert any(c.startswith("Image 1 (series 1, instance 1): Present: classifier") for c in comments)
 
 
 def test_the_objects_written_follow_the_options(analyser):
@@ -141,7 +146,8 @@ def test_one_image_whose_results_cannot_be_written_fails_alone(analyser, monkeyp
     [report] = [r for r in summary["results"] if r["kind"] == "SR"]
     comments = [i.TextValue for i in pydicom.dcmread(analyser.storage_dir / report["key"]).ContentSequence
                 if i.ValueType == "TEXT"]
-    assert any(first.SOPInstanceUID in c and "cannot encode this mask" in c for c in comments)
+    assert any(c.startswith("Image 2 (") and "cannot encode this mask" in c for c in comments)
+    assert not any(first.SOPInstanceUID in c for c in comments)
 
 
 def test_pixel_data_that_does_not_match_its_header_is_reported_not_analysed(analyser):

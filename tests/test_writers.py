@@ -567,8 +567,15 @@ def test_study_report_covers_every_image(study_report: dict) -> None:
     }
     assert by_image == {second.SOPInstanceUID: "272519000", lateral.SOPInstanceUID: "262008008"}  # Absent, Not performed
     comments = _comments(pydicom.dcmread(study_report["path"]))
-    assert f"Image {lateral.SOPInstanceUID} not analysed: lateral view (View Position LL)" in comments
-    assert "Image 1.2.3.4.5 not analysed: cannot read stored instance: truncated file" in comments
+    # Images are named by their place in the report and their numbers, never by a UID.
+    assert "Image 3 (series 1, instance 1) not analysed: lateral view (View Position LL)" in comments
+    assert "Image 4 (header unreadable) not analysed: cannot read stored instance: truncated file" in comments
+    assert comments[0].startswith("Image 1 (series 1, instance 1): Present")
+    assert comments[-2].startswith("Image 2 (series 1, instance 1): Absent") or any(
+        c.startswith("Image 2 (series 1, instance 1): Absent") for c in comments
+    )
+    for uid in (first.SOPInstanceUID, second.SOPInstanceUID, lateral.SOPInstanceUID, "1.2.3.4.5"):
+        assert not any(uid in c for c in comments)
     evidence = {uid for _, _, uid, _ in sr.get_evidence()}
     assert evidence == {first.SOPInstanceUID, second.SOPInstanceUID, lateral.SOPInstanceUID,
                         study_report["seg"].SOPInstanceUID}
@@ -612,8 +619,10 @@ def test_demo_model_results_say_so(built: BuiltCases) -> None:
     assert DEMO_LABEL in sr.SeriesDescription
     assert DEMO_LABEL in gsps.SeriesDescription and DEMO_LABEL in gsps.ContentDescription
     comments = _comments(sr)
-    assert len(comments) == 1 and DEMO_LABEL in comments[0]
-    assert DEMO_INTENDED_USE in comments[0]
+    # One intended-use comment, led by the demo label, after the image's decision.
+    assert [c for c in comments if DEMO_LABEL in c] == [comments[-1]]
+    assert DEMO_INTENDED_USE in comments[-1]
+    assert comments[0].startswith("Image 1") and ": Present" in comments[0]
 
 
 def test_clinical_model_results_carry_no_demo_label(tmp_path: Path) -> None:
@@ -628,7 +637,8 @@ def test_clinical_model_results_carry_no_demo_label(tmp_path: Path) -> None:
         assert dciodvfy_errors(save_dataset(ds, path)) == []
     assert "SYNTHETIC" not in seg.ContentDescription
     assert "SYNTHETIC" not in gsps.GraphicAnnotationSequence[0].TextObjectSequence[0].UnformattedTextValue
-    assert _comments(sr) == [f"Model pleura-cxr 2.3.1. Intended use: {CLINICAL_MODEL.intended_use}"]
+    assert _comments(sr)[-1] == f"Model pleura-cxr 2.3.1. Intended use: {CLINICAL_MODEL.intended_use}"
+    assert not any("SYNTHETIC" in c for c in _comments(sr))
 
 
 def test_descriptions_fit_a_long_string() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from node.privacy import error_text, ref
 from node.storage import InstanceStore, write_durably
 from training.bundle import Bundle, load_bundle
 from worker.inference.heatmap import gradcam_heatmap
@@ -31,7 +32,7 @@ from worker.inference.predict import network_outputs, predict_images
 from worker.inference.runtime import accelerate
 from worker.inference.preprocess import ImageDecodeError, decode_radiograph
 from worker.inference.result import ImageFinding
-from worker.inference.select import ineligibility_reason
+from worker.inference.select import Vocabulary, assess, frontal_check_reason
 from worker.writers.gsps import build_gsps
 from worker.writers.sc import build_sc
 from worker.writers.seg import build_seg
@@ -101,8 +102,11 @@ class StudyAnalyser:
     def __init__(
         self, storage_dir: Path, bundle: Bundle, device: str = "auto", batch_size: int = 8, batch_wait_s: float = 0.0,
         precision: str = "auto", compile_networks: bool = False, backend: str = "torch", onnx_cache: Path | None = None,
+        vocabulary: Vocabulary | None = None,
     ) -> None:
         self.storage_dir = storage_dir
+        # The site's words for chest and for frontal and lateral views (eligibility).
+        self.vocabulary = vocabulary or Vocabulary()
         self.store = InstanceStore(storage_dir)
         self.bundle = bundle
         # On CUDA: mixed precision, channels-last, optionally compiled; on the CPU as loaded.
@@ -143,7 +147,7 @@ class StudyAnalyser:
             batch_wait_s=settings.batch_wait_ms / 1000 if settings.worker_threads > 1 else 0.0,
             precision=settings.inference_precision,
             compile_networks=settings.torch_compile, backend=settings.inference_backend,
-            onnx_cache=settings.onnx_cache,
+            onnx_cache=settings.onnx_cache, vocabulary=Vocabulary.from_settings(settings),
         )
 
     def _result_key(self, study_uid: str, sop_instance_uid: str) -> str:
@@ -164,6 +168,8 @@ class StudyAnalyser:
         images: dict[str, dict[str, Any]] = {}
         headers: dict[str, pydicom.Dataset] = {}
         candidates: list[tuple[str, pydicom.Dataset]] = []
+        # Images whose header did not tell the view: the picture is checked once decoded.
+        view_unknown: set[str] = set()
         for item in instances:
             sop_uid, key = item["sop_instance_uid"], item["key"]
             entry = images[sop_uid] = _image_entry(sop_uid)
@@ -173,18 +179,22 @@ class StudyAnalyser:
                 # only when used, so an ineligible image costs a header read.
                 header = pydicom.dcmread(path, defer_size=DEFER_SIZE)
             except (OSError, ValueError, InvalidDicomError) as exc:
-                entry.update(status="failed", reason=f"cannot read stored instance {key}: {exc}")
+                # The reason goes into the report and the worklist: no path, no UID there.
+                log.warning("cannot read stored instance %s: %s", ref(sop_uid), exc)
+                entry.update(status="failed", reason=f"the stored instance cannot be read ({error_text(exc)})")
                 continue
             headers[sop_uid] = header
-            reason = ineligibility_reason(header)
-            if reason:
-                entry["reason"] = reason
+            eligibility = assess(header, self.vocabulary)
+            if eligibility.reason:
+                entry["reason"] = eligibility.reason
                 continue
+            if not eligibility.view_known:
+                view_unknown.add(sop_uid)
             candidates.append((sop_uid, header))
 
         results: list[dict[str, Any]] = []
         analysed: list[AnalysedImage] = []
-        for batch, unreadable in self._decoded_batches(candidates):
+        for batch, unreadable in self._decoded_batches(candidates, view_unknown):
             for sop_uid, reason in unreadable:
                 images[sop_uid].update(status="not_analysed", reason=reason)
             if not batch:
@@ -198,7 +208,9 @@ class StudyAnalyser:
                     seg, written = self._write_image_results(study_uid, sop_uid, dataset, image, finding, objects, heatmap)
                 except Exception as exc:
                     log.exception("cannot write the results of an image")
-                    images[sop_uid].update(status="failed", reason=f"cannot write results: {type(exc).__name__}: {exc}")
+                    images[sop_uid].update(
+                        status="failed", reason=f"its results could not be written ({error_text(exc)})"
+                    )
                     continue
                 results.extend(written)
                 analysed.append(AnalysedImage(dataset, finding, seg))
@@ -211,6 +223,7 @@ class StudyAnalyser:
                     side=finding.side,
                     gap_mm=_rounded(finding.gap_mm, 2),
                     hemithorax_fraction=_rounded(finding.hemithorax_fraction, 4),
+                    reason=finding.decision,
                 )
                 log.info("image analysed: p=%.3f flagged=%s area_px=%d", finding.probability, finding.flagged,
                          finding.area_px)
@@ -235,19 +248,34 @@ class StudyAnalyser:
             "analysed_at": datetime.now(timezone.utc).isoformat(),
         }
 
-    def _decode(self, chunk: list[tuple[str, pydicom.Dataset]]) -> tuple[list[tuple[str, pydicom.Dataset, Any]], list[tuple[str, str]]]:
-        """The decoded images of ``chunk``, and (SOP Instance UID, reason) of those that cannot be decoded."""
+    def _decode(
+        self, chunk: list[tuple[str, pydicom.Dataset]], view_unknown: AbstractSet[str] = frozenset()
+    ) -> tuple[list[tuple[str, pydicom.Dataset, Any]], list[tuple[str, str]]]:
+        """The decoded images of ``chunk``, and (SOP Instance UID, reason) of those that cannot be
+        decoded or, their header telling no view (``view_unknown``), do not look frontal."""
         recipe = self.bundle.manifest.preprocessing
         decoded, unreadable = [], []
         for sop_uid, dataset in chunk:
             try:
-                decoded.append((sop_uid, dataset, decode_radiograph(dataset, recipe)))
-            except (OSError, InvalidDicomError, ImageDecodeError) as exc:
-                unreadable.append((sop_uid, f"unreadable image: {exc}"))
+                image = decode_radiograph(dataset, recipe)
+            except ImageDecodeError as exc:
+                unreadable.append((sop_uid, f"unreadable image: {exc.reason}"))
+                continue
+            except (OSError, InvalidDicomError) as exc:
+                log.warning("cannot read the pixel data of %s: %s", ref(sop_uid), exc)
+                unreadable.append(
+                    (sop_uid, f"unreadable image: the pixel data cannot be read ({error_text(exc)})")
+                )
+                continue
+            not_frontal = frontal_check_reason(image) if sop_uid in view_unknown else None
+            if not_frontal:
+                unreadable.append((sop_uid, not_frontal))
+            else:
+                decoded.append((sop_uid, dataset, image))
         return decoded, unreadable
 
     def _decoded_batches(
-        self, candidates: list[tuple[str, pydicom.Dataset]]
+        self, candidates: list[tuple[str, pydicom.Dataset]], view_unknown: AbstractSet[str] = frozenset()
     ) -> Iterator[tuple[list[tuple[str, pydicom.Dataset, Any]], list[tuple[str, str]]]]:
         """:meth:`_decode` of each batch of ``candidates``, in order. On CUDA the next batch is
         decoded in a helper thread while the caller runs the networks on this one (the GPU computes
@@ -256,14 +284,14 @@ class StudyAnalyser:
         chunks = [candidates[start : start + self.batch_size] for start in range(0, len(candidates), self.batch_size)]
         if self.models.device.type != "cuda" or len(chunks) < 2:
             for chunk in chunks:
-                yield self._decode(chunk)
+                yield self._decode(chunk, view_unknown)
             return
         with ThreadPoolExecutor(1, thread_name_prefix="pleura-decode") as prefetch:
-            upcoming = prefetch.submit(self._decode, chunks[0])
+            upcoming = prefetch.submit(self._decode, chunks[0], view_unknown)
             for index in range(len(chunks)):
                 current = upcoming.result()
                 if index + 1 < len(chunks):
-                    upcoming = prefetch.submit(self._decode, chunks[index + 1])
+                    upcoming = prefetch.submit(self._decode, chunks[index + 1], view_unknown)
                 yield current
 
     def _store(self, study_uid: str, kind: str, obj: pydicom.Dataset, source_sop_uid: str | None) -> dict[str, Any]:

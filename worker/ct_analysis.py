@@ -20,6 +20,7 @@ import pydicom
 import torch
 from pydicom.errors import InvalidDicomError
 
+from node.privacy import error_text, ref
 from node.storage import InstanceStore
 from training.bundle import Bundle, load_bundle
 from worker.analysis import _image_entry, _rounded, write_result
@@ -93,7 +94,10 @@ class SeriesAnalyser:
             try:
                 ds = pydicom.dcmread(self.store.path(key))
             except (OSError, ValueError, InvalidDicomError) as exc:
-                images[sop_uid].update(status="failed", reason=f"cannot read stored instance {key}: {exc}")
+                log.warning("cannot read stored instance %s: %s", ref(sop_uid), exc)
+                images[sop_uid].update(
+                    status="failed", reason=f"the stored instance cannot be read ({error_text(exc)})"
+                )
                 continue
             datasets[sop_uid] = ds
             reason = ct_slice_problem(ds)
@@ -109,7 +113,9 @@ class SeriesAnalyser:
                 geometry = series_geometry(list(datasets.values()))
                 ordered = [list(datasets.values())[i] for i in geometry.order]
                 hu = np.stack([slice_hu(ds) for ds in ordered])
-            except (SeriesError, ImageDecodeError) as exc:
+            except ImageDecodeError as exc:
+                problem = exc.reason
+            except SeriesError as exc:
                 problem = str(exc)
             else:
                 for ds in ordered:

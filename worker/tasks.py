@@ -10,7 +10,7 @@ from typing import Any
 
 from celery import Celery, Task
 
-from node.privacy import ref
+from node.privacy import error_text, ref
 from node.shared_storage import analyse_with_shared_storage
 from worker.celery_app import ANALYSE_STUDY, ANALYSIS_STARTED, RECORD_ANALYSIS
 
@@ -85,7 +85,9 @@ def analyse_and_report(
             log.warning("analysis of a study failed (%s); retrying", exc)
             raise task.retry(exc=exc, countdown=5 * 2**task.request.retries) from exc
         log.exception("analysis of a study failed for good")
-        summary = failed_summary(study_uid, instances, f"analysis failed: {type(exc).__name__}: {exc}")
+        # The reason reaches the report and the worklist: no path or UID there (error_text); the
+        # log above has the error whole.
+        summary = failed_summary(study_uid, instances, f"analysis failed ({error_text(exc)})")
     try:
         task.app.send_task(RECORD_ANALYSIS, args=[summary])
     except Exception as exc:

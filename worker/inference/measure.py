@@ -28,7 +28,7 @@ from skimage.morphology import disk
 
 from worker.inference.preprocess import resize_map
 
-__all__ = ["MaskMeasurements", "bounding_box", "measure_mask", "lung_fields"]
+__all__ = ["MaskMeasurements", "bounding_box", "measure_mask", "lung_fields", "small_lung_fields"]
 
 BILATERAL_SHARE = 0.15
 """A side holding at least this share of the mask's area makes the finding bilateral."""
@@ -66,7 +66,7 @@ def column_direction(source: pydicom.Dataset) -> tuple[int | None, bool]:
     return 1, True
 
 
-def _small_lung_fields(image: np.ndarray) -> np.ndarray | None:
+def small_lung_fields(image: np.ndarray) -> np.ndarray | None:
     """Estimated lung fields on the working-size copy of ``image`` (see :func:`lung_fields`)."""
     rows, columns = image.shape
     scale = LUNG_FIELD_WORKING_SIZE / max(rows, columns)
@@ -104,7 +104,7 @@ def _to_source_grid(fields: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def lung_fields(image: np.ndarray) -> np.ndarray | None:
     """Estimated lung fields of a displayed radiograph (bright = dense), or None when none is found."""
-    fields = _small_lung_fields(image)
+    fields = small_lung_fields(image)
     return None if fields is None else _to_source_grid(fields, image.shape)
 
 
@@ -153,7 +153,7 @@ def measure_mask(
     if not mask.any():
         return MaskMeasurements(None, False, None, None, None)
     gap_px, gap_mm = largest_gap(mask, spacing_mm)
-    small_fields = _small_lung_fields(image)
+    small_fields = small_lung_fields(image)
     columns = mask.shape[1]
     midline = _midline(small_fields, columns)
     # The two sides are column ranges: measured on slices, not on image-sized masks.

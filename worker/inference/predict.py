@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -17,7 +18,8 @@ from worker.inference.result import ImageFinding
 from worker.inference.runtime import forward_context, to_device
 
 __all__ = [
-    "flag_decision", "lesion_mask", "network_outputs", "pixel_spacing_mm", "predict_images", "source_lesion_mask",
+    "PhysicalSpacing", "decision_reason", "flag_decision", "lesion_mask", "network_outputs", "physical_spacing",
+    "pixel_spacing_mm", "predict_images", "source_lesion_mask",
 ]
 
 
@@ -34,27 +36,85 @@ def positive_pair(value: object) -> tuple[float, float] | None:
     return pair[0], pair[1]
 
 
-def pixel_spacing_mm(ds: pydicom.Dataset) -> tuple[float, float] | None:
-    """(row spacing, column spacing) in mm at the patient, or None when the image carries none usable.
+@dataclass(frozen=True)
+class PhysicalSpacing:
+    """(row, column) spacing in mm at the patient, and in words which attributes it came from (the
+    report says so, since a detector spacing overstates sizes by the magnification)."""
 
-    Pixel Spacing (calibrated at the patient) first; else Imager Pixel Spacing (at the detector)
-    divided by Estimated Radiographic Magnification Factor when that is present and positive. A
-    spacing that is absent, zero or malformed counts as absent.
+    row_mm: float
+    column_mm: float
+    source: str
+
+
+def physical_spacing(ds: pydicom.Dataset) -> PhysicalSpacing | None:
+    """The spacing sizes in mm are measured with, or None when the image carries none usable.
+
+    PS3.3 10.7.1.3: Pixel Spacing with a Pixel Spacing Calibration Type (GEOMETRY, FIDUCIAL) is
+    calibrated at the patient and is used as it is. Otherwise Imager Pixel Spacing (at the
+    detector) divided by Estimated Radiographic Magnification Factor, when that is present and
+    positive; a Pixel Spacing equal to the Imager Pixel Spacing is the detector's, uncorrected, and is
+    read the same way. A Pixel Spacing alone (CR without an imager spacing) is used as it is and
+    said to be of unknown calibration. Absent, zero or malformed values count as absent.
     """
-    spacing = positive_pair(ds.get("PixelSpacing"))
-    if spacing is not None:
-        return spacing
-    spacing = positive_pair(ds.get("ImagerPixelSpacing"))
-    if spacing is None:
-        return None
-    magnification = ds.get("EstimatedRadiographicMagnificationFactor")
+    pixel = positive_pair(ds.get("PixelSpacing"))
+    imager = positive_pair(ds.get("ImagerPixelSpacing"))
+    calibration = str(ds.get("PixelSpacingCalibrationType", "") or "").strip().upper()
+    if pixel is not None and calibration:
+        detail = str(ds.get("PixelSpacingCalibrationDescription", "") or "").strip()
+        how = f"Pixel Spacing, calibrated at the patient ({calibration}{': ' + detail if detail else ''})"
+        return PhysicalSpacing(pixel[0], pixel[1], how)
+    if imager is None or (pixel is not None and not _same(pixel, imager)):
+        if pixel is None:
+            return None
+        return PhysicalSpacing(pixel[0], pixel[1], "Pixel Spacing (calibration not stated)")
+    factor = _magnification(ds)
+    if factor is None:
+        return PhysicalSpacing(
+            imager[0], imager[1], "Imager Pixel Spacing at the detector, not corrected for magnification"
+        )
+    return PhysicalSpacing(
+        imager[0] / factor, imager[1] / factor,
+        f"Imager Pixel Spacing corrected by Estimated Radiographic Magnification Factor {factor:g}",
+    )
+
+
+def _same(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(a, b))
+
+
+def _magnification(ds: pydicom.Dataset) -> float | None:
+    """Estimated Radiographic Magnification Factor when present, finite and positive."""
+    value = ds.get("EstimatedRadiographicMagnificationFactor")
     try:
-        factor = float(magnification) if magnification not in (None, "") else 1.0
+        factor = float(value) if value not in (None, "") else None
     except (TypeError, ValueError):
-        factor = 1.0
-    if not (math.isfinite(factor) and factor > 0):
-        factor = 1.0
-    return spacing[0] / factor, spacing[1] / factor
+        return None
+    return factor if factor is not None and math.isfinite(factor) and factor > 0 else None
+
+
+def pixel_spacing_mm(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    """(row spacing, column spacing) in mm at the patient (:func:`physical_spacing`), or None."""
+    spacing = physical_spacing(ds)
+    return None if spacing is None else (spacing.row_mm, spacing.column_mm)
+
+
+def _number(value: float, other: float) -> str:
+    """``value`` with enough digits (3 to 6) to differ in print from ``other`` when they differ."""
+    for digits in range(3, 7):
+        if f"{value:.{digits}f}" != f"{other:.{digits}f}" or value == other:
+            return f"{value:.{digits}f}"
+    return repr(value)
+
+
+def decision_reason(probability: float, area_px: int, probability_threshold: float, min_area_px: int) -> str:
+    """The rule behind :func:`flag_decision`'s answer, in words for the report and the worklist:
+    "classifier 0.999 >= 0.500, but segmented area 120 px < minimum 262 px"."""
+    p, t = _number(probability, probability_threshold), _number(probability_threshold, probability)
+    if probability < probability_threshold:
+        return f"classifier {p} < threshold {t}"
+    if area_px < min_area_px:
+        return f"classifier {p} >= threshold {t}, but segmented area {area_px} px < minimum {min_area_px} px"
+    return f"classifier {p} >= threshold {t} and segmented area {area_px} px >= minimum {min_area_px} px"
 
 
 def network_outputs(
@@ -159,7 +219,8 @@ def predict_images(
             probability = float(probabilities[offset])
             mask = source_lesion_mask(mask_probabilities[offset], image.shape, thresholds.mask)
             area_px = int(mask.sum())
-            spacing = pixel_spacing_mm(source)
+            physical = physical_spacing(source)
+            spacing = None if physical is None else (physical.row_mm, physical.column_mm)
             area_cm2 = area_px * spacing[0] * spacing[1] / 100.0 if spacing is not None else None
             flagged = flag_decision(probability, area_px, thresholds.probability, thresholds.min_area_px)
             measured = measure_mask(mask, image, source, spacing)
@@ -176,6 +237,8 @@ def predict_images(
                     gap_px=measured.gap_px,
                     gap_mm=measured.gap_mm,
                     hemithorax_fraction=measured.hemithorax_fraction,
+                    decision=decision_reason(probability, area_px, thresholds.probability, thresholds.min_area_px),
+                    spacing_source=None if physical is None else physical.source,
                 )
             )
     return findings

@@ -25,7 +25,11 @@ coordinates)::
           Certainty of Finding, Threshold Value; Pneumothorax = Absent; Not for Presentation
         per image not analysed (with a readable header): Measurement Group (TID 1501)
           Pneumothorax = Not performed (SCT 262008008)
-      Comment, per image not analysed: its SOP Instance UID and the reason
+      Comment, per analysed image: the decision and its rule ("classifier 0.999 >= threshold 0.500,
+        but segmented area 120 px < minimum 262 px"), and for a finding which spacing its mm came from
+      Comment, per image not analysed: the reason
+      (comments name an image by its place in the report and its Series/Instance Numbers, never
+      by a UID or a path)
       Comment: the model's intended use, led by the synthetic-demo warning for demo models
 
 Present/Absent is the model's final decision (``finding.flagged``: classifier above threshold and a
@@ -204,12 +208,14 @@ def build_sr(
     # TID 1500 is an extensible template: comments carry what the codes cannot say, where anyone
     # reading the report's text sees it: why an image was not analysed, and the intended use (led
     # by the demo warning).
-    comments = [f"Image {image.sop_instance_uid} not analysed: {image.reason}" for image in skipped]
-    comments += [
-        f"Image {header.SOPInstanceUID}: side from the usual display convention (no Patient Orientation)"
-        for image, header in zip(analysed, headers)
-        if image.finding.flagged and image.finding.side_assumed
-    ]
+    # Images are named by their place in the report and their Series/Instance Numbers: free text
+    # carries no UID and no path (the coded groups reference each image by its UIDs).
+    comments = []
+    for number, (image, header) in enumerate(zip(analysed, headers), start=1):
+        comments.extend(_analysed_comments(f"Image {number}{_numbers(header)}", image.finding))
+    for number, image in enumerate(skipped, start=len(analysed) + 1):
+        numbers = _numbers(image.source) if image.source is not None else " (header unreadable)"
+        comments.append(f"Image {number}{numbers} not analysed: {image.reason}")
     comments.append(_intended_use_text(model))
     for text in comments:
         report[0].ContentSequence.append(
@@ -331,6 +337,31 @@ def _negative_group(
         ],
         source_images=[SourceImageForMeasurementGroup.from_source_image(header)],
     )
+
+
+def _numbers(header: pydicom.Dataset) -> str:
+    """" (series 2, instance 1)" from the header's Series and Instance Numbers, as far as it has them."""
+    parts = [
+        f"{name} {header.get(keyword)}"
+        for name, keyword in (("series", "SeriesNumber"), ("instance", "InstanceNumber"))
+        if header.get(keyword) not in (None, "")
+    ]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _analysed_comments(label: str, finding: ImageFinding) -> list[str]:
+    """The decision with its rule, and how sizes were measured, for one analysed image."""
+    decision = "Present" if finding.flagged else "Absent"
+    comments = [f"{label}: {decision}: {finding.decision}" if finding.decision else f"{label}: {decision}"]
+    if finding.flagged and finding.side_assumed:
+        comments.append(f"{label}: side from the usual display convention (no Patient Orientation)")
+    if finding.flagged:
+        comments.append(
+            f"{label}: sizes in mm from {finding.spacing_source}"
+            if finding.spacing_source
+            else f"{label}: no usable pixel spacing; sizes in pixels only"
+        )
+    return comments
 
 
 def _declare_private_scheme(sr: pydicom.Dataset) -> None:
