@@ -47,6 +47,25 @@ def _chest_like_pixels(rows: int, columns: int, bits_stored: int, seed: int) -> 
     return np.clip(image * top, 0, top).astype(np.uint16)
 
 
+def lateral_chest_pixels(rows: int = 512, columns: int = 512, bits_stored: int = 12, seed: int = 0) -> np.ndarray:
+    """A plausible MONOCHROME2 lateral chest: the two lungs superimposed as one dark field, the
+    heart's shadow in front and below, the spine behind, inside a body wider front to back."""
+    y, x = np.mgrid[0:rows, 0:columns].astype(np.float32)
+    y /= rows
+    x /= columns
+    image = np.full((rows, columns), 0.05, dtype=np.float32)  # air around the body
+    body = ((x - 0.5) / 0.42) ** 2 + ((y - 0.55) / 0.5) ** 2 < 1
+    image[body] = 0.75
+    lungs = ((x - 0.5) / 0.3) ** 2 + ((y - 0.45) / 0.33) ** 2 < 1
+    image[lungs] = 0.25
+    heart = ((x - 0.38) / 0.14) ** 2 + ((y - 0.66) / 0.14) ** 2 < 1
+    image[heart & lungs] = 0.6
+    image[(np.abs(x - 0.82) < 0.05) & body] = 0.9  # the spine, behind
+    image += np.random.default_rng(seed).normal(0, 0.02, image.shape).astype(np.float32)
+    top = (1 << bits_stored) - 1
+    return np.clip(image * top, 0, top).astype(np.uint16)
+
+
 def synthetic_radiograph(
     *,
     rows: int = 512,
