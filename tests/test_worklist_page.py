@@ -83,6 +83,10 @@ def test_a_study_sent_over_dicom_is_flagged_in_the_page_and_feedback_is_stored(t
                 timeout=120_000,
             )
             assert "PNEUMOTHORAX SUSPECTED" in page.inner_text("#detail-flag")
+            # Each image says the rule behind its decision.
+            assert "classifier" in page.inner_text("#images figcaption") and "threshold" in page.inner_text(
+                "#images figcaption"
+            )
             assert page.is_disabled("#heatmap-toggle")
             page.screenshot(path=str(tmp_path / "worklist.png"), full_page=True)
 

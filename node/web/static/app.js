@@ -171,6 +171,7 @@ function renderImages() {
     const caption = image.analysis_status === "analysed"
       ? `p=${image.probability.toFixed(3)}${image.flagged ? " · flagged" : ""}${image.side ? " · " + image.side : ""}`
         + `${image.has_outline ? "" : " · no outline"}`
+        + `${image.analysis_reason ? " · " + image.analysis_reason : ""}`  // the decision's rule
       : `${image.analysis_status}${image.analysis_reason ? ": " + image.analysis_reason : ""}`;
     figure.append(el("figcaption", caption, "muted"));
     if (mayCorrect) {
