@@ -1,0 +1,117 @@
+"""The worklist API under abuse: huge or endless request bodies, validation errors that would echo
+their input. The body-size tests run against `pleura worklist` in its own process, so its memory
+can be measured from outside."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from config.settings import load_settings
+from node.api.app import create_app
+from node.ledger import Ledger
+from services import free_port, pleura_process, port_open, wait_for, write_config
+from worklist_fixtures import API_USERS
+
+MB = 1024 * 1024
+
+
+def rss_bytes(pid: int) -> int:
+    """The resident set size of a process, from /proc (the kernel's own count)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+@pytest.fixture(scope="module")
+def worklist_process(tmp_path_factory):
+    """`pleura worklist` on an empty storage dir, in its own process."""
+    folder = tmp_path_factory.mktemp("worklist-process")
+    port = free_port()
+    (folder / "storage").mkdir()
+    config = write_config(folder / "worklist.toml", storage_dir=folder / "storage", api_host="127.0.0.1", api_port=port)
+    process = pleura_process("worklist", config, folder / "worklist.log",
+                             extra_env={"PLEURA_API_USERS": json.dumps(API_USERS)})
+    try:
+        wait_for(lambda: port_open(port) or not process.alive(), 120, "pleura worklist to listen")
+        assert process.alive(), process.output()
+        yield process, f"http://127.0.0.1:{port}"
+    finally:
+        process.stop()
+
+
+class Endless:
+    """A JSON body of `size` bytes, {"token": "xxxx…"}, made as it is sent; counts what was taken."""
+
+    def __init__(self, size: int, chunk: int = MB) -> None:
+        self.size, self.chunk, self.sent = size, chunk, 0
+
+    def __iter__(self):
+        head, tail = b'{"token": "', b'"}'
+        yield head
+        self.sent += len(head)
+        block = b"x" * self.chunk
+        while self.sent + self.chunk + len(tail) <= self.size:
+            self.sent += self.chunk
+            yield block
+        self.sent += len(tail)
+        yield tail
+
+
+def test_a_400_mb_login_body_is_refused_quickly_without_the_server_growing(worklist_process):
+    process, url = worklist_process
+    before = rss_bytes(process.proc.pid)
+    body = Endless(400 * MB)
+    started = time.monotonic()
+    with httpx.Client(timeout=60) as client:
+        answer = client.post(f"{url}/api/session", content=iter(body), headers={"Content-Type": "application/json"})
+    elapsed = time.monotonic() - started
+    assert answer.status_code == 413 and "PLEURA_API_MAX_BODY_BYTES" in answer.json()["detail"]
+    assert elapsed < 30, f"413 after {elapsed:.1f} s"
+    assert body.sent < 64 * MB, f"the server read {body.sent / MB:.0f} MB before answering"
+    assert rss_bytes(process.proc.pid) - before < 100 * MB
+    assert process.alive()
+
+
+def test_a_declared_content_length_over_the_limit_is_refused_before_the_body(worklist_process):
+    process, url = worklist_process
+    body = Endless(400 * MB)
+    with httpx.Client(timeout=60) as client:
+        answer = client.post(f"{url}/api/session", content=iter(body),
+                             headers={"Content-Type": "application/json", "Content-Length": str(400 * MB)})
+    assert answer.status_code == 413
+    assert body.sent < 64 * MB
+    # Small bodies still get through to authentication.
+    with httpx.Client(timeout=30) as client:
+        assert client.post(f"{url}/api/session", json={"token": API_USERS[0]["token"]}).status_code == 200
+
+
+def test_a_chunked_body_without_content_length_over_the_limit_gets_413(tmp_path):
+    settings = load_settings(storage_dir=tmp_path, api_users=API_USERS, api_max_body_bytes=4096)
+    with TestClient(create_app(settings, Ledger(settings.ledger_url))) as client:
+        chunks = [b'{"token": "'] + [b"y" * 1000] * 5 + [b'"}']
+        answer = client.post("/api/session", content=iter(chunks), headers={"Content-Type": "application/json"})
+        assert "content-length" not in {k.lower() for k in answer.request.headers}
+        assert answer.status_code == 413 and "4096" in answer.json()["detail"]
+        # Under the limit, chunked too: it reaches the route (401, an unknown token).
+        small = [b'{"token": "', b"y" * 100, b'"}']
+        assert client.post("/api/session", content=iter(small), headers={"Content-Type": "application/json"}).status_code == 401
+
+
+def test_a_validation_error_does_not_echo_the_submitted_value(tmp_path):
+    settings = load_settings(storage_dir=tmp_path, api_users=API_USERS)
+    secret = "SECRET-" + "s" * 600  # longer than a token may be
+    with TestClient(create_app(settings, Ledger(settings.ledger_url))) as client:
+        answer = client.post("/api/session", json={"token": secret})
+        assert answer.status_code == 422
+        assert "SECRET-" not in answer.text and "input" not in answer.text
+        (error,) = answer.json()["detail"]
+        assert error["loc"] == ["body", "token"] and "512" in error["msg"]
+        garbled = client.post("/api/session", content=b'{"token": "SECRET-PART', headers={"Content-Type": "application/json"})
+        assert garbled.status_code == 422 and "SECRET-PART" not in garbled.text
