@@ -213,6 +213,12 @@ class Settings(BaseSettings):
         default_factory=list, description="JSON list of {name, role, token | token_sha256}; none = no worklist"
     )
     worklist_refresh_seconds: float = Field(default=5.0, gt=0, le=300, description="how often the page refreshes")
+    api_max_body_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="largest request body the worklist API reads (413 beyond it)"
+    )
+    api_max_upload_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="largest corrected-outline upload (base64 PNG in JSON)"
+    )
     hl7_destinations: list[Hl7Destination] = Field(
         default_factory=list, description="JSON list of RIS/worklist MLLP endpoints that receive ORU^R01"
     )

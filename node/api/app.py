@@ -10,6 +10,7 @@ from fastapi.staticfiles import StaticFiles
 
 from config.settings import Settings
 from node.api.auth import Authenticator
+from node.api.limits import install_limits
 from node.api.previews import PreviewRenderer
 from node.api.routers import feedback, notifications, session, studies
 from node.ledger import Ledger
@@ -42,6 +43,10 @@ def create_app(settings: Settings, ledger: Ledger) -> FastAPI:
     app.state.previews = PreviewRenderer(settings.storage_dir)
     for module in (session, studies, feedback, notifications):
         app.include_router(module.router)
+    # Before the security headers, so the routes read the body through the limit directly
+    # (BaseHTTPMiddleware would wrap its 413 in a task group's ExceptionGroup); that middleware
+    # reads no body itself.
+    install_limits(app, max_body_bytes=settings.api_max_body_bytes, max_upload_bytes=settings.api_max_upload_bytes)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next) -> Response:  # type: ignore[no-untyped-def]
