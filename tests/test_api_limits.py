@@ -115,3 +115,80 @@ def test_a_validation_error_does_not_echo_the_submitted_value(tmp_path):
         assert error["loc"] == ["body", "token"] and "512" in error["msg"]
         garbled = client.post("/api/session", content=b'{"token": "SECRET-PART', headers={"Content-Type": "application/json"})
         assert garbled.status_code == 422 and "SECRET-PART" not in garbled.text
+
+
+# --- The corrected-outline upload: the PNG's size is checked before it is decoded; quotas. ---
+
+@pytest.fixture(scope="module")
+def quota_worklist(tmp_path_factory, demo_bundle):
+    from worklist_fixtures import build_worklist
+
+    return build_worklist(
+        tmp_path_factory.mktemp("quota-worklist"), demo_bundle, feedback_masks_per_study=2, feedback_masks_per_user=3
+    )
+
+
+def png_data(width: int, height: int, painted: bool = True) -> str:
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.zeros((height, width, 4), dtype=np.uint8)
+    if painted:
+        pixels[height // 4: height // 2, width // 4: width // 2] = (0, 170, 255, 190)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGBA").save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def radiologist() -> dict[str, str]:
+    from worklist_fixtures import RADIOLOGIST_TOKEN
+
+    return {"Authorization": f"Bearer {RADIOLOGIST_TOKEN}"}
+
+
+def test_a_png_larger_than_the_image_is_refused_before_it_is_decoded(quota_worklist, monkeypatch):
+    from PIL import Image
+
+    ref = quota_worklist.ledger.study_ref(quota_worklist.pending.StudyInstanceUID)
+    url = f"/api/studies/{ref}/images/0/correction"
+    rows, columns = int(quota_worklist.pending.Rows), int(quota_worklist.pending.Columns)
+    huge = png_data(8000, 8000, painted=False)  # a few hundred kB of base64 for 64 M pixels
+    assert len(huge) < 1_000_000
+
+    def never_decoded(self, *args, **kwargs):
+        raise AssertionError("the PNG was decoded")
+
+    with TestClient(create_app(quota_worklist.settings, quota_worklist.ledger)) as client:
+        monkeypatch.setattr(Image.Image, "load", never_decoded)
+        monkeypatch.setattr(Image.Image, "convert", never_decoded)
+        answer = client.post(url, json={"mask_png": huge}, headers=radiologist())
+        assert answer.status_code == 413
+        assert answer.json()["detail"] == f"mask_png is 8000 x 8000 pixels, larger than the image ({columns} x {rows})"
+        wider = client.post(url, json={"mask_png": png_data(columns + 1, 10)}, headers=radiologist())
+        assert wider.status_code == 413
+        monkeypatch.undo()
+        assert client.post(url, json={"mask_png": png_data(columns, rows)}, headers=radiologist()).status_code == 201
+    from node.api.routers import studies
+
+    assert 0 < Image.MAX_IMAGE_PIXELS <= studies.MAX_MASK_PIXELS
+
+
+def test_stored_outlines_have_a_quota_per_study_and_per_user(quota_worklist):
+    positive = quota_worklist.ledger.study_ref(quota_worklist.positive.StudyInstanceUID)
+    negative = quota_worklist.ledger.study_ref(quota_worklist.negative.StudyInstanceUID)
+    mask = png_data(128, 128)
+    with TestClient(create_app(quota_worklist.settings, quota_worklist.ledger)) as client:
+        def correct(ref: str):
+            return client.post(f"/api/studies/{ref}/images/0/correction", json={"mask_png": mask}, headers=radiologist())
+
+        # The previous test stored one outline in the pending study: this user has used 1 of 3.
+        assert [correct(positive).status_code for _ in range(2)] == [201, 201]
+        third = correct(positive)
+        assert third.status_code == 409 and "PLEURA_FEEDBACK_MASKS_PER_STUDY" in third.json()["detail"]
+        over = correct(negative)
+        assert over.status_code == 429 and "PLEURA_FEEDBACK_MASKS_PER_USER" in over.json()["detail"]
+    folder = quota_worklist.settings.storage_dir / "feedback"
+    assert len(list(folder.glob("*/*.png"))) == 3  # nothing stored for the refused ones
