@@ -219,6 +219,12 @@ class Settings(BaseSettings):
     api_max_upload_bytes: int = Field(
         default=16 * 1024 * 1024, ge=1024, description="largest corrected-outline upload (base64 PNG in JSON)"
     )
+    feedback_masks_per_study: int = Field(
+        default=20, ge=1, description="corrected outlines stored for one study; more are refused (409)"
+    )
+    feedback_masks_per_user: int = Field(
+        default=2000, ge=1, description="corrected outlines stored from one user; more are refused (429)"
+    )
     hl7_destinations: list[Hl7Destination] = Field(
         default_factory=list, description="JSON list of RIS/worklist MLLP endpoints that receive ORU^R01"
     )
