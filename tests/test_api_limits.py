@@ -194,3 +194,51 @@ def test_stored_outlines_have_a_quota_per_study_and_per_user(quota_worklist):
         assert over.status_code == 429 and "PLEURA_FEEDBACK_MASKS_PER_USER" in over.json()["detail"]
     folder = quota_worklist.settings.storage_dir / "feedback"
     assert len(list(folder.glob("*/*.png"))) == 3  # nothing stored for the refused ones
+
+
+# --- Log-in: wrong tokens are counted per address, refused for a while, and audited. ---
+
+def test_wrong_tokens_are_throttled_per_address_and_audited(tmp_path, caplog):
+    from node.audit import AuditTrail
+    from worklist_fixtures import RADIOLOGIST_TOKEN
+
+    settings = load_settings(storage_dir=tmp_path, api_users=API_USERS, api_login_max_failures=5)
+    app = create_app(settings, Ledger(settings.ledger_url))
+    guesses = [f"guess-{n:04d}-abcdefghijklmnop" for n in range(5)]
+    with TestClient(app, client=("192.0.2.7", 50000)) as attacker, TestClient(app, client=("192.0.2.8", 50000)) as user:
+        for guess in guesses[:4]:
+            assert attacker.post("/api/session", json={"token": guess}).status_code == 401
+        assert attacker.get("/api/studies", headers={"Authorization": f"Bearer {guesses[4]}"}).status_code == 401
+        # Five wrong: even the right token is refused from that address, without being checked.
+        refused = attacker.post("/api/session", json={"token": RADIOLOGIST_TOKEN})
+        assert refused.status_code == 429 and "PLEURA_API_LOGIN_MAX_FAILURES" in refused.json()["detail"]
+        assert 0 < int(refused.headers["Retry-After"]) <= settings.api_login_window_seconds
+        assert attacker.get("/api/studies", headers={"Authorization": f"Bearer {RADIOLOGIST_TOKEN}"}).status_code == 429
+        # Another address is not affected.
+        assert user.post("/api/session", json={"token": RADIOLOGIST_TOKEN}).status_code == 200
+
+    events = AuditTrail(tmp_path).events()
+    failed = [e for e in events if e["event"] == "api_login_failed"]
+    assert [(e["client"], e["via"]) for e in failed] == [("192.0.2.7", "session")] * 4 + [("192.0.2.7", "bearer")]
+    assert [e["client"] for e in events if e["event"] == "api_login_throttled"] == ["192.0.2.7"]
+    (login,) = [e for e in events if e["event"] == "api_login"]
+    assert login["user"] == "dr.house" and login["client"] == "192.0.2.8"
+    audit_text = (tmp_path / "audit.jsonl").read_text()
+    logged = caplog.text
+    for token in [*guesses, RADIOLOGIST_TOKEN]:
+        assert token not in audit_text and token[:10] not in audit_text and token not in logged
+    assert "wrong API token from 192.0.2.7" in logged
+
+
+def test_the_login_guard_forgets_failures_after_its_window():
+    from node.api.auth import LoginGuard
+
+    now = [1000.0]
+    guard = LoginGuard(max_failures=3, window_seconds=60, clock=lambda: now[0])
+    assert [guard.failed("a") for _ in range(3)] == [False, False, True]
+    assert guard.retry_after("a") == 60 and guard.retry_after("b") == 0
+    now[0] += 59.5
+    assert guard.retry_after("a") == 1
+    now[0] += 1
+    assert guard.retry_after("a") == 0
+    assert guard.failed("a") is False  # the old failures have left the window
