@@ -219,6 +219,12 @@ class Settings(BaseSettings):
     api_max_upload_bytes: int = Field(
         default=16 * 1024 * 1024, ge=1024, description="largest corrected-outline upload (base64 PNG in JSON)"
     )
+    api_login_max_failures: int = Field(
+        default=10, ge=1, description="wrong tokens from one address within api_login_window_seconds before 429"
+    )
+    api_login_window_seconds: float = Field(
+        default=300.0, gt=0, description="the window in which wrong tokens from one address are counted"
+    )
     feedback_masks_per_study: int = Field(
         default=20, ge=1, description="corrected outlines stored for one study; more are refused (409)"
     )

@@ -9,10 +9,11 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from config.settings import Settings
-from node.api.auth import Authenticator
+from node.api.auth import Authenticator, LoginGuard
 from node.api.limits import install_limits
 from node.api.previews import PreviewRenderer
 from node.api.routers import feedback, notifications, session, studies
+from node.audit import AuditTrail
 from node.ledger import Ledger
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "web" / "static"
@@ -40,6 +41,8 @@ def create_app(settings: Settings, ledger: Ledger) -> FastAPI:
     app.state.settings = settings
     app.state.ledger = ledger
     app.state.authenticator = Authenticator(settings.api_users)
+    app.state.login_guard = LoginGuard(settings.api_login_max_failures, settings.api_login_window_seconds)
+    app.state.audit = AuditTrail(settings.storage_dir)
     app.state.previews = PreviewRenderer(settings.storage_dir)
     for module in (session, studies, feedback, notifications):
         app.include_router(module.router)
