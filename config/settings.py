@@ -341,8 +341,13 @@ class Settings(BaseSettings):
         return self.onnx_cache_dir or self.storage_dir / "onnx-cache"
 
     @property
+    def embedded_broker_file(self) -> Path:
+        """The SQLite file of the embedded broker (used when broker_url is unset)."""
+        return self.storage_dir / "broker.sqlite"
+
+    @property
     def celery_broker_url(self) -> str:
-        return self.broker_url or f"sqla+sqlite:///{self.storage_dir / 'broker.sqlite'}"
+        return self.broker_url or f"sqla+sqlite:///{self.embedded_broker_file}"
 
     @property
     def bundle_dir(self) -> Path:
