@@ -104,6 +104,19 @@ def test_a_chunked_body_without_content_length_over_the_limit_gets_413(tmp_path)
         assert client.post("/api/session", content=iter(small), headers={"Content-Type": "application/json"}).status_code == 401
 
 
+def test_the_correction_upload_has_its_own_larger_limit(tmp_path):
+    settings = load_settings(storage_dir=tmp_path, api_users=API_USERS, api_max_body_bytes=1024,
+                             api_max_upload_bytes=8192)
+    upload = "/api/studies/some-ref/images/0/correction"
+    with TestClient(create_app(settings, Ledger(settings.ledger_url))) as client:
+        # 4 kB: too much for a log-in, fine for an upload (which then needs a token).
+        assert client.post(upload, json={"mask_png": "A" * 4000}).status_code == 401
+        session = client.post("/api/session", json={"token": "A" * 4000})
+        assert session.status_code == 413 and "PLEURA_API_MAX_BODY_BYTES" in session.json()["detail"]
+        large = client.post(upload, json={"mask_png": "A" * 10000})
+        assert large.status_code == 413 and "PLEURA_API_MAX_UPLOAD_BYTES" in large.json()["detail"]
+
+
 def test_a_validation_error_does_not_echo_the_submitted_value(tmp_path):
     settings = load_settings(storage_dir=tmp_path, api_users=API_USERS)
     secret = "SECRET-" + "s" * 600  # longer than a token may be
