@@ -226,6 +226,24 @@ class Settings(BaseSettings):
         default_factory=list, description="JSON list of {name, role, token | token_sha256}; none = no worklist"
     )
     worklist_refresh_seconds: float = Field(default=5.0, gt=0, le=300, description="how often the page refreshes")
+    api_max_body_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="largest request body the worklist API reads (413 beyond it)"
+    )
+    api_max_upload_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="largest corrected-outline upload (base64 PNG in JSON)"
+    )
+    api_login_max_failures: int = Field(
+        default=10, ge=1, description="wrong tokens from one address within api_login_window_seconds before 429"
+    )
+    api_login_window_seconds: float = Field(
+        default=300.0, gt=0, description="the window in which wrong tokens from one address are counted"
+    )
+    feedback_masks_per_study: int = Field(
+        default=20, ge=1, description="corrected outlines stored for one study; more are refused (409)"
+    )
+    feedback_masks_per_user: int = Field(
+        default=2000, ge=1, description="corrected outlines stored from one user; more are refused (429)"
+    )
     hl7_destinations: list[Hl7Destination] = Field(
         default_factory=list, description="JSON list of RIS/worklist MLLP endpoints that receive ORU^R01"
     )
@@ -352,8 +370,13 @@ class Settings(BaseSettings):
         return self.onnx_cache_dir or self.storage_dir / "onnx-cache"
 
     @property
+    def embedded_broker_file(self) -> Path:
+        """The SQLite file of the embedded broker (used when broker_url is unset)."""
+        return self.storage_dir / "broker.sqlite"
+
+    @property
     def celery_broker_url(self) -> str:
-        return self.broker_url or f"sqla+sqlite:///{self.storage_dir / 'broker.sqlite'}"
+        return self.broker_url or f"sqla+sqlite:///{self.embedded_broker_file}"
 
     @property
     def bundle_dir(self) -> Path:

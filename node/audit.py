@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from node.private_files import PRIVATE_FILE_MODE, make_private_dirs
+
 log = logging.getLogger(__name__)
 
 AUDIT_FILE = "audit.jsonl"
@@ -35,8 +37,8 @@ class AuditTrail:
         line = (json.dumps(entry, default=str, ensure_ascii=False) + "\n").encode("utf-8")
         try:
             with self._lock:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+                make_private_dirs(self.path.parent)
+                descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
                 try:
                     os.write(descriptor, line)
                 finally:

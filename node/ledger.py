@@ -48,6 +48,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from node.privacy import ref
+from node.private_files import make_private
 
 log = logging.getLogger(__name__)
 
@@ -633,6 +634,13 @@ class Ledger:
             raise LedgerError(
                 f"cannot open the ledger database {self._display_url} (PLEURA_DATABASE_URL): {exc}"
             ) from exc
+        if self._is_sqlite and parsed.database and parsed.database != ":memory:":
+            # It holds patient IDs: its owner's only. SQLite gives the -wal and -shm it makes
+            # later the database file's mode (node/private_files.py).
+            database = Path(parsed.database).expanduser()
+            for path in (database, *(database.with_name(database.name + s) for s in ("-wal", "-shm"))):
+                if path.exists():
+                    make_private(path)
 
     def __repr__(self) -> str:
         return f"Ledger({self._display_url!r})"

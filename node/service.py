@@ -27,6 +27,7 @@ from node.dispatch import PUBLISH_RETRY_POLICY, make_dispatcher
 from node.ledger import Ledger
 from node.ops.server import node_ops_server
 from node.periodic import PeriodicTask
+from node.private_files import create_private_file, make_private_dirs, restrict_umask
 from node.scp import StorageSCP
 from node.settle import SettleLoop
 from node.shared_storage import shared_storage_for, uploading_dispatcher
@@ -278,7 +279,10 @@ class NodeService:
     def _start(self) -> None:
         settings = self.settings
         try:
-            settings.storage_dir.mkdir(parents=True, exist_ok=True)
+            make_private_dirs(settings.storage_dir)
+            if settings.embedded_broker:
+                # Made here, 0600, before kombu creates it with the umask's mode.
+                create_private_file(settings.embedded_broker_file)
         except OSError as exc:
             raise OSError(
                 f"cannot create the storage directory {settings.storage_dir} (PLEURA_STORAGE_DIR): {exc}"
@@ -402,6 +406,8 @@ def run_node(settings: Settings, *, export_worker: bool = True, config_file: Pat
         stop_requested.set()
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # Once, for the whole process: what libraries create is private too (node/private_files.py).
+    restrict_umask()
     service = NodeService(settings, export_worker=export_worker, config_file=config_file)
     try:
         service.start()

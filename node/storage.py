@@ -17,6 +17,8 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
+from node.private_files import PRIVATE_DIR_MODE
+
 INSTANCES_DIR = "instances"
 QUARANTINE_DIR = "quarantine"
 
@@ -71,7 +73,7 @@ def _make_directories(directory: Path) -> None:
             current = current.parent
         for folder in reversed(missing):
             try:
-                folder.mkdir()
+                folder.mkdir(mode=PRIVATE_DIR_MODE)  # files are 0600 (mkstemp); see node/private_files.py
             except FileExistsError:
                 pass  # made by another process: fsync its parent all the same
             _fsync_directory(folder.parent)

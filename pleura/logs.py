@@ -9,6 +9,8 @@ import sys
 
 from pythonjsonlogger.json import JsonFormatter
 
+from node.log_privacy import protect_handler
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 CHATTY_LOGGERS = ("pynetdicom", "highdicom")
 
@@ -40,6 +42,7 @@ def configure_logging(level: int = logging.INFO, log_format: str = "text") -> No
     """One handler on the root logger, writing to stderr in `log_format` ("text" or "json")."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(make_formatter(log_format))
+    protect_handler(handler)  # pydicom / highdicom warnings quote header values: rewritten
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -17,11 +17,13 @@ from dicom_peers import LOOPBACK, free_port
 class MllpListener:
     """Receives HL7 messages over MLLP; `messages` holds them parsed (hl7.Message).
 
-    `ack_code` is what it answers (AA accepts; AE or AR refuse)."""
+    `ack_code` is what it answers (AA accepts; AE or AR refuse); `ack_control_id`, when given,
+    replaces MSA-2 (the acknowledged message's control ID), as a confused receiver would."""
 
-    def __init__(self, port: int | None = None, ack_code: str = "AA") -> None:
+    def __init__(self, port: int | None = None, ack_code: str = "AA", ack_control_id: str | None = None) -> None:
         self.port = port or free_port()
         self.ack_code = ack_code
+        self.ack_control_id = ack_control_id
         self.messages: list[hl7.Message] = []
         self.raw: list[str] = []
         self._loop = asyncio.new_event_loop()
@@ -37,7 +39,10 @@ class MllpListener:
                 message = await reader.readmessage()
                 self.raw.append(str(message))
                 self.messages.append(message)
-                writer.writemessage(message.create_ack(ack_code=self.ack_code))
+                ack = message.create_ack(ack_code=self.ack_code)
+                if self.ack_control_id is not None:
+                    ack.segment("MSA")[2] = self.ack_control_id
+                writer.writemessage(ack)
                 await writer.drain()
         except asyncio.IncompleteReadError:
             pass

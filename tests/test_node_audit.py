@@ -78,3 +78,60 @@ def test_ref_is_short_stable_and_one_way() -> None:
     assert ref("1.2.3") == ref("1.2.3") != ref("1.2.4")
     assert len(ref("1.2.3")) == 13 and "1.2.3" not in ref("1.2.3")
     assert ref(None) == "#-"
+
+
+# Every text attribute of this header is a single-component name, a value its VR does not allow
+# (pydicom warns, quoting it), or holds a control character.
+HOSTILE_HEADER = {
+    "PatientName": "ZZSECRETNAME\x07",
+    "ReferringPhysicianName": "ZZSECRETDOCTOR",
+    "PatientID": "ZZSECRETID\r\x1c",
+    "AccessionNumber": "ZZSECRETACCESSIONNUMBER-TOO-LONG",
+    "PatientBirthDate": "ZZSECRETBIRTH",
+    "StudyDate": "2024-99-99",
+    "PatientAge": "ZZSECRETAGE",
+    "PatientSex": "ZZSECRETSEX",
+    "StudyID": "ZZSECRETSTUDYID-WAY-TOO-LONG",
+}
+
+LOGGING_PROBE = r'''
+import io, sys, pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pleura.logs import configure_logging
+
+configure_logging(log_format=sys.argv[1])
+from highdicom.valuerep import check_person_name
+pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+ds = Dataset()
+for keyword, value in HOSTILE.items():
+    setattr(ds, keyword, value)
+ds.file_meta = FileMetaDataset()
+ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+buffer = io.BytesIO()
+ds.save_as(buffer, enforce_file_format=False)
+buffer.seek(0)
+read = pydicom.dcmread(buffer, force=True)  # as the node and the worker read a received header
+for element in read:
+    element.value
+for keyword in ("PatientName", "ReferringPhysicianName"):
+    check_person_name(read[keyword].value)  # what highdicom's writers check for every person name
+'''
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_library_warnings_never_carry_header_values_into_the_logs(tmp_path: Path, log_format: str) -> None:
+    import subprocess
+    import sys
+
+    script = f"HOSTILE = {HOSTILE_HEADER!r}\n" + LOGGING_PROBE
+    run = subprocess.run([sys.executable, "-c", script, log_format], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, run.stderr
+    logged = run.stdout + run.stderr
+    # The warnings were there, and say what was wrong...
+    assert "pydicom: invalid value for VR DA in a header (value not logged)" in logged
+    assert "invalid value for VR AS in a header" in logged
+    assert "highdicom: a person name with a single component in a header (value not logged)" in logged
+    # ...but no value from the header.
+    assert "ZZSECRET" not in logged and "2024-99-99" not in logged

@@ -50,13 +50,16 @@ def make_notifier(tmp_path, listener_port: int, webhook_url: str, database_url: 
     return Notifier(settings, Ledger(settings.ledger_url))
 
 
-def analysed_study(ledger: Ledger, *, flagged: bool, study: str = STUDY, at: datetime | None = None) -> None:
+def analysed_study(
+    ledger: Ledger, *, flagged: bool, study: str = STUDY, at: datetime | None = None,
+    patient_id: str = "PAT^001&X", accession: str = "ACC-42",
+) -> None:
     at = at or datetime.now(timezone.utc)
     sop = study + ".1"
     ledger.record_instance(
         sop_instance_uid=sop, study_uid=study, series_instance_uid=study + ".0", sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
         transfer_syntax_uid="1.2.840.10008.1.2.1", storage_key=f"instances/{study}/x/{sop}.dcm",
-        patient_id="PAT^001&X", accession_number="ACC-42", received_at=at - timedelta(seconds=30),
+        patient_id=patient_id, accession_number=accession, received_at=at - timedelta(seconds=30),
     )
     ledger.mark_queued(study)
     ledger.record_analysis({
@@ -230,3 +233,59 @@ def test_a_new_analysis_that_no_longer_flags_withdraws_the_flag(tmp_path, peers)
     assert [a.sent for a in notifier.run_once()] == [True, True]
     assert str(listener.messages[-1].segment("OBR")[25]) == "C"
     assert [r["json"]["event"] for r in receiver.requests] == ["flagged", "withdrawn"]
+
+
+# Every HL7 delimiter and the control characters that split segments or end the MLLP frame.
+HOSTILE = "|^&~\\\r\n\x00\x0b\x1c"
+
+
+def test_header_text_cannot_add_segments_or_fields_to_the_oru(tmp_path, peers):
+    listener, receiver = peers
+    notifier = make_notifier(tmp_path, listener.port, receiver.url)
+    patient_id = "P1\rOBX|9|ST|FAKE^Injected^L||NEGATIVE" + HOSTILE
+    accession = "A\rPID|1||FAKE\n" + HOSTILE
+    analysed_study(notifier.ledger, flagged=True, patient_id=patient_id, accession=accession)
+
+    assert [a.sent for a in notifier.run_once()] == [True, True]
+    (message,) = listener.messages
+    assert [str(segment[0]) for segment in message] == ["MSH", "PID", "ORC", "OBR"] + ["OBX"] * 5
+    assert [str(obx[1]) for obx in message.segments("OBX")] == ["1", "2", "3", "4", "5"]
+    # The values arrive whole, less their control characters, each in its one field.
+    pid = message.segment("PID")
+    assert len(pid) == 4 and message.unescape(str(pid[3])) == "P1OBX|9|ST|FAKE^Injected^L||NEGATIVE|^&~\\"
+    for field in (message.segment("ORC")[3], message.segment("OBR")[3]):
+        assert message.unescape(str(field)) == "APID|1||FAKE|^&~\\"
+    assert observations(message)["PTX-FLAG"] == ("SUSPECTED", "AA", "F")
+    # Webhooks: JSON escapes by itself; the control characters are gone all the same.
+    (request,) = receiver.requests
+    assert request["json"]["accession_number"] == "APID|1||FAKE|^&~\\"
+
+
+def test_an_mllp_end_block_in_a_patient_id_does_not_cut_the_message(tmp_path, peers):
+    listener, receiver = peers
+    notifier = make_notifier(tmp_path, listener.port, receiver.url)
+    analysed_study(notifier.ledger, flagged=True, patient_id="P2\x1c\rMSH|^~\\&|EVIL")
+
+    assert [a.sent for a in notifier.run_once()] == [True, True]
+    (message,) = listener.messages  # one frame, the whole message, with its finding
+    assert [str(segment[0]) for segment in message][:4] == ["MSH", "PID", "ORC", "OBR"]
+    assert message.unescape(str(message.segment("PID")[3])) == "P2MSH|^~\\&|EVIL"
+    assert observations(message)["PTX-FLAG"] == ("SUSPECTED", "AA", "F")
+    assert observations(message)["STUDY-UID"][0] == STUDY
+
+
+def test_an_ack_for_another_message_is_not_a_delivery(tmp_path):
+    listener = MllpListener(ack_control_id="SOMEONE-ELSES-ID")
+    receiver = WebhookReceiver()
+    try:
+        notifier = make_notifier(tmp_path, listener.port, receiver.url)
+        analysed_study(notifier.ledger, flagged=True)
+        results = notifier.run_once()
+        assert sorted(a.sent for a in results) == [False, True]  # the webhook went; the HL7 did not
+        assert len(listener.messages) == 1  # it arrived, but the ACK was not for it
+        sent = {n.channel: n for n in notifier.ledger.list_notifications(STUDY)}
+        assert sent["hl7"].status == "pending" and sent["hl7"].attempts == 1
+        assert "SOMEONE-ELSES-ID" in sent["hl7"].last_error
+    finally:
+        listener.stop()
+        receiver.stop()

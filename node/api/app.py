@@ -9,9 +9,11 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from config.settings import Settings
-from node.api.auth import Authenticator
+from node.api.auth import Authenticator, LoginGuard
+from node.api.limits import install_limits
 from node.api.previews import PreviewRenderer
 from node.api.routers import feedback, notifications, session, studies
+from node.audit import AuditTrail
 from node.ledger import Ledger
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "web" / "static"
@@ -39,9 +41,15 @@ def create_app(settings: Settings, ledger: Ledger) -> FastAPI:
     app.state.settings = settings
     app.state.ledger = ledger
     app.state.authenticator = Authenticator(settings.api_users)
+    app.state.login_guard = LoginGuard(settings.api_login_max_failures, settings.api_login_window_seconds)
+    app.state.audit = AuditTrail(settings.storage_dir)
     app.state.previews = PreviewRenderer(settings.storage_dir)
     for module in (session, studies, feedback, notifications):
         app.include_router(module.router)
+    # Before the security headers, so the routes read the body through the limit directly
+    # (BaseHTTPMiddleware would wrap its 413 in a task group's ExceptionGroup); that middleware
+    # reads no body itself.
+    install_limits(app, max_body_bytes=settings.api_max_body_bytes, max_upload_bytes=settings.api_max_upload_bytes)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next) -> Response:  # type: ignore[no-untyped-def]

@@ -1,18 +1,32 @@
 """Who is calling: a bearer token (systems, scripts) or a session cookie (the page, after logging
-in with the same token). Two roles: ``read`` sees the worklist, ``feedback`` also gives verdicts."""
+in with the same token). Two roles: ``read`` sees the worklist, ``feedback`` also gives verdicts.
+
+Guessing is slowed and recorded: :class:`LoginGuard` counts wrong tokens per client address (at
+the log-in and in ``Authorization`` headers alike) and, after ``api_login_max_failures`` within
+``api_login_window_seconds``, answers 429 with ``Retry-After`` without checking the token. Every
+log-in and every wrong token goes into the audit trail (``node/audit.py``): the user's name for a
+log-in, the client address for a failure, never any part of the token.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import secrets
+import logging
+import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from fastapi import Depends, HTTPException, Request, status
 
 from config.settings import ApiUser
+from node.audit import AuditTrail
+
+log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "pleura_session"
 SESSION_SECONDS = 12 * 3600
@@ -75,14 +89,97 @@ class Authenticator:
             self._sessions.pop(session_id, None)
 
 
+class LoginGuard:
+    """Wrong tokens per client address in a sliding window; a client with `max_failures` of them
+    within `window_seconds` is refused until the oldest leaves the window. Kept in memory, like the
+    sessions: a restart forgets it, and each process behind a load balancer counts its own."""
+
+    def __init__(self, max_failures: int, window_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_failures = max_failures
+        self.window_seconds = window_seconds
+        self._clock = clock
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, client: str, now: float) -> deque[float]:
+        failures = self._failures.get(client, deque())
+        while failures and failures[0] <= now - self.window_seconds:
+            failures.popleft()
+        if failures:
+            self._failures[client] = failures
+        else:
+            self._failures.pop(client, None)
+        return failures
+
+    def retry_after(self, client: str) -> int:
+        """Seconds until `client` may try again; 0 when it may now."""
+        with self._lock:
+            now = self._clock()
+            failures = self._recent(client, now)
+            if len(failures) < self.max_failures:
+                return 0
+            return max(1, math.ceil(failures[-self.max_failures] + self.window_seconds - now))
+
+    def failed(self, client: str) -> bool:
+        """Count a wrong token; True when this one reached the limit (the client is now refused)."""
+        with self._lock:
+            now = self._clock()
+            failures = self._recent(client, now)
+            failures.append(now)
+            self._failures[client] = failures
+            # A deque per address, bounded: more than the limit changes nothing.
+            while len(failures) > self.max_failures:
+                failures.popleft()
+            return len(failures) == self.max_failures
+
+
+def client_address(request: Request) -> str:
+    """The peer's address as the server sees it (a reverse proxy's own, behind one)."""
+    return request.client.host if request.client else "unknown"
+
+
+def refuse_if_throttled(request: Request) -> None:
+    """429 with Retry-After while the caller's address has too many recent wrong tokens."""
+    guard: LoginGuard = request.app.state.login_guard
+    wait = guard.retry_after(client_address(request))
+    if wait:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"too many wrong tokens from this address; try again in {wait} s (PLEURA_API_LOGIN_MAX_FAILURES)",
+            {"Retry-After": str(wait)},
+        )
+
+
+def record_failure(request: Request, via: str) -> None:
+    """Count and audit a wrong token: the client address and how it came, no token material."""
+    client = client_address(request)
+    now_refused = request.app.state.login_guard.failed(client)
+    audit: AuditTrail = request.app.state.audit
+    audit.record("api_login_failed", client=client, via=via)
+    log.warning("wrong API token from %s (%s)", client, via)
+    if now_refused:
+        audit.record("api_login_throttled", client=client, window_seconds=request.app.state.login_guard.window_seconds)
+        log.warning("API log-ins from %s refused for a while: too many wrong tokens", client)
+
+
+def record_login(request: Request, principal: Principal) -> None:
+    request.app.state.audit.record(
+        "api_login", user=principal.name, role=principal.role, client=client_address(request)
+    )
+    log.info("API user %s logged in", principal.name)
+
+
 def current_principal(request: Request) -> Principal:
-    """The caller, from `Authorization: Bearer <token>` or the session cookie; 401 otherwise."""
+    """The caller, from `Authorization: Bearer <token>` or the session cookie; 401 otherwise (429
+    while its address has too many recent wrong tokens)."""
     auth: Authenticator = request.app.state.authenticator
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
+        refuse_if_throttled(request)
         principal = auth.check_token(header[7:].strip())
         if principal is not None:
             return principal
+        record_failure(request, "bearer")
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
         principal = auth.session(cookie)

@@ -15,6 +15,7 @@ import pydicom
 from PIL import Image
 
 from node.ledger import InstanceView, ResultView
+from node.private_files import make_private, make_private_dirs
 from node.storage import InstanceStore
 
 PREVIEW_SIZE = 1024
@@ -64,9 +65,10 @@ class PreviewRenderer:
         return self.cache / name[:2] / f"{name}.png"
 
     def _save(self, picture: Image.Image, target: Path) -> Path:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(target.parent)
         temp = target.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         picture.save(temp, format="PNG")
+        make_private(temp)  # a picture of the patient's image: node/private_files.py
         os.replace(temp, target)
         return target
 
@@ -84,9 +86,10 @@ class PreviewRenderer:
                 mask = seg_mask(pydicom.dcmread(self.store.path(seg.storage_key)), source.Rows, source.Columns)
             else:
                 mask = np.zeros((source.Rows, source.Columns), dtype=bool)
-            target.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dirs(target.parent)
             temp = target.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp.png")
             render_outline_png(source, mask, temp, max_size=self.size, caption=SYNTHETIC_CAPTION if synthetic else None)
+            make_private(temp)
             os.replace(temp, target)
         except (OSError, ValueError, AttributeError, pydicom.errors.InvalidDicomError) as exc:
             raise PreviewError(f"cannot draw the preview: {type(exc).__name__}: {exc}") from exc

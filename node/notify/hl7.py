@@ -3,6 +3,11 @@
 The message names the patient (PID-3) and the order (accession number in ORC-3 / OBR-3) so the RIS
 can match it; the finding is OBX 1 with the urgency in OBX-8 and the priority in OBR-5, both set
 per destination. A withdrawn flag is a corrected result (OBR-25 / OBX-11 = C).
+
+Every text value goes through ``node/text.py`` first (control characters removed, delimiters
+escaped): PatientID and AccessionNumber come from DICOM headers, and a CR or an MLLP end block in
+them would add segments or cut the frame. A message counts as delivered only when the receiver's
+ACK accepts it (AA / CA) and names its control ID (MSA-2 = MSH-10).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from hl7apy.factories import datatype_factory
 from hl7apy.parser import parse_message
 
 from config.settings import Hl7Destination
+from node.text import header_text, hl7_escape
 
 HL7_VERSION = "2.5.1"
 START_BLOCK, END_BLOCK = b"\x0b", b"\x1c\x0d"
@@ -32,16 +38,14 @@ def _ts(value: datetime) -> str:
 
 
 def _text(value: Any, datatype: str = "ST") -> Any:
-    """A value escaped for HL7 (\\F\\, \\S\\, \\T\\, \\R\\, \\E\\)."""
-    return datatype_factory(datatype, str(value), version=HL7_VERSION)
+    """A value without control characters, escaped for HL7 by hl7apy (\\F\\, \\S\\, \\T\\,
+    \\R\\, \\E\\); hl7apy escapes delimiters but passes CR and the MLLP block bytes through."""
+    return datatype_factory(datatype, header_text(value), version=HL7_VERSION)
 
 
 def _varies(value: Any) -> str:
     """A value for a field of type "varies" (OBX-5), escaped here: hl7apy keeps escape sequences."""
-    text = str(value).replace("\\", "\\E\\")
-    for char, code in (("|", "F"), ("^", "S"), ("&", "T"), ("~", "R")):
-        text = text.replace(char, f"\\{code}\\")
-    return text.replace("\r", " ").replace("\n", " ")
+    return hl7_escape(value)
 
 
 def _observation(order: Any, index: int, kind: str, code: str, value: Any, status: str, **extra: str) -> None:
@@ -138,12 +142,27 @@ def build_oru(
     return message.to_er7()
 
 
+def _control_id(message: str) -> str:
+    """MSH-10 of an ER7 message (the MSH's fields split on MSH-1, which is the fourth character)."""
+    separator = message[3:4]
+    fields = message.split("\r", 1)[0].split(separator) if separator else []
+    if len(fields) < 10 or not fields[9]:
+        raise MllpError("the message has no control ID (MSH-10)")
+    return fields[9]
+
+
 def send_mllp(host: str, port: int, message: str, *, timeout: float = 10.0) -> str:
     """Send one message in an MLLP block and return the receiver's ACK (ER7).
 
-    Raises :class:`MllpError` when the connection fails, no ACK comes back, or the ACK is not
-    AA / CA (application or commit accept)."""
-    frame = START_BLOCK + message.encode("utf-8") + END_BLOCK
+    Raises :class:`MllpError` when the connection fails, no ACK comes back, the ACK is not AA / CA
+    (application or commit accept), or it acknowledges another message (MSA-2 is not our MSH-10):
+    a receiver that mixes up its answers must not make a critical result count as delivered."""
+    control_id = _control_id(message)
+    payload = message.encode("utf-8")
+    if START_BLOCK in payload or b"\x1c" in payload:
+        # build_oru() never makes one; a stored payload from before node/text.py might.
+        raise MllpError("the message holds MLLP framing bytes (0x0B or 0x1C) and would be cut short")
+    frame = START_BLOCK + payload + END_BLOCK
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.sendall(frame)
@@ -161,8 +180,11 @@ def send_mllp(host: str, port: int, message: str, *, timeout: float = 10.0) -> s
     try:
         parsed = parse_message(ack.replace("\n", "\r"), find_groups=False)
         code = parsed.msa.msa_1.value
+        acknowledged = parsed.msa.msa_2.value
     except Exception as exc:
         raise MllpError(f"unreadable acknowledgement: {exc}") from exc
+    if acknowledged != control_id:
+        raise MllpError(f"the acknowledgement is for message {acknowledged!r}, not {control_id!r} (MSA-2 != MSH-10)")
     if code not in ("AA", "CA"):
         text = ""
         try:

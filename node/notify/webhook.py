@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from config.settings import Webhook
+from node.text import header_text
 
 SIGNATURE_HEADER = "X-Pleura-Signature"
 EVENT_HEADER = "X-Pleura-Event"
@@ -24,6 +25,12 @@ def _iso(value: Any) -> str | None:
     return value.isoformat() if isinstance(value, datetime) else None
 
 
+def _header(value: Any) -> str | None:
+    """Text from a DICOM header without its control characters (JSON would escape them, but the
+    receiver may copy the value into HL7, a log line or a terminal)."""
+    return None if value is None else header_text(value)
+
+
 def webhook_body(study: dict[str, Any], event: str, *, now: datetime) -> str:
     """The JSON body: the study's identifiers for matching (no patient ID or name), the finding and
     the model. `study_ref` is the study's reference in the worklist API (/api/studies/{ref})."""
@@ -33,8 +40,8 @@ def webhook_body(study: dict[str, Any], event: str, *, now: datetime) -> str:
     body = {
         "event": event,
         "sent_at": now.isoformat(),
-        "study_instance_uid": study["study_uid"],
-        "accession_number": study.get("accession_number"),
+        "study_instance_uid": _header(study["study_uid"]),
+        "accession_number": _header(study.get("accession_number")),
         "study_ref": study.get("ref"),
         "flagged": event == "flagged",
         "finding": "pneumothorax suspected" if event == "flagged" else "pneumothorax not suspected",

@@ -5,7 +5,15 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 
 from config.settings import Settings
-from node.api.auth import SESSION_COOKIE, Authenticator, Principal, current_principal
+from node.api.auth import (
+    SESSION_COOKIE,
+    Authenticator,
+    Principal,
+    current_principal,
+    record_failure,
+    record_login,
+    refuse_if_throttled,
+)
 from node.api.deps import get_settings
 from node.api.schemas import SessionIn, SessionOut
 
@@ -24,9 +32,12 @@ def _out(principal: Principal, settings: Settings) -> SessionOut:
 @router.post("", response_model=SessionOut, summary="Log in with a token; sets the session cookie")
 def log_in(body: SessionIn, request: Request, response: Response, settings: Settings = Depends(get_settings)) -> SessionOut:
     auth: Authenticator = request.app.state.authenticator
+    refuse_if_throttled(request)
     principal = auth.check_token(body.token)
     if principal is None:
+        record_failure(request, "session")
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown token")
+    record_login(request, principal)
     response.set_cookie(
         SESSION_COOKIE,
         auth.open_session(principal),

@@ -42,6 +42,12 @@ from node.storage import InstanceStore, write_durably
 
 router = APIRouter(prefix="/api/studies", tags=["studies"])
 
+MAX_MASK_PIXELS = 100_000_000
+"""Pillow refuses to decode larger images (DecompressionBombError at twice this). The route checks
+the PNG's own width and height against the image first; this is the bound for whatever else in the
+API process opens an image. A radiograph has at most some 20 M pixels."""
+Image.MAX_IMAGE_PIXELS = MAX_MASK_PIXELS
+
 _PENDING = {StudyStatus.RECEIVING.value, StudyStatus.QUEUED.value}
 
 
@@ -312,21 +318,51 @@ def give_feedback(
 
 
 def _painted_mask(mask_png: str, rows: int, columns: int) -> np.ndarray:
-    """The painted pixels of a PNG (base64 or data: URL), resized to the image's rows x columns."""
+    """The painted pixels of a PNG (base64 or data: URL), resized to the image's rows x columns.
+
+    The PNG's width and height are read from its header and checked against the image before a
+    pixel is decoded: a few hundred kB of PNG can hold 64 M pixels (gigabytes once decoded)."""
     data = mask_png.split(",", 1)[1] if mask_png.startswith("data:") else mask_png
     try:
-        picture = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
-        picture.load()
+        picture = Image.open(io.BytesIO(base64.b64decode(data, validate=True)), formats=["PNG"])
     except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as exc:
         raise HTTPException(422, f"mask_png is not a base64 PNG: {exc}") from None
-    if picture.width * picture.height > 64_000_000:
-        raise HTTPException(422, "mask_png is too large")
+    if picture.width > columns or picture.height > rows:
+        raise HTTPException(
+            413,
+            f"mask_png is {picture.width} x {picture.height} pixels, larger than the image ({columns} x {rows})",
+        )
+    try:
+        picture.load()
+    except (ValueError, OSError, Image.DecompressionBombError) as exc:
+        raise HTTPException(422, f"mask_png is not a readable PNG: {exc}") from None
     rgba = np.asarray(picture.convert("RGBA"))
     painted = (rgba[..., 3] > 0) & (rgba[..., :3].max(axis=-1) > 0)
     if not painted.any():
         raise HTTPException(422, "the outline is empty")
     resized = Image.fromarray(painted.astype(np.uint8) * 255).resize((columns, rows), Image.NEAREST)
     return np.asarray(resized) > 0
+
+
+def _check_mask_quota(ledger: Ledger, settings: Settings, study_uid: str, user: str) -> None:
+    """Every correction stores a file that is kept (it is the record of the verdict), so one study
+    and one user may store only so many: 409 for the study, 429 for the user.
+
+    Counted from the ledger's feedback rows with a mask; two uploads at the same instant may both
+    pass the last free place, which bounds the overrun to the number of simultaneous requests."""
+    masks = [entry for entry in ledger.list_feedback() if entry["mask_key"]]
+    if sum(entry["study_uid"] == study_uid for entry in masks) >= settings.feedback_masks_per_study:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"this study already has {settings.feedback_masks_per_study} corrected outlines "
+            "(PLEURA_FEEDBACK_MASKS_PER_STUDY)",
+        )
+    if sum(entry["user"] == user for entry in masks) >= settings.feedback_masks_per_user:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"user {user} has stored {settings.feedback_masks_per_user} corrected outlines "
+            "(PLEURA_FEEDBACK_MASKS_PER_USER)",
+        )
 
 
 @router.post(
@@ -349,6 +385,7 @@ def correct_outline(
     instances = ledger.list_instances(study_uid)
     if not 0 <= index < len(instances):
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such image")
+    _check_mask_quota(ledger, settings, study_uid, principal.name)
     instance = instances[index]
     store = InstanceStore(settings.storage_dir)
     try:
