@@ -1568,6 +1568,7 @@ class Ledger:
                 # Filled once the analysis reports them (side and pleural gap, from the result writers).
                 "side": getattr(i, "side", None),
                 "largest_gap_mm": getattr(i, "gap_mm", None),
+                "reason": i.analysis_reason,
             }
             for i in instances
         ]

@@ -52,7 +52,7 @@ def make_notifier(tmp_path, listener_port: int, webhook_url: str, database_url: 
 
 def analysed_study(
     ledger: Ledger, *, flagged: bool, study: str = STUDY, at: datetime | None = None,
-    patient_id: str = "PAT^001&X", accession: str = "ACC-42",
+    patient_id: str = "PAT^001&X", accession: str = "ACC-42", reason: str | None = None,
 ) -> None:
     at = at or datetime.now(timezone.utc)
     sop = study + ".1"
@@ -66,7 +66,8 @@ def analysed_study(
         "study_uid": study,
         "model": {"name": "pleura-demo", "version": "0.3.0", "synthetic_demo": True},
         "images": [{"sop_instance_uid": sop, "status": "analysed", "probability": 0.91 if flagged else 0.08,
-                    "flagged": flagged, "area_px": 5000 if flagged else 0, "area_cm2": 12.5 if flagged else None}],
+                    "flagged": flagged, "area_px": 5000 if flagged else 0, "area_cm2": 12.5 if flagged else None,
+                    "reason": reason}],
         "results": [],
         "flagged": flagged,
         "analysed_at": at.isoformat(),
@@ -84,7 +85,8 @@ def observations(message: hl7.Message) -> dict[str, tuple[str, str, str]]:
 def test_a_flagged_study_is_announced_by_hl7_and_webhook_once(tmp_path, peers, database_url):
     listener, receiver = peers
     notifier = make_notifier(tmp_path, listener.port, receiver.url, database_url)
-    analysed_study(notifier.ledger, flagged=True)
+    rule = "classifier 0.910 >= threshold 0.500 and segmented area 5000 px >= minimum 262 px"
+    analysed_study(notifier.ledger, flagged=True, reason=rule)
 
     attempts = notifier.run_once()
     assert [a.sent for a in attempts] == [True, True]
@@ -104,6 +106,7 @@ def test_a_flagged_study_is_announced_by_hl7_and_webhook_once(tmp_path, peers, d
     assert float(obx["PTX-AREA"][0]) == pytest.approx(12.5)
     assert obx["STUDY-UID"][0] == STUDY
     assert "SYNTHETIC DEMO" in obx["PTX-MODEL"][0] and "0.3.0" in obx["PTX-MODEL"][0]
+    assert obx["PTX-RULE"][0] == rule  # the model's rule behind the flag, in words
 
     (request,) = receiver.requests
     body = request["json"]

@@ -128,6 +128,12 @@ def build_oru(
     if gaps:
         index += 1
         _observation(order, index, "NM", "PTX-GAP^Largest pleural gap^L", f"{max(gaps):.1f}", status, obx_6="mm")
+    # The model's rule for the image that decided the study (flagged, else the most probable).
+    decided = [i for i in images if i.get("flagged")] or sorted(images, key=lambda i: -(i.get("probability") or 0))
+    rule = next((str(i["reason"]) for i in decided if i.get("reason")), None)
+    if rule:
+        index += 1
+        _observation(order, index, "ST", "PTX-RULE^Decision rule^L", rule, status)
     feedback = study.get("feedback")
     if feedback:
         index += 1
