@@ -57,6 +57,7 @@ class Pleura:
             ae_title="PLEURA",
             host="127.0.0.1",
             port=self.port,
+            metrics_port=free_port(),  # not the default: another node on this host may hold it
             storage_dir=self.storage,
             model_dir=bundle,
             device="cpu",
