@@ -211,6 +211,11 @@ class Settings(BaseSettings):
         ge=0,
         description="below this free space in the storage dir, associations and C-STOREs are refused (out of resources)",
     )
+    keep_unanalysed_objects: bool = Field(
+        default=True,
+        description="keep on disk the objects received but not analysed (SR, GSPS, SC, PDF, other modalities); "
+        "false = record and acknowledge them only",
+    )
     export_retry_seconds: float = Field(
         default=10.0, gt=0, description="first delay before a failed delivery is tried again (doubles each time)"
     )
