@@ -32,7 +32,7 @@ def _settings(config: Optional[Path], **overrides) -> Settings:
 
 
 def _logging(verbose: bool, quiet: bool = False, log_format: str = "text") -> None:
-    from pleura.logs import configure_logging
+    from node.logs import configure_logging
 
     configure_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO, log_format)
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from celery import Celery, Task
 
-from worker.celery_app import ANALYSE_SERIES_CT
-from worker.tasks import MAX_RETRIES, analyse_and_report
+from contract.tasks import ANALYSE_SERIES_CT
+from worker.task_body import MAX_RETRIES, analyse_and_report
 
 _models_lock = threading.Lock()
 
