@@ -10,12 +10,13 @@ from typing import Literal
 
 import numpy as np
 
+from config.errors import PleuraError
 from training.rle import rle_decode
 
 DatasetKind = Literal["siim", "cxr14", "archive", "merged"]
 
 
-class DatasetError(ValueError):
+class DatasetError(PleuraError, ValueError):
     """Input that cannot be used; the message names the file and, where there is one, the CSV row."""
 
 
