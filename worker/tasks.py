@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
@@ -30,7 +32,9 @@ def _analyser(app: Celery):
     return active.current()
 
 
-def register_worker_tasks(app: Celery) -> None:
+def register_worker_tasks(app: Celery, build_ct_demo: Callable[[Path], Any] | None = None) -> None:
+    """The analysis tasks; ``build_ct_demo``: see :func:`worker.ct_tasks.register_ct_tasks`."""
+
     @app.task(name=ANALYSE_STUDY, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=MAX_RETRIES)
     def analyse_study(
         self: Task, study_uid: str, instances: list[dict[str, str]], options: dict[str, Any] | None = None
@@ -48,5 +52,5 @@ def register_worker_tasks(app: Celery) -> None:
             self, study_uid, instances, options, lambda *args: _analyser(self.app).analyse(*args)
         )
 
-    register_ct_tasks(app)  # the CT queue's task: worker/ct_tasks.py
+    register_ct_tasks(app, build_ct_demo)  # the CT queue's task: worker/ct_tasks.py
 
