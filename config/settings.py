@@ -22,6 +22,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from config.errors import PleuraError
+
 ENV_PREFIX = "PLEURA_"
 CONFIG_FILE_ENV = "PLEURA_CONFIG"
 
@@ -51,7 +53,7 @@ DEFAULT_LATERAL_VIEW_TERMS: tuple[str, ...] = ("LL", "RL", "LAT", "LATERAL", "LA
 _config_file: ContextVar[str | None] = ContextVar("pleura_config_file", default=None)
 
 
-class SettingsError(ValueError):
+class SettingsError(PleuraError, ValueError):
     """A setting has a wrong value; the message names the setting and the fix."""
 
 

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pleura.cli import ConfigOption, _settings, console
+from pleura.cli_common import ConfigOption, console, settings_or_exit
 
 models_app = typer.Typer(
     help="The model registry: import bundles as versions, promote one per kind, roll back.", no_args_is_help=True
@@ -33,7 +33,7 @@ def _open(config: Optional[Path]):
     """(settings, the registry they name), or exit 2 saying why there is none."""
     from training.registry import RegistryError, open_registry
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     try:
         return settings, open_registry(settings)
     except RegistryError as exc:
@@ -68,7 +68,7 @@ def list_models(config: Optional[Path] = ConfigOption) -> None:
     from training.bundle import BundleError, load_bundle
     from training.registry import KINDS, RegistryError, fixed_bundle_dir
 
-    fixed = fixed_bundle_dir(_settings(config))
+    fixed = fixed_bundle_dir(settings_or_exit(config))
     out = Console(soft_wrap=True)
     if fixed is not None:
         try:
@@ -187,7 +187,7 @@ def import_into_registry(settings, source: Path):
 def import_(path: Path = typer.Argument(..., help="a bundle directory or a .tar.gz made by `pleura models export`"),
             config: Optional[Path] = ConfigOption) -> None:
     """Check a bundle and copy it into the registry as a new, immutable version."""
-    import_into_registry(_settings(config), path)
+    import_into_registry(settings_or_exit(config), path)
 
 
 @models_app.command("export")

@@ -19,7 +19,7 @@ from node.ops.health import Check, readiness_checks, run_checks
 from node.ops.metrics import LedgerCollector, active_models
 from node.service import NodeService
 from pleura.cli import app as cli_app
-from pleura.logs import make_formatter
+from node.logs import make_formatter
 from services import RedisServer, http_get, metric_sample
 from training.bundle import load_bundle
 from training.synthetic import synthetic_dicom

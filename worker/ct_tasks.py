@@ -3,31 +3,35 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
 
-from worker.celery_app import ANALYSE_SERIES_CT
-from worker.tasks import MAX_RETRIES, analyse_and_report
+from contract.tasks import ANALYSE_SERIES_CT
+from worker.task_body import MAX_RETRIES, analyse_and_report
 
 _models_lock = threading.Lock()
 
 
-def _load_ct_analyser(settings, bundle_dir: Path):
-    """The CT analyser of ``bundle_dir``; the CT demo bundle is built first when it is the active
-    one and is not there yet."""
-    from training.bundle import load_bundle
-    from training.registry import is_ct_demo_dir
-    from worker.ct_analysis import SeriesAnalyser  # imports torch: only in worker processes
+def _ct_loader(build_demo: Callable[[Path], Any] | None):
+    """Loads the CT analyser of a bundle directory; the CT demo bundle is built first (by
+    ``build_demo``, given by the command that starts the worker) when it is the active one and
+    is not there yet."""
 
-    if is_ct_demo_dir(settings, bundle_dir):
-        from training.ct_demo_model import ensure_ct_demo_bundle
+    def load(settings, bundle_dir: Path):
+        from training.bundle import load_bundle
+        from training.registry import is_ct_demo_dir
+        from worker.ct_analysis import SeriesAnalyser  # imports torch: only in worker processes
 
-        bundle, _ = ensure_ct_demo_bundle(bundle_dir, progress=False)
-    else:
-        bundle = load_bundle(bundle_dir)
-    return SeriesAnalyser(settings.storage_dir, bundle, settings.device)
+        if build_demo is not None and is_ct_demo_dir(settings, bundle_dir):
+            bundle = build_demo(bundle_dir)
+        else:
+            bundle = load_bundle(bundle_dir)
+        return SeriesAnalyser(settings.storage_dir, bundle, settings.device)
+
+    return load
 
 
 def ct_analyser(app: Celery):
@@ -38,11 +42,16 @@ def ct_analyser(app: Celery):
     with _models_lock:
         active = getattr(app, "_pleura_ct_model", None)
         if active is None:
-            active = app._pleura_ct_model = ActiveModel(app.pleura_settings, "ct", loader=_load_ct_analyser)
+            loader = _ct_loader(getattr(app, "pleura_ct_demo_builder", None))
+            active = app._pleura_ct_model = ActiveModel(app.pleura_settings, "ct", loader=loader)
     return active.current()
 
 
-def register_ct_tasks(app: Celery) -> None:
+def register_ct_tasks(app: Celery, build_ct_demo: Callable[[Path], Any] | None = None) -> None:
+    """The CT task; ``build_ct_demo(bundle_dir)`` builds the CT demo bundle on first use and
+    returns it (training.ct_demo_model; without it the demo bundle must already be there)."""
+    app.pleura_ct_demo_builder = build_ct_demo
+
     @app.task(name=ANALYSE_SERIES_CT, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=MAX_RETRIES)
     def analyse_series_ct(
         self: Task,
