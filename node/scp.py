@@ -60,6 +60,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from config.settings import Settings
 from node.admission import Admission, NodeAE
 from node.audit import AuditTrail
+from node.connections import Limits, Refused
 from node.ledger import Held, Ledger
 from node.ops.metrics import INSTANCES_RECEIVED
 from node.privacy import ref
@@ -142,10 +143,11 @@ def _text(dataset: Dataset, keyword: str) -> str | None:
     return str(value).strip() or None
 
 
-def build_ae(settings: Settings, admission: Admission | None = None) -> NodeAE:
+def build_ae(settings: Settings, admission: Admission | None = None, on_refused: Refused | None = None) -> NodeAE:
     """The node's application entity with the contexts it accepts as an SCP and its admission
-    rules (calling-AE allowlist, association limit, free-space guard, timeouts)."""
-    ae = NodeAE(settings.ae_title, admission or Admission(settings))
+    rules (calling-AE allowlist, association limits, free-space guard, timeouts and deadlines);
+    `on_refused` hears of each connection refused or dropped."""
+    ae = NodeAE(settings.ae_title, admission or Admission(settings), Limits.from_settings(settings), on_refused)
     ae.require_called_aet = True
     ae.maximum_pdu_size = settings.max_pdu
     ae.maximum_associations = settings.max_associations
@@ -171,7 +173,7 @@ class StorageSCP:
         self.store = store
         self.admission = admission or Admission(settings)
         self.audit = AuditTrail(settings.storage_dir)
-        self.ae = build_ae(settings, self.admission)
+        self.ae = build_ae(settings, self.admission, self._audit_connection)
         self._server: ThreadedAssociationServer | None = None
 
     @property
@@ -212,6 +214,9 @@ class StorageSCP:
             self._server.shutdown()
             self._server = None
             log.info("DICOM SCP stopped")
+
+    def _audit_connection(self, what: str, address: str, reason: str) -> None:
+        self.audit.record(what, address=address, reason=reason, tls=self.settings.tls)
 
     def _audit_association(self, event: Event) -> None:
         requestor = event.assoc.requestor
