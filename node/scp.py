@@ -1,8 +1,11 @@
 """The DICOM SCP: C-ECHO and C-STORE of every Storage SOP class a PACS may push.
 
-The C-STORE handler is small on purpose: it reads the few UIDs it needs from the encoded dataset
-(no pixel decoding), writes the bytes durably, records the instance in the ledger and only then
-answers success. What cannot be accepted is kept in quarantine with the reason, and the sender gets
+The C-STORE handler is small on purpose: pynetdicom receives the data set to a temporary file in
+chunks (so memory stays flat whatever the instance size); the handler reads the few UIDs it needs
+from that file (no large value read, no pixel decoding), moves the file durably into storage,
+records the instance in the ledger and only then answers success. An instance larger than
+``max_instance_bytes`` is answered "Out of Resources"; one whose elements declare more bytes than
+arrived is refused. What cannot be accepted is kept in quarantine with the reason, and the sender gets
 a failure status from PS3.4 Annex B; a storage or ledger error answers "Out of Resources", so the
 sender keeps the instance and tries again.
 
@@ -21,11 +24,13 @@ like an instance and recorded as labels for the images it references (:mod:`node
 from __future__ import annotations
 
 import logging
-from io import BytesIO
+from pathlib import Path
 from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_partial
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -44,7 +49,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AllStoragePresentationContexts, evt
+from pynetdicom import AllStoragePresentationContexts, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (
@@ -143,6 +148,42 @@ def _text(dataset: Dataset, keyword: str) -> str | None:
     return str(value).strip() or None
 
 
+_PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00009, 0x7FE00008)
+_DEFER_BYTES = 64 * 1024
+"""Values larger than this are skipped (seeked over), never read, when the header is read."""
+
+
+def read_header(path: Path, transfer_syntax: str) -> Dataset:
+    """The attributes of a received file up to its pixel data, without reading large values.
+
+    Raises :class:`RejectedInstance` when an element (the pixel data included) declares more bytes
+    than the file holds: a data set cut short is refused, not stored.
+    """
+    size = path.stat().st_size
+    pixels: dict[str, Any] = {}
+
+    def at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
+        if tag in _PIXEL_DATA_TAGS:
+            pixels.update(vr=vr, length=length)
+            return True
+        return False
+
+    with open(path, "rb") as handle:
+        dataset = read_partial(handle, stop_when=at_pixel_data, defer_size=_DEFER_BYTES)
+        position = handle.tell()
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        return dataset  # positions are in the inflated stream: what arrived is checked by inflating
+    end = position
+    if pixels and pixels["length"] != 0xFFFFFFFF:
+        implicit = transfer_syntax == ImplicitVRLittleEndian
+        end += 8 + (4 if not implicit and pixels["vr"] in EXPLICIT_VR_LENGTH_32 else 0) + pixels["length"]
+    if end > size:
+        raise RejectedInstance(
+            CANNOT_UNDERSTAND, f"an element declares {end - size} bytes more than the data set holds (cut short)"
+        )
+    return dataset
+
+
 def build_ae(settings: Settings, admission: Admission | None = None, on_refused: Refused | None = None) -> NodeAE:
     """The node's application entity with the contexts it accepts as an SCP and its admission
     rules (calling-AE allowlist, association limits, free-space guard, timeouts and deadlines);
@@ -184,6 +225,9 @@ class StorageSCP:
         """Listen on settings.host:settings.port in background threads."""
         if self._server is not None:
             return
+        # C-STOREs are received to a temporary file in chunks, never held in memory (pynetdicom's
+        # documented switch; it is process-wide, and pynetdicom's other handlers read such files too).
+        _config.STORE_RECV_CHUNKED_DATASET = True
         try:
             self._server = self.ae.start_server(
                 (self.settings.host, self.settings.port),
@@ -234,10 +278,23 @@ class StorageSCP:
     def handle_store(self, event: Event) -> Dataset:
         calling_ae = event.assoc.requestor.ae_title
         try:
-            data = event.encoded_dataset(include_meta=True)
-        except Exception as exc:  # the request carried no dataset at all
-            log.warning("C-STORE from %s without a usable dataset: %s", calling_ae, exc)
+            # Received to disk in chunks (STORE_RECV_CHUNKED_DATASET): the file meta pynetdicom
+            # wrote from the command set and context, then the data set's bytes as they arrived.
+            data = event.dataset_path
+        except AttributeError:
+            data = None
+        if data is None or not Path(data).is_file():  # the request carried no dataset at all
+            log.warning("C-STORE from %s without a usable dataset", calling_ae)
             return _status(CANNOT_UNDERSTAND, "no data set in the C-STORE request")
+        data = Path(data)
+        size = data.stat().st_size
+        if size > self.settings.max_instance_bytes:
+            reason = (
+                f"data set of {size} bytes is larger than PLEURA_MAX_INSTANCE_BYTES ({self.settings.max_instance_bytes})"
+            )
+            log.error("refusing an instance from %s: %s", calling_ae, reason)
+            self._audit_instance(event, "instance-refused", None, OUT_OF_RESOURCES, reason)
+            return _status(OUT_OF_RESOURCES, "larger than PLEURA_MAX_INSTANCE_BYTES")
         try:
             identity, manufacturer = self._identify(event, data)
         except RejectedInstance as rejected:
@@ -258,7 +315,7 @@ class StorageSCP:
                 log.error("refusing instance %s from %s: %s", ref(sop_uid), calling_ae, full)
                 self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, full)
                 return _status(OUT_OF_RESOURCES, "disk nearly full; try again later")
-            key = self.store.write_instance(identity["study_uid"], identity["series_instance_uid"], sop_uid, data)
+            key = self.store.store_file(identity["study_uid"], identity["series_instance_uid"], sop_uid, data)
             created = self.ledger.record_instance(storage_key=key, calling_ae=calling_ae, **identity)
         except Exception as exc:
             return self._not_stored(event, identity, exc)
@@ -274,7 +331,7 @@ class StorageSCP:
         return _status(SUCCESS)
 
     def _receive_unanalysed(
-        self, event: Event, data: bytes, identity: dict[str, Any], manufacturer: str | None
+        self, event: Event, data: Path, identity: dict[str, Any], manufacturer: str | None
     ) -> Dataset:
         """Acknowledge an object Pleura does not analyse (a report, a presentation state, another
         modality's image) and record it as skipped with the reason, so that a PACS can push a whole
@@ -300,7 +357,7 @@ class StorageSCP:
                     log.error("refusing instance %s from %s: %s", ref(sop_uid), calling_ae, full)
                     self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, full)
                     return _status(OUT_OF_RESOURCES, "disk nearly full; try again later")
-                key = self.store.write_instance(identity["study_uid"], identity["series_instance_uid"], sop_uid, data)
+                key = self.store.store_file(identity["study_uid"], identity["series_instance_uid"], sop_uid, data)
             if held is None:
                 held = self.ledger.record_skipped(storage_key=key, calling_ae=calling_ae, reason=reason, **identity)
         except Exception as exc:
@@ -345,7 +402,7 @@ class StorageSCP:
         self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, repr(exc))
         return _status(OUT_OF_RESOURCES, "internal error; try again")
 
-    def _receive_segmentation(self, event: Event, data: bytes, identity: dict[str, Any]) -> Dataset:
+    def _receive_segmentation(self, event: Event, data: Path, identity: dict[str, Any]) -> Dataset:
         """Store a SEG sent back and record it as labels of the images it references; Pleura's own
         SEG coming back is acknowledged and not kept again, an unreadable one is quarantined."""
         calling_ae = event.assoc.requestor.ae_title
@@ -356,7 +413,7 @@ class StorageSCP:
                 self._audit_instance(event, "instance-repeated", identity, SUCCESS)
                 return _status(SUCCESS)
             try:
-                dataset = dcmread(BytesIO(data))
+                dataset = dcmread(data)  # a SEG's frames are its labels: read whole (1 bit a pixel)
                 own = is_pleura_seg(dataset)
                 read = None if own else read_seg_labels(dataset)
             except SegLabelError as exc:
@@ -373,7 +430,7 @@ class StorageSCP:
             if full is not None:
                 self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, full)
                 return _status(OUT_OF_RESOURCES, "disk nearly full; try again later")
-            key = self.store.write_instance(identity["study_uid"], identity["series_instance_uid"], sop_uid, data)
+            key = self.store.store_file(identity["study_uid"], identity["series_instance_uid"], sop_uid, data)
             self.ledger.record_seg_labels(
                 seg_sop_instance_uid=sop_uid,
                 seg_study_uid=identity["study_uid"],
@@ -409,13 +466,14 @@ class StorageSCP:
             reason=reason,
         )
 
-    def _identify(self, event: Event, data: bytes) -> tuple[dict[str, Any], str | None]:
+    def _identify(self, event: Event, data: Path) -> tuple[dict[str, Any], str | None]:
         """The UIDs and identifiers the ledger needs, and the Manufacturer (which marks Pleura's
-        own results), read without decoding the pixel data."""
+        own results), read from the received file without loading large values or decoding the
+        pixel data."""
         context_sop_class = str(event.context.abstract_syntax)
         transfer_syntax = str(event.context.transfer_syntax)
         try:
-            dataset = dcmread(BytesIO(data), stop_before_pixels=True)
+            dataset = read_header(data, transfer_syntax)
             dataset_sop_class = dataset.get("SOPClassUID")
             sop_uid = validate_uid(dataset.get("SOPInstanceUID"), "SOP Instance UID (0008,0018)")
             study_uid = validate_uid(dataset.get("StudyInstanceUID"), "Study Instance UID (0020,000D)")
@@ -423,7 +481,7 @@ class StorageSCP:
             patient_id = _text(dataset, "PatientID")
             accession = _text(dataset, "AccessionNumber")
             manufacturer = _text(dataset, "Manufacturer")
-        except InvalidUIDError as exc:
+        except (InvalidUIDError, RejectedInstance) as exc:
             raise RejectedInstance(CANNOT_UNDERSTAND, str(exc)) from None
         except Exception as exc:  # pydicom raises many kinds of errors on malformed data
             raise RejectedInstance(CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from None
@@ -451,7 +509,7 @@ class StorageSCP:
         }
         return identity, manufacturer
 
-    def _quarantine(self, event: Event, data: bytes, rejected: RejectedInstance) -> Dataset:
+    def _quarantine(self, event: Event, data: Path, rejected: RejectedInstance) -> Dataset:
         calling_ae = event.assoc.requestor.ae_title
         reason = "\n".join(
             (
