@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Any, cast
+from weakref import WeakKeyDictionary
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -50,6 +51,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AllStoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (
@@ -215,6 +217,7 @@ class StorageSCP:
         self.admission = admission or Admission(settings)
         self.audit = AuditTrail(settings.storage_dir)
         self.ae = build_ae(settings, self.admission, self._audit_connection)
+        self._rejected: WeakKeyDictionary[Association, int] = WeakKeyDictionary()  # rejected instances per association
         self._server: ThreadedAssociationServer | None = None
 
     @property
@@ -510,7 +513,30 @@ class StorageSCP:
         return identity, manufacturer
 
     def _quarantine(self, event: Event, data: Path, rejected: RejectedInstance) -> Dataset:
+        """Keep a rejected instance with its reason, within bounds: under the free-space guard, in a
+        folder of at most ``quarantine_max_mb`` (the oldest removed first, each removal audited),
+        and at most ``max_rejected_per_association`` from one association, which is aborted at the
+        next."""
         calling_ae = event.assoc.requestor.ae_title
+        rejected_here = self._rejected.get(event.assoc, 0) + 1
+        self._rejected[event.assoc] = rejected_here
+        if rejected_here > self.settings.max_rejected_per_association:
+            why = (
+                f"more than {self.settings.max_rejected_per_association} rejected instances in one association "
+                "(PLEURA_MAX_REJECTED_PER_ASSOCIATION)"
+            )
+            log.error("aborting the association from %s: %s", calling_ae, why)
+            self._audit_instance(event, "instance-refused", None, rejected.status, f"{rejected.reason} (not kept: {why})")
+            self.audit.record(
+                "association-aborted", calling_ae=calling_ae.strip(), address=event.assoc.requestor.address, reason=why
+            )
+            event.assoc.abort()
+            return _status(rejected.status, rejected.reason)
+        full = self.admission.disk_refusal()
+        if full is not None:
+            log.error("cannot quarantine a rejected instance from %s: %s", calling_ae, full)
+            self._audit_instance(event, "instance-refused", None, OUT_OF_RESOURCES, f"cannot quarantine: {full}")
+            return _status(OUT_OF_RESOURCES, "disk nearly full; try again later")
         reason = "\n".join(
             (
                 rejected.reason,
@@ -523,6 +549,7 @@ class StorageSCP:
         )
         try:
             path = self.store.quarantine(data, reason)
+            removed = self.store.trim_quarantine(self.settings.quarantine_max_mb * 1_000_000)
         except OSError as exc:
             # Not kept here, so the sender must keep it: answer a status it retries on.
             log.error("cannot quarantine a rejected instance from %s: %s", calling_ae, exc)
@@ -531,4 +558,9 @@ class StorageSCP:
         # The reason may quote UIDs: the log names the quarantine file, which holds it.
         log.warning("rejected an instance from %s with status 0x%04X; kept in %s", calling_ae, rejected.status, path)
         self._audit_instance(event, "instance-refused", None, rejected.status, f"{rejected.reason} (kept in {path.name})")
+        for old in removed:
+            log.warning("removed %s from the quarantine (PLEURA_QUARANTINE_MAX_MB is %d)", old.name,
+                        self.settings.quarantine_max_mb)
+            self.audit.record("quarantine-removed", file=old.name,
+                              reason=f"quarantine over PLEURA_QUARANTINE_MAX_MB ({self.settings.quarantine_max_mb})")
         return _status(rejected.status, rejected.reason)

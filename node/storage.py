@@ -132,6 +132,7 @@ class InstanceStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).expanduser().resolve()
+        self._quarantine_lock = threading.Lock()
 
     @staticmethod
     def instance_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
@@ -181,6 +182,35 @@ class InstanceStore:
             write_durably(target, data)
         write_durably(folder / f"{name}.reason.txt", (reason.rstrip("\n") + "\n").encode("utf-8"))
         return target
+
+
+    def trim_quarantine(self, max_bytes: int) -> list[Path]:
+        """Remove the oldest quarantined instances (names begin with the time they were kept) and
+        their reason files until the folder holds at most `max_bytes`; returns what was removed."""
+        folder = self.root / QUARANTINE_DIR
+        with self._quarantine_lock:
+            kept = sorted(folder.glob("*.dcm")) if folder.is_dir() else []
+            sizes = {path: path.stat().st_size + _size(reason_file(path)) for path in kept}
+            total = sum(sizes.values())
+            removed = []
+            for path in kept:
+                if total <= max_bytes:
+                    break
+                for item in (path, reason_file(path)):
+                    with contextlib.suppress(FileNotFoundError):
+                        item.unlink()
+                total -= sizes[path]
+                removed.append(path)
+            if removed:
+                _fsync_directory(folder)
+            return removed
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def reason_file(quarantined: Path) -> Path:
