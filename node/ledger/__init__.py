@@ -14,6 +14,7 @@ names below; the modules behind it:
 """
 
 from node.ledger.facade import Ledger
+from node.ledger.results import SummaryError
 from node.ledger.schema import (
     AnalysisStart,
     AnalysisStatus,
@@ -68,6 +69,7 @@ __all__ = [
     "Study",
     "StudyRef",
     "StudyStatus",
+    "SummaryError",
     "flag_in_force",
     "study_ref_for",
     "utcnow",

@@ -11,9 +11,9 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from contract.messages import RESULT_KINDS, AnalysisSummary, MessageError
 from node.ledger.schema import (
     ERROR_TEXT_LIMIT,
-    RESULT_KINDS,
     AnalysisStatus,
     Instance,
     LedgerError,
@@ -33,51 +33,17 @@ from node.privacy import ref
 log = logging.getLogger(__name__)
 
 
-# The worker's summary, checked before anything is written.
-
-_IMAGE_STATUSES = {AnalysisStatus.ANALYSED.value, AnalysisStatus.NOT_ANALYSED.value, AnalysisStatus.FAILED.value}
-RESULT_KINDS = {"SEG", "SR", "GSPS", "SC"}
-
-
-def _require(mapping: Any, key: str, where: str) -> Any:
-    if not isinstance(mapping, dict):
-        raise ValueError(f"analysis summary: {where} must be an object, got {type(mapping).__name__}")
-    if key not in mapping:
-        raise ValueError(f"analysis summary: {where} has no '{key}'")
-    return mapping[key]
+class SummaryError(LedgerError, ValueError):
+    """A worker's summary that does not validate (:class:`~contract.messages.AnalysisSummary`); the
+    text names the field."""
 
 
-def _parse_time(value: Any, where: str) -> datetime:
-    if isinstance(value, datetime):
-        return as_utc(value)
+def read_summary(summary: AnalysisSummary | dict[str, Any]) -> AnalysisSummary:
+    """The summary validated, whichever version of the worker wrote it."""
     try:
-        return as_utc(datetime.fromisoformat(str(value)))
-    except ValueError:
-        raise ValueError(f"analysis summary: {where} {value!r} is not an ISO-8601 time") from None
-
-
-def _check_summary(summary: dict[str, Any]) -> None:
-    _require(summary, "study_uid", "the summary")
-    model = _require(summary, "model", "the summary")
-    for key in ("name", "version"):
-        _require(model, key, "'model'")
-    images = _require(summary, "images", "the summary")
-    results = _require(summary, "results", "the summary")
-    if not isinstance(images, list) or not isinstance(results, list):
-        raise ValueError("analysis summary: 'images' and 'results' must be lists")
-    for index, image in enumerate(images):
-        where = f"images[{index}]"
-        _require(image, "sop_instance_uid", where)
-        status = _require(image, "status", where)
-        if status not in _IMAGE_STATUSES:
-            raise ValueError(f"analysis summary: {where}.status {status!r} is not one of {sorted(_IMAGE_STATUSES)}")
-    for index, result in enumerate(results):
-        where = f"results[{index}]"
-        for key in ("key", "sop_instance_uid", "sop_class_uid"):
-            _require(result, key, where)
-        kind = _require(result, "kind", where)
-        if kind not in RESULT_KINDS:
-            raise ValueError(f"analysis summary: {where}.kind {kind!r} is not one of {sorted(RESULT_KINDS)}")
+        return AnalysisSummary.from_message(summary)
+    except MessageError as exc:
+        raise SummaryError(str(exc)) from None
 
 
 class ResultLedger(LedgerSessions):
@@ -85,15 +51,15 @@ class ResultLedger(LedgerSessions):
 
     # -- analysis --------------------------------------------------------------------------------
 
-    def record_analysis(self, summary: dict[str, Any]) -> list[str]:
-        """Record a worker's summary; returns the result SOP Instance UIDs it names.
+    def record_analysis(self, summary: AnalysisSummary | dict[str, Any]) -> list[str]:
+        """Record a worker's summary (the message, or its wire form); returns the result SOP
+        Instance UIDs it names. A summary that does not validate raises :class:`SummaryError`.
 
         Recording the same summary twice changes nothing the second time.
         """
-        _check_summary(summary)
-        study_uid = str(summary["study_uid"])
-        analysed_at = _parse_time(summary.get("analysed_at") or utcnow(), "'analysed_at'")
-        model = summary["model"]
+        summary = read_summary(summary)
+        study_uid = summary.study_uid
+        analysed_at = as_utc(summary.analysed_at or utcnow())
         with self._transaction() as session:
             study = session.get(Study, study_uid)
             if study is None:
@@ -102,53 +68,53 @@ class ResultLedger(LedgerSessions):
                 row.sop_instance_uid: row
                 for row in session.scalars(select(Instance).where(Instance.study_uid == study_uid))
             }
-            for image in summary["images"]:
-                row = instances.get(image["sop_instance_uid"])
+            for image in summary.images:
+                row = instances.get(image.sop_instance_uid)
                 if row is None:
                     log.warning(
                         "analysis summary of study %s names instance %s, which is not in that study; ignored",
                         ref(study_uid),
-                        ref(image["sop_instance_uid"]),
+                        ref(image.sop_instance_uid),
                     )
                     continue
-                row.analysis_status = image["status"]
-                row.analysis_reason = image.get("reason")
-                row.probability = image.get("probability")
-                row.flagged = image.get("flagged")
-                row.area_px = image.get("area_px")
-                row.area_cm2 = image.get("area_cm2")
-                row.side = image.get("side")
-                row.gap_mm = image.get("gap_mm")
-                row.hemithorax_fraction = image.get("hemithorax_fraction")
+                row.analysis_status = image.analysis_status
+                row.analysis_reason = image.analysis_reason
+                row.probability = image.probability
+                row.flagged = image.flagged
+                row.area_px = image.area_px
+                row.area_cm2 = image.area_cm2
+                row.side = image.side
+                row.gap_mm = image.gap_mm
+                row.hemithorax_fraction = image.hemithorax_fraction
 
             added = 0
-            for result in summary["results"]:
-                existing = session.scalar(select(Result).where(Result.sop_instance_uid == result["sop_instance_uid"]))
+            for result in summary.results:
+                existing = session.scalar(select(Result).where(Result.sop_instance_uid == result.sop_instance_uid))
                 if existing is not None:
                     continue
                 added += 1
                 session.add(
                     Result(
-                        sop_instance_uid=result["sop_instance_uid"],
-                        kind=result["kind"],
-                        sop_class_uid=result["sop_class_uid"],
-                        storage_key=result["key"],
+                        sop_instance_uid=result.sop_instance_uid,
+                        kind=result.kind,
+                        sop_class_uid=result.sop_class_uid,
+                        storage_key=result.storage_key,
                         study_uid=study_uid,
-                        source_sop_instance_uid=result.get("source_sop_instance_uid"),
+                        source_sop_instance_uid=result.source_sop_instance_uid,
                         created_at=analysed_at,
                     )
                 )
             session.flush()
 
             study.analysed_at = analysed_at
-            if any(image["status"] == AnalysisStatus.ANALYSED for image in summary["images"]):
-                study.model_name = str(model["name"])
-                study.model_version = str(model["version"])
-                study.synthetic_model = bool(model.get("synthetic_demo", False))
+            if any(image.analysis_status == AnalysisStatus.ANALYSED for image in summary.images):
+                study.model_name = summary.model.name
+                study.model_version = summary.model.version
+                study.synthetic_model = summary.model.synthetic_demo
             analysed = [row for row in instances.values() if row.analysis_status == AnalysisStatus.ANALYSED]
             probabilities = [row.probability for row in analysed if row.probability is not None]
             study.probability = max(probabilities) if probabilities else None
-            study.flagged = (bool(summary.get("flagged")) or any(row.flagged for row in analysed)) if analysed else None
+            study.flagged = (summary.flagged or any(row.flagged for row in analysed)) if analysed else None
 
             waiting = [
                 row
@@ -163,7 +129,7 @@ class ResultLedger(LedgerSessions):
                 study.status, study.reason = study_outcome(list(instances.values()))
                 if not added:  # new results get their outbox rows next, which refreshes the study
                     self._refresh_delivery(session, study, analysed_at)
-        return [str(result["sop_instance_uid"]) for result in summary["results"]]
+        return [result.sop_instance_uid for result in summary.results]
 
     # -- outbox ----------------------------------------------------------------------------------
 

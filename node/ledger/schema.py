@@ -17,8 +17,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 ERROR_TEXT_LIMIT = 2000
 """The longest error or reason text a row keeps."""
 
-RESULT_KINDS = frozenset({"SEG", "SR", "GSPS", "SC"})
-"""The kinds of result object a worker writes."""
 
 
 class LedgerError(RuntimeError):

@@ -12,6 +12,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from contract.messages import InstanceRef
 from node.ledger.schema import (
     AnalysisStart,
     AnalysisStatus,
@@ -258,11 +259,15 @@ class StudyLedger(LedgerSessions):
             ).all()
             rows += self._rest_of_ct_series(session, rows)
         due: dict[str, DueStudy] = {}
-        for study_uid, sop_uid, key, series_uid, sop_class in rows:
+        for study_uid, sop_instance_uid, storage_key, series_instance_uid, sop_class_uid in rows:
             # The series and SOP class let the dispatcher send CT series to their own queue.
-            due.setdefault(study_uid, DueStudy(study_uid)).instances.append(
-                {"sop_instance_uid": sop_uid, "key": key, "series_instance_uid": series_uid, "sop_class_uid": sop_class}
+            instance = InstanceRef(
+                sop_instance_uid=sop_instance_uid,
+                storage_key=storage_key,
+                series_instance_uid=series_instance_uid,
+                sop_class_uid=sop_class_uid,
             )
+            due.setdefault(study_uid, DueStudy(study_uid)).instances.append(instance.to_message())
         return list(due.values())
 
     @staticmethod

@@ -172,7 +172,8 @@ class OutboxView:
 
 @dataclass(frozen=True)
 class DueStudy:
-    """A settled study and its instances that no worker has been asked about yet."""
+    """A settled study and its instances that no worker has been asked about yet, each an
+    :class:`~contract.messages.InstanceRef` in its wire form, as the analysis task carries it."""
 
     study_uid: str
     instances: list[dict[str, str]] = field(default_factory=list)

@@ -1,0 +1,1 @@
+"""The contract the layers above share: model bundles, preprocessing and the messages between stages."""
