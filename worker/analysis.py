@@ -6,7 +6,7 @@ never left without an answer.
 
 The worker reads the images from shared storage by key and writes its results back there; it
 never touches the node's ledger. What it returns (and sends to the node's export queue) is a
-small JSON summary.
+small JSON summary: :class:`contract.messages.AnalysisSummary` in its wire form.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ class StudyAnalyser:
             onnx_cache=settings.onnx_cache, vocabulary=Vocabulary.from_settings(settings),
         )
 
-    def _result_key(self, study_uid: str, sop_instance_uid: str) -> str:
+    def _result_storage_key(self, study_uid: str, sop_instance_uid: str) -> str:
         return f"results/{study_uid}/{sop_instance_uid}.dcm"
 
     def analyse(
@@ -284,7 +284,7 @@ class StudyAnalyser:
                 yield current
 
     def _store(self, study_uid: str, kind: str, obj: pydicom.Dataset, source_sop_uid: str | None) -> ResultEntry:
-        storage_key = self._result_key(study_uid, obj.SOPInstanceUID)
+        storage_key = self._result_storage_key(study_uid, obj.SOPInstanceUID)
         write_result(obj, self.store.path(storage_key))
         return ResultEntry(
             kind=kind,

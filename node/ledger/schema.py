@@ -18,7 +18,6 @@ ERROR_TEXT_LIMIT = 2000
 """The longest error or reason text a row keeps."""
 
 
-
 class LedgerError(RuntimeError):
     """The ledger cannot be opened, or was asked something inconsistent with what it holds."""
 

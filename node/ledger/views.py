@@ -160,7 +160,7 @@ class OutboxView:
     study_uid: str
     result_uid: str
     result_kind: str
-    result_key: str
+    result_storage_key: str
     destination: str
     status: str
     attempts: int
@@ -258,7 +258,7 @@ def outbox_view(entry: OutboxEntry, result: Result) -> OutboxView:
         study_uid=result.study_uid,
         result_uid=result.sop_instance_uid,
         result_kind=result.kind,
-        result_key=result.storage_key,
+        result_storage_key=result.storage_key,
         destination=entry.destination,
         status=entry.status,
         attempts=entry.attempts,
