@@ -1,1 +1,3 @@
-"""What the layers above agree on: the model contract and the names of the Celery tasks and queues."""
+"""The contracts between stages: the model contract (bundles, preprocessing, networks, the decision
+rule, the active bundle) shared by training and inference, and the messages and task names shared
+by the node and the worker."""

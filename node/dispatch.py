@@ -33,16 +33,17 @@ def analysis_options(settings: Settings) -> dict[str, Any]:
 def dispatch_analysis(
     celery_app: Celery, study_uid: str, instances: list[dict[str, str]], options: dict[str, Any] | None = None
 ) -> str:
-    """Send ANALYSE_STUDY for `study_uid` with ``[{"sop_instance_uid", "key"}, ...]`` and the
+    """Send ANALYSE_STUDY for `study_uid` with its instances (:class:`~contract.messages.InstanceRef`
+    in their wire form) and the
     :func:`analysis_options` (the app's settings' when not given), and ANALYSE_SERIES_CT per CT
     series (:mod:`node.routing`); returns the task id (the radiograph task's when there is one)."""
     if options is None:
         options = analysis_options(celery_app.pleura_settings)
     routed = route_instances(instances)  # CT series go to their own queue, one task per series
     task_ids = []
-    for series_uid, slices in routed.ct_series.items():
+    for series_instance_uid, slices in routed.ct_series.items():
         result = celery_app.send_task(
-            ANALYSE_SERIES_CT, args=[study_uid, series_uid, slices, options], retry=True,
+            ANALYSE_SERIES_CT, args=[study_uid, series_instance_uid, slices, options], retry=True,
             retry_policy=PUBLISH_RETRY_POLICY,
         )
         task_ids.append(str(result.id))

@@ -217,7 +217,7 @@ def deliver_outbox_entry(
     error: str | None = None
     permanent = False
     try:
-        path = store.path(entry.result_key)
+        path = store.path(entry.result_storage_key)
         statuses = sender(destination, calling_ae, [path], client_context(settings, destination))
         failed = [s for s in statuses if not is_success(s)]
         if failed:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from contract.messages import InstanceRef
+
 CT_SOP_CLASSES = frozenset(
     {
         "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
@@ -26,12 +28,13 @@ class Routed:
 
 
 def route_instances(instances: list[dict[str, str]]) -> Routed:
-    """Split ``[{"sop_instance_uid", "key", "series_instance_uid"?, "sop_class_uid"?}, ...]``; an
+    """Split the instances (:class:`~contract.messages.InstanceRef` in their wire form); an
     instance without a SOP class (an older node's message) goes to the radiograph queue."""
     routed = Routed()
     for item in instances:
-        if item.get("sop_class_uid") in CT_SOP_CLASSES:
-            routed.ct_series.setdefault(item.get("series_instance_uid", ""), []).append(item)
+        instance = InstanceRef.from_message(item)
+        if instance.sop_class_uid in CT_SOP_CLASSES:
+            routed.ct_series.setdefault(instance.series_instance_uid or "", []).append(item)
         else:
             routed.radiograph.append(item)
     return routed

@@ -147,12 +147,12 @@ def read_seg_labels(dataset: pydicom.Dataset) -> SegLabels:
     if not segments:
         return SegLabels((), "no segment is a pneumothorax (Segmented Property Type SCT 36118008 or its label)")
     labels = []
-    for study_uid, series_uid, sop_uid in sources:
+    for study_uid, series_instance_uid, sop_uid in sources:
         try:
             mask = _masks(seg, str(sop_uid), segments)
         except Exception as exc:  # undecodable frames, frames that contradict the header
             raise SegLabelError(f"the frames of image {sop_uid} cannot be read: {exc}") from None
-        labels.append(ImageLabel(str(study_uid), str(series_uid), str(sop_uid), bool(mask.any())))
+        labels.append(ImageLabel(str(study_uid), str(series_instance_uid), str(sop_uid), bool(mask.any())))
     return SegLabels(tuple(labels))
 
 

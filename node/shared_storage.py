@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from config.errors import PleuraError
 from config.settings import Settings
+from contract.messages import storage_keys
 from node.dispatch import Dispatcher
 from node.storage import InstanceStore, write_durably
 
@@ -158,7 +159,7 @@ def uploading_dispatcher(shared: SharedStorage, store: InstanceStore, dispatch: 
     settle loop keeps the study and tries again next round."""
 
     def upload_then_dispatch(study_uid: str, instances: list[dict[str, str]]) -> str:
-        shared.upload(store, [item["key"] for item in instances])
+        shared.upload(store, storage_keys(instances))
         return dispatch(study_uid, instances)
 
     return upload_then_dispatch
@@ -183,13 +184,13 @@ def analyse_with_shared_storage(
     if shared is None:
         return analyse(study_uid, instances, options)
     store = InstanceStore(settings.storage_dir)
-    fetched, missing = shared.download(store, [item["key"] for item in instances])
+    fetched, missing = shared.download(store, storage_keys(instances))
     if missing:
         log.warning("%d instance(s) of a study are not in the shared storage %s", len(missing), shared.url)
     written: list[str] = []
     try:
         summary = analyse(study_uid, instances, options)
-        written = [result["key"] for result in summary["results"]]
+        written = storage_keys(summary["results"])
         shared.upload(store, written)
     finally:
         for key in [*fetched, *written]:
@@ -204,6 +205,6 @@ def fetch_results(settings: Settings, store: InstanceStore, summary: dict[str, A
     shared = shared_storage_for(settings)
     if shared is None:
         return
-    _, missing = shared.download(store, [result["key"] for result in summary.get("results", [])])
+    _, missing = shared.download(store, storage_keys(summary.get("results", [])))
     if missing:
         raise SharedStorageError(f"result file(s) {', '.join(missing)} are not in the shared storage {shared.url}")

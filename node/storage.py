@@ -136,22 +136,22 @@ class InstanceStore:
         self._quarantine_lock = threading.Lock()
 
     @staticmethod
-    def instance_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    def instance_key(study_uid: str, series_instance_uid: str, sop_instance_uid: str) -> str:
         """The storage key of an instance; raises :class:`InvalidUIDError` for a bad UID."""
         study = validate_uid(study_uid, "Study Instance UID")
-        series = validate_uid(series_uid, "Series Instance UID")
-        sop = validate_uid(sop_uid, "SOP Instance UID")
+        series = validate_uid(series_instance_uid, "Series Instance UID")
+        sop = validate_uid(sop_instance_uid, "SOP Instance UID")
         return f"{INSTANCES_DIR}/{study}/{series}/{sop}.dcm"
 
-    def write_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> str:
-        """Write a DICOM Part 10 file durably and return its key.
+    def write_instance(self, study_uid: str, series_instance_uid: str, sop_instance_uid: str, data: bytes) -> str:
+        """Write a DICOM Part 10 file durably and return its storage key.
 
         Writing the same instance again replaces the file atomically; a reader that has the old
         file open keeps reading the old content.
         """
-        key = self.instance_key(study_uid, series_uid, sop_uid)
-        write_durably(self.path(key), data)
-        return key
+        storage_key = self.instance_key(study_uid, series_instance_uid, sop_instance_uid)
+        write_durably(self.path(storage_key), data)
+        return storage_key
 
     def store_file(self, study_uid: str, series_uid: str, sop_uid: str, source: Path) -> str:
         """Move the received DICOM Part 10 file `source` durably into place and return its key;

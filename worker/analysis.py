@@ -6,7 +6,7 @@ never left without an answer.
 
 The worker reads the images from shared storage by key and writes its results back there; it
 never touches the node's ledger. What it returns (and sends to the node's export queue) is a
-small JSON summary.
+small JSON summary: :class:`contract.messages.AnalysisSummary` in its wire form.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import io
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from contract.messages import AnalysisSummary, ImageEntry, InstanceRef, ModelIdentity, ResultEntry, analysed_now
 from node.privacy import error_text, ref
 from node.storage import InstanceStore, write_durably
 from training.bundle import Bundle, load_bundle
@@ -52,38 +52,23 @@ def write_result(dataset: pydicom.Dataset, target: Path) -> None:
 
 
 def failed_summary(study_uid: str, instances: list[dict[str, str]], reason: str) -> dict[str, Any]:
-    """The summary of an analysis that could not run at all, so the ledger shows why."""
-    return {
-        "study_uid": study_uid,
-        "model": {"name": "unavailable", "version": "unavailable", "synthetic_demo": False},
-        "images": [
-            _image_entry(item["sop_instance_uid"], status="failed", reason=reason) for item in instances
+    """The summary (wire form) of an analysis that could not run at all, so the ledger shows why."""
+    return AnalysisSummary(
+        study_uid=study_uid,
+        model=ModelIdentity(name="unavailable", version="unavailable"),
+        images=[
+            ImageEntry(sop_instance_uid=item.sop_instance_uid, analysis_status="failed", analysis_reason=reason)
+            for item in map(InstanceRef.from_message, instances)
         ],
-        "results": [],
-        "flagged": False,
-        "analysed_at": datetime.now(timezone.utc).isoformat(),
-    }
+        results=[],
+        flagged=False,
+        analysed_at=analysed_now(),
+    ).to_message()
 
 
 ALL_OBJECTS = ("SR", "SEG", "GSPS", "SC")
 DEFER_SIZE = 64 * 1024
 """Values larger than this (bytes) are read from the stored file only when used: the pixel data."""
-
-
-def _image_entry(sop_instance_uid: str, *, status: str = "not_analysed", reason: str | None = None) -> dict[str, Any]:
-    """One image's line of the summary, before its finding is known."""
-    return {
-        "sop_instance_uid": sop_instance_uid,
-        "status": status,
-        "reason": reason,
-        "probability": None,
-        "flagged": None,
-        "area_px": None,
-        "area_cm2": None,
-        "side": None,
-        "gap_mm": None,
-        "hemithorax_fraction": None,
-    }
 
 
 def _rounded(value: float | None, digits: int) -> float | None:
@@ -150,7 +135,7 @@ class StudyAnalyser:
             onnx_cache=settings.onnx_cache, vocabulary=Vocabulary.from_settings(settings),
         )
 
-    def _result_key(self, study_uid: str, sop_instance_uid: str) -> str:
+    def _result_storage_key(self, study_uid: str, sop_instance_uid: str) -> str:
         return f"results/{study_uid}/{sop_instance_uid}.dcm"
 
     def analyse(
@@ -162,37 +147,39 @@ class StudyAnalyser:
         ("GSPS", "SC"; default all), ``options["sc_heatmap"]`` adds the Grad-CAM heat map to the SC.
         """
         options = options or {}
+        refs = [InstanceRef.from_message(item) for item in instances]
         objects = set(options.get("objects") or ALL_OBJECTS)
         heatmap = bool(options.get("sc_heatmap", False))
         identity = self.bundle.identity
-        images: dict[str, dict[str, Any]] = {}
+        images: dict[str, ImageEntry] = {}
         headers: dict[str, pydicom.Dataset] = {}
         candidates: list[tuple[str, pydicom.Dataset]] = []
         # Images whose header did not tell the view: the picture is checked once decoded.
         view_unknown: set[str] = set()
-        for item in instances:
-            sop_uid, key = item["sop_instance_uid"], item["key"]
-            entry = images[sop_uid] = _image_entry(sop_uid)
+        for item in refs:
+            sop_uid = item.sop_instance_uid
+            entry = images[sop_uid] = ImageEntry(sop_instance_uid=sop_uid)
             try:
-                path = self.store.path(key)
+                path = self.store.path(item.storage_key)
                 # Parsed once; the pixel data (and any other large value) is read from the file
                 # only when used, so an ineligible image costs a header read.
                 header = pydicom.dcmread(path, defer_size=DEFER_SIZE)
             except (OSError, ValueError, InvalidDicomError) as exc:
                 # The reason goes into the report and the worklist: no path, no UID there.
                 log.warning("cannot read stored instance %s: %s", ref(sop_uid), exc)
-                entry.update(status="failed", reason=f"the stored instance cannot be read ({error_text(exc)})")
+                entry.analysis_status = "failed"
+                entry.analysis_reason = f"the stored instance cannot be read ({error_text(exc)})"
                 continue
             headers[sop_uid] = header
             eligibility = assess(header, self.vocabulary)
             if eligibility.reason:
-                entry["reason"] = eligibility.reason
+                entry.analysis_reason = eligibility.reason
                 continue
             if not eligibility.view_known:
                 view_unknown.add(sop_uid)
             candidates.append((sop_uid, header))
 
-        results: list[dict[str, Any]] = []
+        results: list[ResultEntry] = []
         analysed: list[AnalysedImage] = []
         for batch, unreadable in self._decoded_batches(candidates):
             # An image whose header told no view is analysed only when its picture looks frontal.
@@ -204,7 +191,7 @@ class StudyAnalyser:
             refused = {sop_uid for sop_uid, _ in not_frontal}
             batch = [item for item in batch if item[0] not in refused]
             for sop_uid, reason in unreadable + not_frontal:
-                images[sop_uid].update(status="not_analysed", reason=reason)
+                images[sop_uid].analysis_status, images[sop_uid].analysis_reason = "not_analysed", reason
             if not batch:
                 continue
             findings = predict_images(
@@ -216,14 +203,14 @@ class StudyAnalyser:
                     seg, written = self._write_image_results(study_uid, sop_uid, dataset, image, finding, objects, heatmap)
                 except Exception as exc:
                     log.exception("cannot write the results of an image")
-                    images[sop_uid].update(
-                        status="failed", reason=f"its results could not be written ({error_text(exc)})"
-                    )
+                    images[sop_uid].analysis_status = "failed"
+                    images[sop_uid].analysis_reason = f"its results could not be written ({error_text(exc)})"
                     continue
                 results.extend(written)
                 analysed.append(AnalysedImage(dataset, finding, seg))
-                images[sop_uid].update(
-                    status="analysed",
+                images[sop_uid] = ImageEntry(
+                    sop_instance_uid=sop_uid,
+                    analysis_status="analysed",
                     probability=round(float(finding.probability), 6),
                     flagged=bool(finding.flagged),
                     area_px=int(finding.area_px),
@@ -231,7 +218,7 @@ class StudyAnalyser:
                     side=finding.side,
                     gap_mm=_rounded(finding.gap_mm, 2),
                     hemithorax_fraction=_rounded(finding.hemithorax_fraction, 4),
-                    reason=finding.decision,
+                    analysis_reason=finding.decision,
                 )
                 log.info("image analysed: p=%.3f flagged=%s area_px=%d", finding.probability, finding.flagged,
                          finding.area_px)
@@ -239,22 +226,24 @@ class StudyAnalyser:
         # The report: every image of this analysis, analysed or not. Without it the analysis has
         # no answer, so a failure here fails the task (and is retried).
         skipped = [
-            SkippedImage(sop_uid, entry["reason"] or entry["status"], headers.get(sop_uid))
+            SkippedImage(sop_uid, entry.analysis_reason or entry.analysis_status, headers.get(sop_uid))
             for sop_uid, entry in images.items()
-            if entry["status"] != "analysed"
+            if entry.analysis_status != "analysed"
         ]
         if analysed or any(image.source is not None for image in skipped):
             sr = build_sr(analysed, skipped, identity)
             results.append(self._store(study_uid, "SR", sr, None))
 
-        return {
-            "study_uid": study_uid,
-            "model": {"name": identity.name, "version": identity.version, "synthetic_demo": identity.synthetic_demo},
-            "images": list(images.values()),
-            "results": results,
-            "flagged": any(bool(e["flagged"]) for e in images.values()),
-            "analysed_at": datetime.now(timezone.utc).isoformat(),
-        }
+        return AnalysisSummary(
+            study_uid=study_uid,
+            model=ModelIdentity(
+                name=identity.name, version=identity.version, synthetic_demo=identity.synthetic_demo
+            ),
+            images=list(images.values()),
+            results=results,
+            flagged=any(bool(e.flagged) for e in images.values()),
+            analysed_at=analysed_now(),
+        ).to_message()
 
     def _decode(
         self, chunk: list[tuple[str, pydicom.Dataset]]
@@ -297,16 +286,16 @@ class StudyAnalyser:
                     upcoming = prefetch.submit(self._decode, chunks[index + 1])
                 yield current
 
-    def _store(self, study_uid: str, kind: str, obj: pydicom.Dataset, source_sop_uid: str | None) -> dict[str, Any]:
-        key = self._result_key(study_uid, obj.SOPInstanceUID)
-        write_result(obj, self.store.path(key))
-        return {
-            "kind": kind,
-            "key": key,
-            "sop_instance_uid": str(obj.SOPInstanceUID),
-            "sop_class_uid": str(obj.SOPClassUID),
-            "source_sop_instance_uid": source_sop_uid,
-        }
+    def _store(self, study_uid: str, kind: str, obj: pydicom.Dataset, source_sop_uid: str | None) -> ResultEntry:
+        storage_key = self._result_storage_key(study_uid, obj.SOPInstanceUID)
+        write_result(obj, self.store.path(storage_key))
+        return ResultEntry(
+            kind=kind,
+            storage_key=storage_key,
+            sop_instance_uid=str(obj.SOPInstanceUID),
+            sop_class_uid=str(obj.SOPClassUID),
+            source_sop_instance_uid=source_sop_uid,
+        )
 
     def _write_image_results(
         self,
@@ -317,7 +306,7 @@ class StudyAnalyser:
         finding: ImageFinding,
         objects: set[str],
         heatmap: bool,
-    ) -> tuple[Any, list[dict[str, Any]]]:
+    ) -> tuple[Any, list[ResultEntry]]:
         """The SEG (flagged images), GSPS and SC of one image: (the SEG or None, their summaries)."""
         identity = self.bundle.identity
         built: list[tuple[str, pydicom.Dataset]] = []

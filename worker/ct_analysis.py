@@ -11,7 +11,6 @@ records for radiographs, plus the series' volume.
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,11 @@ import pydicom
 import torch
 from pydicom.errors import InvalidDicomError
 
+from contract.messages import AnalysisSummary, ImageEntry, InstanceRef, ModelIdentity, ResultEntry, analysed_now
 from node.privacy import error_text, ref
 from node.storage import InstanceStore
 from training.bundle import Bundle, load_bundle
-from worker.analysis import _image_entry, _rounded, write_result
+from worker.analysis import _rounded, write_result
 from worker.inference.ct_measure import SeriesFinding, measure_series
 from worker.inference.ct_preprocess import SeriesError, ct_network_input, ct_slice_problem, series_geometry, slice_hu
 from worker.inference.models import load_segmenter
@@ -66,19 +66,22 @@ class SeriesAnalyser:
     def from_bundle_dir(cls, storage_dir: Path, bundle_dir: Path, device: str = "auto") -> "SeriesAnalyser":
         return cls(storage_dir, load_bundle(bundle_dir), device)
 
-    def _store(self, study_uid: str, kind: str, obj: pydicom.Dataset) -> dict[str, Any]:
-        key = f"results/{study_uid}/{obj.SOPInstanceUID}.dcm"
-        write_result(obj, self.store.path(key))
-        return {
-            "kind": kind,
-            "key": key,
-            "sop_instance_uid": str(obj.SOPInstanceUID),
-            "sop_class_uid": str(obj.SOPClassUID),
-            "source_sop_instance_uid": None,
-        }
+    def _store(self, study_uid: str, kind: str, obj: pydicom.Dataset) -> ResultEntry:
+        storage_key = f"results/{study_uid}/{obj.SOPInstanceUID}.dcm"
+        write_result(obj, self.store.path(storage_key))
+        return ResultEntry(
+            kind=kind,
+            storage_key=storage_key,
+            sop_instance_uid=str(obj.SOPInstanceUID),
+            sop_class_uid=str(obj.SOPClassUID),
+        )
 
     def analyse(
-        self, study_uid: str, series_uid: str, instances: list[dict[str, str]], options: dict[str, Any] | None = None
+        self,
+        study_uid: str,
+        series_instance_uid: str,
+        instances: list[dict[str, str]],
+        options: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Analyse the slices of one series; returns the summary for the node (see the module docstring).
 
@@ -86,27 +89,27 @@ class SeriesAnalyser:
         they name (the destinations' object lists decide what is sent).
         """
         identity = self.bundle.identity
-        images = {item["sop_instance_uid"]: _image_entry(item["sop_instance_uid"]) for item in instances}
+        refs = [InstanceRef.from_message(item) for item in instances]
+        images = {item.sop_instance_uid: ImageEntry(sop_instance_uid=item.sop_instance_uid) for item in refs}
         datasets: dict[str, pydicom.Dataset] = {}
         problem: str | None = None
-        for item in instances:
-            sop_uid, key = item["sop_instance_uid"], item["key"]
+        for item in refs:
+            sop_uid = item.sop_instance_uid
             try:
-                ds = pydicom.dcmread(self.store.path(key))
+                ds = pydicom.dcmread(self.store.path(item.storage_key))
             except (OSError, ValueError, InvalidDicomError) as exc:
                 log.warning("cannot read stored instance %s: %s", ref(sop_uid), exc)
-                images[sop_uid].update(
-                    status="failed", reason=f"the stored instance cannot be read ({error_text(exc)})"
-                )
+                images[sop_uid].analysis_status = "failed"
+                images[sop_uid].analysis_reason = f"the stored instance cannot be read ({error_text(exc)})"
                 continue
             datasets[sop_uid] = ds
             reason = ct_slice_problem(ds)
             if reason:
-                images[sop_uid]["reason"] = reason
+                images[sop_uid].analysis_reason = reason
                 problem = problem or f"the series has a slice that is not analysed ({reason})"
 
         finding: SeriesFinding | None = None
-        results: list[dict[str, Any]] = []
+        results: list[ResultEntry] = []
         ordered: list[pydicom.Dataset] = []
         if datasets and problem is None:
             try:
@@ -136,8 +139,9 @@ class SeriesAnalyser:
             pixel_area_cm2 = geometry.pixel_spacing_mm[0] * geometry.pixel_spacing_mm[1] / 100.0
             for ds, section in zip(ordered, finding.mask):
                 area = int(section.sum())
-                images[str(ds.SOPInstanceUID)].update(
-                    status="analysed",
+                images[str(ds.SOPInstanceUID)] = ImageEntry(
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    analysis_status="analysed",
                     probability=round(float(finding.probability), 6),
                     flagged=bool(area),
                     area_px=area,
@@ -148,24 +152,26 @@ class SeriesAnalyser:
         else:
             problem = problem or "no readable slice"
             for entry in images.values():
-                if entry["status"] != "failed":
-                    entry["reason"] = entry["reason"] or f"CT series not analysed: {problem}"
+                if entry.analysis_status != "failed":
+                    entry.analysis_reason = entry.analysis_reason or f"CT series not analysed: {problem}"
             skipped = [
-                SkippedImage(sop_uid, entry["reason"] or entry["status"], datasets.get(sop_uid))
+                SkippedImage(sop_uid, entry.analysis_reason or entry.analysis_status, datasets.get(sop_uid))
                 for sop_uid, entry in images.items()
             ]
             if datasets:
                 results.append(self._store(study_uid, "SR", build_sr([], skipped, identity, CT_OF_CHEST)))
 
-        return {
-            "study_uid": study_uid,
-            "series_uid": series_uid,
-            "model": {"name": identity.name, "version": identity.version, "synthetic_demo": identity.synthetic_demo},
-            "images": list(images.values()),
-            "results": results,
-            "flagged": bool(finding and finding.flagged),
-            "volume_ml": round(finding.volume_ml, 2) if finding else None,
-            "side": finding.side if finding else None,
-            "hemithorax_fraction": _rounded(finding.hemithorax_fraction, 4) if finding else None,
-            "analysed_at": datetime.now(timezone.utc).isoformat(),
-        }
+        return AnalysisSummary(
+            study_uid=study_uid,
+            series_instance_uid=series_instance_uid,
+            model=ModelIdentity(
+                name=identity.name, version=identity.version, synthetic_demo=identity.synthetic_demo
+            ),
+            images=list(images.values()),
+            results=results,
+            flagged=bool(finding and finding.flagged),
+            volume_ml=round(finding.volume_ml, 2) if finding else None,
+            side=finding.side if finding else None,
+            hemithorax_fraction=_rounded(finding.hemithorax_fraction, 4) if finding else None,
+            analysed_at=analysed_now(),
+        ).to_message()

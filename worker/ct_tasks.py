@@ -56,7 +56,7 @@ def register_ct_tasks(app: Celery, build_ct_demo: Callable[[Path], Any] | None =
     def analyse_series_ct(
         self: Task,
         study_uid: str,
-        series_uid: str,
+        series_instance_uid: str,
         instances: list[dict[str, str]],
         options: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
@@ -64,5 +64,5 @@ def register_ct_tasks(app: Celery, build_ct_demo: Callable[[Path], Any] | None =
         # The model is taken once, when the analysis starts, and kept to its end.
         return analyse_and_report(
             self, study_uid, instances, options,
-            lambda study, slices, chosen: ct_analyser(self.app).analyse(study, series_uid, slices, chosen),
+            lambda study, slices, chosen: ct_analyser(self.app).analyse(study, series_instance_uid, slices, chosen),
         )

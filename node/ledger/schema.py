@@ -1,0 +1,260 @@
+"""The ledger's schema: the tables, their statuses, and the types they are stored with.
+
+Every table the node keeps (studies, instances, results, the result outbox, study references,
+feedback, Segmentation labels, notifications and the notification state, analysis starts) is
+declared here, with SQLAlchemy 2.0's typed mappings; the queries live in the aggregate modules.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+ERROR_TEXT_LIMIT = 2000
+"""The longest error or reason text a row keeps."""
+
+
+class LedgerError(RuntimeError):
+    """The ledger cannot be opened, or was asked something inconsistent with what it holds."""
+
+
+class StudyStatus(StrEnum):
+    RECEIVING = "receiving"
+    QUEUED = "queued"
+    DONE = "done"
+    NOT_ANALYSED = "not_analysed"
+    FAILED = "failed"
+    DELIVERED = "delivered"
+    DELIVERY_FAILED = "delivery_failed"
+
+
+class AnalysisStatus(StrEnum):
+    """Per instance: waiting for dispatch, sent to a worker, or the worker's answer; or skipped,
+    an object Pleura does not analyse (a report, a presentation state, another modality's image),
+    recorded when received and never sent to a worker."""
+
+    PENDING = "pending"
+    QUEUED = "queued"
+    ANALYSED = "analysed"
+    NOT_ANALYSED = "not_analysed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class Held(StrEnum):
+    """What the ledger already holds under a SOP Instance UID that arrives."""
+
+    INSTANCE = "instance"  # received before
+    RESULT = "result"  # one of Pleura's own results
+
+
+class OutboxStatus(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stored as naive UTC (SQLite keeps no zone), always returned timezone-aware in UTC."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else as_utc(value).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    study_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    analysed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    flagged: Mapped[bool | None] = mapped_column(Boolean)
+    probability: Mapped[float | None] = mapped_column(Float)
+    model_name: Mapped[str | None] = mapped_column(String(128))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    synthetic_model: Mapped[bool | None] = mapped_column(Boolean)
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    storage_key: Mapped[str] = mapped_column(String(255))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    analysis_status: Mapped[str] = mapped_column(String(16), default=AnalysisStatus.PENDING.value, index=True)
+    analysis_reason: Mapped[str | None] = mapped_column(Text)
+    probability: Mapped[float | None] = mapped_column(Float)
+    flagged: Mapped[bool | None] = mapped_column(Boolean)
+    area_px: Mapped[int | None] = mapped_column(Integer)
+    area_cm2: Mapped[float | None] = mapped_column(Float)
+    side: Mapped[str | None] = mapped_column(String(16))
+    gap_mm: Mapped[float | None] = mapped_column(Float)
+    hemithorax_fraction: Mapped[float | None] = mapped_column(Float)
+
+
+class Result(Base):
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    storage_key: Mapped[str] = mapped_column(String(255))
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid"), index=True)
+    source_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class OutboxEntry(Base):
+    """One result to one destination."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (UniqueConstraint("result_id", "destination", name="uq_outbox_result_destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(300))  # Destination.label: AE@host:port
+    status: Mapped[str] = mapped_column(String(16), default=OutboxStatus.PENDING.value, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+# The worklist (node/api): opaque study references for URLs, radiologists' feedback, and the
+# notification outbox (HL7 v2 over MLLP, webhooks) with the flag state last announced per study.
+
+
+class FeedbackVerdict(StrEnum):
+    CONFIRMED = "confirmed"
+    REJECTED = "rejected"
+    KNOWN = "known"  # already known or treated
+    CORRECTED = "corrected"  # a pneumothorax, with the radiologist's own outline (mask_key)
+
+
+class StudyRef(Base):
+    """A study's opaque reference, used in URLs instead of its UID."""
+
+    __tablename__ = "study_refs"
+
+    ref: Mapped[str] = mapped_column(String(32), primary_key=True)
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid"), unique=True)
+
+
+class Feedback(Base):
+    """A radiologist's verdict on a study's flag; the newest row per study is the one in force."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid"), index=True)
+    verdict: Mapped[str] = mapped_column(String(16))
+    user: Mapped[str] = mapped_column(String(64))
+    comment: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    # A corrected outline: the image it was drawn on, and the mask (PNG) in the storage dir.
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    mask_key: Mapped[str | None] = mapped_column(String(255))
+    # What the model said when the verdict was given.
+    flagged: Mapped[bool | None] = mapped_column(Boolean)
+    probability: Mapped[float | None] = mapped_column(Float)
+    model_name: Mapped[str | None] = mapped_column(String(128))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+
+
+class SegLabel(Base):
+    """What a Segmentation sent back to Pleura says about one image it references: a pneumothorax
+    outlined (positive) or an empty outline (negative); the SEG is stored at storage_key."""
+
+    __tablename__ = "seg_labels"
+    __table_args__ = (UniqueConstraint("seg_sop_instance_uid", "sop_instance_uid", name="uq_seg_label_image"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    seg_sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    seg_study_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)  # the image labelled
+    storage_key: Mapped[str] = mapped_column(String(255))
+    positive: Mapped[bool] = mapped_column(Boolean)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class Notification(Base):
+    """One message (a study flagged, or its flag withdrawn) to one HL7 or webhook target."""
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid"), index=True)
+    event: Mapped[str] = mapped_column(String(16))
+    channel: Mapped[str] = mapped_column(String(8))
+    target: Mapped[str] = mapped_column(String(300))
+    payload: Mapped[str] = mapped_column(Text)  # exactly what is sent, every attempt
+    status: Mapped[str] = mapped_column(String(16), default=OutboxStatus.PENDING.value, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=10)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    response: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class AnalysisStart(Base):
+    """When a worker last took a study (the worklist's "analysing")."""
+
+    __tablename__ = "analysis_starts"
+
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid"), primary_key=True)
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class NotificationState(Base):
+    """The flag last announced for a study, and the analysis and feedback it was decided from."""
+
+    __tablename__ = "notification_state"
+
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid"), primary_key=True)
+    flagged: Mapped[bool] = mapped_column(Boolean)
+    analysed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    feedback_id: Mapped[int] = mapped_column(Integer, default=0)
+    checked_at: Mapped[datetime] = mapped_column(UTCDateTime())

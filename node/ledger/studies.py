@@ -1,0 +1,359 @@
+"""Instances and studies: receiving (a new instance, a duplicate, a skipped object), settling and
+dispatch (due studies, queued, stale), and a worker's start."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from contract.messages import InstanceRef
+from node.ledger.schema import (
+    AnalysisStart,
+    AnalysisStatus,
+    Held,
+    Instance,
+    LedgerError,
+    Result,
+    Study,
+    StudyStatus,
+    as_utc,
+    utcnow,
+)
+from node.ledger.sessions import LedgerSessions
+from node.ledger.views import DueStudy
+from node.privacy import ref
+from node.routing import CT_SOP_CLASSES
+
+log = logging.getLogger(__name__)
+
+
+def due_columns() -> tuple[Any, ...]:
+    """What :meth:`Ledger.due_studies` tells the dispatcher of each instance (the series and SOP
+    class let it send CT series to their own queue)."""
+    return (
+        Instance.study_uid,
+        Instance.sop_instance_uid,
+        Instance.storage_key,
+        Instance.series_instance_uid,
+        Instance.sop_class_uid,
+    )
+
+
+def study_outcome(instances: Sequence[Instance]) -> tuple[str, str | None]:
+    """The study status and reason once no instance is waiting for a worker.
+
+    Skipped objects (reports, presentation states... that came with the images) are no failure:
+    they count only when the study holds nothing else, which is then not analysed, with why.
+    """
+    skipped = [i for i in instances if i.analysis_status == AnalysisStatus.SKIPPED]
+    instances = [i for i in instances if i.analysis_status != AnalysisStatus.SKIPPED]
+    if not instances:
+        return StudyStatus.NOT_ANALYSED.value, "; ".join(
+            sorted({i.analysis_reason or "no reason given" for i in skipped})
+        )
+    analysed = [i for i in instances if i.analysis_status == AnalysisStatus.ANALYSED]
+    others = [i for i in instances if i.analysis_status != AnalysisStatus.ANALYSED]
+    reasons = sorted({f"{i.analysis_status}: {i.analysis_reason or 'no reason given'}" for i in others})
+    if analysed:
+        if not others:
+            return StudyStatus.DONE.value, None
+        return StudyStatus.DONE.value, f"{len(analysed)} of {len(instances)} images analysed; " + "; ".join(reasons)
+    if all(i.analysis_status == AnalysisStatus.NOT_ANALYSED for i in instances):
+        return StudyStatus.NOT_ANALYSED.value, "; ".join(
+            sorted({i.analysis_reason or "no reason given" for i in instances})
+        )
+    return StudyStatus.FAILED.value, "; ".join(reasons)
+
+
+class StudyLedger(LedgerSessions):
+    """Receiving instances, settling and dispatching studies."""
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        with self.reading() as session:
+            found = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid))
+            return found is not None
+
+    def holds(self, sop_instance_uid: str) -> Held | None:
+        """Whether the SOP Instance UID was received before or is one of Pleura's results (one read)."""
+        with self.reading() as session:
+            return self._held(session, sop_instance_uid)
+
+    @staticmethod
+    def _held(session: Session, sop_instance_uid: str) -> Held | None:
+        if session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)) is not None:
+            return Held.INSTANCE
+        if session.scalar(select(Result.id).where(Result.sop_instance_uid == sop_instance_uid)) is not None:
+            return Held.RESULT
+        return None
+
+    def record_skipped(
+        self,
+        *,
+        sop_instance_uid: str,
+        study_uid: str,
+        series_instance_uid: str,
+        sop_class_uid: str,
+        transfer_syntax_uid: str,
+        storage_key: str,
+        reason: str,
+        calling_ae: str | None = None,
+        patient_id: str | None = None,
+        accession_number: str | None = None,
+        received_at: datetime | None = None,
+    ) -> Held | None:
+        """Record an object Pleura does not analyse as skipped with `reason` (`storage_key` empty
+        when it was not kept); None when recorded now, else what the ledger already held under
+        that SOP Instance UID (then nothing is written). One transaction.
+
+        It is never dispatched, and it re-opens no study: a PACS that routes an analysed study back
+        with its reports must not start another analysis. A study it is the first object of is
+        not analysed at once, with the reason, so it does not wait for images forever; an image
+        arriving later re-opens it as usual (:meth:`record_instance`).
+        """
+        now = as_utc(received_at) if received_at else utcnow()
+        patient_id = patient_id[:64] if patient_id else None
+        accession_number = accession_number[:64] if accession_number else None
+        for attempt in range(3):
+            try:
+                with self._transaction() as session:
+                    held = self._held(session, sop_instance_uid)
+                    if held is not None:
+                        return held
+                    study = session.get(Study, study_uid)
+                    if study is None:
+                        study = Study(
+                            study_uid=study_uid,
+                            patient_id=patient_id,
+                            accession_number=accession_number,
+                            status=StudyStatus.NOT_ANALYSED.value,
+                            reason=reason,
+                            first_received_at=now,
+                            last_received_at=now,
+                        )
+                        session.add(study)
+                        session.flush()
+                    else:
+                        study.patient_id = study.patient_id or patient_id
+                        study.accession_number = study.accession_number or accession_number
+                        if study.status == StudyStatus.RECEIVING:  # still settling: it stays quiet longer
+                            study.last_received_at = max(study.last_received_at, now)
+                    session.add(
+                        Instance(
+                            sop_instance_uid=sop_instance_uid,
+                            study_uid=study_uid,
+                            series_instance_uid=series_instance_uid,
+                            sop_class_uid=sop_class_uid,
+                            transfer_syntax_uid=transfer_syntax_uid,
+                            storage_key=storage_key,
+                            received_at=now,
+                            calling_ae=calling_ae,
+                            analysis_status=AnalysisStatus.SKIPPED.value,
+                            analysis_reason=reason,
+                        )
+                    )
+                    if study.status == StudyStatus.NOT_ANALYSED and study.analysed_at is None:
+                        # Nothing but skipped objects so far: the reason names every kind received.
+                        session.flush()
+                        rows = session.scalars(select(Instance).where(Instance.study_uid == study_uid))
+                        study.reason = study_outcome(list(rows))[1]
+                return None
+            except IntegrityError:  # another association recorded the same instance or study at once
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def record_instance(
+        self,
+        *,
+        sop_instance_uid: str,
+        study_uid: str,
+        series_instance_uid: str,
+        sop_class_uid: str,
+        transfer_syntax_uid: str,
+        storage_key: str,
+        calling_ae: str | None = None,
+        patient_id: str | None = None,
+        accession_number: str | None = None,
+        received_at: datetime | None = None,
+    ) -> bool:
+        """Record a received instance; False when that SOP Instance UID was already recorded.
+
+        A new instance for a study that is queued or already analysed puts the study back to
+        receiving, so the new instance is analysed once the study settles again.
+        """
+        now = as_utc(received_at) if received_at else utcnow()
+        # Identifiers come from the sender's data set: never let an over-long one refuse an instance.
+        patient_id = patient_id[:64] if patient_id else None
+        accession_number = accession_number[:64] if accession_number else None
+        for attempt in range(3):
+            try:
+                with self._transaction() as session:
+                    known = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid))
+                    if known is not None:
+                        return False
+                    study = session.get(Study, study_uid)
+                    if study is None:
+                        session.add(
+                            Study(
+                                study_uid=study_uid,
+                                patient_id=patient_id or None,
+                                accession_number=accession_number or None,
+                                status=StudyStatus.RECEIVING.value,
+                                first_received_at=now,
+                                last_received_at=now,
+                            )
+                        )
+                        session.flush()
+                    else:
+                        study.last_received_at = max(study.last_received_at, now)
+                        study.patient_id = study.patient_id or patient_id or None
+                        study.accession_number = study.accession_number or accession_number or None
+                        if study.status != StudyStatus.RECEIVING:
+                            log.info("study %s reopened by a new instance (was %s)", ref(study_uid), study.status)
+                            study.status = StudyStatus.RECEIVING.value
+                    session.add(
+                        Instance(
+                            sop_instance_uid=sop_instance_uid,
+                            study_uid=study_uid,
+                            series_instance_uid=series_instance_uid,
+                            sop_class_uid=sop_class_uid,
+                            transfer_syntax_uid=transfer_syntax_uid,
+                            storage_key=storage_key,
+                            received_at=now,
+                            calling_ae=calling_ae,
+                            analysis_status=AnalysisStatus.PENDING.value,
+                        )
+                    )
+                return True
+            except IntegrityError:
+                # Another association recorded the same instance or created the same study at the
+                # same moment: look again.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    # -- settling and dispatch -------------------------------------------------------------------
+
+    def due_studies(self, settle_seconds: float, now: datetime | None = None) -> list[DueStudy]:
+        """Studies still receiving whose last instance arrived `settle_seconds` ago or earlier,
+        with their instances not yet sent to a worker (oldest study first)."""
+        cutoff = (as_utc(now) if now else utcnow()) - timedelta(seconds=settle_seconds)
+        with self.reading() as session:
+            rows = session.execute(
+                select(*due_columns())
+                .join(Study, Study.study_uid == Instance.study_uid)
+                .where(
+                    Study.status == StudyStatus.RECEIVING.value,
+                    Study.last_received_at <= cutoff,
+                    Instance.analysis_status == AnalysisStatus.PENDING.value,
+                )
+                .order_by(Study.last_received_at, Study.study_uid, Instance.id)
+            ).all()
+            rows += self._rest_of_ct_series(session, rows)
+        due: dict[str, DueStudy] = {}
+        for study_uid, sop_instance_uid, storage_key, series_instance_uid, sop_class_uid in rows:
+            # The series and SOP class let the dispatcher send CT series to their own queue.
+            instance = InstanceRef(
+                sop_instance_uid=sop_instance_uid,
+                storage_key=storage_key,
+                series_instance_uid=series_instance_uid,
+                sop_class_uid=sop_class_uid,
+            )
+            due.setdefault(study_uid, DueStudy(study_uid)).instances.append(instance.to_message())
+        return list(due.values())
+
+    @staticmethod
+    def _rest_of_ct_series(session: Session, pending: Sequence[Any]) -> list[Any]:
+        """A CT series is analysed whole: the already analysed slices of a series that got a new
+        slice go with it (their status is left as it is until the new summary)."""
+        series = {(row[0], row[3]) for row in pending if row[4] in CT_SOP_CLASSES}
+        if not series:
+            return []
+        rest = session.execute(
+            select(*due_columns())
+            .where(
+                Instance.series_instance_uid.in_([uid for _, uid in series]),
+                Instance.analysis_status.not_in([AnalysisStatus.PENDING.value, AnalysisStatus.SKIPPED.value]),
+            )
+            .order_by(Instance.id)
+        ).all()
+        return [row for row in rest if (row[0], row[3]) in series and row[4] in CT_SOP_CLASSES]
+
+    def requeue_stale(self, timeout_seconds: float, *, now: datetime | None = None) -> list[str]:
+        """Put instances queued longer than `timeout_seconds` back to pending, so their study is
+        dispatched again: their task or its summary was lost (a worker killed, a broker restarted).
+        The ledger, not the broker, decides what still needs analysing; tasks are idempotent."""
+        now = as_utc(now) if now else utcnow()
+        cutoff = now - timedelta(seconds=timeout_seconds)
+        with self._transaction() as session:
+            studies = list(
+                session.scalars(
+                    select(Study)
+                    .join(Instance, Instance.study_uid == Study.study_uid)
+                    .where(Instance.analysis_status == AnalysisStatus.QUEUED.value, Study.queued_at <= cutoff)
+                    .distinct()
+                )
+            )
+            for study in studies:
+                session.execute(
+                    update(Instance)
+                    .where(Instance.study_uid == study.study_uid, Instance.analysis_status == AnalysisStatus.QUEUED.value)
+                    .values(analysis_status=AnalysisStatus.PENDING.value)
+                )
+                study.status = StudyStatus.RECEIVING.value
+            return [study.study_uid for study in studies]
+
+    def mark_queued(
+        self,
+        study_uid: str,
+        sop_instance_uids: Sequence[str] | None = None,
+        *,
+        task_id: str | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        """Record that these instances (default: all pending ones) were sent to a worker.
+
+        The study becomes queued unless an instance arrived meanwhile; that one is sent in a later
+        round, once the study has settled again.
+        """
+        now = as_utc(now) if now else utcnow()
+        with self._transaction() as session:
+            study = session.get(Study, study_uid)
+            if study is None:
+                raise LedgerError(f"cannot mark study {study_uid} queued: the ledger does not know it")
+            statement = update(Instance).where(
+                Instance.study_uid == study_uid, Instance.analysis_status == AnalysisStatus.PENDING.value
+            )
+            if sop_instance_uids is not None:
+                statement = statement.where(Instance.sop_instance_uid.in_(list(sop_instance_uids)))
+            session.execute(statement.values(analysis_status=AnalysisStatus.QUEUED.value))
+            study.queued_at = now
+            study.task_id = task_id
+            still_pending = session.scalar(
+                select(func.count(Instance.id)).where(
+                    Instance.study_uid == study_uid, Instance.analysis_status == AnalysisStatus.PENDING.value
+                )
+            )
+            if not still_pending and study.status == StudyStatus.RECEIVING:
+                study.status = StudyStatus.QUEUED.value
+
+    def mark_analysing(self, study_uid: str, task_id: str | None = None, *, now: datetime | None = None) -> bool:
+        """Record that a worker started on the study; False when the ledger does not know it."""
+        now = as_utc(now) if now else utcnow()
+        with self._transaction() as session:
+            if session.get(Study, study_uid) is None:
+                return False
+            start = session.get(AnalysisStart, study_uid)
+            if start is None:
+                session.add(AnalysisStart(study_uid=study_uid, task_id=task_id, started_at=now))
+            else:
+                start.task_id, start.started_at = task_id, now
+            return True
