@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from training.bundle import DEMO_INTENDED_USE, Manifest, NetworkSpec, Preprocessing, write_manifest, load_bundle
+from contract.bundle import DEMO_INTENDED_USE, Manifest, NetworkSpec, Preprocessing, write_manifest, load_bundle
 from training.datasets import read_siim
 from training.presets import PRESETS, with_overrides
 from training.synthetic import write_siim_dataset

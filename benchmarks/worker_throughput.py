@@ -31,8 +31,8 @@ import pydicom
 import torch
 
 from config.settings import Settings
+from contract.bundle import Bundle, load_bundle
 from node.storage import InstanceStore
-from training.bundle import Bundle, load_bundle
 from training.demo_model import ensure_demo_bundle
 from training.synthetic import synthetic_dicom
 from worker.analysis import StudyAnalyser, write_result
@@ -95,7 +95,7 @@ def benchmark_bundle(model_dir: Path | None) -> Bundle:
 def recipe_bundle(folder: Path, classifier: str, segmenter: str) -> Bundle:
     """A bundle of two presets' networks at their own input sizes, with untrained weights (the
     speed of a full-size model; its decisions mean nothing)."""
-    from training.bundle import DEMO_INTENDED_USE, Manifest, Thresholds, write_manifest
+    from contract.bundle import DEMO_INTENDED_USE, Manifest, Thresholds, write_manifest
     from training.presets import get_preset
     from training.trainer import network_recipe, network_spec
     from worker.inference.models import build_network

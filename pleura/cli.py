@@ -61,7 +61,7 @@ def worker(
     """Run an analysis worker (Celery): loads the model bundle and analyses queued studies."""
     settings = _settings(config)
     _logging(verbose, log_format=settings.log_format)
-    from training.bundle import BundleError, load_bundle
+    from contract.bundle import BundleError, load_bundle
     from training.registry import active_bundle_dir, is_ct_demo_dir
 
     queue_list = queues or ",".join(settings.worker_queues)
@@ -132,7 +132,7 @@ def demo_model(
 
 def _ensure_demo(what: str, target: Path, duration: str, ensure, force: bool, seed: int, *, progress: bool) -> None:
     """Build one synthetic demo bundle at ``target`` unless it is already there and current."""
-    from training.bundle import BundleError
+    from contract.bundle import BundleError
 
     console.print(f"making sure the synthetic {what} in {target} is current (training it takes {duration})")
     try:
@@ -234,7 +234,7 @@ def dataset_check(
         return
     from rich.progress import Progress
 
-    from training.bundle import Preprocessing
+    from contract.bundle import Preprocessing
     from training.cache import decode_example
     from worker.inference.preprocess import ImageDecodeError
 
@@ -465,7 +465,7 @@ def train(
     preset both are trained on the same split, each in OUT/PRESET, and OUT/<second preset>/bundle
     holds both.
     """
-    from training.bundle import BundleError, load_bundle
+    from contract.bundle import BundleError, load_bundle
     from training.datasets import DatasetError
     from training.presets import PresetError, get_preset, parse_override, with_overrides
     from training.trainer import CHECKPOINTS, SPLITS_FILE, TrainingError, train as run_training

@@ -42,7 +42,7 @@ def _fail(kind: str, exc: Exception) -> typer.Exit:
 
 
 def _load(model: Optional[Path], config: Optional[Path], device: str):
-    from training.bundle import BundleError, load_bundle
+    from contract.bundle import BundleError, load_bundle
     from worker.inference.models import load_models
 
     try:
@@ -273,7 +273,7 @@ def compare(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Train (or take) several models, evaluate them on one split, and tabulate quality against time and memory."""
-    from training.bundle import BundleError, load_bundle
+    from contract.bundle import BundleError, load_bundle
     from training.compare import COLUMNS, CompareEntry, comparison_rows, format_cell, write_comparison
     from training.datasets import DatasetError
     from training.presets import PresetError, get_preset, parse_override, with_overrides

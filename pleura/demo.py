@@ -67,7 +67,7 @@ def _send(path: Path, port: int) -> int:
 
 
 def _ensure_bundle(console: Console) -> Path:
-    from training.bundle import BundleError, load_bundle
+    from contract.bundle import BundleError, load_bundle
 
     settings = load_settings()
     try:

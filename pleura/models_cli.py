@@ -65,7 +65,7 @@ def _metrics_text(metrics: dict[str, float], limit: int = 3) -> str:
 @models_app.command("list")
 def list_models(config: Optional[Path] = ConfigOption) -> None:
     """The registered versions, which one is active per kind, and what each worker has loaded."""
-    from training.bundle import BundleError, load_bundle
+    from contract.bundle import BundleError, load_bundle
     from training.registry import KINDS, RegistryError, fixed_bundle_dir
 
     fixed = fixed_bundle_dir(_settings(config))
@@ -122,7 +122,7 @@ def list_models(config: Optional[Path] = ConfigOption) -> None:
 def show(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION when unique"),
          config: Optional[Path] = ConfigOption) -> None:
     """A version's manifest, metrics, provenance, checksum status and activation history."""
-    from training.bundle import BundleError, load_bundle
+    from contract.bundle import BundleError, load_bundle
     from training.registry import RegistryError
 
     _, registry = _open(config)
@@ -165,7 +165,7 @@ def show(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION when 
 
 def import_into_registry(settings, source: Path):
     """Import a bundle into the configured registry and print what happened; exit 2 on refusal."""
-    from training.bundle import BundleError
+    from contract.bundle import BundleError
     from training.registry import RegistryError, open_registry
 
     try:
@@ -195,7 +195,7 @@ def export(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION whe
            out: Path = typer.Argument(..., help="a .tar.gz file, or a new directory"),
            config: Optional[Path] = ConfigOption) -> None:
     """Write a version (files + checksums, metrics, provenance) for `pleura models import` elsewhere."""
-    from training.bundle import BundleError
+    from contract.bundle import BundleError
 
     _, registry = _open(config)
     try:
@@ -210,7 +210,7 @@ def promote(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION wh
             kind: Optional[str] = KindOption, reason: Optional[str] = ReasonOption,
             config: Optional[Path] = ConfigOption) -> None:
     """Check a version and make it the active model of its kind; running workers pick it up."""
-    from training.bundle import BundleError
+    from contract.bundle import BundleError
 
     settings, registry = _open(config)
     try:
@@ -228,7 +228,7 @@ def promote(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION wh
 def rollback(kind: str = typer.Option("radiograph", "--kind", "-k", help="radiograph or ct"),
              reason: Optional[str] = ReasonOption, config: Optional[Path] = ConfigOption) -> None:
     """Make the previously active version of a kind active again (checked first)."""
-    from training.bundle import BundleError
+    from contract.bundle import BundleError
 
     settings, registry = _open(config)
     try:

@@ -6,7 +6,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from training.bundle import Preprocessing
+from contract.bundle import Preprocessing
 from training.synthetic import synthetic_dicom
 from worker.inference.measure import column_direction, largest_gap, lung_fields, measure_mask
 from worker.inference.predict import pixel_spacing_mm

@@ -19,9 +19,9 @@ from node.audit import AuditTrail
 from pleura.cli import app
 from model_versions import make_version
 from services import write_config
-from training.bundle import BundleError, Thresholds
-from training.registry import Registry, RegistryError, active_bundle_dir, validate_bundle
 from config.settings import load_settings
+from contract.bundle import BundleError, Thresholds
+from training.registry import Registry, RegistryError, active_bundle_dir, validate_bundle
 
 
 @pytest.fixture
@@ -168,7 +168,7 @@ def _tiny_grid(root: Path) -> None:
     data["classifier"]["extra"]["block_config"] = [2, 2, 2, 2, 2, 2]  # more poolings than a 64 px image has
     data["classifier"]["extra"]["init_features"] = 8
     (root / "manifest.json").write_text(json.dumps(data))
-    from training.bundle import Manifest
+    from contract.bundle import Manifest
     from worker.inference.models import build_network
 
     manifest = Manifest.model_validate(data)

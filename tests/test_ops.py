@@ -21,7 +21,7 @@ from node.service import NodeService
 from pleura.cli import app as cli_app
 from pleura.logs import make_formatter
 from services import RedisServer, http_get, metric_sample
-from training.bundle import load_bundle
+from contract.bundle import load_bundle
 from training.synthetic import synthetic_dicom
 
 T0 = datetime(2026, 3, 1, 8, 0, 0, tzinfo=timezone.utc)

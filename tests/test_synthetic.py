@@ -9,7 +9,7 @@ import pydicom
 import pytest
 import torch
 
-from training.bundle import Preprocessing
+from contract.bundle import Preprocessing
 from training.rle import rle_decode, rle_encode
 from training.synthetic import synthetic_chest_image, synthetic_dicom, write_siim_dataset
 from worker.inference.preprocess import decode_radiograph

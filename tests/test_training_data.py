@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.bundle import Preprocessing
+from contract.bundle import Preprocessing
 from training.cache import build_cache, decode_example
 from training.datasets import DatasetError, read_cxr14, read_dataset, read_siim
 from training.rle import rle_decode

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from contract.bundle import Thresholds, load_bundle, write_manifest
 from pleura.cli import app
-from training.bundle import Thresholds, load_bundle, write_manifest
 from training.datasets import read_dataset, read_siim
 from training.evaluate import (
     _leaderboard_weights,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from training.bundle import load_bundle
+from contract.bundle import load_bundle
 from training.datasets import read_siim
 from training.presets import PRESETS, PresetError, get_preset, parse_override, with_overrides
 from training.trainer import TrainingError, network_recipe, predict_network, train

@@ -335,7 +335,7 @@ def test_the_export_runs_in_a_child_process_and_its_failure_names_the_reason(tmp
     import subprocess
     import sys
 
-    from training.bundle import load_bundle
+    from contract.bundle import load_bundle
     from worker.inference.onnx_backend import export_in_child
 
     script = (

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from training.bundle import Preprocessing
+from contract.bundle import Preprocessing
 from training.datasets import DatasetError, Example, Problem
 from worker.inference.preprocess import ImageDecodeError, decode_bitmap, decode_radiograph, resize_to_input
 

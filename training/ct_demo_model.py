@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.bundle import Bundle, load_bundle, write_manifest
+from contract.bundle import Bundle, load_bundle, write_manifest
 from training.ct_datasets import read_ct_dataset
 from training.ct_synthetic import make_phantom, phantom_datasets
 from training.ct_trainer import train_ct

@@ -32,8 +32,7 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
-from training.augment import build_augmentation
-from training.bundle import (
+from contract.bundle import (
     DEMO_INTENDED_USE,
     Manifest,
     NetworkSpec,
@@ -42,6 +41,7 @@ from training.bundle import (
     load_bundle,
     write_manifest,
 )
+from training.augment import build_augmentation
 from training.cache import CachedImages
 from training.ct_datasets import CTCase, CTDatasetIndex, load_case
 from training.presets import Preset

@@ -28,7 +28,7 @@ from monai.losses import DiceCELoss
 from monai.metrics import compute_roc_auc
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from training.bundle import (
+from contract.bundle import (
     DEMO_INTENDED_USE,
     MANIFEST_NAME,
     Bundle,

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from pydicom.errors import InvalidDicomError
 
-from training.bundle import Bundle, Preprocessing, Thresholds
+from contract.bundle import Bundle, Preprocessing, Thresholds
 from training.cache import decode_example
 from training.datasets import DatasetError, DatasetIndex, Example, Problem
 from training.rle import EMPTY_RLE, rle_encode

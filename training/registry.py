@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Literal
 from filelock import FileLock
 from pydantic import BaseModel, Field, ValidationError
 
-from training.bundle import MANIFEST_NAME, Bundle, BundleError, BundleKind, Manifest, load_bundle
+from contract.bundle import MANIFEST_NAME, Bundle, BundleError, BundleKind, Manifest, load_bundle
 
 if TYPE_CHECKING:
     from config.settings import Settings

@@ -43,8 +43,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
-from training.augment import build_augmentation
-from training.bundle import (
+from contract.bundle import (
     DEMO_INTENDED_USE,
     Bundle,
     Manifest,
@@ -55,6 +54,7 @@ from training.bundle import (
     load_bundle,
     write_manifest,
 )
+from training.augment import build_augmentation
 from training.cache import CachedImages, build_cache
 from training.datasets import DatasetIndex, Example, Problem
 from training.presets import Preset

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from training.bundle import Bundle, Thresholds, load_bundle, write_manifest
+from contract.bundle import Bundle, Thresholds, load_bundle, write_manifest
 from training.evaluate import HeldOut, ImageStatistics, dice_from_counts, summarise
 from worker.inference.predict import flag_decision
 

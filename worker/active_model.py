@@ -23,7 +23,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from training.bundle import BundleError
+from contract.bundle import BundleError
 from training.registry import Registry, active_bundle_dir, find_version_record, registry_root, validate_bundle
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class ActiveModel:
     kind: str = "radiograph"
     loader: "Callable[[Settings, Path], Any] | None" = None
     """Builds the analyser of a bundle directory (default: the radiograph StudyAnalyser); whatever
-    it returns must have ``.bundle`` (the loaded :class:`~training.bundle.Bundle`)."""
+    it returns must have ``.bundle`` (the loaded :class:`~contract.bundle.Bundle`)."""
     analyser: Any = None
     loaded_dir: Path | None = None
     failed_dir: Path | None = None

@@ -20,9 +20,9 @@ import pydicom
 import torch
 from pydicom.errors import InvalidDicomError
 
+from contract.bundle import Bundle, load_bundle
 from node.privacy import error_text, ref
 from node.storage import InstanceStore
-from training.bundle import Bundle, load_bundle
 from worker.analysis import _image_entry, _rounded, write_result
 from worker.inference.ct_measure import SeriesFinding, measure_series
 from worker.inference.ct_preprocess import SeriesError, ct_network_input, ct_slice_problem, series_geometry, slice_hu

@@ -17,7 +17,7 @@ _models_lock = threading.Lock()
 def _load_ct_analyser(settings, bundle_dir: Path):
     """The CT analyser of ``bundle_dir``; the CT demo bundle is built first when it is the active
     one and is not there yet."""
-    from training.bundle import load_bundle
+    from contract.bundle import load_bundle
     from training.registry import is_ct_demo_dir
     from worker.ct_analysis import SeriesAnalyser  # imports torch: only in worker processes
 

@@ -9,7 +9,7 @@ import pydicom
 from PIL import Image
 from scipy import ndimage
 
-from training.bundle import Preprocessing
+from contract.bundle import Preprocessing
 from worker.inference.preprocess import decode_radiograph
 
 

@@ -56,7 +56,7 @@ def check_shared_storage(settings: Settings) -> str:
 
 
 def check_model(settings: Settings) -> str:
-    from training.bundle import load_bundle
+    from contract.bundle import load_bundle
 
     return load_bundle(settings.bundle_dir).identity.label
 

@@ -51,7 +51,7 @@ def active_models(settings: Settings) -> list[dict[str, str]]:
     For each kind of input, the bundle the registry holds active (or the fixed bundle that
     ``PLEURA_MODEL_DIR`` names): the one the workers load before their next task.
     """
-    from training.bundle import BundleError, load_bundle
+    from contract.bundle import BundleError, load_bundle
     from training.registry import active_bundle_dir
 
     models = []

@@ -23,7 +23,7 @@ import numpy as np
 import pydicom
 from pydicom.pixels import apply_modality_lut
 
-from training.bundle import Preprocessing
+from contract.bundle import Preprocessing
 from worker.inference.preprocess import ImageDecodeError, describe_source, normalise_input, resize_to_input
 
 __all__ = [

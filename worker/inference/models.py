@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from training.bundle import Bundle, BundleError, Manifest, NetworkSpec, Preprocessing, Thresholds
+from contract.bundle import Bundle, BundleError, Manifest, NetworkSpec, Preprocessing, Thresholds
 
 __all__ = ["ARCHITECTURES", "LoadedModels", "build_network", "load_models", "load_segmenter", "resolve_device"]
 

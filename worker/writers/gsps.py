@@ -33,7 +33,7 @@ from highdicom.pr import (
 from pydicom.pixels import apply_modality_lut
 from skimage.measure import approximate_polygon, find_contours
 
-from training.bundle import ModelIdentity
+from contract.bundle import ModelIdentity
 from worker.inference.measure import bounding_box
 from worker.inference.preprocess import presentation_inverted, presentation_lut_entries
 from worker.inference.result import ImageFinding
