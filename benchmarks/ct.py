@@ -98,7 +98,7 @@ def main() -> None:
     from contract.bundle import load_bundle
     from training.ct_demo_model import ensure_ct_demo_bundle
     from worker.ct_analysis import SeriesAnalyser
-    from worker.inference.ct_preprocess import ct_network_input, series_geometry, slice_hu
+    from contract.ct_preprocess import ct_network_input, series_geometry, slice_hu
 
     with tempfile.TemporaryDirectory(prefix="pleura-ct-bench-") as tmp:
         work = Path(tmp)

@@ -32,13 +32,13 @@ import torch
 
 from config.settings import Settings
 from contract.bundle import Bundle, load_bundle
+from contract.preprocess import decode_radiograph, mask_to_source, network_inputs
 from node.storage import InstanceStore
 from training.demo_model import ensure_demo_bundle
 from training.synthetic import synthetic_dicom
 from worker.analysis import StudyAnalyser, write_result
 from worker.inference.measure import measure_mask
 from worker.inference.predict import pixel_spacing_mm, predict_images
-from worker.inference.preprocess import decode_radiograph, mask_to_source, network_inputs
 from worker.writers.gsps import build_gsps
 from worker.writers.sc import build_sc
 from worker.writers.seg import build_seg

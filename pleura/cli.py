@@ -236,7 +236,7 @@ def dataset_check(
 
     from contract.bundle import Preprocessing
     from training.cache import decode_example
-    from worker.inference.preprocess import ImageDecodeError
+    from contract.preprocess import ImageDecodeError
 
     failures = 0
     with Progress(console=console) as bar:

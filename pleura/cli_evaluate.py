@@ -70,7 +70,7 @@ def _run_evaluation(bundle, models, index, held, out: Path, *, batch_size: int, 
                     predictions: Optional[Path]):
     from training.datasets import DatasetError
     from training.evaluate import evaluate_bundle, write_evaluation
-    from worker.inference.preprocess import ImageDecodeError
+    from contract.preprocess import ImageDecodeError
 
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"evaluating {bundle.identity.label}", total=len(held.examples))

@@ -11,7 +11,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from dicom_samples import pydicom_data_file as pydicom_data
 from contract.bundle import Preprocessing
-from worker.inference.preprocess import ImageDecodeError, decode_radiograph, mask_to_source, to_network_input
+from contract.preprocess import ImageDecodeError, decode_radiograph, mask_to_source, to_network_input
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -22,6 +22,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from contract.bundle import Thresholds, load_bundle, write_manifest
+from contract.preprocess import decode_radiograph
 from pleura.cli import app
 from training.datasets import read_dataset, read_siim
 from training.evaluate import (
@@ -36,7 +37,6 @@ from training.splits import make_splits, write_splits
 from training.synthetic import write_siim_dataset
 from worker.inference.models import load_models
 from worker.inference.predict import predict_images
-from worker.inference.preprocess import decode_radiograph
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 runner = CliRunner()

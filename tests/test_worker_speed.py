@@ -367,7 +367,7 @@ def test_auto_backend_without_onnx_runtime_stays_on_torch(tmp_path, analyser, mo
 
 
 def _decoded(analyser: StudyAnalyser, seed: int, count: int) -> list[np.ndarray]:
-    from worker.inference.preprocess import decode_radiograph
+    from contract.preprocess import decode_radiograph
 
     return [decode_radiograph(synthetic_dicom(seed=seed + k, positive=True, size=256)[0],
                               analyser.bundle.manifest.preprocessing) for k in range(count)]

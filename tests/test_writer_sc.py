@@ -25,7 +25,7 @@ from result_models import CLINICAL_MODEL, DEMO_MODEL
 from skimage.segmentation import find_boundaries
 
 from contract.bundle import Preprocessing
-from worker.inference.preprocess import decode_radiograph
+from contract.preprocess import decode_radiograph
 from worker.inference.result import ImageFinding
 from worker.writers.common import DEMO_LABEL, SERIES_NUMBERS, describe
 from worker.writers.sc import MAX_SIDE, banner_lines, build_sc

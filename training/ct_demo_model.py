@@ -78,7 +78,7 @@ def _held_out_volume_error(bundle: Bundle) -> dict[str, float]:
     """Measure a phantom the model never saw through the worker's path: volume error in percent."""
     from worker.ct_analysis import segment_series
     from worker.inference.ct_measure import measure_series
-    from worker.inference.ct_preprocess import series_geometry, slice_hu
+    from contract.ct_preprocess import series_geometry, slice_hu
     from worker.inference.models import load_segmenter
 
     phantom = make_phantom(HELD_OUT_SEED, slices=40, size=CT_DEMO_SIZE)

@@ -10,7 +10,7 @@ from PIL import Image
 from scipy import ndimage
 
 from contract.bundle import Preprocessing
-from worker.inference.preprocess import decode_radiograph
+from contract.preprocess import decode_radiograph
 
 
 def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:

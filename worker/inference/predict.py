@@ -11,9 +11,9 @@ from numpy.typing import ArrayLike
 import pydicom
 import torch
 
+from contract.preprocess import describe_source, mask_to_source, network_inputs
 from worker.inference.measure import measure_mask
 from worker.inference.models import LoadedModels
-from worker.inference.preprocess import describe_source, mask_to_source, network_inputs
 from worker.inference.result import ImageFinding
 from worker.inference.runtime import forward_context, to_device
 
@@ -125,7 +125,7 @@ def network_outputs(
     """One forward pass of each network on a batch of decoded images.
 
     Returns the classifier probabilities (N,) and the U-Net probability maps (N, H, W) on the
-    U-Net's own input grid (:func:`~worker.inference.preprocess.mask_to_source` takes them to the
+    U-Net's own input grid (:func:`~contract.preprocess.mask_to_source` takes them to the
     source grid). Evaluation and threshold tuning use this too, so they measure what the node decides.
     ``networks`` (classifier, segmenter) replace ``models``' own, e.g. their ONNX Runtime exports.
     """
@@ -181,7 +181,7 @@ def predict_images(
 ) -> list[ImageFinding]:
     """One :class:`ImageFinding` per image, in order.
 
-    ``images`` are :func:`~worker.inference.preprocess.decode_radiograph` outputs and ``sources``
+    ``images`` are :func:`~contract.preprocess.decode_radiograph` outputs and ``sources``
     the datasets they came from (for the pixel spacing). Each batch takes one forward pass of the
     classifier and one of the U-Net. The U-Net probability map is resized to the source grid and
     thresholded at ``thresholds.mask``; the image is flagged when the classifier probability reaches
