@@ -58,7 +58,7 @@ def _recipe_bundle(folder: Path) -> Path:
     from contract.bundle import DEMO_INTENDED_USE, Manifest, NetworkSpec, Thresholds, write_manifest
     from training.presets import get_preset
     from training.trainer import network_recipe
-    from worker.inference.models import build_network
+    from contract.networks import build_network
 
     preset = get_preset("ct-seg-unet-resnet50")
     recipe = network_recipe(preset)

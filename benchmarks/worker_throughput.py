@@ -98,7 +98,7 @@ def recipe_bundle(folder: Path, classifier: str, segmenter: str) -> Bundle:
     from contract.bundle import DEMO_INTENDED_USE, Manifest, Thresholds, write_manifest
     from training.presets import get_preset
     from training.trainer import network_recipe, network_spec
-    from worker.inference.models import build_network
+    from contract.networks import build_network
 
     torch.manual_seed(0)  # the same untrained networks in every run, so runs compare
     presets = get_preset(classifier), get_preset(segmenter)

@@ -43,7 +43,7 @@ def _fail(kind: str, exc: Exception) -> typer.Exit:
 
 def _load(model: Optional[Path], config: Optional[Path], device: str):
     from contract.bundle import BundleError, load_bundle
-    from worker.inference.models import load_models
+    from contract.networks import load_models
 
     try:
         bundle = load_bundle(model or _settings(config).bundle_dir)
@@ -278,7 +278,7 @@ def compare(
     from training.datasets import DatasetError
     from training.presets import PresetError, get_preset, parse_override, with_overrides
     from training.trainer import BUNDLE_DIR, SPLITS_FILE, TrainingError, train as run_training
-    from worker.inference.models import load_models
+    from contract.networks import load_models
 
     if not preset_names and not models_given:
         raise _fail("Option error", ValueError("give at least one --preset or --model"))

@@ -45,7 +45,7 @@ def tiny_base_bundle(tmp_path_factory) -> Path:
     import torch
 
     from contract.bundle import DEMO_INTENDED_USE, Manifest, NetworkSpec, Preprocessing, Thresholds, write_manifest
-    from worker.inference.models import build_network
+    from contract.networks import build_network
 
     root = tmp_path_factory.mktemp("tiny-base")
     manifest = Manifest(

@@ -12,9 +12,9 @@ from torch import nn
 
 from dicom_samples import dciodvfy_errors, pydicom_data_file, save_dataset
 from contract.bundle import load_bundle
+from contract.networks import LoadedModels, load_models
 from contract.preprocess import decode_radiograph
 from worker.inference.heatmap import gradcam_heatmap, gradcam_target_layer
-from worker.inference.models import LoadedModels, load_models
 from worker.inference.result import ImageFinding
 from worker.writers.sc import build_sc
 

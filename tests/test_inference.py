@@ -12,9 +12,9 @@ import torch
 from pydicom.dataset import Dataset
 
 from contract.bundle import BundleError, Manifest, NetworkSpec, Preprocessing, Thresholds, load_bundle, write_manifest
+from contract.networks import LoadedModels, build_network, load_models
 from contract.preprocess import decode_radiograph, mask_to_source
 from training.synthetic import synthetic_dicom
-from worker.inference.models import LoadedModels, build_network, load_models
 from worker.inference.predict import lesion_mask, pixel_spacing_mm, predict_images, source_lesion_mask
 from worker.inference.select import ineligibility_reason
 

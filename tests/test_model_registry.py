@@ -169,7 +169,7 @@ def _tiny_grid(root: Path) -> None:
     data["classifier"]["extra"]["init_features"] = 8
     (root / "manifest.json").write_text(json.dumps(data))
     from contract.bundle import Manifest
-    from worker.inference.models import build_network
+    from contract.networks import build_network
 
     manifest = Manifest.model_validate(data)
     torch.save(build_network(manifest.classifier, manifest.preprocessing).state_dict(), root / "classifier.pt")

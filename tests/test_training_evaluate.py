@@ -22,6 +22,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from contract.bundle import Thresholds, load_bundle, write_manifest
+from contract.networks import load_models
 from contract.preprocess import decode_radiograph
 from pleura.cli import app
 from training.datasets import read_dataset, read_siim
@@ -35,7 +36,6 @@ from training.evaluate import (
 from training.rle import rle_decode
 from training.splits import make_splits, write_splits
 from training.synthetic import write_siim_dataset
-from worker.inference.models import load_models
 from worker.inference.predict import predict_images
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -79,7 +79,7 @@ def _held_out_volume_error(bundle: Bundle) -> dict[str, float]:
     from worker.ct_analysis import segment_series
     from worker.inference.ct_measure import measure_series
     from contract.ct_preprocess import series_geometry, slice_hu
-    from worker.inference.models import load_segmenter
+    from contract.networks import load_segmenter
 
     phantom = make_phantom(HELD_OUT_SEED, slices=40, size=CT_DEMO_SIZE)
     datasets = phantom_datasets(phantom)

@@ -42,6 +42,7 @@ from contract.bundle import (
     write_manifest,
 )
 from contract.ct_preprocess import window_hu
+from contract.networks import build_network, resolve_device
 from contract.preprocess import normalise_input, resize_to_input
 from training.augment import build_augmentation
 from training.cache import CachedImages
@@ -64,7 +65,6 @@ from training.trainer import (
     _optimiser,
     network_recipe,
 )
-from worker.inference.models import build_network, resolve_device
 
 __all__ = ["CT_DEFAULT_SPLIT", "segmentation_metrics", "train_ct"]
 

@@ -5,7 +5,7 @@ through the same contract as a real model: the images are written as DICOM in th
 indexed by :func:`~training.datasets.read_siim` (the reader of ``pleura train``), read back through
 :func:`~contract.preprocess.decode_radiograph` and
 :func:`~contract.preprocess.to_network_input`, the networks come from
-:func:`~worker.inference.models.build_network`, and the held-out metrics are measured by loading the
+:func:`~contract.networks.build_network`, and the held-out metrics are measured by loading the
 written bundle and running :func:`~worker.inference.predict.predict_images`, exactly as the worker
 does. The manifest says the model is a synthetic demo, and so does everything made with it.
 """
@@ -40,10 +40,10 @@ from contract.bundle import (
     load_bundle,
     write_manifest,
 )
+from contract.networks import build_network, load_models
 from contract.preprocess import decode_radiograph, to_network_input
 from training.datasets import Example, read_siim
 from training.synthetic import write_siim_dataset
-from worker.inference.models import build_network, load_models
 from worker.inference.predict import predict_images
 
 __all__ = ["DEMO_NAME", "DEMO_VERSION", "build_demo_bundle", "demo_manifest"]

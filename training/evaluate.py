@@ -33,12 +33,12 @@ import torch
 from pydicom.errors import InvalidDicomError
 
 from contract.bundle import Bundle, Preprocessing, Thresholds
+from contract.networks import LoadedModels
 from contract.preprocess import ImageDecodeError, mask_to_source, network_inputs
 from training.cache import decode_example
 from training.datasets import DatasetError, DatasetIndex, Example, Problem
 from training.rle import EMPTY_RLE, rle_encode
 from training.splits import read_splits
-from worker.inference.models import LoadedModels
 from worker.inference.predict import flag_decision, lesion_mask, network_outputs, source_lesion_mask
 
 __all__ = [

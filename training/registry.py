@@ -194,7 +194,7 @@ def validate_bundle(
     """
     import torch
 
-    from worker.inference.models import load_models, load_segmenter  # torch: only when a bundle is checked
+    from contract.networks import load_models, load_segmenter  # torch: only when a bundle is checked
 
     root = Path(path)
     if checksums is not None:

@@ -15,7 +15,7 @@ complete bundle that ``pleura worker`` loads with no code change. The ``test`` s
     OUT/checkpoints/       last.pt (resume), best.pt (best weights so far)
     OUT/bundle/            the model bundle
 
-Network construction (:func:`~worker.inference.models.build_network`) and preprocessing
+Network construction (:func:`~contract.networks.build_network`) and preprocessing
 (:mod:`contract.preprocess`) are the worker's own; training adds only augmentation
 between resizing and normalisation.
 """
@@ -54,13 +54,13 @@ from contract.bundle import (
     load_bundle,
     write_manifest,
 )
+from contract.networks import build_network, resolve_device
 from contract.preprocess import normalise_input, resize_to_input
 from training.augment import build_augmentation
 from training.cache import CachedImages, build_cache
 from training.datasets import DatasetIndex, Example, Problem
 from training.presets import Preset
 from training.splits import make_splits, read_splits, split_counts, write_splits
-from worker.inference.models import build_network, resolve_device
 
 __all__ = ["TrainingError", "TrainResult", "classifier_metrics", "predict_network", "network_recipe", "train"]
 

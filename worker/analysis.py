@@ -23,12 +23,12 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from contract.bundle import Bundle, load_bundle
+from contract.networks import LoadedModels, load_models
 from contract.preprocess import ImageDecodeError, decode_radiograph
 from node.privacy import error_text, ref
 from node.storage import InstanceStore, write_durably
 from worker.inference.batcher import ForwardBatcher
 from worker.inference.heatmap import gradcam_heatmap
-from worker.inference.models import LoadedModels, load_models
 from worker.inference.predict import network_outputs, predict_images
 from worker.inference.result import ImageFinding
 from worker.inference.runtime import accelerate

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from contract.networks import LoadedModels
 from contract.preprocess import mask_to_source, network_inputs
-from worker.inference.models import LoadedModels
 
 __all__ = ["gradcam_heatmap", "gradcam_target_layer"]
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from contract.bundle import Bundle, NetworkSpec, Preprocessing
-from worker.inference.models import LoadedModels
+from contract.networks import LoadedModels
 
 __all__ = ["AUTO_MARGIN", "OnnxNetwork", "auto_networks", "export_key", "forward_seconds", "onnx_networks"]
 
@@ -156,7 +156,7 @@ def export_in_child(bundle: Bundle, targets: dict[str, Path]) -> None:
 def _export_bundle_networks(arguments: list[str]) -> None:
     """The child process of :func:`export_in_child`: BUNDLE_DIR (ROLE TARGET)..."""
     from contract.bundle import load_bundle
-    from worker.inference.models import load_models
+    from contract.networks import load_models
 
     bundle = load_bundle(arguments[0])
     models = load_models(bundle, "cpu")

@@ -11,9 +11,9 @@ from numpy.typing import ArrayLike
 import pydicom
 import torch
 
+from contract.networks import LoadedModels
 from contract.preprocess import describe_source, mask_to_source, network_inputs
 from worker.inference.measure import measure_mask
-from worker.inference.models import LoadedModels
 from worker.inference.result import ImageFinding
 from worker.inference.runtime import forward_context, to_device
 
