@@ -12,10 +12,11 @@ import torch
 from pydicom.dataset import Dataset
 
 from contract.bundle import BundleError, Manifest, NetworkSpec, Preprocessing, Thresholds, load_bundle, write_manifest
+from contract.decision import lesion_mask, source_lesion_mask
 from contract.networks import LoadedModels, build_network, load_models
 from contract.preprocess import decode_radiograph, mask_to_source
 from training.synthetic import synthetic_dicom
-from worker.inference.predict import lesion_mask, pixel_spacing_mm, predict_images, source_lesion_mask
+from worker.inference.predict import pixel_spacing_mm, predict_images
 from worker.inference.select import ineligibility_reason
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
