@@ -31,6 +31,7 @@ import pydicom
 import torch
 
 from config.settings import Settings
+from contract.active import active_bundle_dir
 from contract.bundle import Bundle, load_bundle
 from contract.preprocess import decode_radiograph, mask_to_source, network_inputs
 from node.storage import InstanceStore
@@ -86,7 +87,7 @@ def store_images(storage: Path, count: int, size: int, first_seed: int = 0) -> l
 
 def benchmark_bundle(model_dir: Path | None) -> Bundle:
     """The bundle of ``--model-dir``, else the demo bundle (built when missing)."""
-    bundle_dir = model_dir or Settings().bundle_dir
+    bundle_dir = model_dir or active_bundle_dir(Settings())
     if model_dir is None:
         ensure_demo_bundle(bundle_dir, progress=False)
     return load_bundle(bundle_dir)

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from config.settings import CONFIG_FILE_ENV, Settings, SettingsError, load_settings
+from contract.active import active_bundle_dir
 
 app = typer.Typer(help="Pleura: a DICOM node that flags suspected pneumothorax.", no_args_is_help=True)
 console = Console(stderr=True, soft_wrap=True)  # messages stay whole for logs and grep
@@ -62,7 +63,7 @@ def worker(
     settings = _settings(config)
     _logging(verbose, log_format=settings.log_format)
     from contract.bundle import BundleError, load_bundle
-    from training.registry import active_bundle_dir, is_ct_demo_dir
+    from contract.active import is_ct_demo_dir
 
     queue_list = queues or ",".join(settings.worker_queues)
     kinds = [kind for kind in ("radiograph", "ct") if kind in queue_list.split(",")]
@@ -119,7 +120,7 @@ def demo_model(
     settings = _settings(config)
     from training.ct_demo_model import ensure_ct_demo_bundle
     from training.demo_model import ensure_demo_bundle
-    from training.registry import ct_demo_bundle_dir, demo_bundle_dir
+    from contract.active import ct_demo_bundle_dir, demo_bundle_dir
 
     if ct or out is None:
         target = (out if ct else None) or ct_demo_bundle_dir(settings)
@@ -495,7 +496,7 @@ def train(
         console.print("[bold red]No data[/]: give --data, --from-feedback, or both")
         raise typer.Exit(2)
     try:
-        current_base = load_bundle(base or _settings(config).bundle_dir)
+        current_base = load_bundle(base or active_bundle_dir(_settings(config)))
     except BundleError as exc:
         console.print(f"[bold red]Base bundle error[/]: {exc}")
         raise typer.Exit(2) from None

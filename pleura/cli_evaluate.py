@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from contract.active import active_bundle_dir
 from pleura.cli import (
     ConfigOption,
     DataOption,
@@ -46,7 +47,7 @@ def _load(model: Optional[Path], config: Optional[Path], device: str):
     from contract.networks import load_models
 
     try:
-        bundle = load_bundle(model or _settings(config).bundle_dir)
+        bundle = load_bundle(model or active_bundle_dir(_settings(config)))
         return bundle, load_models(bundle, device)
     except (BundleError, ValueError) as exc:
         raise _fail("Model bundle error", exc) from None
@@ -298,7 +299,7 @@ def compare(
     shared_split = split_file
     if presets and not evaluate_only:
         try:
-            base_bundle = load_bundle(base or _settings(config).bundle_dir)
+            base_bundle = load_bundle(base or active_bundle_dir(_settings(config)))
         except BundleError as exc:
             raise _fail("Base bundle error", exc) from None
     for preset in presets:

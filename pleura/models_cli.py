@@ -1,7 +1,8 @@
 """`pleura models …`: the model registry (list, show, import, export, promote, rollback).
 
-The registry itself is ``training/registry.py``; these commands print what it holds and report its
-refusals (a bundle that fails a check, a version that does not exist) with the reason, exit code 2.
+The registry itself is ``training/registry.py`` (its read side, ``contract/active.py``); these
+commands print what it holds and report its refusals (a bundle that fails a check, a version that
+does not exist) with the reason, exit code 2.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def _refused(what: str, exc: Exception) -> typer.Exit:
 
 def _open(config: Optional[Path]):
     """(settings, the registry they name), or exit 2 saying why there is none."""
-    from training.registry import RegistryError, open_registry
+    from contract.active import RegistryError
+    from training.registry import open_registry
 
     settings = _settings(config)
     try:
@@ -66,7 +68,7 @@ def _metrics_text(metrics: dict[str, float], limit: int = 3) -> str:
 def list_models(config: Optional[Path] = ConfigOption) -> None:
     """The registered versions, which one is active per kind, and what each worker has loaded."""
     from contract.bundle import BundleError, load_bundle
-    from training.registry import KINDS, RegistryError, fixed_bundle_dir
+    from contract.active import KINDS, RegistryError, fixed_bundle_dir
 
     fixed = fixed_bundle_dir(_settings(config))
     out = Console(soft_wrap=True)
@@ -123,7 +125,7 @@ def show(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION when 
          config: Optional[Path] = ConfigOption) -> None:
     """A version's manifest, metrics, provenance, checksum status and activation history."""
     from contract.bundle import BundleError, load_bundle
-    from training.registry import RegistryError
+    from contract.active import RegistryError
 
     _, registry = _open(config)
     try:
@@ -166,7 +168,8 @@ def show(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION when 
 def import_into_registry(settings, source: Path):
     """Import a bundle into the configured registry and print what happened; exit 2 on refusal."""
     from contract.bundle import BundleError
-    from training.registry import RegistryError, open_registry
+    from contract.active import RegistryError
+    from training.registry import open_registry
 
     try:
         record, added = open_registry(settings).import_bundle(source)

@@ -195,7 +195,7 @@ def tuning_record(
 def check_in_place(bundle: Bundle, version: str | None = None) -> None:
     """Refuse, before any work, a bundle that must not be tuned in place (the message says to use --out)."""
     from training.demo_model import DEMO_NAME
-    from training.registry import is_registered_version
+    from contract.active import is_registered_version
 
     if version is not None:
         raise TuneError("--version needs --out: a bundle tuned in place keeps its version")

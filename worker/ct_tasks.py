@@ -18,7 +18,7 @@ def _load_ct_analyser(settings, bundle_dir: Path):
     """The CT analyser of ``bundle_dir``; the CT demo bundle is built first when it is the active
     one and is not there yet."""
     from contract.bundle import load_bundle
-    from training.registry import is_ct_demo_dir
+    from contract.active import is_ct_demo_dir
     from worker.ct_analysis import SeriesAnalyser  # imports torch: only in worker processes
 
     if is_ct_demo_dir(settings, bundle_dir):
