@@ -62,8 +62,8 @@ def worker(
     """Run an analysis worker (Celery): loads the model bundle and analyses queued studies."""
     settings = _settings(config)
     _logging(verbose, log_format=settings.log_format)
-    from contract.bundle import BundleError, load_bundle
     from contract.active import is_ct_demo_dir
+    from contract.bundle import BundleError, load_bundle
 
     queue_list = queues or ",".join(settings.worker_queues)
     kinds = [kind for kind in ("radiograph", "ct") if kind in queue_list.split(",")]
@@ -81,7 +81,7 @@ def worker(
     from worker.tasks import register_worker_tasks
 
     celery_app = make_celery(settings)
-    register_worker_tasks(celery_app)
+    register_worker_tasks(celery_app, build_ct_demo=_ct_demo_builder() if "ct" in kinds else None)
     start_worker_ops(settings, celery_app, verbose)  # JSON logs for Celery too; /healthz when configured
     pool = "solo" if concurrency == 1 else "prefork"
     if concurrency == 1 and settings.worker_threads > 1:  # studies at once, sharing forward passes
@@ -105,6 +105,14 @@ def worker(
             "DEBUG" if verbose else "INFO",
         ]
     )
+
+
+def _ct_demo_builder():
+    """What a CT worker calls to build the CT demo bundle on first use, when it is the active CT
+    model and is missing or outdated (the worker finds bundles; training builds them)."""
+    from training.ct_demo_model import ensure_ct_demo_bundle
+
+    return lambda target: ensure_ct_demo_bundle(target, progress=False)[0]
 
 
 @app.command("demo-model")

@@ -6,13 +6,16 @@ import logging
 import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
 
 from node.privacy import error_text, ref
 from node.shared_storage import analyse_with_shared_storage
 from worker.celery_app import ANALYSE_STUDY, ANALYSIS_STARTED, RECORD_ANALYSIS
+
+if TYPE_CHECKING:
+    from worker.ct_tasks import CTDemoBuilder
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,10 @@ def _analyser(app: Celery):
     return active.current()
 
 
-def register_worker_tasks(app: Celery) -> None:
+def register_worker_tasks(app: Celery, build_ct_demo: CTDemoBuilder | None = None) -> None:
+    """The analysis tasks on ``app``: radiographs, and CT series (``build_ct_demo``: see
+    :func:`worker.ct_tasks.register_ct_tasks`)."""
+
     @app.task(name=ANALYSE_STUDY, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=MAX_RETRIES)
     def analyse_study(
         self: Task, study_uid: str, instances: list[dict[str, str]], options: dict[str, Any] | None = None
@@ -57,7 +63,7 @@ def register_worker_tasks(app: Celery) -> None:
 
     from worker.ct_tasks import register_ct_tasks  # the CT queue's task: worker/ct_tasks.py
 
-    register_ct_tasks(app)
+    register_ct_tasks(app, build_ct_demo)
 
 
 def analyse_and_report(
