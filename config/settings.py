@@ -22,6 +22,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from config.errors import PleuraError
+
 ENV_PREFIX = "PLEURA_"
 CONFIG_FILE_ENV = "PLEURA_CONFIG"
 
@@ -51,7 +53,7 @@ DEFAULT_LATERAL_VIEW_TERMS: tuple[str, ...] = ("LL", "RL", "LAT", "LATERAL", "LA
 _config_file: ContextVar[str | None] = ContextVar("pleura_config_file", default=None)
 
 
-class SettingsError(ValueError):
+class SettingsError(PleuraError, ValueError):
     """A setting has a wrong value; the message names the setting and the fix."""
 
 
@@ -210,6 +212,11 @@ class Settings(BaseSettings):
         default=1024,
         ge=0,
         description="below this free space in the storage dir, associations and C-STOREs are refused (out of resources)",
+    )
+    keep_unanalysed_objects: bool = Field(
+        default=True,
+        description="keep on disk the objects received but not analysed (SR, GSPS, SC, PDF, other modalities); "
+        "false = record and acknowledge them only",
     )
     export_retry_seconds: float = Field(
         default=10.0, gt=0, description="first delay before a failed delivery is tried again (doubles each time)"

@@ -23,6 +23,7 @@ import numpy as np
 import pydicom
 from pydicom.pixels import apply_modality_lut
 
+from config.errors import PleuraError
 from contract.bundle import Preprocessing
 from contract.preprocess import ImageDecodeError, describe_source, normalise_input, resize_to_input
 
@@ -43,7 +44,7 @@ _POSITION_TOLERANCE_MM = 1e-3
 _ORIENTATION_TOLERANCE = 1e-4
 
 
-class SeriesError(ValueError):
+class SeriesError(PleuraError, ValueError):
     """The slices of a series do not form one regular volume; the message says which and why."""
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from config.settings import load_settings
-from pleura.logs import configure_logging, keep_celery_from_logging_setup
+from node.logs import configure_logging, keep_celery_from_logging_setup
 from node.progress import register_progress_tasks
 from node.tasks import register_node_tasks
 from worker.celery_app import make_celery

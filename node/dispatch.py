@@ -15,7 +15,7 @@ from celery import Celery
 
 from config.settings import Settings
 from node.routing import route_instances
-from worker.celery_app import ANALYSE_SERIES_CT, ANALYSE_STUDY
+from contract.tasks import ANALYSE_SERIES_CT, ANALYSE_STUDY
 
 Dispatcher = Callable[[str, list[dict[str, str]]], str]
 """dispatch(study_uid, instances) -> task id; raises when the broker cannot take the task."""

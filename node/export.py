@@ -25,6 +25,7 @@ from pynetdicom.status import (
     code_to_category,
 )
 
+from config.errors import PleuraError
 from config.settings import Destination, Settings
 from node.ledger import Ledger, OutboxStatus, utcnow
 from node.audit import AuditTrail
@@ -42,7 +43,7 @@ MAX_PRESENTATION_CONTEXTS = 128
 DEFAULT_LEASE_SECONDS = 600.0
 
 
-class DeliveryError(RuntimeError):
+class DeliveryError(PleuraError, RuntimeError):
     """No association with the destination, or it ended before every file got an answer.
 
     ``permanent`` is True when the destination refused for good (an association rejected as

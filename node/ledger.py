@@ -73,13 +73,23 @@ class StudyStatus(StrEnum):
 
 
 class AnalysisStatus(StrEnum):
-    """Per instance: waiting for dispatch, sent to a worker, or the worker's answer."""
+    """Per instance: waiting for dispatch, sent to a worker, or the worker's answer; or skipped,
+    an object Pleura does not analyse (a report, a presentation state, another modality's image),
+    recorded when received and never sent to a worker."""
 
     PENDING = "pending"
     QUEUED = "queued"
     ANALYSED = "analysed"
     NOT_ANALYSED = "not_analysed"
     FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class Held(StrEnum):
+    """What the ledger already holds under a SOP Instance UID that arrives."""
+
+    INSTANCE = "instance"  # received before
+    RESULT = "result"  # one of Pleura's own results
 
 
 class OutboxStatus(StrEnum):
@@ -588,7 +598,17 @@ def _due_columns() -> tuple[Any, ...]:
 
 
 def _study_outcome(instances: Sequence[Instance]) -> tuple[str, str | None]:
-    """The study status and reason once no instance is waiting for a worker."""
+    """The study status and reason once no instance is waiting for a worker.
+
+    Skipped objects (reports, presentation states... that came with the images) are no failure:
+    they count only when the study holds nothing else, which is then not analysed, with why.
+    """
+    skipped = [i for i in instances if i.analysis_status == AnalysisStatus.SKIPPED]
+    instances = [i for i in instances if i.analysis_status != AnalysisStatus.SKIPPED]
+    if not instances:
+        return StudyStatus.NOT_ANALYSED.value, "; ".join(
+            sorted({i.analysis_reason or "no reason given" for i in skipped})
+        )
     analysed = [i for i in instances if i.analysis_status == AnalysisStatus.ANALYSED]
     others = [i for i in instances if i.analysis_status != AnalysisStatus.ANALYSED]
     reasons = sorted({f"{i.analysis_status}: {i.analysis_reason or 'no reason given'}" for i in others})
@@ -666,6 +686,95 @@ class Ledger:
         with self.reading() as session:
             found = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid))
             return found is not None
+
+    def holds(self, sop_instance_uid: str) -> Held | None:
+        """Whether the SOP Instance UID was received before or is one of Pleura's results (one read)."""
+        with self.reading() as session:
+            return self._held(session, sop_instance_uid)
+
+    @staticmethod
+    def _held(session: Session, sop_instance_uid: str) -> Held | None:
+        if session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)) is not None:
+            return Held.INSTANCE
+        if session.scalar(select(Result.id).where(Result.sop_instance_uid == sop_instance_uid)) is not None:
+            return Held.RESULT
+        return None
+
+    def record_skipped(
+        self,
+        *,
+        sop_instance_uid: str,
+        study_uid: str,
+        series_instance_uid: str,
+        sop_class_uid: str,
+        transfer_syntax_uid: str,
+        storage_key: str,
+        reason: str,
+        calling_ae: str | None = None,
+        patient_id: str | None = None,
+        accession_number: str | None = None,
+        received_at: datetime | None = None,
+    ) -> Held | None:
+        """Record an object Pleura does not analyse as skipped with `reason` (`storage_key` empty
+        when it was not kept); None when recorded now, else what the ledger already held under
+        that SOP Instance UID (then nothing is written). One transaction.
+
+        It is never dispatched, and it re-opens no study: a PACS that routes an analysed study back
+        with its reports must not start another analysis. A study it is the first object of is
+        not analysed at once, with the reason, so it does not wait for images forever; an image
+        arriving later re-opens it as usual (:meth:`record_instance`).
+        """
+        now = _as_utc(received_at) if received_at else utcnow()
+        patient_id = patient_id[:64] if patient_id else None
+        accession_number = accession_number[:64] if accession_number else None
+        for attempt in range(3):
+            try:
+                with self._transaction() as session:
+                    held = self._held(session, sop_instance_uid)
+                    if held is not None:
+                        return held
+                    study = session.get(Study, study_uid)
+                    if study is None:
+                        study = Study(
+                            study_uid=study_uid,
+                            patient_id=patient_id,
+                            accession_number=accession_number,
+                            status=StudyStatus.NOT_ANALYSED.value,
+                            reason=reason,
+                            first_received_at=now,
+                            last_received_at=now,
+                        )
+                        session.add(study)
+                        session.flush()
+                    else:
+                        study.patient_id = study.patient_id or patient_id
+                        study.accession_number = study.accession_number or accession_number
+                        if study.status == StudyStatus.RECEIVING:  # still settling: it stays quiet longer
+                            study.last_received_at = max(study.last_received_at, now)
+                    session.add(
+                        Instance(
+                            sop_instance_uid=sop_instance_uid,
+                            study_uid=study_uid,
+                            series_instance_uid=series_instance_uid,
+                            sop_class_uid=sop_class_uid,
+                            transfer_syntax_uid=transfer_syntax_uid,
+                            storage_key=storage_key,
+                            received_at=now,
+                            calling_ae=calling_ae,
+                            analysis_status=AnalysisStatus.SKIPPED.value,
+                            analysis_reason=reason,
+                        )
+                    )
+                    if study.status == StudyStatus.NOT_ANALYSED and study.analysed_at is None:
+                        # Nothing but skipped objects so far: the reason names every kind received.
+                        session.flush()
+                        rows = session.scalars(select(Instance).where(Instance.study_uid == study_uid))
+                        study.reason = _study_outcome(list(rows))[1]
+                return None
+            except IntegrityError:  # another association recorded the same instance or study at once
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def record_instance(
         self,
@@ -776,7 +885,7 @@ class Ledger:
             select(*_due_columns())
             .where(
                 Instance.series_instance_uid.in_([uid for _, uid in series]),
-                Instance.analysis_status != AnalysisStatus.PENDING.value,
+                Instance.analysis_status.not_in([AnalysisStatus.PENDING.value, AnalysisStatus.SKIPPED.value]),
             )
             .order_by(Instance.id)
         ).all()
@@ -1155,6 +1264,17 @@ class Ledger:
             rows = session.scalars(select(Instance).where(Instance.study_uid == study_uid).order_by(Instance.id))
             return [_instance_view(row) for row in rows]
 
+    def list_images(self, study_uid: str) -> list[InstanceView]:
+        """The study's instances but the skipped objects: the images the worklist shows, whose
+        stored file the previews and outlines read (a skipped object may have none)."""
+        with self.reading() as session:
+            rows = session.scalars(
+                select(Instance)
+                .where(Instance.study_uid == study_uid, Instance.analysis_status != AnalysisStatus.SKIPPED.value)
+                .order_by(Instance.id)
+            )
+            return [_instance_view(row) for row in rows]
+
     def list_results(self, study_uid: str) -> list[ResultView]:
         with self.reading() as session:
             rows = session.scalars(select(Result).where(Result.study_uid == study_uid).order_by(Result.id))
@@ -1363,7 +1483,9 @@ class Ledger:
                 }
                 images = []
                 for instance in session.scalars(
-                    select(Instance).where(Instance.study_uid == study_uid).order_by(Instance.id)
+                    select(Instance)
+                    .where(Instance.study_uid == study_uid, Instance.analysis_status != AnalysisStatus.SKIPPED.value)
+                    .order_by(Instance.id)
                 ):
                     seg_label = seg_labels.get(instance.sop_instance_uid)
                     corrected = row is not None and row.verdict == FeedbackVerdict.CORRECTED

@@ -2,7 +2,7 @@
 
 pydicom and highdicom quote the value they warn about: ``Invalid value for VR DA: '19700101x'``,
 ``The string "DOE" is unlikely to represent the intended person name``; with
-``logging.captureWarnings`` on (``pleura/logs.py``), and pydicom also logging them itself, those
+``logging.captureWarnings`` on (``node/logs.py``), and pydicom also logging them itself, those
 values (patient names, IDs, dates) would reach the logs, which ``node/privacy.py`` promises never
 happens. :class:`LibraryValueFilter` sits on the log handler and rewrites such records: known
 messages to a fixed sentence naming what was wrong (the VR, never the value), any other record of

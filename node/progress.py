@@ -10,7 +10,7 @@ from datetime import datetime
 from celery import Celery, Task
 
 from node.tasks import node_context
-from worker.celery_app import ANALYSIS_STARTED
+from contract.tasks import ANALYSIS_STARTED
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,18 @@
-"""The DICOM SCP: C-ECHO and C-STORE of radiographs and CT images, and of Segmentations sent back.
+"""The DICOM SCP: C-ECHO and C-STORE of every Storage SOP class a PACS may push.
 
 The C-STORE handler is small on purpose: it reads the few UIDs it needs from the encoded dataset
 (no pixel decoding), writes the bytes durably, records the instance in the ledger and only then
 answers success. What cannot be accepted is kept in quarantine with the reason, and the sender gets
 a failure status from PS3.4 Annex B; a storage or ledger error answers "Out of Resources", so the
 sender keeps the instance and tries again.
+
+Only radiographs (CR, DX) and CT images are analysed. A PACS pushes whole studies, though, with
+reports, presentation states and other modalities' images in them, and refusing one object makes
+many senders give up the whole study (Orthanc answers HTTP 500, storescu stops at the first
+refusal). So every other public Storage SOP class is accepted, acknowledged and recorded as skipped
+with the reason, kept on disk or discarded (setting ``keep_unanalysed_objects``), and never
+analysed; it never re-opens an analysed study. Pleura's own results coming back (a PACS routing the
+study back) are acknowledged and neither kept nor recorded again.
 
 A Segmentation (SEG) is not analysed: it is a radiologist's outline sent back to Pleura, stored
 like an instance and recorded as labels for the images it references (:mod:`node.seg_labels`).
@@ -19,18 +27,24 @@ from typing import Any, cast
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    HTJ2K,
     JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLossless,
     JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import evt
+from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (
@@ -46,21 +60,23 @@ from sqlalchemy.exc import SQLAlchemyError
 from config.settings import Settings
 from node.admission import Admission, NodeAE
 from node.audit import AuditTrail
-from node.ledger import Ledger
+from node.ledger import Held, Ledger
 from node.ops.metrics import INSTANCES_RECEIVED
 from node.privacy import ref
 from node.seg_labels import SEG_TRANSFER_SYNTAXES, SEGMENTATION_SOP_CLASS, SegLabelError, is_pleura_seg, read_seg_labels
 from node.storage import InstanceStore, InvalidUIDError, validate_uid
 from node.tls import server_context
+from worker.writers.marks import MANUFACTURER
 
 log = logging.getLogger(__name__)
 
-STORAGE_SOP_CLASSES: tuple[str, ...] = (
+ANALYSED_SOP_CLASSES: tuple[str, ...] = (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
     CTImageStorage,
 )
+"""The images Pleura analyses; every other Storage SOP class is accepted and recorded as skipped."""
 
 TRANSFER_SYNTAXES: tuple[str, ...] = (
     ExplicitVRLittleEndian,
@@ -70,10 +86,28 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
     JPEGExtended12Bit,
     JPEGLossless,  # 1.2.840.10008.1.2.4.57
     JPEGLosslessSV1,  # 1.2.840.10008.1.2.4.70
+    JPEGLSLossless,  # 1.2.840.10008.1.2.4.80
+    JPEGLSNearLossless,  # 1.2.840.10008.1.2.4.81
     JPEG2000Lossless,
     JPEG2000,
+    HTJ2KLossless,  # 1.2.840.10008.1.2.4.201
+    HTJ2KLosslessRPCL,  # 1.2.840.10008.1.2.4.202
+    HTJ2K,  # 1.2.840.10008.1.2.4.203
     RLELossless,
 )
+"""Accepted for every Storage SOP class but Segmentation: the ones the worker decodes (pydicom with
+the pylibjpeg plugins: libjpeg for JPEG and JPEG-LS, openjpeg for JPEG 2000 and HTJ2K, rle)."""
+
+
+def sop_class_name(sop_class_uid: str) -> str:
+    """The SOP class in words, for reasons people read (never the UID itself)."""
+    name = UID(sop_class_uid).name
+    return "an object of this SOP class" if name == str(sop_class_uid) else name
+
+
+def skipped_reason(sop_class_uid: str) -> str:
+    """Why an object of this SOP class is recorded but not analysed."""
+    return f"{sop_class_name(sop_class_uid)} is not an image Pleura analyses"
 
 # C-STORE response statuses (PS3.4 B.2.3).
 SUCCESS = 0x0000
@@ -119,9 +153,10 @@ def build_ae(settings: Settings, admission: Admission | None = None) -> NodeAE:
     ae.dimse_timeout = settings.dimse_timeout
     ae.network_timeout = settings.network_timeout
     ae.add_supported_context(Verification)
-    for sop_class in STORAGE_SOP_CLASSES:
-        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
-    ae.add_supported_context(SEGMENTATION_SOP_CLASS, list(SEG_TRANSFER_SYNTAXES))
+    for context in AllStoragePresentationContexts:
+        sop_class = str(context.abstract_syntax)
+        syntaxes = SEG_TRANSFER_SYNTAXES if sop_class == SEGMENTATION_SOP_CLASS else TRANSFER_SYNTAXES
+        ae.add_supported_context(sop_class, list(syntaxes))
     return ae
 
 
@@ -199,12 +234,14 @@ class StorageSCP:
             log.warning("C-STORE from %s without a usable dataset: %s", calling_ae, exc)
             return _status(CANNOT_UNDERSTAND, "no data set in the C-STORE request")
         try:
-            identity = self._identify(event, data)
+            identity, manufacturer = self._identify(event, data)
         except RejectedInstance as rejected:
             return self._quarantine(event, data, rejected)
 
         if identity["sop_class_uid"] == SEGMENTATION_SOP_CLASS:
             return self._receive_segmentation(event, data, identity)
+        if identity["sop_class_uid"] not in ANALYSED_SOP_CLASSES:
+            return self._receive_unanalysed(event, data, identity, manufacturer)
         sop_uid = identity["sop_instance_uid"]
         try:
             if self.ledger.has_instance(sop_uid):
@@ -229,6 +266,66 @@ class StorageSCP:
         )
         self._audit_instance(event, "instance-stored", identity, SUCCESS)
         INSTANCES_RECEIVED.inc()
+        return _status(SUCCESS)
+
+    def _receive_unanalysed(
+        self, event: Event, data: bytes, identity: dict[str, Any], manufacturer: str | None
+    ) -> Dataset:
+        """Acknowledge an object Pleura does not analyse (a report, a presentation state, another
+        modality's image) and record it as skipped with the reason, so that a PACS can push a whole
+        study; kept on disk or not per ``keep_unanalysed_objects``.
+
+        Pleura's own result coming back (its Manufacturer, or a SOP Instance UID the ledger holds
+        as a result) is acknowledged and neither kept nor recorded: a PACS routing a study back
+        with Pleura's results must not start another analysis.
+        """
+        calling_ae = event.assoc.requestor.ae_title
+        sop_uid = identity["sop_instance_uid"]
+        kind = sop_class_name(identity["sop_class_uid"])
+        if manufacturer == MANUFACTURER:
+            return self._own_result(event, identity, kind)
+        reason = skipped_reason(identity["sop_class_uid"])
+        keep = self.settings.keep_unanalysed_objects
+        try:
+            held = self.ledger.holds(sop_uid) if keep else None  # before writing a file for nothing
+            key = ""
+            if held is None and keep:
+                full = self.admission.disk_refusal()
+                if full is not None:
+                    log.error("refusing instance %s from %s: %s", ref(sop_uid), calling_ae, full)
+                    self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, full)
+                    return _status(OUT_OF_RESOURCES, "disk nearly full; try again later")
+                key = self.store.write_instance(identity["study_uid"], identity["series_instance_uid"], sop_uid, data)
+            if held is None:
+                held = self.ledger.record_skipped(storage_key=key, calling_ae=calling_ae, reason=reason, **identity)
+        except Exception as exc:
+            return self._not_stored(event, identity, exc)
+        if held is Held.RESULT:
+            return self._own_result(event, identity, kind)
+        if held is Held.INSTANCE:
+            log.info("instance %s from %s already received; not stored again", ref(sop_uid), calling_ae)
+            self._audit_instance(event, "instance-repeated", identity, SUCCESS)
+            return _status(SUCCESS)
+        log.info(
+            "%s instance %s of study %s from %s: %s",
+            "stored" if keep else "recorded (not kept)",
+            ref(sop_uid),
+            ref(identity["study_uid"]),
+            calling_ae,
+            reason,
+        )
+        self._audit_instance(event, "instance-stored" if keep else "instance-discarded", identity, SUCCESS, reason)
+        INSTANCES_RECEIVED.inc()
+        return _status(SUCCESS)
+
+    def _own_result(self, event: Event, identity: dict[str, Any], kind: str) -> Dataset:
+        log.info(
+            "%s %s from %s is Pleura's own result; not stored again",
+            kind,
+            ref(identity["sop_instance_uid"]),
+            event.assoc.requestor.ae_title,
+        )
+        self._audit_instance(event, "instance-repeated", identity, SUCCESS, f"Pleura's own {kind}")
         return _status(SUCCESS)
 
     def _not_stored(self, event: Event, identity: dict[str, Any], exc: Exception) -> Dataset:
@@ -307,8 +404,9 @@ class StorageSCP:
             reason=reason,
         )
 
-    def _identify(self, event: Event, data: bytes) -> dict[str, Any]:
-        """The UIDs and identifiers the ledger needs, read without decoding the pixel data."""
+    def _identify(self, event: Event, data: bytes) -> tuple[dict[str, Any], str | None]:
+        """The UIDs and identifiers the ledger needs, and the Manufacturer (which marks Pleura's
+        own results), read without decoding the pixel data."""
         context_sop_class = str(event.context.abstract_syntax)
         transfer_syntax = str(event.context.transfer_syntax)
         try:
@@ -319,6 +417,7 @@ class StorageSCP:
             series_uid = validate_uid(dataset.get("SeriesInstanceUID"), "Series Instance UID (0020,000E)")
             patient_id = _text(dataset, "PatientID")
             accession = _text(dataset, "AccessionNumber")
+            manufacturer = _text(dataset, "Manufacturer")
         except InvalidUIDError as exc:
             raise RejectedInstance(CANNOT_UNDERSTAND, str(exc)) from None
         except Exception as exc:  # pydicom raises many kinds of errors on malformed data
@@ -336,7 +435,7 @@ class StorageSCP:
                 CANNOT_UNDERSTAND,
                 f"Affected SOP Instance UID {affected} differs from the data set's SOP Instance UID {sop_uid}",
             )
-        return {
+        identity = {
             "sop_instance_uid": sop_uid,
             "study_uid": study_uid,
             "series_instance_uid": series_uid,
@@ -345,6 +444,7 @@ class StorageSCP:
             "patient_id": patient_id,
             "accession_number": accession,
         }
+        return identity, manufacturer
 
     def _quarantine(self, event: Event, data: bytes, rejected: RejectedInstance) -> Dataset:
         calling_ae = event.assoc.requestor.ae_title

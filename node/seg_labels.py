@@ -37,6 +37,7 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 
+from config.errors import PleuraError
 from worker.writers.marks import MANUFACTURER, SERIES_NUMBERS
 
 SEGMENTATION_SOP_CLASS = str(SegmentationStorage)
@@ -56,7 +57,7 @@ FRACTIONAL_THRESHOLD = 0.5
 """A fractional SEG's pixel is inside the outline from this probability / occupancy on."""
 
 
-class SegLabelError(ValueError):
+class SegLabelError(PleuraError, ValueError):
     """A Segmentation that cannot be read as a label; the message says which attribute is wrong."""
 
 

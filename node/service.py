@@ -32,7 +32,8 @@ from node.scp import StorageSCP
 from node.settle import SettleLoop
 from node.shared_storage import shared_storage_for, uploading_dispatcher
 from node.storage import InstanceStore
-from worker.celery_app import DELIVER_RESULT, make_celery
+from contract.tasks import DELIVER_RESULT
+from worker.celery_app import make_celery
 
 log = logging.getLogger(__name__)
 

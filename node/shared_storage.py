@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from config.errors import PleuraError
 from config.settings import Settings
 from node.dispatch import Dispatcher
 from node.storage import InstanceStore, write_durably
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 SETTING = "shared_storage_url (PLEURA_SHARED_STORAGE_URL)"
 
 
-class SharedStorageError(RuntimeError):
+class SharedStorageError(PleuraError, RuntimeError):
     """The shared storage URL cannot be used, or a file cannot be moved; the message says which."""
 
 

@@ -17,6 +17,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
+from config.errors import PleuraError
 from node.private_files import PRIVATE_DIR_MODE
 
 INSTANCES_DIR = "instances"
@@ -27,7 +28,7 @@ QUARANTINE_DIR = "quarantine"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
-class InvalidUIDError(ValueError):
+class InvalidUIDError(PleuraError, ValueError):
     """A UID that is missing or not a valid DICOM UID; the message names the attribute."""
 
 

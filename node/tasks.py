@@ -21,7 +21,7 @@ from node.ledger import Ledger
 from node.privacy import ref
 from node.shared_storage import SharedStorageError, fetch_results
 from node.storage import InstanceStore
-from worker.celery_app import DELIVER_RESULT, RECORD_ANALYSIS
+from contract.tasks import DELIVER_RESULT, RECORD_ANALYSIS
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The model quality commands of `pleura`: `evaluate`, `tune` and `compare`.
 
-Registered on the main app by :mod:`pleura.cli` (it imports this module last); the work is done
+Registered on the main app by :func:`register_quality_commands`; the work is done
 in :mod:`training.evaluate`, :mod:`training.report`, :mod:`training.tune` and :mod:`training.compare`.
 """
 
@@ -15,18 +15,17 @@ from rich.progress import Progress
 from rich.table import Table
 
 from contract.active import active_bundle_dir
-from pleura.cli import (
+from pleura.cli_common import (
     ConfigOption,
     DataOption,
     FormatOption,
     LabelsOption,
     SkipBadOption,
-    _fractions,
-    _read_data,
-    _report_data,
-    _settings,
-    app,
     console,
+    parse_fractions,
+    read_data,
+    report_data,
+    settings_or_exit,
 )
 
 ModelOption = typer.Option(None, "--model", "-m", help="model bundle directory (default: the configured model bundle)")
@@ -47,7 +46,7 @@ def _load(model: Optional[Path], config: Optional[Path], device: str):
     from contract.networks import load_models
 
     try:
-        bundle = load_bundle(model or active_bundle_dir(_settings(config)))
+        bundle = load_bundle(model or active_bundle_dir(settings_or_exit(config)))
         return bundle, load_models(bundle, device)
     except (BundleError, ValueError) as exc:
         raise _fail("Model bundle error", exc) from None
@@ -70,7 +69,8 @@ def _held_out(index, bundle, split: str, split_file: Optional[Path]):
 def _run_evaluation(bundle, models, index, held, out: Path, *, batch_size: int, cases: int,
                     predictions: Optional[Path]):
     from training.datasets import DatasetError
-    from training.evaluate import evaluate_bundle, write_evaluation
+    from training.eval_output import write_evaluation
+    from training.evaluate import evaluate_bundle
     from contract.preprocess import ImageDecodeError
 
     with Progress(console=console, transient=True) as bar:
@@ -112,7 +112,6 @@ def _summary_table(metrics: dict, title: str) -> Table:
     return table
 
 
-@app.command()
 def evaluate(
     model: Optional[Path] = ModelOption,
     data: Path = DataOption,
@@ -134,8 +133,8 @@ def evaluate(
     if split not in ("train", "val", "test"):
         raise _fail("Split error", ValueError(f"--split must be train, val or test, not {split!r}"))
     bundle, models = _load(model, config, device)
-    index = _read_data(data, labels, data_format, skip_bad)
-    _report_data(index)
+    index = read_data(data, labels, data_format, skip_bad)
+    report_data(index)
     held = _held_out(index, bundle, split, split_file)
     evaluation, written = _run_evaluation(bundle, models, index, held, out, batch_size=batch_size, cases=cases,
                                           predictions=predictions)
@@ -157,7 +156,6 @@ def _float_list(text: Optional[str], option: str, kind=float) -> Optional[list]:
     return values
 
 
-@app.command()
 def tune(
     model: Optional[Path] = ModelOption,
     data: Path = DataOption,
@@ -195,7 +193,7 @@ def tune(
         raise _fail("Option error", ValueError("give --target leaderboard or --min-sensitivity, not both"))
     chosen_target = Target("min_sensitivity", min_sensitivity) if min_sensitivity is not None else Target("leaderboard")
     bundle, models = _load(model, config, device)
-    index = _read_data(data, labels, data_format, skip_bad)
+    index = read_data(data, labels, data_format, skip_bad)
     if chosen_target.kind == "leaderboard" and not index.has_masks:
         raise _fail("Tuning error", ValueError(
             f"the leaderboard target needs true masks; {index.kind} data has none (use --min-sensitivity)"))
@@ -204,7 +202,7 @@ def tune(
             check_in_place(bundle, version)
         except TuneError as exc:
             raise _fail("Tuning error", exc) from None
-    _report_data(index)
+    report_data(index)
     held = _held_out(index, bundle, "val", split_file)
     if held.split == "all":
         raise _fail("Split error", ValueError(
@@ -248,7 +246,6 @@ def tune(
     console.print(f"[green]thresholds written[/] to {tuned.path / 'manifest.json'} ({tuned.identity.label})")
 
 
-@app.command()
 def compare(
     preset_names: list[str] = typer.Option([], "--preset", "-p", help="preset to train and evaluate (repeat)"),
     models_given: list[Path] = typer.Option([], "--model", "-m", help="bundle to evaluate as it is (repeat)"),
@@ -291,15 +288,15 @@ def compare(
         presets = [with_overrides(get_preset(name), chosen) for name in preset_names]
     except PresetError as exc:
         raise _fail("Preset error", exc) from None
-    index = _read_data(data, labels, data_format, skip_bad)
-    _report_data(index)
-    fractions = _fractions(split)
+    index = read_data(data, labels, data_format, skip_bad)
+    report_data(index)
+    fractions = parse_fractions(split)
 
     bundles: list[tuple[str, Optional[str], Optional[str], object]] = []
     shared_split = split_file
     if presets and not evaluate_only:
         try:
-            base_bundle = load_bundle(base or active_bundle_dir(_settings(config)))
+            base_bundle = load_bundle(base or active_bundle_dir(settings_or_exit(config)))
         except BundleError as exc:
             raise _fail("Base bundle error", exc) from None
     for preset in presets:
@@ -358,3 +355,9 @@ def compare(
         table.add_row(*(format_cell(row[key]) for key, _ in shown))
     Console(width=200).print(table)
     console.print(f"[green]written[/] {csv_path} and {md_path}")
+
+
+def register_quality_commands(app: typer.Typer) -> None:
+    """Add `evaluate`, `tune` and `compare` to the `pleura` command."""
+    for command in (evaluate, tune, compare):
+        app.command()(command)

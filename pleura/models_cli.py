@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pleura.cli import ConfigOption, _settings, console
+from pleura.cli_common import ConfigOption, console, settings_or_exit
 
 models_app = typer.Typer(
     help="The model registry: import bundles as versions, promote one per kind, roll back.", no_args_is_help=True
@@ -35,7 +35,7 @@ def _open(config: Optional[Path]):
     from contract.active import RegistryError
     from training.registry import open_registry
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     try:
         return settings, open_registry(settings)
     except RegistryError as exc:
@@ -70,7 +70,7 @@ def list_models(config: Optional[Path] = ConfigOption) -> None:
     from contract.bundle import BundleError, load_bundle
     from contract.active import KINDS, RegistryError, fixed_bundle_dir
 
-    fixed = fixed_bundle_dir(_settings(config))
+    fixed = fixed_bundle_dir(settings_or_exit(config))
     out = Console(soft_wrap=True)
     if fixed is not None:
         try:
@@ -190,7 +190,7 @@ def import_into_registry(settings, source: Path):
 def import_(path: Path = typer.Argument(..., help="a bundle directory or a .tar.gz made by `pleura models export`"),
             config: Optional[Path] = ConfigOption) -> None:
     """Check a bundle and copy it into the registry as a new, immutable version."""
-    import_into_registry(_settings(config), path)
+    import_into_registry(settings_or_exit(config), path)
 
 
 @models_app.command("export")

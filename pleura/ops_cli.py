@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 from config.settings import Settings
-from pleura.logs import keep_celery_from_logging_setup
+from node.logs import keep_celery_from_logging_setup
 
 if TYPE_CHECKING:
     from celery import Celery

@@ -9,10 +9,10 @@ PYTHON=${PYTHON:-python3}
 VENV=${PLEURA_VENV:-.venv}
 
 # --- system tools: Redis (production broker), DCMTK (modality), dicom3tools (validator), Orthanc (PACS),
-#     PostgreSQL (the ledger for many hosts; its tests start a throw-away server), Chromium (the worklist
+#     OpenJPH (HTJ2K test images: DCMTK encodes no HTJ2K), PostgreSQL (the ledger for many hosts; its tests start a throw-away server), Chromium (the worklist
 #     page's tests drive it headless with Playwright; Playwright's own browser download is never used)
 declare -A tool_package=([redis-server]=redis-server [storescu]=dcmtk [dciodvfy]=dicom3tools [Orthanc]=orthanc
-                         [initdb]=postgresql [chromium]=chromium)
+                         [ojph_compress]=openjph-tools [initdb]=postgresql [chromium]=chromium)
 missing=()
 for tool in "${!tool_package[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || compgen -G "/usr/lib/postgresql/*/bin/$tool" >/dev/null \

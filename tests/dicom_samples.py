@@ -132,3 +132,92 @@ def dciodvfy_errors(path: Path | str) -> list[str]:
 def dciodvfy_warnings(path: Path | str) -> list[str]:
     """The warning lines of ``dciodvfy``'s report on ``path``."""
     return [line for line in dciodvfy_output(path) if line.startswith("Warning")]
+
+
+# Objects a PACS holds beside the images of a study, which Pleura accepts but does not analyse.
+
+
+def comprehensive_sr(image: Dataset, *, manufacturer: str = "Other Vendor", sop_instance_uid: str | None = None) -> Dataset:
+    """A small Comprehensive SR (a text report) in `image`'s study, as another vendor writes it."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    content = hd.sr.ContainerContentItem(name=codes.DCM.Findings, template_id="2000")
+    content.ContentSequence = [
+        hd.sr.TextContentItem(
+            name=codes.DCM.Finding, value="No pneumothorax.", relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+    ]
+    return hd.sr.ComprehensiveSR(
+        evidence=[image],
+        content=content,
+        series_instance_uid=generate_uid(TEST_UID_PREFIX),
+        series_number=50,
+        sop_instance_uid=sop_instance_uid or generate_uid(TEST_UID_PREFIX),
+        instance_number=1,
+        manufacturer=manufacturer,
+    )
+
+
+def presentation_state(image: Dataset, *, manufacturer: str = "Other Vendor") -> Dataset:
+    """A Grayscale Softcopy Presentation State of `image`, as a viewer saves one."""
+    import highdicom as hd
+
+    return hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=[image],
+        series_instance_uid=generate_uid(TEST_UID_PREFIX),
+        series_number=51,
+        sop_instance_uid=generate_uid(TEST_UID_PREFIX),
+        instance_number=1,
+        manufacturer=manufacturer,
+        manufacturer_model_name="Viewer",
+        software_versions="1",
+        device_serial_number="1",
+        content_label="VIEWER",
+    )
+
+
+def key_object_selection(image: Dataset) -> Dataset:
+    """A Key Object Selection document flagging `image` "For Teaching"."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    selection = hd.ko.KeyObjectSelection(
+        document_title=codes.DCM.ForTeaching,
+        referenced_objects=[image],
+    )
+    return hd.ko.KeyObjectSelectionDocument(
+        evidence=[image],
+        content=selection,
+        series_instance_uid=generate_uid(TEST_UID_PREFIX),
+        series_number=52,
+        sop_instance_uid=generate_uid(TEST_UID_PREFIX),
+        instance_number=1,
+        manufacturer="Other Vendor",
+    )
+
+
+def encapsulated_pdf(image: Dataset) -> Dataset:
+    """An Encapsulated PDF (a scanned request form, say) in `image`'s study."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.SOPClassUID = EncapsulatedPDFStorage
+    ds.SOPInstanceUID = generate_uid(TEST_UID_PREFIX)
+    for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "StudyTime", "AccessionNumber"):
+        if keyword in image:
+            setattr(ds, keyword, image.data_element(keyword).value)
+    ds.SeriesInstanceUID = generate_uid(TEST_UID_PREFIX)
+    ds.Modality = "DOC"
+    ds.SeriesNumber = 53
+    ds.InstanceNumber = 1
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.DocumentTitle = "Request form"
+    ds.BurnedInAnnotation = "YES"
+    ds.EncapsulatedDocument = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds

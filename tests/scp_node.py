@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dicom_peers
 from config.settings import Settings
@@ -30,9 +31,10 @@ class Node:
         return sorted(folder.glob("*.dcm")) if folder.exists() else []
 
 
-def running_node(folder: Path) -> Iterator[Node]:
-    """An SCP listening on a free port of the loopback, storing under ``folder/store``."""
-    settings = Settings(storage_dir=folder / "store", host="127.0.0.1", port=dicom_peers.free_port())
+def running_node(folder: Path, **overrides: Any) -> Iterator[Node]:
+    """An SCP listening on a free port of the loopback, storing under ``folder/store``; `overrides`
+    are other settings."""
+    settings = Settings(storage_dir=folder / "store", host="127.0.0.1", port=dicom_peers.free_port(), **overrides)
     settings.storage_dir.mkdir()
     ledger = Ledger(settings.ledger_url)
     store = InstanceStore(settings.storage_dir)

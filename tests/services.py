@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -116,6 +117,32 @@ class Orthanc:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
             data = response.read()
             return json.loads(data) if response.headers.get_content_type() == "application/json" else data
+
+    def send(self, method: str, path: str, body: object):
+        """A PUT or POST of a JSON body (a str is sent as it is); the answer's JSON. An HTTP error
+        raises, with Orthanc's words."""
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method,
+            headers={"Content-Type": "text/plain" if isinstance(body, str) else "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                data = response.read()
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"Orthanc answered {method} {path} with HTTP {exc.code}: {exc.read().decode()}") from None
+        return json.loads(data) if data.strip() else None
+
+    def add_modality(self, name: str, ae_title: str, port: int) -> None:
+        """Make a DICOM peer on the loopback known to Orthanc, to push studies to."""
+        self.send("PUT", f"/modalities/{name}", {"AET": ae_title, "Host": "127.0.0.1", "Port": port})
+
+    def push_study(self, modality: str, study_instance_uid: str):
+        """C-STORE every instance of the study to `modality` in one association (REST
+        ``/modalities/<name>/store``, as a routing rule or a user's "send" does)."""
+        found = [item["ID"] for item in self.send("POST", "/tools/lookup", study_instance_uid) if item["Type"] == "Study"]
+        assert found, f"Orthanc holds no study {study_instance_uid}"
+        return self.send("POST", f"/modalities/{modality}/store", {"Resources": found, "Synchronous": True})
 
     def instances(self) -> list[dict]:
         """Every stored instance's main tags (simplified)."""

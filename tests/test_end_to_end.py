@@ -16,7 +16,7 @@ import pytest
 
 from node.ledger import Ledger
 from services import Orthanc, RedisServer, find_tool, free_port, pleura_process, port_open, wait_for, write_config
-from dicom_samples import dciodvfy_errors, pydicom_data_file
+from dicom_samples import comprehensive_sr, dciodvfy_errors, presentation_state, pydicom_data_file, save_dataset
 from training.synthetic import synthetic_dicom
 
 RESULT_TIMEOUT = 420  # CPU inference of a 2.5k x 3k radiograph on 2 cores, plus process start-up
@@ -57,6 +57,7 @@ class Pleura:
             ae_title="PLEURA",
             host="127.0.0.1",
             port=self.port,
+            metrics_port=free_port(),  # not the default: another node on this host may hold it
             storage_dir=self.storage,
             model_dir=bundle,
             device="cpu",
@@ -104,11 +105,12 @@ KIND_BY_CLASS = {
 
 
 def _check_results(
-    orthanc: Orthanc, source: pydicom.Dataset, folder: Path, ledger: Ledger, kinds: set[str]
+    orthanc: Orthanc, source: pydicom.Dataset, folder: Path, ledger: Ledger, kinds: set[str],
+    others: frozenset[str] = frozenset(),
 ) -> dict[str, pydicom.Dataset]:
-    """Download what Orthanc holds of `source`'s study besides the source, check every object is
-    valid, filed in the source's study and references it, and that its kinds are `kinds` (the SEG
-    only when the ledger says the image was flagged)."""
+    """Download what Orthanc holds of `source`'s study besides the source (and the SOP Instance
+    UIDs `others`), check every object is valid, filed in the source's study and references it, and
+    that its kinds are `kinds` (the SEG only when the ledger says the image was flagged)."""
     flagged = ledger.study_status(source.StudyInstanceUID)["flagged"]
     expected = set(kinds) - ({"SEG"} if not flagged else set())
     source_study = next(
@@ -119,6 +121,8 @@ def _check_results(
     found: dict[str, list[pydicom.Dataset]] = {}
     for tags in orthanc.instances():
         if tags.get("StudyInstanceUID") != source.StudyInstanceUID or tags.get("SOPInstanceUID") == source.SOPInstanceUID:
+            continue
+        if tags.get("SOPInstanceUID") in others:
             continue
         path = orthanc.download(tags["_id"], folder / f"{tags['_id']}.dcm")
         ds = pydicom.dcmread(path)
@@ -270,5 +274,50 @@ def test_a_study_with_nothing_to_analyse_gets_a_report_at_the_pacs(tmp_path, dem
         assert report.SOPClassUID == pydicom.uid.ComprehensiveSRStorage
         comments = [item.TextValue for item in report.ContentSequence if item.ValueType == "TEXT"]
         assert any("not analysed" in c and "EXTREMITY" in c for c in comments), comments
+    finally:
+        pleura.stop()
+
+
+def test_orthanc_pushes_a_whole_study_and_gets_the_images_results_back(tmp_path, demo_bundle, orthanc, synthetic_positive):
+    """A PACS sends the whole study (the image, another vendor's report and a viewer's presentation
+    state) in one association: everything is accepted, only the image is analysed, its results
+    come back; the study routed back with Pleura's results in it starts nothing again."""
+    image_path, image = synthetic_positive
+    report, state = comprehensive_sr(image), presentation_state(image)
+    others = [save_dataset(report, tmp_path / "sr.dcm"), save_dataset(state, tmp_path / "gsps.dcm")]
+    to_pacs = subprocess.run(
+        [find_tool("storescu"), "-aet", "MODALITY", "-aec", orthanc.ae_title, "127.0.0.1", str(orthanc.dicom_port),
+         str(image_path), *map(str, others)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert to_pacs.returncode == 0, to_pacs.stderr
+
+    pleura = Pleura(tmp_path, demo_bundle, orthanc, broker_url=None)
+    try:
+        orthanc.add_modality("pleura", "PLEURA", pleura.port)
+        orthanc.push_study("pleura", image.StudyInstanceUID)  # HTTP 500 if anything was refused
+        ledger = pleura.ledger
+        skipped = {i.sop_instance_uid: (i.analysis_status, i.analysis_reason)
+                   for i in ledger.list_instances(image.StudyInstanceUID) if i.sop_instance_uid != image.SOPInstanceUID}
+        not_an_image = "is not an image Pleura analyses"
+        assert skipped == {
+            report.SOPInstanceUID: ("skipped", f"Comprehensive SR Storage {not_an_image}"),
+            state.SOPInstanceUID: ("skipped", f"Grayscale Softcopy Presentation State Storage {not_an_image}"),
+        }
+        _wait_for_delivery(pleura, {image.StudyInstanceUID})
+        results = _check_results(
+            orthanc, image, tmp_path, ledger, {"SR", "SEG", "GSPS", "SC"},
+            others=frozenset({report.SOPInstanceUID, state.SOPInstanceUID}),
+        )
+        assert results["SR"].Manufacturer == "Pleura"
+        delivered = ledger.study_status(image.StudyInstanceUID)
+        assert (delivered["status"], delivered["reason"], delivered["instances"]) == ("delivered", None, 3)
+
+        # Routed back with Pleura's results: acknowledged (the answers come after the ledger's
+        # writes), nothing recorded, the study not re-opened.
+        orthanc.push_study("pleura", image.StudyInstanceUID)
+        assert ledger.study_status(image.StudyInstanceUID) == delivered
+        assert len(ledger.list_instances(image.StudyInstanceUID)) == 3
+        assert ledger.due_studies(0.0) == []
     finally:
         pleura.stop()

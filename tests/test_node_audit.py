@@ -98,7 +98,7 @@ LOGGING_PROBE = r'''
 import io, sys, pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
-from pleura.logs import configure_logging
+from node.logs import configure_logging
 
 configure_logging(log_format=sys.argv[1])
 from highdicom.valuerep import check_person_name

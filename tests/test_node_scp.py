@@ -8,13 +8,23 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    HTJ2K,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEGExtended12Bit,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    generate_uid,
+)
 from pynetdicom import AE, _config
 from sqlalchemy import text
 
 import dicom_peers
 from node.ledger import utcnow
-from node.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from node.scp import ANALYSED_SOP_CLASSES, TRANSFER_SYNTAXES
 from node.seg_labels import SEG_TRANSFER_SYNTAXES, SEGMENTATION_SOP_CLASS
 from node.settle import SettleLoop
 from node.storage import reason_file
@@ -24,6 +34,9 @@ CR = "1.2.840.10008.5.1.4.1.1.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 MR = "1.2.840.10008.5.1.4.1.1.4"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+PRIVATE_SOP_CLASS = "1.3.12.2.1107.5.9.1"  # a vendor's private non-image storage class
+BIG_ENDIAN = "1.2.840.10008.1.2.2"  # retired
 
 
 def crafted_cr(**attributes: object) -> Dataset:
@@ -113,15 +126,23 @@ def test_storescu_radiograph_is_stored_as_sent_and_recorded_once(node: Node, nam
 
 
 def test_negotiation_accepts_the_listed_classes_and_syntaxes_only(node: Node) -> None:
+    # JPEG-LS, HTJ2K and JPEG Extended are decoded by the worker, so accepted for the images.
+    assert {JPEGLSLossless, JPEGLSNearLossless, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K, JPEGExtended12Bit} <= set(
+        TRANSFER_SYNTAXES
+    )
     ae = AE(ae_title="NEGOTIATE")
-    for sop_class in STORAGE_SOP_CLASSES:
+    for sop_class in ANALYSED_SOP_CLASSES:
         for transfer_syntax in TRANSFER_SYNTAXES:
             ae.add_requested_context(sop_class, transfer_syntax)
     for transfer_syntax in TRANSFER_SYNTAXES:
         ae.add_requested_context(SEGMENTATION_SOP_CLASS, transfer_syntax)
-    ae.add_requested_context(CR, JPEGLSLossless)
-    ae.add_requested_context(ENCAPSULATED_PDF, ExplicitVRLittleEndian)
-    ae.add_requested_context(MR, ExplicitVRLittleEndian)
+    # Objects of a whole study that are not analysed are accepted too; a private class is not.
+    others = (ENCAPSULATED_PDF, MR, COMPREHENSIVE_SR)
+    for sop_class in others:
+        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    ae.add_requested_context(COMPREHENSIVE_SR, JPEGLSLossless)
+    ae.add_requested_context(PRIVATE_SOP_CLASS, ExplicitVRLittleEndian)
+    ae.add_requested_context(CR, BIG_ENDIAN)
     assert len(ae.requested_contexts) <= 128
 
     assoc = ae.associate("127.0.0.1", node.port, ae_title="PLEURA")
@@ -131,13 +152,13 @@ def test_negotiation_accepts_the_listed_classes_and_syntaxes_only(node: Node) ->
         rejected = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.rejected_contexts}
     finally:
         assoc.release()
-    assert accepted == {(c, t) for c in STORAGE_SOP_CLASSES for t in TRANSFER_SYNTAXES} | {
+    assert accepted == {(c, t) for c in ANALYSED_SOP_CLASSES for t in TRANSFER_SYNTAXES} | {
         (SEGMENTATION_SOP_CLASS, t) for t in TRANSFER_SYNTAXES if t in SEG_TRANSFER_SYNTAXES
-    }
+    } | {(c, ExplicitVRLittleEndian) for c in others} | {(COMPREHENSIVE_SR, JPEGLSLossless)}
     # A Segmentation (sent back as a label) only in lossless syntaxes: its mask must stay exact.
     lossy_seg = {(SEGMENTATION_SOP_CLASS, t) for t in TRANSFER_SYNTAXES if t not in SEG_TRANSFER_SYNTAXES}
     assert lossy_seg and rejected == lossy_seg | {
-        (CR, JPEGLSLossless), (ENCAPSULATED_PDF, ExplicitVRLittleEndian), (MR, ExplicitVRLittleEndian)
+        (PRIVATE_SOP_CLASS, ExplicitVRLittleEndian), (CR, BIG_ENDIAN)
     }
 
 
@@ -151,27 +172,6 @@ def test_deflated_transfer_syntax_is_stored_readable(node: Node) -> None:
     stored = pydicom.dcmread(node.store.path(instance.storage_key))
     assert stored.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
     assert (stored.SOPInstanceUID, stored.PatientID) == (ds.SOPInstanceUID, "TEST-1")
-
-
-def test_a_non_image_object_is_refused_at_negotiation(node: Node, tmp_path: Path) -> None:
-    ds = Dataset()
-    ds.SOPClassUID = ENCAPSULATED_PDF
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
-    ds.EncapsulatedDocument = b"%PDF-1.4\n%%EOF\n"
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    pdf = tmp_path / "report.dcm"
-    ds.save_as(pdf, enforce_file_format=True)
-
-    sent = dicom_peers.storescu(node.port, [pdf], called_ae="PLEURA")
-
-    assert sent.returncode != 0
-    assert "No presentation context" in sent.stderr
-    assert node.ledger.list_studies() == []
-    assert not (node.settings.storage_dir / "instances").exists()
 
 
 def test_missing_study_uid_is_refused_and_quarantined(node: Node, tmp_path: Path) -> None:

@@ -26,13 +26,8 @@ from contract.networks import load_models
 from contract.preprocess import decode_radiograph
 from pleura.cli import app
 from training.datasets import read_dataset, read_siim
-from training.evaluate import (
-    _leaderboard_weights,
-    dice_from_counts,
-    held_out_examples,
-    leaderboard_dice,
-    resize_nearest,
-)
+from training.evaluate import held_out_examples
+from training.metrics import dice_from_counts, leaderboard_dice, leaderboard_weights, resize_nearest
 from training.rle import rle_decode
 from training.splits import make_splits, write_splits
 from training.synthetic import write_siim_dataset
@@ -72,7 +67,7 @@ def test_nearest_resize_is_pils_and_the_counts_are_exact(shape):
     resized = resize_nearest(mask)
     pil = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((1024, 1024), Image.Resampling.NEAREST)) > 0
     np.testing.assert_array_equal(resized, pil)
-    rows, columns = _leaderboard_weights(shape)
+    rows, columns = leaderboard_weights(shape)
     assert rows @ mask @ columns == resized.sum()
 
 
@@ -345,7 +340,7 @@ def test_compare_writes_one_row_per_preset(synthetic_siim: Path, tiny_base_bundl
 def test_the_bootstrap_auc_is_scikit_learns_auc_on_each_resample():
     from sklearn.metrics import roc_auc_score
 
-    from training.evaluate import auc_confidence_interval
+    from training.metrics import auc_confidence_interval
 
     rng = np.random.default_rng(3)
     labels = rng.random(60) < 0.4

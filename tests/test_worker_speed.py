@@ -44,7 +44,7 @@ def _echo_forward(calls: list[int]):
 
 
 def test_the_batcher_gives_each_caller_its_own_rows_from_shared_passes():
-    from node.ops.metrics import FORWARD_IMAGES, FORWARD_PASSES
+    from node.ops.worker_metrics import FORWARD_IMAGES, FORWARD_PASSES
 
     calls: list[int] = []
     batcher = ForwardBatcher(_echo_forward(calls), max_images=8, max_wait_s=0.2)

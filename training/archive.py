@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from training.datasets import DatasetError, DatasetIndex, Example, Problem
+from training.dataset_index import DatasetError, DatasetIndex, Example, Problem
 from training.rle import rle_encode
 from training.synthetic import SYNTHETIC_PATIENT_NAME
 

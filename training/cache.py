@@ -32,7 +32,10 @@ from training.datasets import DatasetError, Example, Problem
 
 __all__ = ["CachedImages", "build_cache", "decode_example", "default_cache_root"]
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+"""Part of every cache's fingerprint: raised when decoding changes what it makes of the same files
+(2: the Presentation LUT Shape INVERSE and the Presentation LUT Sequence are applied), so a cache
+made by an older version is built again rather than trained on."""
 
 
 def default_cache_root() -> Path:

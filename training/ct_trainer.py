@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,24 +46,10 @@ from contract.preprocess import normalise_input, resize_to_input
 from training.augment import build_augmentation
 from training.cache import CachedImages
 from training.ct_datasets import CTCase, CTDatasetIndex, load_case
+from training.epochs import CachedDataset, EpochLoop, loss_function, make_optimiser
 from training.presets import Preset
 from training.splits import make_splits, read_splits, split_counts, write_splits
-from training.trainer import (
-    BUNDLE_DIR,
-    CHECKPOINTS,
-    METRICS_FILE,
-    RUN_FILE,
-    SPLITS_FILE,
-    TrainingError,
-    TrainResult,
-    _append_metrics,
-    _atomic_save,
-    _CachedDataset,
-    _loss_function,
-    _monitor_score,
-    _optimiser,
-    network_recipe,
-)
+from training.trainer import BUNDLE_DIR, CHECKPOINTS, RUN_FILE, SPLITS_FILE, TrainingError, TrainResult, network_recipe
 
 __all__ = ["CT_DEFAULT_SPLIT", "segmentation_metrics", "train_ct"]
 
@@ -197,59 +182,31 @@ def train_ct(
     network = build_network(
         spec, recipe, encoder_weights=None if preset.encoder_weights == "none" else preset.encoder_weights
     ).to(target)
-    loss_function = _loss_function(preset, None)
-    optimiser = _optimiser(preset, network)
-    val_loader = DataLoader(_CachedDataset(val_slices, range(len(val_slices)), None), batch_size=preset.batch_size)
+    loss = loss_function(preset, None)
+    optimiser = make_optimiser(preset, network)
+    val_loader = DataLoader(CachedDataset(val_slices, range(len(val_slices)), None), batch_size=preset.batch_size)
     drop_last = len(keep) > preset.batch_size
     steps_per_epoch = len(keep) // preset.batch_size if drop_last else 1
     if preset.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, preset.steps_per_epoch)
 
-    best_score, best_epoch, bad_epochs, best_metrics, stopped_early = -math.inf, 0, 0, {}, False
-    epoch = 0
-    for epoch in range(1, preset.epochs + 1):
-        epoch_seed = preset.seed * 100_003 + epoch
-        torch.manual_seed(epoch_seed)
+    def epoch_loader(epoch_seed: int) -> DataLoader:
         transform = build_augmentation(preset.augment, preset.input_size, True, seed=epoch_seed % 2**32)
-        train_set = _CachedDataset(train_slices, keep, transform)
+        train_set = CachedDataset(train_slices, keep, transform)
         sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(epoch_seed))
-        loader = DataLoader(train_set, batch_size=preset.batch_size, sampler=sampler, drop_last=drop_last)
-        network.train()
-        started, seen, loss_sum = time.perf_counter(), 0, 0.0
-        for step, (images, masks, _) in enumerate(loader):
-            if step >= steps_per_epoch:
-                break
-            if len(images) < 2:  # BatchNorm needs two samples
-                continue
-            output = network(normalise_input(images, recipe).to(target))
-            loss = loss_function(output.float(), masks.to(target))
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            seen += len(images)
-            loss_sum += float(loss.detach()) * len(images)
-        seconds = time.perf_counter() - started
-        metrics = {"epoch": float(epoch), "train_loss": loss_sum / max(seen, 1)}
-        metrics.update(_validate(network, val_loader, loss_function, recipe, preset, target))
-        metrics["seconds"] = seconds
-        metrics["slices_per_second"] = seen / seconds if seconds > 0 else 0.0
-        score = _monitor_score(preset, metrics)
-        improved = score > best_score or best_epoch == 0
-        if improved:
-            best_score, best_epoch, bad_epochs, best_metrics = score, epoch, 0, dict(metrics)
-            _atomic_save({k: v.detach().cpu() for k, v in network.state_dict().items()}, best_file)
-        else:
-            bad_epochs += 1
-        _append_metrics(out_dir / METRICS_FILE, metrics, first=epoch == 1)
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("train_", "val_")))
-        console.print(f"epoch {epoch}/{preset.epochs}  {shown}" + ("  [green]best[/]" if improved else ""))
-        stopped_early = bool(preset.patience and bad_epochs >= preset.patience)
-        if stopped_early:
-            console.print(f"early stop: no improvement of val {preset.monitored} for {preset.patience} epochs")
-            break
+        return DataLoader(train_set, batch_size=preset.batch_size, sampler=sampler, drop_last=drop_last)
 
-    network.load_state_dict(torch.load(best_file, map_location=target, weights_only=True))
-    network.eval()
+    loop = EpochLoop(
+        preset, network, optimiser, loss, recipe, target,
+        loader=epoch_loader,
+        validate=lambda net: _validate(net, val_loader, loss, recipe, preset, target),
+        truth=lambda masks, _labels: masks,
+        steps_per_epoch=steps_per_epoch, out_dir=out_dir, best_file=best_file, console=console,
+        rate_name="slices_per_second", show_rate=False,
+    )
+    state = loop.run()
+    loop.load_best()
+    best_epoch, best_metrics, epoch, stopped_early = state.best_epoch, state.best_metrics, state.epoch, state.stopped_early
     synthetic = any(case.synthetic for case in train_cases + val_cases)
     counts = split_counts(cases, assignment)
     described = ", ".join(f"{split} {n} series" for split, (n, _) in counts.items())

@@ -35,6 +35,7 @@ from pathlib import Path
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
+from config.errors import PleuraError
 from training.synthetic import SYNTHETIC_PATIENT_NAME
 
 KEY_FILE = "deidentify.key"
@@ -76,7 +77,7 @@ _KEEP_UIDS = frozenset({
 """UIDs that name a kind of thing (class, syntax, coding scheme), not a patient's object: kept."""
 
 
-class DeidentificationError(ValueError):
+class DeidentificationError(PleuraError, ValueError):
     """An image that cannot be de-identified by these rules; the message says why."""
 
 

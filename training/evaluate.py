@@ -19,8 +19,6 @@ the U-Net mask when the image is flagged, an empty mask when it is not.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -32,53 +30,41 @@ import numpy as np
 import torch
 from pydicom.errors import InvalidDicomError
 
+from config.errors import PleuraError
 from contract.bundle import Bundle, Preprocessing, Thresholds
 from contract.decision import flag_decision, lesion_mask, source_lesion_mask
 from contract.networks import LoadedModels
 from contract.preprocess import ImageDecodeError, mask_to_source, network_inputs
 from training.cache import decode_example
 from training.datasets import DatasetError, DatasetIndex, Example, Problem
-from training.rle import EMPTY_RLE, rle_encode
+from training.metrics import (
+    AUC_CI_METHOD,
+    LEADERBOARD_METHOD,
+    auc_confidence_interval,
+    binary_metrics,
+    dice_from_counts,
+    finite_mean,
+    leaderboard_weights,
+)
+from training.rle import rle_encode
 from training.splits import read_splits
 from worker.inference.predict import network_outputs
 
 __all__ = [
-    "AUC_CI_METHOD",
-    "LEADERBOARD_SIZE",
     "Evaluation",
     "EvaluationError",
     "HeldOut",
     "ImageStatistics",
     "Resources",
-    "auc_confidence_interval",
     "collect_statistics",
     "decide",
-    "dice_from_counts",
     "evaluate_bundle",
-    "json_text",
     "held_out_examples",
-    "leaderboard_dice",
-    "resize_nearest",
     "summarise",
-    "write_evaluation",
-    "write_predictions",
 ]
 
-LEADERBOARD_SIZE = 1024
-BOOTSTRAP_RESAMPLES = 2000
-BOOTSTRAP_SEED = 0
-AUC_CI_METHOD = (
-    f"95% confidence interval of the ROC AUC: stratified bootstrap (positives and negatives resampled "
-    f"separately, {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}), 2.5th and 97.5th percentiles"
-)
-LEADERBOARD_METHOD = (
-    "SIIM-ACR leaderboard metric: predicted and true masks resized to 1024x1024 by nearest neighbour, "
-    "per-image Dice 2|P∩T|/(|P|+|T|), 1 when both are empty, mean over all images; the prediction is the "
-    "node's decision (the U-Net mask when flagged, empty otherwise)"
-)
 
-
-class EvaluationError(ValueError):
+class EvaluationError(PleuraError, ValueError):
     """An evaluation that cannot run; the message says why and what to do."""
 
 
@@ -150,45 +136,6 @@ def held_out_examples(data: DatasetIndex, bundle: Bundle, split: str, split_file
 
 
 # --- the leaderboard grid -----------------------------------------------------------------------
-
-
-def nearest_source_index(source: int, size: int = LEADERBOARD_SIZE) -> np.ndarray:
-    """For each of ``size`` output pixels, the source pixel nearest-neighbour resizing takes it from
-    (pixel centres aligned, as PIL's NEAREST)."""
-    return np.minimum(((np.arange(size) + 0.5) * source / size).astype(np.int64), source - 1)
-
-
-def resize_nearest(mask: np.ndarray, size: int = LEADERBOARD_SIZE) -> np.ndarray:
-    """A 2-D mask resized to ``size`` x ``size`` by nearest neighbour."""
-    rows, columns = np.shape(mask)
-    return np.asarray(mask)[np.ix_(nearest_source_index(rows, size), nearest_source_index(columns, size))]
-
-
-def _leaderboard_weights(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """How many 1024-grid rows and columns each source row and column becomes under
-    :func:`resize_nearest`: a mask's pixel count on that grid is ``rows @ mask @ columns``.
-
-    Counting this way is exact (nearest neighbour copies whole source pixels) and needs no
-    1024x1024 array per mask threshold.
-    """
-    rows, columns = shape
-    return (
-        np.bincount(nearest_source_index(rows), minlength=rows).astype(np.float64),
-        np.bincount(nearest_source_index(columns), minlength=columns).astype(np.float64),
-    )
-
-
-def dice_from_counts(intersection: Any, predicted: Any, truth: Any) -> np.ndarray:
-    """Per-image Dice from pixel counts (arrays broadcast): 2I/(P+T), 1 when both masks are empty."""
-    intersection, predicted, truth = (np.asarray(v, dtype=np.float64) for v in (intersection, predicted, truth))
-    total = predicted + truth
-    return np.where(total > 0, 2.0 * intersection / np.where(total > 0, total, 1.0), 1.0)
-
-
-def leaderboard_dice(predicted: np.ndarray, truth: np.ndarray) -> float:
-    """One image's SIIM-ACR Dice: both masks resized to 1024x1024 by nearest neighbour."""
-    p, t = resize_nearest(np.asarray(predicted, bool)), resize_nearest(np.asarray(truth, bool))
-    return float(dice_from_counts((p & t).sum(), p.sum(), t.sum()))
 
 
 # --- one pass of the networks -------------------------------------------------------------------
@@ -387,7 +334,7 @@ def collect_statistics(
                 began = time.perf_counter()
                 source_map = mask_to_source(maps[offset], image.shape)
                 node_seconds += time.perf_counter() - began
-                rows, columns = _leaderboard_weights(image.shape)
+                rows, columns = leaderboard_weights(image.shape)
                 truth = example.mask() if with_masks else np.zeros(image.shape, bool)
                 if truth.shape != image.shape:
                     raise DatasetError(
@@ -465,76 +412,18 @@ def decide(stats: ImageStatistics, thresholds: Thresholds) -> Decision:
     return Decision(flagged, unet, board)
 
 
-def auc_confidence_interval(
-    labels: np.ndarray, scores: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
-) -> tuple[float, float] | None:
-    """95% CI of the ROC AUC by stratified bootstrap (see :data:`AUC_CI_METHOD`); None with one class.
-
-    Each resample's AUC is the Mann-Whitney statistic from average ranks (what ``roc_auc_score``
-    computes), vectorised over blocks of resamples: calling scikit-learn 2000 times takes seconds.
-    """
-    from scipy.stats import rankdata
-
-    labels, scores = np.asarray(labels, bool), np.asarray(scores, np.float64)
-    positives, negatives = np.flatnonzero(labels), np.flatnonzero(~labels)
-    n_pos, n_neg = len(positives), len(negatives)
-    if not n_pos or not n_neg:
-        return None
-    rng = np.random.default_rng(seed)
-    aucs = []
-    for start in range(0, resamples, 250):
-        block = min(250, resamples - start)
-        drawn = np.concatenate(
-            [rng.choice(positives, (block, n_pos)), rng.choice(negatives, (block, n_neg))], axis=1
-        )
-        ranks = rankdata(scores[drawn], axis=1)
-        aucs.append((ranks[:, :n_pos].sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-    low, high = np.percentile(np.concatenate(aucs), [2.5, 97.5])
-    return float(low), float(high)
-
-
-def _confusion(predicted: np.ndarray, labels: np.ndarray) -> dict[str, int]:
-    predicted, labels = np.asarray(predicted, bool), np.asarray(labels, bool)
-    return {
-        "tp": int((predicted & labels).sum()),
-        "fp": int((predicted & ~labels).sum()),
-        "tn": int((~predicted & ~labels).sum()),
-        "fn": int((~predicted & labels).sum()),
-    }
-
-
-def _binary_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, Any]:
-    """Accuracy, precision, recall (sensitivity), specificity, F1 at ``threshold`` (the training
-    loop's own MONAI definitions); a ratio with a zero denominator is None."""
-    from training.trainer import classifier_metrics
-
-    found = classifier_metrics(torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.float64),
-                               threshold)
-    result: dict[str, Any] = {name: found.get(name) for name in ("accuracy", "precision", "recall", "specificity")}
-    result["sensitivity"] = result["recall"]
-    result["f1"] = found.get("f1_score")
-    result["confusion"] = _confusion(np.asarray(scores) >= threshold, labels)
-    return result
-
-
-def _mean(values: np.ndarray) -> float | None:
-    finite = np.asarray(values, np.float64)
-    finite = finite[np.isfinite(finite)]
-    return float(finite.mean()) if len(finite) else None
-
-
 def summarise(stats: ImageStatistics, thresholds: Thresholds, decision: Decision | None = None) -> dict[str, Any]:
     """The metrics of ``pleura evaluate`` at ``thresholds``: classification, segmentation, decision."""
     from sklearn.metrics import roc_auc_score
 
     decision = decision or decide(stats, thresholds)
     labels = stats.labels
-    classification = _binary_metrics(stats.probabilities, labels, thresholds.probability)
+    classification = binary_metrics(stats.probabilities, labels, thresholds.probability)
     both_classes = bool(labels.any() and (~labels).any())
     classification["auc"] = float(roc_auc_score(labels, stats.probabilities)) if both_classes else None
     classification["auc_ci95"] = auc_confidence_interval(labels, stats.probabilities) if both_classes else None
 
-    decided = _binary_metrics(decision.flagged.astype(np.float64), labels, 0.5)
+    decided = binary_metrics(decision.flagged.astype(np.float64), labels, 0.5)
     segmentation: dict[str, Any] = {"positives": int(labels.sum()), "available": stats.has_masks}
     if stats.has_masks:
         k = stats.threshold_index(thresholds.mask)
@@ -542,14 +431,14 @@ def summarise(stats: ImageStatistics, thresholds: Thresholds, decision: Decision
         inter, pred, truth = stats.intersection_px[positive, k], stats.area_px[positive, k], stats.truth_px[positive]
         union = pred + truth - inter
         segmentation.update(
-            dice=_mean(decision.unet_dice),
+            dice=finite_mean(decision.unet_dice),
             dice_median=float(np.nanmedian(decision.unet_dice)) if positive.any() else None,
-            iou=_mean(np.where(union > 0, inter / np.maximum(union, 1), 1.0)) if positive.any() else None,
-            leaderboard_unet_only=_mean(
+            iou=finite_mean(np.where(union > 0, inter / np.maximum(union, 1), 1.0)) if positive.any() else None,
+            leaderboard_unet_only=finite_mean(
                 dice_from_counts(stats.intersection_1024[:, k], stats.predicted_1024[:, k], stats.truth_1024)
             ),
         )
-        decided["leaderboard"] = _mean(decision.leaderboard)
+        decided["leaderboard"] = finite_mean(decision.leaderboard)
     else:
         decided["leaderboard"] = None
     resources = stats.resources
@@ -686,82 +575,3 @@ def evaluate_bundle(
     return Evaluation(bundle, data, held_out, stats, thresholds, decision, metrics, cases)
 
 
-def write_predictions(path: Path | str, stats: ImageStatistics, decision: Decision, mask_threshold: float) -> Path:
-    """The decisions in the SIIM-ACR submission format: ``ImageId,EncodedPixels``, the U-Net mask of a
-    flagged image in the training data's RLE, ``-1`` for an image not flagged."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    rles = stats.unet_rles.get(float(mask_threshold))
-    if rles is None:
-        raise ValueError(f"no RLE kept for mask threshold {mask_threshold}")
-    with target.open("w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["ImageId", "EncodedPixels"])
-        for example, flagged, rle in zip(stats.examples, decision.flagged, rles):
-            writer.writerow([example.image_id, rle if flagged else EMPTY_RLE])
-    return target
-
-
-def _cell(value: Any) -> Any:
-    if isinstance(value, float):
-        return "" if not math.isfinite(value) else f"{value:.6g}"
-    return value
-
-
-def write_evaluation(evaluation: Evaluation, out: Path | str, predictions: Path | str | None = None) -> dict[str, Path]:
-    """``OUT/metrics.json``, ``OUT/per_image.csv``, the report (``OUT/report.html`` and ``OUT/plots/``),
-    and the predictions file when asked. Returns what was written, by name."""
-    from training.report import write_report
-
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path] = {}
-    metrics_path = out_dir / "metrics.json"
-    metrics_path.write_text(json_text(evaluation.metrics))
-    written["metrics"] = metrics_path
-    stats, decision = evaluation.stats, evaluation.decision
-    per_image = out_dir / "per_image.csv"
-    k = stats.threshold_index(evaluation.thresholds.mask)
-    with per_image.open("w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(
-            ["image_id", "patient_id", "positive", "probability", "area_px", "flagged", "unet_dice", "leaderboard_dice"]
-        )
-        for i, example in enumerate(stats.examples):
-            writer.writerow(
-                [
-                    example.image_id,
-                    example.patient_id,
-                    int(example.positive),
-                    _cell(float(stats.probabilities[i])),
-                    int(stats.area_px[i, k]),
-                    int(decision.flagged[i]),
-                    _cell(float(decision.unet_dice[i])),
-                    _cell(float(decision.leaderboard[i])),
-                ]
-            )
-    written["per_image"] = per_image
-    if predictions is not None:
-        written["predictions"] = write_predictions(predictions, stats, decision, evaluation.thresholds.mask)
-    written.update(write_report(evaluation, out_dir))
-    return written
-
-
-def _plain(value: Any) -> Any:
-    """JSON-ready: NumPy numbers as Python numbers, paths as text, NaN and infinity as null."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def json_text(value: Any) -> str:
-    """Strict JSON (no NaN) of a metrics record."""
-    return json.dumps(_plain(value), indent=2, allow_nan=False) + "\n"

@@ -16,10 +16,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from config.errors import PleuraError
+
 __all__ = ["Augmentation", "PRESETS", "Preset", "PresetError", "get_preset", "parse_override", "with_overrides"]
 
 
-class PresetError(ValueError):
+class PresetError(PleuraError, ValueError):
     """An unknown preset or an override that does not fit; the message names it."""
 
 

@@ -22,27 +22,23 @@ between resizing and normalisation.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
 import shutil
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss
-from monai.metrics import DiceMetric, MeanIoU, compute_confusion_matrix_metric, compute_roc_auc, get_confusion_matrix
+from monai.metrics import DiceMetric, MeanIoU
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
+from config.errors import PleuraError
 from contract.bundle import (
     DEMO_INTENDED_USE,
     Bundle,
@@ -57,16 +53,24 @@ from contract.bundle import (
 from contract.networks import build_network, resolve_device
 from contract.preprocess import normalise_input, resize_to_input
 from training.augment import build_augmentation
-from training.cache import CachedImages, build_cache
+from training.cache import build_cache
 from training.datasets import DatasetIndex, Example, Problem
+from training.epochs import (
+    CachedDataset,
+    EpochLoop,
+    LoopState,
+    loss_function,
+    make_optimiser,
+    make_scheduler,
+)
+from training.metrics import classifier_metrics
 from training.presets import Preset
 from training.splits import make_splits, read_splits, split_counts, write_splits
 
-__all__ = ["TrainingError", "TrainResult", "classifier_metrics", "predict_network", "network_recipe", "train"]
+__all__ = ["TrainingError", "TrainResult", "predict_network", "network_recipe", "train"]
 
 RUN_FILE = "run.json"
 SPLITS_FILE = "splits.csv"
-METRICS_FILE = "metrics.csv"
 CHECKPOINTS = "checkpoints"
 BUNDLE_DIR = "bundle"
 DEFAULT_INTENDED_USE = (
@@ -76,7 +80,7 @@ DEFAULT_INTENDED_USE = (
 DECODING_FIELDS = ("voi", "invert_monochrome1")
 
 
-class TrainingError(ValueError):
+class TrainingError(PleuraError, ValueError):
     """A run that cannot start or continue; the message says why and what to do."""
 
 
@@ -133,80 +137,6 @@ def network_spec(preset: Preset, recipe: Preprocessing, shared: Preprocessing, t
     )
 
 
-class _CachedDataset(Dataset):
-    """(image (1, S, S), mask (1, S, S) or empty, label) from the cache, augmented."""
-
-    def __init__(self, cache: CachedImages, indices: Sequence[int], transform: Callable | None) -> None:
-        self.cache, self.indices, self.transform = cache, list(indices), transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, item: int):
-        index = self.indices[item]
-        sample = {"image": torch.from_numpy(np.asarray(self.cache.images[index], dtype=np.float32))[None]}
-        if self.cache.masks is not None:
-            sample["mask"] = torch.from_numpy(np.asarray(self.cache.masks[index], dtype=np.float32))[None]
-        if self.transform is not None:
-            sample = self.transform(sample)
-        image = torch.as_tensor(sample["image"], dtype=torch.float32)
-        mask = torch.as_tensor(sample["mask"], dtype=torch.float32) if "mask" in sample else torch.zeros(0)
-        return image, mask, torch.tensor(float(self.cache.labels[index]))
-
-
-def _squared_hinge(scores: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """L2-SVM loss on one score per image, labels 0/1 mapped to -1/+1 (torch has no binary form)."""
-    signs = labels * 2 - 1
-    losses = torch.clamp(1 - signs * scores, min=0) ** 2
-    return (losses * weights).mean() if weights is not None else losses.mean()
-
-
-def _loss_function(
-    preset: Preset, positive_weight: float | None
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if preset.loss == "bce":
-
-        def bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            weight = torch.tensor(positive_weight, device=logits.device) if positive_weight else None
-            return nn.functional.binary_cross_entropy_with_logits(
-                logits[:, 0], labels.to(logits.dtype), pos_weight=weight
-            )
-
-        return bce
-    if preset.loss == "squared_hinge":
-
-        def hinge(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            weights = None
-            if positive_weight:
-                weights = torch.where(labels > 0.5, positive_weight, 1.0).to(scores.dtype)
-            return _squared_hinge(scores[:, 0], labels.to(scores.dtype), weights)
-
-        return hinge
-    if preset.loss == "dice":
-        return DiceLoss(sigmoid=True, batch=True)
-    if preset.loss == "dice_bce":
-        return DiceCELoss(sigmoid=True, batch=True)
-    if preset.loss == "jaccard_bce":  # MONAI's soft Jaccard (DiceLoss with jaccard=True) + BCE
-        return DiceCELoss(sigmoid=True, batch=True, jaccard=True)
-    return DiceFocalLoss(sigmoid=True, batch=True)
-
-
-def _optimiser(preset: Preset, network: nn.Module) -> torch.optim.Optimizer:
-    if preset.optimiser == "adam":
-        return torch.optim.Adam(network.parameters(), lr=preset.lr, weight_decay=preset.weight_decay)
-    if preset.optimiser == "adamw":
-        return torch.optim.AdamW(network.parameters(), lr=preset.lr, weight_decay=preset.weight_decay)
-    return torch.optim.SGD(network.parameters(), lr=preset.lr, momentum=0.9, weight_decay=preset.weight_decay)
-
-
-def _scheduler(preset: Preset, optimiser: torch.optim.Optimizer):
-    if preset.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, mode="max", factor=0.5, patience=3)
-    if preset.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=preset.epochs)
-    return None
-
-
 def predict_network(
     network: nn.Module, images: Sequence[np.ndarray], recipe: Preprocessing, device: torch.device | str = "cpu"
 ) -> np.ndarray:
@@ -217,36 +147,6 @@ def predict_network(
     with torch.inference_mode():
         output = torch.sigmoid(network(normalise_input(batch, recipe).to(device))).float().cpu()
     return output[:, 0].numpy() if output.ndim == 4 else output.reshape(len(images), -1)[:, 0].numpy()
-
-
-def classifier_metrics(probabilities: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[str, float]:
-    """Accuracy, precision, recall, F1 and specificity at ``threshold`` (MONAI's confusion-matrix
-    metrics), and the ROC AUC when both classes are present; a ratio that is undefined is left out.
-    Training's validation and ``pleura evaluate`` share these definitions."""
-    predicted = (probabilities >= threshold).float()
-    matrix = get_confusion_matrix(predicted[:, None], labels[:, None].float()).sum(dim=0)
-    metrics = {
-        name.replace(" ", "_"): float(compute_confusion_matrix_metric(name, matrix).item())
-        for name in ("accuracy", "precision", "recall", "f1 score", "specificity")
-    }
-    metrics = {name: value for name, value in metrics.items() if math.isfinite(value)}  # e.g. no positive predicted
-    if labels.min() != labels.max():
-        metrics["auc"] = float(compute_roc_auc(probabilities, labels))
-    return metrics
-
-
-def _monitor_score(preset: Preset, metrics: dict[str, float]) -> float:
-    name = preset.monitored
-    value = metrics.get(f"val_{name}")
-    if name == "loss" or value is None or not math.isfinite(value):
-        return -metrics["val_loss"]
-    return value
-
-
-def _atomic_save(payload: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
 
 
 def _describe_data(data: DatasetIndex, counts: dict[str, tuple[int, int]], used: Sequence[Example]) -> str:
@@ -405,46 +305,19 @@ def train(
             recipe,
             encoder_weights=None if preset.encoder_weights == "none" else preset.encoder_weights,
         ).to(target)
-        loss_function = _loss_function(preset, positive_weight)
-        optimiser = _optimiser(preset, network)
-        scheduler = _scheduler(preset, optimiser)
+        loss = loss_function(preset, positive_weight)
         amp = preset.amp and target.type == "cuda"
-        scaler = torch.amp.GradScaler("cuda", enabled=amp)
-
-        start_epoch, best_score, best_epoch, bad_epochs = 1, -math.inf, 0, 0
-        stopped_early = False
-        best_metrics: dict[str, float] = {}
-        if resume:
-            state = torch.load(last_file, map_location=target, weights_only=False)
-            network.load_state_dict(state["model"])
-            optimiser.load_state_dict(state["optimiser"])
-            if scheduler is not None and state.get("scheduler"):
-                scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            start_epoch = state["epoch"] + 1
-            best_score, best_epoch, bad_epochs = state["best_score"], state["best_epoch"], state["bad_epochs"]
-            best_metrics = state["best_metrics"]
-            stopped_early = bool(state.get("stopped_early", False))
-            console.print(f"resuming {out_dir} after epoch {state['epoch']} (best so far: epoch {best_epoch})")
-
         with_mask = preset.task == "segment"
-        val_loader = DataLoader(_CachedDataset(val_cache, range(len(val_cache)), None), batch_size=preset.batch_size)
+        val_loader = DataLoader(CachedDataset(val_cache, range(len(val_cache)), None), batch_size=preset.batch_size)
         drop_last = len(train_cache) > preset.batch_size  # a last batch of one would break BatchNorm
         steps_per_epoch = len(train_cache) // preset.batch_size if drop_last else 1
         if preset.steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, preset.steps_per_epoch)
-        epochs_task = bar.add_task(f"{preset.name}: epochs", total=preset.epochs, completed=start_epoch - 1)
-        steps_task = bar.add_task("  batches", total=steps_per_epoch)
-        epoch = start_epoch - 1
-        if stopped_early:  # a resumed run that had stopped early stays stopped
-            start_epoch = preset.epochs + 1
-        for epoch in range(start_epoch, preset.epochs + 1):
-            # Everything random in an epoch follows from (seed, epoch): a resumed run repeats it exactly.
-            epoch_seed = preset.seed * 100_003 + epoch
-            torch.manual_seed(epoch_seed)
+
+        def epoch_loader(epoch_seed: int) -> DataLoader:
             generator = torch.Generator().manual_seed(epoch_seed)
             transform = build_augmentation(preset.augment, preset.input_size, with_mask, seed=epoch_seed % 2**32)
-            train_set = _CachedDataset(train_cache, range(len(train_cache)), transform)
+            train_set = CachedDataset(train_cache, range(len(train_cache)), transform)
             if preset.imbalance == "sample" and positives and negatives:
                 weights = np.where(train_cache.labels, 0.5 / positives, 0.5 / negatives)
                 sampler = WeightedRandomSampler(
@@ -452,74 +325,30 @@ def train(
                 )
             else:
                 sampler = RandomSampler(train_set, generator=generator)
-            loader = DataLoader(train_set, batch_size=preset.batch_size, sampler=sampler, drop_last=drop_last)
+            return DataLoader(train_set, batch_size=preset.batch_size, sampler=sampler, drop_last=drop_last)
 
-            network.train()
-            bar.reset(steps_task, total=steps_per_epoch)
-            started, seen, loss_sum = time.perf_counter(), 0, 0.0
-            for step, (images, masks, labels) in enumerate(loader):
-                if step >= steps_per_epoch:
-                    break
-                if len(images) < 2:  # BatchNorm needs two samples
-                    continue
-                inputs = normalise_input(images, recipe).to(target)
-                truth = masks.to(target) if with_mask else labels.to(target)
-                with torch.autocast(device_type=target.type, dtype=torch.float16, enabled=amp):
-                    output = network(inputs)
-                    loss = loss_function(output.float(), truth)
-                optimiser.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimiser)
-                scaler.update()
-                seen += len(images)
-                loss_sum += float(loss.detach()) * len(images)
-                bar.advance(steps_task)
-            seconds = time.perf_counter() - started
-            metrics = {"epoch": float(epoch), "train_loss": loss_sum / max(seen, 1)}
-            metrics.update(_validate(network, val_loader, loss_function, recipe, preset, target, amp))
-            metrics["lr"] = optimiser.param_groups[0]["lr"]
-            metrics["seconds"] = seconds
-            metrics["images_per_second"] = seen / seconds if seconds > 0 else 0.0
-            score = _monitor_score(preset, metrics)
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(score)
-            elif scheduler is not None:
-                scheduler.step()
-            improved = score > best_score or best_epoch == 0  # the first epoch counts even with a NaN score
-            if improved:
-                best_score, best_epoch, bad_epochs, best_metrics = score, epoch, 0, dict(metrics)
-                _atomic_save({key: value.detach().cpu() for key, value in network.state_dict().items()}, best_file)
-            else:
-                bad_epochs += 1
-            stopped_early = bool(preset.patience and bad_epochs >= preset.patience)
-            _append_metrics(out_dir / METRICS_FILE, metrics, first=epoch == 1)
-            _atomic_save(
-                {
-                    "epoch": epoch,
-                    "model": network.state_dict(),
-                    "optimiser": optimiser.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "scaler": scaler.state_dict(),
-                    "best_score": best_score,
-                    "best_epoch": best_epoch,
-                    "bad_epochs": bad_epochs,
-                    "best_metrics": best_metrics,
-                    "stopped_early": stopped_early,
-                },
-                last_file,
-            )
-            shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("train_", "val_")))
-            console.print(
-                f"epoch {epoch}/{preset.epochs}  {shown}  {metrics['images_per_second']:.1f} img/s"
-                + ("  [green]best[/]" if improved else "")
-            )
-            bar.advance(epochs_task)
-            if stopped_early:
-                console.print(f"early stop: no improvement of val {preset.monitored} for {preset.patience} epochs")
-                break
+        optimiser = make_optimiser(preset, network)
+        loop = EpochLoop(
+            preset, network, optimiser, loss, recipe, target,
+            loader=epoch_loader,
+            validate=lambda net: _validate(net, val_loader, loss, recipe, preset, target, amp),
+            truth=lambda masks, labels: masks if with_mask else labels,
+            steps_per_epoch=steps_per_epoch, out_dir=out_dir, best_file=best_file, console=console,
+            scheduler=make_scheduler(preset, optimiser), amp=amp, last_file=last_file, record_lr=True,
+            on_epoch_start=lambda: bar.reset(steps_task, total=steps_per_epoch),
+            on_step=lambda: bar.advance(steps_task),
+            on_epoch_end=lambda: bar.advance(epochs_task),
+        )
+        start_epoch, state = 1, LoopState()
+        if resume:
+            start_epoch, state = loop.resume(last_file)
+            console.print(f"resuming {out_dir} after epoch {state.epoch} (best so far: epoch {state.best_epoch})")
+        epochs_task = bar.add_task(f"{preset.name}: epochs", total=preset.epochs, completed=start_epoch - 1)
+        steps_task = bar.add_task("  batches", total=steps_per_epoch)
+        state = loop.run(start_epoch, state)
 
-    network.load_state_dict(torch.load(best_file, map_location=target, weights_only=True))
-    network.eval()
+    loop.load_best()
+    best_epoch, best_metrics, epoch, stopped_early = state.best_epoch, state.best_metrics, state.epoch, state.stopped_early
     synthetic = _is_synthetic(train_examples + val_examples)
     training_record = {
         "preset": preset.name,
@@ -581,21 +410,6 @@ def _validate(
         found = classifier_metrics(torch.cat(probabilities), torch.cat(labels_all), preset.probability_threshold)
         metrics.update({f"val_{k}": v for k, v in found.items()})
     return metrics
-
-
-def _append_metrics(path: Path, metrics: dict[str, float], first: bool) -> None:
-    rows: list[dict[str, Any]] = []
-    if path.exists() and not first:
-        with path.open(newline="") as handle:
-            rows = [row for row in csv.DictReader(handle) if float(row["epoch"]) < metrics["epoch"]]
-    rows.append({k: (int(v) if k == "epoch" else f"{v:.6g}") for k, v in metrics.items()})
-    names = list(dict.fromkeys(name for row in rows for name in row))
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=names, restval="", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _write_bundle(

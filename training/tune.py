@@ -32,9 +32,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from config.errors import PleuraError
 from contract.bundle import Bundle, Thresholds, load_bundle, write_manifest
 from contract.decision import flag_decision
-from training.evaluate import HeldOut, ImageStatistics, dice_from_counts, summarise
+from training.evaluate import HeldOut, ImageStatistics, summarise
+from training.metrics import dice_from_counts
 
 __all__ = ["Grid", "Sweep", "Target", "TuneError", "TuneResult", "check_in_place", "choose", "default_grid", "sweep",
            "tuning_record", "write_tuned_bundle"]
@@ -45,7 +47,7 @@ AREA_FRACTIONS = (0.0, 1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3)
 """Minimum areas as fractions of the median image's pixels (at 1024x1024: 0, 105, 262 ... 8389 px)."""
 
 
-class TuneError(ValueError):
+class TuneError(PleuraError, ValueError):
     """Tuning that cannot run or cannot meet its target; the message says why."""
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator, Set as AbstractSet
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -194,8 +194,16 @@ class StudyAnalyser:
 
         results: list[dict[str, Any]] = []
         analysed: list[AnalysedImage] = []
-        for batch, unreadable in self._decoded_batches(candidates, view_unknown):
-            for sop_uid, reason in unreadable:
+        for batch, unreadable in self._decoded_batches(candidates):
+            # An image whose header told no view is analysed only when its picture looks frontal.
+            not_frontal = [
+                (sop_uid, reason)
+                for sop_uid, _, image in batch
+                if sop_uid in view_unknown and (reason := frontal_check_reason(image))
+            ]
+            refused = {sop_uid for sop_uid, _ in not_frontal}
+            batch = [item for item in batch if item[0] not in refused]
+            for sop_uid, reason in unreadable + not_frontal:
                 images[sop_uid].update(status="not_analysed", reason=reason)
             if not batch:
                 continue
@@ -249,10 +257,9 @@ class StudyAnalyser:
         }
 
     def _decode(
-        self, chunk: list[tuple[str, pydicom.Dataset]], view_unknown: AbstractSet[str] = frozenset()
+        self, chunk: list[tuple[str, pydicom.Dataset]]
     ) -> tuple[list[tuple[str, pydicom.Dataset, Any]], list[tuple[str, str]]]:
-        """The decoded images of ``chunk``, and (SOP Instance UID, reason) of those that cannot be
-        decoded or, their header telling no view (``view_unknown``), do not look frontal."""
+        """The decoded images of ``chunk``, and (SOP Instance UID, reason) of those that cannot be decoded."""
         recipe = self.bundle.manifest.preprocessing
         decoded, unreadable = [], []
         for sop_uid, dataset in chunk:
@@ -267,15 +274,11 @@ class StudyAnalyser:
                     (sop_uid, f"unreadable image: the pixel data cannot be read ({error_text(exc)})")
                 )
                 continue
-            not_frontal = frontal_check_reason(image) if sop_uid in view_unknown else None
-            if not_frontal:
-                unreadable.append((sop_uid, not_frontal))
-            else:
-                decoded.append((sop_uid, dataset, image))
+            decoded.append((sop_uid, dataset, image))
         return decoded, unreadable
 
     def _decoded_batches(
-        self, candidates: list[tuple[str, pydicom.Dataset]], view_unknown: AbstractSet[str] = frozenset()
+        self, candidates: list[tuple[str, pydicom.Dataset]]
     ) -> Iterator[tuple[list[tuple[str, pydicom.Dataset, Any]], list[tuple[str, str]]]]:
         """:meth:`_decode` of each batch of ``candidates``, in order. On CUDA the next batch is
         decoded in a helper thread while the caller runs the networks on this one (the GPU computes
@@ -284,14 +287,14 @@ class StudyAnalyser:
         chunks = [candidates[start : start + self.batch_size] for start in range(0, len(candidates), self.batch_size)]
         if self.models.device.type != "cuda" or len(chunks) < 2:
             for chunk in chunks:
-                yield self._decode(chunk, view_unknown)
+                yield self._decode(chunk)
             return
         with ThreadPoolExecutor(1, thread_name_prefix="pleura-decode") as prefetch:
-            upcoming = prefetch.submit(self._decode, chunks[0], view_unknown)
+            upcoming = prefetch.submit(self._decode, chunks[0])
             for index in range(len(chunks)):
                 current = upcoming.result()
                 if index + 1 < len(chunks):
-                    upcoming = prefetch.submit(self._decode, chunks[index + 1], view_unknown)
+                    upcoming = prefetch.submit(self._decode, chunks[index + 1])
                 yield current
 
     def _store(self, study_uid: str, kind: str, obj: pydicom.Dataset, source_sop_uid: str | None) -> dict[str, Any]:

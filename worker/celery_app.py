@@ -1,7 +1,7 @@
 """The Celery application shared by the node (which sends tasks) and the workers (which run them).
 
-Task names are stable strings so the node can send a task without importing the worker's code
-(and torch). This module imports neither torch nor the task bodies.
+The task and queue names are in :mod:`contract.tasks`. This module imports neither torch nor the
+task bodies.
 """
 
 from __future__ import annotations
@@ -10,24 +10,7 @@ from celery import Celery
 from kombu import Queue
 
 from config.settings import Settings
-
-ANALYSE_STUDY = "pleura.analyse_study"
-RECORD_ANALYSIS = "pleura.record_analysis"
-DELIVER_RESULT = "pleura.deliver_result"
-ANALYSIS_STARTED = "pleura.analysis_started"  # a worker took a study: the worklist shows "analysing"
-ANALYSE_SERIES_CT = "pleura.analyse_series_ct"  # one CT series: volume segmentation
-
-RADIOGRAPH_QUEUE = "radiograph"
-EXPORT_QUEUE = "export"
-CT_QUEUE = "ct"  # its own workers: a long CT series never delays a radiograph
-
-TASK_ROUTES = {
-    ANALYSE_STUDY: {"queue": RADIOGRAPH_QUEUE},
-    RECORD_ANALYSIS: {"queue": EXPORT_QUEUE},
-    DELIVER_RESULT: {"queue": EXPORT_QUEUE},
-    ANALYSIS_STARTED: {"queue": EXPORT_QUEUE},
-    ANALYSE_SERIES_CT: {"queue": CT_QUEUE},
-}
+from contract.tasks import QUEUES, RADIOGRAPH_QUEUE, TASK_ROUTES
 
 
 def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
@@ -41,7 +24,7 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
     app = Celery("pleura", broker=settings.celery_broker_url, include=include or [])
     app.conf.update(
         task_routes=TASK_ROUTES,
-        task_queues=[Queue(RADIOGRAPH_QUEUE), Queue(EXPORT_QUEUE), Queue(CT_QUEUE)],
+        task_queues=[Queue(name) for name in QUEUES],
         task_default_queue=RADIOGRAPH_QUEUE,
         task_serializer="json",
         accept_content=["json"],

@@ -14,6 +14,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
+from config.errors import PleuraError
 from node.ledger import InstanceView, ResultView
 from node.private_files import make_private, make_private_dirs
 from node.storage import InstanceStore
@@ -24,7 +25,7 @@ HEATMAP_MARK = "heat map"  # the SC writer names it in DerivationDescription whe
 SYNTHETIC_CAPTION = "SYNTHETIC DEMO MODEL - not for clinical use"
 
 
-class PreviewError(RuntimeError):
+class PreviewError(PleuraError, RuntimeError):
     """The stored image or result cannot be read or drawn."""
 
 

@@ -21,6 +21,7 @@ from hl7apy.core import Message
 from hl7apy.factories import datatype_factory
 from hl7apy.parser import parse_message
 
+from config.errors import PleuraError
 from config.settings import Hl7Destination
 from node.text import header_text, hl7_escape
 
@@ -29,7 +30,7 @@ START_BLOCK, END_BLOCK = b"\x0b", b"\x1c\x0d"
 SYNTHETIC_NOTE = "SYNTHETIC DEMO MODEL - not for clinical use"
 
 
-class MllpError(RuntimeError):
+class MllpError(PleuraError, RuntimeError):
     """The message could not be delivered, or the receiver did not accept it."""
 
 

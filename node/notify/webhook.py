@@ -10,6 +10,7 @@ import urllib.request
 from datetime import datetime
 from typing import Any
 
+from config.errors import PleuraError
 from config.settings import Webhook
 from node.text import header_text
 
@@ -17,7 +18,7 @@ SIGNATURE_HEADER = "X-Pleura-Signature"
 EVENT_HEADER = "X-Pleura-Event"
 
 
-class WebhookError(RuntimeError):
+class WebhookError(PleuraError, RuntimeError):
     """The endpoint could not be reached or did not answer 2xx."""
 
 

@@ -32,16 +32,13 @@ from config.settings import Settings
 from contract.active import active_bundle_dir
 from contract.bundle import BundleError, load_bundle
 from node.ledger import AnalysisStart, Ledger, OutboxEntry, OutboxStatus, Study, StudyStatus, utcnow
+from node.ops.worker_metrics import FORWARD_IMAGES, FORWARD_PASSES
 
 log = logging.getLogger(__name__)
 
 INSTANCES_RECEIVED = Counter(
     "pleura_instances_received", "Instances stored by the node's SCP (answered 0x0000)", registry=None
 )
-# Counted by a worker's batcher (worker/inference/batcher.py): images / passes = the batch size
-# dynamic batching achieves.
-FORWARD_PASSES = Counter("pleura_worker_forward_passes", "Forward passes of the networks in this worker", registry=None)
-FORWARD_IMAGES = Counter("pleura_worker_forward_images", "Images through the networks in this worker", registry=None)
 
 ANALYSIS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 TIME_TO_FLAG_BUCKETS = (5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)

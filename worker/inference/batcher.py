@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from node.ops.metrics import FORWARD_IMAGES, FORWARD_PASSES
+from node.ops.worker_metrics import FORWARD_IMAGES, FORWARD_PASSES
 
 __all__ = ["ForwardBatcher", "Forward"]
 

@@ -173,7 +173,7 @@ def get_study(
     segs = {r.source_sop_instance_uid: r for r in results if r.kind == "SEG"}
     heatmaps = {r.source_sop_instance_uid: r for r in results if previews.is_heatmap(r)}
     images = []
-    for index, instance in enumerate(ledger.list_instances(study_uid)):
+    for index, instance in enumerate(ledger.list_images(study_uid)):
         has_heatmap = instance.sop_instance_uid in heatmaps
         base = f"/api/studies/{ref}/images/{index}"
         images.append(
@@ -264,7 +264,7 @@ def preview(
     principal: Principal = Depends(current_principal),
 ) -> FileResponse:
     study_uid, entry = _study_or_404(ledger, ref)
-    instances = ledger.list_instances(study_uid)
+    instances = ledger.list_images(study_uid)
     if not 0 <= index < len(instances):
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such image")
     instance = instances[index]
@@ -382,7 +382,7 @@ def correct_outline(
     """The mask is stored as a PNG at the image's own size under ``<storage_dir>/feedback/`` and
     the verdict "corrected" (a pneumothorax, with this outline) is recorded with who and when."""
     study_uid, entry = _study_or_404(ledger, ref)
-    instances = ledger.list_instances(study_uid)
+    instances = ledger.list_images(study_uid)
     if not 0 <= index < len(instances):
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such image")
     _check_mask_quota(ledger, settings, study_uid, principal.name)

@@ -1,0 +1,28 @@
+"""The names of the Celery tasks and queues that the node and the workers share.
+
+Task names are stable strings, so the node can send a task without importing the worker's code
+(and torch), and a worker can send the node's tasks without importing the node. This module
+imports nothing of either.
+"""
+
+from __future__ import annotations
+
+ANALYSE_STUDY = "pleura.analyse_study"
+RECORD_ANALYSIS = "pleura.record_analysis"
+DELIVER_RESULT = "pleura.deliver_result"
+ANALYSIS_STARTED = "pleura.analysis_started"  # a worker took a study: the worklist shows "analysing"
+ANALYSE_SERIES_CT = "pleura.analyse_series_ct"  # one CT series: volume segmentation
+
+RADIOGRAPH_QUEUE = "radiograph"
+EXPORT_QUEUE = "export"
+CT_QUEUE = "ct"  # its own workers: a long CT series never delays a radiograph
+
+QUEUES = (RADIOGRAPH_QUEUE, EXPORT_QUEUE, CT_QUEUE)
+
+TASK_ROUTES = {
+    ANALYSE_STUDY: {"queue": RADIOGRAPH_QUEUE},
+    RECORD_ANALYSIS: {"queue": EXPORT_QUEUE},
+    DELIVER_RESULT: {"queue": EXPORT_QUEUE},
+    ANALYSIS_STARTED: {"queue": EXPORT_QUEUE},
+    ANALYSE_SERIES_CT: {"queue": CT_QUEUE},
+}

@@ -1,0 +1,99 @@
+"""What every `pleura` command module shares: the console, the settings and logging set-up, the
+data set options, and the one-line report of an expected failure (:class:`PleuraGroup`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from config.errors import PleuraError
+from config.settings import CONFIG_FILE_ENV, Settings, SettingsError, load_settings
+from node.logs import configure_logging
+
+console = Console(stderr=True, soft_wrap=True)  # messages stay whole for logs and grep
+
+ConfigOption = typer.Option(
+    None, "--config", "-c", help=f"TOML settings file (same keys as the PLEURA_* variables; also {CONFIG_FILE_ENV})"
+)
+DataOption = typer.Option(
+    ..., "--data", "-d", help="data set directory (SIIM-ACR or ChestX-ray14 layout, or a Pleura storage directory)"
+)
+LabelsOption = typer.Option(
+    None, "--rle", "--labels", help="label file: SIIM train-rle.csv or ChestX-ray14 Data_Entry_2017*.csv (default: found in --data)"
+)
+FormatOption = typer.Option(
+    None, "--format", help="siim, cxr14 or archive (a Pleura storage directory with feedback) (default: detected)"
+)
+SkipBadOption = typer.Option(False, "--skip-bad", help="leave out unusable images and report them, instead of stopping")
+
+DEBUG_KEY = "pleura.debug"
+
+
+class PleuraGroup(TyperGroup):
+    """The `pleura` command group: an expected failure (:class:`PleuraError`) that no command
+    reported itself ends in one line and exit code 2; its traceback only with ``--debug``."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PleuraError as exc:
+            if ctx.meta.get(DEBUG_KEY):
+                raise
+            console.print(f"[bold red]Error[/]: {exc}")
+            raise typer.Exit(2) from None
+
+
+def settings_or_exit(config: Optional[Path], **overrides) -> Settings:
+    """The settings, or exit 2 with the reason."""
+    try:
+        settings = load_settings(config, **{k: v for k, v in overrides.items() if v is not None})
+    except SettingsError as exc:
+        console.print(f"[bold red]Configuration error[/]: {exc}")
+        raise typer.Exit(2) from None
+    return settings
+
+
+def setup_logging(verbose: bool, quiet: bool = False, log_format: str = "text") -> None:
+    configure_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO, log_format)
+
+
+def read_data(data: Path, labels: Optional[Path], data_format: Optional[str], skip_bad: bool):
+    from training.datasets import DatasetError, read_dataset
+
+    if data_format not in (None, "siim", "cxr14", "archive"):
+        console.print(f"[bold red]--format[/] must be siim, cxr14 or archive, not {data_format!r}")
+        raise typer.Exit(2)
+    try:
+        index = read_dataset(data, labels, kind=data_format, skip_bad=skip_bad)  # type: ignore[arg-type]
+    except DatasetError as exc:
+        console.print(f"[bold red]Data error[/]: {exc}")
+        raise typer.Exit(2) from None
+    return index
+
+
+def report_data(index, limit: int = 20) -> None:
+    console.print(index.describe())
+    for problem in index.problems[:limit]:
+        console.print(f"[yellow]skipped[/] {problem}")
+    if len(index.problems) > limit:
+        console.print(f"[yellow]... and {len(index.problems) - limit} more skipped[/]")
+    for path in index.unlabelled[:limit]:
+        console.print(f"[yellow]no label row[/] {path} (not used)")
+    if len(index.unlabelled) > limit:
+        console.print(f"[yellow]... and {len(index.unlabelled) - limit} more images without a label row[/]")
+
+
+def parse_fractions(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or any(v < 0 for v in values) or sum(values) <= 0:
+        console.print(f"[bold red]--split[/] takes three fractions train,val,test (e.g. 0.7,0.15,0.15), not {text!r}")
+        raise typer.Exit(2)
+    return values  # type: ignore[return-value]
