@@ -188,7 +188,11 @@ class Settings(BaseSettings):
     analysis_timeout_seconds: float = Field(
         default=3600.0, gt=0, description="a study queued this long without a result is dispatched again"
     )
-    max_pdu: int = Field(default=0, ge=0, description="maximum PDU size received; 0 = unlimited")
+    max_pdu: int = Field(
+        default=65536, ge=0,
+        description="maximum PDU size received (longer P-DATA PDUs abort the association); 0 = unlimited, so that "
+        "a sender may put a whole instance in one PDU, held in memory",
+    )
     allowed_callers: list[AllowedCaller] = Field(
         default_factory=list,
         description='JSON list of {"ae_title", "hosts"} allowed to associate; empty = any calling AE',
@@ -200,6 +204,34 @@ class Settings(BaseSettings):
     dimse_timeout: float = Field(default=60.0, gt=0, description="seconds to wait for a DIMSE message")
     network_timeout: float = Field(
         default=120.0, gt=0, description="seconds an association may stay silent before it is aborted"
+    )
+    association_request_timeout: float = Field(
+        default=10.0, gt=0,
+        description="seconds from the connect within which the A-ASSOCIATE-RQ (and the TLS handshake) must "
+        "have arrived whole; bytes trickled in do not extend it",
+    )
+    pdu_timeout: float = Field(
+        default=30.0, gt=0, description="seconds from a PDU's first byte within which it must have arrived whole"
+    )
+    store_timeout: float = Field(
+        default=600.0, gt=0,
+        description="seconds from a DIMSE message's first fragment within which it (a C-STORE with its data set) "
+        "must have arrived whole",
+    )
+    max_associations_per_address: int = Field(
+        default=8, ge=0, le=1000,
+        description="connections open at once from one address; more are closed on connect; 0 = no cap",
+    )
+    max_instance_bytes: int = Field(
+        default=2 * 1024**3, ge=1024,
+        description="largest data set a C-STORE may carry; larger ones are answered 0xA700 (out of resources)",
+    )
+    quarantine_max_mb: int = Field(
+        default=2048, ge=0,
+        description="total size of quarantine/; the oldest rejected instances are removed to stay under it",
+    )
+    max_rejected_per_association: int = Field(
+        default=20, ge=1, description="rejected instances kept from one association; the next aborts it"
     )
     tls_cert_file: Path | None = Field(
         default=None, description="PEM certificate of the node: the SCP listens with DICOM TLS when set (with the key)"

@@ -15,10 +15,14 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from typing import Any
+
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.transport import ThreadedAssociationServer
 
 from config.settings import Settings
+from node.connections import ConnectionGuard, Limits, NodeServer, Refused
 
 FreeSpace = Callable[[], float]
 """Free space, in MB, where the node stores what it receives."""
@@ -50,6 +54,13 @@ class Admission:
             return f"only {free:.0f} MB free for the storage directory (PLEURA_MIN_FREE_DISK_MB is {self.min_free_mb})"
         return None
 
+    def address_allowed(self, host: str) -> bool:
+        """Whether some allowed caller may call from `host`: checked on connect, before a byte of the
+        association request is read (an allowlist without addresses allows every address)."""
+        if not self.callers:
+            return True
+        return any(not hosts or host in hosts for hosts in self.callers.values())
+
     def caller_allowed(self, ae_title: str, host: str | None) -> bool:
         if not self.callers:
             return True
@@ -60,11 +71,28 @@ class Admission:
 
 
 class NodeAE(AE):
-    """The node's AE: pynetdicom's, with :class:`Admission` deciding each association request."""
+    """The node's AE: pynetdicom's, with :class:`Admission` deciding each association request, and
+    its server guarding each connection (:mod:`node.connections`) when `limits` are given."""
 
-    def __init__(self, ae_title: str, admission: Admission) -> None:
+    def __init__(
+        self, ae_title: str, admission: Admission, limits: Limits | None = None, on_refused: Refused | None = None
+    ) -> None:
         super().__init__(ae_title=ae_title)
         self.admission = admission
+        self.limits = limits
+        self.on_refused = on_refused
+
+    def make_server(self, address: Any, *args: Any, server_class: Any = None, **kwargs: Any) -> Any:
+        """pynetdicom's server, or the node's :class:`NodeServer` in its place (``start_server``
+        asks for the threaded server)."""
+        if self.limits is not None and server_class in (None, ThreadedAssociationServer):
+            guard = ConnectionGuard(self.limits, self.admission.address_allowed, self.on_refused)
+            try:
+                return super().make_server(address, *args, server_class=NodeServer, guard=guard, **kwargs)
+            except BaseException:
+                guard.stop()
+                raise
+        return super().make_server(address, *args, server_class=server_class, **kwargs)
 
     @staticmethod
     def _requesting() -> Association | None:

@@ -1,8 +1,11 @@
 """The DICOM SCP: C-ECHO and C-STORE of every Storage SOP class a PACS may push.
 
-The C-STORE handler is small on purpose: it reads the few UIDs it needs from the encoded dataset
-(no pixel decoding), writes the bytes durably, records the instance in the ledger and only then
-answers success. What cannot be accepted is kept in quarantine with the reason, and the sender gets
+The C-STORE handler is small on purpose: pynetdicom receives the data set to a temporary file in
+chunks (so memory stays flat whatever the instance size); the handler reads the few UIDs it needs
+from that file (no large value read, no pixel decoding), moves the file durably into storage,
+records the instance in the ledger and only then answers success. An instance larger than
+``max_instance_bytes`` is answered "Out of Resources"; one whose elements declare more bytes than
+arrived is refused. What cannot be accepted is kept in quarantine with the reason, and the sender gets
 a failure status from PS3.4 Annex B; a storage or ledger error answers "Out of Resources", so the
 sender keeps the instance and tries again.
 
@@ -21,11 +24,14 @@ like an instance and recorded as labels for the images it references (:mod:`node
 from __future__ import annotations
 
 import logging
-from io import BytesIO
+from pathlib import Path
 from typing import Any, cast
+from weakref import WeakKeyDictionary
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_partial
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -44,7 +50,8 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AllStoragePresentationContexts, evt
+from pynetdicom import AllStoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (
@@ -60,6 +67,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from config.settings import Settings
 from node.admission import Admission, NodeAE
 from node.audit import AuditTrail
+from node.connections import Limits, Refused
 from node.ledger import Held, Ledger
 from node.ops.metrics import INSTANCES_RECEIVED
 from node.privacy import ref
@@ -142,10 +150,47 @@ def _text(dataset: Dataset, keyword: str) -> str | None:
     return str(value).strip() or None
 
 
-def build_ae(settings: Settings, admission: Admission | None = None) -> NodeAE:
+_PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00009, 0x7FE00008)
+_DEFER_BYTES = 64 * 1024
+"""Values larger than this are skipped (seeked over), never read, when the header is read."""
+
+
+def read_header(path: Path, transfer_syntax: str) -> Dataset:
+    """The attributes of a received file up to its pixel data, without reading large values.
+
+    Raises :class:`RejectedInstance` when an element (the pixel data included) declares more bytes
+    than the file holds: a data set cut short is refused, not stored.
+    """
+    size = path.stat().st_size
+    pixels: dict[str, Any] = {}
+
+    def at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
+        if tag in _PIXEL_DATA_TAGS:
+            pixels.update(vr=vr, length=length)
+            return True
+        return False
+
+    with open(path, "rb") as handle:
+        dataset = read_partial(handle, stop_when=at_pixel_data, defer_size=_DEFER_BYTES)
+        position = handle.tell()
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        return dataset  # positions are in the inflated stream: what arrived is checked by inflating
+    end = position
+    if pixels and pixels["length"] != 0xFFFFFFFF:
+        implicit = transfer_syntax == ImplicitVRLittleEndian
+        end += 8 + (4 if not implicit and pixels["vr"] in EXPLICIT_VR_LENGTH_32 else 0) + pixels["length"]
+    if end > size:
+        raise RejectedInstance(
+            CANNOT_UNDERSTAND, f"an element declares {end - size} bytes more than the data set holds (cut short)"
+        )
+    return dataset
+
+
+def build_ae(settings: Settings, admission: Admission | None = None, on_refused: Refused | None = None) -> NodeAE:
     """The node's application entity with the contexts it accepts as an SCP and its admission
-    rules (calling-AE allowlist, association limit, free-space guard, timeouts)."""
-    ae = NodeAE(settings.ae_title, admission or Admission(settings))
+    rules (calling-AE allowlist, association limits, free-space guard, timeouts and deadlines);
+    `on_refused` hears of each connection refused or dropped."""
+    ae = NodeAE(settings.ae_title, admission or Admission(settings), Limits.from_settings(settings), on_refused)
     ae.require_called_aet = True
     ae.maximum_pdu_size = settings.max_pdu
     ae.maximum_associations = settings.max_associations
@@ -171,7 +216,8 @@ class StorageSCP:
         self.store = store
         self.admission = admission or Admission(settings)
         self.audit = AuditTrail(settings.storage_dir)
-        self.ae = build_ae(settings, self.admission)
+        self.ae = build_ae(settings, self.admission, self._audit_connection)
+        self._rejected: WeakKeyDictionary[Association, int] = WeakKeyDictionary()  # rejected instances per association
         self._server: ThreadedAssociationServer | None = None
 
     @property
@@ -182,6 +228,9 @@ class StorageSCP:
         """Listen on settings.host:settings.port in background threads."""
         if self._server is not None:
             return
+        # C-STOREs are received to a temporary file in chunks, never held in memory (pynetdicom's
+        # documented switch; it is process-wide, and pynetdicom's other handlers read such files too).
+        _config.STORE_RECV_CHUNKED_DATASET = True
         try:
             self._server = self.ae.start_server(
                 (self.settings.host, self.settings.port),
@@ -213,6 +262,9 @@ class StorageSCP:
             self._server = None
             log.info("DICOM SCP stopped")
 
+    def _audit_connection(self, what: str, address: str, reason: str) -> None:
+        self.audit.record(what, address=address, reason=reason, tls=self.settings.tls)
+
     def _audit_association(self, event: Event) -> None:
         requestor = event.assoc.requestor
         self.audit.record(
@@ -229,10 +281,23 @@ class StorageSCP:
     def handle_store(self, event: Event) -> Dataset:
         calling_ae = event.assoc.requestor.ae_title
         try:
-            data = event.encoded_dataset(include_meta=True)
-        except Exception as exc:  # the request carried no dataset at all
-            log.warning("C-STORE from %s without a usable dataset: %s", calling_ae, exc)
+            # Received to disk in chunks (STORE_RECV_CHUNKED_DATASET): the file meta pynetdicom
+            # wrote from the command set and context, then the data set's bytes as they arrived.
+            data = event.dataset_path
+        except AttributeError:
+            data = None
+        if data is None or not Path(data).is_file():  # the request carried no dataset at all
+            log.warning("C-STORE from %s without a usable dataset", calling_ae)
             return _status(CANNOT_UNDERSTAND, "no data set in the C-STORE request")
+        data = Path(data)
+        size = data.stat().st_size
+        if size > self.settings.max_instance_bytes:
+            reason = (
+                f"data set of {size} bytes is larger than PLEURA_MAX_INSTANCE_BYTES ({self.settings.max_instance_bytes})"
+            )
+            log.error("refusing an instance from %s: %s", calling_ae, reason)
+            self._audit_instance(event, "instance-refused", None, OUT_OF_RESOURCES, reason)
+            return _status(OUT_OF_RESOURCES, "larger than PLEURA_MAX_INSTANCE_BYTES")
         try:
             identity, manufacturer = self._identify(event, data)
         except RejectedInstance as rejected:
@@ -253,7 +318,7 @@ class StorageSCP:
                 log.error("refusing instance %s from %s: %s", ref(sop_uid), calling_ae, full)
                 self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, full)
                 return _status(OUT_OF_RESOURCES, "disk nearly full; try again later")
-            key = self.store.write_instance(identity["study_uid"], identity["series_instance_uid"], sop_uid, data)
+            key = self.store.store_file(identity["study_uid"], identity["series_instance_uid"], sop_uid, data)
             created = self.ledger.record_instance(storage_key=key, calling_ae=calling_ae, **identity)
         except Exception as exc:
             return self._not_stored(event, identity, exc)
@@ -269,7 +334,7 @@ class StorageSCP:
         return _status(SUCCESS)
 
     def _receive_unanalysed(
-        self, event: Event, data: bytes, identity: dict[str, Any], manufacturer: str | None
+        self, event: Event, data: Path, identity: dict[str, Any], manufacturer: str | None
     ) -> Dataset:
         """Acknowledge an object Pleura does not analyse (a report, a presentation state, another
         modality's image) and record it as skipped with the reason, so that a PACS can push a whole
@@ -295,7 +360,7 @@ class StorageSCP:
                     log.error("refusing instance %s from %s: %s", ref(sop_uid), calling_ae, full)
                     self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, full)
                     return _status(OUT_OF_RESOURCES, "disk nearly full; try again later")
-                key = self.store.write_instance(identity["study_uid"], identity["series_instance_uid"], sop_uid, data)
+                key = self.store.store_file(identity["study_uid"], identity["series_instance_uid"], sop_uid, data)
             if held is None:
                 held = self.ledger.record_skipped(storage_key=key, calling_ae=calling_ae, reason=reason, **identity)
         except Exception as exc:
@@ -340,7 +405,7 @@ class StorageSCP:
         self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, repr(exc))
         return _status(OUT_OF_RESOURCES, "internal error; try again")
 
-    def _receive_segmentation(self, event: Event, data: bytes, identity: dict[str, Any]) -> Dataset:
+    def _receive_segmentation(self, event: Event, data: Path, identity: dict[str, Any]) -> Dataset:
         """Store a SEG sent back and record it as labels of the images it references; Pleura's own
         SEG coming back is acknowledged and not kept again, an unreadable one is quarantined."""
         calling_ae = event.assoc.requestor.ae_title
@@ -351,7 +416,7 @@ class StorageSCP:
                 self._audit_instance(event, "instance-repeated", identity, SUCCESS)
                 return _status(SUCCESS)
             try:
-                dataset = dcmread(BytesIO(data))
+                dataset = dcmread(data)  # a SEG's frames are its labels: read whole (1 bit a pixel)
                 own = is_pleura_seg(dataset)
                 read = None if own else read_seg_labels(dataset)
             except SegLabelError as exc:
@@ -368,7 +433,7 @@ class StorageSCP:
             if full is not None:
                 self._audit_instance(event, "instance-refused", identity, OUT_OF_RESOURCES, full)
                 return _status(OUT_OF_RESOURCES, "disk nearly full; try again later")
-            key = self.store.write_instance(identity["study_uid"], identity["series_instance_uid"], sop_uid, data)
+            key = self.store.store_file(identity["study_uid"], identity["series_instance_uid"], sop_uid, data)
             self.ledger.record_seg_labels(
                 seg_sop_instance_uid=sop_uid,
                 seg_study_uid=identity["study_uid"],
@@ -404,13 +469,14 @@ class StorageSCP:
             reason=reason,
         )
 
-    def _identify(self, event: Event, data: bytes) -> tuple[dict[str, Any], str | None]:
+    def _identify(self, event: Event, data: Path) -> tuple[dict[str, Any], str | None]:
         """The UIDs and identifiers the ledger needs, and the Manufacturer (which marks Pleura's
-        own results), read without decoding the pixel data."""
+        own results), read from the received file without loading large values or decoding the
+        pixel data."""
         context_sop_class = str(event.context.abstract_syntax)
         transfer_syntax = str(event.context.transfer_syntax)
         try:
-            dataset = dcmread(BytesIO(data), stop_before_pixels=True)
+            dataset = read_header(data, transfer_syntax)
             dataset_sop_class = dataset.get("SOPClassUID")
             sop_uid = validate_uid(dataset.get("SOPInstanceUID"), "SOP Instance UID (0008,0018)")
             study_uid = validate_uid(dataset.get("StudyInstanceUID"), "Study Instance UID (0020,000D)")
@@ -418,7 +484,7 @@ class StorageSCP:
             patient_id = _text(dataset, "PatientID")
             accession = _text(dataset, "AccessionNumber")
             manufacturer = _text(dataset, "Manufacturer")
-        except InvalidUIDError as exc:
+        except (InvalidUIDError, RejectedInstance) as exc:
             raise RejectedInstance(CANNOT_UNDERSTAND, str(exc)) from None
         except Exception as exc:  # pydicom raises many kinds of errors on malformed data
             raise RejectedInstance(CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from None
@@ -446,8 +512,31 @@ class StorageSCP:
         }
         return identity, manufacturer
 
-    def _quarantine(self, event: Event, data: bytes, rejected: RejectedInstance) -> Dataset:
+    def _quarantine(self, event: Event, data: Path, rejected: RejectedInstance) -> Dataset:
+        """Keep a rejected instance with its reason, within bounds: under the free-space guard, in a
+        folder of at most ``quarantine_max_mb`` (the oldest removed first, each removal audited),
+        and at most ``max_rejected_per_association`` from one association, which is aborted at the
+        next."""
         calling_ae = event.assoc.requestor.ae_title
+        rejected_here = self._rejected.get(event.assoc, 0) + 1
+        self._rejected[event.assoc] = rejected_here
+        if rejected_here > self.settings.max_rejected_per_association:
+            why = (
+                f"more than {self.settings.max_rejected_per_association} rejected instances in one association "
+                "(PLEURA_MAX_REJECTED_PER_ASSOCIATION)"
+            )
+            log.error("aborting the association from %s: %s", calling_ae, why)
+            self._audit_instance(event, "instance-refused", None, rejected.status, f"{rejected.reason} (not kept: {why})")
+            self.audit.record(
+                "association-aborted", calling_ae=calling_ae.strip(), address=event.assoc.requestor.address, reason=why
+            )
+            event.assoc.abort()
+            return _status(rejected.status, rejected.reason)
+        full = self.admission.disk_refusal()
+        if full is not None:
+            log.error("cannot quarantine a rejected instance from %s: %s", calling_ae, full)
+            self._audit_instance(event, "instance-refused", None, OUT_OF_RESOURCES, f"cannot quarantine: {full}")
+            return _status(OUT_OF_RESOURCES, "disk nearly full; try again later")
         reason = "\n".join(
             (
                 rejected.reason,
@@ -460,6 +549,7 @@ class StorageSCP:
         )
         try:
             path = self.store.quarantine(data, reason)
+            removed = self.store.trim_quarantine(self.settings.quarantine_max_mb * 1_000_000)
         except OSError as exc:
             # Not kept here, so the sender must keep it: answer a status it retries on.
             log.error("cannot quarantine a rejected instance from %s: %s", calling_ae, exc)
@@ -468,4 +558,9 @@ class StorageSCP:
         # The reason may quote UIDs: the log names the quarantine file, which holds it.
         log.warning("rejected an instance from %s with status 0x%04X; kept in %s", calling_ae, rejected.status, path)
         self._audit_instance(event, "instance-refused", None, rejected.status, f"{rejected.reason} (kept in {path.name})")
+        for old in removed:
+            log.warning("removed %s from the quarantine (PLEURA_QUARANTINE_MAX_MB is %d)", old.name,
+                        self.settings.quarantine_max_mb)
+            self.audit.record("quarantine-removed", file=old.name,
+                              reason=f"quarantine over PLEURA_QUARANTINE_MAX_MB ({self.settings.quarantine_max_mb})")
         return _status(rejected.status, rejected.reason)

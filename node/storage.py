@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import tempfile
 import threading
 import uuid
@@ -97,11 +98,42 @@ def write_durably(target: Path, data: bytes) -> None:
     _fsync_directory(target.parent)
 
 
+def move_durably(source: Path, target: Path) -> None:
+    """Put the file `source` at `target` atomically and durably, without reading it into memory:
+    renamed when both are on one file system, else copied in chunks to a temporary file beside the
+    target; fsynced before the rename, the directory after it. `source` is gone afterwards."""
+    _make_directories(target.parent)
+    source = Path(source)
+    if os.stat(source).st_dev == os.stat(target.parent).st_dev:
+        with open(source, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(source, target)
+    else:
+        fd, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle, open(source, "rb") as original:
+                shutil.copyfileobj(original, handle, _COPY_CHUNK)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp_name, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp_name)
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(source)
+    _fsync_directory(target.parent)
+
+
+_COPY_CHUNK = 1024 * 1024
+
+
 class InstanceStore:
     """Received instances under ``<root>/instances/<study>/<series>/<sop>.dcm``."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).expanduser().resolve()
+        self._quarantine_lock = threading.Lock()
 
     @staticmethod
     def instance_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
@@ -121,6 +153,13 @@ class InstanceStore:
         write_durably(self.path(key), data)
         return key
 
+    def store_file(self, study_uid: str, series_uid: str, sop_uid: str, source: Path) -> str:
+        """Move the received DICOM Part 10 file `source` durably into place and return its key;
+        like :meth:`write_instance`, for instances received to disk."""
+        key = self.instance_key(study_uid, series_uid, sop_uid)
+        move_durably(source, self.path(key))
+        return key
+
     def path(self, key: str) -> Path:
         """The absolute path of `key`; refuses keys that would leave the storage directory."""
         relative = PurePosixPath(key)
@@ -131,15 +170,48 @@ class InstanceStore:
             raise ValueError(f"storage key {key!r} resolves outside the storage directory {self.root}")
         return resolved
 
-    def quarantine(self, data: bytes, reason: str) -> Path:
-        """Keep bytes that could not be accepted, with ``<name>.reason.txt`` beside them."""
+    def quarantine(self, data: bytes | Path, reason: str) -> Path:
+        """Keep what could not be accepted (bytes, or a received file, which is moved), with
+        ``<name>.reason.txt`` beside it."""
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
         name = f"{stamp}-{uuid.uuid4().hex[:12]}"
         folder = self.root / QUARANTINE_DIR
         target = folder / f"{name}.dcm"
-        write_durably(target, data)
+        if isinstance(data, Path):
+            move_durably(data, target)
+        else:
+            write_durably(target, data)
         write_durably(folder / f"{name}.reason.txt", (reason.rstrip("\n") + "\n").encode("utf-8"))
         return target
+
+
+    def trim_quarantine(self, max_bytes: int) -> list[Path]:
+        """Remove the oldest quarantined instances (names begin with the time they were kept) and
+        their reason files until the folder holds at most `max_bytes`; returns what was removed."""
+        folder = self.root / QUARANTINE_DIR
+        with self._quarantine_lock:
+            kept = sorted(folder.glob("*.dcm")) if folder.is_dir() else []
+            sizes = {path: path.stat().st_size + _size(reason_file(path)) for path in kept}
+            total = sum(sizes.values())
+            removed = []
+            for path in kept:
+                if total <= max_bytes:
+                    break
+                for item in (path, reason_file(path)):
+                    with contextlib.suppress(FileNotFoundError):
+                        item.unlink()
+                total -= sizes[path]
+                removed.append(path)
+            if removed:
+                _fsync_directory(folder)
+            return removed
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def reason_file(quarantined: Path) -> Path:

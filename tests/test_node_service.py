@@ -85,6 +85,7 @@ def test_node_service_receives_dispatches_and_exports(tmp_path: Path, redis: Red
             storage_dir=storage,
             host="127.0.0.1",
             port=dicom_peers.free_port(),
+            metrics_port=dicom_peers.free_port(),  # its own, not one another node on the host holds
             settle_seconds=0.5,
             broker_url=f"redis://127.0.0.1:{redis.port}/0",
             export_retry_seconds=1,
@@ -209,6 +210,7 @@ def test_run_node_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         "PLEURA_STORAGE_DIR": str(tmp_path / "storage"),
         "PLEURA_HOST": "127.0.0.1",
         "PLEURA_PORT": str(port),
+        "PLEURA_METRICS_PORT": str(dicom_peers.free_port()),
         "PLEURA_BROKER_URL": f"redis://127.0.0.1:{dicom_peers.free_port()}/0",
     }
     node = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)

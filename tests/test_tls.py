@@ -3,8 +3,10 @@ deliveries to a TLS peer (pynetdicom), mutual authentication included."""
 
 from __future__ import annotations
 
+import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 import dicom_peers
 from config.settings import Destination, Settings
+from node.audit import AuditTrail
 from node.export import DeliveryError, send_results
 from node.tls import client_context, server_context
 from test_node_admission import start_node
@@ -73,6 +76,34 @@ def test_the_scp_speaks_tls_and_requires_a_client_certificate(tmp_path: Path, ce
     finally:
         scp.stop()
         scp.ledger.close()
+
+
+def test_a_silent_socket_does_not_stop_tls_callers(tmp_path: Path, certificates: Certificates) -> None:
+    """The handshake runs in the connection's own thread, within association_request_timeout: a
+    connection that never speaks costs one slot for seconds, never the listener."""
+    scp, settings, _ = start_node(
+        tmp_path, tls_cert_file=certificates.server, tls_key_file=certificates.server_key, tls_ca_file=certificates.ca,
+        association_request_timeout=3, network_timeout=120,
+    )
+    silent = [socket.create_connection(("127.0.0.1", settings.port), timeout=30) for _ in range(2)]
+    try:
+        started = time.monotonic()
+        ok = tls_echo(settings.port, certificates)  # at once, while the silent sockets are open
+        assert ok.returncode == 0, ok.stderr
+        assert time.monotonic() - started < 20
+        for sock in silent:  # and the silent ones are closed at the deadline, not after network_timeout
+            try:
+                assert sock.recv(1024) == b""
+            except ConnectionResetError:
+                pass
+        assert time.monotonic() - started < 30
+    finally:
+        for sock in silent:
+            sock.close()
+        scp.stop()
+        scp.ledger.close()
+    dropped = [e for e in AuditTrail(settings.storage_dir).events() if e["event"] == "connection-dropped"]
+    assert len(dropped) == 2 and all("PLEURA_ASSOCIATION_REQUEST_TIMEOUT" in e["reason"] for e in dropped)
 
 
 def test_a_client_that_does_not_trust_the_node_will_not_talk(tmp_path: Path, certificates: Certificates) -> None:
