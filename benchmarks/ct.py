@@ -55,10 +55,10 @@ def _instances(storage: Path) -> tuple[str, str, list[dict[str, str]]]:
 def _recipe_bundle(folder: Path) -> Path:
     import torch
 
-    from training.bundle import DEMO_INTENDED_USE, Manifest, NetworkSpec, Thresholds, write_manifest
+    from contract.bundle import DEMO_INTENDED_USE, Manifest, NetworkSpec, Thresholds, write_manifest
     from training.presets import get_preset
     from training.trainer import network_recipe
-    from worker.inference.models import build_network
+    from contract.networks import build_network
 
     preset = get_preset("ct-seg-unet-resnet50")
     recipe = network_recipe(preset)
@@ -95,10 +95,10 @@ def main() -> None:
     import torch
 
     from config.settings import default_storage_dir
-    from training.bundle import load_bundle
+    from contract.bundle import load_bundle
     from training.ct_demo_model import ensure_ct_demo_bundle
     from worker.ct_analysis import SeriesAnalyser
-    from worker.inference.ct_preprocess import ct_network_input, series_geometry, slice_hu
+    from contract.ct_preprocess import ct_network_input, series_geometry, slice_hu
 
     with tempfile.TemporaryDirectory(prefix="pleura-ct-bench-") as tmp:
         work = Path(tmp)

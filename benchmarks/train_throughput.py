@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from training.bundle import DEMO_INTENDED_USE, Manifest, NetworkSpec, Preprocessing, write_manifest, load_bundle
+from contract.bundle import DEMO_INTENDED_USE, Manifest, NetworkSpec, Preprocessing, write_manifest, load_bundle
+from contract.networks import build_network, resolve_device
 from training.datasets import read_siim
 from training.presets import PRESETS, with_overrides
 from training.synthetic import write_siim_dataset
 from training.trainer import train
-from worker.inference.models import build_network, resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"

@@ -31,14 +31,15 @@ import pydicom
 import torch
 
 from config.settings import Settings
+from contract.active import active_bundle_dir
+from contract.bundle import Bundle, load_bundle
+from contract.preprocess import decode_radiograph, mask_to_source, network_inputs
 from node.storage import InstanceStore
-from training.bundle import Bundle, load_bundle
 from training.demo_model import ensure_demo_bundle
 from training.synthetic import synthetic_dicom
 from worker.analysis import StudyAnalyser, write_result
 from worker.inference.measure import measure_mask
 from worker.inference.predict import pixel_spacing_mm, predict_images
-from worker.inference.preprocess import decode_radiograph, mask_to_source, network_inputs
 from worker.writers.gsps import build_gsps
 from worker.writers.sc import build_sc
 from worker.writers.seg import build_seg
@@ -86,7 +87,7 @@ def store_images(storage: Path, count: int, size: int, first_seed: int = 0) -> l
 
 def benchmark_bundle(model_dir: Path | None) -> Bundle:
     """The bundle of ``--model-dir``, else the demo bundle (built when missing)."""
-    bundle_dir = model_dir or Settings().bundle_dir
+    bundle_dir = model_dir or active_bundle_dir(Settings())
     if model_dir is None:
         ensure_demo_bundle(bundle_dir, progress=False)
     return load_bundle(bundle_dir)
@@ -95,10 +96,10 @@ def benchmark_bundle(model_dir: Path | None) -> Bundle:
 def recipe_bundle(folder: Path, classifier: str, segmenter: str) -> Bundle:
     """A bundle of two presets' networks at their own input sizes, with untrained weights (the
     speed of a full-size model; its decisions mean nothing)."""
-    from training.bundle import DEMO_INTENDED_USE, Manifest, Thresholds, write_manifest
+    from contract.bundle import DEMO_INTENDED_USE, Manifest, Thresholds, write_manifest
     from training.presets import get_preset
     from training.trainer import network_recipe, network_spec
-    from worker.inference.models import build_network
+    from contract.networks import build_network
 
     torch.manual_seed(0)  # the same untrained networks in every run, so runs compare
     presets = get_preset(classifier), get_preset(segmenter)

@@ -418,14 +418,6 @@ class Settings(BaseSettings):
         return self.broker_url or f"sqla+sqlite:///{self.embedded_broker_file}"
 
     @property
-    def bundle_dir(self) -> Path:
-        """The active radiograph bundle: PLEURA_MODEL_DIR when it is a bundle, else the registry's
-        promoted version, else the demo bundle (``training/registry.py: active_bundle_dir()``)."""
-        from training.registry import active_bundle_dir  # the registry reads files: only when asked
-
-        return active_bundle_dir(self, "radiograph")
-
-    @property
     def result_objects(self) -> list[str]:
         """The result objects the workers write: every kind some destination receives (the SR
         always, it is the record of the analysis), or all of them when there is no destination."""

@@ -56,8 +56,8 @@ def worker(
     """Run an analysis worker (Celery): loads the model bundle and analyses queued studies."""
     settings = settings_or_exit(config)
     setup_logging(verbose, log_format=settings.log_format)
-    from training.bundle import BundleError, load_bundle
-    from training.registry import active_bundle_dir, is_ct_demo_dir
+    from contract.active import active_bundle_dir, is_ct_demo_dir
+    from contract.bundle import BundleError, load_bundle
 
     queue_list = queues or ",".join(settings.worker_queues)
     kinds = [kind for kind in ("radiograph", "ct") if kind in queue_list.split(",")]
@@ -115,7 +115,7 @@ def demo_model(
     settings = settings_or_exit(config)
     from training.ct_demo_model import ensure_ct_demo_bundle
     from training.demo_model import ensure_demo_bundle
-    from training.registry import ct_demo_bundle_dir, demo_bundle_dir
+    from contract.active import ct_demo_bundle_dir, demo_bundle_dir
 
     if ct or out is None:
         target = (out if ct else None) or ct_demo_bundle_dir(settings)
@@ -128,7 +128,7 @@ def demo_model(
 
 def _ensure_demo(what: str, target: Path, duration: str, ensure, force: bool, seed: int, *, progress: bool) -> None:
     """Build one synthetic demo bundle at ``target`` unless it is already there and current."""
-    from training.bundle import BundleError
+    from contract.bundle import BundleError
 
     console.print(f"making sure the synthetic {what} in {target} is current (training it takes {duration})")
     try:

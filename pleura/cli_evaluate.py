@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from contract.active import active_bundle_dir
 from pleura.cli_common import (
     ConfigOption,
     DataOption,
@@ -41,11 +42,11 @@ def _fail(kind: str, exc: Exception) -> typer.Exit:
 
 
 def _load(model: Optional[Path], config: Optional[Path], device: str):
-    from training.bundle import BundleError, load_bundle
-    from worker.inference.models import load_models
+    from contract.bundle import BundleError, load_bundle
+    from contract.networks import load_models
 
     try:
-        bundle = load_bundle(model or settings_or_exit(config).bundle_dir)
+        bundle = load_bundle(model or active_bundle_dir(settings_or_exit(config)))
         return bundle, load_models(bundle, device)
     except (BundleError, ValueError) as exc:
         raise _fail("Model bundle error", exc) from None
@@ -70,7 +71,7 @@ def _run_evaluation(bundle, models, index, held, out: Path, *, batch_size: int, 
     from training.datasets import DatasetError
     from training.eval_output import write_evaluation
     from training.evaluate import evaluate_bundle
-    from worker.inference.preprocess import ImageDecodeError
+    from contract.preprocess import ImageDecodeError
 
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"evaluating {bundle.identity.label}", total=len(held.examples))
@@ -270,12 +271,12 @@ def compare(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Train (or take) several models, evaluate them on one split, and tabulate quality against time and memory."""
-    from training.bundle import BundleError, load_bundle
+    from contract.bundle import BundleError, load_bundle
     from training.compare import COLUMNS, CompareEntry, comparison_rows, format_cell, write_comparison
     from training.datasets import DatasetError
     from training.presets import PresetError, get_preset, parse_override, with_overrides
     from training.trainer import BUNDLE_DIR, SPLITS_FILE, TrainingError, train as run_training
-    from worker.inference.models import load_models
+    from contract.networks import load_models
 
     if not preset_names and not models_given:
         raise _fail("Option error", ValueError("give at least one --preset or --model"))
@@ -295,7 +296,7 @@ def compare(
     shared_split = split_file
     if presets and not evaluate_only:
         try:
-            base_bundle = load_bundle(base or settings_or_exit(config).bundle_dir)
+            base_bundle = load_bundle(base or active_bundle_dir(settings_or_exit(config)))
         except BundleError as exc:
             raise _fail("Base bundle error", exc) from None
     for preset in presets:

@@ -44,9 +44,9 @@ def dataset_check(
         return
     from rich.progress import Progress
 
-    from training.bundle import Preprocessing
+    from contract.bundle import Preprocessing
     from training.cache import decode_example
-    from worker.inference.preprocess import ImageDecodeError
+    from contract.preprocess import ImageDecodeError
 
     failures = 0
     with Progress(console=console) as bar:

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from config.settings import load_settings
+from contract.active import active_bundle_dir
 from pleura.pacs_standin import ReceivingPACS
 
 
@@ -67,15 +68,15 @@ def _send(path: Path, port: int) -> int:
 
 
 def _ensure_bundle(console: Console) -> Path:
-    from training.bundle import BundleError, load_bundle
+    from contract.bundle import BundleError, load_bundle
 
     settings = load_settings()
     try:
-        bundle_dir = settings.bundle_dir
+        bundle_dir = active_bundle_dir(settings)
         load_bundle(bundle_dir)
     except BundleError:
         from training.demo_model import build_demo_bundle
-        from training.registry import demo_bundle_dir
+        from contract.active import demo_bundle_dir
 
         bundle_dir = demo_bundle_dir(settings)  # never into a registered version: those never change
 

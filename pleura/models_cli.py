@@ -1,7 +1,8 @@
 """`pleura models …`: the model registry (list, show, import, export, promote, rollback).
 
-The registry itself is ``training/registry.py``; these commands print what it holds and report its
-refusals (a bundle that fails a check, a version that does not exist) with the reason, exit code 2.
+The registry itself is ``training/registry.py`` (its read side, ``contract/active.py``); these
+commands print what it holds and report its refusals (a bundle that fails a check, a version that
+does not exist) with the reason, exit code 2.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def _refused(what: str, exc: Exception) -> typer.Exit:
 
 def _open(config: Optional[Path]):
     """(settings, the registry they name), or exit 2 saying why there is none."""
-    from training.registry import RegistryError, open_registry
+    from contract.active import RegistryError
+    from training.registry import open_registry
 
     settings = settings_or_exit(config)
     try:
@@ -65,8 +67,8 @@ def _metrics_text(metrics: dict[str, float], limit: int = 3) -> str:
 @models_app.command("list")
 def list_models(config: Optional[Path] = ConfigOption) -> None:
     """The registered versions, which one is active per kind, and what each worker has loaded."""
-    from training.bundle import BundleError, load_bundle
-    from training.registry import KINDS, RegistryError, fixed_bundle_dir
+    from contract.bundle import BundleError, load_bundle
+    from contract.active import KINDS, RegistryError, fixed_bundle_dir
 
     fixed = fixed_bundle_dir(settings_or_exit(config))
     out = Console(soft_wrap=True)
@@ -122,8 +124,8 @@ def list_models(config: Optional[Path] = ConfigOption) -> None:
 def show(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION when unique"),
          config: Optional[Path] = ConfigOption) -> None:
     """A version's manifest, metrics, provenance, checksum status and activation history."""
-    from training.bundle import BundleError, load_bundle
-    from training.registry import RegistryError
+    from contract.bundle import BundleError, load_bundle
+    from contract.active import RegistryError
 
     _, registry = _open(config)
     try:
@@ -165,8 +167,9 @@ def show(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION when 
 
 def import_into_registry(settings, source: Path):
     """Import a bundle into the configured registry and print what happened; exit 2 on refusal."""
-    from training.bundle import BundleError
-    from training.registry import RegistryError, open_registry
+    from contract.bundle import BundleError
+    from contract.active import RegistryError
+    from training.registry import open_registry
 
     try:
         record, added = open_registry(settings).import_bundle(source)
@@ -195,7 +198,7 @@ def export(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION whe
            out: Path = typer.Argument(..., help="a .tar.gz file, or a new directory"),
            config: Optional[Path] = ConfigOption) -> None:
     """Write a version (files + checksums, metrics, provenance) for `pleura models import` elsewhere."""
-    from training.bundle import BundleError
+    from contract.bundle import BundleError
 
     _, registry = _open(config)
     try:
@@ -210,7 +213,7 @@ def promote(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION wh
             kind: Optional[str] = KindOption, reason: Optional[str] = ReasonOption,
             config: Optional[Path] = ConfigOption) -> None:
     """Check a version and make it the active model of its kind; running workers pick it up."""
-    from training.bundle import BundleError
+    from contract.bundle import BundleError
 
     settings, registry = _open(config)
     try:
@@ -228,7 +231,7 @@ def promote(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION wh
 def rollback(kind: str = typer.Option("radiograph", "--kind", "-k", help="radiograph or ct"),
              reason: Optional[str] = ReasonOption, config: Optional[Path] = ConfigOption) -> None:
     """Make the previously active version of a kind active again (checked first)."""
-    from training.bundle import BundleError
+    from contract.bundle import BundleError
 
     settings, registry = _open(config)
     try:

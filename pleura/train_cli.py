@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from contract.active import active_bundle_dir
 from pleura.cli_common import (
     ConfigOption,
     FormatOption,
@@ -124,7 +125,7 @@ def train(
     preset both are trained on the same split, each in OUT/PRESET, and OUT/<second preset>/bundle
     holds both.
     """
-    from training.bundle import BundleError, load_bundle
+    from contract.bundle import BundleError, load_bundle
     from training.datasets import DatasetError
     from training.presets import PresetError, get_preset, parse_override, with_overrides
     from training.trainer import CHECKPOINTS, SPLITS_FILE, TrainingError, train as run_training
@@ -154,7 +155,7 @@ def train(
         console.print("[bold red]No data[/]: give --data, --from-feedback, or both")
         raise typer.Exit(2)
     try:
-        current_base = load_bundle(base or settings_or_exit(config).bundle_dir)
+        current_base = load_bundle(base or active_bundle_dir(settings_or_exit(config)))
     except BundleError as exc:
         console.print(f"[bold red]Base bundle error[/]: {exc}")
         raise typer.Exit(2) from None

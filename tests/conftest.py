@@ -44,8 +44,8 @@ def tiny_base_bundle(tmp_path_factory) -> Path:
     """A bundle with tiny random networks at 64 px, to stand for `pleura train --base` (synthetic demo)."""
     import torch
 
-    from training.bundle import DEMO_INTENDED_USE, Manifest, NetworkSpec, Preprocessing, Thresholds, write_manifest
-    from worker.inference.models import build_network
+    from contract.bundle import DEMO_INTENDED_USE, Manifest, NetworkSpec, Preprocessing, Thresholds, write_manifest
+    from contract.networks import build_network
 
     root = tmp_path_factory.mktemp("tiny-base")
     manifest = Manifest(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from training.bundle import load_bundle, write_manifest
+from contract.bundle import load_bundle, write_manifest
 
 
 def make_version(base: Path, target: Path, version: str, name: str = "tiny", **changes) -> Path:

@@ -3,7 +3,7 @@ objects must say so, and a clinical one, whose objects must not."""
 
 from __future__ import annotations
 
-from training.bundle import DEMO_INTENDED_USE, ModelIdentity
+from contract.bundle import DEMO_INTENDED_USE, ModelIdentity
 
 DEMO_MODEL = ModelIdentity(
     name="pleura-demo",

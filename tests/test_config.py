@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from config.settings import Settings, SettingsError, load_settings
+from contract.active import active_bundle_dir
 from pleura.cli import app
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
@@ -30,7 +31,7 @@ def test_defaults_follow_the_design_brief(tmp_path, monkeypatch):
     assert s.ledger_url == f"sqlite:///{tmp_path / 'ledger.sqlite'}"
     assert s.embedded_broker and s.celery_broker_url.startswith("sqla+sqlite:///")
     assert s.destinations == []
-    assert s.bundle_dir == tmp_path / "models" / "demo"
+    assert active_bundle_dir(s) == tmp_path / "models" / "demo"
 
 
 def test_environment_and_toml_file(tmp_path, monkeypatch):

@@ -11,12 +11,12 @@ import pytest
 
 from config.settings import Settings
 from dicom_samples import dciodvfy_errors
+from contract.bundle import load_bundle
+from contract.tasks import ANALYSE_SERIES_CT, ANALYSE_STUDY, CT_QUEUE, RADIOGRAPH_QUEUE, TASK_ROUTES
 from node.dispatch import dispatch_analysis
 from node.routing import route_instances
-from training.bundle import load_bundle
 from training.ct_synthetic import make_phantom, phantom_datasets
 from training.synthetic import synthetic_dicom
-from contract.tasks import ANALYSE_SERIES_CT, ANALYSE_STUDY, CT_QUEUE, RADIOGRAPH_QUEUE, TASK_ROUTES
 from worker.celery_app import make_celery
 from worker.ct_analysis import SeriesAnalyser
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from contract.bundle import load_bundle
 from pleura.cli import app
-from training.bundle import load_bundle
 from training.ct_datasets import load_case, read_ct_dataset
 from training.ct_synthetic import write_ct_dataset
 from training.datasets import DatasetError
@@ -81,7 +81,7 @@ def test_a_case_without_a_mask_names_the_folder(tmp_path: Path) -> None:
 def test_a_manifest_checks_its_networks_against_its_kind() -> None:
     from pydantic import ValidationError
 
-    from training.bundle import Manifest, NetworkSpec, Preprocessing
+    from contract.bundle import Manifest, NetworkSpec, Preprocessing
 
     unet = NetworkSpec(architecture="unet", weights_file="segmenter.pt")
     common = dict(name="m", version="1", intended_use="test", synthetic_demo=True, segmenter=unet)

@@ -11,10 +11,10 @@ import pydicom
 import pytest
 
 from dicom_samples import dciodvfy_errors
-from training.bundle import DEMO_INTENDED_USE, ModelIdentity
+from contract.bundle import DEMO_INTENDED_USE, ModelIdentity
+from contract.ct_preprocess import SeriesError, series_geometry, slice_hu
 from training.ct_synthetic import make_phantom, phantom_datasets
 from worker.inference.ct_measure import measure_series
-from worker.inference.ct_preprocess import SeriesError, series_geometry, slice_hu
 from worker.writers.common import DEMO_LABEL
 from worker.writers.seg_ct import build_ct_seg
 from worker.writers.sr_ct import build_ct_sr

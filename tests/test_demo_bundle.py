@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import training.demo_model as demo_model
-from training.bundle import BundleError, load_bundle
+from contract.bundle import BundleError, load_bundle
 
 
 def test_concurrent_requests_build_once_and_swap_in_a_complete_bundle(tmp_path: Path, demo_bundle: Path, monkeypatch) -> None:

@@ -17,10 +17,10 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicom_samples import dciodvfy_errors
-from training.bundle import Preprocessing
+from contract.bundle import Preprocessing
+from contract.preprocess import decode_radiograph, presentation_inverted, to_network_input
 from training.synthetic import radiograph_dataset, synthetic_chest_image, synthetic_dicom
 from worker.analysis import StudyAnalyser
-from worker.inference.preprocess import decode_radiograph, presentation_inverted, to_network_input
 
 TOP = 4095  # 12 bits stored
 RECIPE = Preprocessing(input_size=128)

@@ -10,9 +10,9 @@ from pydicom.dataset import Dataset
 
 from config.settings import load_settings
 from dicom_samples import lateral_chest_pixels, pydicom_data_file, synthetic_radiograph
-from training.bundle import Preprocessing
+from contract.bundle import Preprocessing
+from contract.preprocess import decode_radiograph
 from worker.analysis import StudyAnalyser
-from worker.inference.preprocess import decode_radiograph
 from worker.inference.select import Vocabulary, assess, looks_frontal
 
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from pleura.cli import app
 from test_training_archive import archive  # noqa: F401  (the labelled archive fixture)
 from test_training_train import TINY_UNET
-from training.bundle import load_bundle
+from contract.bundle import load_bundle
 from training.datasets import merge_datasets, read_siim
 from training.deidentify import Deidentifier
 from training.feedback_dataset import FEEDBACK_DATA_DIR, PROVENANCE_FILE, export_feedback_dataset

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from dicom_samples import dciodvfy_errors, pydicom_data_file, save_dataset
-from training.bundle import load_bundle
+from contract.bundle import load_bundle
+from contract.networks import LoadedModels, load_models
+from contract.preprocess import decode_radiograph
 from worker.inference.heatmap import gradcam_heatmap, gradcam_target_layer
-from worker.inference.models import LoadedModels, load_models
-from worker.inference.preprocess import decode_radiograph
 from worker.inference.result import ImageFinding
 from worker.writers.sc import build_sc
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 from pydicom.dataset import Dataset
 
-from training.bundle import BundleError, Manifest, NetworkSpec, Preprocessing, Thresholds, load_bundle, write_manifest
+from contract.bundle import BundleError, Manifest, NetworkSpec, Preprocessing, Thresholds, load_bundle, write_manifest
+from contract.decision import lesion_mask, source_lesion_mask
+from contract.networks import LoadedModels, build_network, load_models
+from contract.preprocess import decode_radiograph, mask_to_source
 from training.synthetic import synthetic_dicom
-from worker.inference.models import LoadedModels, build_network, load_models
-from worker.inference.predict import lesion_mask, pixel_spacing_mm, predict_images, source_lesion_mask
-from worker.inference.preprocess import decode_radiograph, mask_to_source
+from worker.inference.predict import pixel_spacing_mm, predict_images
 from worker.inference.select import ineligibility_reason
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -252,7 +253,7 @@ def test_eligibility_rules(attributes, reason):
 
 def test_demo_bundle_pipeline_on_a_tiny_set_is_deterministic(tmp_path):
     """The demo builder end to end on ten small images: a loadable, labelled, reproducible bundle."""
-    from training.bundle import DEMO_INTENDED_USE
+    from contract.bundle import DEMO_INTENDED_USE
     from training.demo_model import build_demo_bundle
 
     first = build_demo_bundle(tmp_path / "a", seed=4, n_images=10, epochs=1, image_size=64, progress=False)

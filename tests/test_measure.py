@@ -6,11 +6,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from training.bundle import Preprocessing
+from contract.bundle import Preprocessing
+from contract.preprocess import decode_radiograph
 from training.synthetic import synthetic_dicom
 from worker.inference.measure import column_direction, largest_gap, lung_fields, measure_mask
 from worker.inference.predict import pixel_spacing_mm
-from worker.inference.preprocess import decode_radiograph
 
 
 def _header(orientation: list[str] | None) -> pydicom.Dataset:

@@ -19,9 +19,10 @@ from node.audit import AuditTrail
 from pleura.cli import app
 from model_versions import make_version
 from services import write_config
-from training.bundle import BundleError, Thresholds
-from training.registry import Registry, RegistryError, active_bundle_dir, validate_bundle
 from config.settings import load_settings
+from contract.active import RegistryError, active_bundle_dir, validate_bundle
+from contract.bundle import BundleError, Thresholds
+from training.registry import Registry
 
 
 @pytest.fixture
@@ -60,7 +61,6 @@ def test_import_list_show_promote_rollback_export_round_trip(tmp_path, tiny_base
 
     run(config, "models", "promote", "tiny/1.0", "--reason", "first")
     assert active_bundle_dir(settings) == storage / "models" / "versions" / "tiny" / "1.0"
-    assert settings.bundle_dir == active_bundle_dir(settings)  # the CLI's --base and the worker agree
     run(config, "models", "promote", "2.0")  # a version alone, when only one name has it
     assert active_bundle_dir(settings).name == "2.0"
 
@@ -168,8 +168,8 @@ def _tiny_grid(root: Path) -> None:
     data["classifier"]["extra"]["block_config"] = [2, 2, 2, 2, 2, 2]  # more poolings than a 64 px image has
     data["classifier"]["extra"]["init_features"] = 8
     (root / "manifest.json").write_text(json.dumps(data))
-    from training.bundle import Manifest
-    from worker.inference.models import build_network
+    from contract.bundle import Manifest
+    from contract.networks import build_network
 
     manifest = Manifest.model_validate(data)
     torch.save(build_network(manifest.classifier, manifest.preprocessing).state_dict(), root / "classifier.pt")

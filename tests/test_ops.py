@@ -15,13 +15,13 @@ from typer.testing import CliRunner
 from config.settings import Settings
 from dicom_peers import free_port, storescu, wait_for
 from node.ledger import Ledger
+from node.logs import make_formatter
 from node.ops.health import Check, readiness_checks, run_checks
 from node.ops.metrics import LedgerCollector, active_models
 from node.service import NodeService
 from pleura.cli import app as cli_app
-from node.logs import make_formatter
 from services import RedisServer, http_get, metric_sample
-from training.bundle import load_bundle
+from contract.bundle import load_bundle
 from training.synthetic import synthetic_dicom
 
 T0 = datetime(2026, 3, 1, 8, 0, 0, tzinfo=timezone.utc)

@@ -10,8 +10,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from dicom_samples import pydicom_data_file as pydicom_data
-from training.bundle import Preprocessing
-from worker.inference.preprocess import ImageDecodeError, decode_radiograph, mask_to_source, to_network_input
+from contract.bundle import Preprocessing
+from contract.preprocess import ImageDecodeError, decode_radiograph, mask_to_source, to_network_input
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -15,8 +15,8 @@ from node.storage import reason_file
 from seg_fixtures import radiologist_seg, save, store_image
 from scp_node import Node
 from test_node_scp import pynetdicom_store
+from contract.bundle import ModelIdentity
 from training.archive import read_archive
-from training.bundle import ModelIdentity
 from training.synthetic import synthetic_dicom
 from worker.inference.result import ImageFinding
 from worker.writers.seg import build_seg

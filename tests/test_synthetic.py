@@ -9,10 +9,10 @@ import pydicom
 import pytest
 import torch
 
-from training.bundle import Preprocessing
+from contract.bundle import Preprocessing
+from contract.preprocess import decode_radiograph
 from training.rle import rle_decode, rle_encode
 from training.synthetic import synthetic_chest_image, synthetic_dicom, write_siim_dataset
-from worker.inference.preprocess import decode_radiograph
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

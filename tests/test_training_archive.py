@@ -13,7 +13,7 @@ from PIL import Image
 from node.ledger import Ledger
 from node.storage import InstanceStore
 from test_training_train import _tiny
-from training.bundle import ModelIdentity, load_bundle
+from contract.bundle import ModelIdentity, load_bundle
 from training.datasets import DatasetError, read_dataset
 from training.synthetic import synthetic_dicom
 from training.trainer import train

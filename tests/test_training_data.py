@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from training.bundle import Preprocessing
+from contract.bundle import Preprocessing
+from contract.preprocess import apply_clahe, decode_radiograph, resize_to_input
 from training.cache import build_cache, decode_example
 from training.datasets import DatasetError, read_cxr14, read_dataset, read_siim
 from training.rle import rle_decode
 from training.splits import make_splits, read_splits, split_counts, write_splits
 from training.synthetic import synthetic_chest_image
-from worker.inference.preprocess import apply_clahe, decode_radiograph, resize_to_input
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

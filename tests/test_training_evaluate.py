@@ -21,17 +21,17 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from contract.bundle import Thresholds, load_bundle, write_manifest
+from contract.networks import load_models
+from contract.preprocess import decode_radiograph
 from pleura.cli import app
-from training.bundle import Thresholds, load_bundle, write_manifest
 from training.datasets import read_dataset, read_siim
 from training.evaluate import held_out_examples
 from training.metrics import dice_from_counts, leaderboard_dice, leaderboard_weights, resize_nearest
 from training.rle import rle_decode
 from training.splits import make_splits, write_splits
 from training.synthetic import write_siim_dataset
-from worker.inference.models import load_models
 from worker.inference.predict import predict_images
-from worker.inference.preprocess import decode_radiograph
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 runner = CliRunner()

@@ -15,13 +15,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from training.bundle import load_bundle
+from contract.bundle import load_bundle
+from contract.networks import build_network, load_models
+from contract.preprocess import decode_radiograph, mask_to_source
 from training.datasets import read_siim
 from training.presets import PRESETS, PresetError, get_preset, parse_override, with_overrides
 from training.trainer import TrainingError, network_recipe, predict_network, train
-from worker.inference.models import build_network, load_models
 from worker.inference.predict import predict_images
-from worker.inference.preprocess import decode_radiograph, mask_to_source
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -17,8 +17,8 @@ from pydicom.uid import HTJ2K, HTJ2KLossless, HTJ2KLosslessRPCL, JPEGLSLossless,
 import dicom_peers
 from scp_node import Node
 from test_node_scp import CR, pynetdicom_store
-from training.bundle import Preprocessing
-from worker.inference.preprocess import decode_radiograph
+from contract.bundle import Preprocessing
+from contract.preprocess import decode_radiograph
 
 SOURCE = "RG1_UNCR.dcm"  # a real chest CR, MONOCHROME1, 15 bits stored, uncompressed
 

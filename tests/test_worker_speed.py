@@ -335,7 +335,7 @@ def test_the_export_runs_in_a_child_process_and_its_failure_names_the_reason(tmp
     import subprocess
     import sys
 
-    from training.bundle import load_bundle
+    from contract.bundle import load_bundle
     from worker.inference.onnx_backend import export_in_child
 
     script = (
@@ -367,7 +367,7 @@ def test_auto_backend_without_onnx_runtime_stays_on_torch(tmp_path, analyser, mo
 
 
 def _decoded(analyser: StudyAnalyser, seed: int, count: int) -> list[np.ndarray]:
-    from worker.inference.preprocess import decode_radiograph
+    from contract.preprocess import decode_radiograph
 
     return [decode_radiograph(synthetic_dicom(seed=seed + k, positive=True, size=256)[0],
                               analyser.bundle.manifest.preprocessing) for k in range(count)]

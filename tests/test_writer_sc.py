@@ -24,8 +24,8 @@ from PIL import Image
 from result_models import CLINICAL_MODEL, DEMO_MODEL
 from skimage.segmentation import find_boundaries
 
-from training.bundle import Preprocessing
-from worker.inference.preprocess import decode_radiograph
+from contract.bundle import Preprocessing
+from contract.preprocess import decode_radiograph
 from worker.inference.result import ImageFinding
 from worker.writers.common import DEMO_LABEL, SERIES_NUMBERS, describe
 from worker.writers.sc import MAX_SIDE, banner_lines, build_sc

@@ -28,7 +28,7 @@ from dicom_samples import (
 from pydicom.uid import UID
 from result_models import CLINICAL_MODEL, DEMO_MODEL
 
-from training.bundle import DEMO_INTENDED_USE, ModelIdentity
+from contract.bundle import DEMO_INTENDED_USE, ModelIdentity
 from worker.inference.result import ImageFinding
 from worker.writers.common import DEMO_LABEL, describe
 from worker.writers.gsps import build_gsps, outline_polylines

@@ -3,7 +3,7 @@
 Applied to the cached, resized image (1, S, S) in [0, 1] and, for segmenters, to its mask with the
 same geometry (nearest-neighbour for the mask); never at inference. Intensity changes touch the
 image only. The CLAHE of a recipe is not an augmentation: it is part of the preprocessing, applied
-to every image by training and the worker alike (:mod:`worker.inference.preprocess`).
+to every image by training and the worker alike (:mod:`contract.preprocess`).
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from training.bundle import Preprocessing
+from contract.bundle import Preprocessing
+from contract.preprocess import ImageDecodeError, decode_bitmap, decode_radiograph, resize_to_input
 from training.datasets import DatasetError, Example, Problem
-from worker.inference.preprocess import ImageDecodeError, decode_bitmap, decode_radiograph, resize_to_input
 
 __all__ = ["CachedImages", "build_cache", "decode_example", "default_cache_root"]
 

@@ -28,10 +28,10 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from contract.ct_preprocess import SeriesError, SeriesGeometry, ct_slice_problem, series_geometry, slice_hu
+from contract.preprocess import ImageDecodeError
 from training.datasets import DatasetError, Problem
 from training.synthetic import SYNTHETIC_PATIENT_NAME
-from worker.inference.ct_preprocess import SeriesError, SeriesGeometry, ct_slice_problem, series_geometry, slice_hu
-from worker.inference.preprocess import ImageDecodeError
 
 __all__ = ["CTCase", "CTDatasetIndex", "LoadedCase", "load_case", "nifti_on_series_grid", "read_ct_dataset"]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.bundle import Bundle, load_bundle, write_manifest
+from contract.bundle import Bundle, load_bundle, write_manifest
 from training.ct_datasets import read_ct_dataset
 from training.ct_synthetic import make_phantom, phantom_datasets
 from training.ct_trainer import train_ct
@@ -78,8 +78,8 @@ def _held_out_volume_error(bundle: Bundle) -> dict[str, float]:
     """Measure a phantom the model never saw through the worker's path: volume error in percent."""
     from worker.ct_analysis import segment_series
     from worker.inference.ct_measure import measure_series
-    from worker.inference.ct_preprocess import series_geometry, slice_hu
-    from worker.inference.models import load_segmenter
+    from contract.ct_preprocess import series_geometry, slice_hu
+    from contract.networks import load_segmenter
 
     phantom = make_phantom(HELD_OUT_SEED, slices=40, size=CT_DEMO_SIZE)
     datasets = phantom_datasets(phantom)

@@ -33,8 +33,8 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from contract.ct_preprocess import SeriesGeometry, series_geometry
 from training.synthetic import SYNTHETIC_PATIENT_NAME, UID_PREFIX
-from worker.inference.ct_preprocess import SeriesGeometry, series_geometry
 
 __all__ = [
     "CT_SERIES_DIR",

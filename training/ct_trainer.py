@@ -3,7 +3,7 @@
 The same shape as :mod:`training.trainer` (which trains radiograph networks), with what differs
 for CT: cases (series) are split by patient with the recipe's fractions (64/16/20 for
 ``ct-seg-unet-resnet50``), every slice of a training case is a training sample, the input is the
-slice in HU through the recipe's window (:mod:`worker.inference.ct_preprocess`, the worker's own
+slice in HU through the recipe's window (:mod:`contract.ct_preprocess`, the worker's own
 definition), and the bundle holds the U-Net alone (``kind: "ct"``, no classifier).
 
 ``OUT`` holds the run: ``run.json``, ``splits.csv``, ``metrics.csv`` (one row per epoch),
@@ -31,8 +31,7 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
-from training.augment import build_augmentation
-from training.bundle import (
+from contract.bundle import (
     DEMO_INTENDED_USE,
     Manifest,
     NetworkSpec,
@@ -41,15 +40,16 @@ from training.bundle import (
     load_bundle,
     write_manifest,
 )
+from contract.ct_preprocess import window_hu
+from contract.networks import build_network, resolve_device
+from contract.preprocess import normalise_input, resize_to_input
+from training.augment import build_augmentation
 from training.cache import CachedImages
 from training.ct_datasets import CTCase, CTDatasetIndex, load_case
+from training.epochs import CachedDataset, EpochLoop, loss_function, make_optimiser
 from training.presets import Preset
 from training.splits import make_splits, read_splits, split_counts, write_splits
-from training.epochs import CachedDataset, EpochLoop, loss_function, make_optimiser
 from training.trainer import BUNDLE_DIR, CHECKPOINTS, RUN_FILE, SPLITS_FILE, TrainingError, TrainResult, network_recipe
-from worker.inference.ct_preprocess import window_hu
-from worker.inference.models import build_network, resolve_device
-from worker.inference.preprocess import normalise_input, resize_to_input
 
 __all__ = ["CT_DEFAULT_SPLIT", "segmentation_metrics", "train_ct"]
 

@@ -3,9 +3,9 @@
 The demo bundle lets Pleura run end to end without patient data or downloaded weights. It goes
 through the same contract as a real model: the images are written as DICOM in the SIIM-ACR layout,
 indexed by :func:`~training.datasets.read_siim` (the reader of ``pleura train``), read back through
-:func:`~worker.inference.preprocess.decode_radiograph` and
-:func:`~worker.inference.preprocess.to_network_input`, the networks come from
-:func:`~worker.inference.models.build_network`, and the held-out metrics are measured by loading the
+:func:`~contract.preprocess.decode_radiograph` and
+:func:`~contract.preprocess.to_network_input`, the networks come from
+:func:`~contract.networks.build_network`, and the held-out metrics are measured by loading the
 written bundle and running :func:`~worker.inference.predict.predict_images`, exactly as the worker
 does. The manifest says the model is a synthetic demo, and so does everything made with it.
 """
@@ -28,7 +28,7 @@ from monai.losses import DiceCELoss
 from monai.metrics import compute_roc_auc
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from training.bundle import (
+from contract.bundle import (
     DEMO_INTENDED_USE,
     MANIFEST_NAME,
     Bundle,
@@ -40,11 +40,11 @@ from training.bundle import (
     load_bundle,
     write_manifest,
 )
+from contract.networks import build_network, load_models
+from contract.preprocess import decode_radiograph, to_network_input
 from training.datasets import Example, read_siim
 from training.synthetic import write_siim_dataset
-from worker.inference.models import build_network, load_models
 from worker.inference.predict import predict_images
-from worker.inference.preprocess import decode_radiograph, to_network_input
 
 __all__ = ["DEMO_NAME", "DEMO_VERSION", "build_demo_bundle", "demo_manifest"]
 

@@ -26,10 +26,10 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from training.bundle import Preprocessing
+from contract.bundle import Preprocessing
+from contract.preprocess import normalise_input
 from training.cache import CachedImages
 from training.presets import Preset
-from worker.inference.preprocess import normalise_input
 
 METRICS_FILE = "metrics.csv"
 

@@ -1,11 +1,11 @@
 """Evaluation of a model bundle on a held-out split: what ``pleura evaluate`` computes.
 
 Every image goes through the worker's own path: decoded with the bundle's recipe
-(:func:`training.cache.decode_example`, i.e. :func:`~worker.inference.preprocess.decode_radiograph`
+(:func:`training.cache.decode_example`, i.e. :func:`~contract.preprocess.decode_radiograph`
 for DICOM), both networks run by :func:`~worker.inference.predict.network_outputs`, the U-Net map
-taken to the source grid by :func:`~worker.inference.preprocess.mask_to_source`, and the decision
-taken by :func:`~worker.inference.predict.lesion_mask` and
-:func:`~worker.inference.predict.flag_decision`. So the numbers describe what the node decides.
+taken to the source grid by :func:`~contract.preprocess.mask_to_source`, and the decision
+taken by :func:`~contract.decision.lesion_mask` and
+:func:`~contract.decision.flag_decision`. So the numbers describe what the node decides.
 
 The networks run once; what each image contributes to every metric is kept as pixel counts per
 mask threshold (:class:`ImageStatistics`), so :mod:`training.tune` sweeps thresholds without
@@ -31,7 +31,10 @@ import torch
 from pydicom.errors import InvalidDicomError
 
 from config.errors import PleuraError
-from training.bundle import Bundle, Preprocessing, Thresholds
+from contract.bundle import Bundle, Preprocessing, Thresholds
+from contract.decision import flag_decision, lesion_mask, source_lesion_mask
+from contract.networks import LoadedModels
+from contract.preprocess import ImageDecodeError, mask_to_source, network_inputs
 from training.cache import decode_example
 from training.datasets import DatasetError, DatasetIndex, Example, Problem
 from training.metrics import (
@@ -45,9 +48,7 @@ from training.metrics import (
 )
 from training.rle import rle_encode
 from training.splits import read_splits
-from worker.inference.models import LoadedModels
-from worker.inference.predict import flag_decision, lesion_mask, network_outputs, source_lesion_mask
-from worker.inference.preprocess import ImageDecodeError, mask_to_source, network_inputs
+from worker.inference.predict import network_outputs
 
 __all__ = [
     "Evaluation",

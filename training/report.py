@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
-    from training.bundle import Bundle
+    from contract.bundle import Bundle
     from training.evaluate import Case, Evaluation
 
 __all__ = ["PLOTS_DIR", "REPORT_NAME", "training_runs", "write_report"]

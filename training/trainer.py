@@ -15,8 +15,8 @@ complete bundle that ``pleura worker`` loads with no code change. The ``test`` s
     OUT/checkpoints/       last.pt (resume), best.pt (best weights so far)
     OUT/bundle/            the model bundle
 
-Network construction (:func:`~worker.inference.models.build_network`) and preprocessing
-(:mod:`worker.inference.preprocess`) are the worker's own; training adds only augmentation
+Network construction (:func:`~contract.networks.build_network`) and preprocessing
+(:mod:`contract.preprocess`) are the worker's own; training adds only augmentation
 between resizing and normalisation.
 """
 
@@ -39,8 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from config.errors import PleuraError
-from training.augment import build_augmentation
-from training.bundle import (
+from contract.bundle import (
     DEMO_INTENDED_USE,
     Bundle,
     Manifest,
@@ -51,6 +50,9 @@ from training.bundle import (
     load_bundle,
     write_manifest,
 )
+from contract.networks import build_network, resolve_device
+from contract.preprocess import normalise_input, resize_to_input
+from training.augment import build_augmentation
 from training.cache import build_cache
 from training.datasets import DatasetIndex, Example, Problem
 from training.epochs import (
@@ -64,8 +66,6 @@ from training.epochs import (
 from training.metrics import classifier_metrics
 from training.presets import Preset
 from training.splits import make_splits, read_splits, split_counts, write_splits
-from worker.inference.models import build_network, resolve_device
-from worker.inference.preprocess import normalise_input, resize_to_input
 
 __all__ = ["TrainingError", "TrainResult", "predict_network", "network_recipe", "train"]
 

@@ -3,7 +3,7 @@
 The triplet is the classifier probability threshold, the U-Net mask (pixel) threshold and the
 minimum mask area in source pixels; the node flags an image when the probability reaches its
 threshold and the mask covers at least the minimum area
-(:func:`~worker.inference.predict.flag_decision`). The networks run once over the validation
+(:func:`~contract.decision.flag_decision`). The networks run once over the validation
 images (:func:`training.evaluate.collect_statistics` keeps pixel counts for every mask threshold
 of the grid); every triplet of the grid is then scored from those counts with the worker's own
 decision rule, so the search costs seconds, not network passes.
@@ -33,10 +33,10 @@ from typing import Any, Literal
 import numpy as np
 
 from config.errors import PleuraError
-from training.bundle import Bundle, Thresholds, load_bundle, write_manifest
+from contract.bundle import Bundle, Thresholds, load_bundle, write_manifest
+from contract.decision import flag_decision
 from training.evaluate import HeldOut, ImageStatistics, summarise
 from training.metrics import dice_from_counts
-from worker.inference.predict import flag_decision
 
 __all__ = ["Grid", "Sweep", "Target", "TuneError", "TuneResult", "check_in_place", "choose", "default_grid", "sweep",
            "tuning_record", "write_tuned_bundle"]
@@ -197,7 +197,7 @@ def tuning_record(
 def check_in_place(bundle: Bundle, version: str | None = None) -> None:
     """Refuse, before any work, a bundle that must not be tuned in place (the message says to use --out)."""
     from training.demo_model import DEMO_NAME
-    from training.registry import is_registered_version
+    from contract.active import is_registered_version
 
     if version is not None:
         raise TuneError("--version needs --out: a bundle tuned in place keeps its version")

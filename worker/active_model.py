@@ -1,6 +1,6 @@
 """The worker's model, kept in step with the registry: a promoted model is picked up without a restart.
 
-Before each task the worker asks :func:`training.registry.active_bundle_dir` which bundle is active
+Before each task the worker asks :func:`contract.active.active_bundle_dir` which bundle is active
 (a stat of the small registry state file; read again only when it changed). When that is another
 bundle than the one loaded, the new one is checked and loaded, and then replaces the old one in a
 single assignment. A task holds the analyser it was given from start to end, so a study already in
@@ -23,8 +23,8 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from training.bundle import BundleError
-from training.registry import Registry, active_bundle_dir, find_version_record, registry_root, validate_bundle
+from contract.active import RegistryLayout, active_bundle_dir, find_version_record, registry_root, validate_bundle
+from contract.bundle import BundleError
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -44,7 +44,7 @@ class ActiveModel:
     kind: str = "radiograph"
     loader: "Callable[[Settings, Path], Any] | None" = None
     """Builds the analyser of a bundle directory (default: the radiograph StudyAnalyser); whatever
-    it returns must have ``.bundle`` (the loaded :class:`~training.bundle.Bundle`)."""
+    it returns must have ``.bundle`` (the loaded :class:`~contract.bundle.Bundle`)."""
     analyser: Any = None
     loaded_dir: Path | None = None
     failed_dir: Path | None = None
@@ -115,6 +115,6 @@ class ActiveModel:
         if root is None:  # a fixed bundle: no registry to write to; the log has it
             return
         try:
-            Registry(root).record_worker(worker_id(), self.kind, {"pid": os.getpid(), **status})
+            RegistryLayout(root).record_worker(worker_id(), self.kind, {"pid": os.getpid(), **status})
         except OSError as exc:
             log.warning("cannot record the worker's model status in %s: %s", root, exc)

@@ -21,17 +21,17 @@ from typing import TYPE_CHECKING, Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from contract.bundle import Bundle, load_bundle
 from contract.messages import AnalysisSummary, ImageEntry, InstanceRef, ModelIdentity, ResultEntry, analysed_now
+from contract.networks import LoadedModels, load_models
+from contract.preprocess import ImageDecodeError, decode_radiograph
 from node.privacy import error_text, ref
 from node.storage import InstanceStore, write_durably
-from training.bundle import Bundle, load_bundle
-from worker.inference.heatmap import gradcam_heatmap
-from worker.inference.models import LoadedModels, load_models
 from worker.inference.batcher import ForwardBatcher
+from worker.inference.heatmap import gradcam_heatmap
 from worker.inference.predict import network_outputs, predict_images
-from worker.inference.runtime import accelerate
-from worker.inference.preprocess import ImageDecodeError, decode_radiograph
 from worker.inference.result import ImageFinding
+from worker.inference.runtime import accelerate
 from worker.inference.select import Vocabulary, assess, frontal_check_reason
 from worker.writers.gsps import build_gsps
 from worker.writers.sc import build_sc

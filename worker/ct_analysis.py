@@ -19,15 +19,15 @@ import pydicom
 import torch
 from pydicom.errors import InvalidDicomError
 
+from contract.bundle import Bundle, load_bundle
+from contract.ct_preprocess import SeriesError, ct_network_input, ct_slice_problem, series_geometry, slice_hu
 from contract.messages import AnalysisSummary, ImageEntry, InstanceRef, ModelIdentity, ResultEntry, analysed_now
+from contract.networks import load_segmenter
+from contract.preprocess import ImageDecodeError, mask_to_source
 from node.privacy import error_text, ref
 from node.storage import InstanceStore
-from training.bundle import Bundle, load_bundle
 from worker.analysis import _rounded, write_result
 from worker.inference.ct_measure import SeriesFinding, measure_series
-from worker.inference.ct_preprocess import SeriesError, ct_network_input, ct_slice_problem, series_geometry, slice_hu
-from worker.inference.models import load_segmenter
-from worker.inference.preprocess import ImageDecodeError, mask_to_source
 from worker.writers.seg_ct import build_ct_seg
 from worker.writers.sr import SkippedImage, build_sr
 from worker.writers.sr_ct import CT_OF_CHEST, build_ct_sr, volume_text

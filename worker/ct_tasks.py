@@ -9,6 +9,8 @@ from typing import Any
 
 from celery import Celery, Task
 
+from contract.active import is_ct_demo_dir
+from contract.bundle import load_bundle
 from contract.tasks import ANALYSE_SERIES_CT
 from worker.task_body import MAX_RETRIES, analyse_and_report
 
@@ -21,8 +23,6 @@ def _ct_loader(build_demo: Callable[[Path], Any] | None):
     is not there yet."""
 
     def load(settings, bundle_dir: Path):
-        from training.bundle import load_bundle
-        from training.registry import is_ct_demo_dir
         from worker.ct_analysis import SeriesAnalyser  # imports torch: only in worker processes
 
         if build_demo is not None and is_ct_demo_dir(settings, bundle_dir):

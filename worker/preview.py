@@ -9,8 +9,8 @@ import pydicom
 from PIL import Image
 from scipy import ndimage
 
-from training.bundle import Preprocessing
-from worker.inference.preprocess import decode_radiograph
+from contract.bundle import Preprocessing
+from contract.preprocess import decode_radiograph
 
 
 def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:

@@ -15,6 +15,8 @@ from celery import Celery
 from sqlalchemy import text
 
 from config.settings import Settings
+from contract.active import active_bundle_dir
+from contract.bundle import load_bundle
 from node.ledger import Ledger
 
 CHECK_TIMEOUT_SECONDS = 5.0
@@ -56,9 +58,7 @@ def check_shared_storage(settings: Settings) -> str:
 
 
 def check_model(settings: Settings) -> str:
-    from training.bundle import load_bundle
-
-    return load_bundle(settings.bundle_dir).identity.label
+    return load_bundle(active_bundle_dir(settings)).identity.label
 
 
 def readiness_checks(

@@ -29,6 +29,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from config.settings import Settings
+from contract.active import active_bundle_dir
+from contract.bundle import BundleError, load_bundle
 from node.ledger import AnalysisStart, Ledger, OutboxEntry, OutboxStatus, Study, StudyStatus, utcnow
 from node.ops.worker_metrics import FORWARD_IMAGES, FORWARD_PASSES
 
@@ -48,9 +50,6 @@ def active_models(settings: Settings) -> list[dict[str, str]]:
     For each kind of input, the bundle the registry holds active (or the fixed bundle that
     ``PLEURA_MODEL_DIR`` names): the one the workers load before their next task.
     """
-    from training.bundle import BundleError, load_bundle
-    from training.registry import active_bundle_dir
-
     models = []
     for kind in ("radiograph", "ct"):
         try:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from worker.inference.ct_preprocess import SeriesGeometry
+from contract.ct_preprocess import SeriesGeometry
 
 __all__ = ["BODY_HU", "SeriesFinding", "clean_mask", "measure_series", "pleural_space"]
 

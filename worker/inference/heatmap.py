@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from worker.inference.models import LoadedModels
-from worker.inference.preprocess import mask_to_source, network_inputs
+from contract.networks import LoadedModels
+from contract.preprocess import mask_to_source, network_inputs
 
 __all__ = ["gradcam_heatmap", "gradcam_target_layer"]
 

@@ -26,7 +26,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.morphology import disk
 
-from worker.inference.preprocess import resize_map
+from contract.preprocess import resize_map
 
 __all__ = ["MaskMeasurements", "bounding_box", "measure_mask", "lung_fields", "small_lung_fields"]
 

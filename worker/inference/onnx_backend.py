@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.bundle import Bundle, NetworkSpec, Preprocessing
-from worker.inference.models import LoadedModels
+from contract.bundle import Bundle, NetworkSpec, Preprocessing
+from contract.networks import LoadedModels
 
 __all__ = ["AUTO_MARGIN", "OnnxNetwork", "auto_networks", "export_key", "forward_seconds", "onnx_networks"]
 
@@ -155,8 +155,8 @@ def export_in_child(bundle: Bundle, targets: dict[str, Path]) -> None:
 
 def _export_bundle_networks(arguments: list[str]) -> None:
     """The child process of :func:`export_in_child`: BUNDLE_DIR (ROLE TARGET)..."""
-    from training.bundle import load_bundle
-    from worker.inference.models import load_models
+    from contract.bundle import load_bundle
+    from contract.networks import load_models
 
     bundle = load_bundle(arguments[0])
     models = load_models(bundle, "cpu")

@@ -1,4 +1,9 @@
-"""Run a bundle's classifier and U-Net on decoded radiographs and take the decision for each image."""
+"""Run a bundle's classifier and U-Net on decoded radiographs and take the decision for each image.
+
+The decision itself is the model contract's rule (:mod:`contract.decision`), the one that evaluation
+and threshold tuning apply too. This module runs the forward passes, finds the spacing sizes are measured with, and
+builds the findings.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.typing import ArrayLike
 import pydicom
 import torch
 
+from contract.decision import decision_reason, flag_decision, source_lesion_mask
+from contract.networks import LoadedModels
+from contract.preprocess import describe_source, network_inputs
 from worker.inference.measure import measure_mask
-from worker.inference.models import LoadedModels
-from worker.inference.preprocess import describe_source, mask_to_source, network_inputs
 from worker.inference.result import ImageFinding
 from worker.inference.runtime import forward_context, to_device
 
-__all__ = [
-    "PhysicalSpacing", "decision_reason", "flag_decision", "lesion_mask", "network_outputs", "physical_spacing",
-    "pixel_spacing_mm", "predict_images", "source_lesion_mask",
-]
+__all__ = ["PhysicalSpacing", "network_outputs", "physical_spacing", "pixel_spacing_mm", "predict_images"]
 
 
 def positive_pair(value: object) -> tuple[float, float] | None:
@@ -98,25 +100,6 @@ def pixel_spacing_mm(ds: pydicom.Dataset) -> tuple[float, float] | None:
     return None if spacing is None else (spacing.row_mm, spacing.column_mm)
 
 
-def _number(value: float, other: float) -> str:
-    """``value`` with enough digits (3 to 6) to differ in print from ``other`` when they differ."""
-    for digits in range(3, 7):
-        if f"{value:.{digits}f}" != f"{other:.{digits}f}" or value == other:
-            return f"{value:.{digits}f}"
-    return repr(value)
-
-
-def decision_reason(probability: float, area_px: int, probability_threshold: float, min_area_px: int) -> str:
-    """The rule behind :func:`flag_decision`'s answer, in words for the report and the worklist:
-    "classifier 0.999 >= 0.500, but segmented area 120 px < minimum 262 px"."""
-    p, t = _number(probability, probability_threshold), _number(probability_threshold, probability)
-    if probability < probability_threshold:
-        return f"classifier {p} < threshold {t}"
-    if area_px < min_area_px:
-        return f"classifier {p} >= threshold {t}, but segmented area {area_px} px < minimum {min_area_px} px"
-    return f"classifier {p} >= threshold {t} and segmented area {area_px} px >= minimum {min_area_px} px"
-
-
 def network_outputs(
     models: LoadedModels,
     images: Sequence[np.ndarray],
@@ -125,7 +108,7 @@ def network_outputs(
     """One forward pass of each network on a batch of decoded images.
 
     Returns the classifier probabilities (N,) and the U-Net probability maps (N, H, W) on the
-    U-Net's own input grid (:func:`~worker.inference.preprocess.mask_to_source` takes them to the
+    U-Net's own input grid (:func:`~contract.preprocess.mask_to_source` takes them to the
     source grid). Evaluation and threshold tuning use this too, so they measure what the node decides.
     ``networks`` (classifier, segmenter) replace ``models``' own, e.g. their ONNX Runtime exports.
     """
@@ -148,30 +131,6 @@ def network_outputs(
         return probabilities.float().cpu().numpy(), mask_probabilities.float().cpu().numpy()
 
 
-def lesion_mask(source_probabilities: np.ndarray, mask_threshold: float) -> np.ndarray:
-    """The U-Net's mask on the source grid: pixels whose probability reaches the mask threshold."""
-    return np.asarray(source_probabilities) >= mask_threshold
-
-
-def source_lesion_mask(network_map: np.ndarray, shape: tuple[int, int], mask_threshold: float) -> np.ndarray:
-    """``lesion_mask(mask_to_source(network_map, shape), mask_threshold)``, without resizing a map
-    none of whose pixels comes near the threshold (most images): bilinear resizing, antialiased or
-    not, takes means with non-negative weights, so no source pixel can reach it either. The margin
-    covers float32 rounding in those means."""
-    if float(np.max(network_map)) < mask_threshold - 1e-5:
-        return np.zeros((int(shape[0]), int(shape[1])), dtype=bool)
-    return lesion_mask(mask_to_source(network_map, shape), mask_threshold)
-
-
-def flag_decision(
-    probability: ArrayLike, area_px: ArrayLike, probability_threshold: ArrayLike, min_area_px: ArrayLike
-) -> np.ndarray:
-    """The node's decision: the classifier probability reaches its threshold and the mask covers at
-    least ``min_area_px`` source pixels. Takes numbers or NumPy arrays (broadcast), so threshold
-    tuning sweeps the very rule the worker applies."""
-    return np.logical_and(np.asarray(probability) >= probability_threshold, np.asarray(area_px) >= min_area_px)
-
-
 def predict_images(
     models: LoadedModels,
     images: Sequence[np.ndarray],
@@ -181,7 +140,7 @@ def predict_images(
 ) -> list[ImageFinding]:
     """One :class:`ImageFinding` per image, in order.
 
-    ``images`` are :func:`~worker.inference.preprocess.decode_radiograph` outputs and ``sources``
+    ``images`` are :func:`~contract.preprocess.decode_radiograph` outputs and ``sources``
     the datasets they came from (for the pixel spacing). Each batch takes one forward pass of the
     classifier and one of the U-Net. The U-Net probability map is resized to the source grid and
     thresholded at ``thresholds.mask``; the image is flagged when the classifier probability reaches

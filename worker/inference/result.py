@@ -36,7 +36,7 @@ class ImageFinding:
     """Mask area over the estimated area of the affected hemithorax (0..1); None when the lung
     fields cannot be estimated."""
     decision: str = ""
-    """The rule behind ``flagged`` in words (:func:`~worker.inference.predict.decision_reason`)."""
+    """The rule behind ``flagged`` in words (:func:`~contract.decision.decision_reason`)."""
     spacing_source: str | None = None
     """Which attributes the mm and cm2 sizes come from (:func:`~worker.inference.predict.physical_spacing`);
     None when the image has no usable spacing."""

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from worker.inference.models import LoadedModels
+from contract.networks import LoadedModels
 
 __all__ = ["AUTOCAST_DTYPES", "accelerate", "configure_torch_threads", "forward_context", "thread_counts", "to_device"]
 

@@ -15,7 +15,7 @@ from highdicom import AlgorithmIdentificationSequence
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import PersonName
 
-from training.bundle import ModelIdentity
+from contract.bundle import ModelIdentity
 from worker.inference.predict import positive_pair
 from worker.inference.result import ImageFinding
 from worker.writers.marks import MANUFACTURER, SERIES_NUMBERS

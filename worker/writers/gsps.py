@@ -33,9 +33,9 @@ from highdicom.pr import (
 from pydicom.pixels import apply_modality_lut
 from skimage.measure import approximate_polygon, find_contours
 
-from training.bundle import ModelIdentity
+from contract.bundle import ModelIdentity
+from contract.preprocess import presentation_inverted, presentation_lut_entries
 from worker.inference.measure import bounding_box
-from worker.inference.preprocess import presentation_inverted, presentation_lut_entries
 from worker.inference.result import ImageFinding
 from worker.writers.common import (
     carry_context,
@@ -95,7 +95,7 @@ def _voi_from_values(source: pydicom.Dataset) -> SoftcopyVOILUTTransformation:
 
 def presentation_lut(source: pydicom.Dataset) -> PresentationLUTTransformation:
     """The presentation state's Presentation LUT: the one the model's input went through
-    (:func:`~worker.inference.preprocess.decode_radiograph`), so the outline is drawn on the picture
+    (:func:`~contract.preprocess.decode_radiograph`), so the outline is drawn on the picture
     the model saw. The source's own Presentation LUT Sequence is carried over (as 16-bit entries);
     otherwise INVERSE for a MONOCHROME1 source or one with Presentation LUT Shape INVERSE, IDENTITY
     for the rest."""

@@ -34,7 +34,7 @@ from pydicom.valuerep import DS
 from scipy import ndimage
 from skimage.segmentation import find_boundaries
 
-from training.bundle import ModelIdentity
+from contract.bundle import ModelIdentity
 from worker.inference.measure import bounding_box
 from worker.inference.result import ImageFinding
 from worker.writers.common import (

@@ -32,7 +32,7 @@ from highdicom.seg import (
     SegmentDescription,
 )
 
-from training.bundle import ModelIdentity
+from contract.bundle import ModelIdentity
 from worker.inference.result import ImageFinding
 from worker.writers.common import (
     FINDING_CATEGORY,

@@ -20,7 +20,7 @@ import numpy as np
 import pydicom
 from highdicom.seg import Segmentation, SegmentationTypeValues
 
-from training.bundle import ModelIdentity
+from contract.bundle import ModelIdentity
 from worker.writers.common import MANUFACTURER, SERIES_NUMBERS, carry_context, describe, source_header
 from worker.writers.seg import pneumothorax_segment
 from worker.writers.uids import device_uid, result_uid, series_uid

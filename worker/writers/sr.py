@@ -68,7 +68,7 @@ from highdicom.sr import (
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from training.bundle import ModelIdentity
+from contract.bundle import ModelIdentity
 from worker.inference.result import ImageFinding
 from worker.writers.common import (
     ALGORITHM_FAMILY,

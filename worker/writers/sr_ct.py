@@ -47,7 +47,7 @@ from highdicom.sr import (
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from training.bundle import ModelIdentity
+from contract.bundle import ModelIdentity
 from worker.inference.ct_measure import SeriesFinding
 from worker.writers.common import ALGORITHM_FAMILY, FINDING_CATEGORY, PNEUMOTHORAX, carry_context, describe, source_header
 from worker.writers.seg import SEGMENT_NUMBER

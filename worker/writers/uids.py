@@ -15,7 +15,7 @@ import json
 import uuid
 from collections.abc import Sequence
 
-from training.bundle import ModelIdentity
+from contract.bundle import ModelIdentity
 
 PLEURA_UID_NAMESPACE = uuid.UUID("6b1d3c52-8f0e-5a43-9e2c-3f4a8d7b1e90")
 """Namespace of Pleura's name-based (version 5) UUIDs; changing it changes every result UID."""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi
 
-from training.bundle import Preprocessing
+from contract.bundle import Preprocessing
 
 __all__ = [
     "ImageDecodeError",

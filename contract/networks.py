@@ -1,9 +1,10 @@
 """The one model construction, used by training and by the worker alike.
 
 A bundle's manifest names each network's architecture and keyword arguments;
-:func:`build_network` turns that into a module and :func:`load_models` fills it with the bundle's
-weights. Encoder weights are never downloaded here: pretrained encoders are a training-time choice
-and end up in the bundle's own weights file.
+:func:`build_network` turns that into a module (one constructor per architecture, in
+``_CONSTRUCTORS``) and :func:`load_models` / :func:`load_segmenter` fill it with the bundle's weights.
+Encoder weights are never downloaded here: pretrained encoders are a training-time choice and end up
+in the bundle's own weights file.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from training.bundle import Bundle, BundleError, Manifest, NetworkSpec, Preprocessing, Thresholds
+from contract.bundle import Bundle, BundleError, Manifest, NetworkSpec, Preprocessing, Thresholds
 
 __all__ = ["ARCHITECTURES", "LoadedModels", "build_network", "load_models", "load_segmenter", "resolve_device"]
 
-TIMM_CLASSIFIERS = ("resnet18", "resnet50")
-ARCHITECTURES = ("densenet121", *TIMM_CLASSIFIERS, "cbr", "unet", "basicunet")
 DEFAULT_UNET_ENCODER = "resnet34"
 
 
@@ -74,107 +73,157 @@ def build_network(spec: NetworkSpec, preprocessing: Preprocessing, encoder_weigh
     by the library, so online only). The worker always builds with ``None`` and loads the bundle's
     own weights file.
     """
-    extra = dict(spec.extra)
     architecture = spec.architecture.strip().lower()
-    channels = preprocessing.channels
-
-    def refuse(fixed: tuple[str, ...]) -> None:
-        for name in fixed:
-            if name in extra:
-                raise BundleError(f"network spec {spec.weights_file}: extra must not set {name!r} for {architecture}")
-
-    def invalid(exc: Exception) -> BundleError:
-        return BundleError(f"network spec {spec.weights_file}: invalid {architecture} arguments {extra}: {exc}")
-
     if encoder_weights not in (None, "imagenet"):
         raise BundleError(f"encoder weights {encoder_weights!r}: use none or imagenet")
-    if architecture == "densenet121":
-        from monai.networks.nets import DenseNet121
+    construct = _CONSTRUCTORS.get(architecture)
+    if construct is None:
+        raise BundleError(
+            f"network spec {spec.weights_file}: unknown architecture {spec.architecture!r} "
+            f"(known: {', '.join(ARCHITECTURES)})"
+        )
+    return construct(_Request(spec, architecture, dict(spec.extra), preprocessing, encoder_weights))
 
-        refuse(("spatial_dims", "in_channels", "out_channels", "pretrained"))
-        if encoder_weights and channels != 3:
-            raise BundleError("densenet121 with imagenet weights needs 3 input channels (set channels to 3)")
-        try:
-            return DenseNet121(
-                spatial_dims=2, in_channels=channels, out_channels=1, pretrained=bool(encoder_weights), **extra
-            )
-        except TypeError as exc:
-            raise invalid(exc) from None
-    if architecture in TIMM_CLASSIFIERS:
-        import timm
 
-        refuse(("pretrained", "in_chans", "num_classes"))
-        try:
-            return timm.create_model(
-                architecture, pretrained=bool(encoder_weights), in_chans=channels, num_classes=1, **extra
-            )
-        except TypeError as exc:
-            raise invalid(exc) from None
-    if architecture == "cbr":
-        from monai.networks.nets import Classifier
+@dataclass
+class _Request:
+    """What one constructor is asked to build: the spec, its keyword arguments (a copy the
+    constructor may consume), the input recipe and the starting weights."""
 
-        refuse(("in_shape", "classes", "strides", "last_act"))
-        if encoder_weights:
-            raise BundleError("cbr has no published weights: use encoder weights none")
-        widths = tuple(extra.pop("channels", (32, 64, 128, 256)))
-        size = preprocessing.input_size
-        try:
-            return Classifier(
-                in_shape=(channels, size, size),
-                classes=1,
-                channels=widths,
-                strides=(2,) * len(widths),
-                kernel_size=extra.pop("kernel_size", 7),
-                num_res_units=extra.pop("num_res_units", 0),
-                act=extra.pop("act", ("leakyrelu", {"negative_slope": 0.1})),
-                norm=extra.pop("norm", "batch"),
-                dropout=extra.pop("dropout", 0.25),
-                **extra,
-            )
-        except (TypeError, ValueError) as exc:
-            raise invalid(exc) from None
-    if architecture == "basicunet":
-        from monai.networks.nets import BasicUNet
+    spec: NetworkSpec
+    architecture: str
+    extra: dict
+    preprocessing: Preprocessing
+    encoder_weights: str | None
 
-        refuse(("spatial_dims", "in_channels", "out_channels"))
-        if encoder_weights:
-            raise BundleError("basicunet has no published weights: use encoder weights none")
-        if preprocessing.input_size % 16:
-            raise BundleError(
-                f"network spec {spec.weights_file}: input_size {preprocessing.input_size} must be divisible by 16 "
-                "for a basicunet (four poolings)"
-            )
-        try:
-            return BasicUNet(spatial_dims=2, in_channels=channels, out_channels=1, **extra)
-        except (TypeError, ValueError) as exc:
-            raise invalid(exc) from None
-    if architecture == "unet":
-        import segmentation_models_pytorch as smp
+    @property
+    def channels(self) -> int:
+        return self.preprocessing.channels
 
-        refuse(("encoder_name", "encoder_weights", "in_channels", "classes"))
-        depth = int(extra.get("encoder_depth", 5))
-        if preprocessing.input_size % (2**depth):
-            raise BundleError(
-                f"network spec {spec.weights_file}: input_size {preprocessing.input_size} must be divisible "
-                f"by 2**encoder_depth = {2**depth} for a U-Net"
-            )
-        try:
-            return smp.Unet(
-                encoder_name=spec.encoder or DEFAULT_UNET_ENCODER,
-                encoder_weights=encoder_weights,
-                in_channels=channels,
-                classes=1,
-                **extra,
-            )
-        except (TypeError, KeyError, ValueError) as exc:
-            raise BundleError(
-                f"network spec {spec.weights_file}: cannot build unet with encoder "
-                f"{spec.encoder or DEFAULT_UNET_ENCODER!r} and arguments {extra}: {exc}"
-            ) from None
-    raise BundleError(
-        f"network spec {spec.weights_file}: unknown architecture {spec.architecture!r} "
-        f"(known: {', '.join(ARCHITECTURES)})"
-    )
+    def refuse(self, fixed: tuple[str, ...]) -> None:
+        """The arguments the constructor sets itself may not come from ``spec.extra``."""
+        for name in fixed:
+            if name in self.extra:
+                raise BundleError(
+                    f"network spec {self.spec.weights_file}: extra must not set {name!r} for {self.architecture}"
+                )
+
+    def invalid(self, exc: Exception) -> BundleError:
+        return BundleError(
+            f"network spec {self.spec.weights_file}: invalid {self.architecture} arguments {self.extra}: {exc}"
+        )
+
+    def no_published_weights(self) -> None:
+        if self.encoder_weights:
+            raise BundleError(f"{self.architecture} has no published weights: use encoder weights none")
+
+
+def _densenet121(request: _Request) -> nn.Module:
+    from monai.networks.nets import DenseNet121
+
+    request.refuse(("spatial_dims", "in_channels", "out_channels", "pretrained"))
+    if request.encoder_weights and request.channels != 3:
+        raise BundleError("densenet121 with imagenet weights needs 3 input channels (set channels to 3)")
+    try:
+        return DenseNet121(
+            spatial_dims=2, in_channels=request.channels, out_channels=1,
+            pretrained=bool(request.encoder_weights), **request.extra,
+        )
+    except TypeError as exc:
+        raise request.invalid(exc) from None
+
+
+def _timm_classifier(request: _Request) -> nn.Module:
+    import timm
+
+    request.refuse(("pretrained", "in_chans", "num_classes"))
+    try:
+        return timm.create_model(
+            request.architecture, pretrained=bool(request.encoder_weights), in_chans=request.channels,
+            num_classes=1, **request.extra,
+        )
+    except TypeError as exc:
+        raise request.invalid(exc) from None
+
+
+def _cbr(request: _Request) -> nn.Module:
+    from monai.networks.nets import Classifier
+
+    request.refuse(("in_shape", "classes", "strides", "last_act"))
+    request.no_published_weights()
+    extra = request.extra
+    widths = tuple(extra.pop("channels", (32, 64, 128, 256)))
+    size = request.preprocessing.input_size
+    try:
+        return Classifier(
+            in_shape=(request.channels, size, size),
+            classes=1,
+            channels=widths,
+            strides=(2,) * len(widths),
+            kernel_size=extra.pop("kernel_size", 7),
+            num_res_units=extra.pop("num_res_units", 0),
+            act=extra.pop("act", ("leakyrelu", {"negative_slope": 0.1})),
+            norm=extra.pop("norm", "batch"),
+            dropout=extra.pop("dropout", 0.25),
+            **extra,
+        )
+    except (TypeError, ValueError) as exc:
+        raise request.invalid(exc) from None
+
+
+def _basicunet(request: _Request) -> nn.Module:
+    from monai.networks.nets import BasicUNet
+
+    request.refuse(("spatial_dims", "in_channels", "out_channels"))
+    request.no_published_weights()
+    size = request.preprocessing.input_size
+    if size % 16:
+        raise BundleError(
+            f"network spec {request.spec.weights_file}: input_size {size} must be divisible by 16 "
+            "for a basicunet (four poolings)"
+        )
+    try:
+        return BasicUNet(spatial_dims=2, in_channels=request.channels, out_channels=1, **request.extra)
+    except (TypeError, ValueError) as exc:
+        raise request.invalid(exc) from None
+
+
+def _unet(request: _Request) -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    request.refuse(("encoder_name", "encoder_weights", "in_channels", "classes"))
+    spec, extra, size = request.spec, request.extra, request.preprocessing.input_size
+    depth = int(extra.get("encoder_depth", 5))
+    if size % (2**depth):
+        raise BundleError(
+            f"network spec {spec.weights_file}: input_size {size} must be divisible "
+            f"by 2**encoder_depth = {2**depth} for a U-Net"
+        )
+    try:
+        return smp.Unet(
+            encoder_name=spec.encoder or DEFAULT_UNET_ENCODER,
+            encoder_weights=request.encoder_weights,
+            in_channels=request.channels,
+            classes=1,
+            **extra,
+        )
+    except (TypeError, KeyError, ValueError) as exc:
+        raise BundleError(
+            f"network spec {spec.weights_file}: cannot build unet with encoder "
+            f"{spec.encoder or DEFAULT_UNET_ENCODER!r} and arguments {extra}: {exc}"
+        ) from None
+
+
+_CONSTRUCTORS: dict[str, Callable[[_Request], nn.Module]] = {
+    "densenet121": _densenet121,
+    "resnet18": _timm_classifier,
+    "resnet50": _timm_classifier,
+    "cbr": _cbr,
+    "unet": _unet,
+    "basicunet": _basicunet,
+}
+"""One constructor per architecture a manifest may name (timm builds both ResNets by name)."""
+ARCHITECTURES = tuple(_CONSTRUCTORS)
 
 
 def resolve_device(device: str) -> torch.device:

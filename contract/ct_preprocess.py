@@ -10,8 +10,8 @@ A CT series becomes the network's input in three steps:
    Intercept, through pydicom's Modality LUT) and :func:`window_hu` applies the bundle's HU window
    (level, width), giving 0..1.
 3. :func:`ct_network_input` resizes each slice to the bundle's square input and normalises it
-   with the radiograph path's own :func:`~worker.inference.preprocess.resize_to_input` and
-   :func:`~worker.inference.preprocess.normalise_input`.
+   with the radiograph path's own :func:`~contract.preprocess.resize_to_input` and
+   :func:`~contract.preprocess.normalise_input`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import pydicom
 from pydicom.pixels import apply_modality_lut
 
 from config.errors import PleuraError
-from training.bundle import Preprocessing
-from worker.inference.preprocess import ImageDecodeError, describe_source, normalise_input, resize_to_input
+from contract.bundle import Preprocessing
+from contract.preprocess import ImageDecodeError, describe_source, normalise_input, resize_to_input
 
 __all__ = [
     "CT_SOP_CLASSES",
