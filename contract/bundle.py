@@ -14,13 +14,15 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from config.errors import PleuraError
+
 MANIFEST_NAME = "manifest.json"
 DEMO_INTENDED_USE = (
     "SYNTHETIC DEMO MODEL trained on generated images only - for testing the software, not for clinical use"
 )
 
 
-class BundleError(ValueError):
+class BundleError(PleuraError, ValueError):
     """A bundle is missing, incomplete or its manifest is invalid; the message names the file."""
 
 

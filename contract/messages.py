@@ -21,6 +21,8 @@ from typing import Any, ClassVar, Literal, Self
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
+from config.errors import PleuraError
+
 MESSAGE_VERSION = 1
 """The version of the messages this code writes."""
 
@@ -29,7 +31,7 @@ ResultKind = Literal["SEG", "SR", "GSPS", "SC"]
 RESULT_KINDS: tuple[str, ...] = ("SEG", "SR", "GSPS", "SC")
 
 
-class MessageError(ValueError):
+class MessageError(PleuraError, ValueError):
     """A message that does not validate; the text names the field."""
 
 
@@ -100,7 +102,7 @@ class InstanceRef(Message):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-class ModelIdentity(Message):
+class ReportedModel(Message):
     """The model that analysed, as the results name it."""
 
     name: str
@@ -141,7 +143,7 @@ class AnalysisSummary(Message):
 
     study_uid: str
     version: int = MESSAGE_VERSION
-    model: ModelIdentity
+    model: ReportedModel
     images: list[ImageEntry]
     results: list[ResultEntry]
     flagged: bool = False

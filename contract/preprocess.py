@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi
 
+from config.errors import PleuraError
 from contract.bundle import Preprocessing
 
 __all__ = [
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(PleuraError, ValueError):
     """The pixel data of an image cannot be turned into a radiograph; the message names the file.
 
     :attr:`reason` is the same without the file: what the worker writes into the report and the

@@ -22,7 +22,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from contract.bundle import Bundle, load_bundle
-from contract.messages import AnalysisSummary, ImageEntry, InstanceRef, ModelIdentity, ResultEntry, analysed_now
+from contract.messages import AnalysisSummary, ImageEntry, InstanceRef, ReportedModel, ResultEntry, analysed_now
 from contract.networks import LoadedModels, load_models
 from contract.preprocess import ImageDecodeError, decode_radiograph
 from node.privacy import error_text, ref
@@ -55,7 +55,7 @@ def failed_summary(study_uid: str, instances: list[dict[str, str]], reason: str)
     """The summary (wire form) of an analysis that could not run at all, so the ledger shows why."""
     return AnalysisSummary(
         study_uid=study_uid,
-        model=ModelIdentity(name="unavailable", version="unavailable"),
+        model=ReportedModel(name="unavailable", version="unavailable"),
         images=[
             ImageEntry(sop_instance_uid=item.sop_instance_uid, analysis_status="failed", analysis_reason=reason)
             for item in map(InstanceRef.from_message, instances)
@@ -236,7 +236,7 @@ class StudyAnalyser:
 
         return AnalysisSummary(
             study_uid=study_uid,
-            model=ModelIdentity(
+            model=ReportedModel(
                 name=identity.name, version=identity.version, synthetic_demo=identity.synthetic_demo
             ),
             images=list(images.values()),

@@ -21,7 +21,7 @@ from pydicom.errors import InvalidDicomError
 
 from contract.bundle import Bundle, load_bundle
 from contract.ct_preprocess import SeriesError, ct_network_input, ct_slice_problem, series_geometry, slice_hu
-from contract.messages import AnalysisSummary, ImageEntry, InstanceRef, ModelIdentity, ResultEntry, analysed_now
+from contract.messages import AnalysisSummary, ImageEntry, InstanceRef, ReportedModel, ResultEntry, analysed_now
 from contract.networks import load_segmenter
 from contract.preprocess import ImageDecodeError, mask_to_source
 from node.privacy import error_text, ref
@@ -164,7 +164,7 @@ class SeriesAnalyser:
         return AnalysisSummary(
             study_uid=study_uid,
             series_instance_uid=series_instance_uid,
-            model=ModelIdentity(
+            model=ReportedModel(
                 name=identity.name, version=identity.version, synthetic_demo=identity.synthetic_demo
             ),
             images=list(images.values()),

@@ -14,11 +14,13 @@ from typing import Any
 from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from config.errors import PleuraError
+
 ERROR_TEXT_LIMIT = 2000
 """The longest error or reason text a row keeps."""
 
 
-class LedgerError(RuntimeError):
+class LedgerError(PleuraError, RuntimeError):
     """The ledger cannot be opened, or was asked something inconsistent with what it holds."""
 
 
