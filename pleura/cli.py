@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -16,7 +14,7 @@ from pleura.cli_common import DEBUG_KEY, ConfigOption, PleuraGroup, console, set
 from pleura.cli_evaluate import register_quality_commands
 from pleura.dataset_cli import dataset_app
 from pleura.models_cli import models_app
-from pleura.ops_cli import register_ops_commands, start_worker_ops
+from pleura.ops_cli import register_ops_commands
 from pleura.train_cli import train
 
 app = typer.Typer(
@@ -56,50 +54,15 @@ def worker(
     """Run an analysis worker (Celery): loads the model bundle and analyses queued studies."""
     settings = settings_or_exit(config)
     setup_logging(verbose, log_format=settings.log_format)
-    from contract.active import active_bundle_dir, is_ct_demo_dir
-    from contract.bundle import BundleError, load_bundle
-
-    queue_list = queues or ",".join(settings.worker_queues)
-    kinds = [kind for kind in ("radiograph", "ct") if kind in queue_list.split(",")]
-    for kind in kinds:
-        if kind == "ct" and is_ct_demo_dir(settings, active_bundle_dir(settings, "ct")):
-            continue  # the CT demo bundle is built on first use when nothing else is active
-        try:
-            bundle = load_bundle(active_bundle_dir(settings, kind))
-        except BundleError as exc:
-            console.print(f"[bold red]Model bundle error[/] ({kind}): {exc}")
-            raise typer.Exit(2) from None
-        # a log line (text or JSON); the worker follows the registry from then on
-        logging.getLogger("pleura.worker").info("%s model: %s", kind, bundle.identity.label)
-    from worker.celery_app import make_celery
     from training.ct_demo_model import ensure_ct_demo_bundle
-    from worker.tasks import register_worker_tasks
+    from worker.startup import WorkerStartError, run_worker
 
-    celery_app = make_celery(settings)
-    register_worker_tasks(celery_app, lambda bundle_dir: ensure_ct_demo_bundle(bundle_dir, progress=False)[0])
-    start_worker_ops(settings, celery_app, verbose)  # JSON logs for Celery too; /healthz when configured
-    pool = "solo" if concurrency == 1 else "prefork"
-    if concurrency == 1 and settings.worker_threads > 1:  # studies at once, sharing forward passes
-        pool, concurrency = "threads", settings.worker_threads
-    celery_app.pleura_worker_processes = 1 if pool != "prefork" else concurrency  # torch threads per process
-    celery_app.worker_main(
-        [
-            *(["--quiet"] if settings.log_format == "json" else []),  # no banner: it is plain text
-            "worker",
-            "-Q",
-            queue_list,
-            "-P",
-            pool,
-            "-c",
-            str(concurrency),
-            "-n",
-            f"analyse-{os.getpid()}@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "--loglevel",
-            "DEBUG" if verbose else "INFO",
-        ]
-    )
+    try:
+        run_worker(settings, queues=queues, concurrency=concurrency, verbose=verbose,
+                   build_ct_demo=lambda bundle_dir: ensure_ct_demo_bundle(bundle_dir, progress=False)[0])
+    except WorkerStartError as exc:
+        console.print(f"[bold red]Model bundle error[/] {exc}")
+        raise typer.Exit(2) from None
 
 
 @app.command("demo-model")

@@ -1,5 +1,5 @@
 """Commands for running Pleura as separate services (containers): `pleura export-worker` and
-`pleura healthcheck`; and the worker's health endpoint and log format."""
+`pleura healthcheck`. (The analysis worker's health endpoint and log format: worker/startup.py.)"""
 
 from __future__ import annotations
 
@@ -8,28 +8,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import typer
 
 from config.settings import Settings
 from node.logs import keep_celery_from_logging_setup
 
-if TYPE_CHECKING:
-    from celery import Celery
-
 log = logging.getLogger(__name__)
-
-
-def start_worker_ops(settings: Settings, celery_app: Celery, verbose: bool) -> None:
-    """For `pleura worker`: Celery logs in our format; /healthz, /readyz, /metrics on
-    PLEURA_WORKER_METRICS_PORT when it is set."""
-    keep_celery_from_logging_setup(logging.DEBUG if verbose else logging.INFO, settings.log_format)
-    if settings.worker_metrics_port:
-        from node.ops.server import worker_ops_server
-
-        settings.storage_dir.mkdir(parents=True, exist_ok=True)  # ready before its first study
-        worker_ops_server(settings, celery_app, settings.worker_metrics_port).start()
 
 
 def _local_url(host: str, port: int, path: str) -> str:

@@ -128,7 +128,7 @@ def train(
     from contract.bundle import BundleError, load_bundle
     from training.datasets import DatasetError
     from training.presets import PresetError, get_preset, parse_override, with_overrides
-    from training.trainer import CHECKPOINTS, SPLITS_FILE, TrainingError, train as run_training
+    from training.trainer import TrainingError, check_pair, train_in_turn
 
     try:
         overrides = dict(parse_override(item) for item in set_)
@@ -148,9 +148,11 @@ def train(
         explicit_split = parse_fractions(split) if split != "0.7,0.15,0.15" else None  # else the preset's 64/16/20
         return train_ct_command(presets[0], data, out, split_file, explicit_split, device, name, version,
                                 intended_use, skip_bad, console)
-    if len(presets) > 2 or (len(presets) == 2 and {p.task for p in presets} != {"classify", "segment"}):
-        console.print("[bold red]Preset error[/]: give one preset, or one classifier and one U-Net preset")
-        raise typer.Exit(2)
+    try:
+        check_pair(presets)
+    except PresetError as exc:
+        console.print(f"[bold red]Preset error[/]: {exc}")
+        raise typer.Exit(2) from None
     if data is None and not from_feedback:
         console.print("[bold red]No data[/]: give --data, --from-feedback, or both")
         raise typer.Exit(2)
@@ -161,26 +163,15 @@ def train(
         raise typer.Exit(2) from None
     index = _training_data(data, labels, data_format, skip_bad, from_feedback, feedback_storage, out, resume, config)
     fractions = parse_fractions(split)
-    current_split = split_file
-    result = None
-    for preset in presets:
-        run_dir = out if len(presets) == 1 else out / preset.name
-        other = "segmenter" if preset.task == "classify" else "classifier"
-        source = f"{current_base.path} ({current_base.identity.label})"
-        console.print(f"training the {preset.network_role} of {preset.name} in {run_dir}; the {other} comes from {source}")
-        stage_resume = resume and (len(presets) == 1 or (run_dir / CHECKPOINTS / "last.pt").exists())
-        try:
-            result = run_training(
-                preset, index, run_dir, base=current_base, split_file=current_split, fractions=fractions,
-                device=device, resume=stage_resume, cache_root=cache_dir, skip_bad=skip_bad, name=name,
-                version=version, intended_use=intended_use, console=console,
-            )
-        except (TrainingError, DatasetError, BundleError, ValueError) as exc:
-            console.print(f"[bold red]Training error[/]: {exc}")
-            raise typer.Exit(2) from None
-        current_base = result.bundle
-        current_split = current_split or run_dir / SPLITS_FILE
-    assert result is not None
+    try:
+        result = train_in_turn(
+            presets, index, out, base=current_base, split_file=split_file, fractions=fractions,
+            device=device, resume=resume, cache_root=cache_dir, skip_bad=skip_bad, name=name,
+            version=version, intended_use=intended_use, console=console,
+        )
+    except (TrainingError, DatasetError, BundleError, ValueError) as exc:
+        console.print(f"[bold red]Training error[/]: {exc}")
+        raise typer.Exit(2) from None
     console.print(json.dumps(result.bundle.manifest.metrics, indent=2))
     if register:
         import_into_registry(settings_or_exit(config), result.bundle.path)

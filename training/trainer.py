@@ -64,10 +64,10 @@ from training.epochs import (
     make_scheduler,
 )
 from training.metrics import classifier_metrics
-from training.presets import Preset
+from training.presets import Preset, PresetError
 from training.splits import make_splits, read_splits, split_counts, write_splits
 
-__all__ = ["TrainingError", "TrainResult", "predict_network", "network_recipe", "train"]
+__all__ = ["TrainingError", "TrainResult", "check_pair", "predict_network", "network_recipe", "train", "train_in_turn"]
 
 RUN_FILE = "run.json"
 SPLITS_FILE = "splits.csv"
@@ -475,3 +475,42 @@ def _write_bundle(
     )
     write_manifest(target, manifest)
     return load_bundle(target)
+
+
+def check_pair(presets: Sequence[Preset]) -> None:
+    """One preset, or one classifier and one U-Net preset (:func:`train_in_turn`); else PresetError."""
+    if len(presets) > 2 or (len(presets) == 2 and {p.task for p in presets} != {"classify", "segment"}):
+        raise PresetError("give one preset, or one classifier and one U-Net preset")
+
+
+def train_in_turn(
+    presets: Sequence[Preset],
+    data: DatasetIndex,
+    out: Path,
+    *,
+    base: Bundle,
+    split_file: Path | None = None,
+    resume: bool = False,
+    console: Console | None = None,
+    **options,
+) -> TrainResult:
+    """``pleura train`` with one preset (in ``out``) or a classifier and a U-Net preset, trained in
+    turn on the same split, each in ``out/<preset>``: the second takes the first one's bundle as its
+    base, so its bundle holds both networks. ``options`` go to :func:`train` for every stage."""
+    check_pair(presets)
+    console = console or Console(stderr=True)
+    current_base, current_split = base, split_file
+    result = None
+    for preset in presets:
+        run_dir = out if len(presets) == 1 else out / preset.name
+        other = "segmenter" if preset.task == "classify" else "classifier"
+        source = f"{current_base.path} ({current_base.identity.label})"
+        console.print(f"training the {preset.network_role} of {preset.name} in {run_dir}; the {other} comes from {source}")
+        stage_resume = resume and (len(presets) == 1 or (run_dir / CHECKPOINTS / "last.pt").exists())
+        result = train(preset, data, run_dir, base=current_base, split_file=current_split, resume=stage_resume,
+                       console=console, **options)
+        current_base = result.bundle
+        current_split = current_split or run_dir / SPLITS_FILE
+    if result is None:
+        raise PresetError("give one preset, or one classifier and one U-Net preset")
+    return result

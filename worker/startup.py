@@ -1,0 +1,130 @@
+"""Starting an analysis worker: the checks before it takes a task, its pool, and Celery's start.
+
+`pleura worker` parses its options and calls :func:`run_worker`; a bundle that cannot be loaded is
+refused here (:class:`WorkerStartError`, with the kind and the reason) before Celery starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from config.errors import PleuraError
+from config.settings import Settings
+from contract.active import active_bundle_dir, is_ct_demo_dir
+from contract.bundle import BundleError, load_bundle
+from node.logs import keep_celery_from_logging_setup
+from worker.celery_app import make_celery
+from worker.tasks import register_worker_tasks
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+log = logging.getLogger("pleura.worker")
+
+ANALYSIS_KINDS = ("radiograph", "ct")
+
+
+class WorkerStartError(PleuraError):
+    """The worker cannot start: a model bundle it would run is unusable."""
+
+    def __init__(self, kind: str, reason: BundleError) -> None:
+        super().__init__(f"({kind}): {reason}")
+        self.kind = kind
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class PoolPolicy:
+    """How Celery runs the tasks: ``pool`` (solo, threads or prefork), ``concurrency``, and the
+    processes that share the host's CPUs (for torch's thread count)."""
+
+    pool: str
+    concurrency: int
+    processes: int
+
+
+def pool_policy(settings: Settings, concurrency: int) -> PoolPolicy:
+    """One process: solo, or threads that share forward passes when ``worker_threads`` > 1; more
+    processes: prefork (one per GPU)."""
+    pool = "solo" if concurrency == 1 else "prefork"
+    if concurrency == 1 and settings.worker_threads > 1:  # studies at once, sharing forward passes
+        pool, concurrency = "threads", settings.worker_threads
+    return PoolPolicy(pool, concurrency, 1 if pool != "prefork" else concurrency)
+
+
+def queue_kinds(queues: str) -> list[str]:
+    """The analysis kinds a comma-separated queue list serves."""
+    return [kind for kind in ANALYSIS_KINDS if kind in queues.split(",")]
+
+
+def check_bundles(settings: Settings, kinds: list[str]) -> None:
+    """Load the active bundle of each kind once, so a broken one stops the worker at start-up; the
+    worker follows the registry from then on. The CT demo bundle is built on first use when nothing
+    else is active, so it is not checked here."""
+    for kind in kinds:
+        if kind == "ct" and is_ct_demo_dir(settings, active_bundle_dir(settings, "ct")):
+            continue
+        try:
+            bundle = load_bundle(active_bundle_dir(settings, kind))
+        except BundleError as exc:
+            raise WorkerStartError(kind, exc) from None
+        log.info("%s model: %s", kind, bundle.identity.label)  # a log line (text or JSON)
+
+
+def start_worker_ops(settings: Settings, celery_app: Celery, verbose: bool) -> None:
+    """Celery logs in our format; /healthz, /readyz, /metrics on PLEURA_WORKER_METRICS_PORT when it
+    is set."""
+    keep_celery_from_logging_setup(logging.DEBUG if verbose else logging.INFO, settings.log_format)
+    if settings.worker_metrics_port:
+        from node.ops.server import worker_ops_server  # prometheus client and the HTTP server: only when asked
+
+        settings.storage_dir.mkdir(parents=True, exist_ok=True)  # ready before its first study
+        worker_ops_server(settings, celery_app, settings.worker_metrics_port).start()
+
+
+def worker_arguments(settings: Settings, queues: str, policy: PoolPolicy, verbose: bool) -> list[str]:
+    """The arguments of Celery's ``worker`` command for this worker."""
+    return [
+        *(["--quiet"] if settings.log_format == "json" else []),  # no banner: it is plain text
+        "worker",
+        "-Q",
+        queues,
+        "-P",
+        policy.pool,
+        "-c",
+        str(policy.concurrency),
+        "-n",
+        f"analyse-{os.getpid()}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        "DEBUG" if verbose else "INFO",
+    ]
+
+
+def run_worker(
+    settings: Settings,
+    *,
+    queues: str | None,
+    concurrency: int,
+    verbose: bool,
+    build_ct_demo: Callable[[Path], Any],
+) -> None:
+    """Check the bundles, register the tasks and run Celery's worker until it stops.
+
+    ``build_ct_demo(bundle_dir)`` trains the CT demo bundle on first use (training's, given by the
+    caller: the worker never imports training).
+    """
+    queue_list = queues or ",".join(settings.worker_queues)
+    check_bundles(settings, queue_kinds(queue_list))
+    celery_app = make_celery(settings)
+    register_worker_tasks(celery_app, build_ct_demo)
+    start_worker_ops(settings, celery_app, verbose)  # JSON logs for Celery too; /healthz when configured
+    policy = pool_policy(settings, concurrency)
+    celery_app.pleura_worker_processes = policy.processes  # torch threads per process
+    celery_app.worker_main(worker_arguments(settings, queue_list, policy, verbose))
