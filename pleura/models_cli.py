@@ -42,13 +42,6 @@ def _open(config: Optional[Path]):
         raise _refused("No registry", exc) from None
 
 
-def _audit(settings, event: str, **fields) -> None:
-    """Model changes go to the storage's audit trail too, beside who sent and received what."""
-    from node.audit import AuditTrail
-
-    AuditTrail(settings.storage_dir).record(event, **fields)
-
-
 def _day(stamp: str | None) -> str:
     return (stamp or "")[:16].replace("T", " ")
 
@@ -177,9 +170,7 @@ def import_into_registry(settings, source: Path):
         raise _refused("Registry error", exc) from None
     except BundleError as exc:
         raise _refused("Bundle refused", exc) from None
-    if added:
-        _audit(settings, "model_imported", version=record.id, kind=record.kind, source=str(source),
-               by=record.provenance.imported_by)
+    if added:  # the registry recorded it in the audit trail
         console.print(f"[green]imported[/] {record.id} ({record.kind}); make it active: pleura models promote {record.id}")
     else:
         console.print(f"{record.id} is already registered with the same files")
@@ -215,7 +206,7 @@ def promote(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION wh
     """Check a version and make it the active model of its kind; running workers pick it up."""
     from contract.bundle import BundleError
 
-    settings, registry = _open(config)
+    _, registry = _open(config)
     try:
         event = registry.promote(version, kind=kind, reason=reason)
     except BundleError as exc:
@@ -223,7 +214,6 @@ def promote(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION wh
     if event is None:
         console.print(f"{version} is already the active model")
         return
-    _audit(settings, "model_promoted", **event.model_dump())
     console.print(f"[green]active {event.kind} model[/]: {event.to_version} (was {event.from_version or 'the demo bundle'})")
 
 
@@ -233,10 +223,9 @@ def rollback(kind: str = typer.Option("radiograph", "--kind", "-k", help="radiog
     """Make the previously active version of a kind active again (checked first)."""
     from contract.bundle import BundleError
 
-    settings, registry = _open(config)
+    _, registry = _open(config)
     try:
         event = registry.rollback(kind, reason=reason)
     except BundleError as exc:
         raise _refused("Rollback refused (the active model is unchanged)", exc) from None
-    _audit(settings, "model_rolled_back", **event.model_dump())
     console.print(f"[green]active {kind} model[/]: {event.to_version or 'the demo bundle'} (was {event.from_version})")

@@ -22,7 +22,7 @@ from services import write_config
 from config.settings import load_settings
 from contract.active import RegistryError, active_bundle_dir, validate_bundle
 from contract.bundle import BundleError, Thresholds
-from training.registry import Registry
+from training.registry import Registry, open_registry
 
 
 @pytest.fixture
@@ -106,6 +106,33 @@ def test_import_list_show_promote_rollback_export_round_trip(tmp_path, tiny_base
         assert other.verify(record) == []
         other.promote("tiny/2.0")
         assert other.active("radiograph").id == "tiny/2.0"
+
+
+def test_a_promotion_through_the_registry_itself_is_audited(tmp_path, tiny_base_bundle, config, storage):
+    """Not only the commands: whatever changes the registry (a script, another service) leaves the
+    same audit records as `pleura models`, in the storage's audit trail."""
+    registry = open_registry(load_settings(config))
+    registry.import_bundle(make_version(tiny_base_bundle, tmp_path / "a", "1.0"), by="script@host")
+    registry.import_bundle(make_version(tiny_base_bundle, tmp_path / "b", "2.0"), by="script@host")
+    registry.promote("tiny/1.0", by="script@host", reason="direct")
+    assert registry.promote("tiny/1.0") is None  # already active: nothing changed, nothing recorded
+    registry.promote("tiny/2.0", by="script@host")
+    registry.rollback("radiograph", by="script@host", reason="back")
+    events = AuditTrail(storage).events()
+    assert [(e["event"], e.get("to_version", e.get("version"))) for e in events] == [
+        ("model_imported", "tiny/1.0"), ("model_imported", "tiny/2.0"), ("model_promoted", "tiny/1.0"),
+        ("model_promoted", "tiny/2.0"), ("model_rolled_back", "tiny/1.0"),
+    ]
+    promoted = events[2]
+    assert promoted["kind"] == "radiograph" and promoted["action"] == "promote" and promoted["from_version"] is None
+    assert promoted["by"] == "script@host" and promoted["reason"] == "direct" and promoted["at"]
+    assert events[0]["source"] == str(tmp_path / "a") and events[0]["by"] == "script@host"
+    assert events[4]["from_version"] == "tiny/2.0" and events[4]["reason"] == "back"
+
+    # A Registry made on its own folder under the storage directory writes to the same trail.
+    Registry(storage / "models").promote("tiny/2.0", by="other@host")
+    assert AuditTrail(storage).events()[-1]["event"] == "model_promoted"
+    assert AuditTrail(storage).events()[-1]["by"] == "other@host"
 
 
 def test_a_version_never_changes_and_a_fixed_bundle_is_not_a_registry(

@@ -5,7 +5,9 @@ model contract's (:mod:`contract.active`), read by workers and commands alike. T
 the state: every change goes through the lock and is written to a temporary file that replaces
 ``registry.json`` (rename is atomic), so a worker reading it never sees half a state. Versions are
 checked (:func:`~contract.active.validate_bundle`) before they are imported, promoted or rolled back
-to; a bundle that fails is refused with the reason and the active model stays as it was.
+to; a bundle that fails is refused with the reason and the active model stays as it was. Every
+change is recorded in the audit trail (:class:`node.audit.AuditTrail`) by the registry itself, however
+it was asked for.
 
 ``PLEURA_MODEL_DIR`` naming a bundle directory (one with ``manifest.json``) is a fixed model:
 promote and rollback refuse (there is no registry to change).
@@ -48,6 +50,7 @@ from contract.active import (
     write_json_atomically,
 )
 from contract.bundle import MANIFEST_NAME, BundleError, Manifest
+from node.audit import AuditTrail
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -80,9 +83,14 @@ def _checked_name(value: str, what: str, manifest_file: str) -> str:
 class Registry(RegistryLayout):
     """A registry directory that can be changed (see the module docstring)."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, audit: AuditTrail | None = None) -> None:
+        """``audit``: where imports, promotions and rollbacks are recorded (``model_imported``,
+        ``model_promoted``, ``model_rolled_back``); by default the ``audit.jsonl`` beside the
+        registry, which for the usual ``<storage_dir>/models`` is the storage's own audit trail
+        (:func:`open_registry` always passes the settings' one)."""
         super().__init__(root)
         self._lock = FileLock(str(self.root / LOCK_NAME))
+        self.audit = audit if audit is not None else AuditTrail(self.root.parent)
 
     def _write(self, state: RegistryState) -> None:
         write_json_atomically(self.state_file, state.model_dump(mode="json"))
@@ -184,6 +192,8 @@ class Registry(RegistryLayout):
                     if path.is_file():
                         path.chmod(0o444)  # a reminder, not a defence: the checksums are that
                 state.versions[record.id] = record
+            self.audit.record("model_imported", version=record.id, kind=record.kind, source=str(source),
+                              by=record.provenance.imported_by)
             return record, True
         finally:
             shutil.rmtree(incoming, ignore_errors=True)
@@ -238,6 +248,7 @@ class Registry(RegistryLayout):
             event = Activation(kind=slot, action="promote", from_version=current, to_version=record.id,
                                by=by or _who(), at=utc_now(), reason=reason)
             state.history.append(event)
+        self.audit.record("model_promoted", **event.model_dump())
         return event
 
     def rollback(self, kind: str = "radiograph", by: str | None = None, reason: str | None = None) -> Activation:
@@ -264,6 +275,7 @@ class Registry(RegistryLayout):
             event = Activation(kind=kind, action="rollback", from_version=current, to_version=target,
                                by=by or _who(), at=utc_now(), reason=reason)
             now.history.append(event)
+        self.audit.record("model_rolled_back", **event.model_dump())
         return event
 
 def _unpack(source: Path, into: Path) -> Path:
@@ -345,4 +357,4 @@ def open_registry(settings: "Settings") -> Registry:
             f"PLEURA_MODEL_DIR={settings.model_dir} names a single model bundle, not a registry: "
             "unset it (the registry is then <storage_dir>/models) or point it at a registry directory"
         )
-    return Registry(root)
+    return Registry(root, audit=AuditTrail(settings.storage_dir))
