@@ -30,11 +30,11 @@ from typing import Literal
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, generate_uid
 
 from contract.ct_preprocess import SeriesGeometry, series_geometry
-from training.synthetic import SYNTHETIC_PATIENT_NAME, UID_PREFIX
+from training.synthetic import SYNTHETIC_PATIENT_NAME, UID_PREFIX, set_monochrome_pixels, synthetic_header
 
 __all__ = [
     "CT_SERIES_DIR",
@@ -182,63 +182,40 @@ def ct_slice_dataset(
     (Rescale Intercept -1024, Slope 1), MONOCHROME2, a lung window; orientation axial (1,0,0,0,1,0).
     """
     stored = np.clip(np.rint(np.asarray(hu, dtype=np.float64) - RESCALE_INTERCEPT), 0, (1 << BITS_STORED) - 1)
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta.ImplementationVersionName = "PLEURA_SYNTH"
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop_instance_uid
+    ds = synthetic_header(
+        CTImageStorage,
+        sop_instance_uid=sop_instance_uid,
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid,
+        modality="CT",
+        patient_name=patient_name,
+        patient_id=patient_id,
+        accession_number=f"SYNCT{patient_id[-10:]}",
+        study_description="SYNTHETIC chest CT",
+        series_number=2,
+        series_description=series_description,
+        manufacturer="Pleura synthetic CT phantom",
+        manufacturer_model_name="training.ct_synthetic",
+        instance_number=instance_number,
+    )
     ds.ImageType = ["DERIVED", "PRIMARY", "AXIAL"]
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
-    ds.StudyInstanceUID = study_instance_uid
-    ds.StudyDate = "20240101"
-    ds.StudyTime = "120000"
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "1"
-    ds.AccessionNumber = f"SYNCT{patient_id[-10:]}"[-16:]
-    ds.StudyDescription = "SYNTHETIC chest CT"
-    ds.Modality = "CT"
-    ds.SeriesInstanceUID = series_instance_uid
-    ds.SeriesNumber = 2
-    ds.SeriesDescription = series_description
-    ds.BodyPartExamined = "CHEST"
     ds.PatientPosition = "HFS"
     ds.FrameOfReferenceUID = frame_of_reference_uid
     ds.PositionReferenceIndicator = ""
-    ds.Manufacturer = "Pleura synthetic CT phantom"
-    ds.ManufacturerModelName = "training.ct_synthetic"
-    ds.InstanceNumber = instance_number
     ds.AcquisitionNumber = 1
-    ds.ContentDate = ds.StudyDate
-    ds.ContentTime = ds.StudyTime
     ds.ImageComments = "Synthetic CT phantom made by Pleura's generator; not a patient."
-    ds.BurnedInAnnotation = "NO"
     ds.ImagePositionPatient = [f"{v:.4f}" for v in position_mm]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.PixelSpacing = [f"{pixel_spacing_mm:.6g}", f"{pixel_spacing_mm:.6g}"]
     ds.SliceThickness = f"{slice_thickness_mm:.6g}"
     ds.SliceLocation = f"{position_mm[2]:.4f}"
     ds.KVP = 120
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = stored.shape
-    ds.BitsAllocated = 16
-    ds.BitsStored = BITS_STORED
-    ds.HighBit = BITS_STORED - 1
-    ds.PixelRepresentation = 0
+    set_monochrome_pixels(ds, stored, BITS_STORED)
     ds.RescaleIntercept = f"{RESCALE_INTERCEPT:g}"
     ds.RescaleSlope = 1
     ds.RescaleType = "HU"
     ds.WindowCenter = -600
     ds.WindowWidth = 1500
-    ds.PixelData = np.ascontiguousarray(stored.astype(np.uint16)).tobytes()
     return ds
 
 

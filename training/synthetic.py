@@ -280,6 +280,82 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
     return item
 
 
+def synthetic_header(
+    sop_class: str,
+    *,
+    sop_instance_uid: str,
+    study_instance_uid: str,
+    series_instance_uid: str,
+    modality: str,
+    patient_name: str,
+    patient_id: str,
+    patient_birth_date: str = "",
+    study_id: str = "1",
+    accession_number: str = "",
+    study_description: str,
+    series_number: int,
+    series_description: str,
+    manufacturer: str,
+    manufacturer_model_name: str,
+    instance_number: int,
+) -> Dataset:
+    """What every synthetic image's header holds alike, radiograph or CT slice: the file meta,
+    the SOP Common, Patient, General Study, General Series and General Equipment modules, the
+    instance number and content date; the image's own modules are the caller's."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta.ImplementationVersionName = "PLEURA_SYNTH"
+
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_instance_uid
+    # Patient
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = patient_birth_date
+    ds.PatientSex = "O"
+    # General Study
+    ds.StudyInstanceUID = study_instance_uid
+    ds.StudyDate = "20240101"
+    ds.StudyTime = "120000"
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = study_id[-16:]
+    ds.AccessionNumber = accession_number[-16:]
+    ds.StudyDescription = study_description
+    # General Series
+    ds.Modality = modality
+    ds.SeriesInstanceUID = series_instance_uid
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = series_description
+    ds.BodyPartExamined = "CHEST"
+    # General Equipment
+    ds.Manufacturer = manufacturer
+    ds.ManufacturerModelName = manufacturer_model_name
+    # General Image
+    ds.InstanceNumber = instance_number
+    ds.ContentDate = ds.StudyDate
+    ds.ContentTime = ds.StudyTime
+    ds.BurnedInAnnotation = "NO"
+    return ds
+
+
+def set_monochrome_pixels(ds: Dataset, stored: np.ndarray, bits_stored: int) -> None:
+    """The Image Pixel module of a MONOCHROME2 image of unsigned ``stored`` values (Rows, Columns)
+    in ``bits_stored`` bits of 16, and its pixel data."""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = stored.shape
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(stored.astype(np.uint16, copy=False)).tobytes()
+
+
 def radiograph_dataset(
     pixels: np.ndarray,
     *,
@@ -316,53 +392,34 @@ def radiograph_dataset(
         raise ValueError(f"radiograph_dataset: pixels must be uint16 (Rows, Columns), got {array.dtype} {array.shape}")
     sop_class = DigitalXRayImageStorageForPresentation if modality == "DX" else ComputedRadiographyImageStorage
 
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta.ImplementationVersionName = "PLEURA_SYNTH"
-
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_instance_uid
+    ds = synthetic_header(
+        sop_class,
+        sop_instance_uid=sop_instance_uid,
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid,
+        modality=modality,
+        patient_name=patient_name,
+        patient_id=patient_id,
+        patient_birth_date=patient_birth_date,
+        study_id=study_id,
+        accession_number=accession_number,
+        study_description=study_description,
+        series_number=1,
+        series_description=series_description,
+        manufacturer=manufacturer,
+        manufacturer_model_name="training.synthetic",
+        instance_number=1,
+    )
     ds.InstanceCreationDate = "20240101"
     ds.InstanceCreationTime = "120000"
-    # Patient
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = patient_birth_date
-    ds.PatientSex = "O"
-    # General Study
-    ds.StudyInstanceUID = study_instance_uid
-    ds.StudyDate = "20240101"
-    ds.StudyTime = "120000"
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = study_id[-16:]
-    ds.AccessionNumber = accession_number[-16:]
-    ds.StudyDescription = study_description
-    # General Series (+ DX / CR Series)
-    ds.Modality = modality
-    ds.SeriesInstanceUID = series_instance_uid
-    ds.SeriesNumber = 1
-    ds.SeriesDescription = series_description
-    ds.BodyPartExamined = "CHEST"
+    # DX / CR Series, General Image, General Acquisition
     ds.ViewPosition = "PA"
     if modality == "DX":
         ds.PresentationIntentType = "FOR PRESENTATION"
-    # General Equipment
-    ds.Manufacturer = manufacturer
-    ds.ManufacturerModelName = "training.synthetic"
-    # General Image, General Acquisition
-    ds.InstanceNumber = 1
     ds.PatientOrientation = ["L", "F"]
-    ds.ContentDate = ds.StudyDate
-    ds.ContentTime = ds.StudyTime
     ds.ImageType = list(image_type)
     if image_comments:
         ds.ImageComments = image_comments
-    ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
     if modality == "DX":
         # DX Anatomy Imaged, DX Positioning, DX Detector, Acquisition Context, DX Image
@@ -385,17 +442,10 @@ def radiograph_dataset(
         ds.PixelSpacingCalibrationType = "GEOMETRY"
         ds.PixelSpacingCalibrationDescription = "test calibration"
     # Image Pixel, VOI LUT
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = array.shape
-    ds.BitsAllocated = 16
-    ds.BitsStored = bits_stored
-    ds.HighBit = bits_stored - 1
-    ds.PixelRepresentation = 0
+    set_monochrome_pixels(ds, array, bits_stored)
     center, width = window if window is not None else (1 << (bits_stored - 1), 1 << bits_stored)
     ds.WindowCenter = center
     ds.WindowWidth = width
-    ds.PixelData = np.ascontiguousarray(array).tobytes()
     return ds
 
 

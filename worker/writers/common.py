@@ -150,6 +150,14 @@ def image_result_identity(source: pydicom.Dataset, model: ModelIdentity, kind: s
         "series_number": SERIES_NUMBERS[kind],
         "sop_instance_uid": instance_uid(source.SOPInstanceUID, model, kind),
         "instance_number": instance_number(source),
+        **equipment(model),
+    }
+
+
+def equipment(model: ModelIdentity) -> dict[str, Any]:
+    """The equipment every result names (General Equipment module): Pleura, the model's name and
+    version, and the device UID as serial number."""
+    return {
         "manufacturer": MANUFACTURER,
         "manufacturer_model_name": model.name,
         "software_versions": model.version,

@@ -22,6 +22,9 @@ Zero spacing, which some CR readers write for "unknown", is never copied into a 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import pydicom
 from highdicom.color import CIELabColor
@@ -66,6 +69,32 @@ def pneumothorax_segment(model: ModelIdentity, tracking: str) -> SegmentDescript
     )
 
 
+def pneumothorax_seg(
+    headers: Sequence[pydicom.Dataset],
+    mask: np.ndarray,
+    model: ModelIdentity,
+    tracking: str,
+    identity: dict[str, Any],
+    *,
+    what: str,
+    omit_empty_frames: bool,
+) -> Segmentation:
+    """The binary SEG of ``mask`` on ``headers`` (one image, or a series' slices) with the one
+    :func:`pneumothorax_segment`; ``identity``: its UIDs, numbers and equipment; ``what`` names its
+    content in the Content Description."""
+    return Segmentation(
+        source_images=headers,
+        pixel_array=mask,
+        segmentation_type=SegmentationTypeValues.BINARY,
+        segment_descriptions=[pneumothorax_segment(model, tracking)],
+        **identity,
+        content_label="PNEUMOTHORAX",
+        content_description=describe(what, model),
+        series_description=describe("SEG", model),
+        omit_empty_frames=omit_empty_frames,
+    )
+
+
 def build_seg(source: pydicom.Dataset, finding: ImageFinding, model: ModelIdentity) -> Segmentation:
     """A binary SEG of ``finding.mask`` on the single-frame CR/DX image ``source``.
 
@@ -81,17 +110,9 @@ def build_seg(source: pydicom.Dataset, finding: ImageFinding, model: ModelIdenti
 
     # Without spacing in its input highdicom writes no Pixel Measures (see the module docstring).
     header = source_header(source, keep_spacing=False)
-    segment = pneumothorax_segment(model, tracking_uid(source, model))
-    seg = Segmentation(
-        source_images=[header],
-        pixel_array=mask.astype(bool),
-        segmentation_type=SegmentationTypeValues.BINARY,
-        segment_descriptions=[segment],
-        **image_result_identity(source, model, "SEG"),
-        content_label="PNEUMOTHORAX",
-        content_description=describe("pneumothorax SEG", model),
-        series_description=describe("SEG", model),
-        omit_empty_frames=False,
+    seg = pneumothorax_seg(
+        [header], mask.astype(bool), model, tracking_uid(source, model), image_result_identity(source, model, "SEG"),
+        what="pneumothorax SEG", omit_empty_frames=False,
     )
     # Without a Frame of Reference the General Image module requires Patient Orientation (Type
     # 2C), which highdicom does not write; the frame is pixel-aligned with the source, so the

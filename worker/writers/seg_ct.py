@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from highdicom.seg import Segmentation, SegmentationTypeValues
+from highdicom.seg import Segmentation
 
 from contract.bundle import ModelIdentity
-from worker.writers.common import MANUFACTURER, SERIES_NUMBERS, carry_context, describe, source_header
-from worker.writers.seg import pneumothorax_segment
-from worker.writers.uids import device_uid, result_uid, series_uid
+from worker.writers.common import SERIES_NUMBERS, carry_context, equipment, source_header
+from worker.writers.seg import pneumothorax_seg
+from worker.writers.uids import result_uid, series_uid
 
 __all__ = ["build_ct_seg", "ct_series_result_identity", "ct_tracking_uid"]
 
@@ -40,10 +40,7 @@ def ct_series_result_identity(source: pydicom.Dataset, model: ModelIdentity, kin
         "series_number": SERIES_NUMBERS[kind],
         "sop_instance_uid": result_uid(source.SeriesInstanceUID, model.name, model.version, f"CT-{kind}"),
         "instance_number": 1,
-        "manufacturer": MANUFACTURER,
-        "manufacturer_model_name": model.name,
-        "software_versions": model.version,
-        "device_serial_number": device_uid(model),
+        **equipment(model),
     }
 
 
@@ -59,16 +56,8 @@ def build_ct_seg(sources: Sequence[pydicom.Dataset], mask: np.ndarray, model: Mo
     if not volume.any():
         raise ValueError("the mask is empty: a SEG is written only for a finding")
     headers = [source_header(ds) for ds in sources]
-    segment = pneumothorax_segment(model, ct_tracking_uid(first.SeriesInstanceUID, model))
-    seg = Segmentation(
-        source_images=headers,
-        pixel_array=volume,
-        segmentation_type=SegmentationTypeValues.BINARY,
-        segment_descriptions=[segment],
-        **ct_series_result_identity(first, model, "SEG"),
-        content_label="PNEUMOTHORAX",
-        content_description=describe("CT pneumothorax SEG", model),
-        series_description=describe("SEG", model),
-        omit_empty_frames=True,
+    seg = pneumothorax_seg(
+        headers, volume, model, ct_tracking_uid(first.SeriesInstanceUID, model),
+        ct_series_result_identity(first, model, "SEG"), what="CT pneumothorax SEG", omit_empty_frames=True,
     )
     return carry_context(seg, first)

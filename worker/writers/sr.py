@@ -46,81 +46,55 @@ import pydicom
 from highdicom.seg import Segmentation
 from highdicom.sr import (
     AlgorithmIdentification,
-    CodedConcept,
     ComprehensiveSR,
-    DeviceObserverIdentifyingAttributes,
-    FindingSite,
-    Measurement,
-    MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
-    ObservationContext,
-    ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     ReferencedSegmentationFrame,
-    RelationshipTypeValues,
     SourceImageForMeasurement,
     SourceImageForMeasurementGroup,
     SourceImageForSegmentation,
-    TextContentItem,
     TrackingIdentifier,
 )
-from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from contract.bundle import ModelIdentity
 from worker.inference.result import ImageFinding
 from worker.writers.common import (
-    ALGORITHM_FAMILY,
-    DEMO_LABEL,
     FINDING_CATEGORY,
     MANUFACTURER,
     PNEUMOTHORAX,
     SERIES_NUMBERS,
-    carry_context,
-    describe,
     source_header,
     tracking_uid,
 )
 from worker.writers.seg import SEGMENT_NUMBER
-from worker.writers.uids import device_uid, result_uid, series_uid, study_result_uid
+from worker.writers.sr_content import (
+    AREA,
+    MAXIMUM,
+    NOT_PERFORMED,
+    UNIT_CM2,
+    UNIT_MM,
+    UNIT_PIXELS,
+    WIDTH,
+    MeasurementGroup,
+    certainty,
+    comprehensive_sr,
+    decision_evaluations,
+    finding_sites,
+    hemithorax_measurement,
+    intended_use_text,
+    measurement,
+    measurement_report,
+    sr_algorithm,
+    tracking_text,
+)
+from worker.writers.uids import result_uid, series_uid, study_result_uid
 
-DEVICE_OBSERVER_NAME = "Pleura"
+__all__ = ["AnalysedImage", "PLAIN_CHEST_XRAY", "SkippedImage", "build_sr", "sr_instance_uid"]
 
-# The classifier's output probability. DCM 111012 "Certainty of Finding" is the concept DICOM's
-# CAD SR templates (Mammography and Chest CAD SR) use for an algorithm's confidence that a finding
-# it reports is real; here as a fraction 0..1 (UCUM "1") rather than in percent.
-PROBABILITY = codes.DCM.CertaintyOfFinding
-# The bundle's probability threshold the decision was taken with: DCM 122411 "Threshold Value".
-THRESHOLD = codes.DCM.ThresholdValue
-AREA = codes.SCT.Area  # SCT 42798000
-# The largest pleural gap: the pneumothorax's Width (SCT 103355008) with derivation Maximum.
-WIDTH = codes.SCT.Width
-MAXIMUM = codes.SCT.Maximum  # SCT 56851009
-# No standard concept names the share of a hemithorax a finding takes: a local code (the "99"
-# prefix marks a private coding scheme, declared in the Coding Scheme Identification Sequence).
-PRIVATE_SCHEME = "99PLEURA"
-HEMITHORAX_FRACTION = Code("HTXFRACTION", PRIVATE_SCHEME, "Fraction of hemithorax")
-PLEURAL_STRUCTURE = codes.SCT.PleuralStructure  # SCT 3120008
-LATERALITY = {"right": codes.SCT.Right, "left": codes.SCT.Left, "bilateral": codes.SCT.Bilateral}
-# The codes of DICOM's Present/Absent context groups (SCT 272519000, not 2667000, for Absent).
-PRESENT = codes.SCT.Present  # SCT 52101004
-ABSENT = codes.SCT.Absent  # SCT 272519000
-NOT_PERFORMED = codes.SCT.NotPerformed  # SCT 262008008
-# "Flagged" in CAD terms: DCM 111056 "Rendering Intent", which CAD SR uses to say whether a
-# viewer is expected to show a finding.
-RENDERING_INTENT = codes.DCM.RenderingIntent
-FLAGGED = codes.DCM.PresentationRequiredRenderingDeviceIsExpectedToPresent  # DCM 111150
-NOT_FLAGGED = codes.DCM.NotForPresentationRenderingDeviceExpectedNotToPresent  # DCM 111152
 # Procedure Reported (CID 100 is extensible and has no chest radiograph of its own).
 PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
-COMMENT = codes.DCM.Comment  # DCM 121106
-
-UNIT_ONE = codes.UCUM.NoUnits  # "1"
-UNIT_CM2 = codes.UCUM.SquareCentimeter  # "cm2"
-UNIT_MM = codes.UCUM.Millimeter
-UNIT_PERCENT = codes.UCUM.Percent
-UNIT_PIXELS = CodedConcept("{pixels}", "UCUM", "pixels")
 
 
 @dataclass(frozen=True)
@@ -172,13 +146,8 @@ def build_sr(
         if str(header.StudyInstanceUID) != study_uid:
             raise ValueError("the images of one report must belong to one study")
 
-    algorithm = AlgorithmIdentification(
-        name=model.name,
-        version=model.version,
-        family=ALGORITHM_FAMILY,
-        manufacturer=model.manufacturer,
-    )
-    groups: list[PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations] = []
+    algorithm = sr_algorithm(model)
+    groups: list[MeasurementGroup] = []
     for image, header in zip(analysed, headers):
         if image.seg is not None:
             groups.append(_finding_group(image, header, algorithm, model))
@@ -199,12 +168,6 @@ def build_sr(
         )
 
     library = [header for header in headers + skipped_headers if _has_library_descriptors(header)]
-    report = MeasurementReport(
-        observation_context=device_observation_context(model),
-        procedure_reported=procedure_reported,
-        imaging_measurements=groups,
-        referenced_images=library or None,
-    )
     # TID 1500 is an extensible template: comments carry what the codes cannot say, where anyone
     # reading the report's text sees it: why an image was not analysed, and the intended use (led
     # by the demo warning).
@@ -216,53 +179,21 @@ def build_sr(
     for number, image in enumerate(skipped, start=len(analysed) + 1):
         numbers = _numbers(image.source) if image.source is not None else " (header unreadable)"
         comments.append(f"Image {number}{numbers} not analysed: {image.reason}")
-    comments.append(_intended_use_text(model))
-    for text in comments:
-        report[0].ContentSequence.append(
-            TextContentItem(name=COMMENT, value=text, relationship_type=RelationshipTypeValues.CONTAINS)
-        )
+    comments.append(intended_use_text(model))
+    report = measurement_report(model, procedure_reported, groups, comments, library or None)
 
     sop_uids = [str(h.SOPInstanceUID) for h in headers] + [image.sop_instance_uid for image in skipped]
-    sr = ComprehensiveSR(
-        evidence=headers + skipped_headers + [image.seg for image in analysed if image.seg is not None],
-        content=report[0],
-        series_instance_uid=series_uid(study_uid, model, "SR"),
-        series_number=SERIES_NUMBERS["SR"],
-        sop_instance_uid=sr_instance_uid(study_uid, sop_uids, model),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=model.name,
-        software_versions=model.version,
-        series_description=describe("SR", model),
-        is_complete=True,
-        is_final=False,  # an algorithm's output, not a radiologist's report
-        is_verified=False,
-    )
-    _declare_private_scheme(sr)
-    return carry_context(sr, context[0])
-
-
-def device_observation_context(model: ModelIdentity) -> ObservationContext:
-    """The report's observer: the device "Pleura" named by the model."""
-    observer = ObserverContext(
-        observer_type=codes.cid270.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=device_uid(model),
-            name=DEVICE_OBSERVER_NAME,
-            manufacturer_name=model.manufacturer,
-            model_name=model.name,
-        ),
-    )
-    return ObservationContext(observer_device_context=observer)
-
-
-def _measurement(
-    name: Code, value: float, unit: Code | CodedConcept, algorithm: AlgorithmIdentification,
-    source: list[SourceImageForMeasurement] | None = None, derivation: Code | None = None,
-) -> Measurement:
-    return Measurement(
-        name=name, value=value, unit=unit, algorithm_id=algorithm, referenced_images=source, derivation=derivation
-    )
+    identity = {
+        "series_instance_uid": series_uid(study_uid, model, "SR"),
+        "series_number": SERIES_NUMBERS["SR"],
+        "sop_instance_uid": sr_instance_uid(study_uid, sop_uids, model),
+        "instance_number": 1,
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": model.name,
+        "software_versions": model.version,
+    }
+    evidence = headers + skipped_headers + [image.seg for image in analysed if image.seg is not None]
+    return comprehensive_sr(report, evidence, identity, model, context[0])
 
 
 def _finding_group(
@@ -272,20 +203,16 @@ def _finding_group(
     assert seg is not None
     _check_seg_matches(seg, header)
     on_image = [SourceImageForMeasurement.from_source_image(header)]
-    measurements = [
-        _measurement(PROBABILITY, float(finding.probability), UNIT_ONE, algorithm, on_image),
-        _measurement(THRESHOLD, float(finding.threshold), UNIT_ONE, algorithm),
-    ]
+    measurements = certainty(float(finding.probability), float(finding.threshold), algorithm, on_image)
     if finding.area_cm2 is not None:
-        measurements.append(_measurement(AREA, float(finding.area_cm2), UNIT_CM2, algorithm, on_image))
-    measurements.append(_measurement(AREA, int(finding.area_px), UNIT_PIXELS, algorithm, on_image))
+        measurements.append(measurement(AREA, float(finding.area_cm2), UNIT_CM2, algorithm, on_image))
+    measurements.append(measurement(AREA, int(finding.area_px), UNIT_PIXELS, algorithm, on_image))
     if finding.gap_mm is not None:
-        measurements.append(_measurement(WIDTH, round(finding.gap_mm, 2), UNIT_MM, algorithm, on_image, MAXIMUM))
+        measurements.append(measurement(WIDTH, round(finding.gap_mm, 2), UNIT_MM, algorithm, on_image, MAXIMUM))
     if finding.gap_px is not None:
-        measurements.append(_measurement(WIDTH, round(finding.gap_px, 2), UNIT_PIXELS, algorithm, on_image, MAXIMUM))
+        measurements.append(measurement(WIDTH, round(finding.gap_px, 2), UNIT_PIXELS, algorithm, on_image, MAXIMUM))
     if finding.hemithorax_fraction is not None:
-        percent = round(100.0 * finding.hemithorax_fraction, 1)
-        measurements.append(_measurement(HEMITHORAX_FRACTION, percent, UNIT_PERCENT, algorithm, on_image))
+        measurements.append(hemithorax_measurement(finding.hemithorax_fraction, algorithm, on_image))
 
     referenced_segment = ReferencedSegmentationFrame(
         sop_class_uid=seg.SOPClassUID,
@@ -297,21 +224,15 @@ def _finding_group(
     # The SOP Instance Reference macro forbids Referenced Segment Number next to Referenced Frame
     # Number (the frame already names its segment); highdicom writes both, dciodvfy rejects that.
     del referenced_segment[0].ReferencedSOPSequence[0].ReferencedSegmentNumber
-    sites = None
-    if finding.side is not None:
-        sites = [FindingSite(anatomic_location=PLEURAL_STRUCTURE, laterality=LATERALITY[finding.side])]
     return PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=tracking_uid(header, model), identifier=_tracking_text(model)),
+        tracking_identifier=TrackingIdentifier(uid=tracking_uid(header, model), identifier=tracking_text(model)),
         referenced_segment=referenced_segment,
         finding_type=PNEUMOTHORAX,
         finding_category=FINDING_CATEGORY,
-        finding_sites=sites,
+        finding_sites=finding_sites(finding.side),
         algorithm_id=algorithm,
         measurements=measurements,
-        qualitative_evaluations=[
-            QualitativeEvaluation(PNEUMOTHORAX, PRESENT),
-            QualitativeEvaluation(RENDERING_INTENT, FLAGGED),
-        ],
+        qualitative_evaluations=decision_evaluations(True),
     )
 
 
@@ -323,18 +244,12 @@ def _negative_group(
         raise ValueError(f"image {header.SOPInstanceUID} is flagged but has no SEG to reference")
     on_image = [SourceImageForMeasurement.from_source_image(header)]
     return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=tracking_uid(header, model), identifier=_tracking_text(model)),
+        tracking_identifier=TrackingIdentifier(uid=tracking_uid(header, model), identifier=tracking_text(model)),
         finding_type=PNEUMOTHORAX,
         finding_category=FINDING_CATEGORY,
         algorithm_id=algorithm,
-        measurements=[
-            _measurement(PROBABILITY, float(finding.probability), UNIT_ONE, algorithm, on_image),
-            _measurement(THRESHOLD, float(finding.threshold), UNIT_ONE, algorithm),
-        ],
-        qualitative_evaluations=[
-            QualitativeEvaluation(PNEUMOTHORAX, ABSENT),
-            QualitativeEvaluation(RENDERING_INTENT, NOT_FLAGGED),
-        ],
+        measurements=certainty(float(finding.probability), float(finding.threshold), algorithm, on_image),
+        qualitative_evaluations=decision_evaluations(False),
         source_images=[SourceImageForMeasurementGroup.from_source_image(header)],
     )
 
@@ -362,28 +277,6 @@ def _analysed_comments(label: str, finding: ImageFinding) -> list[str]:
             else f"{label}: no usable pixel spacing; sizes in pixels only"
         )
     return comments
-
-
-def _declare_private_scheme(sr: pydicom.Dataset) -> None:
-    """Declare the private coding scheme of :data:`HEMITHORAX_FRACTION` (SR Document General module)."""
-    item = pydicom.Dataset()
-    item.CodingSchemeDesignator = PRIVATE_SCHEME
-    item.CodingSchemeName = "Pleura local codes"
-    item.CodingSchemeResponsibleOrganization = MANUFACTURER
-    schemes = list(sr.get("CodingSchemeIdentificationSequence", []))
-    if not any(s.CodingSchemeDesignator == PRIVATE_SCHEME for s in schemes):
-        schemes.append(item)
-    sr.CodingSchemeIdentificationSequence = schemes
-
-
-def _tracking_text(model: ModelIdentity) -> str:
-    text = f"Pneumothorax ({model.name} {model.version})"
-    return f"{text} - {DEMO_LABEL}" if model.synthetic_demo else text
-
-
-def _intended_use_text(model: ModelIdentity) -> str:
-    use = f"Model {model.name} {model.version}. Intended use: {model.intended_use}"
-    return f"{DEMO_LABEL}. {use}" if model.synthetic_demo else use
 
 
 def _segment_frame_number(seg: Segmentation) -> int:

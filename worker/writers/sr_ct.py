@@ -20,7 +20,7 @@ Content tree (Comprehensive SR; the measurement references a segment, not 3D coo
           Certainty of Finding, Threshold Value; Pneumothorax = Absent; Not for Presentation
       Comment: the volume, side and fraction in words; the model's intended use (demo warning first)
 
-The measurement codes, units and helpers are the radiograph report's (:mod:`worker.writers.sr`).
+The codes, units and the parts both reports share are in :mod:`worker.writers.sr_content`.
 """
 
 from __future__ import annotations
@@ -30,17 +30,11 @@ from collections.abc import Sequence
 import pydicom
 from highdicom.seg import Segmentation
 from highdicom.sr import (
-    AlgorithmIdentification,
     CodedConcept,
     ComprehensiveSR,
-    FindingSite,
-    MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
-    QualitativeEvaluation,
     ReferencedSegment,
-    RelationshipTypeValues,
     SourceSeriesForSegmentation,
-    TextContentItem,
     TrackingIdentifier,
     VolumetricROIMeasurementsAndQualitativeEvaluations,
 )
@@ -49,28 +43,20 @@ from pydicom.sr.coding import Code
 
 from contract.bundle import ModelIdentity
 from worker.inference.ct_measure import SeriesFinding
-from worker.writers.common import ALGORITHM_FAMILY, FINDING_CATEGORY, PNEUMOTHORAX, carry_context, describe, source_header
+from worker.writers.common import FINDING_CATEGORY, PNEUMOTHORAX, source_header
 from worker.writers.seg import SEGMENT_NUMBER
 from worker.writers.seg_ct import ct_series_result_identity, ct_tracking_uid
-from worker.writers.sr import (
-    ABSENT,
-    COMMENT,
-    FLAGGED,
-    HEMITHORAX_FRACTION,
-    LATERALITY,
-    NOT_FLAGGED,
-    PLEURAL_STRUCTURE,
-    PRESENT,
-    PROBABILITY,
-    RENDERING_INTENT,
-    THRESHOLD,
-    UNIT_ONE,
-    UNIT_PERCENT,
-    _declare_private_scheme,
-    _intended_use_text,
-    _measurement,
-    _tracking_text,
-    device_observation_context,
+from worker.writers.sr_content import (
+    certainty,
+    comprehensive_sr,
+    decision_evaluations,
+    finding_sites,
+    hemithorax_measurement,
+    intended_use_text,
+    measurement,
+    measurement_report,
+    sr_algorithm,
+    tracking_text,
 )
 
 __all__ = ["CT_OF_CHEST", "UNIT_ML", "VOLUME", "build_ct_sr", "volume_text"]
@@ -103,14 +89,9 @@ def build_ct_sr(
         raise ValueError("cannot write a CT report without the series' slices")
     first = sources[0]
     headers = [source_header(ds) for ds in sources]
-    algorithm = AlgorithmIdentification(
-        name=model.name, version=model.version, family=ALGORITHM_FAMILY, manufacturer=model.manufacturer
-    )
-    tracking = TrackingIdentifier(uid=ct_tracking_uid(first.SeriesInstanceUID, model), identifier=_tracking_text(model))
-    certainty = [
-        _measurement(PROBABILITY, round(float(finding.probability), 6), UNIT_ONE, algorithm),
-        _measurement(THRESHOLD, float(finding.threshold), UNIT_ONE, algorithm),
-    ]
+    algorithm = sr_algorithm(model)
+    tracking = TrackingIdentifier(uid=ct_tracking_uid(first.SeriesInstanceUID, model), identifier=tracking_text(model))
+    measurements = certainty(round(float(finding.probability), 6), float(finding.threshold), algorithm)
     group: VolumetricROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
     if finding.flagged:
         if seg is None:
@@ -120,13 +101,9 @@ def build_ct_sr(
         }
         if first.SeriesInstanceUID not in referenced:
             raise ValueError("the SEG was not made from this CT series")
-        measurements = [_measurement(VOLUME, round(finding.volume_ml, 2), UNIT_ML, algorithm)]
+        volume = [measurement(VOLUME, round(finding.volume_ml, 2), UNIT_ML, algorithm)]
         if finding.hemithorax_fraction is not None:
-            percent = round(100.0 * finding.hemithorax_fraction, 1)
-            measurements.append(_measurement(HEMITHORAX_FRACTION, percent, UNIT_PERCENT, algorithm))
-        sites = None
-        if finding.side is not None:
-            sites = [FindingSite(anatomic_location=PLEURAL_STRUCTURE, laterality=LATERALITY[finding.side])]
+            volume.append(hemithorax_measurement(finding.hemithorax_fraction, algorithm))
         group = VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking,
             referenced_segment=ReferencedSegment(
@@ -137,13 +114,10 @@ def build_ct_sr(
             ),
             finding_type=PNEUMOTHORAX,
             finding_category=FINDING_CATEGORY,
-            finding_sites=sites,
+            finding_sites=finding_sites(finding.side),
             algorithm_id=algorithm,
-            measurements=measurements + certainty,
-            qualitative_evaluations=[
-                QualitativeEvaluation(PNEUMOTHORAX, PRESENT),
-                QualitativeEvaluation(RENDERING_INTENT, FLAGGED),
-            ],
+            measurements=volume + measurements,
+            qualitative_evaluations=decision_evaluations(True),
         )
     else:
         group = MeasurementsAndQualitativeEvaluations(
@@ -151,29 +125,10 @@ def build_ct_sr(
             finding_type=PNEUMOTHORAX,
             finding_category=FINDING_CATEGORY,
             algorithm_id=algorithm,
-            measurements=certainty,
-            qualitative_evaluations=[
-                QualitativeEvaluation(PNEUMOTHORAX, ABSENT),
-                QualitativeEvaluation(RENDERING_INTENT, NOT_FLAGGED),
-            ],
+            measurements=measurements,
+            qualitative_evaluations=decision_evaluations(False),
         )
-    report = MeasurementReport(
-        observation_context=device_observation_context(model),
-        procedure_reported=CT_OF_CHEST,
-        imaging_measurements=[group],
-    )
-    for text in (f"CT series {first.SeriesInstanceUID}: {volume_text(finding)}", _intended_use_text(model)):
-        report[0].ContentSequence.append(
-            TextContentItem(name=COMMENT, value=text, relationship_type=RelationshipTypeValues.CONTAINS)
-        )
-    sr = ComprehensiveSR(
-        evidence=headers + ([seg] if seg is not None else []),
-        content=report[0],
-        **{k: v for k, v in ct_series_result_identity(first, model, "SR").items() if k != "device_serial_number"},
-        series_description=describe("SR", model),
-        is_complete=True,
-        is_final=False,  # an algorithm's output, not a radiologist's report
-        is_verified=False,
-    )
-    _declare_private_scheme(sr)
-    return carry_context(sr, first)
+    comments = [f"CT series {first.SeriesInstanceUID}: {volume_text(finding)}", intended_use_text(model)]
+    report = measurement_report(model, CT_OF_CHEST, [group], comments)
+    identity = {k: v for k, v in ct_series_result_identity(first, model, "SR").items() if k != "device_serial_number"}
+    return comprehensive_sr(report, headers + ([seg] if seg is not None else []), identity, model, first)
