@@ -7,15 +7,19 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import typer
-from rich.console import Console
+from pleura.installation import exit_if_shadowed
 
-from pleura.cli_common import DEBUG_KEY, ConfigOption, PleuraGroup, console, settings_or_exit, setup_logging
-from pleura.cli_evaluate import register_quality_commands
-from pleura.dataset_cli import dataset_app
-from pleura.models_cli import models_app
-from pleura.ops_cli import register_ops_commands
-from pleura.train_cli import train
+exit_if_shadowed()  # before any other project module: another distribution's `config` or `node` fails here
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from pleura.cli_common import DEBUG_KEY, ConfigOption, PleuraGroup, console, settings_or_exit, setup_logging  # noqa: E402
+from pleura.cli_evaluate import register_quality_commands  # noqa: E402
+from pleura.dataset_cli import dataset_app  # noqa: E402
+from pleura.models_cli import models_app  # noqa: E402
+from pleura.ops_cli import register_ops_commands  # noqa: E402
+from pleura.train_cli import train  # noqa: E402
 
 app = typer.Typer(
     help="Pleura: a DICOM node that flags suspected pneumothorax.", no_args_is_help=True, cls=PleuraGroup

@@ -1,10 +1,14 @@
 """`celery -A pleura.worker_app:app worker -Q radiograph`: the analysis worker's app, for running
 Celery directly instead of `pleura worker`."""
 
-from config.settings import load_settings
-from training.ct_demo_model import ensure_ct_demo_bundle
-from worker.celery_app import make_celery
-from worker.tasks import register_worker_tasks
+from pleura.installation import exit_if_shadowed
+
+exit_if_shadowed()  # before any other project module: a shadowing one fails here, in one line
+
+from config.settings import load_settings  # noqa: E402
+from training.ct_demo_model import ensure_ct_demo_bundle  # noqa: E402
+from worker.celery_app import make_celery  # noqa: E402
+from worker.tasks import register_worker_tasks  # noqa: E402
 
 
 def build_ct_demo(bundle_dir):

@@ -7,8 +7,13 @@ Every import counts, at module level or inside a function, under ``TYPE_CHECKING
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from pleura.installation import foreign_packages
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -187,3 +192,17 @@ def test_the_check_finds_a_circle_and_an_upward_import(tmp_path):
     assert any(p.startswith("worker/run.py:1: worker.run imports pleura.cli ") for p in problems), problems
     assert any(p.startswith("config/settings.py:1: config.settings imports training.trainer ") for p in problems), problems
     assert len(problems) == 3, problems
+
+
+def test_a_package_that_shadows_ours_stops_pleura_in_one_line(tmp_path):
+    """Another distribution's top-level `config` ahead of ours on sys.path: `pleura` says which
+    module comes from where and exits 2, before anything else is imported."""
+    (tmp_path / "shadow" / "config").mkdir(parents=True)
+    (tmp_path / "shadow" / "config" / "__init__.py").write_text("")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), str(REPO)])}
+    done = subprocess.run([sys.executable, "-m", "pleura.cli", "config"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'config' comes from" in lines[0] and str(tmp_path / "shadow") in lines[0], lines
+    assert foreign_packages() == []  # the tests' own environment is whole
