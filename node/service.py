@@ -34,6 +34,7 @@ from node.shared_storage import shared_storage_for, uploading_dispatcher
 from node.storage import InstanceStore
 from contract.tasks import DELIVER_RESULT
 from worker.celery_app import make_celery
+from node.notify.loop import NotificationLoop, Notifier
 
 log = logging.getLogger(__name__)
 
@@ -346,8 +347,6 @@ class NodeService:
     def _start_worklist(self) -> None:
         """The notification loop (HL7, webhooks) and, when API users are configured, the worklist
         API and page."""
-        from node.notify.loop import NotificationLoop, Notifier
-
         assert self.ledger is not None
         self.notify_loop = NotificationLoop(Notifier(self.settings, self.ledger), interval_seconds=self.notify_interval_seconds)
         self.notify_loop.start()
@@ -356,7 +355,7 @@ class NodeService:
         if not self.settings.api_users:
             log.info("worklist API and page off: no PLEURA_API_USERS configured")
             return
-        from node.api.server import WorklistServer
+        from node.api.server import WorklistServer  # FastAPI and uvicorn: only when API users are configured
 
         self.worklist = WorklistServer(self.settings, self.ledger)
         self.worklist.start()

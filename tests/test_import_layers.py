@@ -206,3 +206,48 @@ def test_a_package_that_shadows_ours_stops_pleura_in_one_line(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "'config' comes from" in lines[0] and str(tmp_path / "shadow") in lines[0], lines
     assert foreign_packages() == []  # the tests' own environment is whole
+
+
+# --- imports inside function bodies ---------------------------------------------------------------
+
+# DESIGN.md: "An import inside a function body is for an optional heavy dependency, not a way
+# around the layers". The function-body imports of project modules left in the layers below the
+# CLI, each with a comment saying why (keeping torch out of the node, the ledger out of the worker,
+# or a heavy dependency out of a process that does not need it). The number may only go down.
+BELOW_THE_CLI = ("config", "contract", "node", "worker", "training")
+FUNCTION_BODY_IMPORTS_LEFT = 10
+
+
+def function_body_imports(root: Path, packages=BELOW_THE_CLI) -> list[str]:
+    """``file:line imports name`` for each import of a project module inside a function body."""
+    modules = project_modules(root, packages=tuple(LAYERS))
+    found = []
+    for module, path in project_modules(root, packages).items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        tree = ast.parse(path.read_text(), str(path))
+        for function in ast.walk(tree):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                names: list[str] = []
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    if node.level:
+                        base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                        names = [".".join([*base, *([node.module] if node.module else [])])]
+                    else:
+                        names = [node.module or ""]
+                for name in names:
+                    if _owner(name, modules) is not None:
+                        found.append(f"{path.relative_to(root)}:{node.lineno} imports {name}")
+    return sorted(set(found))
+
+
+def test_function_body_imports_of_project_modules_only_go_down():
+    found = function_body_imports(REPO)
+    assert len(found) <= FUNCTION_BODY_IMPORTS_LEFT, (
+        f"{len(found)} function-body imports of project modules (at most {FUNCTION_BODY_IMPORTS_LEFT}): "
+        "move the new ones to module level, or say in a comment which heavy dependency they keep out:\n"
+        + "\n".join(found)
+    )

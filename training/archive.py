@@ -43,7 +43,7 @@ def read_archive(
     SQLite ledger in it). Raises :class:`DatasetError` naming the file for an unusable image,
     unless ``skip_bad``, which leaves it out and reports it."""
     from node.ledger import Ledger  # the node's ledger; imported here so training needs it only for archives
-    from node.seg_labels import seg_mask
+    from node.seg_labels import seg_mask  # with the ledger: only for archives
 
     root = Path(storage_dir)
     url = ledger_url or f"sqlite:///{root / LEDGER_FILE}"

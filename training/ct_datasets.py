@@ -32,6 +32,7 @@ from contract.ct_preprocess import SeriesError, SeriesGeometry, ct_slice_problem
 from contract.preprocess import ImageDecodeError
 from training.datasets import DatasetError, Problem
 from training.synthetic import SYNTHETIC_PATIENT_NAME
+from training.ct_synthetic import affine_from_geometry
 
 __all__ = ["CTCase", "CTDatasetIndex", "LoadedCase", "load_case", "nifti_on_series_grid", "read_ct_dataset"]
 
@@ -167,8 +168,6 @@ def nifti_on_series_grid(path: Path, geometry: SeriesGeometry) -> np.ndarray:
     when it lies on another grid."""
     import nibabel as nib
     from nibabel.orientations import io_orientation, ornt_transform
-
-    from training.ct_synthetic import affine_from_geometry
 
     try:
         image = nib.load(str(path))

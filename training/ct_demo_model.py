@@ -27,6 +27,11 @@ from training.ct_synthetic import make_phantom, phantom_datasets
 from training.ct_trainer import train_ct
 from training.demo_model import ensure_bundle
 from training.presets import Preset, get_preset, with_overrides
+from contract.ct_preprocess import series_geometry, slice_hu
+from contract.networks import load_segmenter
+from training.ct_synthetic import write_ct_dataset
+from worker.ct_analysis import segment_series
+from worker.inference.ct_measure import measure_series
 
 __all__ = ["CT_DEMO_NAME", "CT_DEMO_VERSION", "build_ct_demo_bundle", "ct_demo_preset", "ensure_ct_demo_bundle"]
 
@@ -76,11 +81,6 @@ def is_current_ct_demo_bundle(bundle: Bundle) -> bool:
 
 def _held_out_volume_error(bundle: Bundle) -> dict[str, float]:
     """Measure a phantom the model never saw through the worker's path: volume error in percent."""
-    from worker.ct_analysis import segment_series
-    from worker.inference.ct_measure import measure_series
-    from contract.ct_preprocess import series_geometry, slice_hu
-    from contract.networks import load_segmenter
-
     phantom = make_phantom(HELD_OUT_SEED, slices=40, size=CT_DEMO_SIZE)
     datasets = phantom_datasets(phantom)
     geometry = series_geometry(datasets)
@@ -105,8 +105,6 @@ def build_ct_demo_bundle(
     """Generate ``cases`` phantoms, train the demo U-Net, write the bundle to ``out_dir`` and check it."""
     out = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="pleura-ct-demo-") as tmp:
-        from training.ct_synthetic import write_ct_dataset
-
         root = write_ct_dataset(Path(tmp) / "data", cases, slices=slices, size=CT_DEMO_SIZE, seed=seed)
         result = train_ct(
             ct_demo_preset(seed),

@@ -37,6 +37,8 @@ from contract.bundle import Bundle, Thresholds, load_bundle, write_manifest
 from contract.decision import flag_decision
 from training.evaluate import HeldOut, ImageStatistics, summarise
 from training.metrics import dice_from_counts
+from contract.active import is_registered_version
+from training.demo_model import DEMO_NAME
 
 __all__ = ["Grid", "Sweep", "Target", "TuneError", "TuneResult", "check_in_place", "choose", "default_grid", "sweep",
            "tuning_record", "write_tuned_bundle"]
@@ -196,9 +198,6 @@ def tuning_record(
 
 def check_in_place(bundle: Bundle, version: str | None = None) -> None:
     """Refuse, before any work, a bundle that must not be tuned in place (the message says to use --out)."""
-    from training.demo_model import DEMO_NAME
-    from contract.active import is_registered_version
-
     if version is not None:
         raise TuneError("--version needs --out: a bundle tuned in place keeps its version")
     if bundle.manifest.name == DEMO_NAME and bundle.manifest.synthetic_demo:

@@ -29,6 +29,7 @@ from node.privacy import error_text, ref
 from node.storage import InstanceStore, write_durably
 from worker.inference.batcher import ForwardBatcher
 from worker.inference.heatmap import gradcam_heatmap
+from worker.inference.onnx_backend import auto_networks, onnx_networks
 from worker.inference.predict import network_outputs, predict_images
 from worker.inference.result import ImageFinding
 from worker.inference.runtime import accelerate
@@ -104,8 +105,6 @@ class StudyAnalyser:
         self.networks = None
         self.backends = ("torch", "torch")
         if self.models.device.type == "cpu" and backend != "torch":
-            from worker.inference.onnx_backend import auto_networks, onnx_networks
-
             cache = onnx_cache or storage_dir / "onnx-cache"
             if backend == "onnxruntime":
                 self.networks, self.backends = onnx_networks(bundle, cache), ("onnxruntime", "onnxruntime")

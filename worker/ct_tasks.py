@@ -13,6 +13,7 @@ from contract.active import is_ct_demo_dir
 from contract.bundle import load_bundle
 from contract.tasks import ANALYSE_SERIES_CT
 from worker.task_body import MAX_RETRIES, analyse_and_report
+from worker.active_model import ActiveModel
 
 _models_lock = threading.Lock()
 
@@ -37,8 +38,6 @@ def _ct_loader(build_demo: Callable[[Path], Any] | None):
 def ct_analyser(app: Celery):
     """The CT analyser for the next task: the registry's active CT model, reloaded when it changes
     (worker/active_model.py), as for radiographs. The task keeps this reference until it ends."""
-    from worker.active_model import ActiveModel
-
     with _models_lock:
         active = getattr(app, "_pleura_ct_model", None)
         if active is None:

@@ -30,7 +30,7 @@ def analyse_and_report(
     options)`` with its files from and to the shared storage when there is one, retry an unexpected
     error with a growing delay (after the last try the node is told the study failed, with the
     reason), and send the summary to the node side."""
-    from worker.analysis import failed_summary
+    from worker.analysis import failed_summary  # imports torch: only when a task runs, in the pool's process
 
     try:  # tell the worklist; a message lost here costs nothing but the word "analysing"
         started = datetime.now(timezone.utc).isoformat()  # the worker's clock, like "analysed_at"

@@ -12,6 +12,7 @@ from celery import Celery, Task
 from contract.tasks import ANALYSE_STUDY
 from worker.ct_tasks import register_ct_tasks
 from worker.task_body import MAX_RETRIES, analyse_and_report
+from worker.active_model import ActiveModel
 
 _models_lock = threading.Lock()
 
@@ -19,8 +20,6 @@ _models_lock = threading.Lock()
 def _analyser(app: Celery):
     """The analyser for the next task: the registry's active radiograph model, reloaded when it
     changes (worker/active_model.py). The task keeps this reference until it ends."""
-    from worker.active_model import ActiveModel  # imports the registry: only in worker processes
-
     with _models_lock:
         active = getattr(app, "_pleura_active_model", None)
         if active is None:

@@ -18,6 +18,7 @@ from config.settings import Settings
 from contract.active import active_bundle_dir
 from contract.bundle import load_bundle
 from node.ledger import Ledger
+from node.shared_storage import shared_storage_for
 
 CHECK_TIMEOUT_SECONDS = 5.0
 
@@ -51,8 +52,6 @@ def check_storage(settings: Settings) -> str:
 
 
 def check_shared_storage(settings: Settings) -> str:
-    from node.shared_storage import shared_storage_for
-
     shared = shared_storage_for(settings)
     return shared.check() if shared is not None else "not used (one host)"
 

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from contract.bundle import Bundle, NetworkSpec, Preprocessing
-from contract.networks import LoadedModels
+from contract.bundle import Bundle, NetworkSpec, Preprocessing, load_bundle
+from contract.networks import LoadedModels, load_models
 
 __all__ = ["AUTO_MARGIN", "OnnxNetwork", "auto_networks", "export_key", "forward_seconds", "onnx_networks"]
 
@@ -155,9 +155,6 @@ def export_in_child(bundle: Bundle, targets: dict[str, Path]) -> None:
 
 def _export_bundle_networks(arguments: list[str]) -> None:
     """The child process of :func:`export_in_child`: BUNDLE_DIR (ROLE TARGET)..."""
-    from contract.bundle import load_bundle
-    from contract.networks import load_models
-
     bundle = load_bundle(arguments[0])
     models = load_models(bundle, "cpu")
     for role, target in zip(arguments[1::2], arguments[2::2]):
