@@ -157,7 +157,9 @@ class Orthanc:
 
 
 def write_config(path: Path, **values) -> Path:
-    """A TOML settings file (the subset of TOML that Pleura's settings need)."""
+    """A TOML settings file (the subset of TOML that Pleura's settings need). The node's metrics
+    port is a free one unless given: the default (9464) may be held by another node on the host."""
+    values.setdefault("metrics_port", free_port())
     lines, tables = [], []
     for key, value in values.items():
         if key == "destinations":
