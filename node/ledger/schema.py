@@ -260,3 +260,16 @@ class NotificationState(Base):
     analysed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     feedback_id: Mapped[int] = mapped_column(Integer, default=0)
     checked_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class LoginSession(Base):
+    """A worklist log-in (node/api/auth.py): the SHA-256 of its cookie, so that reading the ledger
+    gives no one a session; whose it is, and when it ends. Shared by every process serving the API."""
+
+    __tablename__ = "login_sessions"
+
+    session_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
