@@ -193,6 +193,22 @@ class NotificationLedger(LedgerSessions):
                 row.next_attempt_at = now + timedelta(seconds=delay)
             return notification_view(row)
 
+    def record_notification_rejected(
+        self, notification_id: int, error: str, response: str | None, *, now: datetime | None = None
+    ) -> NotificationView:
+        """The receiver refused the message for good (HL7 AR): rejected, never tried again, with
+        its reason and answer kept for the worklist."""
+        now = as_utc(now) if now else utcnow()
+        with self._transaction() as session:
+            row = self._notification_row(session, notification_id)
+            row.status = OutboxStatus.REJECTED.value
+            row.attempts += 1
+            row.last_attempt_at = now
+            row.next_attempt_at = None
+            row.last_error = error[:ERROR_TEXT_LIMIT]
+            row.response = response[:ERROR_TEXT_LIMIT] if response else None
+            return notification_view(row)
+
     def list_notifications(self, study_uid: str | None = None, *, limit: int = 500) -> list[NotificationView]:
         """Notifications, newest first."""
         with self.reading() as session:

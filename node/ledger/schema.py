@@ -57,7 +57,8 @@ class Held(StrEnum):
 class OutboxStatus(StrEnum):
     PENDING = "pending"
     SENT = "sent"
-    FAILED = "failed"
+    FAILED = "failed"  # given up after max_attempts (or at once, for a permanent DICOM refusal)
+    REJECTED = "rejected"  # notifications: the receiver refused the message for good (HL7 AR)
 
 
 def utcnow() -> datetime:
