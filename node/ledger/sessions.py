@@ -15,6 +15,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -61,8 +62,36 @@ class LedgerSessions:
             yield session
 
     @contextmanager
+    def taking_turns(self, key: int) -> Iterator[bool]:
+        """Whether this process may do a round of work that several nodes sharing a PostgreSQL
+        ledger must not do at once (dispatching settled studies): True while this process holds
+        the advisory lock `key`, False when another holds it (skip the round; it will do it). The
+        lock belongs to a connection held for the round, so a node that dies releases it. On
+        SQLite (one host) always True."""
+        if self._is_sqlite:
+            yield True
+            return
+        with self.engine.connect() as connection:
+            mine = bool(connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar())
+            connection.commit()
+            try:
+                yield mine
+            finally:
+                if mine:
+                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                    connection.commit()
+
+    @contextmanager
     def reading(self) -> Iterator[Session]:
         """A read-only transaction. On SQLite it begins deferred and reads a snapshot (WAL) without
         the write lock that every other transaction takes first; nothing may be written in it."""
         with self._read_sessions.begin() as session:
             yield session
+
+
+def serialise(session: Session, key: int) -> None:
+    """Make the rest of this transaction run alone among the ledger's users on PostgreSQL (an
+    advisory lock released at commit), for work that reads and then writes on what it read and is
+    done by every node sharing the ledger. On SQLite the write transaction already holds the lock."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
