@@ -243,3 +243,15 @@ def test_a_ledger_upgraded_by_a_newer_release_is_refused(tmp_path: Path) -> None
     engine.dispose()
     with pytest.raises(LedgerError, match="0099_from_the_future.*newer than this Pleura knows"):
         Ledger(url)
+
+
+def test_the_package_data_ships_every_revision_file() -> None:
+    """The revisions run from the installed package: pyproject's package-data must name them all."""
+    import fnmatch
+    import tomllib
+
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["node"]
+    folder = REPO / "node" / "ledger" / "revisions"
+    files = [p.relative_to(REPO / "node").as_posix() for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert any(f.endswith("0001_baseline.py") for f in files)
+    assert [f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in patterns)] == []
