@@ -277,6 +277,9 @@ class Settings(BaseSettings):
     api_login_window_seconds: float = Field(
         default=300.0, gt=0, description="the window in which wrong tokens from one address are counted"
     )
+    api_session_hours: float = Field(
+        default=12.0, gt=0, description="how long a worklist log-in lasts (sessions are kept in the ledger)"
+    )
     feedback_masks_per_study: int = Field(
         default=20, ge=1, description="corrected outlines stored for one study; more are refused (409)"
     )

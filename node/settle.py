@@ -1,7 +1,8 @@
 """Study settling: a study is analysed once no new instance has arrived for `settle_seconds`.
 
 A study is marked queued only after the broker took its task, so a broker that is down delays the
-analysis but loses nothing: the study is still due in the next round.
+analysis but loses nothing: the study is still due in the next round. Several nodes on one
+PostgreSQL ledger take turns (an advisory lock per round), so each study is dispatched by one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from node.privacy import ref
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_SECONDS = 0.5
+DISPATCH_LOCK_KEY = 0x504C4453  # "PLDS": one node at a time dispatches settled studies
 
 
 def due_studies(ledger: Ledger, settle_seconds: float, now: datetime | None = None) -> list[DueStudy]:
@@ -46,7 +48,12 @@ class SettleLoop(PeriodicTask):
         self._failing = False
 
     def run_once(self, now: datetime | None = None) -> list[str]:
-        """Dispatch every due study; returns the study UIDs that were dispatched."""
+        """Dispatch every due study; returns the study UIDs that were dispatched. Nodes sharing a
+        ledger take turns: a round another node is doing is skipped (it dispatches those studies)."""
+        with self.ledger.taking_turns(DISPATCH_LOCK_KEY) as mine:
+            return self._dispatch_due(now) if mine else []
+
+    def _dispatch_due(self, now: datetime | None) -> list[str]:
         dispatched: list[str] = []
         if self.analysis_timeout_seconds is not None:
             for study_uid in self.ledger.requeue_stale(self.analysis_timeout_seconds, now=now):

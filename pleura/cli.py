@@ -17,6 +17,7 @@ from rich.console import Console  # noqa: E402
 from pleura.cli_common import DEBUG_KEY, ConfigOption, PleuraGroup, console, settings_or_exit, setup_logging  # noqa: E402
 from pleura.cli_evaluate import register_quality_commands  # noqa: E402
 from pleura.dataset_cli import dataset_app  # noqa: E402
+from pleura.db_cli import db_app  # noqa: E402
 from pleura.models_cli import models_app  # noqa: E402
 from pleura.ops_cli import register_ops_commands  # noqa: E402
 from pleura.train_cli import train  # noqa: E402
@@ -140,8 +141,9 @@ def worklist(
     from node.api.app import create_app
     from node.ledger import Ledger
 
+    ledger = Ledger(settings.ledger_url)  # an old schema stops here, before anything is served
     console.print(f"worklist on http://{settings.api_host}:{settings.api_port}/")
-    uvicorn.run(create_app(settings, Ledger(settings.ledger_url)), host=settings.api_host, port=settings.api_port,
+    uvicorn.run(create_app(settings, ledger), host=settings.api_host, port=settings.api_port,
                 log_level="info" if verbose else "warning", access_log=False)
 
 
@@ -196,6 +198,7 @@ def _mask_secrets(value):
 app.add_typer(dataset_app, name="dataset")
 app.command()(train)
 app.add_typer(models_app, name="models")
+app.add_typer(db_app, name="db")
 register_quality_commands(app)  # `pleura evaluate`, `tune`, `compare`
 register_ops_commands(app, settings_or_exit, setup_logging, ConfigOption, console)
 

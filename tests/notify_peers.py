@@ -17,12 +17,26 @@ from dicom_peers import LOOPBACK, free_port
 class MllpListener:
     """Receives HL7 messages over MLLP; `messages` holds them parsed (hl7.Message).
 
-    `ack_code` is what it answers (AA accepts; AE or AR refuse); `ack_control_id`, when given,
-    replaces MSA-2 (the acknowledged message's control ID), as a confused receiver would."""
+    `ack_code` is what it answers (AA accepts; AE or AR refuse), after the codes of `ack_codes`,
+    one per message, in turn; `ack_text` goes in MSA-3 and `error_text` in an ERR segment (ERR-3
+    an HL7 error code, ERR-8 the text) of every refusal; `ack_control_id`, when given, replaces
+    MSA-2 (the acknowledged message's control ID), as a confused receiver would."""
 
-    def __init__(self, port: int | None = None, ack_code: str = "AA", ack_control_id: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        ack_code: str = "AA",
+        ack_control_id: str | None = None,
+        *,
+        ack_codes: list[str] | None = None,
+        ack_text: str | None = None,
+        error_text: str | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.ack_code = ack_code
+        self.ack_codes = list(ack_codes or [])
+        self.ack_text = ack_text
+        self.error_text = error_text
         self.ack_control_id = ack_control_id
         self.messages: list[hl7.Message] = []
         self.raw: list[str] = []
@@ -39,10 +53,20 @@ class MllpListener:
                 message = await reader.readmessage()
                 self.raw.append(str(message))
                 self.messages.append(message)
-                ack = message.create_ack(ack_code=self.ack_code)
+                code = self.ack_codes.pop(0) if self.ack_codes else self.ack_code
+                ack = message.create_ack(ack_code=code)
                 if self.ack_control_id is not None:
                     ack.segment("MSA")[2] = self.ack_control_id
-                writer.writemessage(ack)
+                answer = str(ack)
+                if code != "AA" and (self.ack_text or self.error_text):
+                    segments = answer.rstrip("\r").split("\r")
+                    msa = str(ack.segment("MSA")).split("|")[:3]
+                    segments = [s for s in segments if not s.startswith("MSA")]
+                    segments.append("|".join([*msa, self.ack_text or ""]))
+                    if self.error_text:
+                        segments.append(f"ERR|||207^Application internal error^HL70357|E||||{self.error_text}")
+                    answer = "\r".join(segments)
+                writer.writemessage(answer)
                 await writer.drain()
         except asyncio.IncompleteReadError:
             pass

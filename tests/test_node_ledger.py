@@ -379,25 +379,6 @@ def test_each_destination_gets_only_the_kinds_it_receives(ledger: Ledger) -> Non
     assert ledger.study_status(STUDY)["status"] == "delivered"
 
 
-def test_a_ledger_made_by_an_older_version_gains_the_new_columns(tmp_path: Path) -> None:
-    import sqlite3
-
-    path = tmp_path / "old.sqlite"
-    Ledger(f"sqlite:///{path}").close()
-    with sqlite3.connect(path) as connection:  # the instances table as the first release made it
-        connection.execute("ALTER TABLE instances DROP COLUMN side")
-        connection.execute("ALTER TABLE instances DROP COLUMN hemithorax_fraction")
-    old = {row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(instances)")}
-    assert "side" not in old
-
-    upgraded = Ledger(f"sqlite:///{path}")
-    record(upgraded, "1.2.3.1", T0)
-    upgraded.mark_queued(STUDY)
-    upgraded.record_analysis(summary([analysed("1.2.3.1", 0.2, False) | {"side": "right"}], []))
-    assert upgraded.list_instances(STUDY)[0].side == "right"
-    upgraded.close()
-
-
 def test_processes_opening_a_new_postgresql_ledger_at_once_all_succeed(postgres: PostgresCluster) -> None:
     """The node and its export worker start together on a fresh database (a compose stack): the
     tables must be created once, not raced into a duplicate-key error."""

@@ -40,7 +40,7 @@ def create_app(settings: Settings, ledger: Ledger) -> FastAPI:
     )
     app.state.settings = settings
     app.state.ledger = ledger
-    app.state.authenticator = Authenticator(settings.api_users)
+    app.state.authenticator = Authenticator(settings.api_users, ledger, settings.api_session_hours * 3600)
     app.state.login_guard = LoginGuard(settings.api_login_max_failures, settings.api_login_window_seconds)
     app.state.audit = AuditTrail(settings.storage_dir)
     app.state.previews = PreviewRenderer(settings.storage_dir)

@@ -25,6 +25,7 @@ from fastapi import Depends, HTTPException, Request, status
 
 from config.settings import ApiUser
 from node.audit import AuditTrail
+from node.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,15 @@ def _digest(token: str) -> str:
 
 
 class Authenticator:
-    """Checks tokens against the configured users and keeps the page's sessions (in memory: a
-    restarted node asks people to log in again)."""
+    """Checks tokens against the configured users and keeps the page's sessions in the ledger
+    (node/ledger/logins.py): a restarted node, or another process serving the API on the same
+    ledger, knows them; each ends after `session_seconds` (``api_session_hours``) or at log-out."""
 
-    def __init__(self, users: list[ApiUser], session_seconds: float = SESSION_SECONDS) -> None:
+    def __init__(self, users: list[ApiUser], ledger: Ledger, session_seconds: float = SESSION_SECONDS) -> None:
         self._users = [(user.token_sha256 or _digest(user.token or ""), user) for user in users]
+        self._roles = {user.name: user.role for user in users}
+        self.ledger = ledger
         self.session_seconds = session_seconds
-        self._sessions: dict[str, tuple[Principal, float]] = {}
-        self._lock = threading.Lock()
 
     @property
     def has_users(self) -> bool:
@@ -70,29 +72,27 @@ class Authenticator:
 
     def open_session(self, principal: Principal) -> str:
         session_id = secrets.token_urlsafe(32)
-        with self._lock:
-            now = time.monotonic()
-            self._sessions = {k: v for k, v in self._sessions.items() if v[1] > now}
-            self._sessions[session_id] = (principal, now + self.session_seconds)
+        self.ledger.open_login(
+            _digest(session_id), principal.name, principal.role, lifetime_seconds=self.session_seconds
+        )
         return session_id
 
     def session(self, session_id: str) -> Principal | None:
-        with self._lock:
-            entry = self._sessions.get(session_id)
-            if entry is None or entry[1] <= time.monotonic():
-                self._sessions.pop(session_id, None)
-                return None
-            return entry[0]
+        """The session's user, or None when it is unknown, expired, or its user is no longer
+        configured; a user whose role changed gets the configured role, not the one logged in with."""
+        login = self.ledger.login(_digest(session_id))
+        if login is None or login.user not in self._roles:
+            return None
+        return Principal(login.user, self._roles[login.user])
 
     def close_session(self, session_id: str) -> None:
-        with self._lock:
-            self._sessions.pop(session_id, None)
+        self.ledger.end_login(_digest(session_id))
 
 
 class LoginGuard:
     """Wrong tokens per client address in a sliding window; a client with `max_failures` of them
-    within `window_seconds` is refused until the oldest leaves the window. Kept in memory, like the
-    sessions: a restart forgets it, and each process behind a load balancer counts its own."""
+    within `window_seconds` is refused until the oldest leaves the window. Kept in memory (unlike the
+    sessions): a restart forgets it, and each process behind a load balancer counts its own."""
 
     def __init__(self, max_failures: int, window_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_failures = max_failures

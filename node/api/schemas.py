@@ -149,7 +149,7 @@ class NotificationOut(BaseModel):
     event: str = Field(description="flagged, or withdrawn")
     channel: str = Field(description="hl7 or webhook")
     target: str
-    status: str = Field(description="pending, sent or failed")
+    status: str = Field(description="pending, sent, failed (after max_attempts) or rejected (the receiver refused it for good: HL7 AR; the reason in last_error)")
     attempts: int
     max_attempts: int
     created_at: datetime

@@ -9,6 +9,8 @@ names below; the modules behind it:
 - :mod:`node.ledger.results` — a worker's analysis, results and their outbox;
 - :mod:`node.ledger.feedback` — radiologists' feedback, Segmentation labels, the feedback export;
 - :mod:`node.ledger.notifications` — flag notifications and their outbox;
+- :mod:`node.ledger.logins` — worklist log-in sessions;
+- :mod:`node.ledger.migrations` — the schema's revisions (Alembic), checked at every open;
 - :mod:`node.ledger.views` — the snapshots handed out (dataclasses) and the reads that build them;
 - :mod:`node.ledger.facade` — :class:`Ledger`, all of the above as one object.
 """
@@ -24,6 +26,7 @@ from node.ledger.schema import (
     Held,
     Instance,
     LedgerError,
+    LoginSession,
     Notification,
     NotificationState,
     OutboxEntry,
@@ -57,6 +60,7 @@ __all__ = [
     "InstanceView",
     "Ledger",
     "LedgerError",
+    "LoginSession",
     "Notification",
     "NotificationState",
     "NotificationView",

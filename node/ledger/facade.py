@@ -9,11 +9,12 @@ delivered when every result reached every destination) each live in the one modu
 from __future__ import annotations
 
 from node.ledger.feedback import FeedbackLedger
+from node.ledger.logins import LoginLedger
 from node.ledger.notifications import NotificationLedger
 from node.ledger.results import ResultLedger
 from node.ledger.studies import StudyLedger
 from node.ledger.views import ViewLedger
 
 
-class Ledger(StudyLedger, ResultLedger, FeedbackLedger, NotificationLedger, ViewLedger):
+class Ledger(StudyLedger, ResultLedger, FeedbackLedger, NotificationLedger, LoginLedger, ViewLedger):
     """All reads and writes of the ledger database; safe to share between threads."""

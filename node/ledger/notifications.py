@@ -22,8 +22,11 @@ from node.ledger.schema import (
     as_utc,
     utcnow,
 )
-from node.ledger.sessions import LedgerSessions
+from node.ledger.sessions import LedgerSessions, serialise
 from node.ledger.views import NotificationView, feedback_dict, flag_in_force, notification_view, refs_for, study_dict
+
+
+NOTIFY_LOCK_KEY = 0x504C4E54  # "PLNT": one node at a time looks for flag changes to announce
 
 
 class NotificationLedger(LedgerSessions):
@@ -43,11 +46,15 @@ class NotificationLedger(LedgerSessions):
         A study is looked at again only when its analysis or its feedback changed, and the rows
         and the announced state are written in one transaction, so each change is announced once.
         A study seen for the first time more than `first_look_within_seconds` after its analysis
-        (a ledger from before notifications existed) is recorded without being announced.
+        (a ledger from before notifications existed) is recorded without being announced. Nodes
+        sharing a PostgreSQL ledger take turns (an advisory lock for the transaction).
         """
         now = as_utc(now) if now else utcnow()
         created: list[int] = []
         with self._transaction() as session:
+            # Several nodes on one ledger each run this loop: one look at a time, or two could both
+            # find a change unannounced (SQLite's BEGIN IMMEDIATE serialises it already).
+            serialise(session, NOTIFY_LOCK_KEY)
             latest = (
                 select(Feedback.study_uid.label("study_uid"), func.max(Feedback.id).label("id"))
                 .group_by(Feedback.study_uid)
@@ -191,6 +198,22 @@ class NotificationLedger(LedgerSessions):
             else:
                 delay = min(retry_seconds * 2 ** (row.attempts - 1), 3600.0)
                 row.next_attempt_at = now + timedelta(seconds=delay)
+            return notification_view(row)
+
+    def record_notification_rejected(
+        self, notification_id: int, error: str, response: str | None, *, now: datetime | None = None
+    ) -> NotificationView:
+        """The receiver refused the message for good (HL7 AR): rejected, never tried again, with
+        its reason and answer kept for the worklist."""
+        now = as_utc(now) if now else utcnow()
+        with self._transaction() as session:
+            row = self._notification_row(session, notification_id)
+            row.status = OutboxStatus.REJECTED.value
+            row.attempts += 1
+            row.last_attempt_at = now
+            row.next_attempt_at = None
+            row.last_error = error[:ERROR_TEXT_LIMIT]
+            row.response = response[:ERROR_TEXT_LIMIT] if response else None
             return notification_view(row)
 
     def list_notifications(self, study_uid: str | None = None, *, limit: int = 500) -> list[NotificationView]:

@@ -57,7 +57,8 @@ class Held(StrEnum):
 class OutboxStatus(StrEnum):
     PENDING = "pending"
     SENT = "sent"
-    FAILED = "failed"
+    FAILED = "failed"  # given up after max_attempts (or at once, for a permanent DICOM refusal)
+    REJECTED = "rejected"  # notifications: the receiver refused the message for good (HL7 AR)
 
 
 def utcnow() -> datetime:
@@ -260,3 +261,16 @@ class NotificationState(Base):
     analysed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     feedback_id: Mapped[int] = mapped_column(Integer, default=0)
     checked_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class LoginSession(Base):
+    """A worklist log-in (node/api/auth.py): the SHA-256 of its cookie, so that reading the ledger
+    gives no one a session; whose it is, and when it ends. Shared by every process serving the API."""
+
+    __tablename__ = "login_sessions"
+
+    session_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)

@@ -33,6 +33,36 @@ SYNTHETIC_NOTE = "SYNTHETIC DEMO MODEL - not for clinical use"
 class MllpError(PleuraError, RuntimeError):
     """The message could not be delivered, or the receiver did not accept it."""
 
+    def __init__(self, message: str, *, ack: str | None = None) -> None:
+        super().__init__(message)
+        self.ack = ack  # the receiver's acknowledgement, when one came
+
+
+class MllpRejected(MllpError):
+    """The receiver answered AR or CR (application / commit reject): it will never take this
+    message, so sending it again is pointless; the reason (MSA-3, ERR) is in the text."""
+
+
+REJECT_CODES = ("AR", "CR")
+
+
+def _refusal_text(ack: str, parsed: Any) -> str:
+    """MSA-3 and every ERR segment's error code and message, as one line."""
+    parts = []
+    try:
+        text = parsed.msa.msa_3.value
+    except Exception:
+        text = ""
+    if text:
+        parts.append(text)
+    for segment in ack.replace("\n", "\r").split("\r"):
+        if segment.startswith("ERR"):
+            fields = [f.replace("^", " ").strip() for f in segment.split(segment[3:4])[1:]] if len(segment) > 3 else []
+            detail = "; ".join(f for f in fields if f and len(f) > 1)  # leave out the severity letter
+            if detail:
+                parts.append(f"ERR {detail}")
+    return " — ".join(parts)
+
 
 def _ts(value: datetime) -> str:
     return value.strftime("%Y%m%d%H%M%S%z") or value.strftime("%Y%m%d%H%M%S")
@@ -163,7 +193,8 @@ def send_mllp(host: str, port: int, message: str, *, timeout: float = 10.0) -> s
 
     Raises :class:`MllpError` when the connection fails, no ACK comes back, the ACK is not AA / CA
     (application or commit accept), or it acknowledges another message (MSA-2 is not our MSH-10):
-    a receiver that mixes up its answers must not make a critical result count as delivered."""
+    a receiver that mixes up its answers must not make a critical result count as delivered. An AR /
+    CR for our message raises :class:`MllpRejected`: final, where an AE / CE may pass on a retry."""
     control_id = _control_id(message)
     payload = message.encode("utf-8")
     if START_BLOCK in payload or b"\x1c" in payload:
@@ -193,10 +224,7 @@ def send_mllp(host: str, port: int, message: str, *, timeout: float = 10.0) -> s
     if acknowledged != control_id:
         raise MllpError(f"the acknowledgement is for message {acknowledged!r}, not {control_id!r} (MSA-2 != MSH-10)")
     if code not in ("AA", "CA"):
-        text = ""
-        try:
-            text = parsed.msa.msa_3.value
-        except Exception:
-            pass
-        raise MllpError(f"the receiver answered {code}{': ' + text if text else ''}")
+        text = _refusal_text(ack, parsed)
+        refusal = MllpRejected if code in REJECT_CODES else MllpError
+        raise refusal(f"the receiver answered {code}{': ' + text if text else ''}", ack=ack)
     return ack

@@ -3,7 +3,8 @@
 Each round (a :class:`~node.periodic.PeriodicTask` in the node) first asks the ledger for studies
 whose flag in force changed since it was last announced and stores one message per target (the
 exact bytes that will be sent), then attempts every due message. A failed attempt is retried after
-``notify_retry_seconds``, doubling, up to the target's ``max_attempts``; every attempt, the answer
+``notify_retry_seconds``, doubling, up to the target's ``max_attempts`` (an HL7 AE among them); an
+HL7 AR (application reject) is final: the row is marked rejected at once. Every attempt, the answer
 (the HL7 ACK, the HTTP status) and the last error stay in the ledger's ``notifications`` table.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 from config.settings import Settings
 from node.ledger import Ledger, NotificationView, utcnow
-from node.notify.hl7 import MllpError, build_oru, send_mllp
+from node.notify.hl7 import MllpError, MllpRejected, build_oru, send_mllp
 from node.notify.webhook import WebhookError, post_webhook, webhook_body
 from node.periodic import PeriodicTask
 
@@ -78,6 +79,12 @@ class Notifier:
             return None
         try:
             response = self._send(row)
+        except MllpRejected as exc:
+            # Application reject: the receiver will never take this message; retrying changes nothing.
+            self.ledger.record_notification_rejected(row.id, str(exc), exc.ack, now=now)
+            log.warning("notification %d (%s %s to %s) rejected, not retried: %s", row.id, row.channel, row.event,
+                        row.target, exc)
+            return Attempt(row.id, False, str(exc))
         except (MllpError, WebhookError, LookupError) as exc:
             failed = self.ledger.record_notification_failure(
                 row.id, str(exc), retry_seconds=self.settings.notify_retry_seconds, now=now

@@ -140,7 +140,8 @@ async function loadDetail(ref, redrawImages) {
     ["Model", `${study.model.name || "–"} ${study.model.version || ""}${study.model.synthetic_demo ? " (SYNTHETIC DEMO)" : ""}`],
     ["Received", fmtTime(study.received_at)], ["Analysed", fmtTime(study.analysed_at)],
     ["Delivered", fmtTime(study.delivered_at)], ["Time to flag", fmtDuration(study.time_to_flag_seconds)],
-    ["Notifications", study.notifications.map((n) => `${n.event} ${n.channel} ${n.status}`).join("; ") || "–"],
+    ["Notifications", study.notifications.map((n) =>
+      `${n.event} ${n.channel} ${n.status}${n.status === "rejected" && n.last_error ? ` (${n.last_error})` : ""}`).join("; ") || "–"],
   ];
   if (study.reason) facts.push(["Note", study.reason]);
   $("detail-facts").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", k), el("dd", v)]));
