@@ -3,6 +3,7 @@ export the radiologists' feedback as a training set (CT commands: pleura/ct_cli.
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +28,13 @@ dataset_app = typer.Typer(
     no_args_is_help=True,
 )
 register_ct(dataset_app, console)
+
+
+class DateChoice(str, Enum):
+    """The de-identification's date option (training.deidentify.DATE_OPTIONS), as a choice --help lists."""
+
+    remove = "remove"
+    shift = "shift"
 
 
 @dataset_app.command("check")
@@ -158,7 +166,12 @@ def export_feedback(storage: Path, ledger_url: Optional[str], out: Path, **optio
 @dataset_app.command("export-feedback")
 def dataset_export_feedback(
     out: Path = typer.Option(..., "--out", "-o", help="new directory to write the SIIM-ACR layout into"),
-    deidentify: bool = typer.Option(False, help="de-identify the DICOM copies (pseudonymous patient IDs, new UIDs)"),
+    deidentify: bool = typer.Option(
+        False, help="de-identify the DICOM copies (PS3.15 Annex E Basic Profile: pseudonymous patient IDs, new UIDs)"
+    ),
+    dates: DateChoice = typer.Option(
+        DateChoice.remove, help="with --deidentify: remove dates (basic profile) or shift them per patient (intervals kept)"
+    ),
     key_file: Optional[Path] = typer.Option(
         None, help="de-identification key (default: STORAGE/deidentify.key, made on first use); same key, same pseudonyms"
     ),
@@ -171,4 +184,6 @@ def dataset_export_feedback(
     """Write the radiologists' feedback (verdicts, corrected outlines, Segmentations sent back) as a
     training set in the SIIM-ACR layout: DICOM images, train-rle.csv and provenance.json."""
     source, ledger_url = feedback_source(config, storage)
-    export_feedback(source, ledger_url, out, deidentify=deidentify, key_file=key_file, skip_bad=skip_bad)
+    export_feedback(
+        source, ledger_url, out, deidentify=deidentify, dates=dates.value, key_file=key_file, skip_bad=skip_bad
+    )
