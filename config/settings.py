@@ -23,6 +23,7 @@ from pydantic_settings import (
 )
 
 from config.errors import PleuraError
+from config.secrets import mask_text, mask_values
 
 ENV_PREFIX = "PLEURA_"
 CONFIG_FILE_ENV = "PLEURA_CONFIG"
@@ -452,7 +453,7 @@ def _describe(error: dict[str, Any]) -> str:
     env = ENV_PREFIX + name.upper()
     where = ".".join(loc)
     value = error.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    shown = "" if isinstance(value, dict) else f" (got {mask_text(repr(value))})"
     return f"setting '{where}' (env {env}): {error['msg']}{shown}"
 
 
@@ -476,3 +477,42 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         raise SettingsError(f"invalid configuration: {exc}") from None
     finally:
         _config_file.reset(token)
+
+
+DERIVED = {
+    "storage_dir": lambda s: str(s.storage_dir),
+    "database_url": lambda s: s.ledger_url,
+    "broker_url": lambda s: s.celery_broker_url,
+    "model_dir": lambda s: str(s.model_dir or s.storage_dir / "models"),
+    "onnx_cache_dir": lambda s: str(s.onnx_cache),
+}
+"""Settings whose unset value means something derived: what is shown is what is in effect."""
+
+
+def _toml_keys(config_file: Path | str | None) -> dict[str, Any]:
+    import tomllib
+
+    if not config_file or not Path(config_file).is_file():
+        return {}
+    with open(config_file, "rb") as handle:
+        return tomllib.load(handle)
+
+
+def describe_settings(settings: Settings, config_file: Path | str | None = None) -> dict[str, dict[str, Any]]:
+    """Every setting's value in effect (derived locations resolved, secrets masked) and where it came
+    from: ``default``, ``environment (PLEURA_X)`` or ``TOML file F, key k``; for `pleura config`."""
+    config_file = config_file or os.environ.get(CONFIG_FILE_ENV)
+    in_file = _toml_keys(config_file)
+    values = settings.model_dump(mode="json")
+    report: dict[str, dict[str, Any]] = {}
+    for name in Settings.model_fields:
+        env = ENV_PREFIX + name.upper()
+        if env in os.environ:
+            source = f"environment ({env})"
+        elif name in in_file:
+            source = f"TOML file {config_file}, key {name}"
+        else:
+            source = "default"
+        value = DERIVED[name](settings) if name in DERIVED else values[name]
+        report[name] = {"value": mask_values(value), "source": source}
+    return report

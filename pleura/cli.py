@@ -212,18 +212,12 @@ def feedback_export(
 
 @app.command("config")
 def show_config(config: Optional[Path] = ConfigOption) -> None:
-    """Check the configuration and print the effective settings."""
+    """Check the configuration and print each setting in effect (secrets masked) and where it came from
+    (default, TOML file, environment), as JSON."""
+    from config.settings import describe_settings
+
     settings = settings_or_exit(config)
-    Console().print_json(data=_mask_secrets(settings.model_dump(mode="json")))
-
-
-def _mask_secrets(value):
-    """The settings with API tokens and webhook secrets shown as ***."""
-    if isinstance(value, dict):
-        return {k: "***" if k in ("token", "secret") and v else _mask_secrets(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_mask_secrets(v) for v in value]
-    return value
+    print(json.dumps(describe_settings(settings, config), indent=2))
 
 
 app.add_typer(dataset_app, name="dataset")

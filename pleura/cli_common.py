@@ -12,6 +12,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from config.errors import PleuraError
+from config.secrets import mask_text
 from config.settings import CONFIG_FILE_ENV, Settings, SettingsError, load_settings
 from node.logs import configure_logging
 
@@ -44,7 +45,7 @@ class PleuraGroup(TyperGroup):
         except PleuraError as exc:
             if ctx.meta.get(DEBUG_KEY):
                 raise
-            console.print(f"[bold red]Error[/]: {exc}")
+            console.print(f"[bold red]Error[/]: {mask_text(str(exc))}", markup=True, highlight=False)
             raise typer.Exit(2) from None
 
 
@@ -53,7 +54,7 @@ def settings_or_exit(config: Optional[Path], **overrides) -> Settings:
     try:
         settings = load_settings(config, **{k: v for k, v in overrides.items() if v is not None})
     except SettingsError as exc:
-        console.print(f"[bold red]Configuration error[/]: {exc}")
+        console.print(f"[bold red]Configuration error[/]: {mask_text(str(exc))}")
         raise typer.Exit(2) from None
     return settings
 

@@ -111,3 +111,54 @@ def test_demo_model_never_overwrites_a_trained_bundle(tmp_path, demo_bundle):
     result = CliRunner().invoke(app, ["demo-model", "--out", str(trained)])
     assert result.exit_code == 2 and "trained model" in result.output
     assert '"synthetic_demo": false' in manifest.read_text()
+
+
+# --- secrets are masked wherever they are printed or logged --------------------------------------
+
+def test_config_masks_every_secret_and_says_where_each_value_came_from(tmp_path, monkeypatch):
+    import json
+
+    toml = tmp_path / "pleura.toml"
+    toml.write_text('ae_title = "FROMTOML"\n')
+    monkeypatch.setenv("PLEURA_STORAGE_DIR", str(tmp_path / "s"))
+    monkeypatch.setenv("PLEURA_DATABASE_URL", "postgresql+psycopg://u:dbpass@db.example:5432/pleura")
+    monkeypatch.setenv("PLEURA_BROKER_URL", "redis://:redispass@redis.example:6379/0")
+    result = CliRunner().invoke(app, ["config", "--config", str(toml)])
+    assert result.exit_code == 0, result.output
+    assert "dbpass" not in result.output and "redispass" not in result.output
+    shown = json.loads(result.stdout)
+    assert shown["database_url"] == {"value": "postgresql+psycopg://u:***@db.example:5432/pleura",
+                                     "source": "environment (PLEURA_DATABASE_URL)"}
+    assert shown["broker_url"]["value"] == "redis://:***@redis.example:6379/0"
+    assert shown["ae_title"] == {"value": "FROMTOML", "source": f"TOML file {toml}, key ae_title"}
+    assert shown["port"] == {"value": 11112, "source": "default"}
+    assert shown["model_dir"]["value"] == str((tmp_path / "s" / "models").resolve())  # in effect, not null
+
+
+def test_readiness_details_error_messages_and_logs_mask_passwords(tmp_path, monkeypatch, capsys):
+    import json
+    import logging
+
+    from node.logs import configure_logging
+    from node.ops.health import Check, run_checks
+
+    def failing() -> str:
+        raise ConnectionError("cannot reach postgresql://u:dbpass@db.example/pleura")
+
+    answer = run_checks([Check("database", failing), Check("broker", lambda: "redis://:redispass@r:6379/0")])
+    assert "dbpass" not in json.dumps(answer) and "redispass" not in json.dumps(answer)
+    assert "u:***@db.example" in answer["checks"]["database"]["detail"]
+
+    monkeypatch.setenv("PLEURA_BROKER_URL", "redispass-without-scheme://")  # a bad value, quoted back
+    monkeypatch.setenv("PLEURA_DATABASE_URL", "postgresql://u:dbpass@db.example/pleura")
+    monkeypatch.setenv("PLEURA_PORT", "postgresql://u:dbpass@x/y")
+    result = CliRunner().invoke(app, ["config"])
+    assert result.exit_code == 2 and "PLEURA_PORT" in result.output and "dbpass" not in result.output
+
+    configure_logging(logging.INFO, "json")
+    try:
+        logging.getLogger("pleura.test").error("database down: %s", "postgresql://u:dbpass@db/pleura")
+    finally:
+        logging.getLogger().handlers.clear()
+    logged = capsys.readouterr().err
+    assert "database down" in logged and "dbpass" not in logged and "u:***@db" in logged
