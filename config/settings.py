@@ -7,6 +7,7 @@ are a public interface: ``docs/configuration.md`` lists every one.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from contextvars import ContextVar
@@ -447,14 +448,58 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
-def _describe(error: dict[str, Any]) -> str:
-    loc = [str(part) for part in error["loc"]]
-    name = loc[0] if loc else "?"
+def _origin(name: str, config_file: str | None) -> str:
+    """Where setting ``name``'s value came from, as an operator would look for it."""
     env = ENV_PREFIX + name.upper()
+    if env not in os.environ and name in _toml_keys(config_file):
+        return f"TOML file {config_file}, key {name}"
+    return f"env {env}"
+
+
+def _describe(error: dict[str, Any], config_file: str | None) -> str:
+    loc = [str(part) for part in error["loc"]]
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not loc:  # a rule across settings (the TLS pair): its message names them and their variables
+        return message
     where = ".".join(loc)
     value = error.get("input")
     shown = "" if isinstance(value, dict) else f" (got {mask_text(repr(value))})"
-    return f"setting '{where}' (env {env}): {error['msg']}{shown}"
+    return f"setting '{where}' ({_origin(loc[0], config_file)}): {message}{shown}; see docs/configuration.md"
+
+
+_PARSE_ERROR = re.compile(r'error parsing value for field "(?P<name>\w+)" from source "(?P<source>\w+)"')
+
+
+def _parse_error(exc: Exception, config_file: str | None) -> str | None:
+    """pydantic-settings' 'error parsing value for field...' as a line that names the variable."""
+    match = _PARSE_ERROR.search(str(exc))
+    if not match:
+        return None
+    name = match["name"]
+    cause = exc.__cause__ or exc.__context__
+    detail = f" ({cause})" if cause else ""
+    return (f"setting '{name}' ({_origin(name, config_file)}): not valid JSON{detail}; give a JSON value, "
+            f"e.g. {ENV_PREFIX}{name.upper()}='[{{\"ae_title\": \"PACS\", \"host\": \"pacs\", \"port\": 104}}]' "
+            "(see docs/configuration.md)")
+
+
+OTHER_VARIABLES = frozenset({CONFIG_FILE_ENV})
+"""``PLEURA_*`` variables that are no setting but are known (the TOML file's name)."""
+
+
+def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
+    """One line per ``PLEURA_*`` variable that names no setting, with the closest known one: a
+    typo such as ``PLEURA_PORTT`` would otherwise be ignored without a word."""
+    import difflib
+
+    environ = dict(os.environ if environ is None else environ)
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | OTHER_VARIABLES
+    lines = []
+    for variable in sorted(v for v in environ if v.startswith(ENV_PREFIX) and v not in known):
+        close = difflib.get_close_matches(variable, sorted(known), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "see docs/configuration.md for the settings"
+        lines.append(f"unknown variable {variable} is ignored: {hint}")
+    return lines
 
 
 def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
@@ -468,15 +513,19 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
     elif os.environ.get(CONFIG_FILE_ENV) and not Path(os.environ[CONFIG_FILE_ENV]).is_file():
         raise SettingsError(f"config file {os.environ[CONFIG_FILE_ENV]} named by {CONFIG_FILE_ENV} does not exist")
     token = _config_file.set(str(config_file) if config_file is not None else None)
+    source_file = str(config_file) if config_file is not None else os.environ.get(CONFIG_FILE_ENV)
+    for line in unknown_variables():
+        logging.getLogger("pleura.config").warning(line)
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        lines = [_describe(err) for err in exc.errors()]
+        lines = [_describe(err, source_file) for err in exc.errors()]
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
     except Exception as exc:  # TOML syntax errors, JSON in env vars that does not parse
-        raise SettingsError(f"invalid configuration: {exc}") from None
+        raise SettingsError(f"invalid configuration: {_parse_error(exc, source_file) or mask_text(str(exc))}") from None
     finally:
         _config_file.reset(token)
+
 
 
 DERIVED = {

@@ -162,3 +162,40 @@ def test_readiness_details_error_messages_and_logs_mask_passwords(tmp_path, monk
         logging.getLogger().handlers.clear()
     logged = capsys.readouterr().err
     assert "database down" in logged and "dbpass" not in logged and "u:***@db" in logged
+
+
+# --- error messages name the setting, where it came from, and the fix ---------------------------
+
+def test_a_cross_field_error_names_the_variables_not_an_empty_setting(tmp_path, monkeypatch):
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    monkeypatch.setenv("PLEURA_TLS_CERT_FILE", str(cert))
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert "setting ''" not in str(caught.value) and "PLEURA_?" not in str(caught.value)
+    assert "PLEURA_TLS_KEY_FILE" in str(caught.value)
+
+
+def test_a_bad_toml_value_is_reported_as_the_toml_key(tmp_path):
+    toml = tmp_path / "pleura.toml"
+    toml.write_text('port = "abc"\n')
+    with pytest.raises(SettingsError) as caught:
+        load_settings(toml)
+    assert f"TOML file {toml}, key port" in str(caught.value) and "env PLEURA_PORT" not in str(caught.value)
+
+
+def test_malformed_json_in_an_environment_variable_names_it(monkeypatch):
+    monkeypatch.setenv("PLEURA_DESTINATIONS", '[{"ae_title": "PACS",')
+    result = CliRunner().invoke(app, ["config"])
+    assert result.exit_code == 2
+    assert "PLEURA_DESTINATIONS" in result.output and "not valid JSON" in result.output
+    assert "EnvSettingsSource" not in result.output
+
+
+def test_an_unknown_pleura_variable_is_warned_about_with_the_closest_setting(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("PLEURA_STORAGE_DIR", str(tmp_path))
+    monkeypatch.setenv("PLEURA_PORTT", "11113")
+    with caplog.at_level("WARNING", logger="pleura.config"):
+        load_settings()
+    assert [r.getMessage() for r in caplog.records] == [
+        "unknown variable PLEURA_PORTT is ignored: did you mean PLEURA_PORT?"]
