@@ -107,6 +107,12 @@ class AllowedCaller(BaseModel):
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
 
+MIN_TOKEN_CHARS = 22
+"""The shortest API token: 128 bits as URL-safe base64 (``pleura api-token`` makes 256). A hashed
+token cannot be measured, so the API refuses any presented token shorter than this: a
+``token_sha256`` of ``password`` lets nobody in."""
+
+
 class ApiUser(BaseModel):
     """Someone (a person or a system) allowed to use the worklist API and page."""
 
@@ -114,7 +120,9 @@ class ApiUser(BaseModel):
     role: Literal["read", "feedback"] = Field(
         default="read", description="read: see the worklist; feedback: also confirm, reject, mark known"
     )
-    token: str | None = Field(default=None, min_length=16, description="the secret the user logs in with")
+    token: str | None = Field(
+        default=None, min_length=MIN_TOKEN_CHARS, description="the secret the user logs in with (`pleura api-token` makes one)"
+    )
     token_sha256: str | None = Field(
         default=None, pattern=r"^[0-9a-f]{64}$", description="the SHA-256 (hex) of the token, instead of the token"
     )

@@ -199,3 +199,19 @@ def test_an_unknown_pleura_variable_is_warned_about_with_the_closest_setting(tmp
         load_settings()
     assert [r.getMessage() for r in caplog.records] == [
         "unknown variable PLEURA_PORTT is ignored: did you mean PLEURA_PORT?"]
+
+
+def test_tokens_need_128_bits_in_plain_and_hashed_form():
+    import hashlib
+
+    from node.api.auth import Authenticator
+
+    with pytest.raises(SettingsError, match="api_users"):
+        load_settings(api_users=[{"name": "a", "role": "read", "token": "sixteen-chars-xx"}])
+    weak = hashlib.sha256(b"password").hexdigest()
+    settings = load_settings(api_users=[{"name": "a", "role": "read", "token_sha256": weak}])
+    assert Authenticator(settings.api_users).check_token("password") is None  # the hash matches, the token is too short
+    strong = "k" * 22
+    settings = load_settings(api_users=[{"name": "b", "role": "read", "token_sha256": hashlib.sha256(strong.encode()).hexdigest()}])
+    assert Authenticator(settings.api_users).check_token(strong).name == "b"
+    assert weak not in DOCS.read_text() and weak not in (DOCS.parent.parent / "README.md").read_text()
