@@ -158,7 +158,15 @@ def _control_id(message: str) -> str:
     return fields[9]
 
 
-def send_mllp(host: str, port: int, message: str, *, timeout: float = 10.0) -> str:
+def open_mllp(destination: Hl7Destination, *, timeout: float | None = None) -> socket.socket:
+    """A connected socket to ``destination``'s MLLP listener (the caller closes it); ``timeout``
+    defaults to the destination's ``timeout_seconds``. Raises OSError when it cannot connect."""
+    return socket.create_connection(
+        (destination.host, destination.port), timeout=timeout if timeout is not None else destination.timeout_seconds
+    )
+
+
+def send_mllp(destination: Hl7Destination, message: str) -> str:
     """Send one message in an MLLP block and return the receiver's ACK (ER7).
 
     Raises :class:`MllpError` when the connection fails, no ACK comes back, the ACK is not AA / CA
@@ -171,7 +179,7 @@ def send_mllp(host: str, port: int, message: str, *, timeout: float = 10.0) -> s
         raise MllpError("the message holds MLLP framing bytes (0x0B or 0x1C) and would be cut short")
     frame = START_BLOCK + payload + END_BLOCK
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
+        with open_mllp(destination) as sock:
             sock.sendall(frame)
             received = b""
             while END_BLOCK not in received:
