@@ -168,14 +168,12 @@ def worklist(
     if not settings.api_users:
         console.print("[bold red]No API users[/]: set PLEURA_API_USERS (see docs/configuration.md)")
         raise typer.Exit(2)
-    import uvicorn
-
-    from node.api.app import create_app
+    from node.api.server import WorklistServer
     from node.ledger import Ledger
 
-    console.print(f"worklist on http://{settings.api_host}:{settings.api_port}/")
-    uvicorn.run(create_app(settings, Ledger(settings.ledger_url)), host=settings.api_host, port=settings.api_port,
-                log_level="info" if verbose else "warning", access_log=False)
+    server = WorklistServer(settings, Ledger(settings.ledger_url), log_level="info" if verbose else "warning")
+    console.print(f"worklist on {server.url}/")
+    server.serve()
 
 
 @app.command("api-token")
