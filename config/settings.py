@@ -145,9 +145,20 @@ class Hl7Destination(BaseModel):
     abnormal_flag: str = Field(default="AA", max_length=5, description="OBX-8 of a suspected finding (AA = critical)")
     max_attempts: int = Field(default=10, ge=1)
     timeout_seconds: float = Field(default=10.0, gt=0)
+    tls: bool = Field(default=False, description="MLLP over TLS to this listener (its certificate and host name checked)")
+    tls_ca_file: Path | None = Field(
+        default=None, description="CA bundle that signs the listener's certificate; unset = the system's"
+    )
+
+    @model_validator(mode="after")
+    def _ca_file(self) -> "Hl7Destination":
+        if self.tls_ca_file is not None and not Path(self.tls_ca_file).expanduser().is_file():
+            raise ValueError(f"tls_ca_file of the HL7 destination {self.host}:{self.port}: {self.tls_ca_file} is not a file")
+        return self
 
     @property
     def label(self) -> str:
+        """The destination's name in the ledger's notifications (the same with or without TLS)."""
         return f"mllp://{self.host}:{self.port}"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -18,10 +19,15 @@ class MllpListener:
     """Receives HL7 messages over MLLP; `messages` holds them parsed (hl7.Message).
 
     `ack_code` is what it answers (AA accepts; AE or AR refuse); `ack_control_id`, when given,
-    replaces MSA-2 (the acknowledged message's control ID), as a confused receiver would."""
+    replaces MSA-2 (the acknowledged message's control ID), as a confused receiver would. With
+    `tls` (a server-side SSL context) it speaks MLLP inside TLS only."""
 
-    def __init__(self, port: int | None = None, ack_code: str = "AA", ack_control_id: str | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, ack_code: str = "AA", ack_control_id: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.port = port or free_port()
+        self.tls = tls
         self.ack_code = ack_code
         self.ack_control_id = ack_control_id
         self.messages: list[hl7.Message] = []
@@ -54,7 +60,7 @@ class MllpListener:
         asyncio.set_event_loop(self._loop)
 
         async def serve() -> None:
-            self._server = await hl7.mllp.start_hl7_server(self._handle, host=LOOPBACK, port=self.port)
+            self._server = await hl7.mllp.start_hl7_server(self._handle, host=LOOPBACK, port=self.port, ssl=self.tls)
             self._ready.set()
 
         self._loop.run_until_complete(serve())

@@ -24,6 +24,7 @@ from hl7apy.parser import parse_message
 from config.errors import PleuraError
 from config.settings import Hl7Destination
 from node.text import header_text, hl7_escape
+from node.tls import hl7_client_context
 
 HL7_VERSION = "2.5.1"
 START_BLOCK, END_BLOCK = b"\x0b", b"\x1c\x0d"
@@ -159,11 +160,21 @@ def _control_id(message: str) -> str:
 
 
 def open_mllp(destination: Hl7Destination, *, timeout: float | None = None) -> socket.socket:
-    """A connected socket to ``destination``'s MLLP listener (the caller closes it); ``timeout``
-    defaults to the destination's ``timeout_seconds``. Raises OSError when it cannot connect."""
-    return socket.create_connection(
+    """A connected socket to ``destination``'s MLLP listener, inside TLS (handshake done, the
+    certificate checked) when the destination has ``tls``; the caller closes it. ``timeout``
+    defaults to the destination's ``timeout_seconds``. Raises OSError (ssl.SSLError included)
+    when it cannot connect."""
+    sock = socket.create_connection(
         (destination.host, destination.port), timeout=timeout if timeout is not None else destination.timeout_seconds
     )
+    context = hl7_client_context(destination)
+    if context is None:
+        return sock
+    try:
+        return context.wrap_socket(sock, server_hostname=destination.host)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def send_mllp(destination: Hl7Destination, message: str) -> str:
