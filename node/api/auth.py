@@ -166,6 +166,14 @@ def record_failure(request: Request, via: str) -> None:
         log.warning("API log-ins from %s refused for a while: too many wrong tokens", client)
 
 
+def record_access(request: Request, principal: Principal, event: str, **fields: object) -> None:
+    """Audit what a user saw or did (a study's detail, a preview, a verdict): who, from where, and
+    which study (its UID: the audit trail is kept with the data, the logs never see it)."""
+    request.app.state.audit.record(
+        event, user=principal.name, role=principal.role, client=client_address(request), **fields
+    )
+
+
 def record_login(request: Request, principal: Principal) -> None:
     request.app.state.audit.record(
         "api_login", user=principal.name, role=principal.role, client=client_address(request)
