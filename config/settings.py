@@ -7,6 +7,7 @@ are a public interface: ``docs/configuration.md`` lists every one.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from contextvars import ContextVar
@@ -23,6 +24,7 @@ from pydantic_settings import (
 )
 
 from config.errors import PleuraError
+from config.secrets import mask_text, mask_values
 
 ENV_PREFIX = "PLEURA_"
 CONFIG_FILE_ENV = "PLEURA_CONFIG"
@@ -105,6 +107,12 @@ class AllowedCaller(BaseModel):
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
 
+MIN_TOKEN_CHARS = 22
+"""The shortest API token: 128 bits as URL-safe base64 (``pleura api-token`` makes 256). A hashed
+token cannot be measured, so the API refuses any presented token shorter than this: a
+``token_sha256`` of ``password`` lets nobody in."""
+
+
 class ApiUser(BaseModel):
     """Someone (a person or a system) allowed to use the worklist API and page."""
 
@@ -112,7 +120,9 @@ class ApiUser(BaseModel):
     role: Literal["read", "feedback"] = Field(
         default="read", description="read: see the worklist; feedback: also confirm, reject, mark known"
     )
-    token: str | None = Field(default=None, min_length=16, description="the secret the user logs in with")
+    token: str | None = Field(
+        default=None, min_length=MIN_TOKEN_CHARS, description="the secret the user logs in with (`pleura api-token` makes one)"
+    )
     token_sha256: str | None = Field(
         default=None, pattern=r"^[0-9a-f]{64}$", description="the SHA-256 (hex) of the token, instead of the token"
     )
@@ -135,9 +145,20 @@ class Hl7Destination(BaseModel):
     abnormal_flag: str = Field(default="AA", max_length=5, description="OBX-8 of a suspected finding (AA = critical)")
     max_attempts: int = Field(default=10, ge=1)
     timeout_seconds: float = Field(default=10.0, gt=0)
+    tls: bool = Field(default=False, description="MLLP over TLS to this listener (its certificate and host name checked)")
+    tls_ca_file: Path | None = Field(
+        default=None, description="CA bundle that signs the listener's certificate; unset = the system's"
+    )
+
+    @model_validator(mode="after")
+    def _ca_file(self) -> "Hl7Destination":
+        if self.tls_ca_file is not None and not Path(self.tls_ca_file).expanduser().is_file():
+            raise ValueError(f"tls_ca_file of the HL7 destination {self.host}:{self.port}: {self.tls_ca_file} is not a file")
+        return self
 
     @property
     def label(self) -> str:
+        """The destination's name in the ledger's notifications (the same with or without TLS)."""
         return f"mllp://{self.host}:{self.port}"
 
 
@@ -449,14 +470,58 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
-def _describe(error: dict[str, Any]) -> str:
-    loc = [str(part) for part in error["loc"]]
-    name = loc[0] if loc else "?"
+def _origin(name: str, config_file: str | None) -> str:
+    """Where setting ``name``'s value came from, as an operator would look for it."""
     env = ENV_PREFIX + name.upper()
+    if env not in os.environ and name in _toml_keys(config_file):
+        return f"TOML file {config_file}, key {name}"
+    return f"env {env}"
+
+
+def _describe(error: dict[str, Any], config_file: str | None) -> str:
+    loc = [str(part) for part in error["loc"]]
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not loc:  # a rule across settings (the TLS pair): its message names them and their variables
+        return message
     where = ".".join(loc)
     value = error.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    return f"setting '{where}' (env {env}): {error['msg']}{shown}"
+    shown = "" if isinstance(value, dict) else f" (got {mask_text(repr(value))})"
+    return f"setting '{where}' ({_origin(loc[0], config_file)}): {message}{shown}; see docs/configuration.md"
+
+
+_PARSE_ERROR = re.compile(r'error parsing value for field "(?P<name>\w+)" from source "(?P<source>\w+)"')
+
+
+def _parse_error(exc: Exception, config_file: str | None) -> str | None:
+    """pydantic-settings' 'error parsing value for field...' as a line that names the variable."""
+    match = _PARSE_ERROR.search(str(exc))
+    if not match:
+        return None
+    name = match["name"]
+    cause = exc.__cause__ or exc.__context__
+    detail = f" ({cause})" if cause else ""
+    return (f"setting '{name}' ({_origin(name, config_file)}): not valid JSON{detail}; give a JSON value, "
+            f"e.g. {ENV_PREFIX}{name.upper()}='[{{\"ae_title\": \"PACS\", \"host\": \"pacs\", \"port\": 104}}]' "
+            "(see docs/configuration.md)")
+
+
+OTHER_VARIABLES = frozenset({CONFIG_FILE_ENV})
+"""``PLEURA_*`` variables that are no setting but are known (the TOML file's name)."""
+
+
+def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
+    """One line per ``PLEURA_*`` variable that names no setting, with the closest known one: a
+    typo such as ``PLEURA_PORTT`` would otherwise be ignored without a word."""
+    import difflib
+
+    environ = dict(os.environ if environ is None else environ)
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | OTHER_VARIABLES
+    lines = []
+    for variable in sorted(v for v in environ if v.startswith(ENV_PREFIX) and v not in known):
+        close = difflib.get_close_matches(variable, sorted(known), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "see docs/configuration.md for the settings"
+        lines.append(f"unknown variable {variable} is ignored: {hint}")
+    return lines
 
 
 def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
@@ -470,12 +535,55 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
     elif os.environ.get(CONFIG_FILE_ENV) and not Path(os.environ[CONFIG_FILE_ENV]).is_file():
         raise SettingsError(f"config file {os.environ[CONFIG_FILE_ENV]} named by {CONFIG_FILE_ENV} does not exist")
     token = _config_file.set(str(config_file) if config_file is not None else None)
+    source_file = str(config_file) if config_file is not None else os.environ.get(CONFIG_FILE_ENV)
+    for line in unknown_variables():
+        logging.getLogger("pleura.config").warning(line)
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        lines = [_describe(err) for err in exc.errors()]
+        lines = [_describe(err, source_file) for err in exc.errors()]
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
     except Exception as exc:  # TOML syntax errors, JSON in env vars that does not parse
-        raise SettingsError(f"invalid configuration: {exc}") from None
+        raise SettingsError(f"invalid configuration: {_parse_error(exc, source_file) or mask_text(str(exc))}") from None
     finally:
         _config_file.reset(token)
+
+
+
+DERIVED = {
+    "storage_dir": lambda s: str(s.storage_dir),
+    "database_url": lambda s: s.ledger_url,
+    "broker_url": lambda s: s.celery_broker_url,
+    "model_dir": lambda s: str(s.model_dir or s.storage_dir / "models"),
+    "onnx_cache_dir": lambda s: str(s.onnx_cache),
+}
+"""Settings whose unset value means something derived: what is shown is what is in effect."""
+
+
+def _toml_keys(config_file: Path | str | None) -> dict[str, Any]:
+    import tomllib
+
+    if not config_file or not Path(config_file).is_file():
+        return {}
+    with open(config_file, "rb") as handle:
+        return tomllib.load(handle)
+
+
+def describe_settings(settings: Settings, config_file: Path | str | None = None) -> dict[str, dict[str, Any]]:
+    """Every setting's value in effect (derived locations resolved, secrets masked) and where it came
+    from: ``default``, ``environment (PLEURA_X)`` or ``TOML file F, key k``; for `pleura config`."""
+    config_file = config_file or os.environ.get(CONFIG_FILE_ENV)
+    in_file = _toml_keys(config_file)
+    values = settings.model_dump(mode="json")
+    report: dict[str, dict[str, Any]] = {}
+    for name in Settings.model_fields:
+        env = ENV_PREFIX + name.upper()
+        if env in os.environ:
+            source = f"environment ({env})"
+        elif name in in_file:
+            source = f"TOML file {config_file}, key {name}"
+        else:
+            source = "default"
+        value = DERIVED[name](settings) if name in DERIVED else values[name]
+        report[name] = {"value": mask_values(value), "source": source}
+    return report

@@ -169,7 +169,13 @@ def load_bundle(path: Path | str) -> Bundle:
             "(set PLEURA_MODEL_DIR, or run `pleura demo-model` to build the demo bundle)"
         )
     try:
-        manifest = Manifest.model_validate(json.loads(manifest_file.read_text()))
+        manifest = Manifest.model_validate(json.loads(manifest_file.read_text(encoding="utf-8")))
+    except UnicodeDecodeError:
+        raise BundleError(
+            f"unreadable manifest {manifest_file}: not UTF-8 JSON (a damaged copy?): export or rebuild the bundle again"
+        ) from None
+    except OSError as exc:
+        raise BundleError(f"unreadable manifest {manifest_file}: {exc.strerror or exc}") from None
     except (json.JSONDecodeError, ValidationError) as exc:
         raise BundleError(f"invalid manifest {manifest_file}: {exc}") from None
     bundle = Bundle(root, manifest)

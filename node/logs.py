@@ -9,6 +9,7 @@ import sys
 
 from pythonjsonlogger.json import JsonFormatter
 
+from config.secrets import mask_text
 from node.log_privacy import protect_handler
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -28,6 +29,23 @@ class PleuraJsonFormatter(JsonFormatter):
             del log_record[key]
 
 
+class SecretFilter(logging.Filter):
+    """Masks URL passwords and secret parameters in every record (config/secrets.py): a driver's
+    error message quoting the database URL must not put its password in the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken record is the formatter's to report
+            return True
+        masked = mask_text(message)
+        if masked != message:
+            record.msg, record.args = masked, ()
+        if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
+            record.exc_text = mask_text(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
 def make_formatter(log_format: str) -> logging.Formatter:
     if log_format == "json":
         return PleuraJsonFormatter(
@@ -43,6 +61,7 @@ def configure_logging(level: int = logging.INFO, log_format: str = "text") -> No
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(make_formatter(log_format))
     protect_handler(handler)  # pydicom / highdicom warnings quote header values: rewritten
+    handler.addFilter(SecretFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

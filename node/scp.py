@@ -69,6 +69,7 @@ from node.admission import Admission, NodeAE
 from node.audit import AuditTrail
 from node.connections import Limits, Refused
 from node.ledger import Held, Ledger
+from node.listening import listen_error
 from node.ops.metrics import INSTANCES_RECEIVED
 from node.privacy import ref
 from node.seg_labels import SEG_TRANSFER_SYNTAXES, SEGMENTATION_SOP_CLASS, SegLabelError, is_pleura_seg, read_seg_labels
@@ -244,9 +245,8 @@ class StorageSCP:
                 ],
             )
         except OSError as exc:
-            raise OSError(
-                f"cannot listen on {self.settings.host}:{self.settings.port} "
-                f"(PLEURA_HOST / PLEURA_PORT): {exc.strerror or exc}"
+            raise listen_error(
+                "the DICOM service", self.settings.host, self.settings.port, "PLEURA_PORT (PLEURA_HOST)", exc
             ) from exc
         log.info(
             "DICOM SCP %s listening on %s:%d%s",

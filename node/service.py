@@ -31,7 +31,7 @@ from node.private_files import create_private_file, make_private_dirs, restrict_
 from node.scp import StorageSCP
 from node.settle import SettleLoop
 from node.shared_storage import shared_storage_for, uploading_dispatcher
-from node.storage import InstanceStore
+from node.storage import InstanceStore, StorageDirError
 from contract.tasks import DELIVER_RESULT
 from worker.celery_app import make_celery
 from node.notify.loop import NotificationLoop, Notifier
@@ -286,9 +286,7 @@ class NodeService:
                 # Made here, 0600, before kombu creates it with the umask's mode.
                 create_private_file(settings.embedded_broker_file)
         except OSError as exc:
-            raise OSError(
-                f"cannot create the storage directory {settings.storage_dir} (PLEURA_STORAGE_DIR): {exc}"
-            ) from exc
+            raise StorageDirError.from_os_error(settings.storage_dir, exc) from exc
         self.ledger = Ledger(settings.ledger_url)
         self.store = InstanceStore(settings.storage_dir)
         if self.celery_app is None:

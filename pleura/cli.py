@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -27,10 +28,42 @@ app = typer.Typer(
 )
 
 
+def _show_version(value: bool) -> None:
+    """``pleura --version``: the package's version and the model each kind would be analysed with."""
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        print(f"pleura {version('pleura')}")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        print("pleura (not installed)")
+    from config.settings import SettingsError, load_settings
+    from contract.active import active_bundle_dir
+    from contract.bundle import BundleError, load_bundle
+
+    try:
+        settings = load_settings()
+    except SettingsError:
+        print("models: unknown (the configuration is invalid: see `pleura config`)")
+        raise typer.Exit()
+    for kind in ("radiograph", "ct"):
+        try:
+            label = load_bundle(active_bundle_dir(settings, kind)).identity.label
+        except BundleError:
+            label = "none usable (see `pleura models list`)"
+        print(f"{kind} model: {label}")
+    raise typer.Exit()
+
+
 @app.callback()
 def main(
     ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="show the traceback of an expected failure too"),
+    version: bool = typer.Option(
+        False, "--version", "-V", callback=_show_version, is_eager=True,
+        help="show the version and the active models, and exit",
+    ),
 ) -> None:
     ctx.meta[DEBUG_KEY] = debug
 
@@ -136,15 +169,13 @@ def worklist(
     if not settings.api_users:
         console.print("[bold red]No API users[/]: set PLEURA_API_USERS (see docs/configuration.md)")
         raise typer.Exit(2)
-    import uvicorn
-
-    from node.api.app import create_app
+    from node.api.server import WorklistServer
     from node.ledger import Ledger
 
     ledger = Ledger(settings.ledger_url)  # an old schema stops here, before anything is served
-    console.print(f"worklist on http://{settings.api_host}:{settings.api_port}/")
-    uvicorn.run(create_app(settings, ledger), host=settings.api_host, port=settings.api_port,
-                log_level="info" if verbose else "warning", access_log=False)
+    server = WorklistServer(settings, ledger, log_level="info" if verbose else "warning")
+    console.print(f"worklist on {server.url}/")
+    server.serve()
 
 
 @app.command("api-token")
@@ -157,22 +188,24 @@ def api_token() -> None:
     print(json.dumps({"token": token, "token_sha256": hashlib.sha256(token.encode()).hexdigest()}, indent=2))
 
 
+class ExportFormat(str, Enum):
+    json = "json"
+    csv = "csv"
+
+
 @app.command("feedback-export")
 def feedback_export(
     config: Optional[Path] = ConfigOption,
     out: Path = typer.Option(..., help="file to write"),
-    format: str = typer.Option("json", help="json (one object per study) or csv (one row per image)"),
+    format: ExportFormat = typer.Option(ExportFormat.json, help="json (one object per study) or csv (one row per image)"),
 ) -> None:
     """Write the radiologists' feedback in force per study, with image and SEG keys, for retraining."""
     settings = settings_or_exit(config)
-    if format not in ("json", "csv"):
-        console.print("[bold red]--format must be json or csv[/]")
-        raise typer.Exit(2)
     from node.api.routers.feedback import export_csv
     from node.ledger import Ledger
 
     exported = Ledger(settings.ledger_url).feedback_export()
-    if format == "csv":
+    if format is ExportFormat.csv:
         out.write_text(export_csv(exported))
     else:
         out.write_text(json.dumps(exported, indent=2, default=lambda v: v.isoformat() if hasattr(v, "isoformat") else str(v)))
@@ -181,18 +214,12 @@ def feedback_export(
 
 @app.command("config")
 def show_config(config: Optional[Path] = ConfigOption) -> None:
-    """Check the configuration and print the effective settings."""
+    """Check the configuration and print each setting in effect (secrets masked) and where it came from
+    (default, TOML file, environment), as JSON."""
+    from config.settings import describe_settings
+
     settings = settings_or_exit(config)
-    Console().print_json(data=_mask_secrets(settings.model_dump(mode="json")))
-
-
-def _mask_secrets(value):
-    """The settings with API tokens and webhook secrets shown as ***."""
-    if isinstance(value, dict):
-        return {k: "***" if k in ("token", "secret") and v else _mask_secrets(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_mask_secrets(v) for v in value]
-    return value
+    print(json.dumps(describe_settings(settings, config), indent=2))
 
 
 app.add_typer(dataset_app, name="dataset")

@@ -6,6 +6,7 @@ in :mod:`training.evaluate`, :mod:`training.report`, :mod:`training.tune` and :m
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -18,10 +19,16 @@ from contract.active import active_bundle_dir
 from pleura.cli_common import (
     ConfigOption,
     DataOption,
+    DataFormat,
     FormatOption,
+    JsonOption,
     LabelsOption,
     SkipBadOption,
+    complete_preset,
     console,
+    device_option,
+    print_json,
+    results,
     parse_fractions,
     read_data,
     report_data,
@@ -32,7 +39,14 @@ ModelOption = typer.Option(None, "--model", "-m", help="model bundle directory (
 SplitFileOption = typer.Option(
     None, "--split-file", help="split file (default: the one recorded with the bundle's training run, if it fits)"
 )
-DeviceOption = typer.Option("auto", help="auto, cpu, cuda or cuda:N")
+DeviceOption = device_option()
+
+
+class TuneTarget(str, Enum):
+    """What `pleura tune` optimises (with --min-sensitivity: the most specific thresholds that reach it)."""
+
+    leaderboard = "leaderboard"
+    sensitivity = "sensitivity"
 BatchOption = typer.Option(8, "--batch-size", help="images per forward pass")
 
 
@@ -116,7 +130,7 @@ def evaluate(
     model: Optional[Path] = ModelOption,
     data: Path = DataOption,
     labels: Optional[Path] = LabelsOption,
-    data_format: Optional[str] = FormatOption,
+    data_format: Optional[DataFormat] = FormatOption,
     out: Path = typer.Option(..., "--out", "-o", help="folder for metrics.json, per_image.csv, report.html, plots/"),
     split_file: Optional[Path] = SplitFileOption,
     split: str = typer.Option("test", "--split", help="which split of the split file: test (default), val or train"),
@@ -128,6 +142,7 @@ def evaluate(
     batch_size: int = BatchOption,
     skip_bad: bool = SkipBadOption,
     config: Optional[Path] = ConfigOption,
+    json_output: bool = JsonOption,
 ) -> None:
     """Measure a bundle on held-out images: classifier, U-Net, the node's decision, time and memory; write a report."""
     if split not in ("train", "val", "test"):
@@ -138,10 +153,13 @@ def evaluate(
     held = _held_out(index, bundle, split, split_file)
     evaluation, written = _run_evaluation(bundle, models, index, held, out, batch_size=batch_size, cases=cases,
                                           predictions=predictions)
-    Console().print(_summary_table(evaluation.metrics, f"{bundle.identity.label} on {held.split}"))
-    for name in ("report", "metrics", "per_image", "predictions"):
-        if name in written:
-            console.print(f"[green]written[/] {written[name]}")
+    files = {name: str(written[name]) for name in ("report", "metrics", "per_image", "predictions") if name in written}
+    if json_output:
+        print_json({"bundle": bundle.identity.label, "split": held.split, "metrics": evaluation.metrics, "written": files})
+        return
+    results.print(_summary_table(evaluation.metrics, f"{bundle.identity.label} on {held.split}"))
+    for path in files.values():
+        console.print(f"[green]written[/] {path}")
 
 
 def _float_list(text: Optional[str], option: str, kind=float) -> Optional[list]:
@@ -160,9 +178,9 @@ def tune(
     model: Optional[Path] = ModelOption,
     data: Path = DataOption,
     labels: Optional[Path] = LabelsOption,
-    data_format: Optional[str] = FormatOption,
+    data_format: Optional[DataFormat] = FormatOption,
     split_file: Optional[Path] = SplitFileOption,
-    target: Optional[str] = typer.Option(None, "--target", help="leaderboard (default) or sensitivity"),
+    target: Optional[TuneTarget] = typer.Option(None, "--target", help="what to optimise (default: leaderboard)"),
     min_sensitivity: Optional[float] = typer.Option(
         None, "--min-sensitivity", min=0.0, max=1.0,
         help="the most specific thresholds whose decision sensitivity reaches this (triage), e.g. 0.95",
@@ -178,6 +196,7 @@ def tune(
     batch_size: int = BatchOption,
     skip_bad: bool = SkipBadOption,
     config: Optional[Path] = ConfigOption,
+    json_output: bool = JsonOption,
 ) -> None:
     """Choose the decision thresholds (probability, mask, minimum area) on the validation split and write them into the bundle."""
     from training.evaluate import collect_statistics, summarise
@@ -185,6 +204,7 @@ def tune(
     from training.tune import tune as run_tune
     from training.tune import tuning_record, write_tuned_bundle
 
+    target = getattr(target, "value", target)
     if target not in (None, "leaderboard", "sensitivity"):
         raise _fail("Option error", ValueError(f"--target must be leaderboard or sensitivity, not {target!r}"))
     if target == "sensitivity" and min_sensitivity is None:
@@ -237,21 +257,27 @@ def tune(
         table.add_row(name, f"{thresholds.probability:g}", f"{thresholds.mask:g}", str(thresholds.min_area_px),
                       format_cell(decided.get("sensitivity")), format_cell(decided.get("specificity")),
                       format_cell(decided.get("leaderboard")))
-    Console().print(table)
+    if not json_output:
+        results.print(table)
     record = tuning_record(bundle, result, chosen_target, held, index.describe())
     try:
         tuned = write_tuned_bundle(bundle, result.thresholds, record, out=out, version=version)
     except (TuneError, OSError) as exc:
         raise _fail("Tuning error", exc) from None
+    if json_output:
+        print_json({"bundle": str(tuned.path), "label": tuned.identity.label, "target": chosen_target.describe(),
+                    "validation_images": len(held.examples), "thresholds": result.thresholds.model_dump(mode="json"),
+                    "metrics": result.metrics})
+        return
     console.print(f"[green]thresholds written[/] to {tuned.path / 'manifest.json'} ({tuned.identity.label})")
 
 
 def compare(
-    preset_names: list[str] = typer.Option([], "--preset", "-p", help="preset to train and evaluate (repeat)"),
+    preset_names: list[str] = typer.Option([], "--preset", "-p", autocompletion=complete_preset, help="preset to train and evaluate (repeat)"),
     models_given: list[Path] = typer.Option([], "--model", "-m", help="bundle to evaluate as it is (repeat)"),
     data: Path = DataOption,
     labels: Optional[Path] = LabelsOption,
-    data_format: Optional[str] = FormatOption,
+    data_format: Optional[DataFormat] = FormatOption,
     out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="folder for the runs, compare.csv, compare.md"),
     evaluate_only: bool = typer.Option(
         False, "--evaluate-only", help="do not train: evaluate the bundles an earlier compare left in OUT/PRESET/bundle"

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+
+
+class MaskFormat(str, Enum):
+    """How the synthetic CT truth is written: a DICOM SEG or a NIfTI mask."""
+
+    seg = "seg"
+    nifti = "nifti"
 
 
 def register(dataset_app: typer.Typer, console: Console) -> None:
@@ -19,7 +27,7 @@ def register(dataset_app: typer.Typer, console: Console) -> None:
         cases: int = typer.Option(20, "--cases", help="number of CT series (one phantom each)"),
         slices: int = typer.Option(40, help="axial slices per series"),
         size: int = typer.Option(128, help="slice side, pixels"),
-        mask_format: str = typer.Option("seg", "--mask-format", help="truth as seg (DICOM SEG) or nifti"),
+        mask_format: MaskFormat = typer.Option(MaskFormat.seg, "--mask-format", help="truth as seg (DICOM SEG) or nifti"),
         seed: int = typer.Option(0),
     ) -> None:
         """Generate SYNTHETIC chest CT phantoms with a pneumothorax of known volume (no patient data)."""
@@ -27,16 +35,13 @@ def register(dataset_app: typer.Typer, console: Console) -> None:
 
         from training.ct_synthetic import write_ct_dataset
 
-        if mask_format not in ("seg", "nifti"):
-            console.print(f"[bold red]--mask-format[/] must be seg or nifti, not {mask_format!r}")
-            raise typer.Exit(2)
         with Progress(console=console) as bar:
             task = bar.add_task("generating CT phantoms", total=cases)
             write_ct_dataset(
-                out, cases, slices=slices, size=size, mask_format=mask_format, seed=seed,  # type: ignore[arg-type]
+                out, cases, slices=slices, size=size, mask_format=mask_format.value, seed=seed,  # type: ignore[arg-type]
                 on_case=lambda done: bar.update(task, completed=done),
             )
-        console.print(f"[green]written[/] {out}: {cases} SYNTHETIC CT series (not patients), masks as {mask_format}")
+        console.print(f"[green]written[/] {out}: {cases} SYNTHETIC CT series (not patients), masks as {mask_format.value}")
 
 
 def train_ct_command(

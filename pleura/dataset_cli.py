@@ -3,6 +3,7 @@ export the radiologists' feedback as a training set (CT commands: pleura/ct_cli.
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -10,14 +11,19 @@ import typer
 
 from pleura.cli_common import (
     ConfigOption,
+    DataFormat,
     DataOption,
     FormatOption,
+    JsonOption,
     LabelsOption,
     SkipBadOption,
     console,
+    data_summary,
     parse_fractions,
+    print_json,
     read_data,
     report_data,
+    results,
     settings_or_exit,
 )
 from pleura.ct_cli import register as register_ct
@@ -29,18 +35,30 @@ dataset_app = typer.Typer(
 register_ct(dataset_app, console)
 
 
+class DateChoice(str, Enum):
+    """The de-identification's date option (training.deidentify.DATE_OPTIONS), as a choice --help lists."""
+
+    remove = "remove"
+    shift = "shift"
+
+
 @dataset_app.command("check")
 def dataset_check(
     data: Path = DataOption,
     labels: Optional[Path] = LabelsOption,
-    data_format: Optional[str] = FormatOption,
+    data_format: Optional[DataFormat] = FormatOption,
     skip_bad: bool = SkipBadOption,
     decode: bool = typer.Option(False, help="also decode every image's pixel data (slow: the whole set is read)"),
+    json_output: bool = JsonOption,
 ) -> None:
     """Read a data set's labels and headers; report images, patients, positives and anything unusable."""
     index = read_data(data, labels, data_format, skip_bad)
-    report_data(index)
+    summary = data_summary(index)
+    if not json_output:
+        report_data(index, to=results)
     if not decode:
+        if json_output:
+            print_json(summary)
         return
     from rich.progress import Progress
 
@@ -48,7 +66,7 @@ def dataset_check(
     from training.cache import decode_example
     from contract.preprocess import ImageDecodeError
 
-    failures = 0
+    failures: list[str] = []
     with Progress(console=console) as bar:
         task = bar.add_task("decoding pixel data", total=len(index.examples))
         for example in index.examples:
@@ -59,16 +77,19 @@ def dataset_check(
                         f"pixel data is {image.shape}, the header says {example.height}x{example.width}"
                     )
             except (ImageDecodeError, OSError, ValueError) as exc:
-                failures += 1
-                row = f", row {example.rows[0]}" if example.rows else ""
-                console.print(f"[bold red]cannot decode[/] {example.path}{row}: {exc}")
+                failures.append(f"{example.path}{f', row {example.rows[0]}' if example.rows else ''}: {exc}")
+                if not json_output:
+                    results.print(f"[bold red]cannot decode[/] {failures[-1]}")
             bar.advance(task)
+    if json_output:
+        print_json({**summary, "decode_failures": failures})
     if failures:
         console.print(
-            f"[bold red]{failures} image(s) will not decode[/] (pleura train stops on them; --skip-bad leaves them out)"
+            f"[bold red]{len(failures)} image(s) will not decode[/] (pleura train stops on them; --skip-bad leaves them out)"
         )
         raise typer.Exit(1)
-    console.print(f"[green]all {len(index.examples)} images decode[/]")
+    if not json_output:
+        results.print(f"[green]all {len(index.examples)} images decode[/]")
 
 
 @dataset_app.command("split")
@@ -76,7 +97,7 @@ def dataset_split(
     data: Path = DataOption,
     out: Path = typer.Option(..., "--out", "-o", help="split file to write (CSV)"),
     labels: Optional[Path] = LabelsOption,
-    data_format: Optional[str] = FormatOption,
+    data_format: Optional[DataFormat] = FormatOption,
     split: str = typer.Option("0.7,0.15,0.15", "--split", help="train,val,test fractions (of patients, per class)"),
     seed: int = typer.Option(0),
     skip_bad: bool = SkipBadOption,
@@ -158,7 +179,12 @@ def export_feedback(storage: Path, ledger_url: Optional[str], out: Path, **optio
 @dataset_app.command("export-feedback")
 def dataset_export_feedback(
     out: Path = typer.Option(..., "--out", "-o", help="new directory to write the SIIM-ACR layout into"),
-    deidentify: bool = typer.Option(False, help="de-identify the DICOM copies (pseudonymous patient IDs, new UIDs)"),
+    deidentify: bool = typer.Option(
+        False, help="de-identify the DICOM copies (PS3.15 Annex E Basic Profile: pseudonymous patient IDs, new UIDs)"
+    ),
+    dates: DateChoice = typer.Option(
+        DateChoice.remove, help="with --deidentify: remove dates (basic profile) or shift them per patient (intervals kept)"
+    ),
     key_file: Optional[Path] = typer.Option(
         None, help="de-identification key (default: STORAGE/deidentify.key, made on first use); same key, same pseudonyms"
     ),
@@ -171,4 +197,6 @@ def dataset_export_feedback(
     """Write the radiologists' feedback (verdicts, corrected outlines, Segmentations sent back) as a
     training set in the SIIM-ACR layout: DICOM images, train-rle.csv and provenance.json."""
     source, ledger_url = feedback_source(config, storage)
-    export_feedback(source, ledger_url, out, deidentify=deidentify, key_file=key_file, skip_bad=skip_bad)
+    export_feedback(
+        source, ledger_url, out, deidentify=deidentify, dates=dates.value, key_file=key_file, skip_bad=skip_bad
+    )

@@ -8,6 +8,7 @@ does not exist) with the reason, exit code 2.
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -15,13 +16,20 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pleura.cli_common import ConfigOption, console, settings_or_exit
+from pleura.cli_common import ConfigOption, JsonOption, console, print_json, settings_or_exit
 
 models_app = typer.Typer(
     help="The model registry: import bundles as versions, promote one per kind, roll back.", no_args_is_help=True
 )
 
-KindOption = typer.Option(None, "--kind", "-k", help="radiograph or ct (default: the version's own kind)")
+class Kind(str, Enum):
+    """The kinds of model the registry keeps one active version of (contract/active.py KINDS)."""
+
+    radiograph = "radiograph"
+    ct = "ct"
+
+
+KindOption = typer.Option(None, "--kind", "-k", help="the kind to promote it for (default: the version's own kind)")
 ReasonOption = typer.Option(None, "--reason", help="why, for the registry's history")
 
 
@@ -58,13 +66,15 @@ def _metrics_text(metrics: dict[str, float], limit: int = 3) -> str:
 
 
 @models_app.command("list")
-def list_models(config: Optional[Path] = ConfigOption) -> None:
+def list_models(config: Optional[Path] = ConfigOption, json_output: bool = JsonOption) -> None:
     """The registered versions, which one is active per kind, and what each worker has loaded."""
     from contract.bundle import BundleError, load_bundle
     from contract.active import KINDS, RegistryError, fixed_bundle_dir
 
     fixed = fixed_bundle_dir(settings_or_exit(config))
     out = Console(soft_wrap=True)
+    if json_output:
+        return print_json(_registry_json(config, fixed))
     if fixed is not None:
         try:
             label = load_bundle(fixed).identity.label
@@ -111,6 +121,37 @@ def list_models(config: Optional[Path] = ConfigOption) -> None:
             running.add_row(item.get("worker", "?"), item.get("kind", "?"), str(item.get("loaded")),
                             item.get("updated", ""), f"[red]{error}[/]" if error else "")
         out.print(running)
+
+
+def _registry_json(config: Optional[Path], fixed: Optional[Path]) -> dict:
+    """`pleura models list --json`: the single bundle, or the registry's versions, active ones and workers."""
+    from contract.active import RegistryError, active_bundle_dir
+    from contract.bundle import BundleError, load_bundle
+
+    def bundle_entry(path: Path) -> dict:
+        try:
+            bundle = load_bundle(path)
+        except BundleError as exc:
+            return {"path": str(path), "usable": False, "error": str(exc)}
+        manifest = bundle.manifest
+        return {"path": str(path), "usable": True, "name": manifest.name, "version": manifest.version,
+                "kind": manifest.kind, "synthetic_demo": manifest.synthetic_demo, "metrics": manifest.metrics}
+
+    if fixed is not None:
+        return {"single_bundle": bundle_entry(fixed)}
+    settings, registry = _open(config)
+    try:
+        state = registry.read()
+    except RegistryError as exc:
+        raise _refused("Registry error", exc) from None
+    return {
+        "registry": str(registry.root),
+        "active": {kind: bundle_entry(active_bundle_dir(settings, kind)) | {"version_id": state.active.get(kind)}
+                   for kind in Kind.__members__},
+        "versions": [record.model_dump(mode="json") | {"active": record.id in set(state.active.values())}
+                     for record in state.versions.values()],
+        "workers": registry.workers(),
+    }
 
 
 @models_app.command("show")
@@ -201,14 +242,14 @@ def export(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION whe
 
 @models_app.command("promote")
 def promote(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION when unique"),
-            kind: Optional[str] = KindOption, reason: Optional[str] = ReasonOption,
+            kind: Optional[Kind] = KindOption, reason: Optional[str] = ReasonOption,
             config: Optional[Path] = ConfigOption) -> None:
     """Check a version and make it the active model of its kind; running workers pick it up."""
     from contract.bundle import BundleError
 
     _, registry = _open(config)
     try:
-        event = registry.promote(version, kind=kind, reason=reason)
+        event = registry.promote(version, kind=kind.value if kind else None, reason=reason)
     except BundleError as exc:
         raise _refused("Promotion refused (the active model is unchanged)", exc) from None
     if event is None:
@@ -218,14 +259,14 @@ def promote(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION wh
 
 
 @models_app.command("rollback")
-def rollback(kind: str = typer.Option("radiograph", "--kind", "-k", help="radiograph or ct"),
+def rollback(kind: Kind = typer.Option(Kind.radiograph, "--kind", "-k", help="the kind whose model goes back"),
              reason: Optional[str] = ReasonOption, config: Optional[Path] = ConfigOption) -> None:
     """Make the previously active version of a kind active again (checked first)."""
     from contract.bundle import BundleError
 
     _, registry = _open(config)
     try:
-        event = registry.rollback(kind, reason=reason)
+        event = registry.rollback(kind.value, reason=reason)
     except BundleError as exc:
         raise _refused("Rollback refused (the active model is unchanged)", exc) from None
-    console.print(f"[green]active {kind} model[/]: {event.to_version or 'the demo bundle'} (was {event.from_version})")
+    console.print(f"[green]active {kind.value} model[/]: {event.to_version or 'the demo bundle'} (was {event.from_version})")

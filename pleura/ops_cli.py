@@ -1,8 +1,10 @@
-"""Commands for running Pleura as separate services (containers): `pleura export-worker` and
-`pleura healthcheck`. (The analysis worker's health endpoint and log format: worker/startup.py.)"""
+"""Commands for running Pleura as separate services (containers): `pleura export-worker`,
+`pleura healthcheck` and `pleura check` (the site's dependencies and peers, from a shell). (The
+analysis worker's health endpoint and log format: worker/startup.py.)"""
 
 from __future__ import annotations
 
+import json
 import logging
 import urllib.error
 import urllib.request
@@ -58,6 +60,33 @@ def register_ops_commands(
         if settings.log_format == "json":
             args.insert(0, "--quiet")  # no start-up banner: it is plain text
         celery_app.worker_main(args)
+
+    @app.command()
+    def check(
+        config: Optional[Path] = config_option,
+        json_output: bool = typer.Option(False, "--json", help="print the results as JSON"),
+        timeout: float = typer.Option(10.0, help="seconds each peer has to answer"),
+    ) -> None:
+        """Check this site's configuration end to end: database, broker, storage (writable, free space),
+        the active model, a C-ECHO to each destination, a connection to each HL7 listener, a request
+        to each webhook. One line per check; exit 1 when any fails."""
+        settings = load(config)
+        setup_logging(False, quiet=True)
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # a failed association is a result line
+        from node.ops.check import run_site_checks
+        from worker.celery_app import make_celery
+
+        results = run_site_checks(settings, make_celery(settings), timeout=timeout)
+        failed = [result for result in results if not result.ok]
+        if json_output:
+            print(json.dumps({"ok": not failed, "checks": [result.as_dict() for result in results]}, indent=2))
+        else:
+            width = max(len(result.name) for result in results)
+            for result in results:
+                print(f"{'ok  ' if result.ok else 'FAIL'}  {result.name:<{width}}  {result.detail}")
+        if failed:
+            console.print(f"[bold red]{len(failed)} of {len(results)} checks failed[/]", highlight=False)
+            raise typer.Exit(1)
 
     @app.command()
     def healthcheck(

@@ -12,12 +12,17 @@ from rich.console import Console
 from contract.active import active_bundle_dir
 from pleura.cli_common import (
     ConfigOption,
+    DataFormat,
     FormatOption,
+    JsonOption,
     LabelsOption,
     SkipBadOption,
+    complete_preset,
     console,
+    device_option,
     parse_fractions,
     read_data,
+    print_json,
     report_data,
     settings_or_exit,
 )
@@ -71,7 +76,7 @@ def _training_data(data, labels, data_format, skip_bad, from_feedback, feedback_
 
 def train(
     preset_names: list[str] = typer.Option(
-        ..., "--preset", "-p",
+        ..., "--preset", "-p", autocompletion=complete_preset,
         help="recipe name (see --list-presets); give a classifier and a U-Net preset to train both networks",
     ),
     data: Optional[Path] = typer.Option(
@@ -79,7 +84,7 @@ def train(
         help="data set directory (SIIM-ACR or ChestX-ray14 layout, or a Pleura storage directory); with --from-feedback, trained on together",
     ),
     labels: Optional[Path] = LabelsOption,
-    data_format: Optional[str] = FormatOption,
+    data_format: Optional[DataFormat] = FormatOption,
     from_feedback: bool = typer.Option(
         False, "--from-feedback",
         help="also train on the radiologists' feedback: exported to OUT/feedback-data (SIIM-ACR layout) first",
@@ -104,7 +109,7 @@ def train(
     steps_per_epoch: Optional[int] = typer.Option(None, help="override: cap on batches per epoch"),
     seed: Optional[int] = typer.Option(None, help="override: random seed"),
     set_: list[str] = typer.Option([], "--set", help="override any preset setting: KEY=VALUE (JSON), e.g. augment.flip_p=0.5"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (mixed precision on CUDA)"),
+    device: str = device_option("auto, cpu, cuda or cuda:N (mixed precision on CUDA)"),
     resume: bool = typer.Option(False, help="continue the interrupted run in OUT"),
     cache_dir: Optional[Path] = typer.Option(None, help="where the resized image cache lives (default: user cache dir)"),
     skip_bad: bool = SkipBadOption,
@@ -118,6 +123,7 @@ def train(
         False, "--list-presets", callback=_list_presets, is_eager=True, help="list the presets and exit"
     ),
     register: bool = typer.Option(False, "--register", help="import the bundle into the model registry (not promoted)"),
+    json_output: bool = JsonOption,
 ) -> None:
     """Train a preset's network and write a model bundle that `pleura worker` runs unchanged.
 
@@ -172,7 +178,12 @@ def train(
     except (TrainingError, DatasetError, BundleError, ValueError) as exc:
         console.print(f"[bold red]Training error[/]: {exc}")
         raise typer.Exit(2) from None
-    console.print(json.dumps(result.bundle.manifest.metrics, indent=2))
+    manifest = result.bundle.manifest
+    if json_output:
+        print_json({"bundle": str(result.bundle.path), "name": manifest.name, "version": manifest.version,
+                    "label": result.bundle.identity.label, "metrics": manifest.metrics})
+    else:
+        print(json.dumps(manifest.metrics, indent=2))  # the result: stdout
     if register:
         import_into_registry(settings_or_exit(config), result.bundle.path)
     else:

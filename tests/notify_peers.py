@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -20,19 +21,22 @@ class MllpListener:
     `ack_code` is what it answers (AA accepts; AE or AR refuse), after the codes of `ack_codes`,
     one per message, in turn; `ack_text` goes in MSA-3 and `error_text` in an ERR segment (ERR-3
     an HL7 error code, ERR-8 the text) of every refusal; `ack_control_id`, when given, replaces
-    MSA-2 (the acknowledged message's control ID), as a confused receiver would."""
+    MSA-2 (the acknowledged message's control ID), as a confused receiver would. With `tls` (a
+    server-side SSL context) it speaks MLLP inside TLS only."""
 
     def __init__(
         self,
         port: int | None = None,
         ack_code: str = "AA",
         ack_control_id: str | None = None,
+        tls: ssl.SSLContext | None = None,
         *,
         ack_codes: list[str] | None = None,
         ack_text: str | None = None,
         error_text: str | None = None,
     ) -> None:
         self.port = port or free_port()
+        self.tls = tls
         self.ack_code = ack_code
         self.ack_codes = list(ack_codes or [])
         self.ack_text = ack_text
@@ -78,7 +82,7 @@ class MllpListener:
         asyncio.set_event_loop(self._loop)
 
         async def serve() -> None:
-            self._server = await hl7.mllp.start_hl7_server(self._handle, host=LOOPBACK, port=self.port)
+            self._server = await hl7.mllp.start_hl7_server(self._handle, host=LOOPBACK, port=self.port, ssl=self.tls)
             self._ready.set()
 
         self._loop.run_until_complete(serve())

@@ -111,3 +111,107 @@ def test_demo_model_never_overwrites_a_trained_bundle(tmp_path, demo_bundle):
     result = CliRunner().invoke(app, ["demo-model", "--out", str(trained)])
     assert result.exit_code == 2 and "trained model" in result.output
     assert '"synthetic_demo": false' in manifest.read_text()
+
+
+# --- secrets are masked wherever they are printed or logged --------------------------------------
+
+def test_config_masks_every_secret_and_says_where_each_value_came_from(tmp_path, monkeypatch):
+    import json
+
+    toml = tmp_path / "pleura.toml"
+    toml.write_text('ae_title = "FROMTOML"\n')
+    monkeypatch.setenv("PLEURA_STORAGE_DIR", str(tmp_path / "s"))
+    monkeypatch.setenv("PLEURA_DATABASE_URL", "postgresql+psycopg://u:dbpass@db.example:5432/pleura")
+    monkeypatch.setenv("PLEURA_BROKER_URL", "redis://:redispass@redis.example:6379/0")
+    result = CliRunner().invoke(app, ["config", "--config", str(toml)])
+    assert result.exit_code == 0, result.output
+    assert "dbpass" not in result.output and "redispass" not in result.output
+    shown = json.loads(result.stdout)
+    assert shown["database_url"] == {"value": "postgresql+psycopg://u:***@db.example:5432/pleura",
+                                     "source": "environment (PLEURA_DATABASE_URL)"}
+    assert shown["broker_url"]["value"] == "redis://:***@redis.example:6379/0"
+    assert shown["ae_title"] == {"value": "FROMTOML", "source": f"TOML file {toml}, key ae_title"}
+    assert shown["port"] == {"value": 11112, "source": "default"}
+    assert shown["model_dir"]["value"] == str((tmp_path / "s" / "models").resolve())  # in effect, not null
+
+
+def test_readiness_details_error_messages_and_logs_mask_passwords(tmp_path, monkeypatch, capsys):
+    import json
+    import logging
+
+    from node.logs import configure_logging
+    from node.ops.health import Check, run_checks
+
+    def failing() -> str:
+        raise ConnectionError("cannot reach postgresql://u:dbpass@db.example/pleura")
+
+    answer = run_checks([Check("database", failing), Check("broker", lambda: "redis://:redispass@r:6379/0")])
+    assert "dbpass" not in json.dumps(answer) and "redispass" not in json.dumps(answer)
+    assert "u:***@db.example" in answer["checks"]["database"]["detail"]
+
+    monkeypatch.setenv("PLEURA_BROKER_URL", "redispass-without-scheme://")  # a bad value, quoted back
+    monkeypatch.setenv("PLEURA_DATABASE_URL", "postgresql://u:dbpass@db.example/pleura")
+    monkeypatch.setenv("PLEURA_PORT", "postgresql://u:dbpass@x/y")
+    result = CliRunner().invoke(app, ["config"])
+    assert result.exit_code == 2 and "PLEURA_PORT" in result.output and "dbpass" not in result.output
+
+    configure_logging(logging.INFO, "json")
+    try:
+        logging.getLogger("pleura.test").error("database down: %s", "postgresql://u:dbpass@db/pleura")
+    finally:
+        logging.getLogger().handlers.clear()
+    logged = capsys.readouterr().err
+    assert "database down" in logged and "dbpass" not in logged and "u:***@db" in logged
+
+
+# --- error messages name the setting, where it came from, and the fix ---------------------------
+
+def test_a_cross_field_error_names_the_variables_not_an_empty_setting(tmp_path, monkeypatch):
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    monkeypatch.setenv("PLEURA_TLS_CERT_FILE", str(cert))
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert "setting ''" not in str(caught.value) and "PLEURA_?" not in str(caught.value)
+    assert "PLEURA_TLS_KEY_FILE" in str(caught.value)
+
+
+def test_a_bad_toml_value_is_reported_as_the_toml_key(tmp_path):
+    toml = tmp_path / "pleura.toml"
+    toml.write_text('port = "abc"\n')
+    with pytest.raises(SettingsError) as caught:
+        load_settings(toml)
+    assert f"TOML file {toml}, key port" in str(caught.value) and "env PLEURA_PORT" not in str(caught.value)
+
+
+def test_malformed_json_in_an_environment_variable_names_it(monkeypatch):
+    monkeypatch.setenv("PLEURA_DESTINATIONS", '[{"ae_title": "PACS",')
+    result = CliRunner().invoke(app, ["config"])
+    assert result.exit_code == 2
+    assert "PLEURA_DESTINATIONS" in result.output and "not valid JSON" in result.output
+    assert "EnvSettingsSource" not in result.output
+
+
+def test_an_unknown_pleura_variable_is_warned_about_with_the_closest_setting(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("PLEURA_STORAGE_DIR", str(tmp_path))
+    monkeypatch.setenv("PLEURA_PORTT", "11113")
+    with caplog.at_level("WARNING", logger="pleura.config"):
+        load_settings()
+    assert [r.getMessage() for r in caplog.records] == [
+        "unknown variable PLEURA_PORTT is ignored: did you mean PLEURA_PORT?"]
+
+
+def test_tokens_need_128_bits_in_plain_and_hashed_form():
+    import hashlib
+
+    from node.api.auth import Authenticator
+
+    with pytest.raises(SettingsError, match="api_users"):
+        load_settings(api_users=[{"name": "a", "role": "read", "token": "sixteen-chars-xx"}])
+    weak = hashlib.sha256(b"password").hexdigest()
+    settings = load_settings(api_users=[{"name": "a", "role": "read", "token_sha256": weak}])
+    assert Authenticator(settings.api_users).check_token("password") is None  # the hash matches, the token is too short
+    strong = "k" * 22
+    settings = load_settings(api_users=[{"name": "b", "role": "read", "token_sha256": hashlib.sha256(strong.encode()).hexdigest()}])
+    assert Authenticator(settings.api_users).check_token(strong).name == "b"
+    assert weak not in DOCS.read_text() and weak not in (DOCS.parent.parent / "README.md").read_text()

@@ -19,7 +19,7 @@ from test_training_train import TINY_UNET
 from contract.bundle import load_bundle
 from training.datasets import merge_datasets, read_siim
 from training.deidentify import Deidentifier
-from training.feedback_dataset import FEEDBACK_DATA_DIR, PROVENANCE_FILE, export_feedback_dataset
+from training.feedback_dataset import FEEDBACK_DATA_DIR, PROVENANCE_FILE, export_feedback_dataset, write_image
 from training.splits import make_splits
 from training.synthetic import SYNTHETIC_PATIENT_NAME, synthetic_dicom
 
@@ -176,3 +176,132 @@ def test_an_export_that_stops_leaves_nothing_behind(archive: dict, tmp_path: Pat
     with pytest.raises(DatasetError, match=archive["rejected"]):
         export_feedback_dataset(storage, tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+# --- the whole PS3.15 Annex E table, adversarially ---------------------------------------------
+
+_TEXT_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT", "UR"}
+_KEPT_BY_OPTION = {"PatientSex", "PatientAge", "PatientSize", "PatientWeight"}  # Retain Patient Characteristics
+
+
+def _adversarial_source() -> tuple[pydicom.Dataset, list[bytes]]:
+    """A radiograph carrying a marker in every attribute of Table E.1-1 that holds text, a date or a
+    UID (the table as the de-identification library ships it), in private tags and inside sequences."""
+    from dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c import ALL_TAGS
+    from pydicom.datadict import dictionary_VR, keyword_for_tag
+
+    ds, _ = synthetic_dicom(seed=5, positive=False, size=64)
+    markers: list[bytes] = []
+
+    def fill(target: pydicom.Dataset, tag: int, n: int) -> None:
+        vr = dictionary_VR(tag).split(" or ")[0]
+        if vr in _TEXT_VRS:
+            value = f"MRK{n:04d}X"
+            target.add_new(tag, vr, value)
+            markers.append(value.encode())
+        elif vr == "DA":
+            value = f"1{n % 900 + 100:03d}0517"
+            target.add_new(tag, vr, value)
+            markers.append(value.encode())
+        elif vr == "DT":
+            value = f"1{n % 900 + 100:03d}0517134711"
+            target.add_new(tag, vr, value)
+            markers.append(value.encode())
+        elif vr == "TM":
+            value = f"13{n % 60:02d}17"
+            target.add_new(tag, vr, value)
+        elif vr == "UI":
+            value = f"1.2.3.999.{n}.424242"
+            target.add_new(tag, vr, value)
+            markers.append(value.encode())
+        elif vr == "SQ":
+            item = pydicom.Dataset()
+            item.PatientComments = f"SQMRK{n:04d}X"
+            item.ReferencedSOPInstanceUID = f"1.2.3.888.{n}.424242"
+            target.add_new(tag, vr, [item])
+            markers.extend([f"SQMRK{n:04d}X".encode(), f"1.2.3.888.{n}.424242".encode()])
+        elif vr in ("OB", "UN"):
+            value = f"OBMRK{n:04d}".encode()
+            target.add_new(tag, vr, value)
+            markers.append(value)
+
+    for n, tag in enumerate(ALL_TAGS):
+        if len(tag) != 2 or tag[0] in (0x0002, 0x0000) or tag[0] >= 0x7FE0:
+            continue
+        tag_int = (tag[0] << 16) | tag[1]
+        if keyword_for_tag(tag_int) in _KEPT_BY_OPTION | {"SOPClassUID", "PixelData"}:
+            continue
+        try:
+            fill(ds, tag_int, n)
+        except KeyError:  # a tag newer than pydicom's dictionary
+            continue
+    for uid in (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID):
+        markers.append(str(uid).encode())
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.SourceApplicationEntityTitle = "MRKSRCAE"
+    markers.append(b"MRKSRCAE")
+    # The issue's free text, private tags (top level and in a sequence), a nested identifier.
+    ds.StudyComments = "Pt John Smith, MRN 12345, call wife 555-1234"
+    ds.ReasonForTheRequestedProcedure = "fall at home, John Smith"
+    ds.RequestedProcedureComments = "MRN 12345"
+    markers += [b"John Smith", b"MRN 12345", b"555-1234"]
+    block = ds.private_block(0x0029, "ACME MRK", create=True)
+    block.add_new(0x01, "LO", "PRIVMRK1")
+    nested = pydicom.Dataset()
+    nested.private_block(0x0031, "ACME MRK", create=True).add_new(0x02, "LO", "PRIVMRK2")
+    nested.PatientName = "NESTED^MRK"
+    ds.ReferencedImageSequence = [nested]
+    markers += [b"PRIVMRK1", b"PRIVMRK2", b"ACME MRK", b"NESTED^MRK"]
+    ds.PatientID = "MRN-777"
+    ds.PatientName = "SMITH^JOHN"
+    markers += [b"MRN-777", b"SMITH^JOHN"]
+    return ds, markers
+
+
+@pytest.mark.parametrize("dates", ["remove", "shift"])
+def test_no_identifier_of_the_confidentiality_profile_survives_in_the_bytes(tmp_path: Path, dates: str) -> None:
+    ds, markers = _adversarial_source()
+    assert len(markers) > 300  # the table's text, date and UID attributes, not a handful
+    source = tmp_path / "source.dcm"
+    ds.save_as(source, enforce_file_format=True)
+    assert all(marker in source.read_bytes() for marker in markers[-12:])  # the source does carry them
+    deidentifier = Deidentifier(b"k" * 32, dates=dates)
+    out = write_image(deidentifier.apply(pydicom.dcmread(source)), tmp_path / "out")  # as the export writes it
+    raw = out.read_bytes()
+    survivors = [marker for marker in markers if marker in raw or marker.decode(errors="ignore") in str(out)]
+    assert not survivors, survivors[:20]
+    clean = pydicom.dcmread(out)
+    assert clean.PatientIdentityRemoved == "YES"
+    codes = [item.CodeValue for item in clean.DeidentificationMethodCodeSequence]
+    assert codes[0] == "113100" and "113108" in codes
+    assert ("113107" in codes) == (dates == "shift")
+    assert not any(element.tag.is_private for element in clean.iterall())
+    # UIDs consistent across a study: a second image of the same study gets the same study UID.
+    ds.SOPInstanceUID = "1.2.3.999.77.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    again = deidentifier.apply(ds)
+    assert again.StudyInstanceUID == clean.StudyInstanceUID and again.SOPInstanceUID != clean.SOPInstanceUID
+    # The source is no valid radiograph (it holds attributes of every modality); de-identification
+    # must add no error of its own to dciodvfy's verdict (but for the Clinical Trial Subject module's
+    # committee name: the table replaces it (D) and removes the approval number it depends on).
+    added = _dciodvfy_errors(out) - _dciodvfy_errors(source)
+    assert not {line for line in added if "ClinicalTrialProtocolEthicsCommitteeName" not in line}, added
+
+
+def _dciodvfy_errors(path: Path) -> set[str]:
+    verdict = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return {line.split(" - <")[0].split(" = <")[0] for line in (verdict.stderr + verdict.stdout).splitlines()
+            if line.startswith("Error") and "contains invalid data values" not in line}
+
+
+def test_shifted_dates_keep_intervals_within_a_patient() -> None:
+    ds, _ = synthetic_dicom(seed=6, positive=False, size=64)
+    ds.PatientID = "MRN-1"
+    ds.StudyDate, ds.ContentDate = "20240301", "20240303"
+    deidentifier = Deidentifier(b"k" * 32, dates="shift")
+    clean = deidentifier.apply(ds)
+    assert clean.StudyDate != "20240301" and clean.StudyDate != "19000101"
+    from datetime import date
+    study, content = (date.fromisoformat(f"{v[:4]}-{v[4:6]}-{v[6:]}") for v in (clean.StudyDate, clean.ContentDate))
+    assert (content - study).days == 2
+    assert deidentifier.apply(ds).StudyDate == clean.StudyDate  # the same patient, the same shift

@@ -6,15 +6,18 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import ssl
 from datetime import datetime, timedelta, timezone
 
 import hl7
 import pytest
 
-from config.settings import load_settings
+from config.settings import Hl7Destination, SettingsError, load_settings
 from node.ledger import Ledger
+from node.notify.hl7 import MllpError, send_mllp
 from node.notify.loop import Notifier
 from notify_peers import MllpListener, WebhookReceiver
+from test_tls import Certificates, certificates  # noqa: F401  (the throw-away CA, a module fixture)
 
 STUDY = "1.2.826.0.1.3680043.10.1234.1"
 SECRET = "webhook-secret"
@@ -292,3 +295,59 @@ def test_an_ack_for_another_message_is_not_a_delivery(tmp_path):
     finally:
         listener.stop()
         receiver.stop()
+
+
+def tls_listener(certificates) -> MllpListener:
+    """An MLLP listener that speaks TLS only, with the server certificate of the test's CA."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(certificates.server), str(certificates.server_key))
+    return MllpListener(tls=context)
+
+
+def test_hl7_over_tls_is_delivered_and_checks_the_listener_certificate(tmp_path, certificates):
+    listener = tls_listener(certificates)
+    receiver = WebhookReceiver()
+    try:
+        notifier = make_notifier(tmp_path, listener.port, receiver.url)
+        plain = Hl7Destination(host="127.0.0.1", port=listener.port, timeout_seconds=5)
+        with pytest.raises(MllpError):  # a TLS listener does not answer plain MLLP
+            send_mllp(plain, "MSH|^~\\&|PLEURA||RIS||20260101||ORU^R01|C1|P|2.5.1\r")
+
+        settings = notifier.settings.model_copy(update={"hl7_destinations": [
+            Hl7Destination(host="127.0.0.1", port=listener.port, tls=True, tls_ca_file=certificates.ca, timeout_seconds=5),
+        ]})
+        secure = Notifier(settings, notifier.ledger)
+        analysed_study(secure.ledger, flagged=True)
+        assert all(attempt.sent for attempt in secure.run_once())
+        assert len(listener.messages) == 1
+        assert observations(listener.messages[0])["PTX-FLAG"] == ("SUSPECTED", "AA", "F")
+
+        other_ca = Certificates(tmp_path / "other-pki", name="Some other CA")
+        untrusted = Hl7Destination(host="127.0.0.1", port=listener.port, tls=True, tls_ca_file=other_ca.ca,
+                                   timeout_seconds=5)
+        with pytest.raises(MllpError, match="CERTIFICATE_VERIFY_FAILED"):
+            send_mllp(untrusted, listener.raw[0].replace("\n", "\r"))
+        assert len(listener.messages) == 1  # nothing reached the listener over the untrusted connection
+    finally:
+        listener.stop()
+        receiver.stop()
+
+
+def test_an_hl7_ca_file_that_does_not_exist_is_a_settings_error(tmp_path):
+    with pytest.raises(SettingsError, match="tls_ca_file of the HL7 destination"):
+        load_settings(storage_dir=tmp_path, hl7_destinations=[{"host": "ris", "port": 2575, "tls": True,
+                                                                "tls_ca_file": str(tmp_path / "missing.pem")}])
+
+
+def test_pleura_check_reaches_a_tls_hl7_listener(tmp_path, certificates, demo_bundle):
+    from node.ops.check import reach_hl7
+
+    listener = tls_listener(certificates)
+    try:
+        good = Hl7Destination(host="127.0.0.1", port=listener.port, tls=True, tls_ca_file=certificates.ca)
+        assert reach_hl7(good, timeout=5).startswith("connected (TLSv1.")
+        other_ca = Certificates(tmp_path / "other-pki", name="Some other CA")
+        with pytest.raises(ssl.SSLCertVerificationError):
+            reach_hl7(good.model_copy(update={"tls_ca_file": other_ca.ca}), timeout=5)
+    finally:
+        listener.stop()

@@ -415,3 +415,20 @@ def test_cpu_peak_memory_sees_what_a_block_allocates():
     with _PeakMemory(torch.device("cpu")) as memory:
         pass
     assert memory.peak_mb < 50  # the high-water mark was reset, not the earlier peak
+
+
+def test_evaluate_and_tune_print_their_results_as_json(evaluation_set: dict, demo_bundle: Path, tmp_path: Path) -> None:
+    common = ["--model", str(demo_bundle), "--data", str(evaluation_set["data"]),
+              "--split-file", str(evaluation_set["split_file"]), "--device", "cpu", "--json"]
+    evaluated = runner.invoke(app, ["evaluate", *common, "--out", str(tmp_path / "report"), "--cases", "1"])
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads(evaluated.stdout)  # stdout holds the JSON alone; progress went to stderr
+    assert report["metrics"] == json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert report["written"]["metrics"] == str(tmp_path / "report" / "metrics.json")
+
+    tuned = runner.invoke(app, ["tune", *common, "--min-sensitivity", "0.5", "--out", str(tmp_path / "tuned")])
+    assert tuned.exit_code == 0, tuned.output
+    result = json.loads(tuned.stdout)
+    assert result["bundle"] == str(tmp_path / "tuned")
+    assert result["thresholds"] == load_bundle(tmp_path / "tuned").manifest.thresholds.model_dump(mode="json")
+    assert result["metrics"]["decision"]["sensitivity"] >= 0.5

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import logging
 
 import numpy as np
 import pytest
@@ -327,3 +329,31 @@ def test_only_a_secondary_capture_with_a_heat_map_counts_as_one(tmp_path):
                                 "1.2.3", utcnow()))
     assert [renderer.is_heatmap(view) for view in views] == [False, True]
     assert not renderer.is_heatmap(ResultView("9", "SEG", "x", "results/heat.dcm", "1.2", "1.2.3", utcnow()))
+
+
+def test_study_views_previews_and_feedback_are_audited_without_uids_in_the_logs(client, worklist, caplog):
+    from node.audit import AuditTrail
+
+    trail = AuditTrail(worklist.settings.storage_dir)
+    before = len(trail.events())
+    ref = refs_by_accession(client)["ACC-POS"]["ref"]
+    study_uid = worklist.positive.StudyInstanceUID
+    with caplog.at_level(logging.DEBUG):
+        detail = client.get(f"/api/studies/{ref}", headers=bearer(READER_TOKEN)).json()
+        assert client.get(detail["images"][0]["preview_url"], headers=bearer(READER_TOKEN)).status_code == 200
+        denied = client.post(f"/api/studies/{ref}/feedback", json={"verdict": "rejected"}, headers=bearer(READER_TOKEN))
+        assert denied.status_code == 403
+        given = client.post(f"/api/studies/{ref}/feedback", json={"verdict": "confirmed", "comment": "apical"},
+                            headers=bearer(RADIOLOGIST_TOKEN))
+        assert given.status_code == 201
+    events = [e for e in trail.events()[before:] if e["event"] != "api_login"]
+    assert [e["event"] for e in events] == ["study_viewed", "preview_viewed", "feedback_given"]
+    viewed, previewed, feedback = events
+    assert (viewed["user"], viewed["role"], viewed["study_uid"], viewed["ref"]) == ("ward.viewer", "read", study_uid, ref)
+    assert viewed["client"] and viewed["time"]
+    assert previewed["sop_instance_uid"] == worklist.positive.SOPInstanceUID and previewed["overlay"] == "outline"
+    assert (feedback["user"], feedback["verdict"], feedback["study_uid"]) == ("dr.house", "confirmed", study_uid)
+    assert feedback["feedback_id"] == worklist.ledger.list_feedback(study_uid)[-1]["id"] and feedback["with_comment"]
+    assert "apical" not in json.dumps(feedback)  # the comment stays in the ledger
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert study_uid not in logged and worklist.positive.SOPInstanceUID not in logged

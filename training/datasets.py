@@ -53,6 +53,22 @@ def _fail_or_skip(problems: list[Problem], skip_bad: bool, file: Path, row: int 
     problems.append(problem)
 
 
+def _not_utf8(path: Path) -> DatasetError:
+    """The error for a label file that is not UTF-8, naming the first line that is not."""
+    line = "?"
+    with path.open("rb") as raw:
+        for number, data in enumerate(raw, start=1):
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                line = f"{number}, byte {exc.start + 1}"
+                break
+    return DatasetError(
+        f"{path}, line {line}: not UTF-8 text (saved in another encoding?): "
+        "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    )
+
+
 def _open_csv(path: Path, required: Iterable[str]) -> tuple[list[str], Iterable[tuple[int, list[str]]]]:
     """The stripped header and an iterator of (row number, cells); stops when a column is missing."""
     if not path.is_file():
@@ -64,6 +80,9 @@ def _open_csv(path: Path, required: Iterable[str]) -> tuple[list[str], Iterable[
     except StopIteration:
         handle.close()
         raise DatasetError(f"{path}: empty file; expected a header with columns {', '.join(required)}") from None
+    except UnicodeDecodeError:
+        handle.close()
+        raise _not_utf8(path) from None
     missing = [column for column in required if column not in header]
     if missing:
         handle.close()
@@ -73,9 +92,12 @@ def _open_csv(path: Path, required: Iterable[str]) -> tuple[list[str], Iterable[
 
     def rows() -> Iterable[tuple[int, list[str]]]:
         with handle:
-            for number, cells in enumerate(reader, start=2):
-                if cells and any(cell.strip() for cell in cells):
-                    yield number, cells
+            try:
+                for number, cells in enumerate(reader, start=2):
+                    if cells and any(cell.strip() for cell in cells):
+                        yield number, cells
+            except UnicodeDecodeError:
+                raise _not_utf8(path) from None
 
     return header, rows()
 

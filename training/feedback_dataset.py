@@ -25,7 +25,7 @@ import pydicom
 
 from training.archive import read_archive
 from training.datasets import DatasetError, DatasetIndex, Problem
-from training.deidentify import KEY_FILE, METHOD, DeidentificationError, Deidentifier, load_key
+from training.deidentify import KEY_FILE, DateOption, DeidentificationError, Deidentifier, load_key
 from training.rle import EMPTY_RLE
 from training.synthetic import SIIM_CSV_HEADER, SIIM_CSV_NAME, SIIM_IMAGE_DIR
 
@@ -53,13 +53,15 @@ def export_feedback_dataset(
     *,
     ledger_url: str | None = None,
     deidentify: bool = False,
+    dates: DateOption = "remove",
     key_file: Path | None = None,
     skip_bad: bool = False,
     on_image: Callable[[int, int], None] | None = None,
 ) -> FeedbackExport:
     """Write the labelled images of a storage directory as a SIIM-ACR layout data set in ``out``
     (which must be empty or absent). ``key_file`` holds the de-identification key (default:
-    ``<storage_dir>/deidentify.key``, made on first use). ``on_image(done, total)`` reports progress.
+    ``<storage_dir>/deidentify.key``, made on first use); ``dates`` is the de-identification's date option
+(:class:`training.deidentify.Deidentifier`). ``on_image(done, total)`` reports progress.
 
     Raises :class:`DatasetError` for an unusable image (unless ``skip_bad``), an ``out`` that
     holds files, or an archive with no labelled image.
@@ -75,7 +77,7 @@ def export_feedback_dataset(
         )
     deidentifier = None
     if deidentify:
-        deidentifier = Deidentifier(load_key(key_file or Path(storage_dir) / KEY_FILE))
+        deidentifier = Deidentifier(load_key(key_file or Path(storage_dir) / KEY_FILE), dates=dates)
 
     # Written beside ``out`` and renamed into place at the end: an export that stops half-way
     # leaves nothing behind, and ``out`` is either absent or complete.
@@ -90,6 +92,15 @@ def export_feedback_dataset(
         raise
     images, positives, patients, problems = written
     return FeedbackExport(root, images, positives, patients, deidentifier is not None, archive, problems)
+
+
+def write_image(ds: pydicom.Dataset, images_dir: Path) -> Path:
+    """Write ``ds`` at ``<study>/<series>/<sop>.dcm`` under ``images_dir`` (the SIIM-ACR layout: the
+    file names are the UIDs, the de-identified ones when the copy is); returns the path."""
+    target = images_dir / str(ds.StudyInstanceUID) / str(ds.SeriesInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target, enforce_file_format=True)
+    return target
 
 
 def _write(
@@ -119,9 +130,7 @@ def _write(
                 raise DatasetError(f"{message} (use --skip-bad to leave such images out)") from None
             problems.append(Problem(example.path, None, str(exc)))
             continue
-        target = images_dir / str(ds.StudyInstanceUID) / str(ds.SeriesInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(target, enforce_file_format=True)
+        write_image(ds, images_dir)
         image_id = str(ds.SOPInstanceUID)
         rows.extend((image_id, " " + rle) for rle in (example.rles or (EMPTY_RLE,)))
         patients.add(str(ds.get("PatientID") or "") or example.patient_id)
@@ -143,7 +152,7 @@ def _write(
         "unlabelled_images_left_out": len(archive.unlabelled),
         "images_skipped": len(problems),
         "deidentified": deidentifier is not None,
-        "deidentification_method": METHOD if deidentifier is not None else None,
+        "deidentification_method": "; ".join(deidentifier.method) if deidentifier is not None else None,
     }
     (root / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     return images, positives, len(patients), problems

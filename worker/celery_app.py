@@ -11,6 +11,7 @@ from kombu import Queue
 
 from config.settings import Settings
 from contract.tasks import QUEUES, RADIOGRAPH_QUEUE, TASK_ROUTES
+from node.storage import StorageDirError
 
 
 def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
@@ -20,7 +21,10 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
     durable, and needs no server.
     """
     if settings.embedded_broker:
-        settings.storage_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            settings.storage_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageDirError.from_os_error(settings.storage_dir, exc) from exc
     app = Celery("pleura", broker=settings.celery_broker_url, include=include or [])
     app.conf.update(
         task_routes=TASK_ROUTES,

@@ -23,7 +23,7 @@ from typing import Callable
 
 from fastapi import Depends, HTTPException, Request, status
 
-from config.settings import ApiUser
+from config.settings import MIN_TOKEN_CHARS, ApiUser
 from node.audit import AuditTrail
 from node.ledger import Ledger
 
@@ -63,6 +63,10 @@ class Authenticator:
         return bool(self._users)
 
     def check_token(self, token: str) -> Principal | None:
+        """The user whose token this is; None for a wrong one, and for any token shorter than
+        MIN_TOKEN_CHARS (a hashed token's strength cannot be checked when configured)."""
+        if len(token) < MIN_TOKEN_CHARS:
+            return None
         digest = _digest(token)
         found = None
         for expected, user in self._users:  # compare with every user: the time says nothing
@@ -160,6 +164,14 @@ def record_failure(request: Request, via: str) -> None:
     if now_refused:
         audit.record("api_login_throttled", client=client, window_seconds=request.app.state.login_guard.window_seconds)
         log.warning("API log-ins from %s refused for a while: too many wrong tokens", client)
+
+
+def record_access(request: Request, principal: Principal, event: str, **fields: object) -> None:
+    """Audit what a user saw or did (a study's detail, a preview, a verdict): who, from where, and
+    which study (its UID: the audit trail is kept with the data, the logs never see it)."""
+    request.app.state.audit.record(
+        event, user=principal.name, role=principal.role, client=client_address(request), **fields
+    )
 
 
 def record_login(request: Request, principal: Principal) -> None:

@@ -24,6 +24,7 @@ from hl7apy.parser import parse_message
 from config.errors import PleuraError
 from config.settings import Hl7Destination
 from node.text import header_text, hl7_escape
+from node.tls import hl7_client_context
 
 HL7_VERSION = "2.5.1"
 START_BLOCK, END_BLOCK = b"\x0b", b"\x1c\x0d"
@@ -188,7 +189,25 @@ def _control_id(message: str) -> str:
     return fields[9]
 
 
-def send_mllp(host: str, port: int, message: str, *, timeout: float = 10.0) -> str:
+def open_mllp(destination: Hl7Destination, *, timeout: float | None = None) -> socket.socket:
+    """A connected socket to ``destination``'s MLLP listener, inside TLS (handshake done, the
+    certificate checked) when the destination has ``tls``; the caller closes it. ``timeout``
+    defaults to the destination's ``timeout_seconds``. Raises OSError (ssl.SSLError included)
+    when it cannot connect."""
+    sock = socket.create_connection(
+        (destination.host, destination.port), timeout=timeout if timeout is not None else destination.timeout_seconds
+    )
+    context = hl7_client_context(destination)
+    if context is None:
+        return sock
+    try:
+        return context.wrap_socket(sock, server_hostname=destination.host)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def send_mllp(destination: Hl7Destination, message: str) -> str:
     """Send one message in an MLLP block and return the receiver's ACK (ER7).
 
     Raises :class:`MllpError` when the connection fails, no ACK comes back, the ACK is not AA / CA
@@ -202,7 +221,7 @@ def send_mllp(host: str, port: int, message: str, *, timeout: float = 10.0) -> s
         raise MllpError("the message holds MLLP framing bytes (0x0B or 0x1C) and would be cut short")
     frame = START_BLOCK + payload + END_BLOCK
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
+        with open_mllp(destination) as sock:
             sock.sendall(frame)
             received = b""
             while END_BLOCK not in received:

@@ -110,7 +110,7 @@ class Notifier:
             destination = next((d for d in self.settings.hl7_destinations if d.label == row.target), None)
             if destination is None:
                 raise LookupError(f"{row.target} is no longer among PLEURA_HL7_DESTINATIONS")
-            return send_mllp(destination.host, destination.port, row.payload, timeout=destination.timeout_seconds)
+            return send_mllp(destination, row.payload)
         if row.channel == "webhook":
             webhook = next((w for w in self.settings.webhooks if w.url == row.target), None)
             if webhook is None:

@@ -14,6 +14,7 @@ from typing import Any
 from celery import Celery
 from sqlalchemy import text
 
+from config.secrets import mask_text
 from config.settings import Settings
 from contract.active import active_bundle_dir
 from contract.bundle import load_bundle
@@ -96,7 +97,7 @@ def run_checks(checks: list[Check], timeout: float = CHECK_TIMEOUT_SECONDS) -> d
             results[name] = {"ok": False, "detail": f"no answer within {timeout:.0f} s"}
             continue
         try:
-            results[name] = {"ok": True, "detail": future.result()}
+            results[name] = {"ok": True, "detail": mask_text(str(future.result()))}
         except Exception as exc:
-            results[name] = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"[:500]}
+            results[name] = {"ok": False, "detail": mask_text(f"{type(exc).__name__}: {exc}")[:500]}
     return {"ready": all(entry["ok"] for entry in results.values()), "checks": results}

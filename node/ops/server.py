@@ -47,7 +47,7 @@ class OpsServer(AppServer):
     what = "the health and metrics endpoint"
 
     def __init__(
-        self, app: FastAPI, host: str, port: int, settings_hint: str = " (PLEURA_METRICS_HOST, PLEURA_METRICS_PORT)"
+        self, app: FastAPI, host: str, port: int, settings_hint: str = "PLEURA_METRICS_PORT (PLEURA_METRICS_HOST)"
     ) -> None:
         self.settings_hint = settings_hint
         super().__init__(app, host, port)
@@ -71,4 +71,4 @@ def worker_ops_server(settings: Settings, celery_app: Celery, port: int) -> OpsS
     """`pleura worker`'s endpoint: broker, storage (shared too) and model; no ledger."""
     checks = readiness_checks(settings, celery_app=celery_app)
     app = create_ops_app(checks, worker_registry(settings, celery_app), "worker")
-    return OpsServer(app, settings.metrics_host, port, " (PLEURA_METRICS_HOST, PLEURA_WORKER_METRICS_PORT)")
+    return OpsServer(app, settings.metrics_host, port, "PLEURA_WORKER_METRICS_PORT (PLEURA_METRICS_HOST)")

@@ -13,10 +13,10 @@ import numpy as np
 import pydicom
 from PIL import Image, UnidentifiedImageError
 
-from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse
 
-from node.api.auth import Principal, current_principal, require_feedback_role
+from node.api.auth import Principal, current_principal, record_access, require_feedback_role
 from node.api.deps import get_ledger, get_previews, get_settings
 from node.api.previews import PreviewError, PreviewRenderer
 from node.api.schemas import (
@@ -164,11 +164,13 @@ def list_studies(
 @router.get("/{ref}", response_model=StudyDetail, summary="One study: images, results, deliveries, feedback, notifications")
 def get_study(
     ref: str,
+    request: Request,
     ledger: Ledger = Depends(get_ledger),
     previews: PreviewRenderer = Depends(get_previews),
     principal: Principal = Depends(current_principal),
 ) -> StudyDetail:
     study_uid, entry = _study_or_404(ledger, ref)
+    record_access(request, principal, "study_viewed", study_uid=study_uid, ref=ref)
     results = ledger.list_results(study_uid)
     segs = {r.source_sop_instance_uid: r for r in results if r.kind == "SEG"}
     heatmaps = {r.source_sop_instance_uid: r for r in results if previews.is_heatmap(r)}
@@ -258,6 +260,7 @@ def notification_out(row: Any, *, payload: bool = False) -> NotificationOut:
 def preview(
     ref: str,
     index: int,
+    request: Request,
     overlay: Literal["outline", "heatmap", "none"] = Query("outline"),
     ledger: Ledger = Depends(get_ledger),
     previews: PreviewRenderer = Depends(get_previews),
@@ -268,6 +271,8 @@ def preview(
     if not 0 <= index < len(instances):
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such image")
     instance = instances[index]
+    record_access(request, principal, "preview_viewed", study_uid=study_uid, ref=ref,
+                  sop_instance_uid=instance.sop_instance_uid, overlay=overlay)
     results = [r for r in ledger.list_results(study_uid) if r.source_sop_instance_uid == instance.sop_instance_uid]
     try:
         if overlay == "heatmap":
@@ -300,6 +305,7 @@ def list_study_feedback(
 def give_feedback(
     ref: str,
     body: FeedbackIn,
+    request: Request,
     ledger: Ledger = Depends(get_ledger),
     principal: Principal = Depends(require_feedback_role),
 ) -> FeedbackOut:
@@ -314,6 +320,8 @@ def give_feedback(
         )
     except LedgerError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    record_access(request, principal, "feedback_given", study_uid=study_uid, ref=ref, verdict=recorded["verdict"],
+                  feedback_id=recorded["id"], with_comment=bool(body.comment))
     return _feedback_out(recorded)
 
 
@@ -375,6 +383,7 @@ def correct_outline(
     ref: str,
     index: int,
     body: CorrectionIn,
+    request: Request,
     ledger: Ledger = Depends(get_ledger),
     settings: Settings = Depends(get_settings),
     principal: Principal = Depends(require_feedback_role),
@@ -406,4 +415,7 @@ def correct_outline(
         sop_instance_uid=instance.sop_instance_uid,
         mask_key=key,
     )
+    record_access(request, principal, "feedback_given", study_uid=study_uid, ref=ref, verdict=recorded["verdict"],
+                  feedback_id=recorded["id"], with_comment=bool(body.comment),
+                  sop_instance_uid=instance.sop_instance_uid, mask_key=key)
     return _feedback_out(recorded)
