@@ -210,6 +210,8 @@ def validate_bundle(
         models = load_models(bundle, "cpu")
         roles = [("classifier", models.classifier), ("segmenter", models.segmenter)]
     for role, network in roles:
+        if network is None:  # a classifier-only radiograph bundle
+            continue
         spec = getattr(manifest, role)
         recipe = manifest.network_preprocessing(spec)
         size, channels = recipe.input_size, recipe.channels

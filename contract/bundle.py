@@ -37,9 +37,25 @@ class Preprocessing(BaseModel):
     invert_monochrome1: bool = True
     clahe: bool = False
     clahe_clip_limit: float = 0.01
-    normalisation: Literal["unit", "zscore"] = "unit"
+    normalisation: Literal["unit", "zscore", "range"] = Field(
+        default="unit",
+        description="unit: [0, 1] as decoded; zscore: (x - mean) / std; range: [0, 1] mapped linearly "
+        "onto value_range (torchxrayvision's [-1024, 1024])",
+    )
     mean: float = 0.5
     std: float = 0.25
+    value_range: tuple[float, float] = Field(default=(-1024.0, 1024.0), description="range: the output range")
+    crop: Literal["none", "centre_square"] = Field(
+        default="none",
+        description="none: the whole image is resized; centre_square: first the centred square of the "
+        "shorter side (torchxrayvision's XRayCenterCrop)",
+    )
+    resize: Literal["bilinear", "skimage"] = Field(
+        default="bilinear",
+        description="bilinear: antialiased bilinear resize of the [0, 1] image, then normalisation; "
+        "skimage: normalisation first, then scikit-image's resize (order 1, anti-aliasing, constant "
+        "mode), exactly torchxrayvision's XRayResizer",
+    )
     hu_window: tuple[float, float] | None = Field(default=None, description="CT only: (level, width)")
 
 
@@ -52,15 +68,20 @@ class NetworkInput(BaseModel):
 
     input_size: int = Field(ge=32, description="square network input, pixels")
     channels: int = Field(default=1, ge=1, le=3)
-    normalisation: Literal["unit", "zscore"] = "unit"
+    normalisation: Literal["unit", "zscore", "range"] = "unit"
     mean: float = 0.5
     std: float = 0.25
+    value_range: tuple[float, float] | None = None
+    crop: Literal["none", "centre_square"] | None = None
+    resize: Literal["bilinear", "skimage"] | None = None
     clahe: bool | None = Field(default=None, description="CLAHE for this network only (None: the manifest's)")
     clahe_clip_limit: float | None = None
 
 
 class NetworkSpec(BaseModel):
-    architecture: str = Field(description="densenet121 | resnet18 | resnet50 | cbr | unet | basicunet")
+    architecture: str = Field(
+        description="densenet121 | resnet18 | resnet50 | cbr | unet | basicunet | xrv-densenet121 | xrv-resnet50"
+    )
     encoder: str | None = Field(default=None, description="U-Net encoder (smp name), e.g. resnet34")
     weights_file: str
     extra: dict = Field(default_factory=dict, description="architecture keyword arguments")
@@ -94,9 +115,17 @@ class Manifest(BaseModel):
     created: str | None = None
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
     classifier: NetworkSpec | None = Field(default=None, description="required for a radiograph bundle; none for CT")
-    segmenter: NetworkSpec
+    segmenter: NetworkSpec | None = Field(
+        default=None,
+        description="the U-Net; required for CT, optional for a radiograph bundle (classifier-only: the "
+        "decision is the classifier's alone, and no SEG is written)",
+    )
     thresholds: Thresholds = Field(default_factory=Thresholds)
     training_data: str = ""
+    licence: str = Field(default="", description="the terms the weights are published under, for third-party weights")
+    provenance: dict = Field(
+        default_factory=dict, description="where third-party weights came from: their name, address, file, checksum"
+    )
     metrics: dict[str, float] = Field(default_factory=dict)
     tuning: dict = Field(
         default_factory=dict, description="how `pleura tune` chose the thresholds: target, split, metrics"
@@ -110,7 +139,17 @@ class Manifest(BaseModel):
             raise ValueError("a CT bundle segments only: leave out 'classifier'")
         if self.kind == "ct" and self.preprocessing.hu_window is None:
             raise ValueError("a CT bundle needs preprocessing.hu_window (level, width) in Hounsfield units")
+        if self.kind == "ct" and self.segmenter is None:
+            raise ValueError("a CT bundle needs a segmenter")
+        if self.segmenter is not None and self.network_preprocessing(self.segmenter).crop != "none":
+            # The mask goes back onto the whole source grid by a plain resize (contract/decision.py).
+            raise ValueError("a segmenter's input may not be cropped (crop is for classifiers only)")
         return self
+
+    @property
+    def classifier_only(self) -> bool:
+        """A radiograph bundle without a U-Net: the classifier alone decides, and no SEG is written."""
+        return self.kind == "radiograph" and self.segmenter is None
 
     @property
     def networks(self) -> list[NetworkSpec]:

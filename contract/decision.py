@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
+from contract.bundle import Manifest
 from contract.preprocess import mask_to_source
 
-__all__ = ["decision_reason", "flag_decision", "lesion_mask", "source_lesion_mask"]
+__all__ = ["decision_reason", "flag_decision", "lesion_mask", "min_area_px", "source_lesion_mask"]
 
 
 def lesion_mask(source_probabilities: np.ndarray, mask_threshold: float) -> np.ndarray:
@@ -39,6 +40,12 @@ def flag_decision(
     return np.logical_and(np.asarray(probability) >= probability_threshold, np.asarray(area_px) >= min_area_px)
 
 
+def min_area_px(manifest: Manifest) -> int:
+    """The minimum mask area the rule applies for ``manifest``: its threshold, or 0 for a
+    classifier-only bundle, which has no mask (its decision is the classifier's alone)."""
+    return 0 if manifest.classifier_only else manifest.thresholds.min_area_px
+
+
 def _number(value: float, other: float) -> str:
     """``value`` with enough digits (3 to 6) to differ in print from ``other`` when they differ."""
     for digits in range(3, 7):
@@ -47,10 +54,16 @@ def _number(value: float, other: float) -> str:
     return repr(value)
 
 
-def decision_reason(probability: float, area_px: int, probability_threshold: float, min_area_px: int) -> str:
+def decision_reason(
+    probability: float, area_px: int, probability_threshold: float, min_area_px: int, segmented: bool = True
+) -> str:
     """The rule behind :func:`flag_decision`'s answer, in words for the report and the worklist:
-    "classifier 0.999 >= 0.500, but segmented area 120 px < minimum 262 px"."""
+    "classifier 0.999 >= 0.500, but segmented area 120 px < minimum 262 px". ``segmented`` False:
+    a classifier-only bundle, whose rule is the threshold alone."""
     p, t = _number(probability, probability_threshold), _number(probability_threshold, probability)
+    if not segmented:
+        relation = "<" if probability < probability_threshold else ">="
+        return f"classifier {p} {relation} threshold {t} (classifier only, no segmentation)"
     if probability < probability_threshold:
         return f"classifier {p} < threshold {t}"
     if area_px < min_area_px:

@@ -4,11 +4,14 @@ A bundle's manifest names each network's architecture and keyword arguments;
 :func:`build_network` turns that into a module (one constructor per architecture, in
 ``_CONSTRUCTORS``) and :func:`load_models` / :func:`load_segmenter` fill it with the bundle's weights.
 Encoder weights are never downloaded here: pretrained encoders are a training-time choice and end up
-in the bundle's own weights file.
+in the bundle's own weights file. The same holds for torchxrayvision's published classifiers
+(``xrv-densenet121``, ``xrv-resnet50``): built here without weights, they are filled from the
+bundle's own copy of the weights that ``pleura models fetch`` imported.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,7 +20,7 @@ from torch import nn
 
 from contract.bundle import Bundle, BundleError, Manifest, NetworkSpec, Preprocessing, Thresholds
 
-__all__ = ["ARCHITECTURES", "LoadedModels", "build_network", "load_models", "load_segmenter", "resolve_device"]
+__all__ = ["ARCHITECTURES", "LoadedModels", "OutputSelect", "import_torchxrayvision", "build_network", "load_models", "load_segmenter", "resolve_device"]
 
 DEFAULT_UNET_ENCODER = "resnet34"
 
@@ -28,8 +31,9 @@ class LoadedModels:
 
     classifier: nn.Module
     """Outputs one logit per image, shape (N, 1)."""
-    segmenter: nn.Module
-    """Outputs one logit per pixel of the network grid, shape (N, 1, H, W)."""
+    segmenter: nn.Module | None
+    """Outputs one logit per pixel of the network grid, shape (N, 1, H, W); None for a
+    classifier-only bundle (:attr:`Manifest.classifier_only`)."""
     manifest: Manifest
     device: torch.device
     autocast_dtype: torch.dtype | None = None
@@ -52,7 +56,8 @@ class LoadedModels:
 
     @property
     def segmenter_preprocessing(self) -> Preprocessing:
-        return self.manifest.network_preprocessing(self.manifest.segmenter)
+        """The U-Net's recipe; a classifier-only bundle's classifier's (there is no other grid)."""
+        return self.manifest.network_preprocessing(self.manifest.segmenter or self.manifest.classifier)
 
 
 def build_network(spec: NetworkSpec, preprocessing: Preprocessing, encoder_weights: str | None = None) -> nn.Module:
@@ -68,6 +73,10 @@ def build_network(spec: NetworkSpec, preprocessing: Preprocessing, encoder_weigh
     the CT demo on a CPU; ``spec.extra`` may set ``features`` (six widths), ``act``, ``norm``, ``dropout``.
     ``unet``: segmentation-models-pytorch's Unet with one output class, encoder ``spec.encoder``
     (default resnet34); ``spec.extra`` may set ``encoder_depth``, ``decoder_channels`` and the like.
+    ``xrv-densenet121`` / ``xrv-resnet50``: torchxrayvision's multi-label chest X-ray classifiers
+    (its DenseNet; torchvision's ResNet-50 with a one-channel stem, as torchxrayvision builds it),
+    one input channel, ``spec.extra["num_classes"]`` outputs of which ``spec.extra["output_index"]``
+    (the Pneumothorax label) is the one logit passed on (:class:`OutputSelect`).
 
     ``encoder_weights`` is for training only: ``"imagenet"`` starts from published weights (downloaded
     by the library, so online only). The worker always builds with ``None`` and loads the bundle's
@@ -214,6 +223,73 @@ def _unet(request: _Request) -> nn.Module:
         ) from None
 
 
+class OutputSelect(nn.Module):
+    """One output of a multi-label classifier as the bundle's single logit, shape (N, 1).
+
+    The published network stays whole under ``net`` (its state dict is the published one with the
+    prefix ``net.``), so its weights load unchanged and its other outputs are merely not used.
+    """
+
+    def __init__(self, net: nn.Module, output_index: int) -> None:
+        super().__init__()
+        self.net = net
+        self.output_index = output_index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[:, self.output_index : self.output_index + 1]
+
+
+def _xrv_outputs(request: _Request) -> tuple[int, int]:
+    """(num_classes, output_index) of a torchxrayvision classifier, checked."""
+    request.no_published_weights()
+    if request.channels != 1:
+        raise BundleError(f"{request.architecture} takes one input channel (set channels to 1)")
+    extra = request.extra
+    try:
+        classes, index = int(extra.pop("num_classes", 18)), int(extra.pop("output_index"))
+    except (KeyError, TypeError, ValueError):
+        raise BundleError(
+            f"network spec {request.spec.weights_file}: {request.architecture} needs extra.output_index, "
+            "the index of its Pneumothorax output"
+        ) from None
+    if not 0 <= index < classes:
+        raise BundleError(f"network spec {request.spec.weights_file}: output_index {index} outside 0..{classes - 1}")
+    if extra:
+        raise request.invalid(ValueError(f"unknown arguments {sorted(extra)}"))
+    return classes, index
+
+
+def import_torchxrayvision():
+    """The ``torchxrayvision`` package (the optional ``pretrained`` extra), imported without its side
+    effect: its ``baseline_models`` put their own folders first on ``sys.path``, whose ``config`` and
+    ``model`` packages would then shadow Pleura's ``config`` for every later import (the start-up
+    check of import names stops on it). ``sys.path`` is put back as it was."""
+    saved = list(sys.path)
+    try:
+        import torchxrayvision
+    except ImportError:
+        raise BundleError("torchxrayvision is not installed: install Pleura with the 'pretrained' extra") from None
+    finally:
+        sys.path[:] = saved
+    return torchxrayvision
+
+
+def _xrv_densenet121(request: _Request) -> nn.Module:
+    classes, index = _xrv_outputs(request)
+    xrv = import_torchxrayvision()
+    return OutputSelect(xrv.models.DenseNet(weights=None, num_classes=classes, in_channels=1), index)
+
+
+def _xrv_resnet50(request: _Request) -> nn.Module:
+    from torchvision.models import resnet50
+
+    classes, index = _xrv_outputs(request)
+    net = resnet50(num_classes=classes, weights=None)
+    # torchxrayvision's single-channel stem (models.ResNet); everything else is torchvision's.
+    net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return OutputSelect(net, index)
+
+
 _CONSTRUCTORS: dict[str, Callable[[_Request], nn.Module]] = {
     "densenet121": _densenet121,
     "resnet18": _timm_classifier,
@@ -221,6 +297,8 @@ _CONSTRUCTORS: dict[str, Callable[[_Request], nn.Module]] = {
     "cbr": _cbr,
     "unet": _unet,
     "basicunet": _basicunet,
+    "xrv-densenet121": _xrv_densenet121,
+    "xrv-resnet50": _xrv_resnet50,
 }
 """One constructor per architecture a manifest may name (timm builds both ResNets by name)."""
 ARCHITECTURES = tuple(_CONSTRUCTORS)
@@ -269,13 +347,14 @@ def _load_weights(network: nn.Module, bundle: Bundle, spec: NetworkSpec, device:
 
 
 def load_models(bundle: Bundle, device: str = "auto") -> LoadedModels:
-    """Build both networks from the manifest and load the bundle's weights, in eval mode on ``device``."""
+    """Build the networks from the manifest and load the bundle's weights, in eval mode on ``device``
+    (the classifier, and the U-Net unless the bundle is classifier-only)."""
     target = resolve_device(device)
     manifest = bundle.manifest
     if manifest.kind != "radiograph" or manifest.classifier is None:
         raise BundleError(f"bundle {bundle.path} analyses {manifest.kind}, not radiographs (check PLEURA_MODEL_DIR)")
     classifier, segmenter = (
-        _load_weights(build_network(spec, manifest.network_preprocessing(spec)), bundle, spec, target)
+        None if spec is None else _load_weights(build_network(spec, manifest.network_preprocessing(spec)), bundle, spec, target)
         for spec in (manifest.classifier, manifest.segmenter)
     )
     return LoadedModels(classifier=classifier, segmenter=segmenter, manifest=manifest, device=target)

@@ -13,6 +13,13 @@ A stored radiograph becomes the network's input in two steps:
 :func:`mask_to_source` maps a probability map from the network grid back to the source grid. The
 whole image is resized to the square input (the aspect ratio is not preserved), so the inverse is a
 plain resize back to (Rows, Columns) and every source pixel gets a probability.
+
+Third-party classifiers bring their own recipe (``crop``, ``resize``, ``normalisation="range"``):
+torchxrayvision's models take the centred square (``XRayCenterCrop``), scaled to [-1024, 1024]
+(``normalize``) and then resized by scikit-image (``XRayResizer``). A bundle for such a model says
+so in its manifest, and :func:`to_network_input` applies exactly those steps in that order, so the
+worker feeds the network what it was trained on; :func:`input_to_source` maps a map on such a grid
+(the Grad-CAM) back onto the source, zero outside the crop.
 """
 
 from __future__ import annotations
@@ -35,8 +42,10 @@ __all__ = [
     "ImageDecodeError",
     "apply_clahe",
     "decode_bitmap",
+    "crop_box",
     "decode_radiograph",
     "describe_source",
+    "input_to_source",
     "mask_to_source",
     "resize_map",
     "network_inputs",
@@ -296,19 +305,61 @@ def resize_map(array: np.ndarray, shape: tuple[int, int], *, antialias: bool) ->
 def to_network_input(image: np.ndarray, recipe: Preprocessing) -> np.ndarray:
     """The network input (channels, size, size), float32, from a :func:`decode_radiograph` image.
 
-    The full image is resized to the square input (bilinear, antialiased); the aspect ratio is not
-    kept, which chest radiographs (near square) tolerate and which keeps the inverse mapping trivial.
-    The same as :func:`resize_to_input` then :func:`normalise_input` (training augments between them).
+    By default the full image is resized to the square input (bilinear, antialiased); the aspect
+    ratio is not kept, which chest radiographs (near square) tolerate and which keeps the inverse
+    mapping trivial. The same as :func:`resize_to_input` then :func:`normalise_input` (training
+    augments between them). A ``resize="skimage"`` recipe normalises first and then resizes, as
+    torchxrayvision does: its resize pads with zeros in the normalised scale, so the order matters.
     """
+    if recipe.resize == "skimage":
+        return _skimage_network_input(image, recipe)
     return normalise_input(resize_to_input(image, recipe), recipe)
 
 
-def resize_to_input(image: np.ndarray, recipe: Preprocessing) -> np.ndarray:
-    """The decoded image resized to the recipe's square input, float32 (size, size), still in [0, 1]."""
+def crop_box(shape: tuple[int, int], recipe: Preprocessing) -> tuple[slice, slice]:
+    """The part of a (Rows, Columns) image the recipe resizes: all of it, or with
+    ``crop="centre_square"`` the centred square of the shorter side, placed as torchxrayvision's
+    ``XRayCenterCrop`` places it."""
+    rows, columns = int(shape[0]), int(shape[1])
+    if recipe.crop == "none":
+        return slice(0, rows), slice(0, columns)
+    side = min(rows, columns)
+    top, left = rows // 2 - side // 2, columns // 2 - side // 2
+    return slice(top, top + side), slice(left, left + side)
+
+
+def _skimage_network_input(image: np.ndarray, recipe: Preprocessing) -> np.ndarray:
+    from skimage.transform import resize  # imported here: only third-party recipes need it
+
     if np.ndim(image) != 2:
         raise ValueError(f"to_network_input expects a 2-D image (Rows, Columns), got shape {np.shape(image)}")
+    values = _normalise_array(np.asarray(image, dtype=np.float32), recipe)
+    cropped = values[crop_box(values.shape, recipe)][None]
     size = recipe.input_size
-    return resize_map(image, (size, size), antialias=True)
+    resized = resize(cropped, (1, size, size), mode="constant", preserve_range=True).astype(np.float32)
+    return np.repeat(resized, recipe.channels, axis=0).astype(np.float32, copy=False)
+
+
+def resize_to_input(image: np.ndarray, recipe: Preprocessing) -> np.ndarray:
+    """The decoded image (its :func:`crop_box`) resized to the recipe's square input, float32
+    (size, size), still in [0, 1]."""
+    if np.ndim(image) != 2:
+        raise ValueError(f"to_network_input expects a 2-D image (Rows, Columns), got shape {np.shape(image)}")
+    if recipe.resize != "bilinear":
+        raise ValueError(f"resize {recipe.resize!r} normalises before resizing: use to_network_input")
+    size = recipe.input_size
+    return resize_map(np.asarray(image)[crop_box(np.shape(image), recipe)], (size, size), antialias=True)
+
+
+def _normalise_array(values: np.ndarray, recipe: Preprocessing) -> np.ndarray:
+    if recipe.normalisation == "zscore":
+        return (values - recipe.mean) / recipe.std
+    if recipe.normalisation == "range":
+        low, high = recipe.value_range
+        # Written as torchxrayvision's normalize(img, 1): (2 * img - 1) * 1024 for (-1024, 1024),
+        # so the float32 roundings are the same too.
+        return (2 * values - 1.0) * np.float32((high - low) / 2) + np.float32((high + low) / 2)
+    return values
 
 
 def normalise_input(resized: np.ndarray | torch.Tensor, recipe: Preprocessing):
@@ -322,12 +373,13 @@ def normalise_input(resized: np.ndarray | torch.Tensor, recipe: Preprocessing):
         values = resized.float()
         if recipe.normalisation == "zscore":
             values = (values - recipe.mean) / recipe.std
+        elif recipe.normalisation == "range":
+            low, high = recipe.value_range
+            values = (2 * values - 1.0) * ((high - low) / 2) + (high + low) / 2
         if values.ndim == 2:
             return values[None].repeat(recipe.channels, 1, 1)
         return values.repeat(1, recipe.channels, 1, 1) if values.shape[1] == 1 else values
-    values = np.asarray(resized, dtype=np.float32)
-    if recipe.normalisation == "zscore":
-        values = (values - recipe.mean) / recipe.std
+    values = _normalise_array(np.asarray(resized, dtype=np.float32), recipe)
     return np.repeat(values[None], recipe.channels, axis=0).astype(np.float32, copy=False)
 
 
@@ -378,3 +430,14 @@ def mask_to_source(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     # Enlarging needs no antialiasing; shrinking (a source smaller than the input) does.
     shrinking = rows < array.shape[0] or columns < array.shape[1]
     return resize_map(array, (rows, columns), antialias=shrinking)
+
+
+def input_to_source(prob: np.ndarray, shape: tuple[int, int], recipe: Preprocessing) -> np.ndarray:
+    """A map on the network grid of ``recipe`` (e.g. a Grad-CAM) on the source grid ``shape``:
+    :func:`mask_to_source` onto the recipe's :func:`crop_box`, zero outside it."""
+    rows, columns = crop_box(shape, recipe)
+    if recipe.crop == "none":
+        return mask_to_source(prob, shape)
+    out = np.zeros((int(shape[0]), int(shape[1])), dtype=np.float32)
+    out[rows, columns] = mask_to_source(prob, (rows.stop - rows.start, columns.stop - columns.start))
+    return out

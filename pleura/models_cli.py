@@ -270,3 +270,27 @@ def rollback(kind: Kind = typer.Option(Kind.radiograph, "--kind", "-k", help="th
     except BundleError as exc:
         raise _refused("Rollback refused (the active model is unchanged)", exc) from None
     console.print(f"[green]active {kind.value} model[/]: {event.to_version or 'the demo bundle'} (was {event.from_version})")
+
+
+@models_app.command("fetch")
+def fetch(name: str = typer.Argument(..., help="a torchxrayvision weights name, e.g. densenet121-res224-all"),
+          from_file: Optional[Path] = typer.Option(
+              None, "--from-file", help="the published weights file, copied here (offline); default: download it"),
+          config: Optional[Path] = ConfigOption) -> None:
+    """Build a classifier-only bundle around a published chest X-ray classifier and import it (not promoted)."""
+    from contract.active import RegistryError
+    from contract.bundle import BundleError
+    from training.pretrained import PretrainedError, fetch_pretrained
+
+    settings, registry = _open(config)
+    try:
+        record, added = fetch_pretrained(registry, name, from_file)
+    except (PretrainedError, BundleError, RegistryError) as exc:
+        raise _refused("Refused", exc) from None
+    if added:
+        console.print(
+            f"[green]imported[/] {record.id} (research use; validate locally): tune it on local data "
+            f"(pleura tune --min-sensitivity), evaluate it, then pleura models promote {record.id}"
+        )
+    else:
+        console.print(f"{record.id} is already registered with the same files")

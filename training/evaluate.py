@@ -86,7 +86,7 @@ class HeldOut:
 def recorded_split_files(bundle: Bundle) -> list[Path]:
     """The split files the bundle's networks were trained with (``pleura train`` records them)."""
     found: list[Path] = []
-    for spec in (bundle.manifest.classifier, bundle.manifest.segmenter):
+    for spec in bundle.manifest.networks:
         recorded = spec.training.get("split_file")
         if recorded and Path(recorded) not in found:
             found.append(Path(recorded))
@@ -228,6 +228,8 @@ def profile_networks(
         ("classifier", models.classifier, models.classifier_preprocessing),
         ("segmenter", models.segmenter, models.segmenter_preprocessing),
     ):
+        if network is None:  # a classifier-only bundle
+            continue
         batch = torch.from_numpy(network_inputs(images, decoded_with, recipe)).to(models.device)
         with torch.inference_mode(), _PeakMemory(models.device) as memory:
             started = time.perf_counter()
@@ -283,6 +285,9 @@ class ImageStatistics:
     """Each image's (Rows, Columns)."""
     unet_rles: dict[float, list[str]] = field(default_factory=dict)
     """Mask threshold -> the U-Net mask of each image as SIIM RLE (for the predictions file)."""
+    classifier_only: bool = False
+    """The bundle has no U-Net: classification metrics only (``has_masks`` is then False), and the
+    decision is the probability threshold alone."""
 
     def threshold_index(self, mask_threshold: float) -> int:
         found = np.flatnonzero(np.isclose(self.mask_thresholds, mask_threshold))
@@ -354,7 +359,9 @@ def collect_statistics(
                     encoded.append(rle_encode(lesion_mask(source_map, threshold)))
             if on_images is not None:
                 on_images(min(start + batch_size, n))
-    weights = 0.0 if models.device.type == "cuda" else _weights_mb(models.classifier) + _weights_mb(models.segmenter)
+    weights = 0.0 if models.device.type == "cuda" else _weights_mb(models.classifier) + (
+        _weights_mb(models.segmenter) if models.segmenter is not None else 0.0
+    )
     resources = Resources(
         device=str(models.device),
         images=n,
@@ -374,7 +381,9 @@ def collect_statistics(
         predicted_1024=pred_1024,
         intersection_1024=inter_1024,
         truth_1024=truth_1024,
-        has_masks=with_masks,
+        # Segmentation metrics and the leaderboard need true masks and a U-Net that drew some.
+        has_masks=with_masks and models.segmenter is not None,
+        classifier_only=models.segmenter is None,
         resources=resources,
         unet_rles=rles,
         shapes=shapes,
@@ -398,7 +407,8 @@ class Decision:
 def decide(stats: ImageStatistics, thresholds: Thresholds) -> Decision:
     """The node's decision for every image at ``thresholds`` (the worker's rule), and its Dice."""
     k = stats.threshold_index(thresholds.mask)
-    flagged = flag_decision(stats.probabilities, stats.area_px[:, k], thresholds.probability, thresholds.min_area_px)
+    min_area = 0 if stats.classifier_only else thresholds.min_area_px  # contract.decision.min_area_px
+    flagged = flag_decision(stats.probabilities, stats.area_px[:, k], thresholds.probability, min_area)
     if not stats.has_masks:
         nan = np.full(len(flagged), np.nan)
         return Decision(flagged, nan, nan)

@@ -90,7 +90,10 @@ def default_grid(stats: ImageStatistics, current: Thresholds) -> Grid:
     return Grid(
         probabilities=_values([*PROBABILITY_GRID, current.probability]),
         mask_thresholds=_values(stats.mask_thresholds.tolist()),
-        min_areas=_values([*(round(f * pixels) for f in AREA_FRACTIONS), current.min_area_px], int),
+        # A classifier-only bundle has no mask: only the probability is tuned.
+        min_areas=[0] if stats.classifier_only else _values(
+            [*(round(f * pixels) for f in AREA_FRACTIONS), current.min_area_px], int
+        ),
     )
 
 
@@ -135,7 +138,7 @@ def choose(result: Sweep, target: Target) -> Thresholds:
     sensitivity, specificity = result.sensitivity.ravel(), result.specificity.ravel()
     if target.kind == "leaderboard":
         if np.all(board < 0):
-            raise TuneError("the leaderboard target needs true masks; this data set has none (use --min-sensitivity)")
+            raise TuneError("the leaderboard target needs true masks and a U-Net; this data set or bundle has none (use --min-sensitivity)")
         order = np.lexsort((specificity, sensitivity, board))  # last key first
         candidates = order
     else:

@@ -1,6 +1,6 @@
 """Analyse one study: select eligible images, decode, infer in batches, write the result objects.
 
-Per analysed image: a SEG when it is flagged, and the GSPS and SC when some destination receives
+Per analysed image: a SEG when it is flagged (and the bundle has a U-Net), and the GSPS and SC when some destination receives
 them; per analysis: one SR covering every image, analysed or not (with the reason), so a study is
 never left without an answer.
 
@@ -104,6 +104,9 @@ class StudyAnalyser:
         # torch network or its ONNX Runtime export. ONNX Runtime runs on the CPU only.
         self.networks = None
         self.backends = ("torch", "torch")
+        if self.models.segmenter is None and backend != "torch":
+            log.info("classifier-only bundle: inference backend torch (ONNX export covers classifier and U-Net)")
+            backend = "torch"
         if self.models.device.type == "cpu" and backend != "torch":
             cache = onnx_cache or storage_dir / "onnx-cache"
             if backend == "onnxruntime":
@@ -309,7 +312,8 @@ class StudyAnalyser:
         """The SEG (flagged images), GSPS and SC of one image: (the SEG or None, their summaries)."""
         identity = self.bundle.identity
         built: list[tuple[str, pydicom.Dataset]] = []
-        seg = build_seg(dataset, finding, identity) if finding.flagged else None
+        # A classifier-only bundle has no segmentation: its region is a Grad-CAM, never a SEG.
+        seg = build_seg(dataset, finding, identity) if finding.flagged and not finding.is_gradcam_region else None
         if seg is not None:
             built.append(("SEG", seg))
         if "GSPS" in objects:

@@ -23,15 +23,21 @@ import torch
 from torch import nn
 
 from contract.networks import LoadedModels
-from contract.preprocess import mask_to_source, network_inputs
+from contract.preprocess import input_to_source, network_inputs
 
-__all__ = ["gradcam_heatmap", "gradcam_target_layer"]
+__all__ = ["GRADCAM_REGION_LEVEL", "gradcam_heatmap", "gradcam_region", "gradcam_target_layer"]
+
+GRADCAM_REGION_LEVEL = 0.5
+"""Where a classifier-only bundle's region lies: the heat map at half its maximum or more."""
 
 # Architecture (manifest name, lower case) -> the layer whose activations and gradients Grad-CAM
 # combines: the last spatial feature map before global pooling.
 _TARGET_LAYERS = {
     "densenet121": "class_layers.relu",  # MONAI DenseNet: features -> class_layers.relu -> pool
     "resnet": "layer4",  # torchvision and timm ResNets (resnet18/34/50...): the last stage
+    # torchxrayvision's classifiers, under contract.networks.OutputSelect's "net"
+    "xrv-densenet121": "net.features.denseblock4",  # norm5's output is changed in place by a ReLU
+    "xrv-resnet50": "net.layer4",
 }
 _FEATURE_LAYER_TYPES = (nn.Conv2d, nn.ReLU)
 
@@ -89,8 +95,15 @@ def gradcam_heatmap(models: LoadedModels, image: np.ndarray) -> np.ndarray:
         small = activation[0, 0].detach().float().cpu().numpy()
         del cam, network, x
 
-    heat = mask_to_source(small, image.shape)
+    heat = input_to_source(small, image.shape, models.classifier_preprocessing)
     return _unit_range(heat)
+
+
+def gradcam_region(models: LoadedModels, image: np.ndarray) -> np.ndarray:
+    """Boolean (Rows, Columns): where the classifier's Grad-CAM reaches :data:`GRADCAM_REGION_LEVEL`.
+    A classifier-only bundle's region for a flagged image; it shows where the classifier looked,
+    which is not an outline of the pneumothorax."""
+    return gradcam_heatmap(models, image) >= GRADCAM_REGION_LEVEL
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

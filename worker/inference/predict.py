@@ -15,9 +15,10 @@ import numpy as np
 import pydicom
 import torch
 
-from contract.decision import decision_reason, flag_decision, source_lesion_mask
+from contract.decision import decision_reason, flag_decision, min_area_px, source_lesion_mask
 from contract.networks import LoadedModels
 from contract.preprocess import describe_source, network_inputs
+from worker.inference.heatmap import gradcam_region
 from worker.inference.measure import measure_mask
 from worker.inference.result import ImageFinding
 from worker.inference.runtime import forward_context, to_device
@@ -111,8 +112,16 @@ def network_outputs(
     U-Net's own input grid (:func:`~contract.preprocess.mask_to_source` takes them to the
     source grid). Evaluation and threshold tuning use this too, so they measure what the node decides.
     ``networks`` (classifier, segmenter) replace ``models``' own, e.g. their ONNX Runtime exports.
+    A classifier-only bundle has no U-Net: its maps are empty, shape (N, 1, 1), so everyone who reads
+    them (the batcher, evaluation) finds no mask without a case of its own.
     """
     classifier, segmenter = networks or models.compiled or (models.classifier, models.segmenter)
+    if segmenter is None:
+        batch = torch.from_numpy(network_inputs(images, models.manifest.preprocessing, models.classifier_preprocessing))
+        with forward_context(models):
+            logits = classifier(to_device(batch, models.device)).float()
+            probabilities = torch.sigmoid(logits).reshape(len(images), -1)[:, 0].cpu().numpy()
+        return probabilities, np.zeros((len(images), 1, 1), dtype=np.float32)
     decoded_with = models.manifest.preprocessing
     classifier_recipe, segmenter_recipe = models.classifier_preprocessing, models.segmenter_preprocessing
     batch = torch.from_numpy(network_inputs(images, decoded_with, classifier_recipe))
@@ -150,6 +159,10 @@ def predict_images(
     when the image is not flagged, so the writers and reviewers see what the segmenter saw;
     ``flagged`` carries the decision. ``forward`` replaces :func:`network_outputs` for each batch
     (the worker's :class:`~worker.inference.batcher.ForwardBatcher` shares passes between analyses).
+
+    A classifier-only bundle (no U-Net) flags on the probability alone; a flagged image's ``mask`` is
+    then the classifier's Grad-CAM region (:func:`~worker.inference.heatmap.gradcam_region`), which
+    the GSPS and SC draw labelled as such (``region="gradcam"``); no area, side or gap is measured.
     """
     if len(images) != len(sources):
         raise ValueError(f"predict_images: {len(images)} images but {len(sources)} source datasets")
@@ -166,6 +179,8 @@ def predict_images(
             )
 
     thresholds = models.manifest.thresholds
+    classifier_only = models.manifest.classifier_only
+    min_area = min_area_px(models.manifest)
     findings: list[ImageFinding] = []
     for start in range(0, len(images), batch_size):
         batch_images = images[start : start + batch_size]
@@ -176,12 +191,15 @@ def predict_images(
         for offset, image in enumerate(batch_images):
             source = sources[start + offset]
             probability = float(probabilities[offset])
+            if classifier_only:
+                findings.append(_classifier_finding(models, image, source, probability))
+                continue
             mask = source_lesion_mask(mask_probabilities[offset], image.shape, thresholds.mask)
             area_px = int(mask.sum())
             physical = physical_spacing(source)
             spacing = None if physical is None else (physical.row_mm, physical.column_mm)
             area_cm2 = area_px * spacing[0] * spacing[1] / 100.0 if spacing is not None else None
-            flagged = flag_decision(probability, area_px, thresholds.probability, thresholds.min_area_px)
+            flagged = flag_decision(probability, area_px, thresholds.probability, min_area)
             measured = measure_mask(mask, image, source, spacing)
             findings.append(
                 ImageFinding(
@@ -201,3 +219,23 @@ def predict_images(
                 )
             )
     return findings
+
+
+def _classifier_finding(models: LoadedModels, image: np.ndarray, source: pydicom.Dataset, probability: float) -> ImageFinding:
+    """The finding of a classifier-only bundle: the threshold decides; a flagged image carries its
+    Grad-CAM region (where the classifier looked, not an outline of the pneumothorax)."""
+    threshold = models.manifest.thresholds.probability
+    flagged = bool(flag_decision(probability, 0, threshold, 0))
+    mask = gradcam_region(models, image) if flagged else np.zeros(image.shape, dtype=bool)
+    physical = physical_spacing(source)
+    return ImageFinding(
+        probability=probability,
+        threshold=threshold,
+        flagged=flagged,
+        mask=mask,
+        area_px=0,
+        area_cm2=None,
+        decision=decision_reason(probability, 0, threshold, 0, segmented=False),
+        spacing_source=None if physical is None else physical.source,
+        region="gradcam",
+    )

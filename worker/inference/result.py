@@ -18,7 +18,8 @@ class ImageFinding:
     flagged: bool
     """The decision: suspected pneumothorax (classifier and mask agree, mask large enough)."""
     mask: np.ndarray
-    """Boolean mask, shape (Rows, Columns) of the source image."""
+    """Boolean mask, shape (Rows, Columns) of the source image: the U-Net's outline, or with
+    ``region == "gradcam"`` the classifier's Grad-CAM region."""
     area_px: int
     area_cm2: float | None
     """None when the image carries no usable pixel spacing."""
@@ -40,3 +41,15 @@ class ImageFinding:
     spacing_source: str | None = None
     """Which attributes the mm and cm2 sizes come from (:func:`~worker.inference.predict.physical_spacing`);
     None when the image has no usable spacing."""
+    region: str = "outline"
+    """What ``mask`` is: "outline" (the U-Net's segmentation, measured, written as a SEG) or
+    "gradcam" (a classifier-only bundle: where the classifier looked, drawn as "Grad-CAM region,
+    not an outline"; no SEG, no sizes)."""
+
+    @property
+    def is_gradcam_region(self) -> bool:
+        return self.region == "gradcam"
+
+
+GRADCAM_REGION_LABEL = "Grad-CAM region, not an outline"
+"""How the GSPS and the SC label a classifier-only bundle's region."""

@@ -66,9 +66,11 @@ def accelerate(models: LoadedModels, precision: str = "auto", compile_networks: 
         log.warning("this GPU has no bf16: running fp16")
         dtype = torch.float16
     models.classifier = models.classifier.to(memory_format=torch.channels_last)
-    models.segmenter = models.segmenter.to(memory_format=torch.channels_last)
+    if models.segmenter is not None:  # None: a classifier-only bundle
+        models.segmenter = models.segmenter.to(memory_format=torch.channels_last)
     if compile_networks:  # beside the modules, which Grad-CAM copies and hooks by layer
-        models.compiled = (torch.compile(models.classifier), torch.compile(models.segmenter))
+        segmenter = None if models.segmenter is None else torch.compile(models.segmenter)
+        models.compiled = (torch.compile(models.classifier), segmenter)
     models.autocast_dtype = dtype
     return models
 

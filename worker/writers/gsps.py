@@ -36,7 +36,7 @@ from skimage.measure import approximate_polygon, find_contours
 from contract.bundle import ModelIdentity
 from contract.preprocess import presentation_inverted, presentation_lut_entries
 from worker.inference.measure import bounding_box
-from worker.inference.result import ImageFinding
+from worker.inference.result import GRADCAM_REGION_LABEL, ImageFinding
 from worker.writers.common import (
     carry_context,
     check_source,
@@ -128,13 +128,16 @@ def build_gsps(source: pydicom.Dataset, finding: ImageFinding, model: ModelIdent
                 graphic_type=GraphicTypeValues.POLYLINE,
                 graphic_data=points,
                 units=AnnotationUnitsValues.PIXEL,
-                tracking_id="Pneumothorax",
+                tracking_id=GRADCAM_REGION_LABEL if finding.is_gradcam_region else "Pneumothorax",
                 tracking_uid=uid,
             )
             for points in outline_polylines(mask)
         ]
+    text = finding_text(finding, model)
+    if finding.flagged and finding.is_gradcam_region:
+        text = f"{text} - {GRADCAM_REGION_LABEL}"
     label = TextObject(
-        text_value=finding_text(finding, model),
+        text_value=text,
         units=AnnotationUnitsValues.PIXEL,
         bounding_box=(0.02 * columns, 0.01 * rows, 0.98 * columns, 0.06 * rows),
     )

@@ -36,7 +36,7 @@ from skimage.segmentation import find_boundaries
 
 from contract.bundle import ModelIdentity
 from worker.inference.measure import bounding_box
-from worker.inference.result import ImageFinding
+from worker.inference.result import GRADCAM_REGION_LABEL, ImageFinding
 from worker.writers.common import (
     AI_DISCLAIMER,
     DEMO_LABEL,
@@ -120,7 +120,7 @@ def build_sc(
     sc.BurnedInAnnotation = "YES"
     burned_in = ["result banner"]
     if finding.flagged:
-        burned_in.append("pneumothorax outline")
+        burned_in.append(GRADCAM_REGION_LABEL if finding.is_gradcam_region else "pneumothorax outline")
     if heatmap is not None:
         burned_in.append("Grad-CAM heat map")
     sc.DerivationDescription = (
@@ -190,6 +190,8 @@ def banner_lines(finding: ImageFinding, model: ModelIdentity) -> list[str]:
             details.append(f"largest gap {finding.gap_mm:.0f} mm")
         if finding.hemithorax_fraction is not None:
             details.append(f"{100 * finding.hemithorax_fraction:.0f}% of hemithorax")
+    if finding.flagged and finding.is_gradcam_region:
+        details.append(GRADCAM_REGION_LABEL)
     lines = [headline, ", ".join(details), f"Model {model.name} {model.version} - {AI_DISCLAIMER}"]
     if model.synthetic_demo:
         lines.append(DEMO_LABEL)

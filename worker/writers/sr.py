@@ -23,6 +23,9 @@ coordinates)::
           Pneumothorax = Present; Rendering Intent = Presentation Required
         per image without a finding: Measurement Group (TID 1501) on the source image
           Certainty of Finding, Threshold Value; Pneumothorax = Absent; Not for Presentation
+        per flagged image of a classifier-only bundle (no U-Net, so no SEG): Measurement Group
+          (TID 1501) on the source image, Finding Category as above, Certainty of Finding, Threshold
+          Value; Pneumothorax = Present; Presentation Required (docs/conformance.md)
         per image not analysed (with a readable header): Measurement Group (TID 1501)
           Pneumothorax = Not performed (SCT 262008008)
       Comment, per analysed image: the decision and its rule ("classifier 0.999 >= threshold 0.500,
@@ -59,7 +62,7 @@ from highdicom.sr import (
 from pydicom.sr.coding import Code
 
 from contract.bundle import ModelIdentity
-from worker.inference.result import ImageFinding
+from worker.inference.result import GRADCAM_REGION_LABEL, ImageFinding
 from worker.writers.common import (
     FINDING_CATEGORY,
     MANUFACTURER,
@@ -152,7 +155,7 @@ def build_sr(
         if image.seg is not None:
             groups.append(_finding_group(image, header, algorithm, model))
         else:
-            groups.append(_negative_group(image, header, algorithm, model))
+            groups.append(_image_group(image, header, algorithm, model))
     for header in skipped_headers:
         groups.append(
             MeasurementsAndQualitativeEvaluations(
@@ -236,11 +239,13 @@ def _finding_group(
     )
 
 
-def _negative_group(
+def _image_group(
     image: AnalysedImage, header: pydicom.Dataset, algorithm: AlgorithmIdentification, model: ModelIdentity
 ) -> MeasurementsAndQualitativeEvaluations:
+    """The TID 1501 group of an image without a SEG: no finding, or a classifier-only bundle's
+    finding (Present, on the whole image: there is no segmentation to point at)."""
     finding = image.finding
-    if finding.flagged:
+    if finding.flagged and not finding.is_gradcam_region:
         raise ValueError(f"image {header.SOPInstanceUID} is flagged but has no SEG to reference")
     on_image = [SourceImageForMeasurement.from_source_image(header)]
     return MeasurementsAndQualitativeEvaluations(
@@ -249,7 +254,7 @@ def _negative_group(
         finding_category=FINDING_CATEGORY,
         algorithm_id=algorithm,
         measurements=certainty(float(finding.probability), float(finding.threshold), algorithm, on_image),
-        qualitative_evaluations=decision_evaluations(False),
+        qualitative_evaluations=decision_evaluations(bool(finding.flagged)),
         source_images=[SourceImageForMeasurementGroup.from_source_image(header)],
     )
 
@@ -268,6 +273,12 @@ def _analysed_comments(label: str, finding: ImageFinding) -> list[str]:
     """The decision with its rule, and how sizes were measured, for one analysed image."""
     decision = "Present" if finding.flagged else "Absent"
     comments = [f"{label}: {decision}: {finding.decision}" if finding.decision else f"{label}: {decision}"]
+    if finding.flagged and finding.is_gradcam_region:
+        comments.append(
+            f"{label}: classifier-only model, no segmentation and no sizes; the presentation state and "
+            f"secondary capture show the {GRADCAM_REGION_LABEL}"
+        )
+        return comments
     if finding.flagged and finding.side_assumed:
         comments.append(f"{label}: side from the usual display convention (no Patient Orientation)")
     if finding.flagged:
