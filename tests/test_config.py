@@ -205,13 +205,14 @@ def test_tokens_need_128_bits_in_plain_and_hashed_form():
     import hashlib
 
     from node.api.auth import Authenticator
+    from node.ledger import Ledger
 
     with pytest.raises(SettingsError, match="api_users"):
         load_settings(api_users=[{"name": "a", "role": "read", "token": "sixteen-chars-xx"}])
     weak = hashlib.sha256(b"password").hexdigest()
     settings = load_settings(api_users=[{"name": "a", "role": "read", "token_sha256": weak}])
-    assert Authenticator(settings.api_users).check_token("password") is None  # the hash matches, the token is too short
+    assert Authenticator(settings.api_users, Ledger("sqlite://")).check_token("password") is None  # the hash matches, the token is too short
     strong = "k" * 22
     settings = load_settings(api_users=[{"name": "b", "role": "read", "token_sha256": hashlib.sha256(strong.encode()).hexdigest()}])
-    assert Authenticator(settings.api_users).check_token(strong).name == "b"
+    assert Authenticator(settings.api_users, Ledger("sqlite://")).check_token(strong).name == "b"
     assert weak not in DOCS.read_text() and weak not in (DOCS.parent.parent / "README.md").read_text()
