@@ -188,6 +188,11 @@ class Settings(BaseSettings):
     analysis_timeout_seconds: float = Field(
         default=3600.0, gt=0, description="a study queued this long without a result is dispatched again"
     )
+    reanalyse_hours_on_promote: float = Field(
+        default=0.0, ge=0, le=24 * 365,
+        description="when a radiograph model is promoted or rolled back, re-analyse the studies received in the "
+        "last N hours with it (0: none)",
+    )
     max_pdu: int = Field(
         default=65536, ge=0,
         description="maximum PDU size received (longer P-DATA PDUs abort the association); 0 = unlimited, so that "

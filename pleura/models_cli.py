@@ -225,6 +225,7 @@ def promote(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION wh
         return
     _audit(settings, "model_promoted", **event.model_dump())
     console.print(f"[green]active {event.kind} model[/]: {event.to_version} (was {event.from_version or 'the demo bundle'})")
+    _reanalyse_after(settings, event.kind)
 
 
 @models_app.command("rollback")
@@ -240,3 +241,13 @@ def rollback(kind: str = typer.Option("radiograph", "--kind", "-k", help="radiog
         raise _refused("Rollback refused (the active model is unchanged)", exc) from None
     _audit(settings, "model_rolled_back", **event.model_dump())
     console.print(f"[green]active {kind} model[/]: {event.to_version or 'the demo bundle'} (was {event.from_version})")
+    _reanalyse_after(settings, kind)
+
+
+def _reanalyse_after(settings, kind: str) -> None:
+    """PLEURA_REANALYSE_HOURS_ON_PROMOTE: the recent studies, again with the new radiograph model."""
+    from node.reanalyse import reanalyse_after_promotion
+
+    if kind == "radiograph" and settings.reanalyse_hours_on_promote > 0:
+        done = reanalyse_after_promotion(settings)
+        console.print(f"{len(done.refs)} stud(ies) of the last {settings.reanalyse_hours_on_promote:g} h will be analysed again")

@@ -49,7 +49,7 @@ class Pleura:
 
     def __init__(
         self, folder: Path, bundle: Path, orthanc: Orthanc, broker_url: str | None,
-        objects: list[str] | None = None, sc_heatmap: bool = False,
+        objects: list[str] | None = None, sc_heatmap: bool = False, env: dict[str, str] | None = None,
     ):
         self.port = free_port()
         self.storage = folder / "storage"
@@ -72,8 +72,8 @@ class Pleura:
         if broker_url:
             values["broker_url"] = broker_url
         self.config = write_config(folder / "pleura.toml", **values)
-        self.node = pleura_process("node", self.config, folder / "node.log")
-        self.worker = pleura_process("worker", self.config, folder / "worker.log")
+        self.node = pleura_process("node", self.config, folder / "node.log", env)
+        self.worker = pleura_process("worker", self.config, folder / "worker.log", env)
         wait_for(lambda: port_open(self.port) or not self.node.alive(), 60, "pleura node to listen")
         assert self.node.alive(), self.node.output()
 
