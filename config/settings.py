@@ -330,6 +330,11 @@ class Settings(BaseSettings):
         description="what runs the networks on the CPU: auto (whichever of torch and ONNX Runtime is faster "
         "for each network on this host, measured once), torch, or onnxruntime",
     )
+    model_poll_seconds: float = Field(
+        default=5.0, ge=0, le=3600,
+        description="how often a `pleura worker` looks for a promoted model between tasks, to warm it before "
+        "a study needs it; 0 = only when a task starts",
+    )
     onnx_cache_dir: Path | None = Field(
         default=None,
         description="where the networks' ONNX exports and backend measurements are kept; "

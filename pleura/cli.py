@@ -74,7 +74,7 @@ def worker(
         logging.getLogger("pleura.worker").info("%s model: %s", kind, bundle.identity.label)
     from worker.celery_app import make_celery
     from training.ct_demo_model import ensure_ct_demo_bundle
-    from worker.tasks import register_worker_tasks
+    from worker.tasks import register_worker_tasks, warm_models
 
     celery_app = make_celery(settings)
     register_worker_tasks(celery_app, lambda bundle_dir: ensure_ct_demo_bundle(bundle_dir, progress=False)[0])
@@ -83,6 +83,11 @@ def worker(
     if concurrency == 1 and settings.worker_threads > 1:  # studies at once, sharing forward passes
         pool, concurrency = "threads", settings.worker_threads
     celery_app.pleura_worker_processes = 1 if pool != "prefork" else concurrency  # torch threads per process
+    try:  # load and warm the models before the first task (worker/tasks.py)
+        warm_models(celery_app, kinds, prefork=pool == "prefork")
+    except Exception as exc:
+        console.print(f"[bold red]Cannot load the model[/]: {exc}")
+        raise typer.Exit(2) from None
     celery_app.worker_main(
         [
             *(["--quiet"] if settings.log_format == "json" else []),  # no banner: it is plain text

@@ -111,11 +111,12 @@ def list_models(config: Optional[Path] = ConfigOption) -> None:
     workers = registry.workers()
     if workers:
         running = Table(title="workers (last report)")
-        for column in ("worker", "kind", "loaded", "since", "last error"):
+        for column in ("worker", "kind", "state", "loaded", "since", "last error"):
             running.add_column(column, overflow="fold")
         for item in workers[:20]:
             error = item.get("error")
-            running.add_row(item.get("worker", "?"), item.get("kind", "?"), str(item.get("loaded")),
+            state = str(item.get("state", "?")) + (f" (warming {item['warming']})" if item.get("warming") else "")
+            running.add_row(item.get("worker", "?"), item.get("kind", "?"), state, str(item.get("loaded")),
                             item.get("updated", ""), f"[red]{error}[/]" if error else "")
         out.print(running)
 

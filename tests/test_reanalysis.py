@@ -62,6 +62,12 @@ def test_a_study_reanalysed_with_a_promoted_model_is_delivered_anew_and_correcte
         assert [sr.SoftwareVersions for sr in first_sr] == ["1.0"]
 
         registry.promote("pleura-demo/2.0")
+        # The worker warms 2.0 beside 1.0 and analyses with 1.0 until it is warm: re-analyse then.
+        wait_for(
+            lambda: any(report.get("state") == "ready" and str(report.get("loaded")).startswith("pleura-demo 2.0 ")
+                        for report in registry.workers()),
+            RESULT_TIMEOUT, "the worker to warm version 2.0", interval=0.5,
+        )
         ref = ledger.study_ref(study_uid)
         command = subprocess.run(
             [sys.executable, "-m", "pleura.cli", "reanalyse", ref, "--config", str(pleura.config)],

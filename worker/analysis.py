@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
@@ -117,6 +118,13 @@ class StudyAnalyser:
         self.batcher = ForwardBatcher(
             lambda images: network_outputs(self.models, images, self.networks), batch_size, batch_wait_s
         )
+
+    def warm(self) -> None:
+        """One forward pass of each network on a blank image, so the first study does not pay for
+        the first call (allocations, kernels chosen, ONNX Runtime's session set-up). The export and
+        the backend choice happen when the analyser is built; with both, the worker is ready."""
+        size = self.models.manifest.preprocessing.input_size
+        network_outputs(self.models, [np.zeros((size, size), dtype=np.float32)], self.networks)
 
     @classmethod
     def from_bundle_dir(cls, storage_dir: Path, bundle_dir: Path, device: str = "auto", **options: Any) -> "StudyAnalyser":
