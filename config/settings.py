@@ -209,6 +209,11 @@ class Settings(BaseSettings):
     analysis_timeout_seconds: float = Field(
         default=3600.0, gt=0, description="a study queued this long without a result is dispatched again"
     )
+    reanalyse_hours_on_promote: float = Field(
+        default=0.0, ge=0, le=24 * 365,
+        description="when a radiograph model is promoted or rolled back, re-analyse the studies received in the "
+        "last N hours with it (0: none)",
+    )
     max_pdu: int = Field(
         default=65536, ge=0,
         description="maximum PDU size received (longer P-DATA PDUs abort the association); 0 = unlimited, so that "
@@ -348,6 +353,11 @@ class Settings(BaseSettings):
         default="auto",
         description="what runs the networks on the CPU: auto (whichever of torch and ONNX Runtime is faster "
         "for each network on this host, measured once), torch, or onnxruntime",
+    )
+    model_poll_seconds: float = Field(
+        default=5.0, ge=0, le=3600,
+        description="how often a `pleura worker` looks for a promoted model between tasks, to warm it before "
+        "a study needs it; 0 = only when a task starts",
     )
     onnx_cache_dir: Path | None = Field(
         default=None,

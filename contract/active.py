@@ -60,6 +60,7 @@ __all__ = [
     "is_registered_version",
     "registry_root",
     "validate_bundle",
+    "worker_reports_root",
 ]
 
 STATE_NAME = "registry.json"
@@ -299,6 +300,8 @@ class RegistryLayout:
         )
 
     def workers(self) -> list[dict]:
+        """Every worker's last report, newest first: ``state`` (``warming`` or ``ready``),
+        ``loaded``, ``warming``, ``error``, ``pid``, ``ppid`` (see worker/active_model.py)."""
         found = []
         for path in sorted((self.root / WORKERS_DIR).glob("*.json")):
             try:
@@ -339,6 +342,12 @@ def registry_root(settings: "Settings") -> Path | None:
     if settings.model_dir is None:
         return settings.storage_dir / "models"
     return None if fixed_bundle_dir(settings) else settings.model_dir
+
+
+def worker_reports_root(settings: "Settings") -> Path:
+    """Where the workers' status reports are (``workers/`` in it): the registry, or beside a fixed
+    bundle ``<storage_dir>/models`` (where the CT demo bundle lives too)."""
+    return registry_root(settings) or settings.storage_dir / "models"
 
 
 def demo_bundle_dir(settings: "Settings") -> Path:

@@ -17,8 +17,9 @@ from config.settings import Settings
 from node.routing import route_instances
 from contract.tasks import ANALYSE_SERIES_CT, ANALYSE_STUDY
 
-Dispatcher = Callable[[str, list[dict[str, str]]], str]
-"""dispatch(study_uid, instances) -> task id; raises when the broker cannot take the task."""
+Dispatcher = Callable[..., str]
+"""dispatch(study_uid, instances[, extra_options]) -> task id; raises when the broker cannot take
+the task. ``extra_options`` (a re-analysis: ``supersedes``) go with the :func:`analysis_options`."""
 
 # Fail within seconds when the broker is down; the settle loop tries again next round.
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
@@ -35,10 +36,9 @@ def dispatch_analysis(
 ) -> str:
     """Send ANALYSE_STUDY for `study_uid` with its instances (:class:`~contract.messages.InstanceRef`
     in their wire form) and the
-    :func:`analysis_options` (the app's settings' when not given), and ANALYSE_SERIES_CT per CT
+    :func:`analysis_options` of the app's settings, updated with ``options``, and ANALYSE_SERIES_CT per CT
     series (:mod:`node.routing`); returns the task id (the radiograph task's when there is one)."""
-    if options is None:
-        options = analysis_options(celery_app.pleura_settings)
+    options = {**analysis_options(celery_app.pleura_settings), **(options or {})}
     routed = route_instances(instances)  # CT series go to their own queue, one task per series
     task_ids = []
     for series_instance_uid, slices in routed.ct_series.items():

@@ -65,7 +65,12 @@ class SettleLoop(PeriodicTask):
         for study in due_studies(self.ledger, self.settle_seconds, now):
             sop_uids = [instance["sop_instance_uid"] for instance in study.instances]
             try:
-                task_id = self.dispatch(study.study_uid, study.instances)
+                # A requested re-analysis names the report it supersedes in the task's options.
+                extra = self.ledger.reanalysis_options(study.study_uid)
+                if extra:
+                    task_id = self.dispatch(study.study_uid, study.instances, extra)
+                else:
+                    task_id = self.dispatch(study.study_uid, study.instances)
             except Exception as exc:
                 # Most likely the broker is down: every other study would fail the same way.
                 level = logging.DEBUG if self._failing else logging.WARNING

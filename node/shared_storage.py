@@ -158,9 +158,9 @@ def uploading_dispatcher(shared: SharedStorage, store: InstanceStore, dispatch: 
     """A dispatcher that first uploads the study's instances; an upload failure raises, so the
     settle loop keeps the study and tries again next round."""
 
-    def upload_then_dispatch(study_uid: str, instances: list[dict[str, str]]) -> str:
+    def upload_then_dispatch(study_uid: str, instances: list[dict[str, str]], *extra: dict[str, Any]) -> str:
         shared.upload(store, storage_keys(instances))
-        return dispatch(study_uid, instances)
+        return dispatch(study_uid, instances, *extra)
 
     return upload_then_dispatch
 
@@ -184,7 +184,9 @@ def analyse_with_shared_storage(
     if shared is None:
         return analyse(study_uid, instances, options)
     store = InstanceStore(settings.storage_dir)
-    fetched, missing = shared.download(store, storage_keys(instances))
+    # A re-analysis also reads the report it supersedes (its header: which series it is in).
+    superseded = [str(key)] if (key := ((options or {}).get("supersedes") or {}).get("storage_key")) else []
+    fetched, missing = shared.download(store, storage_keys(instances) + superseded)
     if missing:
         log.warning("%d instance(s) of a study are not in the shared storage %s", len(missing), shared.url)
     written: list[str] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -210,6 +211,29 @@ def feedback_export(
     else:
         out.write_text(json.dumps(exported, indent=2, default=lambda v: v.isoformat() if hasattr(v, "isoformat") else str(v)))
     console.print(f"{len(exported)} stud{'y' if len(exported) == 1 else 'ies'} with feedback written to {out}")
+
+
+@app.command("reanalyse")
+def reanalyse_command(
+    study: Optional[str] = typer.Argument(None, help="the study's reference (the worklist's `ref`)"),
+    since: Optional[datetime] = typer.Option(None, help="every study received since this date/time (UTC)"),
+    model: Optional[str] = typer.Option(None, help="every study last analysed by this model version (VERSION or NAME/VERSION)"),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Analyse studies again with the active model: new results (a new series when the model
+    changed) delivered to every destination; the worklist keeps the earlier analyses."""
+    from node.ledger import Ledger
+    from node.reanalyse import ReanalysisError, reanalyse
+
+    settings = settings_or_exit(config)
+    try:
+        done = reanalyse(Ledger(settings.ledger_url), study_ref=study, received_since=since, model_version=model)
+    except ReanalysisError as exc:
+        typer.echo(f"Re-analysis refused: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for ref in done.refs:
+        typer.echo(ref)
+    typer.echo(f"{len(done.refs)} stud(ies) will be analysed again by the running node")
 
 
 @app.command("config")

@@ -114,11 +114,12 @@ def list_models(config: Optional[Path] = ConfigOption, json_output: bool = JsonO
     workers = registry.workers()
     if workers:
         running = Table(title="workers (last report)")
-        for column in ("worker", "kind", "loaded", "since", "last error"):
+        for column in ("worker", "kind", "state", "loaded", "since", "last error"):
             running.add_column(column, overflow="fold")
         for item in workers[:20]:
             error = item.get("error")
-            running.add_row(item.get("worker", "?"), item.get("kind", "?"), str(item.get("loaded")),
+            state = str(item.get("state", "?")) + (f" (warming {item['warming']})" if item.get("warming") else "")
+            running.add_row(item.get("worker", "?"), item.get("kind", "?"), state, str(item.get("loaded")),
                             item.get("updated", ""), f"[red]{error}[/]" if error else "")
         out.print(running)
 
@@ -247,7 +248,7 @@ def promote(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION wh
     """Check a version and make it the active model of its kind; running workers pick it up."""
     from contract.bundle import BundleError
 
-    _, registry = _open(config)
+    settings, registry = _open(config)
     try:
         event = registry.promote(version, kind=kind.value if kind else None, reason=reason)
     except BundleError as exc:
@@ -256,6 +257,7 @@ def promote(version: str = typer.Argument(..., help="NAME/VERSION, or VERSION wh
         console.print(f"{version} is already the active model")
         return
     console.print(f"[green]active {event.kind} model[/]: {event.to_version} (was {event.from_version or 'the demo bundle'})")
+    _reanalyse_after(settings, event.kind)
 
 
 @models_app.command("rollback")
@@ -264,12 +266,22 @@ def rollback(kind: Kind = typer.Option(Kind.radiograph, "--kind", "-k", help="th
     """Make the previously active version of a kind active again (checked first)."""
     from contract.bundle import BundleError
 
-    _, registry = _open(config)
+    settings, registry = _open(config)
     try:
         event = registry.rollback(kind.value, reason=reason)
     except BundleError as exc:
         raise _refused("Rollback refused (the active model is unchanged)", exc) from None
     console.print(f"[green]active {kind.value} model[/]: {event.to_version or 'the demo bundle'} (was {event.from_version})")
+    _reanalyse_after(settings, kind.value)
+
+
+def _reanalyse_after(settings, kind: str) -> None:
+    """PLEURA_REANALYSE_HOURS_ON_PROMOTE: the recent studies, again with the new radiograph model."""
+    from node.reanalyse import reanalyse_after_promotion
+
+    if kind == "radiograph" and settings.reanalyse_hours_on_promote > 0:
+        done = reanalyse_after_promotion(settings)
+        console.print(f"{len(done.refs)} stud(ies) of the last {settings.reanalyse_hours_on_promote:g} h will be analysed again")
 
 
 @models_app.command("fetch")

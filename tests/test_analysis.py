@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import shutil
+import types
 from pathlib import Path
 
 import highdicom as hd
@@ -110,6 +112,57 @@ def test_analysing_again_rewrites_the_same_result_files(analyser):
     second = analyser.analyse(negative.StudyInstanceUID, items)
     assert [r["sop_instance_uid"] for r in first["results"]] == [r["sop_instance_uid"] for r in second["results"]]
     assert first["images"][0]["flagged"] is False
+
+
+def test_analysing_again_writes_the_same_bytes_for_every_object(analyser, monkeypatch):
+    """Same model, same images: the same SOP Instance UIDs *and* the same content, byte for byte
+    (DICOM forbids two objects with one UID and different content). The creation date and time
+    are those of the source study, not of the run, so nothing in the objects depends on when it
+    ran: the second run is made a day later to prove it."""
+    positive, _ = synthetic_dicom(seed=80, positive=True, size=256)
+    items = [_store(analyser, positive.SOPInstanceUID, lambda p: positive.save_as(p, enforce_file_format=True))]
+    first = analyser.analyse(positive.StudyInstanceUID, items)
+    written = {r["kind"]: (analyser.storage_dir / r["key"]).read_bytes() for r in first["results"]}
+    assert sorted(written) == ["GSPS", "SC", "SEG", "SR"]
+
+    import datetime as real_datetime
+
+    class _Tomorrow(real_datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return real_datetime.datetime.now(tz) + real_datetime.timedelta(days=1, hours=3)
+
+    later = types.ModuleType("datetime")
+    later.__dict__.update(vars(real_datetime))
+    later.datetime = _Tomorrow
+    for module in ("highdicom.base", "highdicom.base_content", "highdicom.sr.sop", "highdicom.sc.sop",
+                   "highdicom.pr.content"):
+        monkeypatch.setattr(f"{module}.datetime", later)
+    second = analyser.analyse(positive.StudyInstanceUID, items)
+    again = {r["kind"]: (analyser.storage_dir / r["key"]).read_bytes() for r in second["results"]}
+    differing = {
+        kind: _differences(pydicom.dcmread(io.BytesIO(written[kind])), pydicom.dcmread(io.BytesIO(again[kind])))
+        for kind in written
+    }
+    assert differing == {kind: [] for kind in written}  # names the elements that differ
+    assert all(written[kind] == again[kind] for kind in written)
+
+
+def _differences(a: pydicom.Dataset, b: pydicom.Dataset, path: str = "") -> list[str]:
+    """The elements (by path) whose values differ between ``a`` and ``b``."""
+    found = []
+    for tag in sorted(set(a.keys()) | set(b.keys())):
+        name = f"{path}{pydicom.datadict.keyword_for_tag(tag) or tag}"
+        if tag not in a or tag not in b:
+            found.append(name)
+        elif a[tag].VR == "SQ":
+            if len(a[tag].value) != len(b[tag].value):
+                found.append(name)
+            for index, (x, y) in enumerate(zip(a[tag].value, b[tag].value)):
+                found.extend(_differences(x, y, f"{name}[{index}]."))
+        elif a[tag].value != b[tag].value:
+            found.append(name)
+    return found
 
 
 def test_failed_summary_names_the_reason_for_every_instance():

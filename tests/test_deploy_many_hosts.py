@@ -14,6 +14,8 @@ import subprocess
 
 import pytest
 
+from config.settings import load_settings
+from contract.active import RegistryLayout
 from node.ledger import Ledger
 from node.privacy import ref
 from services import (
@@ -21,6 +23,7 @@ from services import (
     port_open, wait_for, write_config,
 )
 from training.synthetic import synthetic_dicom
+from worker.celery_app import make_celery
 
 STUDIES = 4
 TIMEOUT = 300
@@ -86,8 +89,17 @@ def test_node_and_two_workers_share_only_the_broker_and_the_object_store(tmp_pat
     try:
         wait_for(lambda: port_open(node_port) or not node.alive(), 60, "pleura node to listen")
         assert node.alive(), logs()
-        wait_for(lambda: all(" ready." in w.output() or not w.alive() for w in workers), 120, "both workers ready")
-        assert all(w.alive() for w in workers), logs()
+        # Both workers consume (each answers a ping over the broker), their models warm by their reports.
+        control = make_celery(load_settings(broker_url=redis.url, storage_dir=tmp_path / "control")).control
+
+        def both_consuming() -> bool:
+            assert all(w.alive() for w in workers), logs()
+            return len({name for reply in control.ping(timeout=1.0) for name in reply}) == 2
+
+        wait_for(both_consuming, 600, "both workers consuming", interval=1.0)
+        for folder in worker_dirs:
+            [report] = RegistryLayout(folder / "models").workers()
+            assert report["state"] == "ready" and report["loaded"].startswith("pleura-demo "), report
 
         files, studies = [], {}
         for seed in range(STUDIES):

@@ -469,3 +469,44 @@ def test_reads_do_not_wait_for_a_writer_holding_the_sqlite_lock(tmp_path: Path) 
         writer.close()
         reader.join()
         ledger.close()
+
+
+def test_a_reanalysed_study_is_dispatched_again_and_delivered_again_with_its_history(ledger: Ledger) -> None:
+    _analysed_study_with_results(ledger)
+    destinations = ["PACS@127.0.0.1:104"]
+    for outbox_id in ledger.create_outbox(STUDY, destinations, now=T0):
+        ledger.claim_outbox(outbox_id, now=T0)
+        ledger.record_delivery_success(outbox_id, now=T0)
+    assert ledger.study_status(STUDY)["status"] == "delivered"
+    # Before the request, a delivered study is due for nothing.
+    assert ledger.due_studies(0, T0 + timedelta(hours=1)) == []
+    assert ledger.reanalysis_options(STUDY) == {}
+
+    assert ledger.reanalysis_candidates(model_version="pleura-cxr/1.0.0") == [STUDY]
+    assert ledger.reanalysis_candidates(model_version="2.0.0") == []
+    assert ledger.request_reanalysis([STUDY], now=T0 + timedelta(hours=1)) == [STUDY]
+    [due] = ledger.due_studies(0, T0 + timedelta(hours=1))
+    assert [i["sop_instance_uid"] for i in due.instances] == ["1.2.3.1"]
+    supersedes = ledger.reanalysis_options(STUDY)["supersedes"]
+    assert (supersedes["sop_instance_uid"], supersedes["model_version"]) == ("2.25.2", "1.0.0")
+    ledger.mark_queued(STUDY)
+    assert ledger.request_reanalysis([STUDY]) == []  # on its way already: left alone
+
+    # The same model again: the same result UIDs, delivered again all the same.
+    again = summary(
+        [analysed("1.2.3.1", 0.2, False)], [result("SR", "2.25.2", "1.2.3.1")]
+    )
+    again["analysed_at"] = (T0 + timedelta(hours=2)).isoformat()
+    ledger.record_analysis(again)
+    pending = ledger.create_outbox(STUDY, destinations, now=T0 + timedelta(hours=2))
+    assert [ledger.outbox_entry(i).result_uid for i in pending] == ["2.25.2"]
+    assert ledger.study_status(STUDY)["status"] == "done"
+    assert ledger.reanalysis_options(STUDY) == {}  # answered
+
+    history = ledger.list_analyses(STUDY)
+    assert [(h.flagged, h.reanalysis, h.sr_sop_instance_uid) for h in history] == [
+        (False, True, "2.25.2"),
+        (True, False, "2.25.2"),
+    ]
+    ledger.record_analysis(again)  # the same summary twice: one analysis
+    assert len(ledger.list_analyses(STUDY)) == 2

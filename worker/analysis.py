@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
@@ -37,7 +38,7 @@ from worker.inference.select import Vocabulary, assess, frontal_check_reason
 from worker.writers.gsps import build_gsps
 from worker.writers.sc import build_sc
 from worker.writers.seg import build_seg
-from worker.writers.sr import AnalysedImage, SkippedImage, build_sr
+from worker.writers.sr import AnalysedImage, SkippedImage, SupersededReport, build_sr
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -120,6 +121,13 @@ class StudyAnalyser:
             lambda images: network_outputs(self.models, images, self.networks), batch_size, batch_wait_s
         )
 
+    def warm(self) -> None:
+        """One forward pass of each network on a blank image, so the first study does not pay for
+        the first call (allocations, kernels chosen, ONNX Runtime's session set-up). The export and
+        the backend choice happen when the analyser is built; with both, the worker is ready."""
+        size = self.models.manifest.preprocessing.input_size
+        network_outputs(self.models, [np.zeros((size, size), dtype=np.float32)], self.networks)
+
     @classmethod
     def from_bundle_dir(cls, storage_dir: Path, bundle_dir: Path, device: str = "auto", **options: Any) -> "StudyAnalyser":
         """``options``: the keyword arguments of the constructor after ``device``."""
@@ -146,7 +154,9 @@ class StudyAnalyser:
         """Analyse the instances; one image's failure is recorded for that image alone.
 
         ``options["objects"]`` names the per-image objects to write besides the SR and SEG
-        ("GSPS", "SC"; default all), ``options["sc_heatmap"]`` adds the Grad-CAM heat map to the SC.
+        ("GSPS", "SC"; default all), ``options["sc_heatmap"]`` adds the Grad-CAM heat map to the SC;
+        ``options["supersedes"]`` (a re-analysis) names the study's earlier report, which the new
+        one supersedes when another model made it.
         """
         options = options or {}
         refs = [InstanceRef.from_message(item) for item in instances]
@@ -233,7 +243,7 @@ class StudyAnalyser:
             if entry.analysis_status != "analysed"
         ]
         if analysed or any(image.source is not None for image in skipped):
-            sr = build_sr(analysed, skipped, identity)
+            sr = build_sr(analysed, skipped, identity, supersedes=self._superseded(options.get("supersedes")))
             results.append(self._store(study_uid, "SR", sr, None))
 
         return AnalysisSummary(
@@ -246,6 +256,32 @@ class StudyAnalyser:
             flagged=any(bool(e.flagged) for e in images.values()),
             analysed_at=analysed_now(),
         ).to_message()
+
+    def _superseded(self, supersedes: dict[str, Any] | None) -> SupersededReport | None:
+        """The report a re-analysis replaces (``options["supersedes"]``, from the node), or None:
+        none named, or it is this model version's own (the same model on the same images makes
+        the same report, which supersedes nothing new)."""
+        if not supersedes or not supersedes.get("sop_instance_uid"):
+            return None
+        identity = self.bundle.identity
+        if (supersedes.get("model_name"), supersedes.get("model_version")) == (identity.name, identity.version):
+            return None
+        header = None
+        try:
+            header = pydicom.dcmread(
+                self.store.path(str(supersedes["storage_key"])), stop_before_pixels=True,
+                specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"],
+            )
+        except (KeyError, OSError, ValueError, InvalidDicomError) as exc:
+            # The comment still names it; the Predecessor Documents Sequence needs its series.
+            log.warning("cannot read the report a re-analysis supersedes: %s", error_text(exc))
+        return SupersededReport(
+            sop_instance_uid=str(supersedes["sop_instance_uid"]),
+            sop_class_uid=str(supersedes.get("sop_class_uid") or ""),
+            model_name=supersedes.get("model_name"),
+            model_version=supersedes.get("model_version"),
+            header=header,
+        )
 
     def _decode(
         self, chunk: list[tuple[str, pydicom.Dataset]]

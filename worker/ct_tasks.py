@@ -35,15 +35,20 @@ def _ct_loader(build_demo: Callable[[Path], Any] | None):
     return load
 
 
-def ct_analyser(app: Celery):
-    """The CT analyser for the next task: the registry's active CT model, reloaded when it changes
-    (worker/active_model.py), as for radiographs. The task keeps this reference until it ends."""
+def ct_model(app: Celery):
+    """This process's :class:`~worker.active_model.ActiveModel` for CT (made on first use)."""
     with _models_lock:
         active = getattr(app, "_pleura_ct_model", None)
         if active is None:
             loader = _ct_loader(getattr(app, "pleura_ct_demo_builder", None))
             active = app._pleura_ct_model = ActiveModel(app.pleura_settings, "ct", loader=loader)
-    return active.current()
+    return active
+
+
+def ct_analyser(app: Celery):
+    """The CT analyser for the next task: the registry's active CT model, reloaded when it changes
+    (worker/active_model.py), as for radiographs. The task keeps this reference until it ends."""
+    return ct_model(app).current()
 
 
 def register_ct_tasks(app: Celery, build_ct_demo: Callable[[Path], Any] | None = None) -> None:

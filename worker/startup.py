@@ -19,7 +19,7 @@ from contract.active import active_bundle_dir, is_ct_demo_dir
 from contract.bundle import BundleError, load_bundle
 from node.logs import keep_celery_from_logging_setup
 from worker.celery_app import make_celery
-from worker.tasks import register_worker_tasks
+from worker.tasks import register_worker_tasks, warm_models
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -127,4 +127,10 @@ def run_worker(
     start_worker_ops(settings, celery_app, verbose)  # JSON logs for Celery too; /healthz when configured
     policy = pool_policy(settings, concurrency)
     celery_app.pleura_worker_processes = policy.processes  # torch threads per process
+    # Load and warm the models before the first task (worker/tasks.py): a worker takes work only
+    # once it can answer fast, and says so in its status report.
+    try:
+        warm_models(celery_app, queue_kinds(queue_list), prefork=policy.pool == "prefork")
+    except BundleError as exc:
+        raise WorkerStartError("warm-up", exc) from exc
     celery_app.worker_main(worker_arguments(settings, queue_list, policy, verbose))

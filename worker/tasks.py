@@ -10,16 +10,15 @@ from typing import Any
 from celery import Celery, Task
 
 from contract.tasks import ANALYSE_STUDY
-from worker.ct_tasks import register_ct_tasks
+from worker.ct_tasks import ct_model, register_ct_tasks
 from worker.task_body import MAX_RETRIES, analyse_and_report
 from worker.active_model import ActiveModel
 
 _models_lock = threading.Lock()
 
 
-def _analyser(app: Celery):
-    """The analyser for the next task: the registry's active radiograph model, reloaded when it
-    changes (worker/active_model.py). The task keeps this reference until it ends."""
+def radiograph_model(app: Celery):
+    """This process's :class:`~worker.active_model.ActiveModel` for radiographs (made on first use)."""
     with _models_lock:
         active = getattr(app, "_pleura_active_model", None)
         if active is None:
@@ -28,7 +27,39 @@ def _analyser(app: Celery):
             settings = app.pleura_settings
             configure_torch_threads(settings.torch_threads, getattr(app, "pleura_worker_processes", 1))
             active = app._pleura_active_model = ActiveModel(app.pleura_settings, "radiograph")
-    return active.current()
+    return active
+
+
+def _analyser(app: Celery):
+    """The analyser for the next task: the registry's active radiograph model, reloaded when it
+    changes (worker/active_model.py). The task keeps this reference until it ends."""
+    return radiograph_model(app).current()
+
+
+def warm_models(app: Celery, kinds: list[str], *, prefork: bool = False) -> None:
+    """Load and warm the active model of each kind (``radiograph``, ``ct``) before the worker takes
+    a task, then follow the registry every ``model_poll_seconds`` (worker/active_model.py).
+
+    Called by `pleura worker` before it starts consuming. With the prefork pool the models live in
+    the pool's processes: each warms its own as it starts (Celery's ``worker_process_init``), and
+    Celery waits for it (``worker_proc_alive_timeout``) before giving it a task.
+    """
+    if prefork:
+        from celery.signals import worker_process_init
+
+        app.conf.worker_proc_alive_timeout = max(float(app.conf.worker_proc_alive_timeout or 0), WARM_TIMEOUT_SECONDS)
+        worker_process_init.connect(lambda **_: warm_models(app, kinds), weak=False)
+        return
+    interval = app.pleura_settings.model_poll_seconds
+    for kind in kinds:
+        active = radiograph_model(app) if kind == "radiograph" else ct_model(app)
+        active.warm()
+        if interval > 0:
+            active.follow(interval)
+
+
+WARM_TIMEOUT_SECONDS = 3600.0
+"""How long a prefork pool process may take to warm its models before Celery gives up on it."""
 
 
 def register_worker_tasks(app: Celery, build_ct_demo: Callable[[Path], Any] | None = None) -> None:

@@ -160,8 +160,21 @@ class NotificationOut(BaseModel):
     payload: str | None = Field(None, description="exactly what was sent (only with ?payload=true)")
 
 
+class AnalysisOut(BaseModel):
+    """One analysis of the study; the first in ``analyses`` is the one the worklist shows."""
+
+    model_name: str
+    model_version: str
+    analysed_at: datetime
+    flagged: bool | None = Field(description="the model's decision for the study")
+    probability: float | None
+    reanalysis: bool = Field(description="asked for (pleura reanalyse, a promotion), not a study just received")
+    current: bool = Field(description="the newest analysis, whose results and decision are in force")
+
+
 class StudyDetail(StudySummary):
     images: list[ImageOut]
+    analyses: list[AnalysisOut] = Field(description="every analysis of the study, newest first")
     results: list[ResultOut]
     deliveries: list[DeliveryOut]
     feedback_history: list[FeedbackOut]

@@ -11,10 +11,11 @@ from __future__ import annotations
 from node.ledger.feedback import FeedbackLedger
 from node.ledger.logins import LoginLedger
 from node.ledger.notifications import NotificationLedger
+from node.ledger.reanalysis import ReanalysisLedger
 from node.ledger.results import ResultLedger
 from node.ledger.studies import StudyLedger
 from node.ledger.views import ViewLedger
 
 
-class Ledger(StudyLedger, ResultLedger, FeedbackLedger, NotificationLedger, LoginLedger, ViewLedger):
+class Ledger(StudyLedger, ResultLedger, FeedbackLedger, NotificationLedger, LoginLedger, ReanalysisLedger, ViewLedger):
     """All reads and writes of the ledger database; safe to share between threads."""

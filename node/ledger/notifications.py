@@ -87,6 +87,12 @@ class NotificationLedger(LedgerSessions):
                 if flagged != announced and not stale:
                     event = "flagged" if flagged else "withdrawn"
                     info = self._notification_info(session, study, refs[study.study_uid], feedback)
+                    # A decision announced before and now changed (a re-analysis, a verdict): the
+                    # message corrects the earlier one.
+                    info["correction"] = (
+                        session.scalar(select(Notification.id).where(Notification.study_uid == study.study_uid).limit(1))
+                        is not None
+                    )
                     for message in build(info, event):
                         row = Notification(
                             study_uid=study.study_uid,

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from contract.messages import RESULT_KINDS, AnalysisSummary, MessageError
 from node.ledger.schema import (
     ERROR_TEXT_LIMIT,
+    AnalysisRecord,
     AnalysisStatus,
     Instance,
     LedgerError,
@@ -87,10 +88,16 @@ class ResultLedger(LedgerSessions):
                 row.gap_mm = image.gap_mm
                 row.hemithorax_fraction = image.hemithorax_fraction
 
+            # A summary answering a re-analysis request is delivered again in full: a result that
+            # exists already (the same model on the same images gives the same UIDs) gets its
+            # deliveries back to pending instead of being left as sent long ago.
+            reanalysis = study.reanalysis_requested_at is not None
+            resent: list[int] = []
             added = 0
             for result in summary.results:
                 existing = session.scalar(select(Result).where(Result.sop_instance_uid == result.sop_instance_uid))
                 if existing is not None:
+                    resent.append(existing.id)
                     continue
                 added += 1
                 session.add(
@@ -115,6 +122,11 @@ class ResultLedger(LedgerSessions):
             probabilities = [row.probability for row in analysed if row.probability is not None]
             study.probability = max(probabilities) if probabilities else None
             study.flagged = (summary.flagged or any(row.flagged for row in analysed)) if analysed else None
+            self._record_history(session, study, summary, analysed_at, reanalysis)
+            if reanalysis:
+                study.reanalysis_requested_at = None
+                if resent:
+                    self._deliver_again(session, resent, analysed_at)
 
             waiting = [
                 row
@@ -130,6 +142,46 @@ class ResultLedger(LedgerSessions):
                 if not added:  # new results get their outbox rows next, which refreshes the study
                     self._refresh_delivery(session, study, analysed_at)
         return [result.sop_instance_uid for result in summary.results]
+
+    @staticmethod
+    def _record_history(
+        session: Session, study: Study, summary: AnalysisSummary, analysed_at: datetime, reanalysis: bool
+    ) -> None:
+        """One :class:`AnalysisRecord` per analysis that analysed an image (the same summary
+        recorded twice makes one)."""
+        if not any(image.analysis_status == AnalysisStatus.ANALYSED for image in summary.images):
+            return
+        known = session.scalar(
+            select(AnalysisRecord.id).where(
+                AnalysisRecord.study_uid == study.study_uid,
+                AnalysisRecord.analysed_at == analysed_at,
+                AnalysisRecord.model_version == summary.model.version,
+            )
+        )
+        if known is not None:
+            return
+        report = next((result.sop_instance_uid for result in summary.results if result.kind == "SR"), None)
+        session.add(
+            AnalysisRecord(
+                study_uid=study.study_uid,
+                model_name=summary.model.name,
+                model_version=summary.model.version,
+                analysed_at=analysed_at,
+                flagged=study.flagged,
+                probability=study.probability,
+                reanalysis=reanalysis,
+                sr_sop_instance_uid=report,
+            )
+        )
+
+    @staticmethod
+    def _deliver_again(session: Session, result_ids: Sequence[int], now: datetime) -> None:
+        for entry in session.scalars(select(OutboxEntry).where(OutboxEntry.result_id.in_(list(result_ids)))):
+            entry.status = OutboxStatus.PENDING.value
+            entry.attempts = 0
+            entry.next_attempt_at = now
+            entry.last_error = None
+            entry.sent_at = None
 
     # -- outbox ----------------------------------------------------------------------------------
 

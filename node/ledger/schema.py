@@ -105,6 +105,9 @@ class Study(Base):
     model_version: Mapped[str | None] = mapped_column(String(64))
     synthetic_model: Mapped[bool | None] = mapped_column(Boolean)
     reason: Mapped[str | None] = mapped_column(Text)
+    # Set by a re-analysis request (`pleura reanalyse`, a promotion), cleared by the summary that
+    # answers it: that summary's results are delivered again even where they were sent before.
+    reanalysis_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Instance(Base):
@@ -274,3 +277,20 @@ class LoginSession(Base):
     role: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class AnalysisRecord(Base):
+    """One analysis of a study (the first, and each re-analysis): what the worklist's history
+    shows. The study row holds the newest."""
+
+    __tablename__ = "analyses"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid"), index=True)
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    analysed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    flagged: Mapped[bool | None] = mapped_column(Boolean)
+    probability: Mapped[float | None] = mapped_column(Float)
+    reanalysis: Mapped[bool] = mapped_column(Boolean, default=False)
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))

@@ -101,9 +101,13 @@ def build_oru(
     now: datetime,
     control_id: str | None = None,
 ) -> str:
-    """The ORU^R01 (ER7, segments separated by CR) for `event` ("flagged" or "withdrawn")."""
+    """The ORU^R01 (ER7, segments separated by CR) for `event` ("flagged" or "withdrawn").
+
+    Result status (OBR-25, OBX-11): ``F`` for a first flag; ``C`` (correction) for a withdrawn
+    flag, and for a flag that corrects an earlier message about the study (``study["correction"]``:
+    a re-analysis or a radiologist's verdict changed the decision announced before)."""
     flagged = event == "flagged"
-    status = "F" if flagged else "C"
+    status = "F" if flagged and not study.get("correction") else "C"
     message = Message("ORU_R01", version=HL7_VERSION)
     msh = message.msh
     msh.msh_3.hd_1 = _text(sending_application, "IS")

@@ -45,6 +45,8 @@ def webhook_body(study: dict[str, Any], event: str, *, now: datetime) -> str:
         "accession_number": _header(study.get("accession_number")),
         "study_ref": study.get("ref"),
         "flagged": event == "flagged",
+        # The decision announced before for this study changed (a re-analysis, a verdict).
+        "correction": bool(study.get("correction")) or event == "withdrawn",
         "finding": "pneumothorax suspected" if event == "flagged" else "pneumothorax not suspected",
         "probability": study.get("probability"),
         "area_cm2": study.get("area_cm2"),

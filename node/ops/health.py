@@ -5,6 +5,7 @@ hung database or broker makes ``/readyz`` answer "not ready" instead of hanging.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -16,7 +17,7 @@ from sqlalchemy import text
 
 from config.secrets import mask_text
 from config.settings import Settings
-from contract.active import active_bundle_dir
+from contract.active import RegistryLayout, active_bundle_dir, worker_reports_root
 from contract.bundle import load_bundle
 from node.ledger import Ledger
 from node.shared_storage import shared_storage_for
@@ -61,15 +62,40 @@ def check_model(settings: Settings) -> str:
     return load_bundle(active_bundle_dir(settings)).identity.label
 
 
+def check_worker_model(settings: Settings, pid: int | None = None) -> str:
+    """A worker's models are warm: read from its status reports (worker/active_model.py), those of
+    process ``pid`` (default: this one) and of its pool's processes. Raises while a model is
+    warming, or before the worker reported any."""
+    pid = pid or os.getpid()
+    host = f"{socket.gethostname()}-"
+    reports = [
+        report for report in RegistryLayout(worker_reports_root(settings)).workers()
+        if str(report.get("worker", "")).startswith(host) and pid in (report.get("pid"), report.get("ppid"))
+    ]
+    if not reports:
+        raise RuntimeError("no model loaded yet: the worker is starting")
+    for report in reports:
+        if report.get("state") != "ready":
+            error = f" (last error: {report['error']})" if report.get("error") else ""
+            raise RuntimeError(f"warming the {report.get('kind')} model {report.get('warming') or ''}{error}".strip())
+    return "; ".join(
+        f"{report.get('kind')}: {report.get('loaded')}"
+        + (f" (warming {report['warming']} beside it)" if report.get("warming") else "")
+        for report in sorted(reports, key=lambda item: (str(item.get("kind")), str(item.get("worker"))))
+    )
+
+
 def readiness_checks(
     settings: Settings,
     *,
     ledger: Ledger | None = None,
     celery_app: Celery | None = None,
     model: bool = True,
+    worker_model: bool = False,
 ) -> list[Check]:
     """The checks of a process: the ledger when it uses one (node, export worker; a worker does
-    not), the broker, the storage directory, the shared storage, and the model bundle."""
+    not), the broker, the storage directory, the shared storage, and the model bundle (a worker's:
+    loaded and warm, :func:`check_worker_model`)."""
     checks: list[Check] = []
     if ledger is not None:
         checks.append(Check("ledger", lambda: check_ledger(ledger)))
@@ -78,7 +104,9 @@ def readiness_checks(
     checks.append(Check("storage", lambda: check_storage(settings)))
     if settings.shared_storage_url:
         checks.append(Check("shared_storage", lambda: check_shared_storage(settings)))
-    if model:
+    if worker_model:
+        checks.append(Check("model", lambda: check_worker_model(settings)))
+    elif model:
         checks.append(Check("model", lambda: check_model(settings)))
     return checks
 

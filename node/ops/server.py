@@ -68,7 +68,7 @@ def export_worker_ops_server(settings: Settings, ledger: Ledger, celery_app: Cel
 
 
 def worker_ops_server(settings: Settings, celery_app: Celery, port: int) -> OpsServer:
-    """`pleura worker`'s endpoint: broker, storage (shared too) and model; no ledger."""
-    checks = readiness_checks(settings, celery_app=celery_app)
+    """`pleura worker`'s endpoint: broker, storage (shared too) and its model, loaded and warm; no ledger."""
+    checks = readiness_checks(settings, celery_app=celery_app, worker_model=True)
     app = create_ops_app(checks, worker_registry(settings, celery_app), "worker")
     return OpsServer(app, settings.metrics_host, port, "PLEURA_WORKER_METRICS_PORT (PLEURA_METRICS_HOST)")

@@ -8,6 +8,7 @@ source's in every object Pleura writes.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pydicom
@@ -19,7 +20,7 @@ from contract.bundle import ModelIdentity
 from worker.inference.predict import positive_pair
 from worker.inference.result import ImageFinding
 from worker.writers.marks import MANUFACTURER, SERIES_NUMBERS
-from worker.writers.uids import device_uid, instance_uid, series_uid
+from worker.writers.uids import device_uid, dimension_organization_uid, instance_uid, replace_uid, series_uid
 
 DEMO_LABEL = "SYNTHETIC DEMO MODEL - not for clinical use"
 """Said by every object made with a model trained on synthetic data only."""
@@ -99,13 +100,75 @@ def source_header(source: pydicom.Dataset, *, keep_spacing: bool = True) -> pydi
 def carry_context(result: pydicom.Dataset, source: pydicom.Dataset) -> pydicom.Dataset:
     """Copy the patient/study attributes of :data:`_CARRIED_CONTEXT` that ``source`` has and
     ``result`` lacks (the character set always), so the result files in the source's study and
-    its text decodes as the source's does."""
+    its text decodes as the source's does; then make the result reproducible
+    (:func:`reproducible`)."""
     for keyword in _CARRIED_CONTEXT:
         if keyword in source and (keyword == "SpecificCharacterSet" or keyword not in result):
             value = source[keyword].value
             if value not in (None, "", []):
                 setattr(result, keyword, value)
+    return reproducible(result, source)
+
+
+# Creation dates and times highdicom sets to "now", and the time that goes with each date.
+_CREATION_DATES = {
+    "InstanceCreationDate": "InstanceCreationTime",
+    "ContentDate": "ContentTime",
+    "PresentationCreationDate": "PresentationCreationTime",
+    "DateOfSecondaryCapture": "TimeOfSecondaryCapture",
+}
+_SOURCE_DATES = (
+    ("ContentDate", "ContentTime"),
+    ("AcquisitionDate", "AcquisitionTime"),
+    ("SeriesDate", "SeriesTime"),
+    ("StudyDate", "StudyTime"),
+)
+_DA = re.compile(r"^\d{8}$")
+_TM = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+UNDATED = ("19700101", "000000")
+"""The date and time of the results of a source that carries no valid date at all."""
+
+
+def source_made_at(source: pydicom.Dataset) -> tuple[str, str]:
+    """(DA, TM) of the source's content: its Content, else Acquisition, else Series, else Study
+    date and time (the first valid date; midnight when its time is missing), else :data:`UNDATED`."""
+    for date_keyword, time_keyword in _SOURCE_DATES:
+        date = str(source.get(date_keyword) or "").strip()
+        if _DA.match(date):
+            time = str(source.get(time_keyword) or "").strip()
+            return date, time if _TM.match(time) else "000000"
+    return UNDATED
+
+
+def reproducible(result: pydicom.Dataset, source: pydicom.Dataset) -> pydicom.Dataset:
+    """Make ``result`` a pure function of what it was made from, so that analysing the same images
+    with the same model again writes the same bytes under the same UIDs.
+
+    - Dates and times: highdicom dates an object by the clock (creation, content, presentation,
+      secondary capture, contributing equipment); they become the source's own date and time
+      (:func:`source_made_at`), the date of the content the result describes.
+    - UIDs: the Dimension Organization UID highdicom draws at random is derived from the result's
+      SOP Instance UID (:func:`~worker.writers.uids.dimension_organization_uid`).
+    """
+    date, time = source_made_at(source)
+    _redate(result, date, time)
+    for item in result.get("DimensionOrganizationSequence") or []:
+        drawn = str(item.DimensionOrganizationUID)
+        replace_uid(result, drawn, dimension_organization_uid(str(result.SOPInstanceUID)))
     return result
+
+
+def _redate(dataset: pydicom.Dataset, date: str, time: str) -> None:
+    for date_keyword, time_keyword in _CREATION_DATES.items():
+        if date_keyword in dataset:
+            setattr(dataset, date_keyword, date)
+            setattr(dataset, time_keyword, time)
+    if "ContributionDateTime" in dataset:
+        dataset.ContributionDateTime = date + time
+    for element in dataset:
+        if element.VR == "SQ":
+            for item in element.value:
+                _redate(item, date, time)
 
 
 def describe(kind: str, model: ModelIdentity) -> str:

@@ -120,9 +120,33 @@ class SkippedImage:
     source: pydicom.Dataset | None = None
 
 
-def sr_instance_uid(study_uid: str, sop_instance_uids: Sequence[str], model: ModelIdentity) -> str:
-    """The report's SOP Instance UID: the same images and model version give the same report."""
-    return study_result_uid(study_uid, sop_instance_uids, model, "SR")
+def sr_instance_uid(
+    study_uid: str, sop_instance_uids: Sequence[str], model: ModelIdentity, supersedes: str | None = None
+) -> str:
+    """The report's SOP Instance UID: the same images and model version give the same report; a
+    report that supersedes another (``supersedes``: its SOP Instance UID) is another report."""
+    if supersedes is None:
+        return study_result_uid(study_uid, sop_instance_uids, model, "SR")
+    return study_result_uid(study_uid, sop_instance_uids, model, f"SR superseding {supersedes}")
+
+
+@dataclass(frozen=True)
+class SupersededReport:
+    """The earlier report of the study that a re-analysis replaces: named in the new report's
+    Predecessor Documents Sequence (when its header could be read) and in a comment."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    model_name: str | None = None
+    model_version: str | None = None
+    header: pydicom.Dataset | None = None
+
+    def text(self) -> str:
+        model = " ".join(part for part in (self.model_name, self.model_version) if part) or "an earlier model"
+        return (
+            f"This report supersedes the earlier Pleura report of this study (made by {model}): "
+            "the earlier report is no longer current."
+        )
 
 
 def build_sr(
@@ -130,6 +154,7 @@ def build_sr(
     skipped: Sequence[SkippedImage],
     model: ModelIdentity,
     procedure_reported: Code = PLAIN_CHEST_XRAY,
+    supersedes: SupersededReport | None = None,
 ) -> ComprehensiveSR:
     """The TID 1500 report of one analysis of a study (``procedure_reported``: the CT path's
     report of a series it could not analyse says "CT of chest").
@@ -182,6 +207,8 @@ def build_sr(
     for number, image in enumerate(skipped, start=len(analysed) + 1):
         numbers = _numbers(image.source) if image.source is not None else " (header unreadable)"
         comments.append(f"Image {number}{numbers} not analysed: {image.reason}")
+    if supersedes is not None:
+        comments.insert(0, supersedes.text())
     comments.append(intended_use_text(model))
     report = measurement_report(model, procedure_reported, groups, comments, library or None)
 
@@ -189,7 +216,10 @@ def build_sr(
     identity = {
         "series_instance_uid": series_uid(study_uid, model, "SR"),
         "series_number": SERIES_NUMBERS["SR"],
-        "sop_instance_uid": sr_instance_uid(study_uid, sop_uids, model),
+        "sop_instance_uid": sr_instance_uid(
+            study_uid, sop_uids, model, supersedes.sop_instance_uid if supersedes else None
+        ),
+        "previous_versions": [supersedes.header] if supersedes is not None and supersedes.header is not None else None,
         "instance_number": 1,
         "manufacturer": MANUFACTURER,
         "manufacturer_model_name": model.name,

@@ -5,6 +5,11 @@ same model gives the same UIDs (the PACS replaces the object instead of storing 
 a new model version gives new ones. The UIDs are ISO/IEC 9834-8 UUID-derived OIDs (``2.25.<n>``),
 which need no registered root.
 
+Every UID inside a result is derived too, not only its SOP Instance and Series UIDs: highdicom
+draws some at random (a SEG's Dimension Organization UID), and :func:`replace_uid` swaps them for
+derived ones, so that one SOP Instance UID always names the same content (DICOM forbids two objects
+with one UID and different content).
+
 ``pydicom.uid.generate_uid(prefix=None, entropy_srcs=...)`` is not used: with ``prefix=None`` it
 ignores the entropy sources and returns a random UUID-based UID.
 """
@@ -14,6 +19,8 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
+
+import pydicom
 
 from contract.bundle import ModelIdentity
 
@@ -49,3 +56,27 @@ def study_result_uid(study_instance_uid: str, source_sop_instance_uids: Sequence
     """SOP Instance UID of a ``kind`` result about a set of images of one study (the order of the
     images does not matter)."""
     return result_uid(study_instance_uid, *sorted(set(source_sop_instance_uids)), model.name, model.version, kind)
+
+
+def dimension_organization_uid(sop_instance_uid: str) -> str:
+    """The Dimension Organization UID of the multi-frame result ``sop_instance_uid`` (highdicom
+    draws a random one)."""
+    return result_uid(sop_instance_uid, "DIMENSION-ORGANIZATION")
+
+
+def replace_uid(dataset: pydicom.Dataset, old: str, new: str) -> int:
+    """Replace the UID ``old`` by ``new`` in every UI element of ``dataset``, nested sequences
+    included; the number of values replaced."""
+    replaced = 0
+    for element in dataset:
+        if element.VR == "SQ":
+            replaced += sum(replace_uid(item, old, new) for item in element.value)
+        elif element.VR == "UI" and element.value is not None:
+            if isinstance(element.value, (list, pydicom.multival.MultiValue)):
+                values = [new if str(value) == old else value for value in element.value]
+                replaced += sum(str(value) == old for value in element.value)
+                element.value = values
+            elif str(element.value) == old:
+                element.value = new
+                replaced += 1
+    return replaced

@@ -23,6 +23,7 @@ from node.api.schemas import (
     API_TO_LEDGER,
     LEDGER_TO_API,
     URGENCY_RANK,
+    AnalysisOut,
     ApiStatus,
     CorrectionIn,
     DeliveryOut,
@@ -208,6 +209,18 @@ def get_study(
     return StudyDetail(
         **summary.model_dump(),
         images=images,
+        analyses=[
+            AnalysisOut(
+                model_name=a.model_name,
+                model_version=a.model_version,
+                analysed_at=a.analysed_at,
+                flagged=a.flagged,
+                probability=a.probability,
+                reanalysis=a.reanalysis,
+                current=index == 0,
+            )
+            for index, a in enumerate(ledger.list_analyses(study_uid))
+        ],
         results=[
             ResultOut(
                 kind=r.kind,
