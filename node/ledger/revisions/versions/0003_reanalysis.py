@@ -40,5 +40,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index(op.f("ix_analyses_study_uid"), table_name="analyses")
     op.drop_table("analyses")
-    with op.batch_alter_table("studies") as batch:  # SQLite drops a column by copying the table
-        batch.drop_column("reanalysis_requested_at")
+    # In place on both databases (SQLite 3.35+): batch mode would copy and drop `studies`, which
+    # the other tables' foreign keys forbid while they are enforced.
+    op.execute("ALTER TABLE studies DROP COLUMN reanalysis_requested_at")
