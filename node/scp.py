@@ -70,7 +70,7 @@ from node.audit import AuditTrail
 from node.connections import Limits, Refused
 from node.ledger import Held, Ledger
 from node.listening import listen_error
-from node.ops.metrics import INSTANCES_RECEIVED
+from node.ops.metrics import IDENTITY_CONFLICTS, INSTANCES_RECEIVED
 from node.privacy import ref
 from node.seg_labels import SEG_TRANSFER_SYNTAXES, SEGMENTATION_SOP_CLASS, SegLabelError, is_pleura_seg, read_seg_labels
 from node.storage import InstanceStore, InvalidUIDError, validate_uid
@@ -123,6 +123,9 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+IDENTITY_CONFLICT = 0xC001
+"""A "cannot understand" status (PS3.4 B.2.3 leaves 0xCxxx to the SCP): the data set claims a SOP
+Instance or Study UID that the node holds for another study or patient."""
 
 _ERROR_COMMENT_LENGTH = 64  # Error Comment is LO
 
@@ -309,6 +312,12 @@ class StorageSCP:
             return self._receive_unanalysed(event, data, identity, manufacturer)
         sop_uid = identity["sop_instance_uid"]
         try:
+            conflict = self.ledger.identity_conflict(sop_uid, identity["study_uid"], identity.get("patient_id"))
+        except Exception as exc:
+            return self._not_stored(event, identity, exc)
+        if conflict is not None:
+            return self._identity_conflict(event, data, identity, conflict)
+        try:
             if self.ledger.has_instance(sop_uid):
                 log.info("instance %s from %s already received; not stored again", ref(sop_uid), calling_ae)
                 self._audit_instance(event, "instance-repeated", identity, SUCCESS)
@@ -332,6 +341,19 @@ class StorageSCP:
         self._audit_instance(event, "instance-stored", identity, SUCCESS)
         INSTANCES_RECEIVED.inc()
         return _status(SUCCESS)
+
+    def _identity_conflict(self, event: Event, data: Path, identity: dict[str, Any], conflict: str) -> Dataset:
+        """Refuse an image that claims an identity the ledger holds for another study or patient:
+        kept in quarantine with the reason (nothing is lost; the sender also keeps it, having had
+        a failure status), audited and counted (``pleura_identity_conflicts_total``) so the PACS
+        team sees it and corrects the data at its source."""
+        log.warning(
+            "refusing instance %s of study %s from %s: %s",
+            ref(identity["sop_instance_uid"]), ref(identity["study_uid"]), event.assoc.requestor.ae_title, conflict,
+        )
+        self._audit_instance(event, "identity-conflict", identity, IDENTITY_CONFLICT, conflict)
+        IDENTITY_CONFLICTS.inc()
+        return self._quarantine(event, data, RejectedInstance(IDENTITY_CONFLICT, f"identity conflict: {conflict}"))
 
     def _receive_unanalysed(
         self, event: Event, data: Path, identity: dict[str, Any], manufacturer: str | None

@@ -278,3 +278,45 @@ def test_the_receive_path_never_decodes_pixel_data(node: Node) -> None:
     assert stored.file_meta.TransferSyntaxUID == JPEG2000Lossless
     assert stored.PixelData == ds.PixelData
     assert not node.quarantined()
+
+
+def _audit_events(node: Node) -> list[dict]:
+    import json
+
+    trail = node.settings.storage_dir / "audit.jsonl"
+    return [json.loads(line) for line in trail.read_text().splitlines()] if trail.exists() else []
+
+
+def test_an_instance_uid_held_in_another_study_is_refused_quarantined_and_audited(node: Node) -> None:
+    first = crafted_cr()
+    assert pynetdicom_store(node.port, first).Status == 0x0000
+    # The same SOP Instance UID under another study: acknowledging it would drop it silently.
+    clash = crafted_cr(SOPInstanceUID=first.SOPInstanceUID, PatientID="TEST-1")
+    status = pynetdicom_store(node.port, clash)
+    assert status.Status == 0xC001 and "identity conflict" in status.ErrorComment
+    assert node.ledger.list_instances(clash.StudyInstanceUID) == []
+    assert [i.sop_instance_uid for i in node.ledger.list_instances(first.StudyInstanceUID)] == [first.SOPInstanceUID]
+    [kept] = node.quarantined()
+    assert pydicom.dcmread(kept).StudyInstanceUID == clash.StudyInstanceUID  # nothing lost
+    assert "already received in another study" in reason_file(kept).read_text()
+    [event] = [e for e in _audit_events(node) if e["event"] == "identity-conflict"]
+    assert event["study_uid"] == clash.StudyInstanceUID and "another study" in event["reason"]
+
+
+def test_a_new_patient_id_under_a_known_study_is_refused_and_the_same_one_is_stored(node: Node) -> None:
+    first = crafted_cr(PatientID="PAT-A")
+    study = first.StudyInstanceUID
+    assert pynetdicom_store(node.port, first).Status == 0x0000
+    same = crafted_cr(StudyInstanceUID=study, PatientID="PAT-A")
+    unnamed = crafted_cr(StudyInstanceUID=study, PatientID="")  # a modality that leaves it empty
+    other = crafted_cr(StudyInstanceUID=study, PatientID="PAT-B")
+    assert pynetdicom_store(node.port, same).Status == 0x0000
+    assert pynetdicom_store(node.port, unnamed).Status == 0x0000
+    status = pynetdicom_store(node.port, other)
+    assert status.Status == 0xC001
+    held = {i.sop_instance_uid for i in node.ledger.list_instances(study)}
+    assert held == {first.SOPInstanceUID, same.SOPInstanceUID, unnamed.SOPInstanceUID}
+    assert node.ledger.study_status(study)["patient_id"] == "PAT-A"
+    [kept] = node.quarantined()
+    assert "already held for another Patient ID" in reason_file(kept).read_text()
+    assert [e["event"] for e in _audit_events(node)].count("identity-conflict") == 1

@@ -81,6 +81,25 @@ class StudyLedger(LedgerSessions):
             found = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid))
             return found is not None
 
+    def identity_conflict(self, sop_instance_uid: str, study_uid: str, patient_id: str | None) -> str | None:
+        """Why an image may not join the ledger as it claims to (one read), else None.
+
+        A SOP Instance UID already held under another study, or a Study Instance UID already held
+        for another Patient ID, means two objects claim one identity: merging them would put one
+        patient's image in another's study (or drop it silently). Such an instance is refused and
+        kept in quarantine for the PACS team instead. An empty Patient ID on either side is not a
+        conflict (modalities leave it out).
+        """
+        patient_id = (patient_id or "")[:64]
+        with self.reading() as session:
+            held_in = session.scalar(select(Instance.study_uid).where(Instance.sop_instance_uid == sop_instance_uid))
+            if held_in is not None and held_in != study_uid:
+                return "its SOP Instance UID was already received in another study"
+            held_for = session.scalar(select(Study.patient_id).where(Study.study_uid == study_uid))
+            if held_for and patient_id and held_for != patient_id:
+                return "its Study Instance UID is already held for another Patient ID"
+        return None
+
     def holds(self, sop_instance_uid: str) -> Held | None:
         """Whether the SOP Instance UID was received before or is one of Pleura's results (one read)."""
         with self.reading() as session:

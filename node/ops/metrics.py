@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 INSTANCES_RECEIVED = Counter(
     "pleura_instances_received", "Instances stored by the node's SCP (answered 0x0000)", registry=None
 )
+IDENTITY_CONFLICTS = Counter(
+    "pleura_identity_conflicts",
+    "Instances refused because their SOP Instance or Study UID is held for another study or patient",
+    registry=None,
+)
 
 ANALYSIS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 TIME_TO_FLAG_BUCKETS = (5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
@@ -207,7 +212,9 @@ class LedgerCollector(Collector):
 def node_registry(settings: Settings, ledger: Ledger, celery_app: Celery) -> CollectorRegistry:
     """The node's metrics: everything above."""
     registry = CollectorRegistry()
-    for collector in (INSTANCES_RECEIVED, QueueCollector(celery_app), LedgerCollector(ledger), ModelCollector(settings)):
+    for collector in (
+        INSTANCES_RECEIVED, IDENTITY_CONFLICTS, QueueCollector(celery_app), LedgerCollector(ledger), ModelCollector(settings)
+    ):
         registry.register(collector)
     ProcessCollector(registry=registry)
     return registry
