@@ -15,7 +15,8 @@ from celery import Celery
 
 from config.settings import Settings
 from node.routing import route_instances
-from contract.tasks import ANALYSE_SERIES_CT, ANALYSE_STUDY
+from contract.tasks import ANALYSE_SERIES_CT, ANALYSE_STUDY, CT_QUEUE, RADIOGRAPH_QUEUE
+from node.ops.metrics import queue_depths
 
 Dispatcher = Callable[..., str]
 """dispatch(study_uid, instances[, extra_options]) -> task id; raises when the broker cannot take
@@ -57,3 +58,13 @@ def dispatch_analysis(
 
 def make_dispatcher(celery_app: Celery) -> Dispatcher:
     return partial(dispatch_analysis, celery_app)
+
+
+def analysis_tasks_waiting(celery_app: Celery) -> bool:
+    """Whether the broker holds analysis tasks no worker has taken (the radiograph and CT queues);
+    True when the broker cannot tell, so that nothing is dispatched twice on a guess."""
+    try:
+        depths = queue_depths(celery_app)
+    except Exception:  # the broker is unreachable: a dispatch would fail now anyway
+        return True
+    return any(depths.get(queue, 0) > 0 for queue in (RADIOGRAPH_QUEUE, CT_QUEUE))

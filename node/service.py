@@ -23,7 +23,7 @@ from typing import Any
 from celery import Celery
 
 from config.settings import CONFIG_FILE_ENV, ENV_PREFIX, Settings
-from node.dispatch import PUBLISH_RETRY_POLICY, make_dispatcher
+from node.dispatch import PUBLISH_RETRY_POLICY, analysis_tasks_waiting, make_dispatcher
 from node.ledger import Ledger
 from node.ops.server import node_ops_server
 from node.periodic import PeriodicTask
@@ -319,6 +319,7 @@ class NodeService:
             settings.settle_seconds,
             interval_seconds=self.settle_interval_seconds,
             analysis_timeout_seconds=settings.analysis_timeout_seconds,
+            tasks_waiting=lambda: analysis_tasks_waiting(app),
         )
         self.settle_loop.start()
 

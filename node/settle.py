@@ -8,6 +8,7 @@ PostgreSQL ledger take turns (an advisory lock per round), so each study is disp
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime
 
 from node.dispatch import Dispatcher
@@ -39,9 +40,13 @@ class SettleLoop(PeriodicTask):
         *,
         interval_seconds: float = DEFAULT_INTERVAL_SECONDS,
         analysis_timeout_seconds: float | None = None,
+        tasks_waiting: Callable[[], bool] | None = None,
     ) -> None:
         super().__init__(interval_seconds)
         self.ledger = ledger
+        # Whether the broker still holds analysis tasks: a study queued past the timeout whose
+        # task never started is dispatched again only when it does not (Ledger.requeue_stale).
+        self.tasks_waiting = tasks_waiting
         self.analysis_timeout_seconds = analysis_timeout_seconds
         self.dispatch = dispatch
         self.settle_seconds = settle_seconds
@@ -56,7 +61,8 @@ class SettleLoop(PeriodicTask):
     def _dispatch_due(self, now: datetime | None) -> list[str]:
         dispatched: list[str] = []
         if self.analysis_timeout_seconds is not None:
-            for study_uid in self.ledger.requeue_stale(self.analysis_timeout_seconds, now=now):
+            requeued = self.ledger.requeue_stale(self.analysis_timeout_seconds, now=now, tasks_waiting=self.tasks_waiting)
+            for study_uid in requeued:
                 log.warning(
                     "study %s was queued for over %.0f s without a result; dispatching it again",
                     ref(study_uid),

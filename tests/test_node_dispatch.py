@@ -139,3 +139,58 @@ def test_analysis_options_ask_for_what_the_destinations_receive(tmp_path: Path) 
     assert analysis_options(settings) == {"objects": ["SR", "SEG", "GSPS", "SC"], "sc_heatmap": True}
     only_sr = Settings(storage_dir=tmp_path, destinations=[Destination(ae_title="RIS", host="h", port=1, objects=["SR"])])
     assert analysis_options(only_sr) == {"objects": ["SR"], "sc_heatmap": False}
+
+
+@pytest.mark.parametrize("broker", ["embedded", "redis"])
+def test_a_study_waiting_in_the_broker_is_not_dispatched_again_however_long_no_worker_runs(
+    tmp_path: Path, broker: str, request: pytest.FixtureRequest
+) -> None:
+    """No worker for many timeouts: the study's one task waits in the broker and is not sent again
+    (it used to be, each timeout, and analysed as many times once a worker came); once the task is
+    gone from the broker (lost) and never started, it is sent again once."""
+    from node.dispatch import analysis_tasks_waiting
+
+    if broker == "redis":
+        server = request.getfixturevalue("redis")
+        app = make_celery(Settings(storage_dir=tmp_path, broker_url=f"redis://127.0.0.1:{server.port}/0"))
+    else:
+        app = make_celery(Settings(storage_dir=tmp_path))
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    t0 = utcnow()
+    ledger.record_instance(
+        sop_instance_uid="1.2.3.4", study_uid="1.2.3", series_instance_uid="1.2.3.9", sop_class_uid=CR,
+        transfer_syntax_uid="1.2.840.10008.1.2.1", storage_key=INSTANCES[0]["key"], received_at=t0,
+    )
+    loop = SettleLoop(ledger, make_dispatcher(app), settle_seconds=1, analysis_timeout_seconds=60,
+                      tasks_waiting=lambda: analysis_tasks_waiting(app))
+    assert loop.run_once(now=t0 + timedelta(seconds=2)) == ["1.2.3"]
+    for minutes in (2, 5, 10):  # ten timeouts without a worker
+        assert loop.run_once(now=t0 + timedelta(minutes=minutes)) == []
+    assert ledger.study_status("1.2.3")["status"] == "queued"
+
+    headers, _ = next_message(app)  # the one task; taken off the queue, as a broker that lost it
+    assert headers["task"] == ANALYSE_STUDY
+    assert not analysis_tasks_waiting(app)
+    assert loop.run_once(now=t0 + timedelta(minutes=12)) == ["1.2.3"]  # lost and never started: sent again
+    assert loop.run_once(now=t0 + timedelta(minutes=20)) == []  # and that one waits in turn
+    next_message(app)
+    assert analysis_tasks_waiting(app) is False
+    ledger.close()
+
+
+def test_a_started_analysis_without_a_result_is_dispatched_again_after_the_timeout(tmp_path: Path) -> None:
+    """A worker took the task and died: its message may still be unacknowledged in the broker, but
+    the analysis started, so the timeout alone decides."""
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    t0 = utcnow()
+    ledger.record_instance(
+        sop_instance_uid="1.2.3.4", study_uid="1.2.3", series_instance_uid="1.2.3.9", sop_class_uid=CR,
+        transfer_syntax_uid="1.2.840.10008.1.2.1", storage_key=INSTANCES[0]["key"], received_at=t0,
+    )
+    ledger.mark_queued("1.2.3", ["1.2.3.4"], task_id="t1", now=t0 + timedelta(seconds=2))
+    ledger.mark_analysing("1.2.3", "t1", now=t0 + timedelta(seconds=3))
+    asked = []
+    waiting = lambda: asked.append(1) or True  # noqa: E731  (the broker would say it holds tasks)
+    assert ledger.requeue_stale(60, now=t0 + timedelta(minutes=5), tasks_waiting=waiting) == ["1.2.3"]
+    assert asked == []  # the broker is asked only about studies whose task never started
+    ledger.close()

@@ -4,7 +4,7 @@ dispatch (due studies, queued, stale), and a worker's start."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -306,21 +306,33 @@ class StudyLedger(LedgerSessions):
         ).all()
         return [row for row in rest if (row[0], row[3]) in series and row[4] in CT_SOP_CLASSES]
 
-    def requeue_stale(self, timeout_seconds: float, *, now: datetime | None = None) -> list[str]:
+    def requeue_stale(
+        self, timeout_seconds: float, *, now: datetime | None = None, tasks_waiting: Callable[[], bool] | None = None
+    ) -> list[str]:
         """Put instances queued longer than `timeout_seconds` back to pending, so their study is
         dispatched again: their task or its summary was lost (a worker killed, a broker restarted).
-        The ledger, not the broker, decides what still needs analysing; tasks are idempotent."""
+        The ledger, not the broker, decides what still needs analysing; tasks are idempotent.
+
+        A study whose task no worker has started yet is most likely still waiting in the broker
+        (no worker running): sending it again would only queue a second analysis of it. So such a
+        study is dispatched again only when ``tasks_waiting()`` says the analysis queues hold no
+        message (its task was lost); the broker is asked only when there is such a study.
+        """
         now = as_utc(now) if now else utcnow()
         cutoff = now - timedelta(seconds=timeout_seconds)
         with self._transaction() as session:
-            studies = list(
-                session.scalars(
-                    select(Study)
-                    .join(Instance, Instance.study_uid == Study.study_uid)
-                    .where(Instance.analysis_status == AnalysisStatus.QUEUED.value, Study.queued_at <= cutoff)
-                    .distinct()
-                )
-            )
+            stale = session.execute(
+                select(Study, AnalysisStart.started_at)
+                .join(Instance, Instance.study_uid == Study.study_uid)
+                .outerjoin(AnalysisStart, AnalysisStart.study_uid == Study.study_uid)
+                .where(Instance.analysis_status == AnalysisStatus.QUEUED.value, Study.queued_at <= cutoff)
+                .distinct()
+            ).all()
+            unstarted = [study for study, started in stale if started is None or as_utc(started) < as_utc(study.queued_at)]
+            keep = set()
+            if unstarted and tasks_waiting is not None and tasks_waiting():
+                keep = {study.study_uid for study in unstarted}
+            studies = [study for study, _ in stale if study.study_uid not in keep]
             for study in studies:
                 session.execute(
                     update(Instance)
