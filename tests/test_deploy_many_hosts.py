@@ -95,7 +95,8 @@ def test_node_and_two_workers_share_only_the_broker_and_the_object_store(tmp_pat
         def both_consuming() -> bool:
             assert all(w.alive() for w in workers), logs()
             # The export worker answers too: count the analysis workers.
-            return len({name for reply in control.ping(timeout=1.0) for name in reply if name.startswith("analyse-")}) == 2
+            names = {name for reply in control.ping(timeout=1.0) for name in reply}
+            return len({name for name in names if name.startswith("analyse-")}) == 2
 
         wait_for(both_consuming, 600, "both workers consuming", interval=1.0)
         for folder in worker_dirs:
