@@ -114,6 +114,7 @@ def test_ct_seg_and_sr_are_valid_and_describe_the_volume(phantom_series, tmp_pat
     assert any(ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID for ref in segment_refs)
     texts = " ".join(str(item.get("TextValue", "")) for item in items)
     assert "left" in texts and DEMO_LABEL in texts
+    assert "CT series" in texts and str(ordered[0].SeriesInstanceUID) not in texts  # named by number, not UID
     assert any(
         item.get("ConceptCodeSequence") and item.ConceptCodeSequence[0].CodeValue == "7771000"  # Left
         for item in items

@@ -128,7 +128,10 @@ def build_ct_sr(
             measurements=measurements,
             qualitative_evaluations=decision_evaluations(False),
         )
-    comments = [f"CT series {first.SeriesInstanceUID}: {volume_text(finding)}", intended_use_text(model)]
+    # The series by its number and description, never its UID: free text carries no identifiers.
+    number, description = first.get("SeriesNumber"), str(first.get("SeriesDescription") or "").strip()
+    series = "CT series" + (f" {number}" if number not in (None, "") else "") + (f" ({description})" if description else "")
+    comments = [f"{series}: {volume_text(finding)}", intended_use_text(model)]
     report = measurement_report(model, CT_OF_CHEST, [group], comments)
     identity = {k: v for k, v in ct_series_result_identity(first, model, "SR").items() if k != "device_serial_number"}
     return comprehensive_sr(report, headers + ([seg] if seg is not None else []), identity, model, first)
