@@ -295,6 +295,17 @@ class ConnectionGuard:
             connection.sock = new
             self._connections[id(new)] = connection
 
+    def drop_if_late(self, connection: Connection, now: float) -> bool:
+        """Mark `connection` dropped for the deadline it passed by `now`, unless it is marked
+        already (by the watchdog); True when this call marked it, which then reports it."""
+        with self._lock:
+            why = None if connection.dropped is not None else connection.overdue(self.limits, now)
+            if why is None:
+                return False
+            connection.dropped = why
+        self.on_refused("connection-dropped", connection.address, why)
+        return True
+
     @property
     def open_connections(self) -> int:
         with self._lock:
@@ -311,8 +322,9 @@ class ConnectionGuard:
         with self._lock:
             self._forget_ended()
             late = [(c, why) for c in self._connections.values() if c.dropped is None and (why := c.overdue(self.limits, now))]
+            for connection, why in late:
+                connection.dropped = why
         for connection, why in late:
-            connection.dropped = why
             log.warning("dropped the connection from %s: %s", connection.address, why)
             self.on_refused("connection-dropped", connection.address, why)
             connection.shut()
@@ -401,6 +413,9 @@ class NodeServer(ThreadedAssociationServer):
             wrapped.do_handshake()
             wrapped.settimeout(None)
         except (OSError, ValueError) as exc:
+            # The handshake's own timeout ends at the deadline too, and may come first (a busy
+            # watchdog): that is the deadline's drop, reported once, as the watchdog reports it.
+            self.guard.drop_if_late(connection, time.monotonic() + WATCH_INTERVAL)
             reason = connection.dropped or f"TLS handshake failed: {exc}"
             log.warning("closed the connection from %s: %s", connection.address, reason)
             if connection.dropped is None:

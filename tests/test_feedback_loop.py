@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from contract.active import RegistryLayout
 from node.ledger import Ledger
 from pleura.cli import app
 from seg_fixtures import radiologist_seg, save
@@ -142,6 +143,14 @@ def test_feedback_retrains_a_model_that_analyses_the_next_study(
         assert (run / "bundle" / "manifest.json").is_file()
 
         promote(config, run / "bundle")
+        # The worker warms the promoted version beside the demo's and serves with the old one until
+        # then (a study never waits for a warm-up): send the next study once its report says so.
+        promoted = f"{NEW_NAME} {NEW_VERSION}"
+        wait_for(
+            lambda: any(report.get("state") == "ready" and str(report.get("loaded")).startswith(promoted)
+                        for report in RegistryLayout(storage / "models").workers()),
+            600, "the worker to warm the promoted version", interval=0.5,
+        )
 
         # The next study is analysed with the promoted version, and its SR says so.
         following, _ = synthetic_dicom(seed=4246, positive=True, size=512)
