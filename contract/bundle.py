@@ -101,6 +101,22 @@ class Thresholds(BaseModel):
 BundleKind = Literal["radiograph", "ct"]
 
 
+class ComponentSource(BaseModel):
+    """Where one network of a composed bundle (`pleura models compose`) came from."""
+
+    role: Literal["classifier", "segmenter"]
+    name: str = Field(description="the source bundle's name")
+    version: str = Field(description="the source bundle's version")
+    weights_file: str = Field(description="the network's weights file in the source bundle")
+    sha256: str = Field(description="SHA-256 of that weights file (the same bytes are this bundle's copy)")
+    synthetic_demo: bool = False
+    provenance: dict = Field(default_factory=dict, description="the source bundle's own provenance")
+
+    @property
+    def label(self) -> str:
+        return f"{self.role} {self.name} {self.version}"
+
+
 class Manifest(BaseModel):
     name: str
     version: str
@@ -127,6 +143,10 @@ class Manifest(BaseModel):
         default_factory=dict, description="where third-party weights came from: their name, address, file, checksum"
     )
     metrics: dict[str, float] = Field(default_factory=dict)
+    components: list[ComponentSource] = Field(
+        default_factory=list,
+        description="a composed bundle: the source version, weights file and checksum of each network",
+    )
     tuning: dict = Field(
         default_factory=dict, description="how `pleura tune` chose the thresholds: target, split, metrics"
     )
@@ -177,6 +197,8 @@ class ModelIdentity:
     manufacturer: str
     synthetic_demo: bool
     intended_use: str
+    components: tuple[str, ...] = ()
+    """A composed bundle: each network's role, source name and version ("classifier NAME VERSION")."""
 
     @property
     def label(self) -> str:
@@ -192,7 +214,8 @@ class Bundle:
     @property
     def identity(self) -> ModelIdentity:
         m = self.manifest
-        return ModelIdentity(m.name, m.version, m.manufacturer, m.synthetic_demo, m.intended_use)
+        return ModelIdentity(m.name, m.version, m.manufacturer, m.synthetic_demo, m.intended_use,
+                             tuple(component.label for component in m.components))
 
     def weights_path(self, spec: NetworkSpec) -> Path:
         return self.path / spec.weights_file

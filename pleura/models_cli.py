@@ -306,3 +306,27 @@ def fetch(name: str = typer.Argument(..., help="a torchxrayvision weights name, 
         )
     else:
         console.print(f"{record.id} is already registered with the same files")
+
+
+@models_app.command("compose")
+def compose(classifier: str = typer.Argument(..., help="the version (NAME/VERSION) or bundle directory whose classifier to take"),
+            segmenter: str = typer.Argument(..., help="the version (NAME/VERSION) or bundle directory whose U-Net to take"),
+            name: Optional[str] = typer.Option(None, "--name", help="the new bundle's name (default: CLASSIFIER+SEGMENTER names)"),
+            config: Optional[Path] = ConfigOption) -> None:
+    """Pair one bundle's classifier with another's U-Net as a new bundle and import it (not promoted)."""
+    from contract.active import RegistryError
+    from contract.bundle import BundleError
+    from training.compose import ComposeError, compose_into_registry
+
+    _, registry = _open(config)
+    try:
+        record, added = compose_into_registry(registry, classifier, segmenter, name=name)
+    except (ComposeError, BundleError, RegistryError) as exc:
+        raise _refused("Refused", exc) from None
+    if added:
+        console.print(
+            f"[green]imported[/] {record.id}: the pair was never validated together - evaluate it "
+            f"(pleura evaluate), tune it, then pleura models promote {record.id}"
+        )
+    else:
+        console.print(f"{record.id} is already registered with the same files")

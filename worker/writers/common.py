@@ -190,12 +190,15 @@ def describe(kind: str, model: ModelIdentity) -> str:
 
 
 def algorithm_identification(model: ModelIdentity) -> AlgorithmIdentificationSequence:
-    """The Algorithm Identification Sequence (model name, version, AI family, source)."""
+    """The Algorithm Identification Sequence (model name, version, AI family, source); a composed
+    bundle's networks as its Algorithm Parameters (role -> "NAME VERSION")."""
+    parameters = dict(component.split(" ", 1) for component in model.components)
     return AlgorithmIdentificationSequence(
         name=model.name,
         family=ALGORITHM_FAMILY,
         version=model.version,
         source=model.manufacturer,
+        parameters=parameters or None,
     )
 
 

@@ -209,6 +209,8 @@ def build_sr(
         comments.append(f"Image {number}{numbers} not analysed: {image.reason}")
     if supersedes is not None:
         comments.insert(0, supersedes.text())
+    if model.components:
+        comments.append("Composed model: " + "; ".join(model.components))
     comments.append(intended_use_text(model))
     report = measurement_report(model, procedure_reported, groups, comments, library or None)
 

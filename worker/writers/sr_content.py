@@ -80,10 +80,12 @@ MeasurementGroup = (
 
 
 def sr_algorithm(model: ModelIdentity) -> AlgorithmIdentification:
-    """Algorithm Identification (TID 4019): model name, version, family AI, manufacturer."""
+    """Algorithm Identification (TID 4019): model name, version, family AI, manufacturer; for a
+    composed bundle, one Algorithm Parameters item per network ("classifier NAME VERSION")."""
     return AlgorithmIdentification(
         name=model.name,
         version=model.version,
+        parameters=list(model.components) or None,
         family=ALGORITHM_FAMILY,
         manufacturer=model.manufacturer,
     )
