@@ -334,6 +334,11 @@ class Settings(BaseSettings):
     ct_model_dir: Path | None = Field(
         default=None, description="a fixed CT model bundle directory; unset = the registry's active CT model (the CT demo bundle until one is promoted)"
     )
+    lung_segmenter_weights: Path | None = Field(
+        default=None,
+        description="weights of torchxrayvision's ChestX-Det lung segmenter (PSPNet); set: the share of the "
+        "hemithorax is measured on its lung masks; unset = the threshold estimate of the lung fields",
+    )
     torch_threads: int = Field(
         default=0, ge=0, le=1024, description="torch CPU threads per worker process; 0 = the CPU count / processes"
     )
@@ -431,6 +436,8 @@ class Settings(BaseSettings):
             self.ct_model_dir = self.ct_model_dir.expanduser().resolve()
         if self.onnx_cache_dir is not None:
             self.onnx_cache_dir = self.onnx_cache_dir.expanduser().resolve()
+        if self.lung_segmenter_weights is not None:
+            self.lung_segmenter_weights = self.lung_segmenter_weights.expanduser().resolve()
         return self
 
     # Derived locations. They are properties, not settings, so there is one source of truth.

@@ -31,6 +31,7 @@ from node.storage import InstanceStore, write_durably
 from worker.inference.batcher import ForwardBatcher
 from worker.inference.heatmap import gradcam_heatmap
 from worker.inference.onnx_backend import auto_networks, onnx_networks
+from worker.inference.lungs import LungSegmenter, configured_lung_segmenter
 from worker.inference.predict import network_outputs, predict_images
 from worker.inference.result import ImageFinding
 from worker.inference.runtime import accelerate
@@ -89,9 +90,11 @@ class StudyAnalyser:
     def __init__(
         self, storage_dir: Path, bundle: Bundle, device: str = "auto", batch_size: int = 8, batch_wait_s: float = 0.0,
         precision: str = "auto", compile_networks: bool = False, backend: str = "torch", onnx_cache: Path | None = None,
-        vocabulary: Vocabulary | None = None,
+        vocabulary: Vocabulary | None = None, lung_segmenter: LungSegmenter | None = None,
     ) -> None:
         self.storage_dir = storage_dir
+        # Lung fields of the hemithorax share: the segmenter's masks, else the threshold estimate.
+        self.lung_segmenter = lung_segmenter
         # The site's words for chest and for frontal and lateral views (eligibility).
         self.vocabulary = vocabulary or Vocabulary()
         self.store = InstanceStore(storage_dir)
@@ -143,6 +146,7 @@ class StudyAnalyser:
             precision=settings.inference_precision,
             compile_networks=settings.torch_compile, backend=settings.inference_backend,
             onnx_cache=settings.onnx_cache, vocabulary=Vocabulary.from_settings(settings),
+            lung_segmenter=configured_lung_segmenter(settings),
         )
 
     def _result_storage_key(self, study_uid: str, sop_instance_uid: str) -> str:
@@ -208,7 +212,7 @@ class StudyAnalyser:
                 continue
             findings = predict_images(
                 self.models, [image for _, _, image in batch], [ds for _, ds, _ in batch], batch_size=self.batch_size,
-                forward=self.batcher.run,
+                forward=self.batcher.run, lung_segmenter=self.lung_segmenter,
             )
             for (sop_uid, dataset, image), finding in zip(batch, findings):
                 try:

@@ -19,6 +19,7 @@ from contract.active import active_bundle_dir, is_ct_demo_dir
 from contract.bundle import BundleError, load_bundle
 from node.logs import keep_celery_from_logging_setup
 from worker.celery_app import make_celery
+from worker.inference.lungs import configured_lung_segmenter
 from worker.tasks import register_worker_tasks, warm_models
 
 if TYPE_CHECKING:
@@ -76,6 +77,18 @@ def check_bundles(settings: Settings, kinds: list[str]) -> None:
         log.info("%s model: %s", kind, bundle.identity.label)  # a log line (text or JSON)
 
 
+def check_lung_segmenter(settings: Settings) -> None:
+    """Load the lung segmenter PLEURA_LUNG_SEGMENTER_WEIGHTS names, so a wrong file stops the worker
+    at start-up (one line) instead of failing its first study."""
+    if settings.lung_segmenter_weights is None:
+        return
+    try:
+        segmenter = configured_lung_segmenter(settings)
+    except PleuraError as exc:
+        raise WorkerStartError("lung segmenter", exc) from None
+    log.info("lung fields: %s from %s", segmenter.method, segmenter.source)
+
+
 def start_worker_ops(settings: Settings, celery_app: Celery, verbose: bool) -> None:
     """Celery logs in our format; /healthz, /readyz, /metrics on PLEURA_WORKER_METRICS_PORT when it
     is set."""
@@ -122,6 +135,7 @@ def run_worker(
     """
     queue_list = queues or ",".join(settings.worker_queues)
     check_bundles(settings, queue_kinds(queue_list))
+    check_lung_segmenter(settings)
     celery_app = make_celery(settings)
     register_worker_tasks(celery_app, build_ct_demo)
     start_worker_ops(settings, celery_app, verbose)  # JSON logs for Celery too; /healthz when configured

@@ -13,11 +13,14 @@
   is estimated without a model: the lung fields are the large dark regions inside the body (Otsu
   threshold of the displayed image, inside the body's outline less a margin, the two largest
   regions, holes filled), and the hemithorax is the lung field on that side together with the mask. It is an
-  estimate, reported as such, and left out when no lung field is found.
+  estimate, reported as such, and left out when no lung field is found. Where a lung segmenter is
+  configured (``PLEURA_LUNG_SEGMENTER_WEIGHTS``, :mod:`worker.inference.lungs`), its lung masks are
+  the lung fields instead (for the midline too), and the finding names the method.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +52,8 @@ class MaskMeasurements:
     gap_px: float | None
     gap_mm: float | None
     hemithorax_fraction: float | None
+    lung_fields_method: str | None = None
+    """How the lung fields of ``hemithorax_fraction`` were found (None when there is no fraction)."""
 
 
 def column_direction(source: pydicom.Dataset) -> tuple[int | None, bool]:
@@ -146,14 +151,24 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, slice]:
     return slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1)
 
 
+THRESHOLD_ESTIMATE = "lung fields estimated by a threshold (no model)"
+
+
 def measure_mask(
-    mask: np.ndarray, image: np.ndarray, source: pydicom.Dataset, spacing_mm: tuple[float, float] | None
+    mask: np.ndarray, image: np.ndarray, source: pydicom.Dataset, spacing_mm: tuple[float, float] | None,
+    segment_lungs: Callable[[np.ndarray], np.ndarray | None] | None = None, lungs_method: str | None = None,
 ) -> MaskMeasurements:
-    """Side, largest gap and hemithorax fraction of ``mask`` on ``image`` (both in the source grid)."""
+    """Side, largest gap and hemithorax fraction of ``mask`` on ``image`` (both in the source grid).
+
+    ``segment_lungs``: the lung fields of ``image`` on a smaller grid of its aspect (a lung
+    segmenter, named by ``lungs_method``), in place of the threshold estimate."""
     if not mask.any():
         return MaskMeasurements(None, False, None, None, None)
     gap_px, gap_mm = largest_gap(mask, spacing_mm)
-    small_fields = small_lung_fields(image)
+    if segment_lungs is not None:
+        small_fields, method = segment_lungs(image), lungs_method or "a lung segmenter"
+    else:
+        small_fields, method = small_lung_fields(image), THRESHOLD_ESTIMATE
     columns = mask.shape[1]
     midline = _midline(small_fields, columns)
     # The two sides are column ranges: measured on slices, not on image-sized masks.
@@ -178,4 +193,5 @@ def measure_mask(
         lesion = mask[:, affected]
         if (fields & ~lesion).any():
             fraction = min(1.0, float(lesion.sum()) / float((fields | lesion).sum()))
-    return MaskMeasurements(side, assumed and side is not None, gap_px, gap_mm, fraction)
+    return MaskMeasurements(side, assumed and side is not None, gap_px, gap_mm, fraction,
+                            method if fraction is not None else None)

@@ -19,6 +19,7 @@ from contract.decision import decision_reason, flag_decision, min_area_px, sourc
 from contract.networks import LoadedModels
 from contract.preprocess import describe_source, network_inputs
 from worker.inference.heatmap import gradcam_region
+from worker.inference.lungs import LungSegmenter
 from worker.inference.measure import measure_mask
 from worker.inference.result import ImageFinding
 from worker.inference.runtime import forward_context, to_device
@@ -146,6 +147,7 @@ def predict_images(
     sources: Sequence[pydicom.Dataset],
     batch_size: int = 8,
     forward: Callable[[Sequence[np.ndarray]], tuple[np.ndarray, np.ndarray]] | None = None,
+    lung_segmenter: LungSegmenter | None = None,
 ) -> list[ImageFinding]:
     """One :class:`ImageFinding` per image, in order.
 
@@ -159,6 +161,8 @@ def predict_images(
     when the image is not flagged, so the writers and reviewers see what the segmenter saw;
     ``flagged`` carries the decision. ``forward`` replaces :func:`network_outputs` for each batch
     (the worker's :class:`~worker.inference.batcher.ForwardBatcher` shares passes between analyses).
+    ``lung_segmenter`` (a :class:`~worker.inference.lungs.LungSegmenter`): its lung masks are the
+    lung fields of the hemithorax fraction, in place of the threshold estimate.
 
     A classifier-only bundle (no U-Net) flags on the probability alone; a flagged image's ``mask`` is
     then the classifier's Grad-CAM region (:func:`~worker.inference.heatmap.gradcam_region`), which
@@ -200,7 +204,11 @@ def predict_images(
             spacing = None if physical is None else (physical.row_mm, physical.column_mm)
             area_cm2 = area_px * spacing[0] * spacing[1] / 100.0 if spacing is not None else None
             flagged = flag_decision(probability, area_px, thresholds.probability, min_area)
-            measured = measure_mask(mask, image, source, spacing)
+            measured = measure_mask(
+                mask, image, source, spacing,
+                segment_lungs=None if lung_segmenter is None else lung_segmenter.fields,
+                lungs_method=None if lung_segmenter is None else lung_segmenter.method,
+            )
             findings.append(
                 ImageFinding(
                     probability=probability,
@@ -214,6 +222,7 @@ def predict_images(
                     gap_px=measured.gap_px,
                     gap_mm=measured.gap_mm,
                     hemithorax_fraction=measured.hemithorax_fraction,
+                    lung_fields_method=measured.lung_fields_method,
                     decision=decision_reason(probability, area_px, thresholds.probability, thresholds.min_area_px),
                     spacing_source=None if physical is None else physical.source,
                 )

@@ -36,6 +36,9 @@ class ImageFinding:
     hemithorax_fraction: float | None = None
     """Mask area over the estimated area of the affected hemithorax (0..1); None when the lung
     fields cannot be estimated."""
+    lung_fields_method: str | None = None
+    """How the lung fields of ``hemithorax_fraction`` were found: the threshold estimate or a lung
+    segmenter (:mod:`worker.inference.lungs`); None without a fraction."""
     decision: str = ""
     """The rule behind ``flagged`` in words (:func:`~contract.decision.decision_reason`)."""
     spacing_source: str | None = None

@@ -313,6 +313,8 @@ def _analysed_comments(label: str, finding: ImageFinding) -> list[str]:
         return comments
     if finding.flagged and finding.side_assumed:
         comments.append(f"{label}: side from the usual display convention (no Patient Orientation)")
+    if finding.flagged and finding.hemithorax_fraction is not None and finding.lung_fields_method:
+        comments.append(f"{label}: share of the hemithorax measured on {finding.lung_fields_method}")
     if finding.flagged:
         comments.append(
             f"{label}: sizes in mm from {finding.spacing_source}"
