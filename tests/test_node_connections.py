@@ -8,6 +8,7 @@ echoscu and storescu from 127.0.0.1.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,9 +44,13 @@ def echo(port: int) -> bool:
 def test_tricklers_holding_every_slot_are_dropped_within_the_deadline(node: Node) -> None:
     request = tricklers.associate_rq()
     pdu = tricklers.p_data(bytes(200), 0x03)
+    held = [threading.Event() for _ in range(4)]
     with ThreadPoolExecutor(4) as pool:
-        runs = [pool.submit(tricklers.trickle, node.port, drip=request) for _ in range(2)]
-        runs += [pool.submit(tricklers.trickle, node.port, drip=pdu, associate=True) for _ in range(2)]
+        runs = [pool.submit(tricklers.trickle, node.port, drip=request, ready=held[i]) for i in range(2)]
+        runs += [pool.submit(tricklers.trickle, node.port, drip=pdu, associate=True, ready=held[i]) for i in (2, 3)]
+        # Every slot is held by a trickler before the first C-ECHO is tried (an echo that got in
+        # first would take the slot an associating trickler needs).
+        assert all(event.wait(DROP_BOUND) for event in held)
         # The node takes a legitimate association again once the tricklers are dropped.
         dicom_peers.wait_for(lambda: echo(node.port), DROP_BOUND, "a C-ECHO answered while the tricklers run")
         results = [run.result(timeout=60) for run in runs]

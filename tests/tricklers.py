@@ -9,6 +9,7 @@ from __future__ import annotations
 import select
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass
 
@@ -101,14 +102,18 @@ def trickle(
     associate: bool = False,
     interval: float = 0.5,
     max_drops: int = 60,
+    ready: threading.Event | None = None,
 ) -> Trickled:
     """Connect, send `prefix` at once (after an association, with `associate`), then `drip` one
     byte at a time (or whole, when `drip` is a list of PDUs), every `interval` s, at most
-    `max_drops` times; stop when the node closes."""
+    `max_drops` times; stop when the node closes. `ready` is set once the trickler holds its slot
+    (or has failed to), so a test can start its legitimate peers only then."""
     started = time.monotonic()
     try:
         sock = connect(port)
     except OSError:
+        if ready is not None:
+            ready.set()
         return Trickled(False, 0.0, True, 0)
     sent = 0
     try:
@@ -121,6 +126,9 @@ def trickle(
                 sock.sendall(prefix)
         except OSError:
             return Trickled(True, time.monotonic() - started, True, sent)
+        finally:
+            if ready is not None:
+                ready.set()
         pieces = [drip[i : i + 1] for i in range(len(drip))]
         for index in range(max_drops):
             if _closed(sock, interval):
