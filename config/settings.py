@@ -209,6 +209,11 @@ class Settings(BaseSettings):
     analysis_timeout_seconds: float = Field(
         default=3600.0, gt=0, description="a study queued this long without a result is dispatched again"
     )
+    analysis_lease_seconds: float = Field(
+        default=20.0, ge=2, le=3600,
+        description="a running analysis that sends no heartbeat for this long (its worker was killed) is taken back "
+        "and dispatched again; its worker beats every quarter of it",
+    )
     reanalyse_hours_on_promote: float = Field(
         default=0.0, ge=0, le=24 * 365,
         description="when a radiograph model is promoted or rolled back, re-analyse the studies received in the "

@@ -12,6 +12,7 @@ RECORD_ANALYSIS = "pleura.record_analysis"
 DELIVER_RESULT = "pleura.deliver_result"
 ANALYSIS_STARTED = "pleura.analysis_started"  # a worker took a study: the worklist shows "analysing"
 ANALYSE_SERIES_CT = "pleura.analyse_series_ct"  # one CT series: volume segmentation
+ANALYSIS_HEARTBEAT = "pleura.analysis_heartbeat"  # a running analysis is alive: it keeps its lease
 
 RADIOGRAPH_QUEUE = "radiograph"
 EXPORT_QUEUE = "export"
@@ -24,5 +25,6 @@ TASK_ROUTES = {
     RECORD_ANALYSIS: {"queue": EXPORT_QUEUE},
     DELIVER_RESULT: {"queue": EXPORT_QUEUE},
     ANALYSIS_STARTED: {"queue": EXPORT_QUEUE},
+    ANALYSIS_HEARTBEAT: {"queue": EXPORT_QUEUE},
     ANALYSE_SERIES_CT: {"queue": CT_QUEUE},
 }

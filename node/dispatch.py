@@ -15,7 +15,7 @@ from celery import Celery
 
 from config.settings import Settings
 from node.routing import route_instances
-from contract.tasks import ANALYSE_SERIES_CT, ANALYSE_STUDY, CT_QUEUE, RADIOGRAPH_QUEUE
+from contract.tasks import ANALYSE_SERIES_CT, ANALYSE_STUDY, CT_QUEUE, EXPORT_QUEUE, RADIOGRAPH_QUEUE
 from node.ops.metrics import queue_depths
 
 Dispatcher = Callable[..., str]
@@ -28,8 +28,13 @@ PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step"
 
 def analysis_options(settings: Settings) -> dict[str, Any]:
     """What the worker needs to know of the node's settings: the result objects some destination
-    receives, and whether the secondary capture carries the heat map."""
-    return {"objects": settings.result_objects, "sc_heatmap": settings.sc_heatmap}
+    receives, whether the secondary capture carries the heat map, and how often a running
+    analysis says it is alive (a quarter of the lease, node/ledger/leases.py)."""
+    return {
+        "objects": settings.result_objects,
+        "sc_heatmap": settings.sc_heatmap,
+        "heartbeat_seconds": settings.analysis_lease_seconds / 4,
+    }
 
 
 def dispatch_analysis(
@@ -63,8 +68,31 @@ def make_dispatcher(celery_app: Celery) -> Dispatcher:
 def analysis_tasks_waiting(celery_app: Celery) -> bool:
     """Whether the broker holds analysis tasks no worker has taken (the radiograph and CT queues);
     True when the broker cannot tell, so that nothing is dispatched twice on a guess."""
+    return _messages_waiting(celery_app, (RADIOGRAPH_QUEUE, CT_QUEUE))
+
+
+def export_tasks_waiting(celery_app: Celery) -> bool:
+    """Whether the export queue (summaries, heartbeats, deliveries) holds messages not yet taken;
+    True when the broker cannot tell."""
+    return _messages_waiting(celery_app, (EXPORT_QUEUE,))
+
+
+def _messages_waiting(celery_app: Celery, queues: tuple[str, ...]) -> bool:
     try:
         depths = queue_depths(celery_app)
     except Exception:  # the broker is unreachable: a dispatch would fail now anyway
         return True
-    return any(depths.get(queue, 0) > 0 for queue in (RADIOGRAPH_QUEUE, CT_QUEUE))
+    return any(depths.get(queue, 0) > 0 for queue in queues)
+
+
+def revoke_analysis(celery_app: Celery, task_id: str | None) -> None:
+    """Best effort: tell the running workers to drop ``task_id`` should its message come back (a
+    Redis broker returns a killed worker's unacknowledged message after its visibility timeout).
+    The embedded broker cannot broadcast, and keeps no such message. A task run anyway is
+    harmless: the same model on the same images writes the same objects."""
+    if not task_id or celery_app.pleura_settings.embedded_broker:
+        return
+    try:
+        celery_app.control.revoke(task_id)
+    except Exception:  # the broker is down: the message, if it returns, is analysed again
+        pass

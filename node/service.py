@@ -23,7 +23,13 @@ from typing import Any
 from celery import Celery
 
 from config.settings import CONFIG_FILE_ENV, ENV_PREFIX, Settings
-from node.dispatch import PUBLISH_RETRY_POLICY, analysis_tasks_waiting, make_dispatcher
+from node.dispatch import (
+    PUBLISH_RETRY_POLICY,
+    analysis_tasks_waiting,
+    export_tasks_waiting,
+    make_dispatcher,
+    revoke_analysis,
+)
 from node.ledger import Ledger
 from node.ops.server import node_ops_server
 from node.periodic import PeriodicTask
@@ -320,6 +326,9 @@ class NodeService:
             interval_seconds=self.settle_interval_seconds,
             analysis_timeout_seconds=settings.analysis_timeout_seconds,
             tasks_waiting=lambda: analysis_tasks_waiting(app),
+            lease_seconds=settings.analysis_lease_seconds,
+            export_waiting=lambda: export_tasks_waiting(app),
+            revoke=lambda task_id: revoke_analysis(app, task_id),
         )
         self.settle_loop.start()
 

@@ -1,4 +1,6 @@
-"""Study settling: a study is analysed once no new instance has arrived for `settle_seconds`.
+"""Study settling: a study is analysed once no new instance has arrived for `settle_seconds`; a
+study whose running analysis stopped beating (its worker was killed) is taken back and dispatched
+again (node/ledger/leases.py).
 
 A study is marked queued only after the broker took its task, so a broker that is down delays the
 analysis but loses nothing: the study is still due in the next round. Several nodes on one
@@ -13,6 +15,7 @@ from datetime import datetime
 
 from node.dispatch import Dispatcher
 from node.ledger import DueStudy, Ledger, utcnow
+from node.ledger.leases import GIVE_UP_AFTER_LAPSES
 from node.periodic import PeriodicTask
 from node.privacy import ref
 
@@ -41,9 +44,17 @@ class SettleLoop(PeriodicTask):
         interval_seconds: float = DEFAULT_INTERVAL_SECONDS,
         analysis_timeout_seconds: float | None = None,
         tasks_waiting: Callable[[], bool] | None = None,
+        lease_seconds: float | None = None,
+        export_waiting: Callable[[], bool] | None = None,
+        revoke: Callable[[str | None], None] | None = None,
     ) -> None:
         super().__init__(interval_seconds)
         self.ledger = ledger
+        # A running analysis whose heartbeats stopped for `lease_seconds` is taken back
+        # (node/ledger/leases.py); `revoke` drops the dead task's message should the broker return it.
+        self.lease_seconds = lease_seconds
+        self.export_waiting = export_waiting
+        self.revoke = revoke
         # Whether the broker still holds analysis tasks: a study queued past the timeout whose
         # task never started is dispatched again only when it does not (Ledger.requeue_stale).
         self.tasks_waiting = tasks_waiting
@@ -68,11 +79,17 @@ class SettleLoop(PeriodicTask):
                     ref(study_uid),
                     self.analysis_timeout_seconds,
                 )
+        if self.lease_seconds is not None:
+            self._reclaim_lapsed(now)
         for study in due_studies(self.ledger, self.settle_seconds, now):
             sop_uids = [instance["sop_instance_uid"] for instance in study.instances]
             try:
-                # A requested re-analysis names the report it supersedes in the task's options.
-                extra = self.ledger.reanalysis_options(study.study_uid)
+                # A requested re-analysis names the report it supersedes in the task's options; a
+                # study that killed its worker twice, the reason its "not analysed" report gives.
+                extra = {
+                    **self.ledger.reanalysis_options(study.study_uid),
+                    **self.ledger.lapse_options(study.study_uid),
+                }
                 if extra:
                     task_id = self.dispatch(study.study_uid, study.instances, extra)
                 else:
@@ -95,3 +112,14 @@ class SettleLoop(PeriodicTask):
             log.info("study %s dispatched with %d instance(s), task %s", ref(study.study_uid), len(sop_uids), task_id)
             dispatched.append(study.study_uid)
         return dispatched
+
+    def _reclaim_lapsed(self, now: datetime | None) -> None:
+        assert self.lease_seconds is not None
+        for lapsed in self.ledger.reclaim_lapsed(self.lease_seconds, now=now, export_waiting=self.export_waiting):
+            log.warning(
+                "the analysis of study %s sent no heartbeat for %.0f s (its worker was lost; lapse %d); %s",
+                ref(lapsed.study_uid), self.lease_seconds, lapsed.lapses,
+                "dispatching it again" if lapsed.lapses < GIVE_UP_AFTER_LAPSES else "it is marked not analysed",
+            )
+            if self.revoke is not None:
+                self.revoke(lapsed.task_id)

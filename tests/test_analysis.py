@@ -216,3 +216,28 @@ def test_pixel_data_that_does_not_match_its_header_is_reported_not_analysed(anal
     comments = [i.TextValue for i in pydicom.dcmread(analyser.storage_dir / report["key"]).ContentSequence
                 if i.ValueType == "TEXT"]
     assert any("not analysed: unreadable image" in c for c in comments)
+
+
+def test_a_study_that_crashed_its_worker_gets_a_not_analysed_report_of_its_own(analyser):
+    """The node's third dispatch of a study that killed its worker twice (node/ledger/leases.py):
+    the report names every image not analysed, with the reason, under a UID of its own (the
+    analysis of the same images by the same model is another object), and no network runs."""
+    positive, _ = synthetic_dicom(seed=81, positive=True, size=256)
+    items = [_store(analyser, positive.SOPInstanceUID, lambda p: positive.save_as(p, enforce_file_format=True))]
+    reason = "the analysis crashed twice (its worker process ended while analysing this study); not retried"
+    crashed = analyser.analyse(positive.StudyInstanceUID, items, {"not_analysed_reason": reason})
+    [image] = crashed["images"]
+    assert image["status"] == "not_analysed" and image["reason"] == reason and image["probability"] is None
+    assert crashed["flagged"] is False
+    [report] = crashed["results"]
+    assert report["kind"] == "SR"
+    path = analyser.storage_dir / report["key"]
+    assert dciodvfy_errors(path) == []
+    sr = hd.sr.srread(path)
+    comments = [i.TextValue for i in sr.content[0].ContentSequence if i.ValueType == "TEXT"]
+    assert any(c.startswith("Image 1 (series 1, instance 1) not analysed: the analysis crashed twice") for c in comments)
+    assert not sr.content.get_planar_roi_measurement_groups()
+
+    analysed = analyser.analyse(positive.StudyInstanceUID, items)
+    report_uids = {r["sop_instance_uid"] for r in analysed["results"] if r["kind"] == "SR"}
+    assert report["sop_instance_uid"] not in report_uids

@@ -12,12 +12,14 @@ import os
 import signal
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pydicom
 import pytest
 from pynetdicom import AE
 
+from dicom_samples import dciodvfy_errors
 from node.ledger import Ledger
 from services import Orthanc, RedisServer, free_port, pleura_process, port_open, wait_for, write_config
 from training.synthetic import synthetic_dicom
@@ -214,21 +216,100 @@ def test_a_node_killed_mid_association_loses_nothing_it_acknowledged(tmp_path, d
         pleura.stop()
 
 
+def kill_worker_mid_analysis(pleura: Node, datasets: list[pydicom.Dataset], count: int = 1) -> datetime:
+    """SIGKILL the worker's process group once it has taken ``count`` of the studies, while their
+    instances are still queued (mid-task, not after it); the time of the kill."""
+    wait_until_analysing(pleura, datasets, count)
+    ledger = pleura.ledger()
+    try:
+        queued = [i for ds in datasets for i in ledger.list_instances(str(ds.StudyInstanceUID))
+                  if i.analysis_status == "queued"]
+    finally:
+        ledger.close()
+    worker = pleura.worker
+    os.killpg(worker.proc.pid, signal.SIGKILL)
+    killed_at = datetime.now(timezone.utc)
+    worker.proc.wait(10)
+    assert queued, "the analysis ended before the kill: the study is too small to be killed mid-task"
+    return killed_at
+
+
+def wait_until_analysed_again(pleura: Node, datasets: list[pydicom.Dataset], after: datetime) -> float:
+    """Until a worker starts on each study again after ``after``; the seconds it took."""
+    ledger = pleura.ledger()
+    study_uids = sorted({str(ds.StudyInstanceUID) for ds in datasets})
+
+    def started_again() -> bool:
+        return all((ledger.analysis_started_at(uid) or after) > after for uid in study_uids)
+
+    try:
+        wait_for(started_again, RESULT_TIMEOUT, "a worker to start on every study again", interval=0.5)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{pleura.logs()}") from None
+    finally:
+        ledger.close()
+    return (datetime.now(timezone.utc) - after).total_seconds()
+
+
 def test_a_worker_killed_mid_task_is_replaced_and_the_results_arrive_once(tmp_path, demo_bundle, orthanc):
-    datasets = studies(1, 6, size=512, seed=700)
-    pleura = Node(tmp_path, demo_bundle, orthanc, analysis_timeout_seconds=8.0)
+    """The analysis timeout stays at its default hour: the study comes back through its lease
+    (node/ledger/leases.py) once its heartbeats stop, on the embedded broker, which keeps no
+    message of the killed worker."""
+    datasets = studies(1, 30, size=512, seed=700)
+    pleura = Node(tmp_path, demo_bundle, orthanc)
     try:
         pleura.start_node()
         pleura.start_worker()
         acknowledged: list[str] = []
         send(pleura.port, datasets, acknowledged)
         assert len(acknowledged) == len(datasets)
-        first_worker = pleura.worker
-        wait_until_analysing(pleura, datasets, 1)
-        os.killpg(first_worker.proc.pid, signal.SIGKILL)
-        first_worker.proc.wait(10)
+        killed_at = kill_worker_mid_analysis(pleura, datasets)
         pleura.start_worker()
+        print(f"recovered: analysed again {wait_until_analysed_again(pleura, datasets, killed_at):.1f} s after the kill")
         assert_everything_delivered_once(pleura, datasets)
+    finally:
+        pleura.stop()
+
+
+def test_a_study_that_kills_its_worker_twice_is_reported_not_analysed(tmp_path, demo_bundle, orthanc):
+    """Killed twice while analysing the same study: the third dispatch writes a "not analysed"
+    report naming the reason without running the networks; the report reaches the PACS, and the
+    worklist shows the study as not analysed, with why."""
+    datasets = studies(1, 30, size=512, seed=720)
+    study_uid = str(datasets[0].StudyInstanceUID)
+    pleura = Node(tmp_path, demo_bundle, orthanc)
+    try:
+        pleura.start_node()
+        pleura.start_worker()
+        acknowledged: list[str] = []
+        send(pleura.port, datasets, acknowledged)
+        assert len(acknowledged) == len(datasets)
+        killed_at = kill_worker_mid_analysis(pleura, datasets)
+        pleura.start_worker()
+        wait_until_analysed_again(pleura, datasets, killed_at)
+        kill_worker_mid_analysis(pleura, datasets)
+        pleura.start_worker()
+
+        ledger = pleura.ledger()
+        try:
+            wait_for(lambda: (ledger.study_status(study_uid) or {}).get("status") == "not_analysed",
+                     RESULT_TIMEOUT, "the study to be reported not analysed", interval=1.0)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{pleura.logs()}") from None
+        status = ledger.study_status(study_uid)
+        assert "analysis crashed twice" in status["reason"]
+        assert all(i.analysis_status == "not_analysed" for i in ledger.list_instances(study_uid))
+        [report] = ledger.list_results(study_uid)
+        assert report.kind == "SR"
+        wait_for(lambda: all(row.status == "sent" for row in ledger.list_outbox(study_uid)), RESULT_TIMEOUT,
+                 "the report delivered")
+        ledger.close()
+        [at_pacs] = [t for t in orthanc.instances() if t.get("StudyInstanceUID") == study_uid]
+        assert at_pacs["SOPInstanceUID"] == report.sop_instance_uid
+        sr = pydicom.dcmread(orthanc.download(at_pacs["_id"], tmp_path / "report.dcm"))
+        texts = [item.TextValue for item in sr.ContentSequence if item.ValueType == "TEXT"]
+        assert any("not analysed: the analysis crashed twice" in text for text in texts)
+        assert dciodvfy_errors(tmp_path / "report.dcm") == []
     finally:
         pleura.stop()
 
@@ -257,21 +338,24 @@ def test_the_node_keeps_receiving_while_redis_is_down(tmp_path, demo_bundle, ort
 
 
 def test_a_batching_worker_killed_with_studies_in_flight_loses_none_of_them(tmp_path, demo_bundle, orthanc):
-    """`worker_threads` 3: three studies in flight in one process (acknowledged only when done);
-    killed, the process's unfinished studies come back, and each result reaches the PACS once."""
-    datasets = studies(3, 2, size=512, seed=900)
-    pleura = Node(tmp_path, demo_bundle, orthanc, analysis_timeout_seconds=8.0, worker_threads=3, batch_wait_ms=200)
+    """`worker_threads` 3: three studies in flight in one process (acknowledged only when done), on
+    the Redis broker; killed, the process's unfinished studies come back, and each result reaches
+    the PACS once."""
+    redis = RedisServer(tmp_path / "redis")
+    datasets = studies(3, 10, size=512, seed=900)
+    # The Redis broker keeps the killed worker's three unacknowledged messages for its visibility
+    # timeout (an hour): the leases bring the studies back in seconds all the same.
+    pleura = Node(tmp_path, demo_bundle, orthanc, broker_url=redis.url, worker_threads=3, batch_wait_ms=200)
     try:
         pleura.start_node()
         pleura.start_worker()
         acknowledged: list[str] = []
         send(pleura.port, datasets, acknowledged)
         assert len(acknowledged) == len(datasets)
-        first_worker = pleura.worker
-        wait_until_analysing(pleura, datasets, 3)  # three studies in flight in the one process
-        os.killpg(first_worker.proc.pid, signal.SIGKILL)
-        first_worker.proc.wait(10)
+        killed_at = kill_worker_mid_analysis(pleura, datasets, 3)  # three studies in flight in the one process
         pleura.start_worker()
+        print(f"recovered: analysed again {wait_until_analysed_again(pleura, datasets, killed_at):.1f} s after the kill")
         assert_everything_delivered_once(pleura, datasets)
     finally:
         pleura.stop()
+        redis.stop()

@@ -82,7 +82,7 @@ def test_dispatch_sends_the_task_by_name_with_references_only(tmp_path: Path, re
     assert headers["task"] == ANALYSE_STUDY
     assert headers["id"] == task_id
     # The options say which result objects to write: all four when no destination is set.
-    assert args == ["1.2.3", INSTANCES, {"objects": ["SR", "SEG", "GSPS", "SC"], "sc_heatmap": False}]
+    assert args == ["1.2.3", INSTANCES, {"objects": ["SR", "SEG", "GSPS", "SC"], "sc_heatmap": False, "heartbeat_seconds": 5.0}]
     assert kwargs == {}
 
 
@@ -136,9 +136,11 @@ def test_analysis_options_ask_for_what_the_destinations_receive(tmp_path: Path) 
         ],
     )
     # The SR is always written: it is the record of the analysis.
-    assert analysis_options(settings) == {"objects": ["SR", "SEG", "GSPS", "SC"], "sc_heatmap": True}
+    assert analysis_options(settings) == {
+        "objects": ["SR", "SEG", "GSPS", "SC"], "sc_heatmap": True, "heartbeat_seconds": 5.0,
+    }
     only_sr = Settings(storage_dir=tmp_path, destinations=[Destination(ae_title="RIS", host="h", port=1, objects=["SR"])])
-    assert analysis_options(only_sr) == {"objects": ["SR"], "sc_heatmap": False}
+    assert analysis_options(only_sr) == {"objects": ["SR"], "sc_heatmap": False, "heartbeat_seconds": 5.0}
 
 
 @pytest.mark.parametrize("broker", ["embedded", "redis"])

@@ -70,6 +70,9 @@ def failed_summary(study_uid: str, instances: list[dict[str, str]], reason: str)
 
 
 ALL_OBJECTS = ("SR", "SEG", "GSPS", "SC")
+CRASHED_VARIANT = "not analysed: the analysis crashed"
+"""The report written instead of an analysis that killed its worker: another report (UID) than
+the one the models would write of the same images."""
 DEFER_SIZE = 64 * 1024
 """Values larger than this (bytes) are read from the stored file only when used: the pixel data."""
 
@@ -160,7 +163,9 @@ class StudyAnalyser:
         ``options["objects"]`` names the per-image objects to write besides the SR and SEG
         ("GSPS", "SC"; default all), ``options["sc_heatmap"]`` adds the Grad-CAM heat map to the SC;
         ``options["supersedes"]`` (a re-analysis) names the study's earlier report, which the new
-        one supersedes when another model made it.
+        one supersedes when another model made it; ``options["not_analysed_reason"]`` (a study
+        whose analysis killed its worker twice, node/ledger/leases.py) writes the report of the
+        images as not analysed, for that reason, without running the networks.
         """
         options = options or {}
         refs = [InstanceRef.from_message(item) for item in instances]
@@ -195,6 +200,11 @@ class StudyAnalyser:
                 view_unknown.add(sop_uid)
             candidates.append((sop_uid, header))
 
+        crashed = options.get("not_analysed_reason")
+        if crashed:
+            for sop_uid, _ in candidates:
+                images[sop_uid].analysis_status, images[sop_uid].analysis_reason = "not_analysed", str(crashed)
+            candidates = []
         results: list[ResultEntry] = []
         analysed: list[AnalysedImage] = []
         for batch, unreadable in self._decoded_batches(candidates):
@@ -247,7 +257,10 @@ class StudyAnalyser:
             if entry.analysis_status != "analysed"
         ]
         if analysed or any(image.source is not None for image in skipped):
-            sr = build_sr(analysed, skipped, identity, supersedes=self._superseded(options.get("supersedes")))
+            sr = build_sr(
+                analysed, skipped, identity, supersedes=self._superseded(options.get("supersedes")),
+                variant=CRASHED_VARIANT if crashed else None,
+            )
             results.append(self._store(study_uid, "SR", sr, None))
 
         return AnalysisSummary(

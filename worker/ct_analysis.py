@@ -26,7 +26,7 @@ from contract.networks import load_segmenter
 from contract.preprocess import ImageDecodeError, mask_to_source
 from node.privacy import error_text, ref
 from node.storage import InstanceStore
-from worker.analysis import _rounded, write_result
+from worker.analysis import CRASHED_VARIANT, _rounded, write_result
 from worker.inference.ct_measure import SeriesFinding, measure_series
 from worker.writers.seg_ct import build_ct_seg
 from worker.writers.sr import SkippedImage, build_sr
@@ -92,7 +92,9 @@ class SeriesAnalyser:
         refs = [InstanceRef.from_message(item) for item in instances]
         images = {item.sop_instance_uid: ImageEntry(sop_instance_uid=item.sop_instance_uid) for item in refs}
         datasets: dict[str, pydicom.Dataset] = {}
-        problem: str | None = None
+        # A series whose analysis killed its worker twice is reported without running the network.
+        crashed = (options or {}).get("not_analysed_reason")
+        problem: str | None = str(crashed) if crashed else None
         for item in refs:
             sop_uid = item.sop_instance_uid
             try:
@@ -159,7 +161,8 @@ class SeriesAnalyser:
                 for sop_uid, entry in images.items()
             ]
             if datasets:
-                results.append(self._store(study_uid, "SR", build_sr([], skipped, identity, CT_OF_CHEST)))
+                report = build_sr([], skipped, identity, CT_OF_CHEST, variant=CRASHED_VARIANT if crashed else None)
+                results.append(self._store(study_uid, "SR", report))
 
         return AnalysisSummary(
             study_uid=study_uid,

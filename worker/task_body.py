@@ -4,13 +4,14 @@ retry, hand the summary to the node side."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 from celery import Task
 
-from contract.tasks import ANALYSIS_STARTED, RECORD_ANALYSIS
+from contract.tasks import ANALYSIS_HEARTBEAT, ANALYSIS_STARTED, RECORD_ANALYSIS
 from node.privacy import error_text, ref
 from node.shared_storage import analyse_with_shared_storage
 
@@ -38,7 +39,8 @@ def analyse_and_report(
     except Exception as exc:
         log.warning("cannot report the start of an analysis: %s", exc)
     try:
-        summary = analyse_with_shared_storage(analyse, task.app.pleura_settings, study_uid, instances, options)
+        with Heartbeat(task, study_uid, (options or {}).get("heartbeat_seconds")):
+            summary = analyse_with_shared_storage(analyse, task.app.pleura_settings, study_uid, instances, options)
     except Exception as exc:
         if task.request.retries < MAX_RETRIES:
             log.warning("analysis of a study failed (%s); retrying", exc)
@@ -55,3 +57,37 @@ def analyse_and_report(
         raise task.retry(exc=exc, countdown=30, max_retries=MAX_RETRIES + 10) from exc
     # Celery logs what a task returns: references, not UIDs (see node/privacy.py).
     return {"study": ref(study_uid), "flagged": summary["flagged"], "results": len(summary["results"])}
+
+
+class Heartbeat:
+    """While an analysis runs, tell the node every ``interval`` seconds that it is alive
+    (``pleura.analysis_heartbeat``), from a thread of its own, so that the node takes the study
+    back within its lease when this process dies (node/ledger/leases.py). A lost beat costs
+    nothing while the next arrives within the lease. Without an interval (a message from an older
+    node) nothing is sent."""
+
+    def __init__(self, task: Task, study_uid: str, interval: float | None) -> None:
+        # The task's request is thread-local: its id is read here, in the task's thread.
+        self.app, self.study_uid, self.task_id = task.app, study_uid, task.request.id
+        self.interval = float(interval) if interval else None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "Heartbeat":
+        if self.interval:
+            self._thread = threading.Thread(target=self._beat, name="pleura-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _beat(self) -> None:
+        assert self.interval is not None
+        while not self._stop.wait(self.interval):
+            try:
+                self.app.send_task(ANALYSIS_HEARTBEAT, args=[self.study_uid, self.task_id])
+            except Exception as exc:  # the broker is away; the next beat may reach it
+                log.warning("cannot send an analysis heartbeat: %s", exc)

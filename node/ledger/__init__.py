@@ -6,6 +6,7 @@ names below; the modules behind it:
 - :mod:`node.ledger.schema` — the tables and their statuses;
 - :mod:`node.ledger.sessions` — engine, SQLite locking, PostgreSQL schema creation, transactions;
 - :mod:`node.ledger.studies` — instances and studies: receiving, settling, dispatch;
+- :mod:`node.ledger.leases` — running analyses' heartbeat leases, taken back when they lapse;
 - :mod:`node.ledger.results` — a worker's analysis, results and their outbox;
 - :mod:`node.ledger.feedback` — radiologists' feedback, Segmentation labels, the feedback export;
 - :mod:`node.ledger.notifications` — flag notifications and their outbox;

@@ -9,6 +9,7 @@ delivered when every result reached every destination) each live in the one modu
 from __future__ import annotations
 
 from node.ledger.feedback import FeedbackLedger
+from node.ledger.leases import LeaseLedger
 from node.ledger.logins import LoginLedger
 from node.ledger.notifications import NotificationLedger
 from node.ledger.reanalysis import ReanalysisLedger
@@ -17,5 +18,5 @@ from node.ledger.studies import StudyLedger
 from node.ledger.views import ViewLedger
 
 
-class Ledger(StudyLedger, ResultLedger, FeedbackLedger, NotificationLedger, LoginLedger, ReanalysisLedger, ViewLedger):
+class Ledger(StudyLedger, LeaseLedger, ResultLedger, FeedbackLedger, NotificationLedger, LoginLedger, ReanalysisLedger, ViewLedger):
     """All reads and writes of the ledger database; safe to share between threads."""

@@ -15,6 +15,7 @@ from contract.messages import RESULT_KINDS, AnalysisSummary, MessageError
 from node.ledger.schema import (
     ERROR_TEXT_LIMIT,
     AnalysisRecord,
+    AnalysisStart,
     AnalysisStatus,
     Instance,
     LedgerError,
@@ -123,6 +124,9 @@ class ResultLedger(LedgerSessions):
             study.probability = max(probabilities) if probabilities else None
             study.flagged = (summary.flagged or any(row.flagged for row in analysed)) if analysed else None
             self._record_history(session, study, summary, analysed_at, reanalysis)
+            start = session.get(AnalysisStart, study_uid)
+            if start is not None:  # an answer: the study's lease ends, and its lapses are forgiven
+                start.heartbeat_at, start.lapses = None, 0
             if reanalysis:
                 study.reanalysis_requested_at = None
                 if resent:

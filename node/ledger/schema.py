@@ -245,13 +245,20 @@ class Notification(Base):
 
 
 class AnalysisStart(Base):
-    """When a worker last took a study (the worklist's "analysing")."""
+    """When a worker last took a study (the worklist's "analysing"), and the lease it holds on it.
+
+    ``heartbeat_at`` is the node's clock when the last sign of life of a running analysis arrived
+    (its start or a heartbeat); an analysis whose heartbeats stop for the lease is taken back
+    (node/ledger/leases.py). ``lapses`` counts the leases of the study lost since its last recorded
+    analysis: a study that keeps killing its worker is reported as not analysed."""
 
     __tablename__ = "analysis_starts"
 
     study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid"), primary_key=True)
     task_id: Mapped[str | None] = mapped_column(String(64))
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    lapses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class NotificationState(Base):

@@ -121,13 +121,20 @@ class SkippedImage:
 
 
 def sr_instance_uid(
-    study_uid: str, sop_instance_uids: Sequence[str], model: ModelIdentity, supersedes: str | None = None
+    study_uid: str,
+    sop_instance_uids: Sequence[str],
+    model: ModelIdentity,
+    supersedes: str | None = None,
+    variant: str | None = None,
 ) -> str:
     """The report's SOP Instance UID: the same images and model version give the same report; a
-    report that supersedes another (``supersedes``: its SOP Instance UID) is another report."""
-    if supersedes is None:
-        return study_result_uid(study_uid, sop_instance_uids, model, "SR")
-    return study_result_uid(study_uid, sop_instance_uids, model, f"SR superseding {supersedes}")
+    report that supersedes another (``supersedes``: its SOP Instance UID) is another report, and so
+    is a report of another ``variant`` of the same images (one written without running the
+    networks because the analysis crashed)."""
+    kind = "SR" if supersedes is None else f"SR superseding {supersedes}"
+    if variant:
+        kind = f"{kind} {variant}"
+    return study_result_uid(study_uid, sop_instance_uids, model, kind)
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,7 @@ def build_sr(
     model: ModelIdentity,
     procedure_reported: Code = PLAIN_CHEST_XRAY,
     supersedes: SupersededReport | None = None,
+    variant: str | None = None,
 ) -> ComprehensiveSR:
     """The TID 1500 report of one analysis of a study (``procedure_reported``: the CT path's
     report of a series it could not analyse says "CT of chest").
@@ -219,7 +227,7 @@ def build_sr(
         "series_instance_uid": series_uid(study_uid, model, "SR"),
         "series_number": SERIES_NUMBERS["SR"],
         "sop_instance_uid": sr_instance_uid(
-            study_uid, sop_uids, model, supersedes.sop_instance_uid if supersedes else None
+            study_uid, sop_uids, model, supersedes.sop_instance_uid if supersedes else None, variant
         ),
         "previous_versions": [supersedes.header] if supersedes is not None and supersedes.header is not None else None,
         "instance_number": 1,
