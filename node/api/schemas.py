@@ -142,6 +142,9 @@ class DeliveryOut(BaseModel):
     attempts: int
     last_error: str | None
     sent_at: datetime | None
+    response: str | None = Field(
+        default=None, description="a warning the destination gave with its success (C-STORE 0xBxxx, STOW-RS Warning Reason)"
+    )
 
 
 class NotificationOut(BaseModel):
