@@ -195,6 +195,17 @@ class Receiver:
         answer = self._receive_identified(arrival, identity, manufacturer)
         return Answer(answer.status, answer.comment, identity["sop_instance_uid"], identity["sop_class_uid"])
 
+    def refuse(self, arrival: Arrival, status: int, reason: str, *, keep: bool = True) -> Answer:
+        """Refuse what arrived before it could be read as an instance (a STOW-RS part that is no
+        Part 10 file, say): kept in quarantine with the reason, or, with ``keep=False`` (a part
+        over the size limit, a transfer syntax not accepted), audited and dropped."""
+        if keep:
+            return self._quarantine(arrival, RejectedInstance(status, reason))
+        log.warning("refused an instance from %s with status 0x%04X: %s", arrival.calling_ae, status, reason)
+        self._audit_instance(arrival, "instance-refused", None, status, reason)
+        arrival.data.unlink(missing_ok=True)
+        return Answer(status, reason)
+
     def _receive_identified(self, arrival: Arrival, identity: dict[str, Any], manufacturer: str | None) -> Answer:
         if identity["sop_class_uid"] == SEGMENTATION_SOP_CLASS:
             return self._receive_segmentation(arrival, identity)
