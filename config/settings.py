@@ -113,7 +113,9 @@ class HttpAuth(BaseModel):
     username: str | None = Field(default=None, description="basic: the user name")
     password: str | None = Field(default=None, description="basic: the password")
     token: str | None = Field(default=None, description="bearer: the token sent as Authorization: Bearer")
-    token_url: str | None = Field(default=None, pattern=r"^https?://", description="oauth2: the token endpoint")
+    token_url: str | None = Field(
+        default=None, pattern=r"^https://", description="oauth2: the token endpoint (https: the client secret goes there)"
+    )
     client_id: str | None = Field(default=None, description="oauth2: the client's id")
     client_secret: str | None = Field(default=None, description="oauth2: the client's secret")
     scope: str | None = Field(default=None, description="oauth2: the scopes asked for, space-separated")
@@ -136,7 +138,8 @@ class HttpAuth(BaseModel):
 
     @property
     def label(self) -> str:
-        return getattr(self, "url", "")
+        """The service's name in the outbox and the logs: its URL, without any password in it."""
+        return mask_text(str(getattr(self, "url", "")).rstrip("/"))
 
 
 class DicomwebDestination(HttpAuth, ReceivesResults):
@@ -145,11 +148,6 @@ class DicomwebDestination(HttpAuth, ReceivesResults):
 
     kind: Literal["dicomweb"]
     url: str = Field(pattern=r"^https?://", description="the DICOMweb base URL (STOW-RS goes to <url>/studies)")
-
-    @property
-    def label(self) -> str:
-        """The destination's name in the outbox: its URL, without any password in it."""
-        return mask_text(self.url.rstrip("/"))
 
 
 def _destination_kind(value: Any) -> str:

@@ -64,6 +64,20 @@ def _fetch_token(endpoint: HttpAuth, session: OAuth2Session) -> None:
                         permanent=False) from exc
 
 
+def _keep_ca_file(session: requests.Session, ca_file: str) -> None:
+    """Make the session's CA bundle win over ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE``, which
+    requests otherwise prefers to a session's ``verify`` (the environment keeps its proxies)."""
+    merge = session.merge_environment_settings
+
+    def merge_keeping_ca(url, proxies, stream, verify, cert):  # type: ignore[no-untyped-def]
+        merged = merge(url, proxies, stream, verify, cert)
+        if verify is None or verify is True:
+            merged["verify"] = ca_file
+        return merged
+
+    session.merge_environment_settings = merge_keeping_ca  # type: ignore[method-assign]
+
+
 def authorized_session(endpoint: HttpAuth) -> requests.Session:
     """A session that authenticates to `endpoint` and checks its certificate with its CA bundle;
     raises :class:`AuthError` when an OAuth2 token cannot be had."""
@@ -80,6 +94,8 @@ def authorized_session(endpoint: HttpAuth) -> requests.Session:
             elif endpoint.auth == "bearer":
                 session.headers["Authorization"] = f"Bearer {endpoint.token}"
             session.verify = _verify(endpoint)
+            if endpoint.ca_file is not None:
+                _keep_ca_file(session, str(endpoint.ca_file))
             session.headers["User-Agent"] = "pleura"
             _sessions[key] = session
         if isinstance(session, OAuth2Session) and _token_expired(session):
