@@ -107,6 +107,7 @@ class HttpAuth(BaseModel):
     """How Pleura authenticates to an HTTP service (a DICOMweb destination, a FHIR server) and
     checks its certificate."""
 
+    url: str = Field(pattern=r"^https?://", description="the service's base URL")
     auth: Literal["none", "basic", "bearer", "oauth2"] = Field(
         default="none", description="none, basic (username, password), bearer (token) or oauth2 (client credentials)"
     )
@@ -139,7 +140,7 @@ class HttpAuth(BaseModel):
     @property
     def label(self) -> str:
         """The service's name in the outbox and the logs: its URL, without any password in it."""
-        return mask_text(str(getattr(self, "url", "")).rstrip("/"))
+        return mask_text(self.url.rstrip("/"))
 
 
 class DicomwebDestination(HttpAuth, ReceivesResults):

@@ -59,7 +59,7 @@ def stow_service(tmp_path: Path) -> Iterator[WorklistServer]:
 def _deliver_all(tmp_path: Path, destination: dict) -> tuple[Ledger, list]:
     """A study with a SEG and an SR in the ledger, each delivered once to `destination`."""
     storage = tmp_path / "storage"
-    storage.mkdir()
+    storage.mkdir(parents=True)
     settings = load_settings(storage_dir=storage, destinations=[destination], export_retry_seconds=10)
     ledger = Ledger(settings.ledger_url)
     ledger.record_analysis(summary(analysed_study(ledger, storage)))
