@@ -223,11 +223,9 @@ class Receiver:
                 log.info("instance %s from %s already received; not stored again", ref(sop_uid), calling_ae)
                 self._audit_instance(arrival, "instance-repeated", identity, SUCCESS)
                 return Answer(SUCCESS)
-            full = self.admission.disk_refusal()
+            full = self._disk_full(arrival, identity)
             if full is not None:
-                log.error("refusing instance %s from %s: %s", ref(sop_uid), calling_ae, full)
-                self._audit_instance(arrival, "instance-refused", identity, OUT_OF_RESOURCES, full)
-                return Answer(OUT_OF_RESOURCES, "disk nearly full; try again later")
+                return full
             key = self.store.store_file(identity["study_uid"], identity["series_instance_uid"], sop_uid, arrival.data)
             created = self.ledger.record_instance(storage_key=key, calling_ae=calling_ae[:16], **identity)
         except Exception as exc:
@@ -277,11 +275,9 @@ class Receiver:
             held = self.ledger.holds(sop_uid) if keep else None  # before writing a file for nothing
             key = ""
             if held is None and keep:
-                full = self.admission.disk_refusal()
+                full = self._disk_full(arrival, identity)
                 if full is not None:
-                    log.error("refusing instance %s from %s: %s", ref(sop_uid), calling_ae, full)
-                    self._audit_instance(arrival, "instance-refused", identity, OUT_OF_RESOURCES, full)
-                    return Answer(OUT_OF_RESOURCES, "disk nearly full; try again later")
+                    return full
                 key = self.store.store_file(identity["study_uid"], identity["series_instance_uid"], sop_uid, arrival.data)
             if held is None:
                 held = self.ledger.record_skipped(
@@ -306,6 +302,15 @@ class Receiver:
         self._audit_instance(arrival, "instance-stored" if keep else "instance-discarded", identity, SUCCESS, reason)
         INSTANCES_RECEIVED.inc()
         return Answer(SUCCESS)
+
+    def _disk_full(self, arrival: Arrival, identity: dict[str, Any]) -> Answer | None:
+        """The refusal while the free-space guard holds (nothing is written), else None."""
+        full = self.admission.disk_refusal()
+        if full is None:
+            return None
+        log.error("refusing instance %s from %s: %s", ref(identity["sop_instance_uid"]), arrival.calling_ae, full)
+        self._audit_instance(arrival, "instance-refused", identity, OUT_OF_RESOURCES, full)
+        return Answer(OUT_OF_RESOURCES, "disk nearly full; try again later")
 
     def _own_result(self, arrival: Arrival, identity: dict[str, Any], kind: str) -> Answer:
         log.info(
@@ -353,10 +358,9 @@ class Receiver:
                 log.info("Segmentation %s from %s is Pleura's own result; not a label", ref(sop_uid), calling_ae)
                 self._audit_instance(arrival, "instance-repeated", identity, SUCCESS, "Pleura's own SEG")
                 return Answer(SUCCESS)
-            full = self.admission.disk_refusal()
+            full = self._disk_full(arrival, identity)
             if full is not None:
-                self._audit_instance(arrival, "instance-refused", identity, OUT_OF_RESOURCES, full)
-                return Answer(OUT_OF_RESOURCES, "disk nearly full; try again later")
+                return full
             key = self.store.store_file(identity["study_uid"], identity["series_instance_uid"], sop_uid, arrival.data)
             self.ledger.record_seg_labels(
                 seg_sop_instance_uid=sop_uid,

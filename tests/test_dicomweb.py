@@ -22,6 +22,7 @@ from dicom_samples import synthetic_radiograph
 from node.api.server import WorklistServer
 from node.export import deliver_outbox_entry
 from node.ledger import Ledger
+from node.ops.check import reach_http
 from node.stow import instance_statuses
 from node.storage import InstanceStore
 from services import Orthanc
@@ -90,6 +91,8 @@ def test_results_reach_a_dicomweb_archive_by_stow_rs(tmp_path: Path, orthanc: Or
     assert {row.result_uid for row in rows} <= held
     assert {row.destination for row in rows} == {orthanc.dicomweb_url}
     assert ledger.study_status(STUDY)["status"] == "delivered"
+    settings = load_settings(storage_dir=tmp_path, destinations=[{"kind": "dicomweb", "url": orthanc.dicomweb_url}])
+    assert reach_http(settings.destinations[0], "studies?limit=1", 20) == "HTTP 200"  # what `pleura check` does
 
 
 def test_stow_refusals_are_final_and_unreachable_archives_are_tried_again(tmp_path: Path, stow_service) -> None:
