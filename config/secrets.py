@@ -10,7 +10,7 @@ from typing import Any
 
 MASK = "***"
 
-SECRET_KEYS = frozenset({"token", "secret", "password", "token_sha256"})
+SECRET_KEYS = frozenset({"token", "secret", "password", "token_sha256", "client_secret"})
 """Keys whose values are secrets wherever they appear in the settings (nested ones included)."""
 
 # scheme://user:password@host, scheme://:password@host (Redis), and ?password=... query parameters.

@@ -12,10 +12,10 @@ import os
 import re
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from platformdirs import user_data_dir
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -65,9 +65,25 @@ def _check_ae_title(value: str) -> str:
     return value.strip()
 
 
-class Destination(BaseModel):
+class ReceivesResults(BaseModel):
+    """What every kind of destination shares: the result objects it receives."""
+
+    objects: list[ResultObject] = Field(
+        default_factory=lambda: list(RESULT_OBJECTS),
+        min_length=1,
+        description="the result objects this destination receives: any of SR, SEG, GSPS, SC",
+    )
+
+    @field_validator("objects")
+    @classmethod
+    def _unique_objects(cls, value: list[str]) -> list[str]:
+        return [kind for kind in RESULT_OBJECTS if kind in value]
+
+
+class Destination(ReceivesResults):
     """A DICOM node (usually the PACS) that receives Pleura's results by C-STORE."""
 
+    kind: Literal["dimse"] = Field(default="dimse", description="dimse (C-STORE, the default) or dicomweb (STOW-RS)")
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
@@ -79,22 +95,86 @@ class Destination(BaseModel):
     tls_ca_file: Path | None = Field(
         default=None, description="CA bundle that signs the destination's certificate; unset = the system's"
     )
-    objects: list[ResultObject] = Field(
-        default_factory=lambda: list(RESULT_OBJECTS),
-        min_length=1,
-        description="the result objects this destination receives: any of SR, SEG, GSPS, SC",
-    )
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
-
-    @field_validator("objects")
-    @classmethod
-    def _unique_objects(cls, value: list[str]) -> list[str]:
-        return [kind for kind in RESULT_OBJECTS if kind in value]
 
     @property
     def label(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class HttpAuth(BaseModel):
+    """How Pleura authenticates to an HTTP service (a DICOMweb destination, a FHIR server) and
+    checks its certificate."""
+
+    url: str = Field(pattern=r"^https?://", description="the service's base URL")
+    auth: Literal["none", "basic", "bearer", "oauth2"] = Field(
+        default="none", description="none, basic (username, password), bearer (token) or oauth2 (client credentials)"
+    )
+    username: str | None = Field(default=None, description="basic: the user name")
+    password: str | None = Field(default=None, description="basic: the password")
+    token: str | None = Field(default=None, description="bearer: the token sent as Authorization: Bearer")
+    token_url: str | None = Field(
+        default=None, pattern=r"^https://", description="oauth2: the token endpoint (https: the client secret goes there)"
+    )
+    client_id: str | None = Field(default=None, description="oauth2: the client's id")
+    client_secret: str | None = Field(default=None, description="oauth2: the client's secret")
+    scope: str | None = Field(default=None, description="oauth2: the scopes asked for, space-separated")
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle that signs the server's certificate (https); unset = the system's"
+    )
+    timeout_seconds: float = Field(default=30.0, gt=0, description="seconds to connect, and to wait for each answer")
+    max_attempts: int = Field(default=10, ge=1, description="attempts before a delivery is marked failed")
+
+    @model_validator(mode="after")
+    def _auth_fields(self) -> "HttpAuth":
+        needed = {"basic": ("username", "password"), "bearer": ("token",),
+                  "oauth2": ("token_url", "client_id", "client_secret")}.get(self.auth, ())
+        missing = [name for name in needed if not getattr(self, name)]
+        if missing:
+            raise ValueError(f"auth {self.auth} of {self.label} needs {', '.join(missing)}")
+        if self.ca_file is not None and not Path(self.ca_file).expanduser().is_file():
+            raise ValueError(f"ca_file of {self.label}: {self.ca_file} is not a file")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The service's name in the outbox and the logs: its URL, without any password in it."""
+        return mask_text(self.url.rstrip("/"))
+
+
+class DicomwebDestination(HttpAuth, ReceivesResults):
+    """A DICOMweb archive (a cloud DICOM store, a VNA, Orthanc's plugin) that receives Pleura's
+    results by STOW-RS."""
+
+    kind: Literal["dicomweb"]
+    url: str = Field(pattern=r"^https?://", description="the DICOMweb base URL (STOW-RS goes to <url>/studies)")
+
+
+def _destination_kind(value: Any) -> str:
+    kind = value.get("kind", "dimse") if isinstance(value, dict) else getattr(value, "kind", "dimse")
+    return "dicomweb" if kind == "dicomweb" else "dimse"
+
+
+AnyDestination = Annotated[
+    Union[Annotated[Destination, Tag("dimse")], Annotated[DicomwebDestination, Tag("dicomweb")]],
+    Discriminator(_destination_kind),
+]
+"""A C-STORE destination (no ``kind``, or ``"kind": "dimse"``) or a STOW-RS one (``"kind": "dicomweb"``)."""
+
+
+class FhirEndpoint(HttpAuth):
+    """A FHIR R4 server (an EHR's) that receives each analysis as a DiagnosticReport with its
+    Observations and the model as a Device."""
+
+    url: str = Field(pattern=r"^https?://", description="the FHIR base URL (the transaction Bundle is POSTed there)")
+    identifier_system: str = Field(
+        default="urn:pleura:analysis",
+        description="the system of the resources' identifiers (make it the site's own URI: urn:oid:… or https://…)",
+    )
+    patient_identifier_system: str | None = Field(
+        default=None, description="the system of the Patient ID, for the report's subject; unset = no subject"
+    )
 
 
 class AllowedCaller(BaseModel):
@@ -117,8 +197,10 @@ class ApiUser(BaseModel):
     """Someone (a person or a system) allowed to use the worklist API and page."""
 
     name: str = Field(min_length=1, max_length=64, description="shown with the feedback this user gives")
-    role: Literal["read", "feedback"] = Field(
-        default="read", description="read: see the worklist; feedback: also confirm, reject, mark known"
+    role: Literal["read", "feedback", "sender"] = Field(
+        default="read",
+        description="read: see the worklist; feedback: also confirm, reject, mark known; sender: only send "
+        "instances by STOW-RS (POST /dicomweb/studies), see nothing",
     )
     token: str | None = Field(
         default=None, min_length=MIN_TOKEN_CHARS, description="the secret the user logs in with (`pleura api-token` makes one)"
@@ -196,8 +278,10 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(
         default=None, description="Celery broker (redis://host:6379/0); unset = embedded broker in the storage dir"
     )
-    destinations: list[Destination] = Field(
-        default_factory=list, description='JSON list of {"ae_title", "host", "port"} receiving results'
+    destinations: list[AnyDestination] = Field(
+        default_factory=list,
+        description='JSON list of {"ae_title", "host", "port"} (C-STORE) or {"kind": "dicomweb", "url"} (STOW-RS) '
+        "receiving results",
     )
     model_dir: Path | None = Field(
         default=None,
@@ -316,6 +400,18 @@ class Settings(BaseSettings):
     )
     feedback_masks_per_user: int = Field(
         default=2000, ge=1, description="corrected outlines stored from one user; more are refused (429)"
+    )
+    stow_max_request_bytes: int = Field(
+        default=4 * 1024**3, ge=1024,
+        description="largest STOW-RS request (POST /dicomweb/studies) the API reads; 413 beyond it",
+    )
+    stow_max_part_bytes: int = Field(
+        default=2 * 1024**3, ge=1024,
+        description="largest instance in a STOW-RS request; a larger part is refused (0xA700) and not kept",
+    )
+    fhir: FhirEndpoint | None = Field(
+        default=None,
+        description='JSON {"url", auth…}: a FHIR R4 server that receives each analysis as a DiagnosticReport; unset = none',
     )
     hl7_destinations: list[Hl7Destination] = Field(
         default_factory=list, description="JSON list of RIS/worklist MLLP endpoints that receive ORU^R01"

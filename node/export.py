@@ -1,7 +1,9 @@
-"""Delivery of results (SR, SEG, GSPS, SC) to the destinations by C-STORE, through the durable outbox.
+"""Delivery of results (SR, SEG, GSPS, SC) to the destinations, through the durable outbox.
 
-:func:`send_results` is the Storage SCU; :func:`deliver_outbox_entry` is one delivery attempt of
-one outbox row: it records the outcome in the ledger and says when to try again.
+:func:`send_results` is the Storage SCU (C-STORE), :func:`node.stow.stow_results` the STOW-RS user
+(DICOMweb destinations); both answer one status per file. :func:`deliver_outbox_entry` is one
+delivery attempt of one outbox row, whichever the kind of destination: it records the outcome in
+the ledger (a warning with it) and says when to try again.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from pynetdicom.status import (
 )
 
 from config.errors import PleuraError
-from config.settings import Destination, Settings
+from config.settings import Destination, DicomwebDestination, Settings
 from node.ledger import Ledger, OutboxStatus, utcnow
 from node.audit import AuditTrail
 from node.privacy import ref
+from node.stow import describe_reason, is_permanent_reason, stow_results
 from node.storage import InstanceStore
 from node.tls import client_context
 
@@ -181,8 +184,12 @@ class DeliveryOutcome:
     detail: str = ""
 
 
-def find_destination(settings: Settings, label: str) -> Destination | None:
+def find_destination(settings: Settings, label: str) -> Destination | DicomwebDestination | None:
     return next((d for d in settings.destinations if d.label == label), None)
+
+
+def _is_warning(status: int) -> bool:
+    return code_to_category(status) == STATUS_WARNING
 
 
 def deliver_outbox_entry(
@@ -193,11 +200,12 @@ def deliver_outbox_entry(
     *,
     now: datetime | None = None,
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
-    sender: Callable[..., list[int]] = send_results,
+    sender: Callable[..., list[int]] | None = None,
 ) -> DeliveryOutcome:
     """Try one outbox row once and record the outcome.
 
-    A row that is already sent or failed, or not yet due (a duplicate message), is skipped.
+    A row that is already sent or failed, or not yet due (a duplicate message), is skipped. The
+    sender is the destination kind's (C-STORE or STOW-RS) unless `sender` is given.
     """
     now = now or utcnow()
     entry = ledger.claim_outbox(outbox_id, now=now, lease_seconds=lease_seconds)
@@ -213,22 +221,33 @@ def deliver_outbox_entry(
         log.error("outbox %d: %s", outbox_id, reason)
         return DeliveryOutcome(outbox_id, "failed", detail=reason)
 
-    calling_ae = destination.calling_ae_title or settings.ae_title
+    dicomweb = isinstance(destination, DicomwebDestination)
+    calling_ae = settings.ae_title if dicomweb else destination.calling_ae_title or settings.ae_title
+    describe = describe_reason if dicomweb else describe_status
     error: str | None = None
+    warning: str | None = None
     permanent = False
     try:
         path = store.path(entry.result_storage_key)
-        statuses = sender(destination, calling_ae, [path], client_context(settings, destination))
+        send = sender or (stow_results if dicomweb else send_results)
+        statuses = send(destination, calling_ae, [path], None if dicomweb else client_context(settings, destination))
         failed = [s for s in statuses if not is_success(s)]
         if failed:
-            error = f"{destination.label} answered 0x{failed[0]:04X} ({describe_status(failed[0])})"
-            permanent = is_permanent_failure(failed[0])
+            error = f"{destination.label} answered 0x{failed[0]:04X} ({describe(failed[0])})"
+            permanent = is_permanent_reason(failed[0]) if dicomweb else is_permanent_failure(failed[0])
+        warned = [s for s in statuses if _is_warning(s)]
+        if warned:
+            warning = f"{destination.label} stored it with warning 0x{warned[0]:04X} ({describe(warned[0])})"
     except Exception as exc:  # any failure counts as an attempt, so a row always ends sent or failed
-        error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, DeliveryError) else str(exc)
-        permanent = isinstance(exc, DeliveryError) and exc.permanent
+        # A DeliveryError, StowError or AuthError is meant to be read as it is, and says whether
+        # the refusal is for good.
+        error = str(exc) if isinstance(exc, PleuraError) else f"{type(exc).__name__}: {exc}"
+        permanent = bool(getattr(exc, "permanent", False))
 
     if error is None:
-        ledger.record_delivery_success(outbox_id, now=now)
+        ledger.record_delivery_success(outbox_id, now=now, response=warning)
+        if warning:
+            log.warning("sent %s %s: %s", entry.result_kind, ref(entry.result_uid), warning)
         log.info("sent %s %s to %s", entry.result_kind, ref(entry.result_uid), destination.label)
         AuditTrail(settings.storage_dir).record(
             "result-sent", destination=destination.label, kind=entry.result_kind, study_uid=entry.study_uid,

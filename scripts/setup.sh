@@ -9,7 +9,7 @@ PYTHON=${PYTHON:-python3}
 VENV=${PLEURA_VENV:-.venv}
 
 # --- system tools: Redis (production broker), DCMTK (modality), dicom3tools (validator), Orthanc (PACS),
-#     OpenJPH (HTJ2K test images: DCMTK encodes no HTJ2K), PostgreSQL (the ledger for many hosts; its tests start a throw-away server), Chromium (the worklist
+#     with its DICOMweb plugin (orthanc-dicomweb), OpenJPH (HTJ2K test images: DCMTK encodes no HTJ2K), PostgreSQL (the ledger for many hosts; its tests start a throw-away server), Chromium (the worklist
 #     page's tests drive it headless with Playwright; Playwright's own browser download is never used)
 declare -A tool_package=([redis-server]=redis-server [storescu]=dcmtk [dciodvfy]=dicom3tools [Orthanc]=orthanc
                          [ojph_compress]=openjph-tools [initdb]=postgresql [chromium]=chromium)
@@ -18,6 +18,8 @@ for tool in "${!tool_package[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || compgen -G "/usr/lib/postgresql/*/bin/$tool" >/dev/null \
         || missing+=("${tool_package[$tool]}")
 done
+# Orthanc's DICOMweb plugin (a library, no command): the STOW-RS tests' archive and sender
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo="sudo"; else sudo="none"; fi
     if [ "$sudo" != none ] && command -v apt-get >/dev/null; then
@@ -33,7 +35,7 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import pleura, torch, data_store, psycopg, fastapi, hl7apy, hl7, playwright, s3fs, moto, compose" 2>/dev/null \
+if ! "$VENV/bin/python" -c "import pleura, torch, data_store, psycopg, fastapi, hl7apy, hl7, playwright, s3fs, moto, compose, dicomweb_client, fhir.resources, multipart" 2>/dev/null \
    || [ pyproject.toml -nt "$VENV/.pleura-installed" ]; then
     echo "setup: installing Python packages into $VENV"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"

@@ -1,5 +1,6 @@
 """Real receivers on loopback for the notification tests: an HL7 MLLP listener (python-hl7's
-asyncio MLLP server, answering each message with an ACK) and an HTTP webhook receiver."""
+asyncio MLLP server, answering each message with an ACK), an HTTP webhook receiver, and a small
+FHIR server that validates what it receives with fhir.resources."""
 
 from __future__ import annotations
 
@@ -135,3 +136,160 @@ class WebhookReceiver:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(10)
+
+
+class FhirServer:
+    """A small FHIR R4 server for the EHR side: it takes transaction Bundles POSTed to its base URL
+    and conditional updates in them (``PUT Type?identifier=system|value``), validates every resource
+    with ``fhir.resources`` and checks every reference (an entry of the same Bundle, or a logical
+    reference by identifier with its type) before it keeps anything; a Bundle that fails is answered
+    400 with an OperationOutcome and its reasons kept in `errors`. With `client_id` it also is an
+    OAuth2 token endpoint (client credentials, at `token_url`) and wants the token it issued.
+    It answers `statuses` in turn first (then as above), so a test can make attempts fail."""
+
+    def __init__(self, *, client_id: str | None = None, client_secret: str | None = None,
+                 statuses: list[int] | None = None, tls: ssl.SSLContext | None = None) -> None:
+        self.port = free_port()
+        self.client_id, self.client_secret = client_id, client_secret
+        self.statuses = list(statuses or [])
+        self.errors: list[str] = []
+        self.bundles: list[dict] = []
+        self.resources: dict[tuple[str, str], dict] = {}  # (type, "system|value") -> {"id", "version", "resource"}
+        self.tokens: set[str] = set()
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/fhir+json" if "resourceType" in body else "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path == "/token":
+                    self._answer(*server._token(self.headers.get("Authorization", ""), body))
+                    return
+                if server.client_id is not None and self.headers.get("Authorization", "")[7:] not in server.tokens:
+                    self._answer(401, _outcome("no valid token"))
+                    return
+                if server.statuses:
+                    self._answer(server.statuses.pop(0), _outcome("try again later"))
+                    return
+                self._answer(*server.transaction(body))
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((LOOPBACK, self.port), Handler)
+        self.scheme = "http"
+        if tls is not None:  # HTTPS only
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+            self.scheme = "https"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fhir-server", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{LOOPBACK}:{self.port}/fhir"
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.scheme}://{LOOPBACK}:{self.port}/token"
+
+    def _token(self, authorization: str, body: bytes) -> tuple[int, dict]:
+        import base64
+        import secrets
+        from urllib.parse import parse_qs
+
+        form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
+        if authorization.startswith("Basic "):
+            client_id, _, secret = base64.b64decode(authorization[6:]).decode().partition(":")
+        else:
+            client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
+        if form.get("grant_type") != "client_credentials" or (client_id, secret) != (self.client_id, self.client_secret):
+            return 401, {"error": "invalid_client"}
+        token = secrets.token_urlsafe(16)
+        self.tokens.add(token)
+        return 200, {"access_token": token, "token_type": "Bearer", "expires_in": 3600}
+
+    def transaction(self, body: bytes) -> tuple[int, dict]:
+        from urllib.parse import unquote
+
+        from fhir.resources.R4B.bundle import Bundle
+
+        try:
+            bundle = Bundle.model_validate_json(body)  # every resource in it validated by its own model
+        except Exception as exc:
+            return self._refuse(f"not a valid R4 Bundle: {exc}")
+        raw = json.loads(body)
+        if bundle.type != "transaction":
+            return self._refuse(f"Bundle.type is {bundle.type}, not transaction")
+        full_urls = [entry["fullUrl"] for entry in raw["entry"]]
+        if len(set(full_urls)) != len(full_urls):
+            return self._refuse("two entries share a fullUrl")
+        problems = []
+        for entry in raw["entry"]:
+            resource, request = entry["resource"], entry["request"]
+            kind, _, query = request["url"].partition("?identifier=")
+            system, _, value = (unquote(part) for part in query.partition("|"))
+            if request["method"] != "PUT" or kind != resource["resourceType"]:
+                problems.append(f"{request['method']} {request['url']} is no conditional update of the resource")
+            if {"system": system, "value": value} not in [{"system": i.get("system"), "value": i.get("value")}
+                                                          for i in resource.get("identifier", [])]:
+                problems.append(f"{request['url']}: the resource has no such identifier")
+            for reference in _references(resource):
+                if "reference" in reference and reference["reference"] not in full_urls:
+                    problems.append(f"{kind}: reference {reference['reference']} is not in the Bundle")
+                if "reference" not in reference and not (reference.get("type") and reference.get("identifier", {}).get("value")):
+                    problems.append(f"{kind}: a logical reference without type or identifier: {reference}")
+        if problems:
+            return self._refuse("; ".join(problems))
+        answers = []
+        with self._lock:
+            self.bundles.append(raw)
+            for entry in raw["entry"]:
+                kind, _, query = entry["request"]["url"].partition("?identifier=")
+                key = (kind, unquote(query))
+                kept = self.resources.get(key)
+                created = kept is None
+                kept = kept or {"id": f"{kind.lower()}-{len(self.resources) + 1}", "version": 0}
+                kept.update(version=kept["version"] + 1, resource=entry["resource"] | {"id": kept["id"]})
+                self.resources[key] = kept
+                answers.append({"response": {"status": "201 Created" if created else "200 OK",
+                                             "location": f"{kind}/{kept['id']}/_history/{kept['version']}"}})
+        return 200, {"resourceType": "Bundle", "type": "transaction-response", "entry": answers}
+
+    def _refuse(self, why: str) -> tuple[int, dict]:
+        self.errors.append(why)
+        return 400, _outcome(why)
+
+    def of_type(self, kind: str) -> list[dict]:
+        """What the server holds of one resource type: each {"id", "version", "resource"}."""
+        return [kept for (k, _), kept in self.resources.items() if k == kind]
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(10)
+
+
+def _outcome(why: str) -> dict:
+    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid", "diagnostics": why}]}
+
+
+def _references(value: object):
+    """Every Reference in a resource (a dict with "reference", or a logical one with "identifier"
+    beside "type")."""
+    if isinstance(value, dict):
+        if "reference" in value or ("identifier" in value and "type" in value and isinstance(value["type"], str)):
+            yield value
+            return
+        for item in value.values():
+            yield from _references(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _references(item)

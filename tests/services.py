@@ -82,8 +82,13 @@ class RedisServer:
         self.process.stop()
 
 
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
 class Orthanc:
-    """Orthanc, the open-source PACS, as the destination of Pleura's results."""
+    """Orthanc, the open-source PACS, as the destination of Pleura's results, with its DICOMweb
+    plugin (Debian package orthanc-dicomweb): a STOW-RS archive at `dicomweb_url`, and a DICOMweb
+    client that pushes studies to the servers named with :meth:`add_dicomweb_server`."""
 
     def __init__(self, folder: Path, ae_title: str = "ORTHANC"):
         folder.mkdir(parents=True, exist_ok=True)
@@ -100,7 +105,8 @@ class Orthanc:
             "AuthenticationEnabled": False,
             "DicomAlwaysAllowStore": True,
             "DicomCheckCalledAet": True,
-            "Plugins": [],
+            "Plugins": [str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.exists() else [],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Servers": {}},
         }
         (folder / "orthanc.json").write_text(json.dumps(config))
         self.process = Process([find_tool("Orthanc"), str(folder / "orthanc.json")], folder / "orthanc.log")
@@ -144,6 +150,24 @@ class Orthanc:
         assert found, f"Orthanc holds no study {study_instance_uid}"
         return self.send("POST", f"/modalities/{modality}/store", {"Resources": found, "Synchronous": True})
 
+    @property
+    def dicomweb_url(self) -> str:
+        """The base URL of Orthanc's DICOMweb services (STOW-RS at <url>/studies)."""
+        if not DICOMWEB_PLUGIN.exists():
+            raise RuntimeError("Orthanc's DICOMweb plugin is not installed: run ./scripts/setup.sh (orthanc-dicomweb)")
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
+    def add_dicomweb_server(self, name: str, url: str, headers: dict[str, str] | None = None) -> None:
+        """Make a DICOMweb server known to Orthanc, to push studies to by STOW-RS."""
+        self.send("PUT", f"/dicom-web/servers/{name}", {"Url": url, "HttpHeaders": headers or {}})
+
+    def stow_study(self, server: str, study_instance_uid: str):
+        """STOW-RS every instance of the study to the DICOMweb `server` (REST
+        ``/dicom-web/servers/<name>/stow``, as a user's "send to DICOMweb server" does)."""
+        found = [item["ID"] for item in self.send("POST", "/tools/lookup", study_instance_uid) if item["Type"] == "Study"]
+        assert found, f"Orthanc holds no study {study_instance_uid}"
+        return self.send("POST", f"/dicom-web/servers/{server}/stow", {"Resources": found, "Synchronous": True})
+
     def instances(self) -> list[dict]:
         """Every stored instance's main tags (simplified)."""
         return [self.get(f"/instances/{iid}/simplified-tags") | {"_id": iid} for iid in self.get("/instances")]
@@ -162,9 +186,9 @@ def write_config(path: Path, **values) -> Path:
     values.setdefault("metrics_port", free_port())
     lines, tables = [], []
     for key, value in values.items():
-        if key == "destinations":
-            for dest in value:
-                tables.append("[[destinations]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in dest.items()))
+        if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            for item in value:  # destinations, api_users...: an array of tables
+                tables.append(f"[[{key}]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in item.items()))
         else:
             lines.append(f"{key} = {json.dumps(str(value) if isinstance(value, Path) else value)}\n")
     path.write_text("".join(lines) + "\n".join(tables))

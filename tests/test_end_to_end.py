@@ -49,6 +49,7 @@ class Pleura:
     def __init__(
         self, folder: Path, bundle: Path, orthanc: Orthanc, broker_url: str | None,
         objects: list[str] | None = None, sc_heatmap: bool = False, env: dict[str, str] | None = None,
+        destinations: list[dict] | None = None, **settings: object,
     ):
         self.port = free_port()
         self.storage = folder / "storage"
@@ -63,10 +64,11 @@ class Pleura:
             settle_seconds=1.0,
             export_retry_seconds=2.0,
             sc_heatmap=sc_heatmap,
-            destinations=[
+            destinations=destinations or [
                 {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}
                 | ({"objects": objects} if objects else {})
             ],
+            **settings,
         )
         if broker_url:
             values["broker_url"] = broker_url

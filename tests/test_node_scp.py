@@ -24,7 +24,8 @@ from sqlalchemy import text
 
 import dicom_peers
 from node.ledger import utcnow
-from node.scp import ANALYSED_SOP_CLASSES, TRANSFER_SYNTAXES
+from node.receive import ANALYSED_SOP_CLASSES
+from node.scp import TRANSFER_SYNTAXES
 from node.seg_labels import SEG_TRANSFER_SYNTAXES, SEGMENTATION_SOP_CLASS
 from node.settle import SettleLoop
 from node.storage import reason_file

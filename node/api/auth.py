@@ -1,5 +1,6 @@
 """Who is calling: a bearer token (systems, scripts) or a session cookie (the page, after logging
-in with the same token). Two roles: ``read`` sees the worklist, ``feedback`` also gives verdicts.
+in with the same token). Three roles: ``read`` sees the worklist, ``feedback`` also gives verdicts, ``sender`` only stores
+instances by STOW-RS (``node/api/routers/dicomweb.py``) and sees nothing.
 
 Guessing is slowed and recorded: :class:`LoginGuard` counts wrong tokens per client address (at
 the log-in and in ``Authorization`` headers alike) and, after ``api_login_max_failures`` within
@@ -10,6 +11,7 @@ log-in, the client address for a failure, never any part of the token.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
@@ -181,17 +183,33 @@ def record_login(request: Request, principal: Principal) -> None:
     log.info("API user %s logged in", principal.name)
 
 
-def current_principal(request: Request) -> Principal:
-    """The caller, from `Authorization: Bearer <token>` or the session cookie; 401 otherwise (429
-    while its address has too many recent wrong tokens)."""
-    auth: Authenticator = request.app.state.authenticator
+def _from_header(request: Request) -> Principal | None:
+    """The user of `Authorization: Bearer <token>` or, for systems that can send only that (an
+    archive's DICOMweb client), `Basic` with the user's name and token; None without either. A
+    wrong token is counted (429 once there are too many from the address)."""
     header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        refuse_if_throttled(request)
-        principal = auth.check_token(header[7:].strip())
-        if principal is not None:
-            return principal
-        record_failure(request, "bearer")
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() == "bearer":
+        token = credentials.strip()
+    elif scheme.lower() == "basic":
+        try:
+            token = base64.b64decode(credentials.strip(), validate=True).decode("utf-8").partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            token = ""
+    else:
+        return None
+    refuse_if_throttled(request)
+    principal = request.app.state.authenticator.check_token(token)
+    if principal is None:
+        record_failure(request, scheme.lower())
+    return principal
+
+
+def _authenticated(request: Request) -> Principal:
+    auth: Authenticator = request.app.state.authenticator
+    principal = _from_header(request)
+    if principal is not None:
+        return principal
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
         principal = auth.session(cookie)
@@ -200,6 +218,23 @@ def current_principal(request: Request) -> Principal:
     raise HTTPException(
         status.HTTP_401_UNAUTHORIZED, "log in, or send Authorization: Bearer <token>", {"WWW-Authenticate": "Bearer"}
     )
+
+
+def current_principal(request: Request) -> Principal:
+    """The caller, from `Authorization: Bearer <token>` or the session cookie; 401 otherwise (429
+    while its address has too many recent wrong tokens), 403 for a ``sender``, who may only send."""
+    principal = _authenticated(request)
+    if principal.role == "sender":
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"user {principal.name} may only send instances (STOW-RS)")
+    return principal
+
+
+def require_sender_role(request: Request) -> Principal:
+    """A ``sender`` (STOW-RS), by bearer token or HTTP Basic with the user's name and token."""
+    principal = _authenticated(request)
+    if principal.role != "sender":
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"user {principal.name} is not a sender (role {principal.role})")
+    return principal
 
 
 def require_feedback_role(principal: Principal = Depends(current_principal)) -> Principal:

@@ -6,7 +6,9 @@ the 422 answer used to send it all back). :class:`BodyLimit` is plain ASGI middl
 every route: a declared ``Content-Length`` above the limit is answered 413 before a byte of the
 body is read; a body without one (chunked) is counted as it arrives and answered 413 as soon as
 it passes the limit, without reading the rest. The limit is ``api_max_body_bytes`` for every route
-except the correction upload, which carries a PNG and has ``api_max_upload_bytes``.
+except the correction upload, which carries a PNG and has ``api_max_upload_bytes``, and STOW-RS
+(``POST /dicomweb/studies``), which carries studies and has ``stow_max_request_bytes`` (its parts
+have ``stow_max_part_bytes`` each, counted by the route itself).
 
 Hand-written rather than Starlette's ``RequestBodyLimitMiddleware``: that one appeared only in
 Starlette 1.0 (FastAPI 0.165), newer than the versions this project supports, keeps one limit per
@@ -31,6 +33,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 UPLOAD_PATHS = (re.compile(r"^/api/studies/[^/]+/images/[0-9]+/correction$"),)
 """Routes that take an upload (the corrected outline PNG) and so the larger limit."""
+STOW_PATHS = (re.compile(r"^/dicomweb/studies/?$"),)
+"""The STOW-RS route: whole studies, read to disk as they arrive, up to their own limit."""
 
 
 class BodyTooLarge(HTTPException):
@@ -50,14 +54,19 @@ class BodyLimit:
     """ASGI middleware: at most `max_body_bytes` per request body (`max_upload_bytes` on the
     upload routes), counted as the body arrives."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_upload_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, max_upload_bytes: int, max_stow_bytes: int | None = None
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.max_upload_bytes = max_upload_bytes
+        self.max_stow_bytes = max_stow_bytes if max_stow_bytes is not None else max_upload_bytes
 
     def limit_for(self, path: str) -> tuple[int, str]:
         if any(pattern.match(path) for pattern in UPLOAD_PATHS):
             return self.max_upload_bytes, "PLEURA_API_MAX_UPLOAD_BYTES"
+        if any(pattern.match(path) for pattern in STOW_PATHS):
+            return self.max_stow_bytes, "PLEURA_STOW_MAX_REQUEST_BYTES"
         return self.max_body_bytes, "PLEURA_API_MAX_BODY_BYTES"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -123,7 +132,11 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": jsonable_encoder(errors)}, 422)
 
 
-def install_limits(app: FastAPI, *, max_body_bytes: int, max_upload_bytes: int) -> None:
+def install_limits(
+    app: FastAPI, *, max_body_bytes: int, max_upload_bytes: int, max_stow_bytes: int | None = None
+) -> None:
     """The body limit in front of every route and the 422 handler that does not echo input."""
-    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes)
+    app.add_middleware(
+        BodyLimit, max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes, max_stow_bytes=max_stow_bytes
+    )
     app.add_exception_handler(RequestValidationError, validation_error)

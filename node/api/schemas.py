@@ -142,14 +142,17 @@ class DeliveryOut(BaseModel):
     attempts: int
     last_error: str | None
     sent_at: datetime | None
+    response: str | None = Field(
+        default=None, description="a warning the destination gave with its success (C-STORE 0xBxxx, STOW-RS Warning Reason)"
+    )
 
 
 class NotificationOut(BaseModel):
     id: int
-    event: str = Field(description="flagged, or withdrawn")
-    channel: str = Field(description="hl7 or webhook")
+    event: str = Field(description="flagged, or withdrawn; for fhir the report's status: final, amended or corrected")
+    channel: str = Field(description="hl7, webhook or fhir")
     target: str
-    status: str = Field(description="pending, sent, failed (after max_attempts) or rejected (the receiver refused it for good: HL7 AR; the reason in last_error)")
+    status: str = Field(description="pending, sent, failed (after max_attempts) or rejected (the receiver refused it for good: HL7 AR, FHIR HTTP 4xx; the reason in last_error)")
     attempts: int
     max_attempts: int
     created_at: datetime

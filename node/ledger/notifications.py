@@ -36,12 +36,18 @@ class NotificationLedger(LedgerSessions):
         self,
         build: Callable[[dict[str, Any], str], list[dict[str, Any]]],
         *,
+        report: Callable[[dict[str, Any], str], list[dict[str, Any]]] | None = None,
         now: datetime | None = None,
         first_look_within_seconds: float = 86400.0,
     ) -> list[int]:
         """Create notification rows for every analysed study whose flag in force changed since it
         was last announced: `build(study, event)` ("flagged" or "withdrawn") returns the messages,
         each ``{"channel", "target", "payload", "max_attempts"}``. Returns the new rows' ids.
+
+        `report(study, status)`, when given, returns the messages that report every analysis and
+        every change of its finding (the FHIR DiagnosticReport, channel ``fhir``): ``final`` for the
+        first, ``amended`` after a new analysis, ``corrected`` after a verdict that changed the
+        flag in force; their rows' event is that status.
 
         A study is looked at again only when its analysis or its feedback changed, and the rows
         and the announced state are written in one transaction, so each change is announced once.
@@ -93,22 +99,18 @@ class NotificationLedger(LedgerSessions):
                         session.scalar(select(Notification.id).where(Notification.study_uid == study.study_uid).limit(1))
                         is not None
                     )
-                    for message in build(info, event):
-                        row = Notification(
-                            study_uid=study.study_uid,
-                            event=event,
-                            channel=str(message["channel"]),
-                            target=str(message["target"])[:300],
-                            payload=str(message["payload"]),
-                            status=OutboxStatus.PENDING.value,
-                            attempts=0,
-                            max_attempts=int(message.get("max_attempts", 10)),
-                            next_attempt_at=now,
-                            created_at=now,
-                        )
-                        session.add(row)
-                        session.flush()
-                        created.append(row.id)
+                    created += self._add_messages(session, study.study_uid, event, build(info, event), now)
+                new_analysis = state is None or state.analysed_at != study.analysed_at
+                if report is not None and not stale and (new_analysis or flagged != announced):
+                    reported = session.scalar(
+                        select(Notification.id)
+                        .where(Notification.study_uid == study.study_uid, Notification.channel == "fhir")
+                        .limit(1)
+                    )
+                    status = "final" if reported is None else "amended" if new_analysis else "corrected"
+                    info = self._notification_info(session, study, refs[study.study_uid], feedback)
+                    info["flag_in_force"] = flagged
+                    created += self._add_messages(session, study.study_uid, status, report(info, status), now)
                 if state is None:
                     state = NotificationState(study_uid=study.study_uid)
                     session.add(state)
@@ -116,6 +118,29 @@ class NotificationLedger(LedgerSessions):
                 state.analysed_at = study.analysed_at
                 state.feedback_id = feedback.id if feedback is not None else 0
                 state.checked_at = now
+        return created
+
+    @staticmethod
+    def _add_messages(
+        session: Session, study_uid: str, event: str, messages: list[dict[str, Any]], now: datetime
+    ) -> list[int]:
+        created = []
+        for message in messages:
+            row = Notification(
+                study_uid=study_uid,
+                event=event,
+                channel=str(message["channel"]),
+                target=str(message["target"])[:300],
+                payload=str(message["payload"]),
+                status=OutboxStatus.PENDING.value,
+                attempts=0,
+                max_attempts=int(message.get("max_attempts", 10)),
+                next_attempt_at=now,
+                created_at=now,
+            )
+            session.add(row)
+            session.flush()
+            created.append(row.id)
         return created
 
     @staticmethod

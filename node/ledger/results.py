@@ -186,6 +186,7 @@ class ResultLedger(LedgerSessions):
             entry.next_attempt_at = now
             entry.last_error = None
             entry.sent_at = None
+            entry.response = None
 
     # -- outbox ----------------------------------------------------------------------------------
 
@@ -268,7 +269,10 @@ class ResultLedger(LedgerSessions):
             entry.next_attempt_at = now + timedelta(seconds=lease_seconds)
             return outbox_view(entry, session.get_one(Result, entry.result_id))
 
-    def record_delivery_success(self, outbox_id: int, *, now: datetime | None = None) -> OutboxView:
+    def record_delivery_success(
+        self, outbox_id: int, *, now: datetime | None = None, response: str | None = None
+    ) -> OutboxView:
+        """Mark the row sent; `response` keeps a warning the destination gave with its success."""
         now = as_utc(now) if now else utcnow()
         with self._transaction() as session:
             entry = self._outbox_row(session, outbox_id)
@@ -278,6 +282,7 @@ class ResultLedger(LedgerSessions):
             entry.sent_at = now
             entry.next_attempt_at = None
             entry.last_error = None
+            entry.response = response[:ERROR_TEXT_LIMIT] if response else None
             result = session.get_one(Result, entry.result_id)
             study = session.get_one(Study, result.study_uid)
             self._refresh_delivery(session, study, now)

@@ -162,6 +162,8 @@ class OutboxEntry(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # What the destination said of a delivery that succeeded all the same (a warning status).
+    response: Mapped[str | None] = mapped_column(Text)
 
 
 # The worklist (node/api): opaque study references for URLs, radiologists' feedback, and the

@@ -168,6 +168,7 @@ class OutboxView:
     last_attempt_at: datetime | None
     last_error: str | None
     sent_at: datetime | None
+    response: str | None = None  # a warning the destination gave with its success
 
 
 @dataclass(frozen=True)
@@ -266,6 +267,7 @@ def outbox_view(entry: OutboxEntry, result: Result) -> OutboxView:
         last_attempt_at=entry.last_attempt_at,
         last_error=entry.last_error,
         sent_at=entry.sent_at,
+        response=entry.response,
     )
 
 

@@ -1,5 +1,8 @@
 """The notification outbox: find flag changes, build the messages, deliver them with retries.
 
+Besides the flag's HL7 and webhook messages, each analysis (and each change of its finding) is
+reported to the FHIR server when one is configured (``node/notify/fhir.py``).
+
 Each round (a :class:`~node.periodic.PeriodicTask` in the node) first asks the ledger for studies
 whose flag in force changed since it was last announced and stores one message per target (the
 exact bytes that will be sent), then attempts every due message. A failed attempt is retried after
@@ -17,6 +20,7 @@ from typing import Any
 
 from config.settings import Settings
 from node.ledger import Ledger, NotificationView, utcnow
+from node.notify.fhir import FhirError, FhirRejected, build_report_bundle, post_bundle
 from node.notify.hl7 import MllpError, MllpRejected, build_oru, send_mllp
 from node.notify.webhook import WebhookError, post_webhook, webhook_body
 from node.periodic import PeriodicTask
@@ -40,7 +44,16 @@ class Notifier:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.settings.hl7_destinations or self.settings.webhooks)
+        return bool(self.settings.hl7_destinations or self.settings.webhooks or self.settings.fhir)
+
+    def report(self, study: dict[str, Any], status: str) -> list[dict[str, Any]]:
+        """The FHIR transaction Bundle of an analysis (or of its correction), when a FHIR server is
+        configured."""
+        endpoint = self.settings.fhir
+        if endpoint is None:
+            return []
+        payload = build_report_bundle(study, endpoint, status)
+        return [{"channel": "fhir", "target": endpoint.label, "payload": payload, "max_attempts": endpoint.max_attempts}]
 
     def build(self, study: dict[str, Any], event: str, now: datetime | None = None) -> list[dict[str, Any]]:
         now = now or utcnow()
@@ -67,7 +80,11 @@ class Notifier:
 
     def enqueue_changes(self, now: datetime | None = None) -> list[int]:
         """Store the messages for every flag change; returns their ids."""
-        created = self.ledger.enqueue_flag_notifications(lambda study, event: self.build(study, event, now), now=now)
+        created = self.ledger.enqueue_flag_notifications(
+            lambda study, event: self.build(study, event, now),
+            report=self.report if self.settings.fhir is not None else None,
+            now=now,
+        )
         if created:
             log.info("queued %d notification(s)", len(created))
         return created
@@ -79,13 +96,14 @@ class Notifier:
             return None
         try:
             response = self._send(row)
-        except MllpRejected as exc:
-            # Application reject: the receiver will never take this message; retrying changes nothing.
+        except (MllpRejected, FhirRejected) as exc:
+            # Application reject (HL7 AR, FHIR 4xx): the receiver will never take this message;
+            # retrying changes nothing.
             self.ledger.record_notification_rejected(row.id, str(exc), exc.ack, now=now)
             log.warning("notification %d (%s %s to %s) rejected, not retried: %s", row.id, row.channel, row.event,
                         row.target, exc)
             return Attempt(row.id, False, str(exc))
-        except (MllpError, WebhookError, LookupError) as exc:
+        except (MllpError, WebhookError, FhirError, LookupError) as exc:
             failed = self.ledger.record_notification_failure(
                 row.id, str(exc), retry_seconds=self.settings.notify_retry_seconds, now=now
             )
@@ -116,6 +134,11 @@ class Notifier:
             if webhook is None:
                 raise LookupError(f"{row.target} is no longer among PLEURA_WEBHOOKS")
             return post_webhook(webhook, row.payload, row.event)
+        if row.channel == "fhir":
+            endpoint = self.settings.fhir
+            if endpoint is None or endpoint.label != row.target:
+                raise LookupError(f"{row.target} is no longer PLEURA_FHIR's url")
+            return post_bundle(endpoint, row.payload)
         raise LookupError(f"unknown notification channel {row.channel!r}")
 
     def run_once(self, now: datetime | None = None) -> list[Attempt]:

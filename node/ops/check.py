@@ -31,8 +31,9 @@ from sqlalchemy import create_engine, text
 
 from config.errors import PleuraError
 from config.secrets import mask_text
-from config.settings import Destination, Hl7Destination, Settings, Webhook
+from config.settings import Destination, DicomwebDestination, FhirEndpoint, HttpAuth, Hl7Destination, Settings, Webhook
 from node.admission import free_disk_mb
+from node.http_auth import authorized_session
 from node.notify.hl7 import open_mllp
 from node.ops.health import check_broker, check_model, check_storage
 from node.tls import client_context
@@ -130,6 +131,18 @@ def reach_webhook(webhook: Webhook, timeout: float) -> str:
     return f"HTTP {code}"
 
 
+def reach_http(endpoint: HttpAuth, path: str, timeout: float) -> str:
+    """A GET of `path` under the endpoint's URL with its authentication and CA bundle: refused
+    credentials and gateway errors fail, any other answer shows the service is there."""
+    url = f"{endpoint.url.rstrip('/')}/{path}"
+    response = authorized_session(endpoint).get(url, timeout=min(timeout, endpoint.timeout_seconds))
+    if response.status_code in (401, 403):
+        raise CheckFailed(f"HTTP {response.status_code}: the credentials were refused")
+    if response.status_code in GATEWAY_ERRORS:
+        raise CheckFailed(f"HTTP {response.status_code}: the service behind the proxy is not available")
+    return f"HTTP {response.status_code}"
+
+
 def site_checks(settings: Settings, celery_app: Celery, timeout: float) -> list[tuple[str, Callable[[], str]]]:
     """Every check that the settings call for, as (name, function)."""
     checks: list[tuple[str, Callable[[], str]]] = [
@@ -139,11 +152,18 @@ def site_checks(settings: Settings, celery_app: Celery, timeout: float) -> list[
         ("model", lambda: check_model(settings)),
     ]
     for destination in settings.destinations:
-        checks.append((f"destination {destination.label}", lambda d=destination: echo_destination(settings, d, timeout)))
+        if isinstance(destination, DicomwebDestination):  # a QIDO-RS search: is it there, are we let in?
+            checks.append((f"destination {destination.label}",
+                           lambda d=destination: reach_http(d, "studies?limit=1", timeout)))
+        else:
+            checks.append((f"destination {destination.label}", lambda d=destination: echo_destination(settings, d, timeout)))
     for hl7 in settings.hl7_destinations:
         checks.append((f"hl7 {hl7.label}", lambda h=hl7: reach_hl7(h, timeout)))
     for webhook in settings.webhooks:
         checks.append((f"webhook {mask_text(webhook.url)}", lambda w=webhook: reach_webhook(w, timeout)))
+    fhir: FhirEndpoint | None = settings.fhir
+    if fhir is not None:
+        checks.append((f"fhir {fhir.label}", lambda: reach_http(fhir, "metadata", timeout)))
     return checks
 
 

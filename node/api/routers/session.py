@@ -37,6 +37,8 @@ def log_in(body: SessionIn, request: Request, response: Response, settings: Sett
     if principal is None:
         record_failure(request, "session")
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown token")
+    if principal.role == "sender":  # a system that stores by STOW-RS has no page to see
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"user {principal.name} may only send instances (STOW-RS)")
     record_login(request, principal)
     response.set_cookie(
         SESSION_COOKIE,

@@ -238,6 +238,7 @@ def get_study(
                 attempts=o.attempts,
                 last_error=o.last_error,
                 sent_at=o.sent_at,
+                response=o.response,
             )
             for o in ledger.list_outbox(study_uid)
         ],
