@@ -2,7 +2,7 @@
 or C-STORE warning), kept beside the outbox row's last error (node/export.py).
 
 Revision ID: 0005_dicomweb
-Revises: 0003_reanalysis
+Revises: 0004_analysis_leases
 Create Date: 2026-12-06
 """
 
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005_dicomweb"
-down_revision = "0003_reanalysis"
+down_revision = "0004_analysis_leases"
 branch_labels = None
 depends_on = None
 
