@@ -5,16 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import FileResponse
+from swagger_ui_bundle import swagger_ui_path
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from config.settings import Settings
 from node.api.auth import Authenticator, LoginGuard
+from node.api.context import StudyContext
 from node.api.limits import install_limits
 from node.api.previews import PreviewRenderer
-from node.api.routers import feedback, notifications, session, studies
+from node.api.routers import events, feedback, notifications, session, studies
 from node.audit import AuditTrail
 from node.ledger import Ledger
+from node.storage import InstanceStore
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "web" / "static"
 
@@ -35,7 +38,7 @@ def create_app(settings: Settings, ledger: Ledger) -> FastAPI:
             "endpoint needs `Authorization: Bearer <token>` or the session cookie set by `POST /api/session`. "
             "URLs name studies by an opaque reference, never by a UID or a patient identifier."
         ),
-        docs_url=None,  # Swagger UI and ReDoc load their assets from a CDN; /openapi.json is the reference
+        docs_url=None,  # FastAPI's pages load Swagger UI from a CDN: /api/docs serves it from the package
         redoc_url=None,
     )
     app.state.settings = settings
@@ -44,7 +47,8 @@ def create_app(settings: Settings, ledger: Ledger) -> FastAPI:
     app.state.login_guard = LoginGuard(settings.api_login_max_failures, settings.api_login_window_seconds)
     app.state.audit = AuditTrail(settings.storage_dir)
     app.state.previews = PreviewRenderer(settings.storage_dir)
-    for module in (session, studies, feedback, notifications):
+    app.state.context = StudyContext(InstanceStore(settings.storage_dir), settings.site_time_zone)
+    for module in (session, studies, feedback, notifications, events):
         app.include_router(module.router)
     # Before the security headers, so the routes read the body through the limit directly
     # (BaseHTTPMiddleware would wrap its 413 in a task group's ExceptionGroup); that middleware
@@ -65,5 +69,21 @@ def create_app(settings: Settings, ledger: Ledger) -> FastAPI:
     def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
+    @app.get("/api/docs", include_in_schema=False)
+    def api_docs() -> HTMLResponse:
+        """Swagger UI from the swagger-ui-bundle package, started by a file of ours (no inline
+        script: the Content-Security-Policy allows none)."""
+        return HTMLResponse(SWAGGER_PAGE)
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/api/docs/assets", StaticFiles(directory=swagger_ui_path), name="swagger-ui")
     return app
+
+
+SWAGGER_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Pleura worklist API</title>
+<link rel="stylesheet" href="/api/docs/assets/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="/api/docs/assets/swagger-ui-bundle.js"></script>
+<script src="/static/api-docs.js"></script></body></html>
+"""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
 from config.settings import MIN_TOKEN_CHARS, ApiUser
 from node.audit import AuditTrail
@@ -181,7 +182,18 @@ def record_login(request: Request, principal: Principal) -> None:
     log.info("API user %s logged in", principal.name)
 
 
-def current_principal(request: Request) -> Principal:
+# Declared for the OpenAPI document (its security schemes); the checks are current_principal's own.
+BEARER_SCHEME = HTTPBearer(auto_error=False, scheme_name="bearer", description="a user's token (`pleura api-token`)")
+COOKIE_SCHEME = APIKeyCookie(
+    name=SESSION_COOKIE, auto_error=False, scheme_name="session", description="set by POST /api/session (the page)"
+)
+
+
+def current_principal(
+    request: Request,
+    _bearer: HTTPAuthorizationCredentials | None = Depends(BEARER_SCHEME),
+    _cookie: str | None = Depends(COOKIE_SCHEME),
+) -> Principal:
     """The caller, from `Authorization: Bearer <token>` or the session cookie; 401 otherwise (429
     while its address has too many recent wrong tokens)."""
     auth: Authenticator = request.app.state.authenticator
