@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import fastapi_offline
 from fastapi import FastAPI, Request, Response
-from swagger_ui_bundle import swagger_ui_path
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -38,7 +38,7 @@ def create_app(settings: Settings, ledger: Ledger) -> FastAPI:
             "endpoint needs `Authorization: Bearer <token>` or the session cookie set by `POST /api/session`. "
             "URLs name studies by an opaque reference, never by a UID or a patient identifier."
         ),
-        docs_url=None,  # FastAPI's pages load Swagger UI from a CDN: /api/docs serves it from the package
+        docs_url=None,  # FastAPI's pages load Swagger UI from a CDN: /api/docs serves a packaged copy
         redoc_url=None,
     )
     app.state.settings = settings
@@ -71,14 +71,16 @@ def create_app(settings: Settings, ledger: Ledger) -> FastAPI:
 
     @app.get("/api/docs", include_in_schema=False)
     def api_docs() -> HTMLResponse:
-        """Swagger UI from the swagger-ui-bundle package, started by a file of ours (no inline
-        script: the Content-Security-Policy allows none)."""
+        """Swagger UI 5 (it reads OpenAPI 3.1) from the fastapi-offline package's files, started by
+        a file of ours (no inline script: the Content-Security-Policy allows none)."""
         return HTMLResponse(SWAGGER_PAGE)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.mount("/api/docs/assets", StaticFiles(directory=swagger_ui_path), name="swagger-ui")
+    app.mount("/api/docs/assets", StaticFiles(directory=SWAGGER_UI_DIR), name="swagger-ui")
     return app
 
+
+SWAGGER_UI_DIR = Path(fastapi_offline.__file__).resolve().parent / "static"
 
 SWAGGER_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Pleura worklist API</title>
