@@ -118,6 +118,18 @@ def test_list_beside_an_open_study_with_context_deep_links_keys_and_the_viewer(s
             assert box["x"] >= 0 and box["x"] + box["width"] <= 1280 * 0.5, cell.inner_text()
     canvas = page.locator(VIEWER).bounding_box()
     assert canvas["y"] + canvas["height"] <= 720 and canvas["width"] >= 400 and canvas["height"] >= 300
+    for button in ("confirm", "reject"):  # the verdicts are on screen too
+        verdict = page.locator(f"#feedback-buttons .verdict.{button}").bounding_box()
+        assert verdict["y"] + verdict["height"] <= 720 and verdict["x"] + verdict["width"] <= 1280
+    # The divider between list and study can be dragged.
+    divider = page.locator("#splitter").bounding_box()
+    list_width = page.locator("#worklist-pane").bounding_box()["width"]
+    page.mouse.move(divider["x"] + 3, divider["y"] + 100)
+    page.mouse.down()
+    page.mouse.move(divider["x"] - 150, divider["y"] + 100, steps=5)
+    page.mouse.up()
+    assert page.locator("#worklist-pane").bounding_box()["width"] < list_width - 100
+    page.evaluate("() => { localStorage.removeItem('pleura.listWidth'); document.documentElement.style.removeProperty('--list-width'); }")
 
     # Patient and study context, in the site's time zone; the numbers and what they are.
     assert page.inner_text("#detail-title") == "Doe Jane (52 y F)"
