@@ -379,7 +379,17 @@ class Settings(BaseSettings):
     api_users: list[ApiUser] = Field(
         default_factory=list, description="JSON list of {name, role, token | token_sha256}; none = no worklist"
     )
-    worklist_refresh_seconds: float = Field(default=5.0, gt=0, le=300, description="how often the page refreshes")
+    worklist_refresh_seconds: float = Field(
+        default=5.0, gt=0, le=300, description="how often the page checks for changes when the event stream is down"
+    )
+    worklist_aging_minutes: float = Field(
+        default=0.0, ge=0, description="a study without a verdict this long after it arrived rises to the top (0: off)"
+    )
+    site_time_zone: str = Field(default="UTC", description="IANA time zone the page shows times in (Europe/Berlin)")
+    pacs_viewer_url: str | None = Field(
+        default=None,
+        description="the site's viewer for a study: a URL with {study_uid} and/or {accession_number} in it",
+    )
     api_max_body_bytes: int = Field(
         default=64 * 1024, ge=1024, description="largest request body the worklist API reads (413 beyond it)"
     )
@@ -488,6 +498,30 @@ class Settings(BaseSettings):
     )
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @field_validator("site_time_zone")
+    @classmethod
+    def _known_time_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone (e.g. Europe/Berlin, America/New_York, UTC)") from None
+        return value
+
+    @field_validator("pacs_viewer_url")
+    @classmethod
+    def _viewer_template(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        fields = set(re.findall(r"{([^{}]*)}", value))
+        if not fields or not fields <= {"study_uid", "accession_number"} or not value.startswith(("http://", "https://")):
+            raise ValueError(
+                "must be an http(s) URL naming {study_uid} and/or {accession_number}, "
+                "e.g. https://pacs.example.org/viewer?StudyInstanceUIDs={study_uid}"
+            )
+        return value
 
     @field_validator("device")
     @classmethod

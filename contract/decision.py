@@ -7,13 +7,15 @@ they report describe what the node decides. A bundle's ``thresholds`` are its pa
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from numpy.typing import ArrayLike
 
 from contract.bundle import Manifest
 from contract.preprocess import mask_to_source
 
-__all__ = ["decision_reason", "flag_decision", "lesion_mask", "min_area_px", "source_lesion_mask"]
+__all__ = ["decision_reason", "flag_decision", "lesion_mask", "min_area_px", "reason_threshold", "source_lesion_mask"]
 
 
 def lesion_mask(source_probabilities: np.ndarray, mask_threshold: float) -> np.ndarray:
@@ -69,3 +71,12 @@ def decision_reason(
     if area_px < min_area_px:
         return f"classifier {p} >= threshold {t}, but segmented area {area_px} px < minimum {min_area_px} px"
     return f"classifier {p} >= threshold {t} and segmented area {area_px} px >= minimum {min_area_px} px"
+
+
+_THRESHOLD = re.compile(r"threshold (\d+(?:\.\d+)?)")
+
+
+def reason_threshold(reason: str | None) -> float | None:
+    """The classifier threshold named in a :func:`decision_reason` text (None when it names none)."""
+    found = _THRESHOLD.search(reason or "")
+    return float(found.group(1)) if found else None

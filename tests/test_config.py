@@ -216,3 +216,15 @@ def test_tokens_need_128_bits_in_plain_and_hashed_form():
     settings = load_settings(api_users=[{"name": "b", "role": "read", "token_sha256": hashlib.sha256(strong.encode()).hexdigest()}])
     assert Authenticator(settings.api_users, Ledger("sqlite://")).check_token(strong).name == "b"
     assert weak not in DOCS.read_text() and weak not in (DOCS.parent.parent / "README.md").read_text()
+
+
+def test_worklist_site_settings_are_checked_with_the_fix_in_the_message(tmp_path):
+    with pytest.raises(SettingsError, match="site_time_zone.*IANA time zone"):
+        load_settings(storage_dir=tmp_path, site_time_zone="Mars/Olympus")
+    with pytest.raises(SettingsError, match="pacs_viewer_url.*study_uid"):
+        load_settings(storage_dir=tmp_path, pacs_viewer_url="https://pacs.example.org/viewer?uid={patient_id}")
+    settings = load_settings(
+        storage_dir=tmp_path, site_time_zone="Europe/Berlin", worklist_aging_minutes=30,
+        pacs_viewer_url="https://pacs.example.org/ohif/viewer?StudyInstanceUIDs={study_uid}",
+    )
+    assert settings.site_time_zone == "Europe/Berlin" and settings.worklist_aging_minutes == 30

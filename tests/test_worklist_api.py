@@ -51,7 +51,8 @@ def test_login_sets_a_session_cookie_the_page_uses(worklist):
     with TestClient(create_app(worklist.settings, worklist.ledger)) as browser:
         answer = browser.post("/api/session", json={"token": RADIOLOGIST_TOKEN})
         assert answer.status_code == 200
-        assert answer.json() == {"name": "dr.house", "role": "feedback", "may_give_feedback": True, "refresh_seconds": 5.0}
+        assert answer.json() == {"name": "dr.house", "role": "feedback", "may_give_feedback": True, "refresh_seconds": 5.0,
+                                 "time_zone": "UTC", "aging_minutes": 0.0, "undo_seconds": 60}
         cookie = answer.headers["set-cookie"].lower()
         assert "httponly" in cookie and "samesite=strict" in cookie
         assert browser.get("/api/studies").status_code == 200
@@ -89,13 +90,30 @@ def test_filters(client):
     assert [s["accession_number"] for s in since.json()] == ["ACC-PEND"]
     newest = client.get("/api/studies?order=newest", headers=headers).json()
     assert [s["accession_number"] for s in newest] == ["ACC-PEND", "ACC-POS", "ACC-NEG"]
+    # Paging: the total of all pages in X-Total-Count.
+    page = client.get("/api/studies", params={"offset": 1, "limit": 1}, headers=headers)
+    assert page.headers["X-Total-Count"] == "3" and [s["accession_number"] for s in page.json()] == ["ACC-PEND"]
+    assert client.get("/api/studies?offset=5", headers=headers).json() == []
+    # Search (patient name, ID, accession, description) and a date range.
+    assert [s["accession_number"] for s in client.get("/api/studies?q=jane", headers=headers).json()] == ["ACC-POS"]
+    until = client.get("/api/studies", params={"until": refs_by_accession(client)["ACC-POS"]["received_at"]},
+                       headers=headers).json()
+    assert [s["accession_number"] for s in until] == ["ACC-NEG"]
 
 
 def test_detail_and_preview_with_the_outline(client, worklist):
     ref = refs_by_accession(client)["ACC-POS"]["ref"]
     detail = client.get(f"/api/studies/{ref}", headers=bearer(READER_TOKEN)).json()
     assert detail["flagged"] is True
+    # Patient and study context from the header; the numbers behind the decision.
+    assert (detail["patient_name"], detail["patient_sex"], detail["patient_age"]) == ("Doe Jane", "F", "52 y")
+    assert detail["study_datetime"].startswith("2024-01-01T12:00:00") and detail["study_description"] == "CHEST PA"
+    assert detail["view"] == "PA" and detail["modality"] in ("CR", "DX")
+    assert 0 < detail["threshold"] < 1 and detail["probability"] >= detail["threshold"]
+    assert detail["hemithorax_fraction"] is None or 0 < detail["hemithorax_fraction"] <= 1
+    assert detail["pacs_url"] is None  # no viewer configured
     (image,) = detail["images"]
+    assert image["threshold"] == detail["threshold"]
     assert image["sop_instance_uid"] == worklist.positive.SOPInstanceUID
     assert image["flagged"] is True and image["has_outline"] is True and image["has_heatmap"] is False
     assert image["heatmap_url"] is None
@@ -175,10 +193,24 @@ def test_feedback_export_for_retraining(client, worklist):
 
 
 def test_openapi_documents_the_resources(client):
-    paths = client.get("/openapi.json").json()["paths"]
+    document = client.get("/openapi.json").json()
+    paths = document["paths"]
     for path in ("/api/studies", "/api/studies/{ref}", "/api/studies/{ref}/images/{index}/preview.png",
                  "/api/studies/{ref}/feedback", "/api/feedback/export", "/api/notifications", "/api/session"):
         assert path in paths, path
+    # The security schemes and the error answers are declared.
+    assert set(document["components"]["securitySchemes"]) == {"bearer", "session"}
+    assert {"bearer": []} in paths["/api/studies"]["get"]["security"]
+    assert "X-Total-Count" in paths["/api/studies"]["get"]["responses"]["200"]["headers"]
+    assert {"401", "404"} <= set(paths["/api/studies/{ref}"]["get"]["responses"])
+    assert {"401", "403", "404", "409", "422"} <= set(paths["/api/studies/{ref}/feedback"]["post"]["responses"])
+    assert "corrected" in document["components"]["schemas"]["FeedbackIn"]["properties"]["verdict"]["description"]
+    # The interactive docs are served by the node itself (no CDN), under the page's CSP.
+    docs = client.get("/api/docs")
+    assert docs.status_code == 200 and "http" not in docs.text.replace("http-equiv", "")
+    assert client.get("/api/docs/assets/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/api/docs/assets/swagger-ui.css").status_code == 200
+    assert "script-src 'self'" in docs.headers["content-security-policy"]
 
 
 def test_cli_exports_feedback_and_makes_tokens(worklist, tmp_path, monkeypatch):
@@ -357,3 +389,117 @@ def test_study_views_previews_and_feedback_are_audited_without_uids_in_the_logs(
     assert "apical" not in json.dumps(feedback)  # the comment stays in the ledger
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert study_uid not in logged and worklist.positive.SOPInstanceUID not in logged
+
+
+def _png_data_url(rgba: np.ndarray) -> str:
+    import base64
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_a_traced_contour_is_stored_as_the_area_it_closes_through_the_feedback_verdict(client, worklist):
+    """A radiologist traces the edge of the pneumothorax; the label is the area inside, not the
+    brush's ring. `corrected` is a verdict like the others on POST .../feedback."""
+    ref = worklist.ledger.study_ref(worklist.pending.StudyInstanceUID)
+    worklist.ledger.mark_queued(worklist.pending.StudyInstanceUID)
+    ring = np.zeros((256, 256, 4), dtype=np.uint8)
+    yy, xx = np.mgrid[:256, :256]
+    distance = np.hypot(yy - 100, xx - 170)
+    ring[(distance >= 30) & (distance <= 36)] = (0, 170, 255, 190)  # a traced circle, 6 px wide
+    body = {"verdict": "corrected", "image_index": 0, "mask_png": _png_data_url(ring), "comment": "traced"}
+    assert client.post(f"/api/studies/{ref}/feedback", json={**body, "image_index": None},
+                       headers=bearer(RADIOLOGIST_TOKEN)).status_code == 422
+    assert client.post(f"/api/studies/{ref}/feedback", json={**body, "image_index": 3},
+                       headers=bearer(RADIOLOGIST_TOKEN)).status_code == 404
+    saved = client.post(f"/api/studies/{ref}/feedback", json=body, headers=bearer(RADIOLOGIST_TOKEN))
+    assert saved.status_code == 201, saved.text
+    mask = np.asarray(Image.open(worklist.settings.storage_dir / saved.json()["mask_key"])) > 0
+    # 512 px image: the circle's centre (200, 340) is inside the label, outside it is not.
+    assert mask[200, 340] and mask[200 - 50 : 200 + 50, 340 - 50 : 340 + 50].mean() > 0.6
+    assert not mask[200, 250] and not mask[:100].any()
+    # The saved outline is served for the page to show over the image, filled, in blue.
+    detail = client.get(f"/api/studies/{ref}", headers=bearer(READER_TOKEN)).json()
+    assert detail["feedback"]["verdict"] == "corrected" and detail["feedback"]["user"] == "dr.house"
+    shown = client.get(detail["images"][0]["correction_url"], headers=bearer(READER_TOKEN))
+    assert shown.status_code == 200
+    overlay = np.asarray(Image.open(io.BytesIO(shown.content)))
+    assert overlay.shape == (512, 512, 4) and overlay[200, 340, 3] > 0 and overlay[200, 340, 2] > 200
+    assert overlay[10, 10, 3] == 0
+
+
+def test_a_verdict_is_undone_within_the_minute_by_its_author_only(client, worklist):
+    from datetime import timedelta
+
+    from node.ledger import utcnow
+
+    uid = worklist.positive.StudyInstanceUID
+    ref = worklist.ledger.study_ref(uid)
+    before = worklist.ledger.list_feedback(uid)
+    rejected = client.post(f"/api/studies/{ref}/feedback", json={"verdict": "rejected"},
+                           headers=bearer(RADIOLOGIST_TOKEN)).json()
+    assert refs_by_accession(client)["ACC-POS"]["flagged"] is False
+    rejected_id = worklist.ledger.list_feedback(uid)[-1]["id"]
+    assert client.post(f"/api/studies/{ref}/feedback/{rejected_id}/undo",
+                       headers=bearer(READER_TOKEN)).status_code == 403
+    undone = client.post(f"/api/studies/{ref}/feedback/{rejected_id}/undo", headers=bearer(RADIOLOGIST_TOKEN))
+    assert undone.status_code == 201, undone.text
+    # The verdict before the rejection is in force again (or none), and the flag is back.
+    restored = before[-1]["verdict"] if before and before[-1]["verdict"] != "undone" else "undone"
+    assert undone.json()["verdict"] == restored and rejected["verdict"] == "rejected"
+    assert refs_by_accession(client)["ACC-POS"]["flagged"] is True
+    assert client.post(f"/api/studies/{ref}/feedback/{rejected_id}/undo",
+                       headers=bearer(RADIOLOGIST_TOKEN)).status_code == 409  # no longer the newest
+    # Too late: a minute after.
+    client.post(f"/api/studies/{ref}/feedback", json={"verdict": "rejected"}, headers=bearer(RADIOLOGIST_TOKEN))
+    late_id = worklist.ledger.list_feedback(uid)[-1]["id"]
+    import pytest as _pytest
+
+    with _pytest.raises(ValueError, match="within 60 s"):
+        worklist.ledger.undo_feedback(uid, late_id, "dr.house", now=utcnow() + timedelta(seconds=61))
+    # Nothing was deleted: every verdict stays in the history.
+    assert [f["verdict"] for f in worklist.ledger.list_feedback(uid)][-3:] == ["rejected", restored, "rejected"]
+
+
+def test_viewer_pixels_and_overlays_at_full_resolution(client, worklist):
+    ref = worklist.ledger.study_ref(worklist.positive.StudyInstanceUID)
+    (image,) = client.get(f"/api/studies/{ref}", headers=bearer(READER_TOKEN)).json()["images"]
+    assert ref in image["pixels_url"] and worklist.positive.SOPInstanceUID not in image["pixels_url"]
+    answer = client.get(image["pixels_url"], headers=bearer(READER_TOKEN))
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/octet-stream"
+    rows, columns = int(answer.headers["X-Rows"]), int(answer.headers["X-Columns"])
+    values = np.frombuffer(answer.content, dtype="<u2").reshape(rows, columns)
+    assert (rows, columns) == (512, 512) and values.min() == 0 and values.max() == 65535
+    assert 0 <= float(answer.headers["X-Window-Center"]) <= 1 and float(answer.headers["X-Window-Width"]) > 0
+    assert client.get(image["pixels_url"]).status_code == 401
+    outline = client.get(image["outline_url"], headers=bearer(READER_TOKEN))
+    rgba = np.asarray(Image.open(io.BytesIO(outline.content)))
+    assert rgba.shape == (512, 512, 4) and (rgba[..., 3] == 255).sum() > 20 and (rgba[..., 3] == 0).mean() > 0.9
+
+
+def test_aging_rule_lists_an_unread_study_first_and_the_pacs_link(worklist):
+    from datetime import datetime, timedelta, timezone
+
+    from node.storage import InstanceStore
+    from training.synthetic import synthetic_dicom
+    from worklist_fixtures import _receive
+
+    # A study nobody has looked at for 15 minutes (not analysed yet: pending, the lowest but one).
+    late, _ = synthetic_dicom(seed=80, positive=False, size=512)
+    _receive(worklist.ledger, InstanceStore(worklist.settings.storage_dir), late, "ACC-LATE",
+             datetime.now(timezone.utc) - timedelta(minutes=15))
+    settings = worklist.settings.model_copy(update={
+        "worklist_aging_minutes": 10.0,
+        "pacs_viewer_url": "https://pacs.example.org/viewer?StudyInstanceUIDs={study_uid}&acc={accession_number}",
+    })
+    with TestClient(create_app(settings, worklist.ledger)) as aged:
+        studies = aged.get("/api/studies", headers=bearer(READER_TOKEN)).json()
+        unread = [s for s in studies if s["overdue"]]
+        assert [s["accession_number"] for s in unread] == ["ACC-LATE"]
+        assert studies[0] == unread[0] and studies[0]["urgency"] == "pending"  # first, whatever its score
+        assert all(s["feedback"] is None or s["feedback"]["verdict"] == "undone" for s in unread)
+        ref = studies[0]["ref"]
+        detail = aged.get(f"/api/studies/{ref}", headers=bearer(READER_TOKEN)).json()
+        assert detail["pacs_url"].startswith("https://pacs.example.org/viewer?StudyInstanceUIDs=")
+        assert detail["study_instance_uid"] in detail["pacs_url"]

@@ -75,26 +75,23 @@ def test_a_study_sent_over_dicom_is_flagged_in_the_page_and_feedback_is_stored(t
             ref = row.get_attribute("data-ref")
             assert ref and dataset.StudyInstanceUID not in ref
 
-            # Detail: the preview with the outline loads; no heat map comes from this model.
+            # Detail: the image with the outline loads in the viewer; no heat map comes from this model.
             row.click()
             page.wait_for_selector("#detail:not([hidden])")
             page.wait_for_function(
-                "() => { const i = document.querySelector('#images img'); return i && i.complete && i.naturalWidth > 0; }",
-                timeout=120_000,
+                "(r) => document.querySelector('#viewer').dataset.loaded === r + '/0'", arg=ref, timeout=120_000
             )
             assert "PNEUMOTHORAX SUSPECTED" in page.inner_text("#detail-flag")
-            # Each image says the rule behind its decision.
-            assert "classifier" in page.inner_text("#images figcaption") and "threshold" in page.inner_text(
-                "#images figcaption"
-            )
-            assert page.is_disabled("#heatmap-toggle")
+            # The image's decision rule in words.
+            assert "classifier" in page.inner_text("#detail-facts") and "threshold" in page.inner_text("#detail-facts")
+            assert page.is_disabled("#show-heatmap")
             page.screenshot(path=str(tmp_path / "worklist.png"), full_page=True)
 
             ledger = Ledger(f"sqlite:///{storage / 'ledger.sqlite'}")
             study_uid = dataset.StudyInstanceUID
             page.click("button.verdict.confirm")
             page.wait_for_function(
-                "() => document.querySelector('#feedback-status').textContent.startsWith('Saved: confirmed')"
+                "() => document.querySelector('#feedback-status').textContent.startsWith('Saved: Confirmed')"
             )
             # The worker reported taking the study (the worklist said "analysing" meanwhile).
             wait_for(lambda: ledger.analysis_started_at(study_uid), 60, "the start of the analysis in the ledger")
@@ -102,23 +99,27 @@ def test_a_study_sent_over_dicom_is_flagged_in_the_page_and_feedback_is_stored(t
             assert confirmed["verdict"] == "confirmed" and confirmed["user"] == "dr.house"
             assert confirmed["flagged"] is True
 
-            # The radiologist paints their own outline over the preview; it is stored as a mask.
-            page.click("#images figure button.draw")
-            canvas = page.wait_for_selector("#images canvas")
-            box = canvas.bounding_box()
-            page.mouse.move(box["x"] + box["width"] * 0.70, box["y"] + box["height"] * 0.25)
+            # The radiologist traces their own outline over the image; the area inside is stored as a mask.
+            page.click("#draw-start")
+            box = page.locator("#viewer-canvas").bounding_box()
+            view = page.evaluate("() => state.viewer.view")  # image pixel -> canvas pixel
+
+            def at(x: float, y: float) -> tuple[float, float]:
+                return box["x"] + view["x"] + x * view["scale"], box["y"] + view["y"] + y * view["scale"]
+
+            page.mouse.move(*at(410, 200))
             page.mouse.down()
-            page.mouse.move(box["x"] + box["width"] * 0.75, box["y"] + box["height"] * 0.45, steps=8)
-            page.mouse.move(box["x"] + box["width"] * 0.78, box["y"] + box["height"] * 0.65, steps=8)
+            for angle in np.linspace(0, 2 * np.pi, 30)[1:]:
+                page.mouse.move(*at(380 + 30 * np.cos(angle), 200 + 30 * np.sin(angle)))
             page.mouse.up()
-            page.click("#images button.save-outline")
+            page.click("#draw-save")
             page.wait_for_function(
-                "() => document.querySelector('#feedback-status').textContent.startsWith('Saved: corrected outline')"
+                "() => document.querySelector('#feedback-status').textContent.startsWith('Saved: Outline corrected')"
             )
             corrected = ledger.list_feedback(study_uid)[-1]
             assert corrected["verdict"] == "corrected" and corrected["user"] == "dr.house"
             mask = np.asarray(Image.open(storage / corrected["mask_key"])) > 0
-            assert mask.shape == (512, 512) and mask[:, 340:420].any() and not mask[:, :300].any()
+            assert mask.shape == (512, 512) and mask[190:210, 370:390].all() and not mask[:, :300].any()
 
             # The RIS and the webhook heard of the flag.
             wait_for(lambda: listener.messages, 60, "the ORU^R01 at the MLLP listener")
@@ -131,9 +132,10 @@ def test_a_study_sent_over_dicom_is_flagged_in_the_page_and_feedback_is_stored(t
             assert receiver.requests[0]["json"]["event"] == "flagged"
 
             # Rejecting withdraws the flag: the row is no longer flagged, the RIS is told.
-            page.click("button.verdict.reject")
+            page.click("#feedback-buttons button.verdict.reject")
+            page.click("#reject-yes")  # Reject asks first
             page.wait_for_function(
-                "() => document.querySelector('#feedback-status').textContent.startsWith('Saved: rejected')"
+                "() => document.querySelector('#feedback-status').textContent.startsWith('Saved: Flag rejected')"
             )
             page.wait_for_selector(f"#worklist-body tr[data-ref='{ref}']:not(.flagged)")
             assert [f["verdict"] for f in ledger.list_feedback(study_uid)] == ["confirmed", "corrected", "rejected"]

@@ -65,6 +65,9 @@ def build_worklist(storage: Path, bundle: Path, **settings_overrides) -> Worklis
     positive, _ = synthetic_dicom(seed=77, positive=True, size=512)
     negative, _ = synthetic_dicom(seed=78, positive=False, size=512)
     pending, _ = synthetic_dicom(seed=79, positive=True, size=512)
+    # Patient context the page shows (the header's own words).
+    positive.PatientName, positive.PatientSex, positive.PatientAge = "Doe^Jane", "F", "052Y"
+    positive.StudyDescription, positive.StudyDate, positive.StudyTime = "CHEST PA", "20240101", "120000"
     # The negative arrived first, the positive later: urgency must beat age.
     for ds, accession, age in ((negative, "ACC-NEG", 30), (positive, "ACC-POS", 20)):
         item = _receive(ledger, store, ds, accession, now - timedelta(minutes=age))

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import fastapi_offline
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from config.settings import Settings
 from node.api.auth import Authenticator, LoginGuard
+from node.api.context import StudyContext
 from node.api.limits import install_limits
 from node.api.previews import PreviewRenderer
-from node.api.routers import dicomweb, feedback, notifications, session, studies
+from node.api.routers import dicomweb, events, feedback, notifications, session, studies
 from node.audit import AuditTrail
 from node.ledger import Ledger
 from node.receive import Receiver
@@ -38,7 +40,7 @@ def create_app(settings: Settings, ledger: Ledger) -> FastAPI:
             "URLs name studies by an opaque reference, never by a UID or a patient identifier. "
             "`POST /dicomweb/studies` is the STOW-RS service, for users of the `sender` role only."
         ),
-        docs_url=None,  # Swagger UI and ReDoc load their assets from a CDN; /openapi.json is the reference
+        docs_url=None,  # FastAPI's pages load Swagger UI from a CDN: /api/docs serves a packaged copy
         redoc_url=None,
     )
     app.state.settings = settings
@@ -49,7 +51,8 @@ def create_app(settings: Settings, ledger: Ledger) -> FastAPI:
     app.state.previews = PreviewRenderer(settings.storage_dir)
     # STOW-RS goes through the SCP's receive path: the same checks, durable store and ledger.
     app.state.receiver = Receiver(settings, ledger, InstanceStore(settings.storage_dir), audit=app.state.audit)
-    for module in (session, studies, feedback, notifications, dicomweb):
+    app.state.context = StudyContext(InstanceStore(settings.storage_dir), settings.site_time_zone)
+    for module in (session, studies, feedback, notifications, dicomweb, events):
         app.include_router(module.router)
     # Before the security headers, so the routes read the body through the limit directly
     # (BaseHTTPMiddleware would wrap its 413 in a task group's ExceptionGroup); that middleware
@@ -73,5 +76,23 @@ def create_app(settings: Settings, ledger: Ledger) -> FastAPI:
     def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
+    @app.get("/api/docs", include_in_schema=False)
+    def api_docs() -> HTMLResponse:
+        """Swagger UI 5 (it reads OpenAPI 3.1) from the fastapi-offline package's files, started by
+        a file of ours (no inline script: the Content-Security-Policy allows none)."""
+        return HTMLResponse(SWAGGER_PAGE)
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/api/docs/assets", StaticFiles(directory=SWAGGER_UI_DIR), name="swagger-ui")
     return app
+
+
+SWAGGER_UI_DIR = Path(fastapi_offline.__file__).resolve().parent / "static"
+
+SWAGGER_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Pleura worklist API</title>
+<link rel="stylesheet" href="/api/docs/assets/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="/api/docs/assets/swagger-ui-bundle.js"></script>
+<script src="/static/api-docs.js"></script></body></html>
+"""

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
 from config.settings import MIN_TOKEN_CHARS, ApiUser
 from node.audit import AuditTrail
@@ -183,6 +184,13 @@ def record_login(request: Request, principal: Principal) -> None:
     log.info("API user %s logged in", principal.name)
 
 
+# Declared for the OpenAPI document (its security schemes); the checks are current_principal's own.
+BEARER_SCHEME = HTTPBearer(auto_error=False, scheme_name="bearer", description="a user's token (`pleura api-token`)")
+COOKIE_SCHEME = APIKeyCookie(
+    name=SESSION_COOKIE, auto_error=False, scheme_name="session", description="set by POST /api/session (the page)"
+)
+
+
 def _from_header(request: Request) -> Principal | None:
     """The user of `Authorization: Bearer <token>` or, for systems that can send only that (an
     archive's DICOMweb client), `Basic` with the user's name and token; None without either. A
@@ -220,7 +228,11 @@ def _authenticated(request: Request) -> Principal:
     )
 
 
-def current_principal(request: Request) -> Principal:
+def current_principal(
+    request: Request,
+    _bearer: HTTPAuthorizationCredentials | None = Depends(BEARER_SCHEME),
+    _cookie: str | None = Depends(COOKIE_SCHEME),
+) -> Principal:
     """The caller, from `Authorization: Bearer <token>` or the session cookie; 401 otherwise (429
     while its address has too many recent wrong tokens), 403 for a ``sender``, who may only send."""
     principal = _authenticated(request)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from config.settings import Settings
+from node.api.context import StudyContext
 from node.api.previews import PreviewRenderer
 from node.ledger import Ledger
 
@@ -19,3 +20,7 @@ def get_settings(request: Request) -> Settings:
 
 def get_previews(request: Request) -> PreviewRenderer:
     return request.app.state.previews
+
+
+def get_context(request: Request) -> StudyContext:
+    return request.app.state.context

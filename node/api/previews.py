@@ -78,9 +78,6 @@ class PreviewRenderer:
         target = self._cached("outline", instance.sop_instance_uid, seg.sop_instance_uid if seg else "-", str(synthetic))
         if target.exists():
             return target
-        # The decoder and the drawing live with the worker (torch): import on first use only.
-        from worker.preview import render_outline_png
-
         try:
             source = pydicom.dcmread(self.store.path(instance.storage_key))
             if seg is not None:
@@ -89,7 +86,7 @@ class PreviewRenderer:
                 mask = np.zeros((source.Rows, source.Columns), dtype=bool)
             make_private_dirs(target.parent)
             temp = target.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp.png")
-            render_outline_png(source, mask, temp, max_size=self.size, caption=SYNTHETIC_CAPTION if synthetic else None)
+            _drawing().render_outline_png(source, mask, temp, max_size=self.size, caption=SYNTHETIC_CAPTION if synthetic else None)
             make_private(temp)
             os.replace(temp, target)
         except (OSError, ValueError, AttributeError, pydicom.errors.InvalidDicomError) as exc:
@@ -114,3 +111,35 @@ class PreviewRenderer:
         except (OSError, ValueError, AttributeError, pydicom.errors.InvalidDicomError) as exc:
             raise PreviewError(f"cannot draw the heat map: {type(exc).__name__}: {exc}") from exc
         return self._save(picture.convert("RGB"), target)
+
+
+def _drawing():  # noqa: ANN202  (the module worker.preview)
+    """The decoder and the drawing live with the worker (torch): imported on first use only."""
+    from worker import preview
+
+    return preview
+
+
+def viewer_image(dataset: pydicom.Dataset):  # noqa: ANN201  (worker.preview.ViewerImage)
+    """The stored image for the page's viewer (:func:`worker.preview.viewer_image`)."""
+    try:
+        return _drawing().viewer_image(dataset)
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise PreviewError(f"cannot decode the image for the viewer: {exc}") from exc
+
+
+def overlay_png(mask: np.ndarray, colour: tuple[int, int, int], *, fill_alpha: int = 0, edge: int = 2) -> bytes:
+    """A transparent PNG the size of the mask: its boundary in `colour` (and its inside with
+    `fill_alpha`), for the viewer to lay over the image."""
+    from io import BytesIO
+
+    from scipy import ndimage
+
+    mask = mask.astype(bool)
+    border = mask & ~ndimage.binary_erosion(mask, iterations=max(1, edge))
+    rgba = np.zeros((*mask.shape, 4), dtype=np.uint8)
+    rgba[mask] = (*colour, fill_alpha)
+    rgba[border] = (*colour, 255)
+    buffer = BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+    return buffer.getvalue()

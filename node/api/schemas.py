@@ -48,6 +48,26 @@ class Urgency(StrEnum):
 URGENCY_RANK = {Urgency.CRITICAL: 3, Urgency.FLAGGED: 2, Urgency.PENDING: 1, Urgency.ROUTINE: 0}
 
 
+class ErrorOut(BaseModel):
+    detail: str = Field(description="what went wrong, in one line")
+
+
+_ERROR_WORDS = {
+    401: "not logged in: send `Authorization: Bearer <token>` or the session cookie",
+    403: "logged in, but the user's role may not do this (role `feedback` needed)",
+    404: "no such study or image",
+    409: "the study's state does not allow it (not analysed yet, too many outlines, too late to undo)",
+    413: "the request body is too large",
+    422: "the request is not valid (the detail says which field)",
+    429: "too many wrong tokens from this address, or too many stored outlines for this user",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict]:
+    """OpenAPI `responses` for these error codes, each a :class:`ErrorOut`."""
+    return {code: {"model": ErrorOut, "description": _ERROR_WORDS[code]} for code in codes}
+
+
 class ModelInfo(BaseModel):
     name: str | None
     version: str | None
@@ -55,6 +75,7 @@ class ModelInfo(BaseModel):
 
 
 class FeedbackOut(BaseModel):
+    id: int | None = Field(None, description="the verdict's number (POST .../feedback/{id}/undo)")
     verdict: FeedbackVerdict
     user: str
     created_at: datetime
@@ -69,16 +90,21 @@ class FeedbackOut(BaseModel):
 
 class FeedbackIn(BaseModel):
     verdict: FeedbackVerdict = Field(
-        description="confirmed, rejected, or known (already known or treated); corrected goes to .../correction"
+        description="confirmed, rejected, known (already known or treated), or corrected (with `image_index` and "
+        "`mask_png`: the radiologist's outline, as POST .../images/{index}/correction takes it); "
+        "undone is recorded only by POST .../feedback/{id}/undo"
     )
     comment: str | None = Field(None, max_length=2000)
+    image_index: int | None = Field(None, ge=0, description="corrected: the image the outline is drawn on")
+    mask_png: str | None = Field(None, max_length=20_000_000, description="corrected: as CorrectionIn.mask_png")
 
 
 class CorrectionIn(BaseModel):
     mask_png: str = Field(
         max_length=20_000_000,
         description="the radiologist's outline painted over the preview, as a PNG (base64, or a data: URL); "
-        "every non-transparent, non-black pixel is pneumothorax. Any size with the image's aspect ratio.",
+        "every non-transparent, non-black pixel is pneumothorax, and so is every area a painted line closes "
+        "(a traced contour is filled). Any size with the image's aspect ratio.",
     )
     comment: str | None = Field(None, max_length=2000)
 
@@ -98,6 +124,18 @@ class StudySummary(BaseModel):
     area_cm2: float | None = Field(description="largest flagged area in cm², when the image has a pixel spacing")
     area_px: int | None
     largest_gap_mm: float | None = Field(None, description="largest pleural gap; null until the analysis reports it")
+    hemithorax_fraction: float | None = Field(
+        None, description="share of the hemithorax the largest flagged area covers (0..1), when measured"
+    )
+    threshold: float | None = Field(None, description="the classifier threshold the decision used")
+    overdue: bool = Field(False, description="no verdict yet, and older than the aging rule allows: listed first")
+    patient_name: str | None = None
+    patient_age: str | None = Field(None, description="as the DICOM header says it (052Y), or from the birth date")
+    patient_sex: str | None = None
+    study_datetime: datetime | None = Field(None, description="Study Date and Time, in the site's time zone")
+    study_description: str | None = None
+    modality: str | None = None
+    view: str | None = Field(None, description="View Position (PA, AP, LL) of the first image")
     model: ModelInfo
     instances: int
     received_at: datetime
@@ -122,7 +160,12 @@ class ImageOut(BaseModel):
     area_cm2: float | None
     side: str | None = None
     largest_gap_mm: float | None = None
+    hemithorax_fraction: float | None = None
+    threshold: float | None = Field(None, description="the classifier threshold of the decision rule")
     has_outline: bool
+    pixels_url: str = Field(description="the full-resolution image for the viewer (GET it for its format)")
+    outline_url: str | None = Field(None, description="the model's outline as a transparent PNG at full resolution")
+    correction_url: str | None = Field(None, description="the newest saved corrected outline on this image, a PNG")
     has_heatmap: bool
     preview_url: str
     heatmap_url: str | None
@@ -176,6 +219,7 @@ class AnalysisOut(BaseModel):
 
 
 class StudyDetail(StudySummary):
+    pacs_url: str | None = Field(None, description="the study in the site's viewer (setting pacs_viewer_url)")
     images: list[ImageOut]
     analyses: list[AnalysisOut] = Field(description="every analysis of the study, newest first")
     results: list[ResultOut]
@@ -193,3 +237,6 @@ class SessionOut(BaseModel):
     role: str
     may_give_feedback: bool
     refresh_seconds: float
+    time_zone: str = Field("UTC", description="the site's time zone: the page shows times in it")
+    aging_minutes: float = Field(0.0, description="the aging rule (0: off)")
+    undo_seconds: int = Field(60, description="how long a verdict can be undone by its author")

@@ -37,6 +37,7 @@ from node.ledger.schema import (
     Study,
     StudyRef,
     StudyStatus,
+    UNDO_SECONDS,
     utcnow,
 )
 from node.ledger.views import (
@@ -75,6 +76,7 @@ __all__ = [
     "StudyRef",
     "StudyStatus",
     "SummaryError",
+    "UNDO_SECONDS",
     "flag_in_force",
     "study_ref_for",
     "utcnow",

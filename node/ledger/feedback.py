@@ -18,6 +18,7 @@ from node.ledger.schema import (
     Instance,
     LedgerError,
     Result,
+    UNDO_SECONDS,
     SegLabel,
     Study,
     as_utc,
@@ -25,6 +26,9 @@ from node.ledger.schema import (
 )
 from node.ledger.sessions import LedgerSessions
 from node.ledger.views import feedback_dict
+
+
+UNDO_COMMENT = "undo of"
 
 
 class FeedbackLedger(LedgerSessions):
@@ -68,6 +72,47 @@ class FeedbackLedger(LedgerSessions):
             session.flush()
             return feedback_dict(row)
 
+    def undo_feedback(
+        self, study_uid: str, feedback_id: int, user: str, *, now: datetime | None = None
+    ) -> dict[str, Any]:
+        """Take back the study's newest verdict: only its author, within :data:`UNDO_SECONDS`.
+
+        Nothing is deleted: a new row puts the verdict before it back in force (a copy of it, with
+        its outline), or says "undone" when there was none. ValueError (with the reason) when the
+        verdict is not the newest, is another user's, is itself an undo, or is too old."""
+        now = as_utc(now) if now else utcnow()
+        with self._transaction() as session:
+            rows = list(
+                session.scalars(select(Feedback).where(Feedback.study_uid == study_uid).order_by(Feedback.id.desc()).limit(2))
+            )
+            if not rows or rows[0].id != feedback_id:
+                raise ValueError("only the newest verdict on the study can be undone")
+            newest, before = rows[0], (rows[1] if len(rows) > 1 else None)
+            if newest.user != user[:64]:
+                raise PermissionError(f"the verdict was given by {newest.user}; only they can undo it")
+            if newest.verdict == FeedbackVerdict.UNDONE or (newest.comment or "").startswith(UNDO_COMMENT):
+                raise ValueError("this verdict is itself an undo")
+            if (now - as_utc(newest.created_at)).total_seconds() > UNDO_SECONDS:
+                raise ValueError(f"a verdict can be undone within {UNDO_SECONDS} s of giving it")
+            study = session.get_one(Study, study_uid)
+            restored = before if before is not None and before.verdict != FeedbackVerdict.UNDONE else None
+            row = Feedback(
+                study_uid=study_uid,
+                verdict=restored.verdict if restored else FeedbackVerdict.UNDONE.value,
+                user=newest.user,
+                comment=f"{UNDO_COMMENT} {newest.verdict}",
+                created_at=now,
+                sop_instance_uid=restored.sop_instance_uid if restored else None,
+                mask_key=restored.mask_key if restored else None,
+                flagged=study.flagged,
+                probability=study.probability,
+                model_name=study.model_name,
+                model_version=study.model_version,
+            )
+            session.add(row)
+            session.flush()
+            return feedback_dict(row)
+
     def list_feedback(self, study_uid: str | None = None) -> list[dict[str, Any]]:
         """Feedback, oldest first (the last one per study is in force)."""
         with self.reading() as session:
@@ -97,6 +142,7 @@ class FeedbackLedger(LedgerSessions):
             verdicts = {
                 row.study_uid: row
                 for row in session.scalars(select(Feedback).where(Feedback.id.in_(latest)).order_by(Feedback.id))
+                if row.verdict != FeedbackVerdict.UNDONE  # taken back: the study has no verdict
             }
             seg_labels: dict[str, SegLabel] = {}  # the newest per image the ledger holds
             seg_studies: dict[str, list[SegLabel]] = {}

@@ -175,6 +175,11 @@ class FeedbackVerdict(StrEnum):
     REJECTED = "rejected"
     KNOWN = "known"  # already known or treated
     CORRECTED = "corrected"  # a pneumothorax, with the radiologist's own outline (mask_key)
+    UNDONE = "undone"  # the verdict before was taken back within the undo window; none is in force
+
+
+UNDO_SECONDS = 60
+"""How long after giving a verdict its author may take it back (:meth:`FeedbackLedger.undo_feedback`)."""
 
 
 class StudyRef(Base):

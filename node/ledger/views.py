@@ -25,6 +25,7 @@ from node.ledger.schema import (
     Result,
     Study,
     StudyRef,
+    StudyStatus,
     as_utc,
 )
 from node.ledger.sessions import LedgerSessions
@@ -292,6 +293,29 @@ class ViewLedger(LedgerSessions):
     """Reads of studies, instances and results, and the worklist."""
 
     # -- inspection ------------------------------------------------------------------------------
+
+    def change_mark(self) -> tuple[Any, ...]:
+        """A value that changes whenever the worklist may show something new: a study or instance
+        received, queued, taken, analysed, delivered, a verdict, a notification (cheap: maxima
+        and counts, for the page's event stream to poll)."""
+        with self.reading() as session:
+            studies = session.execute(
+                select(
+                    func.count(Study.study_uid),
+                    func.max(Study.last_received_at),
+                    func.max(Study.queued_at),
+                    func.max(Study.analysed_at),
+                    func.max(Study.delivered_at),
+                    func.sum(case((Study.status == StudyStatus.FAILED.value, 1), else_=0)),
+                )
+            ).one()
+            return (
+                *tuple(studies),
+                session.scalar(select(func.max(Instance.id))),
+                session.scalar(select(func.max(Feedback.id))),
+                session.scalar(select(func.max(AnalysisStart.started_at))),
+                session.scalar(select(func.max(Notification.id))),
+            )
 
     def study_status(self, study_uid: str) -> dict[str, Any] | None:
         """Where a study stands: status, times, outcome, model, reason and instance count."""

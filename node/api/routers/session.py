@@ -16,6 +16,7 @@ from node.api.auth import (
 )
 from node.api.deps import get_settings
 from node.api.schemas import SessionIn, SessionOut
+from node.ledger import UNDO_SECONDS
 
 router = APIRouter(prefix="/api/session", tags=["session"])
 
@@ -26,6 +27,9 @@ def _out(principal: Principal, settings: Settings) -> SessionOut:
         role=principal.role,
         may_give_feedback=principal.may_give_feedback,
         refresh_seconds=settings.worklist_refresh_seconds,
+        time_zone=settings.site_time_zone,
+        aging_minutes=settings.worklist_aging_minutes,
+        undo_seconds=UNDO_SECONDS,
     )
 
 
