@@ -52,11 +52,13 @@ if [ "$(base_age_days)" -ge "${PLEURA_BASE_MAX_AGE_DAYS:-7}" ]; then
     log "base $base made in $((SECONDS - start)) s"
 fi
 
-# --- pip inside the build trusts this host's CA bundle (PyPI through a proxy that re-signs TLS).
-#     Mounted for the build only: nothing of it stays in the images.
-pip_conf="$cache/pip.conf"
-printf '[global]\ncert = /etc/ssl/certs/build-host-ca.crt\n' > "$pip_conf"
-volumes=(--volume "$pip_conf:/etc/pip.conf:ro" --volume "$ca_bundle:/etc/ssl/certs/build-host-ca.crt:ro")
+# --- pip inside the build trusts this host's CA bundle (PyPI through a proxy that re-signs TLS):
+#     a pip configuration folder mounted on /etc/xdg/pip for the build only (an empty folder stays).
+pip_dir="$cache/pip-config"
+mkdir -p "$pip_dir"
+cp "$ca_bundle" "$pip_dir/ca-certificates.crt"
+printf '[global]\ncert = /etc/xdg/pip/ca-certificates.crt\n' > "$pip_dir/pip.conf"
+volumes=(--volume "$pip_dir:/etc/xdg/pip:ro")
 build_args=(--build-arg "PYTHON_IMAGE=$base")
 if [ -n "${TORCH_INDEX_URL:-}" ]; then build_args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL"); fi
 
