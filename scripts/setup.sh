@@ -10,9 +10,11 @@ VENV=${PLEURA_VENV:-.venv}
 
 # --- system tools: Redis (production broker), DCMTK (modality), dicom3tools (validator), Orthanc (PACS),
 #     with its DICOMweb plugin (orthanc-dicomweb), OpenJPH (HTJ2K test images: DCMTK encodes no HTJ2K), PostgreSQL (the ledger for many hosts; its tests start a throw-away server), Chromium (the worklist
-#     page's tests drive it headless with Playwright; Playwright's own browser download is never used)
+#     page's tests drive it headless with Playwright; Playwright's own browser download is never used),
+#     mmdebstrap + buildah (docker/build-local.sh builds the images), podman + runc (the image's tests start it)
 declare -A tool_package=([redis-server]=redis-server [storescu]=dcmtk [dciodvfy]=dicom3tools [Orthanc]=orthanc
-                         [ojph_compress]=openjph-tools [initdb]=postgresql [chromium]=chromium)
+                         [ojph_compress]=openjph-tools [initdb]=postgresql [chromium]=chromium
+                         [mmdebstrap]=mmdebstrap [buildah]=buildah [podman]=podman [runc]=runc)
 missing=()
 for tool in "${!tool_package[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || compgen -G "/usr/lib/postgresql/*/bin/$tool" >/dev/null \
