@@ -220,7 +220,7 @@ class Settings(BaseSettings):
         classmethod(lambda cls, v: [_check_ae_title(title) for title in v])
     )
     broker_polling_ms: int = Field(
-        default=50, ge=5, le=5000,
+        default=100, ge=5, le=5000,
         description="how often the embedded broker's consumers look for a new message (node, export worker, workers)",
     )
     analysis_timeout_seconds: float = Field(

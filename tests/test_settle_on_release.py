@@ -105,6 +105,15 @@ def write_cr(folder: Path, **attributes: object) -> Path:
     return path
 
 
+def associate(port: int, calling_ae: str) -> Any:
+    """An association with the node from pynetdicom, which a test releases when it is done."""
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(CR, ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate("127.0.0.1", port, ae_title="PLEURA")
+    assert assoc.is_established
+    return assoc
+
+
 def associations(node: Node) -> list[Association]:
     with node.ledger.reading() as session:
         return list(session.scalars(select(Association)))
@@ -146,10 +155,7 @@ def test_storescu_abort_leaves_the_study_to_the_quiet_time(release_node: Node, t
 
 
 def test_an_open_association_keeps_its_study_waiting_until_released(release_node: Node) -> None:
-    ae = AE(ae_title="KEEPSOPEN")
-    ae.add_requested_context(CR, ["1.2.840.10008.1.2.1"])
-    assoc = ae.associate("127.0.0.1", release_node.port, ae_title="PLEURA")
-    assert assoc.is_established
+    assoc = associate(release_node.port, "KEEPSOPEN")
     try:
         status = assoc.send_c_store(crafted_cr(StudyInstanceUID="1.2.826.0.1.3680043.8.498.7003"))
         assert status.Status == 0x0000

@@ -8,8 +8,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from pydicom import dcmwrite
-from pynetdicom import AE
 
 import dicom_peers
 from contract.tasks import ANALYSE_STUDY, RADIOGRAPH_QUEUE, STAT_QUEUE, with_stat_queue
@@ -19,7 +17,8 @@ from node.ops.metrics import queue_depths
 from node.settle import SettleLoop
 from scp_node import Node, running_node
 from test_node_dispatch import next_message
-from test_node_scp import CR, crafted_cr
+from test_node_scp import crafted_cr
+from test_settle_on_release import associate, write_cr
 from worker.celery_app import make_celery
 from worker.startup import queue_kinds
 
@@ -33,17 +32,10 @@ def stat_node(tmp_path: Path) -> Iterator[Node]:
     yield from running_node(tmp_path, stat_calling_aes=["ED-CR"], settle_seconds=1)
 
 
-def write_cr(folder: Path, study_uid: str) -> Path:
-    dataset = crafted_cr(StudyInstanceUID=study_uid)
-    path = folder / f"{dataset.SOPInstanceUID}.dcm"
-    dcmwrite(path, dataset, enforce_file_format=True)
-    return path
-
-
 def test_a_stat_calling_ae_sends_its_study_to_the_stat_queue(stat_node: Node, tmp_path: Path) -> None:
     for calling_ae, study_uid in (("ED-CR", URGENT_STUDY), ("WARD-CR", ROUTINE_STUDY)):
         sent = dicom_peers.storescu(
-            stat_node.port, [write_cr(tmp_path, study_uid)], called_ae="PLEURA", calling_ae=calling_ae
+            stat_node.port, [write_cr(tmp_path, StudyInstanceUID=study_uid)], called_ae="PLEURA", calling_ae=calling_ae
         )
         assert sent.returncode == 0, sent.stdout + sent.stderr
     app = make_celery(stat_node.settings)  # the embedded broker
@@ -60,10 +52,7 @@ def test_a_stat_calling_ae_sends_its_study_to_the_stat_queue(stat_node: Node, tm
 
 
 def test_priority_high_makes_the_study_urgent(stat_node: Node) -> None:
-    ae = AE(ae_title="WARD-CR")
-    ae.add_requested_context(CR, ["1.2.840.10008.1.2.1"])
-    assoc = ae.associate("127.0.0.1", stat_node.port, ae_title="PLEURA")
-    assert assoc.is_established
+    assoc = associate(stat_node.port, "WARD-CR")
     try:
         assert assoc.send_c_store(crafted_cr(StudyInstanceUID=HIGH_STUDY), priority=1).Status == 0x0000
         assert assoc.send_c_store(crafted_cr(StudyInstanceUID=ROUTINE_STUDY), priority=0).Status == 0x0000
