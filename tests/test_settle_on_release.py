@@ -165,3 +165,20 @@ def test_an_open_association_keeps_its_study_waiting_until_released(release_node
     dicom_peers.wait_for(
         lambda: due(release_node.ledger, utcnow() + timedelta(seconds=1)), 30, "the study due after the release"
     )
+
+
+def test_a_ct_series_is_sent_whole_after_the_grace(ledger: Ledger) -> None:
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    for name in ("first", "second"):
+        ledger.open_association(name, "CT", now=T0)
+    for index in range(3):
+        ledger.record_instance(
+            sop_instance_uid=f"9.9.{index}", study_uid="9.9", series_instance_uid="9.9.1", sop_class_uid=ct,
+            transfer_syntax_uid="1.2.840.10008.1.2.1", storage_key=f"instances/9.9.{index}.dcm",
+            association_id="first" if index < 2 else "second", received_at=T0,
+        )
+    ledger.end_association("first", released=True, now=T0)
+    assert due(ledger, T0 + timedelta(seconds=5)) == []  # one slice came over an association still open
+    ledger.end_association("second", released=True, now=T0 + timedelta(seconds=5))
+    [study] = ledger.due_studies(LONG_SETTLE, T0 + timedelta(seconds=5 + GRACE), grace_seconds=GRACE)
+    assert [i["sop_instance_uid"] for i in study.instances] == ["9.9.0", "9.9.1", "9.9.2"]
