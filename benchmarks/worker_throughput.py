@@ -40,6 +40,7 @@ from training.synthetic import synthetic_dicom
 from worker.analysis import StudyAnalyser, write_result
 from worker.inference.measure import measure_mask
 from worker.inference.predict import pixel_spacing_mm, predict_images
+from worker.inference.runtime import forward_context
 from worker.writers.gsps import build_gsps
 from worker.writers.sc import build_sc
 from worker.writers.seg import build_seg
@@ -131,6 +132,9 @@ def main() -> None:
                         help="recipe: untrained full-size networks of --classifier and --segmenter instead of the demo's")
     parser.add_argument("--classifier", default="cls-densenet121", help="classifier preset for --network recipe")
     parser.add_argument("--segmenter", default="seg-unet-resnet34-dicefocal", help="segmenter preset for --network recipe")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                        help="inference_precision of the full analysis (CUDA only: mixed precision, channels-last)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA only)")
     parser.add_argument("--write", action="store_true", help="record the result in docs/benchmarks.md")
     args = parser.parse_args()
 
@@ -142,7 +146,8 @@ def main() -> None:
             bundle = benchmark_bundle(args.model_dir)
         instances = store_images(storage, args.images, args.size)
         study_uid = instances[0]["study_uid"]
-        analyser = StudyAnalyser(storage, bundle, args.device, batch_size=args.batch_size, backend=args.backend)
+        analyser = StudyAnalyser(storage, bundle, args.device, batch_size=args.batch_size, backend=args.backend,
+                                 precision=args.precision, compile_networks=args.compile)
         models, device = analyser.models, analyser.models.device
         recipe = bundle.manifest.preprocessing
 
@@ -158,7 +163,7 @@ def main() -> None:
         segmenter_input = torch.from_numpy(network_inputs(images, recipe, models.segmenter_preprocessing)).to(device)
 
         def bare() -> None:
-            with torch.inference_mode():
+            with forward_context(models):  # the analysis's precision (autocast on CUDA), inference mode
                 for start in range(0, len(images), args.batch_size):
                     models.classifier(classifier_input[start : start + args.batch_size])
                     models.segmenter(segmenter_input[start : start + args.batch_size])
@@ -232,7 +237,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     where = f"{device.type}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {threads} threads")
     print(f"device: {where}; bundle: {identity.label}; {count} images of {args.size} px, batch {args.batch_size}, "
-          f"backend {args.backend} (classifier {analyser.backends[0]}, segmenter {analyser.backends[1]})")
+          f"precision {args.precision}{', compiled' if args.compile else ''}, backend {args.backend} (classifier {analyser.backends[0]}, segmenter {analyser.backends[1]})")
     print(f"full analysis: {row['full']:.2f} images/s; bare forward pass: {row['bare']:.2f} images/s; "
           f"ratio {row['full'] / row['bare']:.2f}")
     if onnx_forward is not None:

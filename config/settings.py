@@ -290,6 +290,23 @@ class Settings(BaseSettings):
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     settle_seconds: float = Field(default=5.0, ge=0, le=3600, description="quiet time before a study is analysed")
+    settle_grace_ms: int = Field(
+        default=300, ge=0, le=60_000,
+        description="a study whose sending association was released normally is analysed once nothing more "
+        "arrived for this long (the quiet time stays for senders that keep their association open)",
+    )
+    stat_calling_aes: list[str] = Field(
+        default_factory=list,
+        description="calling AE titles whose studies are urgent (the STAT queue, served first), as are "
+        "C-STOREs with Priority HIGH",
+    )
+    _stat_aes = field_validator("stat_calling_aes")(
+        classmethod(lambda cls, v: [_check_ae_title(title) for title in v])
+    )
+    broker_polling_ms: int = Field(
+        default=100, ge=5, le=5000,
+        description="how often the embedded broker's consumers look for a new message (node, export worker, workers)",
+    )
     analysis_timeout_seconds: float = Field(
         default=3600.0, gt=0, description="a study queued this long without a result is dispatched again"
     )

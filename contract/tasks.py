@@ -17,8 +17,9 @@ ANALYSIS_HEARTBEAT = "pleura.analysis_heartbeat"  # a running analysis is alive:
 RADIOGRAPH_QUEUE = "radiograph"
 EXPORT_QUEUE = "export"
 CT_QUEUE = "ct"  # its own workers: a long CT series never delays a radiograph
+STAT_QUEUE = "stat"  # urgent radiograph studies: every radiograph worker consumes it, listed first
 
-QUEUES = (RADIOGRAPH_QUEUE, EXPORT_QUEUE, CT_QUEUE)
+QUEUES = (STAT_QUEUE, RADIOGRAPH_QUEUE, EXPORT_QUEUE, CT_QUEUE)
 
 TASK_ROUTES = {
     ANALYSE_STUDY: {"queue": RADIOGRAPH_QUEUE},
@@ -28,3 +29,12 @@ TASK_ROUTES = {
     ANALYSIS_HEARTBEAT: {"queue": EXPORT_QUEUE},
     ANALYSE_SERIES_CT: {"queue": CT_QUEUE},
 }
+
+
+def with_stat_queue(queues: str) -> str:
+    """A worker's comma-separated queue list with the STAT queue first wherever it serves
+    radiographs, so an urgent study never waits behind the radiograph queue's backlog."""
+    names = [name for name in queues.split(",") if name and name != STAT_QUEUE]
+    if RADIOGRAPH_QUEUE in names or STAT_QUEUE in queues.split(","):
+        names.insert(0, STAT_QUEUE)
+    return ",".join(names)

@@ -15,7 +15,7 @@ from celery import Celery
 
 from config.settings import Settings
 from node.routing import route_instances
-from contract.tasks import ANALYSE_SERIES_CT, ANALYSE_STUDY, CT_QUEUE, EXPORT_QUEUE, RADIOGRAPH_QUEUE
+from contract.tasks import ANALYSE_SERIES_CT, ANALYSE_STUDY, CT_QUEUE, EXPORT_QUEUE, RADIOGRAPH_QUEUE, STAT_QUEUE
 from node.ops.metrics import queue_depths
 
 Dispatcher = Callable[..., str]
@@ -43,8 +43,10 @@ def dispatch_analysis(
     """Send ANALYSE_STUDY for `study_uid` with its instances (:class:`~contract.messages.InstanceRef`
     in their wire form) and the
     :func:`analysis_options` of the app's settings, updated with ``options``, and ANALYSE_SERIES_CT per CT
-    series (:mod:`node.routing`); returns the task id (the radiograph task's when there is one)."""
+    series (:mod:`node.routing`); returns the task id (the radiograph task's when there is one).
+    An urgent study's radiograph task (``options["urgent"]``) goes to the STAT queue."""
     options = {**analysis_options(celery_app.pleura_settings), **(options or {})}
+    queue = STAT_QUEUE if options.pop("urgent", False) else RADIOGRAPH_QUEUE
     routed = route_instances(instances)  # CT series go to their own queue, one task per series
     task_ids = []
     for series_instance_uid, slices in routed.ct_series.items():
@@ -55,7 +57,8 @@ def dispatch_analysis(
         task_ids.append(str(result.id))
     if routed.radiograph:
         result = celery_app.send_task(
-            ANALYSE_STUDY, args=[study_uid, routed.radiograph, options], retry=True, retry_policy=PUBLISH_RETRY_POLICY
+            ANALYSE_STUDY, args=[study_uid, routed.radiograph, options], queue=queue, retry=True,
+            retry_policy=PUBLISH_RETRY_POLICY,
         )
         task_ids.insert(0, str(result.id))
     return task_ids[0]
@@ -66,9 +69,9 @@ def make_dispatcher(celery_app: Celery) -> Dispatcher:
 
 
 def analysis_tasks_waiting(celery_app: Celery) -> bool:
-    """Whether the broker holds analysis tasks no worker has taken (the radiograph and CT queues);
+    """Whether the broker holds analysis tasks no worker has taken (the STAT, radiograph and CT queues);
     True when the broker cannot tell, so that nothing is dispatched twice on a guess."""
-    return _messages_waiting(celery_app, (RADIOGRAPH_QUEUE, CT_QUEUE))
+    return _messages_waiting(celery_app, (STAT_QUEUE, RADIOGRAPH_QUEUE, CT_QUEUE))
 
 
 def export_tasks_waiting(celery_app: Celery) -> bool:

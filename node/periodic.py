@@ -1,9 +1,11 @@
-"""A background thread that calls `run_once()` every `interval_seconds` until stopped."""
+"""A background thread that calls `run_once()` every `interval_seconds` until stopped, and sooner
+when woken (:meth:`PeriodicTask.wake`): an event, not the next tick, starts the round."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -18,7 +20,34 @@ class PeriodicTask:
     def __init__(self, interval_seconds: float) -> None:
         self.interval_seconds = interval_seconds
         self._stop = threading.Event()
+        self._woken = threading.Event()
+        self._lock = threading.Lock()
+        self._wake_at: float | None = None  # time.monotonic() of the earliest round asked for
         self._thread: threading.Thread | None = None
+
+    def wake(self, after_seconds: float = 0.0) -> None:
+        """Run a round in `after_seconds` (or at the next tick, if sooner); safe from any thread."""
+        at = time.monotonic() + max(0.0, after_seconds)
+        with self._lock:
+            if self._wake_at is None or at < self._wake_at:
+                self._wake_at = at
+        self._woken.set()
+
+    def _wait(self, seconds: float) -> bool:
+        """Wait until the next round is due (`seconds` on, or a wake-up's time); True when stopped."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            with self._lock:
+                now = time.monotonic()
+                if self._wake_at is not None and self._wake_at <= now:
+                    self._wake_at = None
+                    return False
+                until = deadline if self._wake_at is None else min(deadline, self._wake_at)
+                self._woken.clear()
+            if until <= now:
+                return False
+            self._woken.wait(until - now)
+        return True
 
     def run_once(self) -> Any:  # pragma: no cover - each loop defines its round
         raise NotImplementedError
@@ -32,16 +61,17 @@ class PeriodicTask:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self._woken.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
 
     def _run(self) -> None:
-        if not self.run_at_start and self._stop.wait(self.interval_seconds):
+        if not self.run_at_start and self._wait(self.interval_seconds):
             return
         while not self._stop.is_set():
             try:
                 self.run_once()
             except Exception:
                 log.exception("%s: round failed; trying again", self.thread_name)
-            self._stop.wait(self.interval_seconds)
+            self._wait(self.interval_seconds)

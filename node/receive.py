@@ -115,6 +115,14 @@ class Arrival:
     batch: Any
     abort: Callable[[], None] | None = None
     via: str = "dimse"  # or "stow-rs"
+    # The ledger's id of the DIMSE association, asked for when an instance is recorded (the
+    # association is recorded at its first one): its release can make the study due early.
+    association_id: Callable[[], str] | None = None
+    urgent: bool = False  # the sender marked it urgent (C-STORE Priority HIGH, a STAT calling AE)
+
+
+def _association(arrival: Arrival) -> str | None:
+    return arrival.association_id() if arrival.association_id is not None else None
 
 
 _PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00009, 0x7FE00008)
@@ -227,7 +235,10 @@ class Receiver:
             if full is not None:
                 return full
             key = self.store.store_file(identity["study_uid"], identity["series_instance_uid"], sop_uid, arrival.data)
-            created = self.ledger.record_instance(storage_key=key, calling_ae=calling_ae[:16], **identity)
+            created = self.ledger.record_instance(
+                storage_key=key, calling_ae=calling_ae[:16], association_id=_association(arrival),
+                urgent=arrival.urgent, **identity,
+            )
         except Exception as exc:
             return self._not_stored(arrival, identity, exc)
         log.info(
@@ -281,7 +292,8 @@ class Receiver:
                 key = self.store.store_file(identity["study_uid"], identity["series_instance_uid"], sop_uid, arrival.data)
             if held is None:
                 held = self.ledger.record_skipped(
-                    storage_key=key, calling_ae=calling_ae[:16], reason=reason, **identity
+                    storage_key=key, calling_ae=calling_ae[:16], reason=reason,
+                    association_id=_association(arrival), **identity,
                 )
         except Exception as exc:
             return self._not_stored(arrival, identity, exc)

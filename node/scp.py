@@ -25,8 +25,11 @@ like an instance and recorded as labels for the images it references (:mod:`node
 from __future__ import annotations
 
 import logging
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
+from weakref import WeakKeyDictionary
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -47,6 +50,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AllStoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
@@ -89,6 +93,10 @@ the pylibjpeg plugins: libjpeg for JPEG and JPEG-LS, openjpeg for JPEG 2000 and 
 _ERROR_COMMENT_LENGTH = 64  # Error Comment is LO
 
 
+PRIORITY_HIGH = 0x0001
+"""The C-STORE request's Priority (0000,0700) HIGH (PS3.7 9.1.1.1): the study is urgent."""
+
+
 def _status(code: int, comment: str | None = None) -> Dataset:
     status = Dataset()
     status.Status = code
@@ -120,9 +128,19 @@ class StorageSCP:
     """C-ECHO and C-STORE SCP that stores durably and records in the ledger."""
 
     def __init__(
-        self, settings: Settings, ledger: Ledger, store: InstanceStore, admission: Admission | None = None
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        store: InstanceStore,
+        admission: Admission | None = None,
+        on_released: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
+        # Told when an association that stored instances was released normally (the settle loop
+        # wakes: their study may be due after the grace).
+        self.on_released = on_released
+        # The ledger's id of each association that stored something (node/ledger Association).
+        self._association_ids: WeakKeyDictionary[Association, str] = WeakKeyDictionary()
         self.ledger = ledger
         self.store = store
         self.admission = admission or Admission(settings)
@@ -152,6 +170,9 @@ class StorageSCP:
                     (evt.EVT_C_ECHO, self.handle_echo),
                     (evt.EVT_ESTABLISHED, self._audit_association),
                     (evt.EVT_REJECTED, self._audit_association),
+                    (evt.EVT_RELEASED, self._association_ended),
+                    (evt.EVT_ABORTED, self._association_ended),
+                    (evt.EVT_CONN_CLOSE, self._association_ended),
                 ],
             )
         except OSError as exc:
@@ -184,6 +205,38 @@ class StorageSCP:
             tls=self.settings.tls,
         )
 
+    def _association_id(self, event: Event) -> str:
+        """The ledger's id of the event's association, recorded at its first stored instance."""
+        association_id = self._association_ids.get(event.assoc)
+        if association_id is None:
+            association_id = str(uuid.uuid4())
+            self.ledger.open_association(association_id, event.assoc.requestor.ae_title)
+            self._association_ids[event.assoc] = association_id
+        return association_id
+
+    def _association_ended(self, event: Event) -> None:
+        """Record how an association that stored instances ended: released normally (A-RELEASE),
+        or aborted or dropped, which makes no study due early."""
+        association_id = self._association_ids.get(event.assoc)
+        if association_id is None:
+            return
+        released = event.event is evt.EVT_RELEASED or (
+            event.event is evt.EVT_CONN_CLOSE and bool(event.assoc.is_released)
+        )
+        try:
+            now_released = self.ledger.end_association(association_id, released=released)
+        except Exception as exc:  # the study then settles on the quiet time
+            log.warning("cannot record the end of an association from %s: %s", event.assoc.requestor.ae_title, exc)
+            return
+        if now_released and self.on_released is not None:
+            self.on_released()
+
+    def _urgent(self, event: Event) -> bool:
+        """Whether the sender marked this instance urgent: Priority HIGH, or a STAT calling AE."""
+        priority = getattr(cast(C_STORE, event.request), "Priority", None)
+        calling_ae = event.assoc.requestor.ae_title.strip()
+        return priority == PRIORITY_HIGH or calling_ae in self.settings.stat_calling_aes
+
     def handle_echo(self, event: Event) -> int:
         log.debug("C-ECHO from %s", event.assoc.requestor.ae_title)
         return SUCCESS
@@ -212,6 +265,8 @@ class StorageSCP:
                 affected_sop_instance_uid=str(cast(C_STORE, event.request).AffectedSOPInstanceUID or ""),
                 batch=assoc,
                 abort=assoc.abort,
+                association_id=lambda: self._association_id(event),
+                urgent=self._urgent(event),
             )
         )
         return _status(answer.status, answer.comment)

@@ -329,6 +329,7 @@ class NodeService:
             lease_seconds=settings.analysis_lease_seconds,
             export_waiting=lambda: export_tasks_waiting(app),
             revoke=lambda task_id: revoke_analysis(app, task_id),
+            grace_seconds=settings.settle_grace_ms / 1000,
         )
         self.settle_loop.start()
 
@@ -342,7 +343,7 @@ class NodeService:
         self._start_worklist()
 
         # Last, so the node accepts instances only once everything behind the SCP runs.
-        self.scp = StorageSCP(settings, self.ledger, self.store)
+        self.scp = StorageSCP(settings, self.ledger, self.store, on_released=self.settle_loop.association_released)
         self.scp.start()
         log.info(
             "node started: storage %s, ledger %s, broker %s, shared storage %s",

@@ -1,5 +1,7 @@
-"""Study settling: a study is analysed once no new instance has arrived for `settle_seconds`; a
-study whose running analysis stopped beating (its worker was killed) is taken back and dispatched
+"""Study settling: a study is analysed once no new instance has arrived for `settle_seconds`, or
+for `grace_seconds` when every pending instance came over an association its sender released
+normally (the SCP wakes the loop on each release, so such a study is dispatched when it is due,
+not on the next tick); a study whose running analysis stopped beating (its worker was killed) is taken back and dispatched
 again (node/ledger/leases.py).
 
 A study is marked queued only after the broker took its task, so a broker that is down delays the
@@ -25,9 +27,12 @@ DEFAULT_INTERVAL_SECONDS = 0.5
 DISPATCH_LOCK_KEY = 0x504C4453  # "PLDS": one node at a time dispatches settled studies
 
 
-def due_studies(ledger: Ledger, settle_seconds: float, now: datetime | None = None) -> list[DueStudy]:
-    """Studies that had no new instance for `settle_seconds`, with their instances not yet dispatched."""
-    return ledger.due_studies(settle_seconds, now or utcnow())
+def due_studies(
+    ledger: Ledger, settle_seconds: float, now: datetime | None = None, *, grace_seconds: float | None = None
+) -> list[DueStudy]:
+    """Studies that had no new instance for `settle_seconds` (or `grace_seconds` after their
+    associations were released), with their instances not yet dispatched."""
+    return ledger.due_studies(settle_seconds, now or utcnow(), grace_seconds=grace_seconds)
 
 
 class SettleLoop(PeriodicTask):
@@ -47,8 +52,10 @@ class SettleLoop(PeriodicTask):
         lease_seconds: float | None = None,
         export_waiting: Callable[[], bool] | None = None,
         revoke: Callable[[str | None], None] | None = None,
+        grace_seconds: float | None = None,
     ) -> None:
         super().__init__(interval_seconds)
+        self.grace_seconds = grace_seconds
         self.ledger = ledger
         # A running analysis whose heartbeats stopped for `lease_seconds` is taken back
         # (node/ledger/leases.py); `revoke` drops the dead task's message should the broker return it.
@@ -62,6 +69,12 @@ class SettleLoop(PeriodicTask):
         self.dispatch = dispatch
         self.settle_seconds = settle_seconds
         self._failing = False
+
+    def association_released(self) -> None:
+        """A sender released an association that stored instances: their study may be due once the
+        grace has passed (a small margin past it, so the round finds it due)."""
+        if self.grace_seconds is not None:
+            self.wake(self.grace_seconds + 0.01)
 
     def run_once(self, now: datetime | None = None) -> list[str]:
         """Dispatch every due study; returns the study UIDs that were dispatched. Nodes sharing a
@@ -81,7 +94,7 @@ class SettleLoop(PeriodicTask):
                 )
         if self.lease_seconds is not None:
             self._reclaim_lapsed(now)
-        for study in due_studies(self.ledger, self.settle_seconds, now):
+        for study in due_studies(self.ledger, self.settle_seconds, now, grace_seconds=self.grace_seconds):
             sop_uids = [instance["sop_instance_uid"] for instance in study.instances]
             try:
                 # A requested re-analysis names the report it supersedes in the task's options; a
@@ -90,6 +103,8 @@ class SettleLoop(PeriodicTask):
                     **self.ledger.reanalysis_options(study.study_uid),
                     **self.ledger.lapse_options(study.study_uid),
                 }
+                if study.urgent:
+                    extra["urgent"] = True
                 if extra:
                     task_id = self.dispatch(study.study_uid, study.instances, extra)
                 else:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -196,3 +198,26 @@ def test_a_started_analysis_without_a_result_is_dispatched_again_after_the_timeo
     assert ledger.requeue_stale(60, now=t0 + timedelta(minutes=5), tasks_waiting=waiting) == ["1.2.3"]
     assert asked == []  # the broker is asked only about studies whose task never started
     ledger.close()
+
+
+def test_the_embedded_broker_polls_at_the_configured_interval(tmp_path: Path) -> None:
+    app = make_celery(Settings(storage_dir=tmp_path, broker_polling_ms=20))
+    with app.connection_for_write() as connection:
+        assert connection.transport.polling_interval == 0.02
+
+    task_id = dispatch_analysis(app, "1.2.3", INSTANCES)  # a round trip through the SQLite file
+    headers, _ = next_message(app)
+    assert headers["id"] == task_id
+
+
+def test_the_export_worker_app_polls_at_the_configured_interval(tmp_path: Path) -> None:
+    """The node starts its export worker on node/celery_entry.py's app: the setting reaches it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLEURA_")}
+    env.update(PLEURA_STORAGE_DIR=str(tmp_path), PLEURA_BROKER_POLLING_MS="30")
+    shown = subprocess.run(
+        [sys.executable, "-c", "from node.celery_entry import app\n"
+         "with app.connection_for_write() as c: print(c.transport.polling_interval)"],
+        capture_output=True, text=True, env=env, timeout=120, cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip().splitlines()[-1] == "0.03"

@@ -8,10 +8,30 @@ from __future__ import annotations
 
 from celery import Celery
 from kombu import Queue
+from kombu.transport import sqlalchemy as kombu_sqlalchemy
+from sqlalchemy import create_engine
 
 from config.settings import Settings
 from contract.tasks import QUEUES, RADIOGRAPH_QUEUE, TASK_ROUTES
 from node.storage import StorageDirError
+
+
+class EmbeddedChannel(kombu_sqlalchemy.Channel):
+    """kombu's SQLAlchemy channel, whose engine gets none of the transport options: kombu hands
+    them all to create_engine(), which refuses ``polling_interval``."""
+
+    def _engine_from_config(self) -> object:
+        return create_engine(self.connection.client.hostname)
+
+
+class EmbeddedTransport(kombu_sqlalchemy.Transport):
+    """The embedded broker's transport: kombu's SQLAlchemy transport on a SQLite file, polling
+    every ``broker_polling_ms`` (kombu's default is one second, a second per hop)."""
+
+    Channel = EmbeddedChannel
+
+
+EMBEDDED_TRANSPORT = f"{__name__}:EmbeddedTransport"
 
 
 def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
@@ -25,7 +45,10 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
             settings.storage_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageDirError.from_os_error(settings.storage_dir, exc) from exc
-    app = Celery("pleura", broker=settings.celery_broker_url, include=include or [])
+    broker = settings.celery_broker_url
+    if settings.embedded_broker:  # the transport named apart from the URL: sqla+sqlite:///... → sqlite:///...
+        broker = broker.removeprefix("sqla+")
+    app = Celery("pleura", broker=broker, include=include or [])
     app.conf.update(
         task_routes=TASK_ROUTES,
         task_queues=[Queue(name) for name in QUEUES],
@@ -43,8 +66,13 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
         worker_hijack_root_logger=False,
         enable_utc=True,
     )
-    if not settings.embedded_broker:
-        # kombu's SQLAlchemy transport hands its options to create_engine(): Redis only.
+    if settings.embedded_broker:
+        # kombu's virtual transports sleep this long between empty polls (1 s by default): one
+        # second of latency per hop between node, workers and export worker. Its idle cost is
+        # measured in docs/benchmarks.md.
+        app.conf.broker_transport = EMBEDDED_TRANSPORT
+        app.conf.broker_transport_options = {"polling_interval": settings.broker_polling_ms / 1000}
+    else:
         app.conf.broker_transport_options = {"visibility_timeout": 3600}
     app.pleura_settings = settings  # the tasks read their settings from the app, not from globals
     return app

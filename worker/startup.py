@@ -17,6 +17,7 @@ from config.errors import PleuraError
 from config.settings import Settings
 from contract.active import active_bundle_dir, is_ct_demo_dir
 from contract.bundle import BundleError, load_bundle
+from contract.tasks import RADIOGRAPH_QUEUE, STAT_QUEUE, with_stat_queue
 from node.logs import keep_celery_from_logging_setup
 from worker.celery_app import make_celery
 from worker.inference.lungs import configured_lung_segmenter
@@ -59,8 +60,11 @@ def pool_policy(settings: Settings, concurrency: int) -> PoolPolicy:
 
 
 def queue_kinds(queues: str) -> list[str]:
-    """The analysis kinds a comma-separated queue list serves."""
-    return [kind for kind in ANALYSIS_KINDS if kind in queues.split(",")]
+    """The analysis kinds a comma-separated queue list serves (the STAT queue's are radiographs)."""
+    names = with_stat_queue(queues).split(",")
+    if STAT_QUEUE in names:
+        names.append(RADIOGRAPH_QUEUE)
+    return [kind for kind in ANALYSIS_KINDS if kind in names]
 
 
 def check_bundles(settings: Settings, kinds: list[str]) -> None:
@@ -106,7 +110,7 @@ def worker_arguments(settings: Settings, queues: str, policy: PoolPolicy, verbos
         *(["--quiet"] if settings.log_format == "json" else []),  # no banner: it is plain text
         "worker",
         "-Q",
-        queues,
+        with_stat_queue(queues),
         "-P",
         policy.pool,
         "-c",

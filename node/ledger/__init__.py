@@ -21,6 +21,7 @@ from node.ledger.results import SummaryError
 from node.ledger.schema import (
     AnalysisStart,
     AnalysisStatus,
+    Association,
     Base,
     Feedback,
     FeedbackVerdict,
@@ -53,6 +54,7 @@ from node.ledger.views import (
 __all__ = [
     "AnalysisStart",
     "AnalysisStatus",
+    "Association",
     "Base",
     "DueStudy",
     "Feedback",

@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from config.errors import PleuraError
@@ -108,6 +109,9 @@ class Study(Base):
     # Set by a re-analysis request (`pleura reanalyse`, a promotion), cleared by the summary that
     # answers it: that summary's results are delivered again even where they were sent before.
     reanalysis_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # A sender marked an instance of it urgent (Priority HIGH, a STAT calling AE): its analysis
+    # goes to the STAT queue, which workers serve first (node/dispatch.py).
+    urgent: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
 
 
 class Instance(Base):
@@ -122,6 +126,9 @@ class Instance(Base):
     storage_key: Mapped[str] = mapped_column(String(255))
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     calling_ae: Mapped[str | None] = mapped_column(String(16))
+    # The association that carried it (:class:`Association`); None for instances recorded before
+    # associations were tracked: their study settles on quiet time alone.
+    association_id: Mapped[str | None] = mapped_column(String(36), index=True)
     analysis_status: Mapped[str] = mapped_column(String(16), default=AnalysisStatus.PENDING.value, index=True)
     analysis_reason: Mapped[str | None] = mapped_column(Text)
     probability: Mapped[float | None] = mapped_column(Float)
@@ -249,6 +256,21 @@ class Notification(Base):
     response: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Association(Base):
+    """A DICOM association that stored at least one instance, and how it ended: a study whose
+    pending instances all came over associations released normally is due after a short grace
+    instead of the whole quiet time (node/ledger/studies.py ``due_studies``). An aborted one (or a
+    dropped connection) ends without ``released_at``: its studies wait for the quiet time."""
+
+    __tablename__ = "associations"
+
+    association_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    opened_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    released_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    aborted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class AnalysisStart(Base):

@@ -8,13 +8,14 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import exists, func, not_, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from contract.messages import InstanceRef
 from node.ledger.schema import (
     AnalysisStart,
+    Association,
     AnalysisStatus,
     Held,
     Instance,
@@ -124,6 +125,7 @@ class StudyLedger(LedgerSessions):
         storage_key: str,
         reason: str,
         calling_ae: str | None = None,
+        association_id: str | None = None,
         patient_id: str | None = None,
         accession_number: str | None = None,
         received_at: datetime | None = None,
@@ -174,6 +176,7 @@ class StudyLedger(LedgerSessions):
                             storage_key=storage_key,
                             received_at=now,
                             calling_ae=calling_ae,
+                            association_id=association_id,
                             analysis_status=AnalysisStatus.SKIPPED.value,
                             analysis_reason=reason,
                         )
@@ -199,6 +202,8 @@ class StudyLedger(LedgerSessions):
         transfer_syntax_uid: str,
         storage_key: str,
         calling_ae: str | None = None,
+        association_id: str | None = None,
+        urgent: bool = False,
         patient_id: str | None = None,
         accession_number: str | None = None,
         received_at: datetime | None = None,
@@ -206,7 +211,9 @@ class StudyLedger(LedgerSessions):
         """Record a received instance; False when that SOP Instance UID was already recorded.
 
         A new instance for a study that is queued or already analysed puts the study back to
-        receiving, so the new instance is analysed once the study settles again.
+        receiving, so the new instance is analysed once the study settles again. ``association_id``
+        names the association that carried it (:meth:`open_association`); an ``urgent`` instance
+        makes its study urgent (the STAT queue).
         """
         now = as_utc(received_at) if received_at else utcnow()
         # Identifiers come from the sender's data set: never let an over-long one refuse an instance.
@@ -228,10 +235,12 @@ class StudyLedger(LedgerSessions):
                                 status=StudyStatus.RECEIVING.value,
                                 first_received_at=now,
                                 last_received_at=now,
+                                urgent=urgent,
                             )
                         )
                         session.flush()
                     else:
+                        study.urgent = study.urgent or urgent
                         study.last_received_at = max(study.last_received_at, now)
                         study.patient_id = study.patient_id or patient_id or None
                         study.accession_number = study.accession_number or accession_number or None
@@ -248,6 +257,7 @@ class StudyLedger(LedgerSessions):
                             storage_key=storage_key,
                             received_at=now,
                             calling_ae=calling_ae,
+                            association_id=association_id,
                             analysis_status=AnalysisStatus.PENDING.value,
                         )
                     )
@@ -259,23 +269,63 @@ class StudyLedger(LedgerSessions):
                     raise
         raise AssertionError("unreachable")
 
+    # -- associations ----------------------------------------------------------------------------
+
+    def open_association(self, association_id: str, calling_ae: str | None, *, now: datetime | None = None) -> None:
+        """Record an association that is about to store its first instance."""
+        with self._transaction() as session:
+            if session.get(Association, association_id) is None:
+                session.add(
+                    Association(
+                        association_id=association_id,
+                        calling_ae=(calling_ae or "").strip()[:16] or None,
+                        opened_at=as_utc(now) if now else utcnow(),
+                    )
+                )
+
+    def end_association(self, association_id: str, *, released: bool, now: datetime | None = None) -> bool:
+        """Record how an association ended: ``released`` normally (A-RELEASE), else aborted or
+        dropped. Only its first end counts. True when a release was recorded now: its studies may
+        become due after the grace."""
+        now = as_utc(now) if now else utcnow()
+        with self._transaction() as session:
+            association = session.get(Association, association_id)
+            if association is None or association.released_at is not None or association.aborted_at is not None:
+                return False
+            if released:
+                association.released_at = now
+            else:
+                association.aborted_at = now
+            return released
+
     # -- settling and dispatch -------------------------------------------------------------------
 
-    def due_studies(self, settle_seconds: float, now: datetime | None = None) -> list[DueStudy]:
-        """Studies still receiving whose last instance arrived `settle_seconds` ago or earlier,
-        with their instances not yet sent to a worker (oldest study first)."""
-        cutoff = (as_utc(now) if now else utcnow()) - timedelta(seconds=settle_seconds)
+    def due_studies(
+        self, settle_seconds: float, now: datetime | None = None, *, grace_seconds: float | None = None
+    ) -> list[DueStudy]:
+        """Studies still receiving, with their instances not yet sent to a worker (oldest study
+        first), that are due: their last instance arrived `settle_seconds` ago or earlier, or
+        (with `grace_seconds`) `grace_seconds` ago and every pending instance came over an
+        association released normally at least `grace_seconds` ago. A study with a pending
+        instance from an association still open, aborted, or not tracked waits the quiet time."""
+        now = as_utc(now) if now else utcnow()
+        cutoff = now - timedelta(seconds=settle_seconds)
+        settled = Study.last_received_at <= cutoff
+        if grace_seconds is not None and grace_seconds < settle_seconds:
+            settled = or_(settled, self._released_since(now - timedelta(seconds=grace_seconds)))
         with self.reading() as session:
             rows = session.execute(
-                select(*due_columns())
+                select(*due_columns(), Study.urgent)
                 .join(Study, Study.study_uid == Instance.study_uid)
                 .where(
                     Study.status == StudyStatus.RECEIVING.value,
-                    Study.last_received_at <= cutoff,
+                    settled,
                     Instance.analysis_status == AnalysisStatus.PENDING.value,
                 )
-                .order_by(Study.last_received_at, Study.study_uid, Instance.id)
+                .order_by(Study.urgent.desc(), Study.last_received_at, Study.study_uid, Instance.id)
             ).all()
+            urgent = {row[0] for row in rows if row[-1]}
+            rows = [tuple(row[:-1]) for row in rows]
             rows += self._rest_of_ct_series(session, rows)
         due: dict[str, DueStudy] = {}
         for study_uid, sop_instance_uid, storage_key, series_instance_uid, sop_class_uid in rows:
@@ -286,8 +336,32 @@ class StudyLedger(LedgerSessions):
                 series_instance_uid=series_instance_uid,
                 sop_class_uid=sop_class_uid,
             )
-            due.setdefault(study_uid, DueStudy(study_uid)).instances.append(instance.to_message())
+            due.setdefault(study_uid, DueStudy(study_uid, urgent=study_uid in urgent)).instances.append(
+                instance.to_message()
+            )
         return list(due.values())
+
+    @staticmethod
+    def _released_since(grace_cutoff: datetime) -> Any:
+        """The condition of a study that had nothing for the grace and whose every pending instance
+        came over an association released (not aborted) before ``grace_cutoff``."""
+        pending = aliased(Instance)  # not the outer query's instance
+        released = exists().where(
+            Association.association_id == pending.association_id,
+            Association.released_at.is_not(None),
+            Association.released_at <= grace_cutoff,
+        )
+        waiting = (
+            select(pending.id)
+            .where(
+                pending.study_uid == Study.study_uid,
+                pending.analysis_status == AnalysisStatus.PENDING.value,
+                not_(released),
+            )
+            .correlate(Study)
+            .exists()
+        )
+        return (Study.last_received_at <= grace_cutoff) & not_(waiting)
 
     @staticmethod
     def _rest_of_ct_series(session: Session, pending: Sequence[Any]) -> list[Any]:

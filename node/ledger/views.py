@@ -179,6 +179,7 @@ class DueStudy:
 
     study_uid: str
     instances: list[dict[str, str]] = field(default_factory=list)
+    urgent: bool = False  # a sender marked it urgent: it goes to the STAT queue
 
 
 def study_dict(study: Study, instances: int, area_px: int | None, area_cm2: float | None) -> dict[str, Any]:
