@@ -85,3 +85,25 @@ def test_the_licence_is_the_one_pyproject_names() -> None:
     changelog = (REPO / "CHANGELOG.md").read_text()
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert f"## {version}" in changelog
+
+
+def test_train_prints_its_result_as_json_on_stdout_and_its_progress_on_stderr(
+    synthetic_siim: Path, tiny_base_bundle: Path, tmp_path: Path
+) -> None:
+    """`pleura train --json`: stdout is one JSON document a script reads (the bundle, its name,
+    version, label and metrics); the epochs and the progress go to stderr."""
+    out = tmp_path / "run"
+    trained = pleura(
+        "train", "--preset", "cls-cbr-baseline", "--data", str(synthetic_siim), "--base", str(tiny_base_bundle),
+        "--out", str(out), "--epochs", "1", "--batch-size", "4", "--steps-per-epoch", "2", "--input-size", "64",
+        "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--json",
+        env={"PLEURA_STORAGE_DIR": str(tmp_path / "storage"), "COLUMNS": "200"},
+    )
+    assert trained.returncode == 0, trained.stderr
+    result = json.loads(trained.stdout)  # the whole of stdout, nothing else in it
+    bundle = load_bundle(out / "bundle")
+    assert result["bundle"] == str(bundle.path)
+    assert (result["name"], result["version"]) == (bundle.manifest.name, bundle.manifest.version)
+    assert result["label"] == bundle.identity.label and result["metrics"] == bundle.manifest.metrics
+    assert "classifier_val_loss" in result["metrics"]
+    assert "epoch 1/1" in trained.stderr and str(bundle.path) in trained.stderr

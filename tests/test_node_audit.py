@@ -135,3 +135,108 @@ def test_library_warnings_never_carry_header_values_into_the_logs(tmp_path: Path
     assert "highdicom: a person name with a single component in a header (value not logged)" in logged
     # ...but no value from the header.
     assert "ZZSECRET" not in logged and "2024-99-99" not in logged
+
+
+# A patient whose every identifier is distinctive, so that any trace of it in a command's output shows.
+PATIENT = {"PatientName": "Zzquill^Harriet^Ann", "PatientID": "MRN-ZZ480117", "OtherPatientIDs": "ALT-ZZ5531",
+           "PatientBirthDate": "19410317", "InstitutionName": "ZZ St Agatha Infirmary"}
+ACCESSIONS = ("ACC-ZZ9071", "ACC-ZZ9072")
+
+
+def _cli(config: Path, *args: str, env: dict[str, str] | None = None) -> "subprocess.CompletedProcess[str]":
+    """`pleura ARGS --config CONFIG` as an operator runs it: its own process, its own logging set-up."""
+    import os
+    import subprocess
+    import sys
+
+    from services import REPO
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PLEURA_")}
+    return subprocess.run(
+        [sys.executable, "-m", "pleura.cli", *args, "--config", str(config)],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**clean, "COLUMNS": "250", **(env or {})},
+    )
+
+
+def test_the_operating_commands_log_no_identifier_of_the_studies_they_touch(tmp_path: Path, demo_bundle: Path) -> None:
+    """`pleura check`, `db current|upgrade`, `reanalyse`, `models fetch --from-file|compose|promote`
+    on a site whose ledger and storage hold two analysed studies of an identifiable patient: neither
+    stdout nor stderr holds a name, ID, accession number, date of birth, institution or UID.
+
+    What these commands are asked for never needs one: `reanalyse` answers with the studies'
+    worklist references (a one-way hash, `node/privacy.py`), `db` with the ledger's URL, the rest
+    with model versions and check lines. So nothing is exempt, and the references are asserted
+    present: the commands did touch the studies."""
+    from datetime import datetime, timedelta, timezone
+
+    import torch
+
+    from contract.networks import import_torchxrayvision
+    from model_versions import make_version
+    from node.ledger.migrations import BASELINE, downgrade, schema_state
+    from services import write_config
+    from training.pretrained import PRETRAINED
+    from training.registry import Registry
+    from training.synthetic import synthetic_dicom
+    from worker.analysis import StudyAnalyser
+    from worklist_fixtures import receive_image
+
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    config = write_config(tmp_path / "pleura.toml", storage_dir=storage, device="cpu", min_free_disk_mb=1)
+    registry = Registry(storage / "models")
+    registry.import_bundle(make_version(demo_bundle, tmp_path / "v1", "1.0", name="pleura-demo"))
+    registry.import_bundle(make_version(demo_bundle, tmp_path / "v2", "2.0", name="pleura-demo"))
+    registry.promote("pleura-demo/1.0")
+
+    ledger = Ledger(f"sqlite:///{storage / 'ledger.sqlite'}")
+    store = InstanceStore(storage)
+    analyser = StudyAnalyser.from_bundle_dir(storage, demo_bundle, device="cpu")
+    identifying: set[str] = {*ACCESSIONS, *PATIENT.values(), "Zzquill", "Harriet"}
+    studies = []
+    for seed, accession in zip((4711, 4712), ACCESSIONS):
+        ds, _ = synthetic_dicom(seed=seed, positive=seed == 4711, size=256)
+        for keyword, value in PATIENT.items():
+            setattr(ds, keyword, value)
+        item = receive_image(ledger, store, ds, accession, datetime.now(timezone.utc) - timedelta(minutes=5))
+        ledger.mark_queued(ds.StudyInstanceUID)
+        results = ledger.record_analysis(analyser.analyse(ds.StudyInstanceUID, [item]))
+        assert results, "the analysis wrote its results"
+        identifying |= {ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, *results}
+        studies.append(ds.StudyInstanceUID)
+    refs = [ledger.study_ref(uid) for uid in studies]
+    ledger.close()
+    downgrade(f"sqlite:///{storage / 'ledger.sqlite'}", BASELINE)  # so that `db upgrade` has rows to carry
+
+    published = tmp_path / PRETRAINED["densenet121-res224-all"].file_name
+    torch.manual_seed(22)
+    torch.save(import_torchxrayvision().models.DenseNet(weights=None).eval(), published)
+
+    runs = {
+        "db current (old)": _cli(config, "db", "current"),
+        "db upgrade": _cli(config, "db", "upgrade"),
+        "db current": _cli(config, "db", "current"),
+        "check": _cli(config, "check", "--timeout", "5"),
+        "models fetch": _cli(config, "models", "fetch", "densenet121-res224-all", "--from-file", str(published)),
+    }
+    [fetched] = [key for key in registry.read().versions if key.startswith("xrv-")]
+    runs["models compose"] = _cli(config, "models", "compose", fetched, "pleura-demo/1.0")
+    runs["reanalyse"] = _cli(config, "reanalyse", refs[0])
+    # A promotion re-analyses the recent studies (PLEURA_REANALYSE_HOURS_ON_PROMOTE): the other one.
+    runs["models promote"] = _cli(config, "models", "promote", "pleura-demo/2.0",
+                                  env={"PLEURA_REANALYSE_HOURS_ON_PROMOTE": "24"})
+    expected_codes = {"db current (old)": 1}
+    for name, run in runs.items():
+        assert run.returncode == expected_codes.get(name, 0), f"{name}: {run.stdout}\n{run.stderr}"
+    assert schema_state(f"sqlite:///{storage / 'ledger.sqlite'}").up_to_date
+    assert refs[0] in runs["reanalyse"].stdout.split()
+    ledger = Ledger(f"sqlite:///{storage / 'ledger.sqlite'}")
+    try:  # both studies are waiting for their re-analysis: the commands did reach them
+        assert [ledger.study_status(uid)["status"] for uid in studies] == ["receiving", "receiving"]
+    finally:
+        ledger.close()
+
+    for name, run in runs.items():
+        for stream, text in (("stdout", run.stdout), ("stderr", run.stderr)):
+            for value in identifying:
+                assert value not in text, f"`pleura {name}` wrote {value!r} to {stream}"

@@ -31,7 +31,8 @@ class Worklist:
     pending: pydicom.Dataset
 
 
-def _receive(ledger: Ledger, store: InstanceStore, ds: pydicom.Dataset, accession: str, at: datetime) -> dict:
+def receive_image(ledger: Ledger, store: InstanceStore, ds: pydicom.Dataset, accession: str, at: datetime) -> dict:
+    """Store ``ds`` (with ``accession``) and record it as the node does; its analysis task's message."""
     ds.AccessionNumber = accession
     from io import BytesIO
 
@@ -70,8 +71,8 @@ def build_worklist(storage: Path, bundle: Path, **settings_overrides) -> Worklis
     positive.StudyDescription, positive.StudyDate, positive.StudyTime = "CHEST PA", "20240101", "120000"
     # The negative arrived first, the positive later: urgency must beat age.
     for ds, accession, age in ((negative, "ACC-NEG", 30), (positive, "ACC-POS", 20)):
-        item = _receive(ledger, store, ds, accession, now - timedelta(minutes=age))
+        item = receive_image(ledger, store, ds, accession, now - timedelta(minutes=age))
         ledger.mark_queued(ds.StudyInstanceUID)
         ledger.record_analysis(analyser.analyse(ds.StudyInstanceUID, [item]))
-    _receive(ledger, store, pending, "ACC-PEND", now - timedelta(minutes=1))
+    receive_image(ledger, store, pending, "ACC-PEND", now - timedelta(minutes=1))
     return Worklist(settings, ledger, positive, negative, pending)
