@@ -22,7 +22,7 @@ from browser import chromium
 from node.api.server import WorklistServer
 from services import free_port, wait_for
 from training.synthetic import synthetic_dicom
-from worklist_fixtures import RADIOLOGIST_TOKEN, _receive, build_worklist
+from worklist_fixtures import RADIOLOGIST_TOKEN, receive_image, build_worklist
 
 SHOTS = os.environ.get("WORKLIST_SCREENSHOTS")
 VIEWER = "#viewer-canvas"
@@ -336,7 +336,7 @@ def test_a_new_flagged_study_is_pushed_with_an_alert(site, browser):
     arrived, _ = synthetic_dicom(seed=4242, positive=True, size=512)  # flagged in test_worklist_page
     from node.storage import InstanceStore
 
-    item = _receive(worklist.ledger, InstanceStore(worklist.settings.storage_dir), arrived, "ACC-NEW",
+    item = receive_image(worklist.ledger, InstanceStore(worklist.settings.storage_dir), arrived, "ACC-NEW",
                     datetime.now(timezone.utc))
     worklist.ledger.mark_queued(arrived.StudyInstanceUID)
     analyser = StudyAnalyser.from_bundle_dir(worklist.settings.storage_dir, worklist.settings.model_dir, device="cpu")
