@@ -503,3 +503,42 @@ def test_aging_rule_lists_an_unread_study_first_and_the_pacs_link(worklist):
         detail = aged.get(f"/api/studies/{ref}", headers=bearer(READER_TOKEN)).json()
         assert detail["pacs_url"].startswith("https://pacs.example.org/viewer?StudyInstanceUIDs=")
         assert detail["study_instance_uid"] in detail["pacs_url"]
+
+
+def test_a_ct_study_shows_the_volume_its_series_measured(tmp_path):
+    """A CT series' summary carries the volume of pleural air: the list and the detail show it (the
+    page lists it among the facts), and a re-analysis replaces it."""
+    from datetime import datetime, timezone
+
+    from node.ledger import Ledger
+    from worklist_fixtures import API_USERS, load_settings
+
+    settings = load_settings(storage_dir=tmp_path, api_users=API_USERS)
+    ledger = Ledger(settings.ledger_url)
+    study, series = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2"
+    ledger.record_instance(
+        sop_instance_uid=f"{series}.1", study_uid=study, series_instance_uid=series,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
+        storage_key="instances/missing.dcm", patient_id="P1", accession_number="ACC-CT",
+        received_at=datetime.now(timezone.utc),
+    )
+    ledger.mark_queued(study)
+
+    def record(volume: float) -> None:
+        ledger.record_analysis({
+            "study_uid": study, "series_instance_uid": series, "model": {"name": "ct", "version": "1"},
+            "flagged": True, "results": [], "volume_ml": volume,
+            "images": [{"sop_instance_uid": f"{series}.1", "status": "analysed", "probability": 0.9, "flagged": True}],
+        })
+
+    record(12.34)
+    with TestClient(create_app(settings, ledger)) as ct_client:
+        [listed] = ct_client.get("/api/studies", headers=bearer(READER_TOKEN)).json()
+        assert listed["volume_ml"] == 12.34
+        assert ct_client.get(f"/api/studies/{listed['ref']}", headers=bearer(READER_TOKEN)).json()["volume_ml"] == 12.34
+        assert ledger.request_reanalysis([study]) == [study]
+        ledger.mark_queued(study)
+        record(3.5)
+        [listed] = ct_client.get("/api/studies", headers=bearer(READER_TOKEN)).json()
+        assert listed["volume_ml"] == 3.5
+    ledger.close()

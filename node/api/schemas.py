@@ -128,6 +128,7 @@ class StudySummary(BaseModel):
         None, description="share of the hemithorax the largest flagged area covers (0..1), when measured"
     )
     threshold: float | None = Field(None, description="the classifier threshold the decision used")
+    volume_ml: float | None = Field(None, description="CT: volume of the pleural air in mL (the largest series)")
     overdue: bool = Field(False, description="no verdict yet, and older than the aging rule allows: listed first")
     patient_name: str | None = None
     patient_age: str | None = Field(None, description="as the DICOM header says it (052Y), or from the birth date")

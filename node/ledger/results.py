@@ -123,6 +123,9 @@ class ResultLedger(LedgerSessions):
             probabilities = [row.probability for row in analysed if row.probability is not None]
             study.probability = max(probabilities) if probabilities else None
             study.flagged = (summary.flagged or any(row.flagged for row in analysed)) if analysed else None
+            if summary.volume_ml is not None:  # a CT series: the study shows its largest volume
+                earlier = None if reanalysis else study.volume_ml
+                study.volume_ml = max(summary.volume_ml, earlier or 0.0)
             self._record_history(session, study, summary, analysed_at, reanalysis)
             start = session.get(AnalysisStart, study_uid)
             if start is not None:  # an answer: the study's lease ends, and its lapses are forgiven

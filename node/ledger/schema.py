@@ -102,6 +102,8 @@ class Study(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     flagged: Mapped[bool | None] = mapped_column(Boolean)
     probability: Mapped[float | None] = mapped_column(Float)
+    # CT: the volume (mL) of the pleural air in the study's CT series, the largest of them.
+    volume_ml: Mapped[float | None] = mapped_column(Float)
     model_name: Mapped[str | None] = mapped_column(String(128))
     model_version: Mapped[str | None] = mapped_column(String(64))
     synthetic_model: Mapped[bool | None] = mapped_column(Boolean)

@@ -196,6 +196,7 @@ def study_dict(study: Study, instances: int, area_px: int | None, area_cm2: floa
         "delivered_at": study.delivered_at,
         "flagged": study.flagged,
         "probability": study.probability,
+        "volume_ml": study.volume_ml,
         "area_px": area_px,
         "area_cm2": area_cm2,
         "model_name": study.model_name,

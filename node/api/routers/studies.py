@@ -141,6 +141,7 @@ def study_summary(
         area_cm2=entry["area_cm2"],
         area_px=entry["area_px"],
         largest_gap_mm=gap if gap is not None else entry.get("largest_gap_mm"),
+        volume_ml=entry.get("volume_ml"),
         model=ModelInfo(name=entry["model_name"], version=entry["model_version"], synthetic_demo=entry["synthetic_model"]),
         instances=entry["instances"],
         received_at=entry["first_received_at"],

@@ -346,6 +346,7 @@ async function loadDetail(ref) {
       : `${fmtProb(study.probability)} (threshold ${study.threshold === null ? "–" : fmtProb(study.threshold)})`],
     ["Side", study.side || "–"], ["Area", fmtSize(study)],
     ["Share of hemithorax", share === null || share === undefined ? "–" : `${(share * 100).toFixed(0)} %`],
+    ...(study.volume_ml === null || study.volume_ml === undefined ? [] : [["Volume (CT)", `${study.volume_ml.toFixed(1)} mL`]]),
     ["Model", `${study.model.name || "–"} ${study.model.version || ""}${study.model.synthetic_demo ? " (SYNTHETIC DEMO)" : ""}`],
     ["Status", study.status], ["Received", fmtTime(study.received_at)], ["Analysed", fmtTime(study.analysed_at)],
     ["Time to flag", fmtDuration(study.time_to_flag_seconds)],
