@@ -483,11 +483,11 @@ def test_aging_rule_lists_an_unread_study_first_and_the_pacs_link(worklist):
 
     from node.storage import InstanceStore
     from training.synthetic import synthetic_dicom
-    from worklist_fixtures import _receive
+    from worklist_fixtures import receive_image
 
     # A study nobody has looked at for 15 minutes (not analysed yet: pending, the lowest but one).
     late, _ = synthetic_dicom(seed=80, positive=False, size=512)
-    _receive(worklist.ledger, InstanceStore(worklist.settings.storage_dir), late, "ACC-LATE",
+    receive_image(worklist.ledger, InstanceStore(worklist.settings.storage_dir), late, "ACC-LATE",
              datetime.now(timezone.utc) - timedelta(minutes=15))
     settings = worklist.settings.model_copy(update={
         "worklist_aging_minutes": 10.0,
