@@ -31,6 +31,19 @@ from node.ledger.views import feedback_dict
 UNDO_COMMENT = "undo of"
 
 
+def _verdict_row(study: Study, **fields: Any) -> Feedback:
+    """A verdict on ``study``, with what the model said of it at the time (its flag, probability
+    and version), so that the verdict stays readable after a re-analysis."""
+    return Feedback(
+        study_uid=study.study_uid,
+        flagged=study.flagged,
+        probability=study.probability,
+        model_name=study.model_name,
+        model_version=study.model_version,
+        **fields,
+    )
+
+
 class FeedbackLedger(LedgerSessions):
     """Feedback and Segmentation labels."""
 
@@ -55,18 +68,14 @@ class FeedbackLedger(LedgerSessions):
             study = session.get(Study, study_uid)
             if study is None:
                 raise LedgerError("feedback names a study the ledger does not know")
-            row = Feedback(
-                study_uid=study_uid,
+            row = _verdict_row(
+                study,
                 verdict=verdict,
                 user=user[:64],
                 comment=comment[:ERROR_TEXT_LIMIT] if comment else None,
                 created_at=now,
                 sop_instance_uid=sop_instance_uid,
                 mask_key=mask_key,
-                flagged=study.flagged,
-                probability=study.probability,
-                model_name=study.model_name,
-                model_version=study.model_version,
             )
             session.add(row)
             session.flush()
@@ -96,18 +105,14 @@ class FeedbackLedger(LedgerSessions):
                 raise ValueError(f"a verdict can be undone within {UNDO_SECONDS} s of giving it")
             study = session.get_one(Study, study_uid)
             restored = before if before is not None and before.verdict != FeedbackVerdict.UNDONE else None
-            row = Feedback(
-                study_uid=study_uid,
+            row = _verdict_row(
+                study,
                 verdict=restored.verdict if restored else FeedbackVerdict.UNDONE.value,
                 user=newest.user,
                 comment=f"{UNDO_COMMENT} {newest.verdict}",
                 created_at=now,
                 sop_instance_uid=restored.sop_instance_uid if restored else None,
                 mask_key=restored.mask_key if restored else None,
-                flagged=study.flagged,
-                probability=study.probability,
-                model_name=study.model_name,
-                model_version=study.model_version,
             )
             session.add(row)
             session.flush()

@@ -55,18 +55,33 @@ class LapsedStudy:
 
 
 class LeaseLedger(LedgerSessions):
+    def mark_analysing(self, study_uid: str, task_id: str | None = None, *, now: datetime | None = None) -> bool:
+        """Record that a worker started on the study (``now``: the worker's clock); False when the
+        ledger does not know it. The start is the analysis's first heartbeat (on the node's clock)."""
+        beat = utcnow()
+        return self._sign_of_life(study_uid, task_id, beat, started_at=as_utc(now) if now else beat)
+
     def record_heartbeat(self, study_uid: str, task_id: str | None = None, *, now: datetime | None = None) -> bool:
         """A running analysis of the study is alive (the node's clock ``now``); False when the
         ledger does not know the study."""
-        now = as_utc(now) if now else utcnow()
+        return self._sign_of_life(study_uid, task_id, as_utc(now) if now else utcnow())
+
+    def _sign_of_life(
+        self, study_uid: str, task_id: str | None, beat: datetime, *, started_at: datetime | None = None
+    ) -> bool:
+        """Hold the study's lease from ``beat``; with ``started_at`` (a start) the analysis's start
+        and task too. A heartbeat of a study with no start yet counts as its start."""
         with self._transaction() as session:
             if session.get(Study, study_uid) is None:
                 return False
             start = session.get(AnalysisStart, study_uid)
             if start is None:
-                session.add(AnalysisStart(study_uid=study_uid, task_id=task_id, started_at=now, heartbeat_at=now))
+                session.add(AnalysisStart(study_uid=study_uid, task_id=task_id, started_at=started_at or beat,
+                                          heartbeat_at=beat))
+            elif started_at is not None:
+                start.task_id, start.started_at, start.heartbeat_at = task_id, started_at, beat
             else:
-                start.heartbeat_at = now
+                start.heartbeat_at = beat
             return True
 
     def reclaim_lapsed(

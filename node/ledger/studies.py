@@ -1,5 +1,5 @@
 """Instances and studies: receiving (a new instance, a duplicate, a skipped object), settling and
-dispatch (due studies, queued, stale), and a worker's start."""
+dispatch (due studies, queued, stale)."""
 
 from __future__ import annotations
 
@@ -453,18 +453,3 @@ class StudyLedger(LedgerSessions):
             start = session.get(AnalysisStart, study_uid)
             if start is not None:
                 start.heartbeat_at = None
-
-    def mark_analysing(self, study_uid: str, task_id: str | None = None, *, now: datetime | None = None) -> bool:
-        """Record that a worker started on the study (``now``: the worker's clock); False when the
-        ledger does not know it. The start is the analysis's first heartbeat (on the node's clock)."""
-        beat = utcnow()
-        now = as_utc(now) if now else beat
-        with self._transaction() as session:
-            if session.get(Study, study_uid) is None:
-                return False
-            start = session.get(AnalysisStart, study_uid)
-            if start is None:
-                session.add(AnalysisStart(study_uid=study_uid, task_id=task_id, started_at=now, heartbeat_at=beat))
-            else:
-                start.task_id, start.started_at, start.heartbeat_at = task_id, now, beat
-            return True
