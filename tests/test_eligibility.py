@@ -93,6 +93,26 @@ def test_dx_for_processing_is_not_analysed_and_says_why():
     assert reason is not None and "For Processing" in reason
 
 
+@pytest.mark.parametrize(
+    "sop_class",
+    [
+        "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+        "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image Storage - For Processing
+        "1.2.840.10008.5.1.4.1.1.1.3.1",  # Digital Intra-Oral X-Ray Image Storage - For Processing
+    ],
+)
+def test_a_for_processing_sop_class_is_not_analysed_without_presentation_intent_type(sop_class):
+    """The SOP class alone says For Processing: a sender that leaves out Presentation Intent Type
+    does not get its raw detector data analysed."""
+    header = _header(Modality="DX", SOPClassUID=sop_class, BodyPartExamined="CHEST", ViewPosition="PA")
+    reason = assess(header).reason
+    assert reason is not None and "For Processing" in reason
+    for_presentation = _header(
+        Modality="DX", SOPClassUID="1.2.840.10008.5.1.4.1.1.1.1", BodyPartExamined="CHEST", ViewPosition="PA"
+    )
+    assert assess(for_presentation).reason is None
+
+
 def test_a_site_vocabulary_comes_from_the_settings(monkeypatch, tmp_path):
     monkeypatch.setenv("PLEURA_STORAGE_DIR", str(tmp_path))
     monkeypatch.setenv("PLEURA_CHEST_BODY_PARTS", '["BRYST", "CHEST"]')

@@ -39,6 +39,7 @@ from config.settings import (
 from worker.inference.measure import small_lung_fields
 
 __all__ = [
+    "FOR_PROCESSING_SOP_CLASSES",
     "FRONTAL_VIEW_CODES",
     "LATERAL_VIEW_CODES",
     "RADIOGRAPH_MODALITIES",
@@ -57,6 +58,12 @@ FRONTAL_VIEW_CODES = frozenset({"399348003", "272479007", "399033003"})
 LATERAL_VIEW_CODES = frozenset({"399067008", "399173006", "399198007", "399352003", "399260004"})
 """SNOMED CT (CID 4010): lateral, left lateral, right lateral, latero-medial, medio-lateral."""
 DESCRIPTION_KEYWORDS = ("SeriesDescription", "ProtocolName", "StudyDescription")
+FOR_PROCESSING_SOP_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+    "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image Storage - For Processing
+    "1.2.840.10008.5.1.4.1.1.1.3.1",  # Digital Intra-Oral X-Ray Image Storage - For Processing
+})
+"""Storage SOP classes of raw detector data: For Processing even when Presentation Intent Type is absent."""
 
 
 def _words(text: str) -> str:
@@ -123,6 +130,18 @@ def _int(ds: pydicom.Dataset, keyword: str, default: int) -> int | None:
         return None
 
 
+def _for_processing(ds: pydicom.Dataset) -> bool:
+    """Presentation Intent Type FOR PROCESSING, or a For Processing SOP class (the data set's, else
+    the file meta's Media Storage SOP Class)."""
+    if _text(ds, "PresentationIntentType") == "FOR PROCESSING":
+        return True
+    sop_class = str(ds.get("SOPClassUID") or "").strip()
+    if not sop_class:
+        meta = getattr(ds, "file_meta", None)
+        sop_class = str((meta.get("MediaStorageSOPClassUID") if meta is not None else None) or "").strip()
+    return sop_class in FOR_PROCESSING_SOP_CLASSES
+
+
 def _body_part_reason(ds: pydicom.Dataset, words: Vocabulary) -> str | None:
     body_part = _text(ds, "BodyPartExamined")
     if body_part:
@@ -171,8 +190,8 @@ def assess(ds: pydicom.Dataset, words: Vocabulary | None = None) -> Eligibility:
     """Whether the header allows analysis (see the module docstring), and whether it told the view.
 
     Analysed: single-frame grayscale CR or DX images of the chest in a frontal view and, for DX,
-    not For Processing (raw detector data, whose look depends on the vendor's processing that
-    Pleura does not have).
+    not For Processing (Presentation Intent Type, or a For Processing SOP class: raw detector data,
+    whose look depends on the vendor's processing that Pleura does not have).
     """
     words = words or Vocabulary()
     modality = _text(ds, "Modality")
@@ -192,7 +211,7 @@ def assess(ds: pydicom.Dataset, words: Vocabulary | None = None) -> Eligibility:
             detail.append(f"PhotometricInterpretation {photometric}")
         return Eligibility(f"not a single-frame grayscale image ({', '.join(detail)})")
 
-    if _text(ds, "PresentationIntentType") == "FOR PROCESSING":
+    if _for_processing(ds):
         return Eligibility(
             "image is For Processing (raw detector data), not For Presentation: Pleura reads the "
             "processed image the radiologist sees"
