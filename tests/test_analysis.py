@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import re
 import shutil
 import types
 from pathlib import Path
@@ -11,6 +13,7 @@ import highdicom as hd
 import pydicom
 import pytest
 
+from contract.messages import AnalysisSummary
 from dicom_samples import dciodvfy_errors, pydicom_data_file
 from training.synthetic import synthetic_dicom
 from worker.analysis import StudyAnalyser, failed_summary
@@ -85,6 +88,34 @@ def test_a_study_with_a_chest_image_an_extremity_and_a_broken_file(analyser):
     assert any(c.startswith("Image 3 (header unreadable) not analysed: the stored instance cannot be read")
                for c in comments)
     assert any(c.startswith("Image 1 (series 1, instance 1): Present: classifier") for c in comments)
+
+
+def test_a_confident_classifier_with_too_small_an_area_is_absent_and_the_report_says_why(analyser, monkeypatch):
+    """The issue's example: the classifier is well above its threshold but the segmented area is under
+    the minimum; the image is Absent, and the SR, the summary's reason (the ledger's and the
+    worklist's ``analysis_reason``) name the rule that decided."""
+    positive, _ = synthetic_dicom(seed=80, positive=True, size=256)
+    items = [_store(analyser, positive.SOPInstanceUID, lambda p: positive.save_as(p, enforce_file_format=True))]
+    thresholds = analyser.models.manifest.thresholds.model_copy(update={"probability": 0.01, "min_area_px": 10**7})
+    manifest = analyser.models.manifest.model_copy(update={"thresholds": thresholds})
+    monkeypatch.setattr(analyser, "models", dataclasses.replace(analyser.models, manifest=manifest))
+    summary = analyser.analyse(positive.StudyInstanceUID, items, {"objects": ["SR"]})
+
+    [image] = AnalysisSummary.model_validate(summary).images
+    assert image.analysis_status == "analysed" and image.flagged is False
+    assert image.probability is not None and image.probability >= 0.01 and image.area_px > 0
+    rule = re.fullmatch(
+        r"classifier (\d\.\d+) >= threshold (0\.010\d*), but segmented area (\d+) px < minimum 10000000 px",
+        image.analysis_reason or "",
+    )
+    assert rule, image.analysis_reason
+    assert int(rule.group(3)) == image.area_px
+    assert summary["flagged"] is False
+
+    sr = hd.sr.srread(analyser.storage_dir / next(r for r in summary["results"] if r["kind"] == "SR")["key"])
+    comments = [i.TextValue for i in sr.content[0].ContentSequence if i.ValueType == "TEXT"]
+    [comment] = [c for c in comments if c.startswith("Image 1 ")]
+    assert "Absent" in comment and image.analysis_reason in comment, comment
 
 
 def test_the_objects_written_follow_the_options(analyser):

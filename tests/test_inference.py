@@ -12,7 +12,7 @@ import torch
 from pydicom.dataset import Dataset
 
 from contract.bundle import BundleError, Manifest, NetworkSpec, Preprocessing, Thresholds, load_bundle, write_manifest
-from contract.decision import lesion_mask, source_lesion_mask
+from contract.decision import decision_reason, flag_decision, lesion_mask, reason_threshold, source_lesion_mask
 from contract.networks import LoadedModels, build_network, load_models
 from contract.preprocess import decode_radiograph, mask_to_source
 from training.synthetic import synthetic_dicom
@@ -177,6 +177,36 @@ def test_predict_images_decision_and_batching(tiny_models):
     empty = with_thresholds(tiny_models, probability=0.0, mask=1.0, min_area_px=1)
     for finding in predict_images(empty, list(images[:2]), list(sources[:2])):
         assert finding.area_px == 0 and not finding.flagged and finding.area_cm2 == 0.0
+
+
+@pytest.mark.parametrize(
+    ("probability", "area_px", "segmented", "reason"),
+    [
+        (0.2, 5000, True, "classifier 0.200 < threshold 0.500"),
+        (0.99999, 120, True, "classifier 1.000 >= threshold 0.500, but segmented area 120 px < minimum 262 px"),
+        (0.91, 5000, True, "classifier 0.910 >= threshold 0.500 and segmented area 5000 px >= minimum 262 px"),
+        (0.5, 262, True, "classifier 0.500 >= threshold 0.500 and segmented area 262 px >= minimum 262 px"),
+        # Digits enough to tell a probability just under the threshold from it.
+        (0.4999, 5000, True, "classifier 0.4999 < threshold 0.5000"),
+        (0.7, 0, False, "classifier 0.700 >= threshold 0.500 (classifier only, no segmentation)"),
+        (0.3, 0, False, "classifier 0.300 < threshold 0.500 (classifier only, no segmentation)"),
+    ],
+)
+def test_decision_reason_names_the_rule_that_decided(probability, area_px, segmented, reason):
+    min_area = 262 if segmented else 0
+    assert decision_reason(probability, area_px, 0.5, min_area, segmented=segmented) == reason
+    # The words agree with the rule itself: "but" and "<" only where it did not flag.
+    flagged = bool(flag_decision(probability, area_px, 0.5, min_area))
+    assert (" < " not in reason) == flagged
+    assert reason_threshold(reason) == pytest.approx(0.5)
+
+
+def test_predict_images_gives_the_too_small_area_reason(tiny_models):
+    images, sources = zip(*(_source(60, 80, ImagerPixelSpacing=[0.5, 0.5]) for _ in range(2)))
+    too_small = with_thresholds(tiny_models, probability=0.0, mask=0.0, min_area_px=10**6)
+    for finding in predict_images(too_small, list(images), list(sources)):
+        assert not finding.flagged
+        assert finding.decision.endswith(f"but segmented area {60 * 80} px < minimum 1000000 px")
 
 
 def test_predict_images_rejects_mismatched_input(tiny_models):
