@@ -4,7 +4,8 @@ The same picture stored every way a modality may store it — MONOCHROME2, MONOC
 with Presentation LUT Shape INVERSE, MONOCHROME1 with INVERSE (the DX convention), a Presentation
 LUT Sequence — with no VOI, a window or a VOI LUT Sequence, as CR and DX, gives the same network
 input; and the analysis takes the same decision on it, draws the same SC and gives the GSPS the
-Presentation LUT the model's input went through.
+Presentation LUT the model's input went through; and the page's viewer gets the same picture and
+window.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from contract.bundle import Preprocessing
 from contract.preprocess import decode_radiograph, presentation_inverted, to_network_input
 from training.synthetic import radiograph_dataset, synthetic_chest_image, synthetic_dicom
 from worker.analysis import StudyAnalyser
+from worker.preview import viewer_image
 
 TOP = 4095  # 12 bits stored
 RECIPE = Preprocessing(input_size=128)
@@ -125,6 +127,15 @@ def analyser(tmp_path_factory, demo_bundle):
     return StudyAnalyser.from_bundle_dir(tmp_path_factory.mktemp("display-storage"), demo_bundle, device="cpu")
 
 
+def _decreasing_lut(bits: int) -> Dataset:
+    """A Presentation LUT Sequence item that inverts: 2**bits entries from 2**bits - 1 down to 0."""
+    top = (1 << bits) - 1
+    item = Dataset()
+    item.LUTDescriptor = [top + 1, 0, bits]
+    item.LUTData = (top - np.arange(top + 1)).astype("<u2").tobytes()  # OW, as a file carries it
+    return item
+
+
 def _as(ds: Dataset, storage: str, sop_uid: str) -> Dataset:
     """The synthetic study image stored another way (same picture on the display)."""
     out = copy.deepcopy(ds)
@@ -134,16 +145,24 @@ def _as(ds: Dataset, storage: str, sop_uid: str) -> Dataset:
         return out
     out.PixelData = (top - ds.pixel_array).astype(np.uint16).tobytes()
     out.WindowCenter = top - float(ds.WindowCenter) + 1  # LINEAR's half-pixel offsets: c' = top - c + 1
-    out.PhotometricInterpretation = "MONOCHROME1" if storage == "MONOCHROME1" else "MONOCHROME2"
-    out.PresentationLUTShape = "INVERSE"
+    out.PhotometricInterpretation = "MONOCHROME1" if storage.startswith("MONOCHROME1") else "MONOCHROME2"
+    if storage.endswith("+INVERSE"):
+        out.PresentationLUTShape = "INVERSE"
+    elif "PresentationLUTShape" in out:
+        del out.PresentationLUTShape
+    if storage == "MONOCHROME2+LUT":
+        out.PresentationLUTSequence = [_decreasing_lut(int(ds.BitsStored))]
     return out
+
+
+ANALYSED_STORAGES = ("MONOCHROME2", "MONOCHROME1", "MONOCHROME1+INVERSE", "MONOCHROME2+INVERSE", "MONOCHROME2+LUT")
 
 
 def test_the_analysis_takes_the_same_decision_on_every_storage(analyser):
     """A MONOCHROME2 + INVERSE image used to be read with its contrast reversed (flagged falsely)."""
     source, _ = synthetic_dicom(seed=21, positive=False, size=512)
     findings, sc_pixels = {}, {}
-    for index, storage in enumerate(("MONOCHROME2", "MONOCHROME1", "MONOCHROME2+INVERSE")):
+    for index, storage in enumerate(ANALYSED_STORAGES):
         ds = _as(source, storage, pydicom.uid.generate_uid())
         key = f"instances/display/{index}.dcm"
         path = analyser.storage_dir / key
@@ -155,15 +174,51 @@ def test_the_analysis_takes_the_same_decision_on_every_storage(analyser):
         findings[storage] = (image["flagged"], image["probability"], image["area_px"])
         by_kind = {result["kind"]: analyser.storage_dir / result["key"] for result in summary["results"]}
         gsps = pydicom.dcmread(by_kind["GSPS"])
-        expected = "IDENTITY" if storage == "MONOCHROME2" else "INVERSE"
-        assert gsps.PresentationLUTShape == expected, storage
+        # The GSPS's Presentation LUT is the one the model's input went through.
+        if storage == "MONOCHROME2+LUT":
+            assert "PresentationLUTShape" not in gsps, storage
+            [lut] = gsps.PresentationLUTSequence
+            carried = np.frombuffer(lut.LUTData, dtype="<u2") if isinstance(lut.LUTData, bytes) else np.asarray(lut.LUTData)
+            expected_lut = np.rint((4095 - np.arange(4096)) / 4095 * 65535)
+            assert int(lut.LUTDescriptor[0]) == 4096 and int(lut.LUTDescriptor[2]) == 16
+            # The same curve at 16 bits (float32 rounding: one step at most).
+            np.testing.assert_allclose(carried.astype(np.float64), expected_lut, atol=1, rtol=0)
+        else:
+            expected = "IDENTITY" if storage == "MONOCHROME2" else "INVERSE"
+            assert gsps.PresentationLUTShape == expected, storage
+            assert "PresentationLUTSequence" not in gsps, storage
         assert dciodvfy_errors(by_kind["GSPS"]) == []
         sc_pixels[storage] = pydicom.dcmread(by_kind["SC"]).pixel_array.astype(np.int16)
 
     reference = findings["MONOCHROME2"]
     assert reference[0] is False  # a negative image stays negative
     for storage, found in findings.items():
+        # The Presentation LUT Sequence quantises the VOI output to its 4096 entries.
+        tolerance = 1e-3 if storage.endswith("LUT") else 1e-4
         assert found[0] == reference[0] and found[2] == reference[2], storage
-        assert found[1] == pytest.approx(reference[1], abs=1e-4), storage
+        assert found[1] == pytest.approx(reference[1], abs=tolerance), storage
         # The SC shows the same picture (JPEG: a few grey levels apart at most).
         assert np.abs(sc_pixels[storage] - sc_pixels["MONOCHROME2"]).mean() < 1.0, storage
+
+
+@pytest.mark.parametrize("voi", ["none", "window"])
+def test_the_viewer_image_is_the_same_for_one_picture_stored_every_way(voi):
+    """The page's viewer gets the picture as the display shows it, and the image's own window on
+    that picture: MONOCHROME2 + INVERSE as MONOCHROME1 and as plain MONOCHROME2."""
+    picture = _picture(size=96)
+    reference = viewer_image(_stored(picture, "MONOCHROME2", voi, "CR"))
+    shown_reference = np.frombuffer(reference.pixels, dtype="<u2").astype(np.float64)
+    assert np.corrcoef(shown_reference, picture.ravel())[0, 1] > 0.99  # bright = dense, not reversed
+    for storage in ("MONOCHROME1", "MONOCHROME2+INVERSE", "MONOCHROME1+INVERSE"):
+        shown = viewer_image(_stored(picture, storage, voi, "CR"))
+        assert (shown.rows, shown.columns) == (reference.rows, reference.columns)
+        # 16-bit values of the same float picture, rounded: one step apart at most.
+        np.testing.assert_allclose(
+            np.frombuffer(shown.pixels, dtype="<u2").astype(np.int32),
+            np.frombuffer(reference.pixels, dtype="<u2").astype(np.int32), atol=1, rtol=0, err_msg=storage,
+        )
+        assert shown.window_center == pytest.approx(reference.window_center, abs=1e-9), storage
+        assert shown.window_width == pytest.approx(reference.window_width, abs=1e-9), storage
+    if voi == "window":
+        # The image's window (centre 1500 of the picture's values), not the default middle.
+        assert reference.window_center != pytest.approx(0.5, abs=0.01)
