@@ -1,6 +1,7 @@
 """JPEG-LS and HTJ2K end to end: a real chest radiograph encoded in each, sent by a real peer
-proposing exactly that transfer syntax, accepted, stored as sent, and decoded by the worker to the
-original's pixels (lossless) or close to them (near-lossless, lossy)."""
+proposing exactly that transfer syntax, accepted, stored as sent, decoded by the worker to the
+original's pixels (lossless) or close to them (near-lossless, lossy), and analysed with the
+original's decision."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from scp_node import Node
 from test_node_scp import CR, pynetdicom_store
 from contract.bundle import Preprocessing
 from contract.preprocess import decode_radiograph
+from worker.analysis import StudyAnalyser
 
 SOURCE = "RG1_UNCR.dcm"  # a real chest CR, MONOCHROME1, 15 bits stored, uncompressed
 
@@ -148,3 +150,29 @@ def test_the_worker_decodes_every_accepted_encoding_like_the_original(
             assert np.abs(image - reference).max() < 0.02, name
         else:
             np.testing.assert_array_equal(image, reference, err_msg=name)
+
+
+def test_the_analysis_of_a_lossless_encoding_is_the_original_s(
+    tmp_path: Path, demo_bundle: Path, encoded: dict[str, Path]
+) -> None:
+    """The worker's whole analysis, in process, on the radiograph uncompressed, in JPEG-LS lossless
+    and in HTJ2K lossless: each gets its report, with the original's decision."""
+    analyser = StudyAnalyser.from_bundle_dir(tmp_path, demo_bundle, device="cpu")
+    sources = {"uncompressed": dicom_peers.testdata_file(SOURCE)}
+    sources.update({name: encoded[name] for name in ("jpeg-ls-lossless", "htj2k-lossless")})
+    found = {}
+    for name, source in sources.items():
+        ds = pydicom.dcmread(source, stop_before_pixels=True)
+        key = f"instances/encodings/{name}.dcm"
+        (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, tmp_path / key)
+        summary = analyser.analyse(
+            str(ds.StudyInstanceUID), [{"sop_instance_uid": str(ds.SOPInstanceUID), "key": key}], {"objects": ["SR"]}
+        )
+        [image] = summary["images"]
+        assert image["status"] == "analysed", (name, image)
+        [report] = [result for result in summary["results"] if result["kind"] == "SR"]
+        assert pydicom.dcmread(tmp_path / report["key"]).Modality == "SR", name
+        found[name] = (image["flagged"], image["probability"], image["area_px"], image["reason"])
+    assert found["jpeg-ls-lossless"] == found["uncompressed"]
+    assert found["htj2k-lossless"] == found["uncompressed"]
