@@ -128,18 +128,24 @@ def test_pleura_worklist_creates_nothing_others_can_read(tmp_path):
     assert readable_by_others(storage) == {}
 
 
+def run_until_ready_with_umask_022(command: str, config: Path, log: Path, metrics_port: int, timeout: float,
+                                   args: tuple[str, ...] = ()) -> None:
+    """Start `command` with umask 022, wait until its /readyz answers 200, check its umask, stop it."""
+    process = started_with_umask_022(command, config, log, args=args)
+    try:
+        wait_for(lambda: http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200 if port_open(metrics_port)
+                 else not process.alive(), timeout, f"pleura {command} ready")
+        assert process.alive(), process.output()
+        assert process_umask(process) == 0o077
+    finally:
+        process.stop()
+
+
 def test_pleura_export_worker_creates_nothing_others_can_read(tmp_path):
     storage = tmp_path / "storage"  # made by the export worker itself
     metrics_port = free_port()
     config = write_config(tmp_path / "export.toml", storage_dir=storage, metrics_port=metrics_port)
-    exporter = started_with_umask_022("export-worker", config, tmp_path / "export-worker.log")
-    try:
-        wait_for(lambda: http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200 if port_open(metrics_port)
-                 else not exporter.alive(), 120, "pleura export-worker ready")
-        assert exporter.alive(), exporter.output()
-        assert process_umask(exporter) == 0o077
-    finally:
-        exporter.stop()
+    run_until_ready_with_umask_022("export-worker", config, tmp_path / "export-worker.log", metrics_port, 120)
     names = {path.relative_to(storage).as_posix() for path in storage.rglob("*")}
     assert {"ledger.sqlite", "broker.sqlite"} <= names, sorted(names)
     assert readable_by_others(storage) == {}
@@ -150,14 +156,9 @@ def test_pleura_worker_creates_nothing_others_can_read(tmp_path, demo_bundle):
     metrics_port = free_port()
     config = write_config(tmp_path / "worker.toml", storage_dir=storage, model_dir=demo_bundle, device="cpu",
                           worker_metrics_port=metrics_port)
-    worker = started_with_umask_022("worker", config, tmp_path / "worker.log", args=("--queues", "radiograph"))
-    try:
-        wait_for(lambda: http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200 if port_open(metrics_port)
-                 else not worker.alive(), 300, "pleura worker ready (its model warm)")
-        assert worker.alive(), worker.output()
-        assert process_umask(worker) == 0o077
-    finally:
-        worker.stop()
+    # Ready once its model is loaded and warm; the radiograph queue only (no CT demo bundle to build).
+    run_until_ready_with_umask_022("worker", config, tmp_path / "worker.log", metrics_port, 300,
+                                   args=("--queues", "radiograph"))
     names = {path.relative_to(storage).as_posix() for path in storage.rglob("*")}
     assert "broker.sqlite" in names, sorted(names)
     assert readable_by_others(storage) == {}
