@@ -11,6 +11,7 @@ from pythonjsonlogger.json import JsonFormatter
 
 from config.secrets import mask_text
 from node.log_privacy import protect_handler
+from node.text import log_text
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 CHATTY_LOGGERS = ("pynetdicom", "highdicom")
@@ -27,6 +28,17 @@ class PleuraJsonFormatter(JsonFormatter):
         super().add_fields(log_record, record, message_dict)
         for key in [key for key in log_record if key not in JSON_FIELDS]:
             del log_record[key]
+
+
+class PleuraTextFormatter(logging.Formatter):
+    """:data:`TEXT_FORMAT`, one line per message: control characters in the message are escaped
+    (node/text.py: :func:`log_text`), wherever its text came from (a calling AE title, a header
+    value, a library's warning). A traceback still follows on lines of its own. (The JSON format
+    escapes them by itself.)"""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = log_text(record.message)
+        return super().formatMessage(record)
 
 
 class SecretFilter(logging.Filter):
@@ -53,7 +65,7 @@ def make_formatter(log_format: str) -> logging.Formatter:
             rename_fields={"asctime": "time", "levelname": "level", "name": "logger", "threadName": "thread"},
             datefmt="%Y-%m-%dT%H:%M:%S%z",
         )
-    return logging.Formatter(TEXT_FORMAT)
+    return PleuraTextFormatter(TEXT_FORMAT)
 
 
 def configure_logging(level: int = logging.INFO, log_format: str = "text") -> None:

@@ -9,10 +9,12 @@ Two layers, because neither covers everything alone:
 - The code that makes a file or folder sets its mode explicitly (:func:`make_private_dirs`,
   :func:`make_private`), so the modes hold in any process that uses it, whatever its umask (the
   worklist server on its own, tests, another program embedding the node's parts).
-- ``pleura node`` sets the process umask to 077 once, at start (:func:`restrict_umask`, called by
-  ``node/service.py: run_node()``), for the files libraries make on their own: SQLite's ``-wal``
-  and ``-shm``, kombu's embedded broker tables. The umask is process-wide, so library code never
-  changes it.
+- Every long-running process sets its umask to 077 once, at start (:func:`restrict_umask`):
+  ``pleura node`` (``node/service.py: run_node()``), ``pleura worklist`` and ``pleura
+  export-worker`` (their commands), ``pleura worker`` (``worker/startup.py: run_worker()``, so
+  its pool's processes inherit it). It covers the files libraries make on their own: SQLite's
+  ``-wal`` and ``-shm``, kombu's embedded broker tables. The umask is process-wide, so library
+  code never changes it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ may hold any byte its character set allows. Written as it is into an HL7 v2 mess
 return starts a new segment (``P1\\rOBX|9|...`` adds an observation) and ``\\x1c\\r`` ends the MLLP
 frame early, so the receiver acknowledges half a message; in a log line a newline forges a line.
 So every value from a header passes :func:`header_text` (control characters removed) and then the
-target format's own escaping: :func:`hl7_escape` for HL7 ER7, ``json.dumps`` for JSON.
+target format's own escaping: :func:`hl7_escape` for HL7 ER7, ``json.dumps`` for JSON. A text log
+line shows them escaped instead (:func:`log_text`, applied to every message by node/logs.py).
 
 This module sits below ``node/notify`` and the logging set-up so that every writer of header text
 (HL7, webhooks, FHIR, logs) shares one definition of "control character".
@@ -40,3 +41,14 @@ def hl7_escape(value: object) -> str:
     for char, sequence in _HL7_ESCAPES:
         text = text.replace(char, sequence)
     return text
+
+
+# In a log line: the usual short escapes, else ``\xNN``.
+_LOG_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def log_text(value: object) -> str:
+    """`value` for one line of a text log: control characters shown as escapes (``\\r``, ``\\n``,
+    ``\\x1b``) rather than removed, so a line break or terminal escape that a peer sent (in an AE
+    title, a header) is visible and inert: it can neither forge a log line nor act on a terminal."""
+    return CONTROL_CHARACTERS.sub(lambda match: _LOG_ESCAPES.get(match[0], f"\\x{ord(match[0]):02x}"), str(value))

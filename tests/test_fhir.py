@@ -5,7 +5,9 @@ same resources."""
 
 from __future__ import annotations
 
+import re
 import ssl
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -15,7 +17,7 @@ from node.ledger import Ledger
 from node.notify.fhir import post_bundle
 from node.notify.loop import Notifier
 from notify_peers import FhirServer
-from test_notify import STUDY, analysed_study
+from test_notify import HOSTILE, STUDY, analysed_study
 from test_tls import Certificates, certificates  # noqa: F401  (the throw-away CA, a module fixture)
 
 SNOMED = "http://snomed.info/sct"
@@ -109,6 +111,38 @@ def test_a_bundle_sent_again_changes_nothing(tmp_path, fhir_server):
     # Not flagged: the finding is absent, no area and no conclusion code.
     assert _finding(fhir_server)["valueCodeableConcept"]["coding"][0]["code"] == "2667000"
     assert "conclusionCode" not in fhir_server.of_type("DiagnosticReport")[0]["resource"]
+
+
+def _strings(value: object) -> Iterator[str]:
+    """Every string in a decoded JSON document, keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def test_header_text_reaches_the_fhir_resources_without_control_characters(tmp_path, fhir_server):
+    notifier = make_notifier(tmp_path, url=fhir_server.url, patient_identifier_system="urn:oid:2.16.840.1.113883.3.1")
+    patient_id = "P1\rOBX|9|ST|FAKE^Injected^L||NEGATIVE" + HOSTILE + "\x1b[31m\x7f\x85"
+    accession = "A\rPID|1||FAKE\n" + HOSTILE
+    analysed_study(notifier.ledger, flagged=True, patient_id=patient_id, accession=accession)
+
+    [attempt] = notifier.run_once()
+    assert attempt.sent, attempt.detail
+    assert fhir_server.errors == []  # every resource still validates (fhir.resources), references resolve
+    [bundle] = fhir_server.bundles  # as sent, request URLs included
+    controls = re.compile("[\x00-\x1f\x7f-\x9f]")
+    assert [text for text in _strings(bundle) if controls.search(text)] == []
+    # The values arrive whole, less their control characters; JSON needs no other escaping.
+    [report] = fhir_server.of_type("DiagnosticReport")
+    resource = report["resource"]
+    assert resource["subject"]["identifier"]["value"] == "P1OBX|9|ST|FAKE^Injected^L||NEGATIVE|^&~\\[31m"
+    assert resource["basedOn"][0]["identifier"]["value"] == "APID|1||FAKE|^&~\\"
 
 
 def test_oauth2_client_credentials_over_https_retries_and_a_final_refusal(tmp_path, certificates):

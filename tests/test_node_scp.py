@@ -19,11 +19,13 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     generate_uid,
 )
+from prometheus_client import CollectorRegistry
 from pynetdicom import AE, _config
 from sqlalchemy import text
 
 import dicom_peers
 from node.ledger import utcnow
+from node.ops.metrics import IDENTITY_CONFLICTS
 from node.receive import ANALYSED_SOP_CLASSES
 from node.scp import TRANSFER_SYNTAXES
 from node.seg_labels import SEG_TRANSFER_SYNTAXES, SEGMENTATION_SOP_CLASS
@@ -281,6 +283,13 @@ def test_the_receive_path_never_decodes_pixel_data(node: Node) -> None:
     assert not node.quarantined()
 
 
+def _identity_conflicts() -> float:
+    """``pleura_identity_conflicts_total`` as the node's ``/metrics`` shows it (the SCP runs in this process)."""
+    registry = CollectorRegistry()
+    registry.register(IDENTITY_CONFLICTS)
+    return registry.get_sample_value("pleura_identity_conflicts_total") or 0.0
+
+
 def _audit_events(node: Node) -> list[dict]:
     import json
 
@@ -291,6 +300,7 @@ def _audit_events(node: Node) -> list[dict]:
 def test_an_instance_uid_held_in_another_study_is_refused_quarantined_and_audited(node: Node) -> None:
     first = crafted_cr()
     assert pynetdicom_store(node.port, first).Status == 0x0000
+    conflicts = _identity_conflicts()
     # The same SOP Instance UID under another study: acknowledging it would drop it silently.
     clash = crafted_cr(SOPInstanceUID=first.SOPInstanceUID, PatientID="TEST-1")
     status = pynetdicom_store(node.port, clash)
@@ -302,12 +312,14 @@ def test_an_instance_uid_held_in_another_study_is_refused_quarantined_and_audite
     assert "already received in another study" in reason_file(kept).read_text()
     [event] = [e for e in _audit_events(node) if e["event"] == "identity-conflict"]
     assert event["study_uid"] == clash.StudyInstanceUID and "another study" in event["reason"]
+    assert _identity_conflicts() == conflicts + 1  # what the PACS team alerts on
 
 
 def test_a_new_patient_id_under_a_known_study_is_refused_and_the_same_one_is_stored(node: Node) -> None:
     first = crafted_cr(PatientID="PAT-A")
     study = first.StudyInstanceUID
     assert pynetdicom_store(node.port, first).Status == 0x0000
+    conflicts = _identity_conflicts()
     same = crafted_cr(StudyInstanceUID=study, PatientID="PAT-A")
     unnamed = crafted_cr(StudyInstanceUID=study, PatientID="")  # a modality that leaves it empty
     other = crafted_cr(StudyInstanceUID=study, PatientID="PAT-B")
@@ -321,3 +333,4 @@ def test_a_new_patient_id_under_a_known_study_is_refused_and_the_same_one_is_sto
     [kept] = node.quarantined()
     assert "already held for another Patient ID" in reason_file(kept).read_text()
     assert [e["event"] for e in _audit_events(node)].count("identity-conflict") == 1
+    assert _identity_conflicts() == conflicts + 1  # the same and the unnamed ones are no conflict

@@ -162,3 +162,17 @@ def test_json_log_lines_are_one_object_each():
     assert entry["level"] == "ERROR" and entry["logger"] == "node.scp" and entry["message"] == "stored ref-1"
     assert "ValueError: bad value" in entry["exc_info"] and entry["time"].startswith(str(datetime.now().year))
     assert STUDY not in line and set(entry) == {"time", "level", "logger", "process", "thread", "message", "exc_info"}
+
+
+def test_text_log_lines_show_control_characters_in_the_message_escaped():
+    """A calling AE title (or any text a peer sends) with CR, LF or a terminal escape can neither
+    forge a log line nor act on the terminal that shows the log."""
+    formatter = make_formatter("text")
+    forged = "EVIL\r\n2024-01-01 00:00:00,000 INFO node.scp: stored instance ref-0 from PACS\x1b[2J\x00\x85"
+    record = logging.LogRecord("node.scp", logging.INFO, __file__, 1, "association from %s accepted", (forged,), None)
+    line = formatter.format(record)
+    assert len(line.splitlines()) == 1 and not any(char in line for char in "\r\n\x1b\x00\x85")
+    assert line.endswith(
+        "INFO node.scp: association from EVIL\\r\\n2024-01-01 00:00:00,000 INFO node.scp: stored instance ref-0"
+        " from PACS\\x1b[2J\\x00\\x85 accepted"
+    )

@@ -19,6 +19,7 @@ from contract.active import active_bundle_dir, is_ct_demo_dir
 from contract.bundle import BundleError, load_bundle
 from contract.tasks import RADIOGRAPH_QUEUE, STAT_QUEUE, with_stat_queue
 from node.logs import keep_celery_from_logging_setup
+from node.private_files import make_private_dirs, restrict_umask
 from worker.celery_app import make_celery
 from worker.inference.lungs import configured_lung_segmenter
 from worker.tasks import register_worker_tasks, warm_models
@@ -100,7 +101,7 @@ def start_worker_ops(settings: Settings, celery_app: Celery, verbose: bool) -> N
     if settings.worker_metrics_port:
         from node.ops.server import worker_ops_server  # prometheus client and the HTTP server: only when asked
 
-        settings.storage_dir.mkdir(parents=True, exist_ok=True)  # ready before its first study
+        make_private_dirs(settings.storage_dir)  # ready before its first study
         worker_ops_server(settings, celery_app, settings.worker_metrics_port).start()
 
 
@@ -137,6 +138,8 @@ def run_worker(
     ``build_ct_demo(bundle_dir)`` trains the CT demo bundle on first use (training's, given by the
     caller: the worker never imports training).
     """
+    # Once, for the whole process and its pool: what libraries create is private too (node/private_files.py).
+    restrict_umask()
     queue_list = queues or ",".join(settings.worker_queues)
     check_bundles(settings, queue_kinds(queue_list))
     check_lung_segmenter(settings)

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.ledger.schema import LedgerError
-from node.private_files import make_private
+from node.private_files import create_private_file, make_private
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 READ_ONLY = "pleura_read_only"
@@ -38,6 +38,12 @@ def open_engine(url: str, *, echo: bool = False) -> Engine:
                 f"ledger database {display_url(url)}: folder {folder} does not exist "
                 "(check PLEURA_DATABASE_URL or PLEURA_STORAGE_DIR)"
             )
+        database = Path(parsed.database).expanduser()
+        if not database.exists():
+            try:  # 0600 from the start: SQLite would make it with the umask's mode (0644)
+                create_private_file(database)
+            except OSError as exc:
+                raise LedgerError(f"ledger database {display_url(url)} (PLEURA_DATABASE_URL): {exc}") from exc
     try:
         engine = create_engine(url, echo=echo, pool_pre_ping=not is_sqlite)
     except (SQLAlchemyError, ImportError) as exc:
