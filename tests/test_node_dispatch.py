@@ -15,7 +15,8 @@ import pytest
 from celery import Celery
 
 import dicom_peers
-from config.settings import Destination, Settings
+from config.destinations import Destination
+from config.settings import Settings
 from node.dispatch import analysis_options, dispatch_analysis, make_dispatcher
 from node.ledger import Ledger, utcnow
 from node.settle import SettleLoop

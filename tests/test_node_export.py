@@ -14,7 +14,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 import dicom_peers
-from config.settings import Destination, Settings
+from config.destinations import Destination
+from config.settings import Settings
 from node.export import DeliveryError, deliver_outbox_entry, send_results
 from node.ledger import Ledger
 from node.storage import InstanceStore

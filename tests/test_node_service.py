@@ -18,7 +18,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 import dicom_peers
-from config.settings import Destination, Settings
+from config.destinations import Destination
+from config.settings import Settings
 from node.ledger import Ledger
 from node.service import NodeService, OutboxSweeper, make_delivery_enqueuer, settings_environment
 from test_node_dispatch import Redis, next_message
