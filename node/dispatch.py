@@ -16,7 +16,6 @@ from celery import Celery
 from config.settings import Settings
 from node.routing import route_instances
 from contract.tasks import ANALYSE_SERIES_CT, ANALYSE_STUDY, CT_QUEUE, EXPORT_QUEUE, RADIOGRAPH_QUEUE, STAT_QUEUE
-from node.ops.metrics import queue_depths
 
 Dispatcher = Callable[..., str]
 """dispatch(study_uid, instances[, extra_options]) -> task id; raises when the broker cannot take
@@ -66,6 +65,21 @@ def dispatch_analysis(
 
 def make_dispatcher(celery_app: Celery) -> Dispatcher:
     return partial(dispatch_analysis, celery_app)
+
+
+def queue_depths(celery_app: Celery) -> dict[str, int]:
+    """Messages waiting in each of the app's queues; raises when the broker cannot be reached."""
+    names = [queue.name for queue in celery_app.conf.task_queues or []]
+    depths: dict[str, int] = {}
+    with celery_app.connection_for_read() as connection:
+        connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=5)
+        channel = connection.default_channel
+        for name in names:
+            try:
+                depths[name] = int(channel.queue_declare(queue=name, passive=True).message_count)
+            except connection.channel_errors:
+                depths[name] = 0  # never declared: nothing was ever sent to it
+    return depths
 
 
 def analysis_tasks_waiting(celery_app: Celery) -> bool:

@@ -25,14 +25,16 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from config.errors import PleuraError
 from config.settings import Settings
 from contract.messages import storage_keys
-from node.dispatch import Dispatcher
 from node.storage import InstanceStore, write_durably
+
+if TYPE_CHECKING:  # a type only: the worker, which imports this module, dispatches nothing
+    from node.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 

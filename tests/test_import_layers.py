@@ -251,3 +251,33 @@ def test_function_body_imports_of_project_modules_only_go_down():
         "move the new ones to module level, or say in a comment which heavy dependency they keep out:\n"
         + "\n".join(found)
     )
+
+
+# --- what a worker process loads -----------------------------------------------------------------
+
+LEDGER_CHECK = """
+import importlib, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+ledger = sorted(m for m in sys.modules if m == "node.ledger" or m.startswith("node.ledger."))
+tables = []
+if "sqlalchemy" in sys.modules:
+    from sqlalchemy import MetaData, Table
+    for module_name, module in list(sys.modules.items()):
+        if module_name.split(".")[0] in ("config", "contract", "node", "worker", "training", "pleura"):
+            for attribute, value in vars(module).items():
+                if isinstance(value, (Table, MetaData)) or hasattr(value, "__table__"):
+                    tables.append(f"{module_name}.{attribute}")
+print("ledger modules:", ledger, "tables:", tables)
+assert not ledger and not tables
+"""
+
+
+def test_the_worker_loads_no_ledger(tmp_path):
+    """ARCHITECTURE.md: workers never open the ledger, and do not even load its modules or its
+    tables: the analysis tasks (radiograph and CT) and the worker's Celery app import none of it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PLEURA_STORAGE_DIR": str(tmp_path)}
+    for entry in ("worker.tasks", "worker.ct_tasks", "worker.startup", "pleura.worker_app"):
+        done = subprocess.run([sys.executable, "-c", LEDGER_CHECK, entry], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{entry}: {done.stdout}{done.stderr[-2000:]}"

@@ -11,9 +11,8 @@ import pytest
 
 import dicom_peers
 from contract.tasks import ANALYSE_STUDY, RADIOGRAPH_QUEUE, STAT_QUEUE, with_stat_queue
-from node.dispatch import make_dispatcher
+from node.dispatch import make_dispatcher, queue_depths
 from node.ledger import utcnow
-from node.ops.metrics import queue_depths
 from node.settle import SettleLoop
 from scp_node import Node, running_node
 from test_node_dispatch import next_message
