@@ -57,6 +57,18 @@ class SettingsError(PleuraError, ValueError):
     """A setting has a wrong value; the message names the setting and the fix."""
 
 
+class StorageDirError(PleuraError, OSError):
+    """The storage directory (``PLEURA_STORAGE_DIR``) cannot be made or used; every process needs it."""
+
+    @classmethod
+    def from_os_error(cls, storage_dir: Path, exc: OSError) -> StorageDirError:
+        return cls(
+            f"the storage directory {storage_dir} cannot be made: {exc.strerror or exc}"
+            f"{f' ({exc.filename})' if exc.filename and str(exc.filename) != str(storage_dir) else ''}: "
+            "set PLEURA_STORAGE_DIR to a folder this user can create and write"
+        )
+
+
 def default_storage_dir() -> Path:
     return Path(user_data_dir("pleura", appauthor=False))
 

@@ -41,7 +41,7 @@ from node.ops.metrics import IDENTITY_CONFLICTS, INSTANCES_RECEIVED
 from node.privacy import ref
 from node.seg_labels import SEGMENTATION_SOP_CLASS, SegLabelError, is_pleura_seg, read_seg_labels
 from node.storage import InstanceStore, InvalidUIDError, validate_uid
-from worker.writers.marks import MANUFACTURER
+from contract.marks import MANUFACTURER
 
 log = logging.getLogger(__name__)
 

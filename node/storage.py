@@ -29,18 +29,6 @@ QUARANTINE_DIR = "quarantine"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
-class StorageDirError(PleuraError, OSError):
-    """The storage directory (``PLEURA_STORAGE_DIR``) cannot be made or used; every process needs it."""
-
-    @classmethod
-    def from_os_error(cls, storage_dir: Path, exc: OSError) -> StorageDirError:
-        return cls(
-            f"the storage directory {storage_dir} cannot be made: {exc.strerror or exc}"
-            f"{f' ({exc.filename})' if exc.filename and str(exc.filename) != str(storage_dir) else ''}: "
-            "set PLEURA_STORAGE_DIR to a folder this user can create and write"
-        )
-
-
 class InvalidUIDError(PleuraError, ValueError):
     """A UID that is missing or not a valid DICOM UID; the message names the attribute."""
 

@@ -23,7 +23,7 @@ from services import (
     port_open, wait_for, write_config,
 )
 from training.synthetic import synthetic_dicom
-from worker.celery_app import make_celery
+from contract.celery_app import make_celery
 
 STUDIES = 4
 TIMEOUT = 300

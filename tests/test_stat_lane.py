@@ -18,7 +18,7 @@ from scp_node import Node, running_node
 from test_node_dispatch import next_message
 from test_node_scp import crafted_cr
 from test_settle_on_release import associate, write_cr
-from worker.celery_app import make_celery
+from contract.celery_app import make_celery
 from worker.startup import queue_kinds
 
 URGENT_STUDY = "1.2.826.0.1.3680043.8.498.7101"

@@ -11,9 +11,8 @@ from kombu import Queue
 from kombu.transport import sqlalchemy as kombu_sqlalchemy
 from sqlalchemy import create_engine
 
-from config.settings import Settings
+from config.settings import Settings, StorageDirError
 from contract.tasks import QUEUES, RADIOGRAPH_QUEUE, TASK_ROUTES
-from node.storage import StorageDirError
 
 
 class EmbeddedChannel(kombu_sqlalchemy.Channel):
