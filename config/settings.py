@@ -69,6 +69,24 @@ class StorageDirError(PleuraError, OSError):
         )
 
 
+_warned_model_dir = False
+
+
+def _warn_deprecated_model_dir(*, newer: bool) -> None:
+    """Once per process: ``model_dir`` still works as before, but names two things."""
+    global _warned_model_dir
+    if _warned_model_dir:
+        return
+    _warned_model_dir = True
+    logging.getLogger("pleura.config").warning(
+        "model_dir (PLEURA_MODEL_DIR) is deprecated: %s",
+        "it is ignored, as model_registry_dir or model_bundle_dir is set"
+        if newer
+        else "set model_registry_dir (PLEURA_MODEL_REGISTRY_DIR) for a registry or model_bundle_dir "
+        "(PLEURA_MODEL_BUNDLE_DIR) for one bundle",
+    )
+
+
 def default_storage_dir() -> Path:
     return Path(user_data_dir("pleura", appauthor=False))
 
@@ -99,10 +117,18 @@ class Settings(BaseSettings):
         description='JSON list of {"ae_title", "host", "port"} (C-STORE) or {"kind": "dicomweb", "url"} (STOW-RS) '
         "receiving results",
     )
+    model_registry_dir: Path | None = Field(
+        default=None, description="the model registry directory; unset = the registry <storage_dir>/models"
+    )
+    model_bundle_dir: Path | None = Field(
+        default=None,
+        description="one model bundle directory (with manifest.json): the fixed model, in place of the registry "
+        "(model_registry_dir is then not used)",
+    )
     model_dir: Path | None = Field(
         default=None,
-        description="model registry directory, or one bundle directory (with manifest.json); "
-        "unset = the registry <storage_dir>/models",
+        description="deprecated, the old name of both: a bundle directory when it holds manifest.json, else the "
+        "registry; model_registry_dir and model_bundle_dir take precedence",
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     settle_seconds: float = Field(default=5.0, ge=0, le=3600, description="quiet time before a study is analysed")
@@ -396,10 +422,17 @@ class Settings(BaseSettings):
         return self.tls_cert_file is not None
 
     @model_validator(mode="after")
+    def _deprecated_names(self) -> "Settings":
+        if self.model_dir is not None:
+            _warn_deprecated_model_dir(newer=self.model_registry_dir is not None or self.model_bundle_dir is not None)
+        return self
+
+    @model_validator(mode="after")
     def _absolute_paths(self) -> "Settings":
         self.storage_dir = self.storage_dir.expanduser().resolve()
-        if self.model_dir is not None:
-            self.model_dir = self.model_dir.expanduser().resolve()
+        for name in ("model_registry_dir", "model_bundle_dir", "model_dir"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).expanduser().resolve())
         if self.ct_model_dir is not None:
             self.ct_model_dir = self.ct_model_dir.expanduser().resolve()
         if self.onnx_cache_dir is not None:
@@ -535,11 +568,21 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
 
 
 
+def _registry_shown(settings: Settings, value: Path | None) -> str | None:
+    """A model location as `pleura config` shows it: unset while no other names one, the registry
+    in the storage directory."""
+    if value is not None:
+        return str(value)
+    others = (settings.model_registry_dir, settings.model_bundle_dir, settings.model_dir)
+    return str(settings.storage_dir / "models") if all(other is None for other in others) else None
+
+
 DERIVED = {
     "storage_dir": lambda s: str(s.storage_dir),
     "database_url": lambda s: s.ledger_url,
     "broker_url": lambda s: s.celery_broker_url,
-    "model_dir": lambda s: str(s.model_dir or s.storage_dir / "models"),
+    "model_registry_dir": lambda s: _registry_shown(s, s.model_registry_dir),
+    "model_dir": lambda s: _registry_shown(s, s.model_dir),
     "onnx_cache_dir": lambda s: str(s.onnx_cache),
 }
 """Settings whose unset value means something derived: what is shown is what is in effect."""

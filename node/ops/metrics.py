@@ -54,7 +54,7 @@ def active_models(settings: Settings) -> list[dict[str, str]]:
     """The model bundles in use, as ``{"name", "version", "kind"}``: the one place that says so.
 
     For each kind of input, the bundle the registry holds active (or the fixed bundle that
-    ``PLEURA_MODEL_DIR`` names): the one the workers load before their next task.
+    ``PLEURA_MODEL_BUNDLE_DIR`` names): the one the workers load before their next task.
     """
     models = []
     for kind in ("radiograph", "ct"):
