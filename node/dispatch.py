@@ -15,6 +15,7 @@ from celery import Celery
 
 from config.settings import Settings
 from node.routing import route_instances
+from contract.messages import AnalysisOptions
 from contract.tasks import ANALYSE_SERIES_CT, ANALYSE_STUDY, CT_QUEUE, EXPORT_QUEUE, RADIOGRAPH_QUEUE, STAT_QUEUE
 
 Dispatcher = Callable[..., str]
@@ -25,15 +26,19 @@ the task. ``extra_options`` (a re-analysis: ``supersedes``) go with the :func:`a
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
 
 
-def analysis_options(settings: Settings) -> dict[str, Any]:
-    """What the worker needs to know of the node's settings: the result objects some destination
-    receives, whether the secondary capture carries the heat map, and how often a running
-    analysis says it is alive (a quarter of the lease, node/ledger/leases.py)."""
-    return {
+def analysis_options(settings: Settings, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The task's :class:`~contract.messages.AnalysisOptions` in their wire form: what the worker
+    needs to know of the node's settings (the result objects some destination receives, whether
+    the secondary capture carries the heat map, how often a running analysis says it is alive: a
+    quarter of the lease, node/ledger/leases.py), with ``extra`` (a re-analysis's ``supersedes``, a
+    lapsed study's ``not_analysed_reason``) on top; raises :class:`~contract.messages.MessageError`
+    naming a field that does not fit."""
+    return AnalysisOptions.from_message({
         "objects": settings.result_objects,
         "sc_heatmap": settings.sc_heatmap,
         "heartbeat_seconds": settings.analysis_lease_seconds / 4,
-    }
+        **(extra or {}),
+    }).to_message()
 
 
 def dispatch_analysis(
@@ -44,8 +49,9 @@ def dispatch_analysis(
     :func:`analysis_options` of the app's settings, updated with ``options``, and ANALYSE_SERIES_CT per CT
     series (:mod:`node.routing`); returns the task id (the radiograph task's when there is one).
     An urgent study's radiograph task (``options["urgent"]``) goes to the STAT queue."""
-    options = {**analysis_options(celery_app.pleura_settings), **(options or {})}
-    queue = STAT_QUEUE if options.pop("urgent", False) else RADIOGRAPH_QUEUE
+    extra = dict(options or {})
+    queue = STAT_QUEUE if extra.pop("urgent", False) else RADIOGRAPH_QUEUE
+    options = analysis_options(celery_app.pleura_settings, extra)
     routed = route_instances(instances)  # CT series go to their own queue, one task per series
     task_ids = []
     for series_instance_uid, slices in routed.ct_series.items():
