@@ -19,11 +19,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 LAYERS = {"config": 0, "contract": 1, "node": 2, "worker": 2, "training": 3, "pleura": 4, "benchmarks": 5}
 
-# Imports against the plan still waiting for a move, as (importer, imported) pairs: none since the
-# model contract moved into contract/. No other exception is allowed.
-PENDING_CONTRACT_MOVE: set[tuple[str, str]] = set()
-PENDING_CONTRACT_MOVE_CIRCLES: set[frozenset[str]] = set()
-
 
 @dataclass(frozen=True)
 class Edge:
@@ -142,19 +137,14 @@ def upward_imports(edges: list[Edge]) -> list[Edge]:
 
 
 def layer_problems(root: Path) -> list[str]:
-    """What breaks the plan under ``root``, one line each; the pending contract move left out."""
+    """What breaks the plan under ``root``, one line each; there are no exceptions."""
     modules = project_modules(root)
     edges = import_edges(modules)
-    problems = [
-        f"import circle: {' <-> '.join(component)}"
-        for component in circles(modules, edges)
-        if frozenset(component) not in PENDING_CONTRACT_MOVE_CIRCLES
-    ]
+    problems = [f"import circle: {' <-> '.join(component)}" for component in circles(modules, edges)]
     problems += [
         f"{edge.file.relative_to(root)}:{edge.line}: {edge.importer} imports {edge.name} "
         f"({edge.imported.split('.')[0]} is above {edge.importer.split('.')[0]})"
         for edge in upward_imports(edges)
-        if (edge.importer, edge.imported) not in PENDING_CONTRACT_MOVE
     ]
     return problems
 
@@ -162,12 +152,6 @@ def layer_problems(root: Path) -> list[str]:
 def test_no_circles_and_no_upward_imports():
     problems = layer_problems(REPO)
     assert not problems, "\n".join(problems)
-
-
-def test_pending_exceptions_are_all_still_real():
-    """Each pending pair exists: one that is gone comes off the list."""
-    edges = {(edge.importer, edge.imported) for edge in import_edges(project_modules(REPO))}
-    assert PENDING_CONTRACT_MOVE <= edges, sorted(PENDING_CONTRACT_MOVE - edges)
 
 
 def test_the_check_finds_a_circle_and_an_upward_import(tmp_path):
