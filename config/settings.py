@@ -5,7 +5,8 @@ an optional TOML file (``--config FILE`` or ``PLEURA_CONFIG``) and the defaults 
 are a public interface: ``docs/configuration.md`` lists every one.
 
 The models of the settings' structured values live beside this one: where results and notifications
-go in ``config/destinations.py``, who may call Pleura (and the AE title rule) in ``config/callers.py``.
+go in ``config/destinations.py``, who may call Pleura (and the AE title rule) in ``config/callers.py``;
+what `pleura config` shows of them in ``config/describe.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pydantic_settings import (
 from config.callers import AllowedCaller, ApiUser, check_ae_title
 from config.destinations import RESULT_OBJECTS, AnyDestination, FhirEndpoint, Hl7Destination, Webhook
 from config.errors import PleuraError
-from config.secrets import mask_text, mask_values
+from config.secrets import mask_text
 
 ENV_PREFIX = "PLEURA_"
 CONFIG_FILE_ENV = "PLEURA_CONFIG"
@@ -491,7 +492,7 @@ class Settings(BaseSettings):
 def _origin(name: str, config_file: str | None) -> str:
     """Where setting ``name``'s value came from, as an operator would look for it."""
     env = ENV_PREFIX + name.upper()
-    if env not in os.environ and name in _toml_keys(config_file):
+    if env not in os.environ and name in toml_keys(config_file):
         return f"TOML file {config_file}, key {name}"
     return f"env {env}"
 
@@ -567,51 +568,11 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         _config_file.reset(token)
 
 
-
-def _registry_shown(settings: Settings, value: Path | None) -> str | None:
-    """A model location as `pleura config` shows it: unset while no other names one, the registry
-    in the storage directory."""
-    if value is not None:
-        return str(value)
-    others = (settings.model_registry_dir, settings.model_bundle_dir, settings.model_dir)
-    return str(settings.storage_dir / "models") if all(other is None for other in others) else None
-
-
-DERIVED = {
-    "storage_dir": lambda s: str(s.storage_dir),
-    "database_url": lambda s: s.ledger_url,
-    "broker_url": lambda s: s.celery_broker_url,
-    "model_registry_dir": lambda s: _registry_shown(s, s.model_registry_dir),
-    "model_dir": lambda s: _registry_shown(s, s.model_dir),
-    "onnx_cache_dir": lambda s: str(s.onnx_cache),
-}
-"""Settings whose unset value means something derived: what is shown is what is in effect."""
-
-
-def _toml_keys(config_file: Path | str | None) -> dict[str, Any]:
+def toml_keys(config_file: Path | str | None) -> dict[str, Any]:
+    """The keys and values of the TOML settings file; empty without one."""
     import tomllib
 
     if not config_file or not Path(config_file).is_file():
         return {}
     with open(config_file, "rb") as handle:
         return tomllib.load(handle)
-
-
-def describe_settings(settings: Settings, config_file: Path | str | None = None) -> dict[str, dict[str, Any]]:
-    """Every setting's value in effect (derived locations resolved, secrets masked) and where it came
-    from: ``default``, ``environment (PLEURA_X)`` or ``TOML file F, key k``; for `pleura config`."""
-    config_file = config_file or os.environ.get(CONFIG_FILE_ENV)
-    in_file = _toml_keys(config_file)
-    values = settings.model_dump(mode="json")
-    report: dict[str, dict[str, Any]] = {}
-    for name in Settings.model_fields:
-        env = ENV_PREFIX + name.upper()
-        if env in os.environ:
-            source = f"environment ({env})"
-        elif name in in_file:
-            source = f"TOML file {config_file}, key {name}"
-        else:
-            source = "default"
-        value = DERIVED[name](settings) if name in DERIVED else values[name]
-        report[name] = {"value": mask_values(value), "source": source}
-    return report
