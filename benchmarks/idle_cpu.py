@@ -50,7 +50,7 @@ def one_run(work: Path, bundle: Path, polling_ms: int, seconds: float) -> float:
     port, metrics = free_port(), free_port()
     config = write_config(
         work / "pleura.toml", ae_title="PLEURA", host="127.0.0.1", port=port, storage_dir=str(work / "storage"),
-        model_dir=str(bundle), device="cpu", worker_metrics_port=metrics, metrics_port=free_port(),
+        model_bundle_dir=str(bundle), device="cpu", worker_metrics_port=metrics, metrics_port=free_port(),
         broker_polling_ms=polling_ms,
     )
     node = pleura("node", config, work / "node.log")
@@ -75,7 +75,8 @@ def main() -> None:
     args = parser.parse_args()
     from config.settings import default_storage_dir
 
-    bundle = Path(os.environ.get("PLEURA_MODEL_DIR") or default_storage_dir() / "models" / "demo")
+    bundle = Path(os.environ.get("PLEURA_MODEL_BUNDLE_DIR") or os.environ.get("PLEURA_MODEL_DIR")
+                  or default_storage_dir() / "models" / "demo")
     rows = []
     with tempfile.TemporaryDirectory(prefix="pleura-idle-") as temp:
         for polling_ms in args.polling_ms:

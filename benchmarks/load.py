@@ -166,7 +166,7 @@ def time_to_flag(work: Path, files: list[Path], senders: int, bundle: Path) -> d
     port = free_port()
     storage = work / "ttf-storage"
     config = write_config(work / "ttf.toml", ae_title="PLEURA", host="127.0.0.1", port=port,
-                          storage_dir=str(storage), model_dir=str(bundle), device="cpu", settle_seconds=1.0,
+                          storage_dir=str(storage), model_bundle_dir=str(bundle), device="cpu", settle_seconds=1.0,
                           destinations=[{"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}])
     node = pleura("node", config, work / "ttf-node.log")
     worker = pleura("worker", config, work / "ttf-worker.log")

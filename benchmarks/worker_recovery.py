@@ -63,7 +63,7 @@ def one_round(work: Path, files: list[Path], bundle: Path, broker_url: str | Non
     port, metrics = free_port(), free_port()
     pacs = ReceivingPACS(work / "pacs").start()
     values: dict[str, object] = dict(
-        ae_title="PLEURA", host="127.0.0.1", port=port, storage_dir=str(work / "storage"), model_dir=str(bundle),
+        ae_title="PLEURA", host="127.0.0.1", port=port, storage_dir=str(work / "storage"), model_bundle_dir=str(bundle),
         device="cpu", settle_seconds=1.0, worker_metrics_port=metrics, metrics_port=free_port(),
         destinations=[{"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}],
     )
@@ -105,7 +105,8 @@ def main() -> None:
     args = parser.parse_args()
     from config.settings import Settings, default_storage_dir
 
-    bundle = Path(os.environ.get("PLEURA_MODEL_DIR") or default_storage_dir() / "models" / "demo")
+    bundle = Path(os.environ.get("PLEURA_MODEL_BUNDLE_DIR") or os.environ.get("PLEURA_MODEL_DIR")
+                  or default_storage_dir() / "models" / "demo")
     defaults = Settings()
     with tempfile.TemporaryDirectory(prefix="pleura-recovery-") as temp:
         root = Path(temp)

@@ -3,6 +3,10 @@
 Values come, highest priority first, from keyword arguments, ``PLEURA_*`` environment variables,
 an optional TOML file (``--config FILE`` or ``PLEURA_CONFIG``) and the defaults below. The names
 are a public interface: ``docs/configuration.md`` lists every one.
+
+The models of the settings' structured values live beside this one: where results and notifications
+go in ``config/destinations.py``, who may call Pleura (and the AE title rule) in ``config/callers.py``;
+what `pleura config` shows of them in ``config/describe.py``.
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ import os
 import re
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 from platformdirs import user_data_dir
-from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,20 +27,15 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from config.callers import AllowedCaller, ApiUser, check_ae_title
+from config.destinations import RESULT_OBJECTS, AnyDestination, FhirEndpoint, Hl7Destination, Webhook
 from config.errors import PleuraError
-from config.secrets import mask_text, mask_values
+from config.secrets import mask_text
 
 ENV_PREFIX = "PLEURA_"
 CONFIG_FILE_ENV = "PLEURA_CONFIG"
 
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-
-ResultObject = Literal["SR", "SEG", "GSPS", "SC"]
-RESULT_OBJECTS: tuple[str, ...] = ("SR", "SEG", "GSPS", "SC")
-"""The result objects Pleura writes: the report, the segmentation, the presentation state with the
-outline, and the secondary capture image with outline and banner."""
-
 
 DEFAULT_CHEST_BODY_PARTS: tuple[str, ...] = ("CHEST", "THORAX", "TORAX", "THORAKS", "TORACE", "BRUST", "LUNG", "LUNGS")
 """Words that name the chest in Body Part Examined or a description ("PORT CHEST", "TORAX AP")."""
@@ -59,198 +58,34 @@ class SettingsError(PleuraError, ValueError):
     """A setting has a wrong value; the message names the setting and the fix."""
 
 
-def _check_ae_title(value: str) -> str:
-    if not _AE_TITLE.match(value) or not value.strip():
-        raise ValueError("must be 1 to 16 printable characters, no backslash")
-    return value.strip()
+class StorageDirError(PleuraError, OSError):
+    """The storage directory (``PLEURA_STORAGE_DIR``) cannot be made or used; every process needs it."""
 
-
-class ReceivesResults(BaseModel):
-    """What every kind of destination shares: the result objects it receives."""
-
-    objects: list[ResultObject] = Field(
-        default_factory=lambda: list(RESULT_OBJECTS),
-        min_length=1,
-        description="the result objects this destination receives: any of SR, SEG, GSPS, SC",
-    )
-
-    @field_validator("objects")
     @classmethod
-    def _unique_objects(cls, value: list[str]) -> list[str]:
-        return [kind for kind in RESULT_OBJECTS if kind in value]
+    def from_os_error(cls, storage_dir: Path, exc: OSError) -> StorageDirError:
+        return cls(
+            f"the storage directory {storage_dir} cannot be made: {exc.strerror or exc}"
+            f"{f' ({exc.filename})' if exc.filename and str(exc.filename) != str(storage_dir) else ''}: "
+            "set PLEURA_STORAGE_DIR to a folder this user can create and write"
+        )
 
 
-class Destination(ReceivesResults):
-    """A DICOM node (usually the PACS) that receives Pleura's results by C-STORE."""
+_warned_model_dir = False
 
-    kind: Literal["dimse"] = Field(default="dimse", description="dimse (C-STORE, the default) or dicomweb (STOW-RS)")
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
-    calling_ae_title: str | None = Field(
-        default=None, description="AE title Pleura calls itself on this association; default: PLEURA_AE_TITLE"
+
+def _warn_deprecated_model_dir(*, newer: bool) -> None:
+    """Once per process: ``model_dir`` still works as before, but names two things."""
+    global _warned_model_dir
+    if _warned_model_dir:
+        return
+    _warned_model_dir = True
+    logging.getLogger("pleura.config").warning(
+        "model_dir (PLEURA_MODEL_DIR) is deprecated: %s",
+        "it is ignored, as model_registry_dir or model_bundle_dir is set"
+        if newer
+        else "set model_registry_dir (PLEURA_MODEL_REGISTRY_DIR) for a registry or model_bundle_dir "
+        "(PLEURA_MODEL_BUNDLE_DIR) for one bundle",
     )
-    max_attempts: int = Field(default=10, ge=1, description="delivery attempts before a result is marked failed")
-    tls: bool = Field(default=False, description="DICOM TLS to this destination")
-    tls_ca_file: Path | None = Field(
-        default=None, description="CA bundle that signs the destination's certificate; unset = the system's"
-    )
-
-    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
-
-    @property
-    def label(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
-
-
-class HttpAuth(BaseModel):
-    """How Pleura authenticates to an HTTP service (a DICOMweb destination, a FHIR server) and
-    checks its certificate."""
-
-    url: str = Field(pattern=r"^https?://", description="the service's base URL")
-    auth: Literal["none", "basic", "bearer", "oauth2"] = Field(
-        default="none", description="none, basic (username, password), bearer (token) or oauth2 (client credentials)"
-    )
-    username: str | None = Field(default=None, description="basic: the user name")
-    password: str | None = Field(default=None, description="basic: the password")
-    token: str | None = Field(default=None, description="bearer: the token sent as Authorization: Bearer")
-    token_url: str | None = Field(
-        default=None, pattern=r"^https://", description="oauth2: the token endpoint (https: the client secret goes there)"
-    )
-    client_id: str | None = Field(default=None, description="oauth2: the client's id")
-    client_secret: str | None = Field(default=None, description="oauth2: the client's secret")
-    scope: str | None = Field(default=None, description="oauth2: the scopes asked for, space-separated")
-    ca_file: Path | None = Field(
-        default=None, description="CA bundle that signs the server's certificate (https); unset = the system's"
-    )
-    timeout_seconds: float = Field(default=30.0, gt=0, description="seconds to connect, and to wait for each answer")
-    max_attempts: int = Field(default=10, ge=1, description="attempts before a delivery is marked failed")
-
-    @model_validator(mode="after")
-    def _auth_fields(self) -> "HttpAuth":
-        needed = {"basic": ("username", "password"), "bearer": ("token",),
-                  "oauth2": ("token_url", "client_id", "client_secret")}.get(self.auth, ())
-        missing = [name for name in needed if not getattr(self, name)]
-        if missing:
-            raise ValueError(f"auth {self.auth} of {self.label} needs {', '.join(missing)}")
-        if self.ca_file is not None and not Path(self.ca_file).expanduser().is_file():
-            raise ValueError(f"ca_file of {self.label}: {self.ca_file} is not a file")
-        return self
-
-    @property
-    def label(self) -> str:
-        """The service's name in the outbox and the logs: its URL, without any password in it."""
-        return mask_text(self.url.rstrip("/"))
-
-
-class DicomwebDestination(HttpAuth, ReceivesResults):
-    """A DICOMweb archive (a cloud DICOM store, a VNA, Orthanc's plugin) that receives Pleura's
-    results by STOW-RS."""
-
-    kind: Literal["dicomweb"]
-    url: str = Field(pattern=r"^https?://", description="the DICOMweb base URL (STOW-RS goes to <url>/studies)")
-
-
-def _destination_kind(value: Any) -> str:
-    kind = value.get("kind", "dimse") if isinstance(value, dict) else getattr(value, "kind", "dimse")
-    return "dicomweb" if kind == "dicomweb" else "dimse"
-
-
-AnyDestination = Annotated[
-    Union[Annotated[Destination, Tag("dimse")], Annotated[DicomwebDestination, Tag("dicomweb")]],
-    Discriminator(_destination_kind),
-]
-"""A C-STORE destination (no ``kind``, or ``"kind": "dimse"``) or a STOW-RS one (``"kind": "dicomweb"``)."""
-
-
-class FhirEndpoint(HttpAuth):
-    """A FHIR R4 server (an EHR's) that receives each analysis as a DiagnosticReport with its
-    Observations and the model as a Device."""
-
-    url: str = Field(pattern=r"^https?://", description="the FHIR base URL (the transaction Bundle is POSTed there)")
-    identifier_system: str = Field(
-        default="urn:pleura:analysis",
-        description="the system of the resources' identifiers (make it the site's own URI: urn:oid:… or https://…)",
-    )
-    patient_identifier_system: str | None = Field(
-        default=None, description="the system of the Patient ID, for the report's subject; unset = no subject"
-    )
-
-
-class AllowedCaller(BaseModel):
-    """A modality or PACS allowed to send to Pleura: its AE title and, optionally, the addresses it
-    must call from."""
-
-    ae_title: str
-    hosts: list[str] = Field(default_factory=list, description="IP addresses it may call from; empty = any")
-
-    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
-
-
-MIN_TOKEN_CHARS = 22
-"""The shortest API token: 128 bits as URL-safe base64 (``pleura api-token`` makes 256). A hashed
-token cannot be measured, so the API refuses any presented token shorter than this: a
-``token_sha256`` of ``password`` lets nobody in."""
-
-
-class ApiUser(BaseModel):
-    """Someone (a person or a system) allowed to use the worklist API and page."""
-
-    name: str = Field(min_length=1, max_length=64, description="shown with the feedback this user gives")
-    role: Literal["read", "feedback", "sender"] = Field(
-        default="read",
-        description="read: see the worklist; feedback: also confirm, reject, mark known; sender: only send "
-        "instances by STOW-RS (POST /dicomweb/studies), see nothing",
-    )
-    token: str | None = Field(
-        default=None, min_length=MIN_TOKEN_CHARS, description="the secret the user logs in with (`pleura api-token` makes one)"
-    )
-    token_sha256: str | None = Field(
-        default=None, pattern=r"^[0-9a-f]{64}$", description="the SHA-256 (hex) of the token, instead of the token"
-    )
-
-    @model_validator(mode="after")
-    def _one_secret(self) -> "ApiUser":
-        if (self.token is None) == (self.token_sha256 is None):
-            raise ValueError(f"API user {self.name!r} needs exactly one of token or token_sha256")
-        return self
-
-
-class Hl7Destination(BaseModel):
-    """A RIS or worklist that receives HL7 v2 ORU^R01 messages over MLLP."""
-
-    host: str
-    port: int = Field(ge=1, le=65535)
-    receiving_application: str = Field(default="RIS", max_length=180)
-    receiving_facility: str = Field(default="", max_length=180)
-    priority: str = Field(default="S", max_length=2, description="OBR-5 priority of a flagged study (S = stat)")
-    abnormal_flag: str = Field(default="AA", max_length=5, description="OBX-8 of a suspected finding (AA = critical)")
-    max_attempts: int = Field(default=10, ge=1)
-    timeout_seconds: float = Field(default=10.0, gt=0)
-    tls: bool = Field(default=False, description="MLLP over TLS to this listener (its certificate and host name checked)")
-    tls_ca_file: Path | None = Field(
-        default=None, description="CA bundle that signs the listener's certificate; unset = the system's"
-    )
-
-    @model_validator(mode="after")
-    def _ca_file(self) -> "Hl7Destination":
-        if self.tls_ca_file is not None and not Path(self.tls_ca_file).expanduser().is_file():
-            raise ValueError(f"tls_ca_file of the HL7 destination {self.host}:{self.port}: {self.tls_ca_file} is not a file")
-        return self
-
-    @property
-    def label(self) -> str:
-        """The destination's name in the ledger's notifications (the same with or without TLS)."""
-        return f"mllp://{self.host}:{self.port}"
-
-
-class Webhook(BaseModel):
-    """An HTTP(S) endpoint that receives a JSON body when a study is flagged or its flag withdrawn."""
-
-    url: str = Field(pattern=r"^https?://", description="http:// or https:// URL")
-    secret: str | None = Field(default=None, description="signs each body: X-Pleura-Signature: sha256=<HMAC>")
-    max_attempts: int = Field(default=10, ge=1)
-    timeout_seconds: float = Field(default=10.0, gt=0)
 
 
 def default_storage_dir() -> Path:
@@ -283,10 +118,18 @@ class Settings(BaseSettings):
         description='JSON list of {"ae_title", "host", "port"} (C-STORE) or {"kind": "dicomweb", "url"} (STOW-RS) '
         "receiving results",
     )
+    model_registry_dir: Path | None = Field(
+        default=None, description="the model registry directory; unset = the registry <storage_dir>/models"
+    )
+    model_bundle_dir: Path | None = Field(
+        default=None,
+        description="one model bundle directory (with manifest.json): the fixed model, in place of the registry "
+        "(model_registry_dir is then not used)",
+    )
     model_dir: Path | None = Field(
         default=None,
-        description="model registry directory, or one bundle directory (with manifest.json); "
-        "unset = the registry <storage_dir>/models",
+        description="deprecated, the old name of both: a bundle directory when it holds manifest.json, else the "
+        "registry; model_registry_dir and model_bundle_dir take precedence",
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     settle_seconds: float = Field(default=5.0, ge=0, le=3600, description="quiet time before a study is analysed")
@@ -301,7 +144,7 @@ class Settings(BaseSettings):
         "C-STOREs with Priority HIGH",
     )
     _stat_aes = field_validator("stat_calling_aes")(
-        classmethod(lambda cls, v: [_check_ae_title(title) for title in v])
+        classmethod(lambda cls, v: [check_ae_title(title) for title in v])
     )
     broker_polling_ms: int = Field(
         default=100, ge=5, le=5000,
@@ -514,7 +357,7 @@ class Settings(BaseSettings):
         description="words that name a lateral view in View Position, a view code's meaning or a description",
     )
 
-    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: check_ae_title(v)))
 
     @field_validator("site_time_zone")
     @classmethod
@@ -580,10 +423,17 @@ class Settings(BaseSettings):
         return self.tls_cert_file is not None
 
     @model_validator(mode="after")
+    def _deprecated_names(self) -> "Settings":
+        if self.model_dir is not None:
+            _warn_deprecated_model_dir(newer=self.model_registry_dir is not None or self.model_bundle_dir is not None)
+        return self
+
+    @model_validator(mode="after")
     def _absolute_paths(self) -> "Settings":
         self.storage_dir = self.storage_dir.expanduser().resolve()
-        if self.model_dir is not None:
-            self.model_dir = self.model_dir.expanduser().resolve()
+        for name in ("model_registry_dir", "model_bundle_dir", "model_dir"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).expanduser().resolve())
         if self.ct_model_dir is not None:
             self.ct_model_dir = self.ct_model_dir.expanduser().resolve()
         if self.onnx_cache_dir is not None:
@@ -642,7 +492,7 @@ class Settings(BaseSettings):
 def _origin(name: str, config_file: str | None) -> str:
     """Where setting ``name``'s value came from, as an operator would look for it."""
     env = ENV_PREFIX + name.upper()
-    if env not in os.environ and name in _toml_keys(config_file):
+    if env not in os.environ and name in toml_keys(config_file):
         return f"TOML file {config_file}, key {name}"
     return f"env {env}"
 
@@ -718,41 +568,11 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         _config_file.reset(token)
 
 
-
-DERIVED = {
-    "storage_dir": lambda s: str(s.storage_dir),
-    "database_url": lambda s: s.ledger_url,
-    "broker_url": lambda s: s.celery_broker_url,
-    "model_dir": lambda s: str(s.model_dir or s.storage_dir / "models"),
-    "onnx_cache_dir": lambda s: str(s.onnx_cache),
-}
-"""Settings whose unset value means something derived: what is shown is what is in effect."""
-
-
-def _toml_keys(config_file: Path | str | None) -> dict[str, Any]:
+def toml_keys(config_file: Path | str | None) -> dict[str, Any]:
+    """The keys and values of the TOML settings file; empty without one."""
     import tomllib
 
     if not config_file or not Path(config_file).is_file():
         return {}
     with open(config_file, "rb") as handle:
         return tomllib.load(handle)
-
-
-def describe_settings(settings: Settings, config_file: Path | str | None = None) -> dict[str, dict[str, Any]]:
-    """Every setting's value in effect (derived locations resolved, secrets masked) and where it came
-    from: ``default``, ``environment (PLEURA_X)`` or ``TOML file F, key k``; for `pleura config`."""
-    config_file = config_file or os.environ.get(CONFIG_FILE_ENV)
-    in_file = _toml_keys(config_file)
-    values = settings.model_dump(mode="json")
-    report: dict[str, dict[str, Any]] = {}
-    for name in Settings.model_fields:
-        env = ENV_PREFIX + name.upper()
-        if env in os.environ:
-            source = f"environment ({env})"
-        elif name in in_file:
-            source = f"TOML file {config_file}, key {name}"
-        else:
-            source = "default"
-        value = DERIVED[name](settings) if name in DERIVED else values[name]
-        report[name] = {"value": mask_values(value), "source": source}
-    return report

@@ -7,6 +7,7 @@ their loading (:mod:`contract.bundle`), the one preprocessing (:mod:`contract.pr
 the decision rule (:mod:`contract.decision`) and which bundle is active for a kind
 (:mod:`contract.active`). Between the node and the worker: the analysis summary and the instance
 references a task carries (:mod:`contract.messages`), the task and queue names
-(:mod:`contract.tasks`). It imports ``config`` and third-party libraries only: the worker reads it
+(:mod:`contract.tasks`), the Celery app both build (:mod:`contract.celery_app`) and what marks a
+DICOM object as Pleura's own result (:mod:`contract.marks`). It imports ``config`` and third-party libraries only: the worker reads it
 and never imports training; training builds bundles through it.
 """

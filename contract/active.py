@@ -1,7 +1,6 @@
 """Which model bundle analyses each kind of input now: the read side of the model registry.
 
-A registry is a directory (``<storage_dir>/models`` by default, or ``PLEURA_MODEL_DIR`` when that is
-not a bundle itself)::
+A registry is a directory (``<storage_dir>/models`` by default, or ``PLEURA_MODEL_REGISTRY_DIR``)::
 
     registry.json                     the state: active version per kind, rollback stack, history,
                                       and per version its files' SHA-256, metrics and provenance
@@ -25,8 +24,9 @@ A bundle is checked on import, on promote and rollback, and again when a worker 
 made for, and the networks themselves, built from the manifest with their weights loaded. A bundle
 that fails is refused with the reason and the active model stays as it was.
 
-``PLEURA_MODEL_DIR`` naming a bundle directory (one with ``manifest.json``) still works: that
-bundle is the fixed model, and promote/rollback refuse (there is no registry to change).
+``PLEURA_MODEL_BUNDLE_DIR`` names one bundle directory instead: that bundle is the fixed model, and
+promote/rollback refuse (there is no registry to change). The deprecated ``PLEURA_MODEL_DIR`` names
+either, as before: a bundle when the folder holds ``manifest.json``, else a registry.
 """
 
 from __future__ import annotations
@@ -331,17 +331,31 @@ def write_json_atomically(target: Path, data: dict) -> None:
 
 
 def fixed_bundle_dir(settings: "Settings") -> Path | None:
-    """``PLEURA_MODEL_DIR`` when it names one bundle (has a manifest) instead of a registry."""
-    if settings.model_dir is not None and (settings.model_dir / MANIFEST_NAME).is_file():
-        return settings.model_dir
+    """The one bundle that ``PLEURA_MODEL_BUNDLE_DIR`` names, in place of a registry; or, under the
+    deprecated ``PLEURA_MODEL_DIR`` (when neither newer name is set), that folder when it holds a
+    manifest, looked at on each call as before."""
+    if settings.model_bundle_dir is not None:
+        return settings.model_bundle_dir
+    if settings.model_registry_dir is None and settings.model_dir is not None:
+        if (settings.model_dir / MANIFEST_NAME).is_file():
+            return settings.model_dir
     return None
 
 
 def registry_root(settings: "Settings") -> Path | None:
-    """The registry directory; None when ``PLEURA_MODEL_DIR`` names a single bundle."""
-    if settings.model_dir is None:
-        return settings.storage_dir / "models"
-    return None if fixed_bundle_dir(settings) else settings.model_dir
+    """The registry directory: ``PLEURA_MODEL_REGISTRY_DIR``, else the deprecated ``PLEURA_MODEL_DIR``
+    when it names no bundle, else ``<storage_dir>/models``; None when a single bundle is the model."""
+    if fixed_bundle_dir(settings) is not None:
+        return None
+    return settings.model_registry_dir or settings.model_dir or settings.storage_dir / "models"
+
+
+def model_location_setting(settings: "Settings") -> str:
+    """The variable that names where the models are, for messages: the one set, the newer first."""
+    for name in ("model_bundle_dir", "model_registry_dir", "model_dir"):
+        if getattr(settings, name) is not None:
+            return f"PLEURA_{name.upper()}"
+    return "PLEURA_MODEL_REGISTRY_DIR"
 
 
 def worker_reports_root(settings: "Settings") -> Path:
@@ -396,8 +410,8 @@ def _manifest_kind(path: Path) -> str | None:
 def active_bundle_dir(settings: "Settings", kind: str = "radiograph") -> Path:
     """The bundle directory that analyses ``kind`` now: the one place that decides.
 
-    ``PLEURA_CT_MODEL_DIR``, when set, is the CT model. A fixed bundle (``PLEURA_MODEL_DIR`` with a
-    manifest) serves its own kind (CT series beside a fixed radiograph bundle: the CT demo bundle);
+    ``PLEURA_CT_MODEL_DIR``, when set, is the CT model. A fixed bundle (:func:`fixed_bundle_dir`)
+    serves its own kind (CT series beside a fixed radiograph bundle: the CT demo bundle);
     otherwise the registry's promoted version, or, while nothing of that kind was promoted, the
     demo bundle of the kind (``demo/`` or ``ct-demo/``).
     Cheap enough to call before every task: the state file is read again only when it changed.
@@ -412,7 +426,7 @@ def active_bundle_dir(settings: "Settings", kind: str = "radiograph") -> Path:
         bundle_kind = _cached("manifest", fixed / MANIFEST_NAME, _manifest_kind) or "radiograph"
         if bundle_kind != kind:
             raise RegistryError(
-                f"PLEURA_MODEL_DIR={fixed} is a {bundle_kind} bundle: there is no {kind} model "
+                f"{model_location_setting(settings)}={fixed} is a {bundle_kind} bundle: there is no {kind} model "
                 "(use a registry to have both)"
             )
         return fixed

@@ -228,7 +228,8 @@ def load_bundle(path: Path | str) -> Bundle:
     if not manifest_file.is_file():
         raise BundleError(
             f"no model bundle at {root}: {manifest_file} is missing "
-            "(set PLEURA_MODEL_DIR, or run `pleura demo-model` to build the demo bundle)"
+            "(set PLEURA_MODEL_BUNDLE_DIR or PLEURA_MODEL_REGISTRY_DIR, or run `pleura demo-model` to build the "
+            "demo bundle)"
         )
     try:
         manifest = Manifest.model_validate(json.loads(manifest_file.read_text(encoding="utf-8")))

@@ -1,7 +1,7 @@
 """The messages between the node and the workers, as versioned pydantic models.
 
 Two messages cross the broker: the analysis task carries the study UID, an :class:`InstanceRef` per
-instance and the analysis options; the worker answers with an :class:`AnalysisSummary`. On the wire
+instance and the :class:`AnalysisOptions`; the worker answers with an :class:`AnalysisSummary`. On the wire
 (Celery, JSON) each is its :meth:`~Message.to_message` form; the receiving side reads it back with
 :meth:`~Message.from_message`, which raises :class:`MessageError` naming the first bad field.
 
@@ -100,6 +100,48 @@ class InstanceRef(Message):
     def to_message(self) -> dict[str, Any]:
         # Without the routing fields an older node's message did not have.
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class ReportRef(Message):
+    """The report a re-analysis supersedes: where the worker reads it, and the model that made it
+    (a report of the same model version supersedes nothing new)."""
+
+    message_name: ClassVar[str] = "superseded report"
+
+    sop_instance_uid: str
+    storage_key: str
+    sop_class_uid: str | None = None
+    study_uid: str | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+
+
+class AnalysisOptions(Message):
+    """What an analysis task asks of the worker beside its instances: built by the node
+    (:func:`node.dispatch.analysis_options`), read back by the worker.
+
+    Version 1 wrote the options without a ``version`` key, and so does this code while it writes
+    version 1: the wire form is that of every node and worker so far. A field not set is left out.
+    """
+
+    message_name: ClassVar[str] = "analysis options"
+
+    version: int = MESSAGE_VERSION
+    objects: list[ResultKind] | None = None
+    """The result objects to write (the SR always); unset (an older node): all of them."""
+    sc_heatmap: bool = False
+    """Whether the secondary capture carries the Grad-CAM heat map."""
+    heartbeat_seconds: float | None = None
+    """How often a running analysis tells the node it is alive; unset: never."""
+    supersedes: ReportRef | None = None
+    """A re-analysis: the study's earlier report."""
+    not_analysed_reason: str | None = None
+    """A study whose analysis killed its worker twice: report its images as not analysed, for this
+    reason, without running the networks."""
+
+    def to_message(self) -> dict[str, Any]:
+        exclude = {"version"} if self.version == 1 else set()
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude=exclude)
 
 
 class ReportedModel(Message):

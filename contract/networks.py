@@ -352,7 +352,7 @@ def load_models(bundle: Bundle, device: str = "auto") -> LoadedModels:
     target = resolve_device(device)
     manifest = bundle.manifest
     if manifest.kind != "radiograph" or manifest.classifier is None:
-        raise BundleError(f"bundle {bundle.path} analyses {manifest.kind}, not radiographs (check PLEURA_MODEL_DIR)")
+        raise BundleError(f"bundle {bundle.path} analyses {manifest.kind}, not radiographs (check PLEURA_MODEL_BUNDLE_DIR)")
     classifier, segmenter = (
         None if spec is None else _load_weights(build_network(spec, manifest.network_preprocessing(spec)), bundle, spec, target)
         for spec in (manifest.classifier, manifest.segmenter)

@@ -11,7 +11,7 @@ from config.settings import load_settings
 from node.logs import configure_logging, keep_celery_from_logging_setup
 from node.progress import register_progress_tasks
 from node.tasks import register_node_tasks
-from worker.celery_app import make_celery
+from contract.celery_app import make_celery
 
 settings = load_settings()
 # The node's format (text or JSON) from the start, so that Celery's own warnings use it too.

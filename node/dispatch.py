@@ -15,8 +15,8 @@ from celery import Celery
 
 from config.settings import Settings
 from node.routing import route_instances
+from contract.messages import AnalysisOptions
 from contract.tasks import ANALYSE_SERIES_CT, ANALYSE_STUDY, CT_QUEUE, EXPORT_QUEUE, RADIOGRAPH_QUEUE, STAT_QUEUE
-from node.ops.metrics import queue_depths
 
 Dispatcher = Callable[..., str]
 """dispatch(study_uid, instances[, extra_options]) -> task id; raises when the broker cannot take
@@ -26,15 +26,19 @@ the task. ``extra_options`` (a re-analysis: ``supersedes``) go with the :func:`a
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
 
 
-def analysis_options(settings: Settings) -> dict[str, Any]:
-    """What the worker needs to know of the node's settings: the result objects some destination
-    receives, whether the secondary capture carries the heat map, and how often a running
-    analysis says it is alive (a quarter of the lease, node/ledger/leases.py)."""
-    return {
+def analysis_options(settings: Settings, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The task's :class:`~contract.messages.AnalysisOptions` in their wire form: what the worker
+    needs to know of the node's settings (the result objects some destination receives, whether
+    the secondary capture carries the heat map, how often a running analysis says it is alive: a
+    quarter of the lease, node/ledger/leases.py), with ``extra`` (a re-analysis's ``supersedes``, a
+    lapsed study's ``not_analysed_reason``) on top; raises :class:`~contract.messages.MessageError`
+    naming a field that does not fit."""
+    return AnalysisOptions.from_message({
         "objects": settings.result_objects,
         "sc_heatmap": settings.sc_heatmap,
         "heartbeat_seconds": settings.analysis_lease_seconds / 4,
-    }
+        **(extra or {}),
+    }).to_message()
 
 
 def dispatch_analysis(
@@ -45,8 +49,9 @@ def dispatch_analysis(
     :func:`analysis_options` of the app's settings, updated with ``options``, and ANALYSE_SERIES_CT per CT
     series (:mod:`node.routing`); returns the task id (the radiograph task's when there is one).
     An urgent study's radiograph task (``options["urgent"]``) goes to the STAT queue."""
-    options = {**analysis_options(celery_app.pleura_settings), **(options or {})}
-    queue = STAT_QUEUE if options.pop("urgent", False) else RADIOGRAPH_QUEUE
+    extra = dict(options or {})
+    queue = STAT_QUEUE if extra.pop("urgent", False) else RADIOGRAPH_QUEUE
+    options = analysis_options(celery_app.pleura_settings, extra)
     routed = route_instances(instances)  # CT series go to their own queue, one task per series
     task_ids = []
     for series_instance_uid, slices in routed.ct_series.items():
@@ -66,6 +71,21 @@ def dispatch_analysis(
 
 def make_dispatcher(celery_app: Celery) -> Dispatcher:
     return partial(dispatch_analysis, celery_app)
+
+
+def queue_depths(celery_app: Celery) -> dict[str, int]:
+    """Messages waiting in each of the app's queues; raises when the broker cannot be reached."""
+    names = [queue.name for queue in celery_app.conf.task_queues or []]
+    depths: dict[str, int] = {}
+    with celery_app.connection_for_read() as connection:
+        connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=5)
+        channel = connection.default_channel
+        for name in names:
+            try:
+                depths[name] = int(channel.queue_declare(queue=name, passive=True).message_count)
+            except connection.channel_errors:
+                depths[name] = 0  # never declared: nothing was ever sent to it
+    return depths
 
 
 def analysis_tasks_waiting(celery_app: Celery) -> bool:

@@ -28,7 +28,8 @@ from pynetdicom.status import (
 )
 
 from config.errors import PleuraError
-from config.settings import Destination, DicomwebDestination, Settings
+from config.destinations import Destination, DicomwebDestination
+from config.settings import Settings
 from node.ledger import Ledger, OutboxStatus, utcnow
 from node.audit import AuditTrail
 from node.privacy import ref

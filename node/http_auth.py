@@ -1,6 +1,6 @@
 """HTTP sessions for the services Pleura sends to over HTTP (DICOMweb destinations, the FHIR
 server): authentication (none, basic, bearer token, OAuth2 client credentials) and the CA bundle
-that signs the server's certificate, from one :class:`~config.settings.HttpAuth`.
+that signs the server's certificate, from one :class:`~config.destinations.HttpAuth`.
 
 An OAuth2 token is fetched from the token endpoint (``requests-oauthlib``'s backend-application
 flow) when a session is made and again once it is about to expire; sessions are kept per endpoint
@@ -17,7 +17,7 @@ from oauthlib.oauth2 import BackendApplicationClient, OAuth2Error
 from requests_oauthlib import OAuth2Session
 
 from config.errors import PleuraError
-from config.settings import HttpAuth
+from config.destinations import HttpAuth
 
 TOKEN_MARGIN_SECONDS = 30.0
 """A token this close to its expiry is replaced before it is used."""

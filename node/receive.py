@@ -41,7 +41,7 @@ from node.ops.metrics import IDENTITY_CONFLICTS, INSTANCES_RECEIVED
 from node.privacy import ref
 from node.seg_labels import SEGMENTATION_SOP_CLASS, SegLabelError, is_pleura_seg, read_seg_labels
 from node.storage import InstanceStore, InvalidUIDError, validate_uid
-from worker.writers.marks import MANUFACTURER
+from contract.marks import MANUFACTURER
 
 log = logging.getLogger(__name__)
 
@@ -420,7 +420,7 @@ class Receiver:
             dataset_sop_class = dataset.get("SOPClassUID")
             sop_uid = validate_uid(dataset.get("SOPInstanceUID"), "SOP Instance UID (0008,0018)")
             study_uid = validate_uid(dataset.get("StudyInstanceUID"), "Study Instance UID (0020,000D)")
-            series_uid = validate_uid(dataset.get("SeriesInstanceUID"), "Series Instance UID (0020,000E)")
+            series_instance_uid = validate_uid(dataset.get("SeriesInstanceUID"), "Series Instance UID (0020,000E)")
             patient_id = _text(dataset, "PatientID")
             accession = _text(dataset, "AccessionNumber")
             manufacturer = _text(dataset, "Manufacturer")
@@ -444,7 +444,7 @@ class Receiver:
         identity = {
             "sop_instance_uid": sop_uid,
             "study_uid": study_uid,
-            "series_instance_uid": series_uid,
+            "series_instance_uid": series_instance_uid,
             "sop_class_uid": context_sop_class,
             "transfer_syntax_uid": transfer_syntax,
             "patient_id": patient_id,

@@ -38,7 +38,7 @@ from pydicom.uid import (
 )
 
 from config.errors import PleuraError
-from worker.writers.marks import MANUFACTURER, SERIES_NUMBERS
+from contract.marks import MANUFACTURER, SERIES_NUMBERS
 
 SEGMENTATION_SOP_CLASS = str(SegmentationStorage)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from celery import Celery
 
-from config.settings import CONFIG_FILE_ENV, ENV_PREFIX, Settings
+from config.settings import CONFIG_FILE_ENV, ENV_PREFIX, Settings, StorageDirError
 from node.dispatch import (
     PUBLISH_RETRY_POLICY,
     analysis_tasks_waiting,
@@ -37,9 +37,9 @@ from node.private_files import create_private_file, make_private_dirs, restrict_
 from node.scp import StorageSCP
 from node.settle import SettleLoop
 from node.shared_storage import shared_storage_for, uploading_dispatcher
-from node.storage import InstanceStore, StorageDirError
+from node.storage import InstanceStore
 from contract.tasks import DELIVER_RESULT
-from worker.celery_app import make_celery
+from contract.celery_app import make_celery
 from node.notify.loop import NotificationLoop, Notifier
 
 log = logging.getLogger(__name__)

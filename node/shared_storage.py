@@ -25,14 +25,16 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from config.errors import PleuraError
 from config.settings import Settings
-from contract.messages import storage_keys
-from node.dispatch import Dispatcher
+from contract.messages import AnalysisOptions, storage_keys
 from node.storage import InstanceStore, write_durably
+
+if TYPE_CHECKING:  # a type only: the worker, which imports this module, dispatches nothing
+    from node.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -166,14 +168,15 @@ def uploading_dispatcher(shared: SharedStorage, store: InstanceStore, dispatch: 
 
 
 def analyse_with_shared_storage(
-    analyse: Callable[[str, list[dict[str, str]], dict[str, Any] | None], dict[str, Any]],
+    analyse: Callable[[str, list[dict[str, str]], Any], dict[str, Any]],
     settings: Settings,
     study_uid: str,
     instances: list[dict[str, str]],
-    options: dict[str, Any] | None,
+    options: AnalysisOptions | dict[str, Any] | None,
 ) -> dict[str, Any]:
     """Run `analyse` (the worker's analysis) with its inputs fetched from and its results put in
-    the shared store; without shared storage, just `analyse`.
+    the shared store; without shared storage, just `analyse`. ``options`` (the task's
+    :class:`~contract.messages.AnalysisOptions`, or their wire form) are handed to `analyse` as given.
 
     An instance the store does not hold is left for the analysis to report ("cannot read stored
     instance"); the store being unreachable raises, so the task is retried. What this call
@@ -185,7 +188,8 @@ def analyse_with_shared_storage(
         return analyse(study_uid, instances, options)
     store = InstanceStore(settings.storage_dir)
     # A re-analysis also reads the report it supersedes (its header: which series it is in).
-    superseded = [str(key)] if (key := ((options or {}).get("supersedes") or {}).get("storage_key")) else []
+    report = AnalysisOptions.from_message(options or {}).supersedes
+    superseded = [report.storage_key] if report is not None else []
     fetched, missing = shared.download(store, storage_keys(instances) + superseded)
     if missing:
         log.warning("%d instance(s) of a study are not in the shared storage %s", len(missing), shared.url)

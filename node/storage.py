@@ -29,18 +29,6 @@ QUARANTINE_DIR = "quarantine"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
-class StorageDirError(PleuraError, OSError):
-    """The storage directory (``PLEURA_STORAGE_DIR``) cannot be made or used; every process needs it."""
-
-    @classmethod
-    def from_os_error(cls, storage_dir: Path, exc: OSError) -> StorageDirError:
-        return cls(
-            f"the storage directory {storage_dir} cannot be made: {exc.strerror or exc}"
-            f"{f' ({exc.filename})' if exc.filename and str(exc.filename) != str(storage_dir) else ''}: "
-            "set PLEURA_STORAGE_DIR to a folder this user can create and write"
-        )
-
-
 class InvalidUIDError(PleuraError, ValueError):
     """A UID that is missing or not a valid DICOM UID; the message names the attribute."""
 
@@ -165,12 +153,12 @@ class InstanceStore:
         write_durably(self.path(storage_key), data)
         return storage_key
 
-    def store_file(self, study_uid: str, series_uid: str, sop_uid: str, source: Path) -> str:
-        """Move the received DICOM Part 10 file `source` durably into place and return its key;
-        like :meth:`write_instance`, for instances received to disk."""
-        key = self.instance_key(study_uid, series_uid, sop_uid)
-        move_durably(source, self.path(key))
-        return key
+    def store_file(self, study_uid: str, series_instance_uid: str, sop_instance_uid: str, source: Path) -> str:
+        """Move the received DICOM Part 10 file `source` durably into place and return its storage
+        key; like :meth:`write_instance`, for instances received to disk."""
+        storage_key = self.instance_key(study_uid, series_instance_uid, sop_instance_uid)
+        move_durably(source, self.path(storage_key))
+        return storage_key
 
     def path(self, key: str) -> Path:
         """The absolute path of `key`; refuses keys that would leave the storage directory."""

@@ -24,7 +24,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset, dcmread
 
 from config.errors import PleuraError
-from config.settings import DicomwebDestination
+from config.destinations import DicomwebDestination
 from node.http_auth import authorized_session
 
 log = logging.getLogger(__name__)

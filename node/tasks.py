@@ -2,7 +2,7 @@
 
 Both are idempotent: a redelivered RECORD_ANALYSIS creates no second outbox row, and a DELIVER_RESULT
 for a row that is already sent (or not due) does nothing. Settings come from
-``app.pleura_settings`` (set by :func:`worker.celery_app.make_celery`).
+``app.pleura_settings`` (set by :func:`contract.celery_app.make_celery`).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def node_context(app: Celery) -> NodeContext:
             settings: Settings | None = getattr(app, "pleura_settings", None)
             if settings is None:
                 raise RuntimeError(
-                    "this Celery app has no pleura_settings; build it with worker.celery_app.make_celery"
+                    "this Celery app has no pleura_settings; build it with contract.celery_app.make_celery"
                 )
             context = NodeContext(settings, Ledger(settings.ledger_url), InstanceStore(settings.storage_dir))
             app.pleura_node_context = context

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import ssl
 
-from config.settings import Destination, Hl7Destination, Settings
+from config.destinations import Destination, Hl7Destination
+from config.settings import Settings
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 

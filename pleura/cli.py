@@ -243,7 +243,7 @@ def reanalyse_command(
 def show_config(config: Optional[Path] = ConfigOption) -> None:
     """Check the configuration and print each setting in effect (secrets masked) and where it came from
     (default, TOML file, environment), as JSON."""
-    from config.settings import describe_settings
+    from config.describe import describe_settings
 
     settings = settings_or_exit(config)
     print(json.dumps(describe_settings(settings, config), indent=2))

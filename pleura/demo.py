@@ -103,7 +103,7 @@ def run_demo(workdir: Path | None, timeout: float, console: Console) -> int:
             "host": "127.0.0.1",
             "port": node_port,
             "storage_dir": str(workdir / "storage"),
-            "model_dir": str(bundle_dir),
+            "model_bundle_dir": str(bundle_dir),
             "settle_seconds": 1.0,
             "export_retry_seconds": 2.0,
             "metrics_port": _free_port(),  # beside a node that may already run here

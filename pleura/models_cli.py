@@ -69,9 +69,10 @@ def _metrics_text(metrics: dict[str, float], limit: int = 3) -> str:
 def list_models(config: Optional[Path] = ConfigOption, json_output: bool = JsonOption) -> None:
     """The registered versions, which one is active per kind, and what each worker has loaded."""
     from contract.bundle import BundleError, load_bundle
-    from contract.active import KINDS, RegistryError, fixed_bundle_dir
+    from contract.active import KINDS, RegistryError, fixed_bundle_dir, model_location_setting
 
-    fixed = fixed_bundle_dir(settings_or_exit(config))
+    settings = settings_or_exit(config)
+    fixed = fixed_bundle_dir(settings)
     out = Console(soft_wrap=True)
     if json_output:
         return print_json(_registry_json(config, fixed))
@@ -80,8 +81,9 @@ def list_models(config: Optional[Path] = ConfigOption, json_output: bool = JsonO
             label = load_bundle(fixed).identity.label
         except BundleError as exc:
             label = f"[red]unusable[/]: {exc}"
-        out.print(f"PLEURA_MODEL_DIR={fixed} is a single bundle: {label}")
-        out.print("(no registry: unset PLEURA_MODEL_DIR or point it at a registry directory to use promote/rollback)")
+        setting = model_location_setting(settings)
+        out.print(f"{setting}={fixed} is a single bundle: {label}")
+        out.print(f"(no registry: unset {setting} or set PLEURA_MODEL_REGISTRY_DIR instead to use promote/rollback)")
         return
     _, registry = _open(config)
     try:

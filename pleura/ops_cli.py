@@ -50,7 +50,7 @@ def register_ops_commands(
         from node.progress import register_progress_tasks
         from node.service import EXPORT_WORKER_ARGS
         from node.tasks import node_context, register_node_tasks
-        from worker.celery_app import make_celery
+        from contract.celery_app import make_celery
 
         celery_app = make_celery(settings)
         register_node_tasks(celery_app)
@@ -76,7 +76,7 @@ def register_ops_commands(
         setup_logging(False, quiet=True)
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # a failed association is a result line
         from node.ops.check import run_site_checks
-        from worker.celery_app import make_celery
+        from contract.celery_app import make_celery
 
         results = run_site_checks(settings, make_celery(settings), timeout=timeout)
         failed = [result for result in results if not result.ok]

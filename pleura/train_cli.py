@@ -187,4 +187,4 @@ def train(
     if register:
         import_into_registry(settings_or_exit(config), result.bundle.path)
     else:
-        console.print(f"use it: pleura models import {result.bundle.path} (or PLEURA_MODEL_DIR={result.bundle.path})")
+        console.print(f"use it: pleura models import {result.bundle.path} (or PLEURA_MODEL_BUNDLE_DIR={result.bundle.path})")

@@ -7,7 +7,7 @@ exit_if_shadowed()  # before any other project module: a shadowing one fails her
 
 from config.settings import load_settings  # noqa: E402
 from training.ct_demo_model import ensure_ct_demo_bundle  # noqa: E402
-from worker.celery_app import make_celery  # noqa: E402
+from contract.celery_app import make_celery  # noqa: E402
 from worker.tasks import register_worker_tasks  # noqa: E402
 
 

@@ -23,7 +23,8 @@ def demo_bundle() -> Path:
     from config.settings import default_storage_dir
     from training.demo_model import ensure_demo_bundle
 
-    target = Path(os.environ.get("PLEURA_MODEL_DIR") or default_storage_dir() / "models" / "demo")
+    target = Path(os.environ.get("PLEURA_MODEL_BUNDLE_DIR") or os.environ.get("PLEURA_MODEL_DIR")
+                  or default_storage_dir() / "models" / "demo")
     ensure_demo_bundle(target, progress=False)
     return target
 

@@ -184,9 +184,9 @@ def test_a_png_larger_than_the_image_is_refused_before_it_is_decoded(quota_workl
         assert client.post(url, json={"mask_png": wider}, headers=radiologist()).status_code == 413
         monkeypatch.undo()
         assert client.post(url, json={"mask_png": fitting}, headers=radiologist()).status_code == 201
-    from node.api.routers import studies
+    from node.api.routers import verdicts
 
-    assert 0 < Image.MAX_IMAGE_PIXELS <= studies.MAX_MASK_PIXELS
+    assert 0 < Image.MAX_IMAGE_PIXELS <= verdicts.MAX_MASK_PIXELS
 
 
 def test_stored_outlines_have_a_quota_per_study_and_per_user(quota_worklist):

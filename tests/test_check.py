@@ -43,7 +43,7 @@ def peers(tmp_path: Path):
 def site_env(tmp_path: Path, demo_bundle: Path, destinations: list[dict], mllp: MllpListener, webhook: WebhookReceiver) -> dict[str, str]:
     return {
         "PLEURA_STORAGE_DIR": str(tmp_path / "storage"),
-        "PLEURA_MODEL_DIR": str(demo_bundle),
+        "PLEURA_MODEL_BUNDLE_DIR": str(demo_bundle),
         "PLEURA_MIN_FREE_DISK_MB": "1",
         "PLEURA_DESTINATIONS": json.dumps(destinations),
         "PLEURA_HL7_DESTINATIONS": json.dumps([{"host": "127.0.0.1", "port": mllp.port}]),

@@ -28,7 +28,7 @@ def pleura(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 def test_version_names_the_package_and_the_active_models(tmp_path: Path, demo_bundle: Path) -> None:
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    env = {"PLEURA_STORAGE_DIR": str(tmp_path / "storage"), "PLEURA_MODEL_DIR": str(demo_bundle)}
+    env = {"PLEURA_STORAGE_DIR": str(tmp_path / "storage"), "PLEURA_MODEL_BUNDLE_DIR": str(demo_bundle)}
     for flag in ("--version", "-V"):
         shown = pleura(flag, env=env)
         assert shown.returncode == 0, shown.stderr
@@ -50,7 +50,7 @@ def test_dataset_check_prints_its_report_on_stdout_or_as_json(synthetic_siim: Pa
 
 def test_models_list_as_json(tmp_path: Path, demo_bundle: Path) -> None:
     single = json.loads(pleura("models", "list", "--json", env={"PLEURA_STORAGE_DIR": str(tmp_path / "s"),
-                                                                  "PLEURA_MODEL_DIR": str(demo_bundle)}).stdout)
+                                                                  "PLEURA_MODEL_BUNDLE_DIR": str(demo_bundle)}).stdout)
     assert single["single_bundle"]["usable"] is True
     assert single["single_bundle"]["version"] == load_bundle(demo_bundle).manifest.version
     registry = pleura("models", "list", "--json", env={"PLEURA_STORAGE_DIR": str(tmp_path / "s")})

@@ -47,7 +47,7 @@ def taken_port() -> Iterator[int]:
 
 def node_env(tmp_path: Path, demo_bundle: Path, **values: object) -> dict[str, str]:
     env = {"PLEURA_STORAGE_DIR": str(tmp_path / "storage"), "PLEURA_HOST": "127.0.0.1", "PLEURA_PORT": str(free_port()),
-           "PLEURA_METRICS_PORT": str(free_port()), "PLEURA_MODEL_DIR": str(demo_bundle)}
+           "PLEURA_METRICS_PORT": str(free_port()), "PLEURA_MODEL_BUNDLE_DIR": str(demo_bundle)}
     env.update({f"PLEURA_{k.upper()}": str(v) for k, v in values.items()})
     return env
 
@@ -91,7 +91,7 @@ def test_an_unreadable_bundle(tmp_path: Path, demo_bundle: Path) -> None:
     env = {"PLEURA_STORAGE_DIR": str(tmp_path / "storage")}
     line = error_line(pleura("models", "import", str(bundle), env=env), "Bundle refused: ")
     assert str(bundle / "manifest.json") in line and "not UTF-8" in line, line
-    line = error_line(pleura("worker", env={**env, "PLEURA_MODEL_DIR": str(bundle)}), "Model bundle error")
+    line = error_line(pleura("worker", env={**env, "PLEURA_MODEL_BUNDLE_DIR": str(bundle)}), "Model bundle error")
     assert str(bundle / "manifest.json") in line, line
 
 

@@ -95,7 +95,7 @@ def test_every_setting_is_documented():
 
 
 def test_worker_names_a_missing_model_bundle(tmp_path, monkeypatch):
-    monkeypatch.setenv("PLEURA_MODEL_DIR", str(tmp_path / "no-bundle"))
+    monkeypatch.setenv("PLEURA_MODEL_REGISTRY_DIR", str(tmp_path / "no-bundle"))
     result = CliRunner().invoke(app, ["worker"])
     assert result.exit_code == 2
     assert "manifest.json" in result.output and "pleura demo-model" in result.output
@@ -228,3 +228,34 @@ def test_worklist_site_settings_are_checked_with_the_fix_in_the_message(tmp_path
         pacs_viewer_url="https://pacs.example.org/ohif/viewer?StudyInstanceUIDs={study_uid}",
     )
     assert settings.site_time_zone == "Europe/Berlin" and settings.worklist_aging_minutes == 30
+
+
+def test_the_old_model_dir_still_names_a_bundle_or_a_registry_and_warns_once(tmp_path, monkeypatch, caplog):
+    """PLEURA_MODEL_DIR, deprecated, works as before: a folder with manifest.json is the fixed
+    bundle, any other the registry; a warning says so once per process. The new names, one for
+    each of those, take precedence over it."""
+    import config.settings as settings_module
+    from contract.active import fixed_bundle_dir, registry_root
+
+    monkeypatch.setattr(settings_module, "_warned_model_dir", False)
+    bundle, registry = tmp_path / "bundle", tmp_path / "registry"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text('{"kind": "radiograph"}')
+    monkeypatch.setenv("PLEURA_STORAGE_DIR", str(tmp_path / "s"))
+    with caplog.at_level("WARNING", logger="pleura.config"):
+        monkeypatch.setenv("PLEURA_MODEL_DIR", str(bundle))
+        old_bundle = load_settings()
+        monkeypatch.setenv("PLEURA_MODEL_DIR", str(registry))
+        old_registry = load_settings()
+    assert active_bundle_dir(old_bundle) == bundle.resolve() and registry_root(old_bundle) is None
+    assert fixed_bundle_dir(old_registry) is None and registry_root(old_registry) == registry.resolve()
+    warned = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "PLEURA_MODEL_DIR" in warned[0] and "PLEURA_MODEL_BUNDLE_DIR" in warned[0], warned
+
+    monkeypatch.delenv("PLEURA_MODEL_DIR")
+    new_bundle = load_settings(model_bundle_dir=bundle)
+    assert active_bundle_dir(new_bundle) == bundle.resolve() and registry_root(new_bundle) is None
+    assert registry_root(load_settings(model_registry_dir=registry)) == registry.resolve()
+    both = load_settings(model_dir=bundle, model_registry_dir=registry)
+    assert fixed_bundle_dir(both) is None and registry_root(both) == registry.resolve()

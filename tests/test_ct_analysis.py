@@ -17,7 +17,7 @@ from node.dispatch import dispatch_analysis
 from node.routing import route_instances
 from training.ct_synthetic import make_phantom, phantom_datasets
 from training.synthetic import synthetic_dicom
-from worker.celery_app import make_celery
+from contract.celery_app import make_celery
 from worker.ct_analysis import SeriesAnalyser
 
 PHANTOM_SEED = 11

@@ -59,7 +59,7 @@ def test_ct_series_to_orthanc_beside_a_radiograph(tmp_path: Path, demo_bundle, c
 
     port, storage = free_port(), tmp_path / "storage"
     common = dict(
-        ae_title="PLEURA", host="127.0.0.1", port=port, storage_dir=storage, model_dir=demo_bundle,
+        ae_title="PLEURA", host="127.0.0.1", port=port, storage_dir=storage, model_bundle_dir=demo_bundle,
         ct_model_dir=ct_demo_bundle, device="cpu", settle_seconds=1.0, export_retry_seconds=2.0,
         destinations=[{"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}],
     )

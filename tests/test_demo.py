@@ -15,7 +15,7 @@ def test_demo_sends_an_image_and_shows_what_came_back(tmp_path, demo_bundle):
     workdir = tmp_path / "demo"
     run = subprocess.run(
         [sys.executable, "-m", "pleura.cli", "demo", "--workdir", str(workdir), "--timeout", "300"],
-        capture_output=True, text=True, timeout=420, cwd=REPO, env={"PATH": "/usr/bin:/bin", "PLEURA_MODEL_DIR": str(demo_bundle), "HOME": str(tmp_path)},
+        capture_output=True, text=True, timeout=420, cwd=REPO, env={"PATH": "/usr/bin:/bin", "PLEURA_MODEL_BUNDLE_DIR": str(demo_bundle), "HOME": str(tmp_path)},
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "SYNTHETIC DEMO MODEL" in run.stdout

@@ -23,7 +23,7 @@ from services import (
     port_open, wait_for, write_config,
 )
 from training.synthetic import synthetic_dicom
-from worker.celery_app import make_celery
+from contract.celery_app import make_celery
 
 STUDIES = 4
 TIMEOUT = 300
@@ -57,7 +57,7 @@ def test_node_and_two_workers_share_only_the_broker_and_the_object_store(tmp_pat
     postgres, redis, s3, orthanc = peers
     ledger_url = postgres.new_database_url()
     shared_url = s3.url("site-a")
-    common = dict(broker_url=redis.url, shared_storage_url=shared_url, log_format="json", model_dir=demo_bundle)
+    common = dict(broker_url=redis.url, shared_storage_url=shared_url, log_format="json", model_bundle_dir=demo_bundle)
     node_port, metrics_port, worker_metrics_port = free_port(), free_port(), free_port()
     destination = {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port, "objects": ["SR", "SEG"]}
     node_config = write_config(

@@ -59,7 +59,8 @@ class Pleura:
             port=self.port,
             metrics_port=free_port(),  # not the default: another node on this host may hold it
             storage_dir=self.storage,
-            model_dir=bundle,
+            # `bundle`: a bundle directory (it holds the manifest), or a model registry
+            **({"model_bundle_dir": bundle} if (Path(bundle) / "manifest.json").is_file() else {"model_registry_dir": bundle}),
             device="cpu",
             settle_seconds=1.0,
             export_retry_seconds=2.0,

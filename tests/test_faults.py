@@ -59,7 +59,7 @@ class Node:
         self.storage = folder / "storage"
         self.config = write_config(
             folder / "pleura.toml",
-            ae_title="PLEURA", host="127.0.0.1", port=self.port, storage_dir=self.storage, model_dir=bundle,
+            ae_title="PLEURA", host="127.0.0.1", port=self.port, storage_dir=self.storage, model_bundle_dir=bundle,
             device="cpu", settle_seconds=1.0, export_retry_seconds=2.0,
             destinations=[{"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}],
             **values,

@@ -69,7 +69,8 @@ def _cli(*args: str) -> str:
 def test_feedback_retrains_a_model_that_analyses_the_next_study(
     tmp_path: Path, demo_bundle: Path, synthetic_siim: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ("PLEURA_DATABASE_URL", "PLEURA_CONFIG", "PLEURA_MODEL_DIR", "PLEURA_STORAGE_DIR"):
+    for name in ("PLEURA_DATABASE_URL", "PLEURA_CONFIG", "PLEURA_MODEL_DIR", "PLEURA_MODEL_REGISTRY_DIR",
+                 "PLEURA_MODEL_BUNDLE_DIR", "PLEURA_STORAGE_DIR"):
         monkeypatch.delenv(name, raising=False)
     storage = tmp_path / "storage"
     # The registry in the storage directory, with the demo bundle active while nothing is promoted.

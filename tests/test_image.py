@@ -139,7 +139,7 @@ def test_node_export_worker_and_worker_from_the_image_deliver_to_orthanc(
         "PLEURA_HOST": "127.0.0.1",
         "PLEURA_PORT": str(port),
         "PLEURA_BROKER_URL": redis_server.url,
-        "PLEURA_MODEL_DIR": "/models/current",
+        "PLEURA_MODEL_BUNDLE_DIR": "/models/current",
         "PLEURA_DEVICE": "cpu",
         "PLEURA_SETTLE_SECONDS": "1",
         "PLEURA_EXPORT_RETRY_SECONDS": "2",

@@ -19,11 +19,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 LAYERS = {"config": 0, "contract": 1, "node": 2, "worker": 2, "training": 3, "pleura": 4, "benchmarks": 5}
 
-# Imports against the plan still waiting for a move, as (importer, imported) pairs: none since the
-# model contract moved into contract/. No other exception is allowed.
-PENDING_CONTRACT_MOVE: set[tuple[str, str]] = set()
-PENDING_CONTRACT_MOVE_CIRCLES: set[frozenset[str]] = set()
-
 
 @dataclass(frozen=True)
 class Edge:
@@ -142,19 +137,14 @@ def upward_imports(edges: list[Edge]) -> list[Edge]:
 
 
 def layer_problems(root: Path) -> list[str]:
-    """What breaks the plan under ``root``, one line each; the pending contract move left out."""
+    """What breaks the plan under ``root``, one line each; there are no exceptions."""
     modules = project_modules(root)
     edges = import_edges(modules)
-    problems = [
-        f"import circle: {' <-> '.join(component)}"
-        for component in circles(modules, edges)
-        if frozenset(component) not in PENDING_CONTRACT_MOVE_CIRCLES
-    ]
+    problems = [f"import circle: {' <-> '.join(component)}" for component in circles(modules, edges)]
     problems += [
         f"{edge.file.relative_to(root)}:{edge.line}: {edge.importer} imports {edge.name} "
         f"({edge.imported.split('.')[0]} is above {edge.importer.split('.')[0]})"
         for edge in upward_imports(edges)
-        if (edge.importer, edge.imported) not in PENDING_CONTRACT_MOVE
     ]
     return problems
 
@@ -162,12 +152,6 @@ def layer_problems(root: Path) -> list[str]:
 def test_no_circles_and_no_upward_imports():
     problems = layer_problems(REPO)
     assert not problems, "\n".join(problems)
-
-
-def test_pending_exceptions_are_all_still_real():
-    """Each pending pair exists: one that is gone comes off the list."""
-    edges = {(edge.importer, edge.imported) for edge in import_edges(project_modules(REPO))}
-    assert PENDING_CONTRACT_MOVE <= edges, sorted(PENDING_CONTRACT_MOVE - edges)
 
 
 def test_the_check_finds_a_circle_and_an_upward_import(tmp_path):
@@ -251,3 +235,33 @@ def test_function_body_imports_of_project_modules_only_go_down():
         "move the new ones to module level, or say in a comment which heavy dependency they keep out:\n"
         + "\n".join(found)
     )
+
+
+# --- what a worker process loads -----------------------------------------------------------------
+
+LEDGER_CHECK = """
+import importlib, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+ledger = sorted(m for m in sys.modules if m == "node.ledger" or m.startswith("node.ledger."))
+tables = []
+if "sqlalchemy" in sys.modules:
+    from sqlalchemy import MetaData, Table
+    for module_name, module in list(sys.modules.items()):
+        if module_name.split(".")[0] in ("config", "contract", "node", "worker", "training", "pleura"):
+            for attribute, value in vars(module).items():
+                if isinstance(value, (Table, MetaData)) or hasattr(value, "__table__"):
+                    tables.append(f"{module_name}.{attribute}")
+print("ledger modules:", ledger, "tables:", tables)
+assert not ledger and not tables
+"""
+
+
+def test_the_worker_loads_no_ledger(tmp_path):
+    """ARCHITECTURE.md: workers never open the ledger, and do not even load its modules or its
+    tables: the analysis tasks (radiograph and CT) and the worker's Celery app import none of it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PLEURA_STORAGE_DIR": str(tmp_path)}
+    for entry in ("worker.tasks", "worker.ct_tasks", "worker.startup", "pleura.worker_app"):
+        done = subprocess.run([sys.executable, "-c", LEDGER_CHECK, entry], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{entry}: {done.stdout}{done.stderr[-2000:]}"

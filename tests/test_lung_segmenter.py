@@ -86,7 +86,7 @@ def test_a_wrong_weights_file_stops_the_worker_at_start_in_one_line(tmp_path, de
     wrong = tmp_path / "pspnet.pth"
     shutil.copy(demo_bundle / "segmenter.pt", wrong)  # a state dict, of another network
     settings = load_settings(write_config(tmp_path / "pleura.toml", storage_dir=tmp_path / "storage", device="cpu",
-                                          model_dir=demo_bundle, lung_segmenter_weights=wrong))
+                                          model_bundle_dir=demo_bundle, lung_segmenter_weights=wrong))
     with pytest.raises(WorkerStartError, match="not the weights of torchxrayvision's ChestX-Det PSPNet: .* tensors missing"):
         check_lung_segmenter(settings)
 

@@ -143,16 +143,16 @@ def test_a_version_never_changes_and_a_fixed_bundle_is_not_a_registry(
     with pytest.raises(BundleError, match="already registered with other files"):
         registry.import_bundle(other)
 
-    fixed = load_settings(storage_dir=tmp_path / "s", model_dir=tiny_base_bundle)
+    fixed = load_settings(storage_dir=tmp_path / "s", model_bundle_dir=tiny_base_bundle)
     assert active_bundle_dir(fixed) == tiny_base_bundle
     # beside a fixed radiograph bundle, CT series go to the CT demo bundle or PLEURA_CT_MODEL_DIR
     assert active_bundle_dir(fixed, "ct") == (tmp_path / "s" / "models" / "ct-demo").resolve()
-    ct_fixed = load_settings(storage_dir=tmp_path / "s", model_dir=tiny_base_bundle, ct_model_dir=tmp_path / "ct")
+    ct_fixed = load_settings(storage_dir=tmp_path / "s", model_bundle_dir=tiny_base_bundle, ct_model_dir=tmp_path / "ct")
     assert active_bundle_dir(ct_fixed, "ct") == (tmp_path / "ct").resolve()
     fixed_ct = make_version(ct_demo_bundle, tmp_path / "fixed-ct", "1.0", name="tiny-ct")
     with pytest.raises(RegistryError, match="no radiograph model"):
-        active_bundle_dir(load_settings(storage_dir=tmp_path / "s", model_dir=fixed_ct), "radiograph")
-    config = write_config(tmp_path / "fixed.toml", storage_dir=tmp_path / "s", model_dir=tiny_base_bundle)
+        active_bundle_dir(load_settings(storage_dir=tmp_path / "s", model_bundle_dir=fixed_ct), "radiograph")
+    config = write_config(tmp_path / "fixed.toml", storage_dir=tmp_path / "s", model_bundle_dir=tiny_base_bundle)
     assert "names a single model bundle" in run(config, "models", "promote", "tiny/1.0", code=2)
     assert "is a single bundle" in run(config, "models", "list")
 

@@ -16,7 +16,8 @@ from node.storage import InstanceStore
 from test_node_admission import echo, start_node
 from test_node_export import STUDY, PickyPACS, analysed_study, summary
 from test_node_scp import crafted_cr, pynetdicom_store
-from config.settings import Destination, Settings
+from config.destinations import Destination
+from config.settings import Settings
 
 
 def test_receiving_is_audited_and_logged_without_identifiers(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

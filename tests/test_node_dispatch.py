@@ -15,12 +15,13 @@ import pytest
 from celery import Celery
 
 import dicom_peers
-from config.settings import Destination, Settings
+from config.destinations import Destination
+from config.settings import Settings
 from node.dispatch import analysis_options, dispatch_analysis, make_dispatcher
 from node.ledger import Ledger, utcnow
 from node.settle import SettleLoop
 from contract.tasks import ANALYSE_STUDY, RADIOGRAPH_QUEUE
-from worker.celery_app import make_celery
+from contract.celery_app import make_celery
 
 INSTANCES = [{"sop_instance_uid": "1.2.3.4", "key": "instances/1.2.3/1.2.3.9/1.2.3.4.dcm"}]
 CR = "1.2.840.10008.5.1.4.1.1.1"

@@ -14,13 +14,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 import dicom_peers
-from config.settings import Destination, Settings
+from config.destinations import Destination
+from config.settings import Settings
 from node.export import DeliveryError, deliver_outbox_entry, send_results
 from node.ledger import Ledger
 from node.storage import InstanceStore
 from node.tasks import register_node_tasks
 from contract.tasks import DELIVER_RESULT, RECORD_ANALYSIS
-from worker.celery_app import make_celery
+from contract.celery_app import make_celery
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"

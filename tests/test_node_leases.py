@@ -19,7 +19,7 @@ from node.ledger import Ledger, utcnow
 from node.ledger.leases import CRASHED_REASON, LOST_REASON
 from node.settle import SettleLoop
 from test_node_dispatch import CR, INSTANCES, next_message
-from worker.celery_app import make_celery
+from contract.celery_app import make_celery
 
 STUDY, SOP = "1.2.3", "1.2.3.4"
 LEASE = 20.0

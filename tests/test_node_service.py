@@ -18,12 +18,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 import dicom_peers
-from config.settings import Destination, Settings
+from config.destinations import Destination
+from config.settings import Settings
 from node.ledger import Ledger
 from node.service import NodeService, OutboxSweeper, make_delivery_enqueuer, settings_environment
 from test_node_dispatch import Redis, next_message
 from contract.tasks import ANALYSE_STUDY, DELIVER_RESULT, EXPORT_QUEUE, RECORD_ANALYSIS
-from worker.celery_app import make_celery
+from contract.celery_app import make_celery
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 

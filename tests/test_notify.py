@@ -12,7 +12,8 @@ from datetime import datetime, timedelta, timezone
 import hl7
 import pytest
 
-from config.settings import Hl7Destination, SettingsError, load_settings
+from config.destinations import Hl7Destination
+from config.settings import SettingsError, load_settings
 from node.ledger import Ledger
 from node.notify.hl7 import MllpError, send_mllp
 from node.notify.loop import Notifier

@@ -31,7 +31,7 @@ STUDY, SERIES = "1.2.826.0.1.3680043.8.498.80", "1.2.826.0.1.3680043.8.498.81"
 def node_settings(tmp_path: Path, bundle: Path, **values) -> Settings:
     return Settings(
         storage_dir=tmp_path / "storage", host="127.0.0.1", port=free_port(), metrics_port=free_port(),
-        model_dir=bundle, settle_seconds=0.2, **values,
+        model_bundle_dir=bundle, settle_seconds=0.2, **values,
     )
 
 
@@ -94,7 +94,7 @@ def test_readiness_fails_while_the_broker_is_down(tmp_path, demo_bundle):
 def test_readiness_names_a_missing_model_unwritable_storage_and_a_hung_check(tmp_path):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("x")
-    settings = Settings(storage_dir=not_a_folder, model_dir=tmp_path / "no-bundle")
+    settings = Settings(storage_dir=not_a_folder, model_registry_dir=tmp_path / "no-bundle")
     report = run_checks(readiness_checks(settings))
     assert report["ready"] is False
     assert not report["checks"]["storage"]["ok"]

@@ -88,7 +88,7 @@ def test_a_study_reanalysed_with_a_promoted_model_is_delivered_anew_and_correcte
         assert any("supersedes the earlier Pleura report" in text for text in comments), comments
 
         # The worklist: the newest analysis in force, the earlier one kept.
-        settings = load_settings(storage_dir=pleura.storage, api_users=API_USERS, model_dir=registry.root)
+        settings = load_settings(storage_dir=pleura.storage, api_users=API_USERS, model_registry_dir=registry.root)
         with TestClient(create_app(settings, Ledger(settings.ledger_url))) as client:
             detail = client.get(f"/api/studies/{ref}", headers={"Authorization": f"Bearer {READER_TOKEN}"}).json()
         assert [(a["model_version"], a["flagged"], a["reanalysis"], a["current"]) for a in detail["analyses"]] == [

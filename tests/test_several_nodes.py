@@ -52,7 +52,7 @@ def test_two_nodes_on_one_ledger_send_each_notification_and_each_result_once(tmp
         port = free_port()
         config = write_config(
             tmp_path / f"node{index}.toml", ae_title="PLEURA", host="127.0.0.1", port=port, storage_dir=storage,
-            database_url=ledger_url, broker_url=redis.url, model_dir=demo_bundle, device="cpu",
+            database_url=ledger_url, broker_url=redis.url, model_bundle_dir=demo_bundle, device="cpu",
             settle_seconds=1.0, export_retry_seconds=2.0, metrics_port=free_port(), destinations=[destination],
         )
         env = {"PLEURA_HL7_DESTINATIONS": hl7}

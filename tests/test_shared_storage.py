@@ -151,7 +151,7 @@ def test_an_acknowledged_study_waits_in_the_ledger_until_the_shared_storage_take
     blocker.write_text("a file where the shared folder should be: every upload fails")
     settings = Settings(
         storage_dir=tmp_path / "node", host="127.0.0.1", port=free_port(), metrics_port=free_port(),
-        model_dir=demo_bundle, settle_seconds=0.2, shared_storage_url=f"file://{blocker}/store",
+        model_bundle_dir=demo_bundle, settle_seconds=0.2, shared_storage_url=f"file://{blocker}/store",
     )
     dataset, _ = synthetic_dicom(seed=21, positive=False, size=64)
     image = tmp_path / "image.dcm"

@@ -11,15 +11,14 @@ import pytest
 
 import dicom_peers
 from contract.tasks import ANALYSE_STUDY, RADIOGRAPH_QUEUE, STAT_QUEUE, with_stat_queue
-from node.dispatch import make_dispatcher
+from node.dispatch import make_dispatcher, queue_depths
 from node.ledger import utcnow
-from node.ops.metrics import queue_depths
 from node.settle import SettleLoop
 from scp_node import Node, running_node
 from test_node_dispatch import next_message
 from test_node_scp import crafted_cr
 from test_settle_on_release import associate, write_cr
-from worker.celery_app import make_celery
+from contract.celery_app import make_celery
 from worker.startup import queue_kinds
 
 URGENT_STUDY = "1.2.826.0.1.3680043.8.498.7101"

@@ -15,7 +15,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 import dicom_peers
-from config.settings import Destination, Settings
+from config.destinations import Destination
+from config.settings import Settings
 from node.audit import AuditTrail
 from node.export import DeliveryError, send_results
 from node.tls import client_context, server_context

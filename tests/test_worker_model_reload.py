@@ -26,7 +26,7 @@ from node.ledger import Ledger
 from training.registry import Registry
 from training.synthetic import synthetic_dicom
 from worker.active_model import ActiveModel
-from worker.celery_app import make_celery
+from contract.celery_app import make_celery
 
 RESULT_TIMEOUT = 600  # generous: the suite must pass on a loaded 2-core machine
 

@@ -180,7 +180,7 @@ def test_a_real_worker_batches_studies_sent_together_and_writes_what_one_at_a_ti
     port, metrics_port, storage = free_port(), free_port(), tmp_path / "storage"
     config = write_config(
         tmp_path / "pleura.toml", ae_title="PLEURA", host="127.0.0.1", port=port, storage_dir=storage,
-        device="cpu", settle_seconds=1.0, model_dir=demo_bundle, worker_threads=4, inference_batch_size=4,
+        device="cpu", settle_seconds=1.0, model_bundle_dir=demo_bundle, worker_threads=4, inference_batch_size=4,
         batch_wait_ms=5000, metrics_port=free_port(), worker_metrics_port=metrics_port, torch_threads=1,
     )
     files = []

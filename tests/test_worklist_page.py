@@ -26,7 +26,7 @@ def test_a_study_sent_over_dicom_is_flagged_in_the_page_and_feedback_is_stored(t
     storage = tmp_path / "storage"
     config = write_config(
         tmp_path / "pleura.toml",
-        ae_title="PLEURA", host="127.0.0.1", port=dicom_port, storage_dir=storage, model_dir=demo_bundle,
+        ae_title="PLEURA", host="127.0.0.1", port=dicom_port, storage_dir=storage, model_bundle_dir=demo_bundle,
         device="cpu", settle_seconds=1.0, api_host="127.0.0.1", api_port=api_port, worklist_refresh_seconds=1.0,
     )
     # TOML tables for the lists of objects.

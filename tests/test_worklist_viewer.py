@@ -339,7 +339,7 @@ def test_a_new_flagged_study_is_pushed_with_an_alert(site, browser):
     item = receive_image(worklist.ledger, InstanceStore(worklist.settings.storage_dir), arrived, "ACC-NEW",
                     datetime.now(timezone.utc))
     worklist.ledger.mark_queued(arrived.StudyInstanceUID)
-    analyser = StudyAnalyser.from_bundle_dir(worklist.settings.storage_dir, worklist.settings.model_dir, device="cpu")
+    analyser = StudyAnalyser.from_bundle_dir(worklist.settings.storage_dir, worklist.settings.model_bundle_dir, device="cpu")
     worklist.ledger.record_analysis(analyser.analyse(arrived.StudyInstanceUID, [item]))
 
     page.wait_for_selector("#alert:not([hidden])", timeout=60_000)  # pushed: polling is every 300 s here

@@ -20,7 +20,7 @@ from pydicom.errors import InvalidDicomError
 from dicom_samples import lateral_chest_pixels, pydicom_data_file, synthetic_radiograph
 from training.synthetic import synthetic_dicom
 from worker.analysis import StudyAnalyser
-from worker.writers.marks import MANUFACTURER
+from contract.marks import MANUFACTURER
 
 TEXT_VRS = {"LO", "LT", "ST", "UT", "SH", "UC"}
 PATH = re.compile(r"(?:^|[\s(:'\"])(?:/|[A-Za-z]:\\)[\w.-]+[/\\]")

@@ -58,7 +58,7 @@ def build_worklist(storage: Path, bundle: Path, **settings_overrides) -> Worklis
     from worker.analysis import StudyAnalyser
 
     storage.mkdir(parents=True, exist_ok=True)
-    settings = load_settings(storage_dir=storage, api_users=API_USERS, model_dir=bundle, **settings_overrides)
+    settings = load_settings(storage_dir=storage, api_users=API_USERS, model_bundle_dir=bundle, **settings_overrides)
     ledger = Ledger(settings.ledger_url)
     store = InstanceStore(storage)
     analyser = StudyAnalyser.from_bundle_dir(storage, bundle, device="cpu")

@@ -9,8 +9,8 @@ to; a bundle that fails is refused with the reason and the active model stays as
 change is recorded in the audit trail (:class:`node.audit.AuditTrail`) by the registry itself, however
 it was asked for.
 
-``PLEURA_MODEL_DIR`` naming a bundle directory (one with ``manifest.json``) is a fixed model:
-promote and rollback refuse (there is no registry to change).
+``PLEURA_MODEL_BUNDLE_DIR`` (or the deprecated ``PLEURA_MODEL_DIR``) naming a bundle directory is a
+fixed model: promote and rollback refuse (there is no registry to change).
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ from contract.active import (
     VersionRecord,
     checksum_problems,
     file_digests,
+    fixed_bundle_dir,
+    model_location_setting,
     registry_root,
     utc_now,
     validate_bundle,
@@ -354,7 +356,7 @@ def open_registry(settings: "Settings") -> Registry:
     root = registry_root(settings)
     if root is None:
         raise RegistryError(
-            f"PLEURA_MODEL_DIR={settings.model_dir} names a single model bundle, not a registry: "
-            "unset it (the registry is then <storage_dir>/models) or point it at a registry directory"
+            f"{model_location_setting(settings)}={fixed_bundle_dir(settings)} names a single model bundle, not a "
+            "registry: unset it (the registry is then <storage_dir>/models) or set PLEURA_MODEL_REGISTRY_DIR instead"
         )
     return Registry(root, audit=AuditTrail(settings.storage_dir))

@@ -23,7 +23,16 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from contract.bundle import Bundle, load_bundle
-from contract.messages import AnalysisSummary, ImageEntry, InstanceRef, ReportedModel, ResultEntry, analysed_now
+from contract.messages import (
+    AnalysisOptions,
+    AnalysisSummary,
+    ImageEntry,
+    InstanceRef,
+    ReportRef,
+    ReportedModel,
+    ResultEntry,
+    analysed_now,
+)
 from contract.networks import LoadedModels, load_models
 from contract.preprocess import ImageDecodeError, decode_radiograph
 from node.privacy import error_text, ref
@@ -156,21 +165,22 @@ class StudyAnalyser:
         return f"results/{study_uid}/{sop_instance_uid}.dcm"
 
     def analyse(
-        self, study_uid: str, instances: list[dict[str, str]], options: dict[str, Any] | None = None
+        self, study_uid: str, instances: list[dict[str, str]], options: AnalysisOptions | dict[str, Any] | None = None
     ) -> dict[str, Any]:
         """Analyse the instances; one image's failure is recorded for that image alone.
 
-        ``options["objects"]`` names the per-image objects to write besides the SR and SEG
-        ("GSPS", "SC"; default all), ``options["sc_heatmap"]`` adds the Grad-CAM heat map to the SC;
-        ``options["supersedes"]`` (a re-analysis) names the study's earlier report, which the new
-        one supersedes when another model made it; ``options["not_analysed_reason"]`` (a study
-        whose analysis killed its worker twice, node/ledger/leases.py) writes the report of the
-        images as not analysed, for that reason, without running the networks.
+        ``options`` (:class:`~contract.messages.AnalysisOptions`, or their wire form): ``objects``
+        names the per-image objects to write besides the SR and SEG ("GSPS", "SC"; default all),
+        ``sc_heatmap`` adds the Grad-CAM heat map to the SC; ``supersedes`` (a re-analysis) names
+        the study's earlier report, which the new one supersedes when another model made it;
+        ``not_analysed_reason`` (a study whose analysis killed its worker twice,
+        node/ledger/leases.py) writes the report of the images as not analysed, for that reason,
+        without running the networks.
         """
-        options = options or {}
+        options = AnalysisOptions.from_message(options or {})
         refs = [InstanceRef.from_message(item) for item in instances]
-        objects = set(options.get("objects") or ALL_OBJECTS)
-        heatmap = bool(options.get("sc_heatmap", False))
+        objects = set(options.objects or ALL_OBJECTS)
+        heatmap = options.sc_heatmap
         identity = self.bundle.identity
         images: dict[str, ImageEntry] = {}
         headers: dict[str, pydicom.Dataset] = {}
@@ -200,7 +210,7 @@ class StudyAnalyser:
                 view_unknown.add(sop_uid)
             candidates.append((sop_uid, header))
 
-        crashed = options.get("not_analysed_reason")
+        crashed = options.not_analysed_reason
         if crashed:
             for sop_uid, _ in candidates:
                 images[sop_uid].analysis_status, images[sop_uid].analysis_reason = "not_analysed", str(crashed)
@@ -258,7 +268,7 @@ class StudyAnalyser:
         ]
         if analysed or any(image.source is not None for image in skipped):
             sr = build_sr(
-                analysed, skipped, identity, supersedes=self._superseded(options.get("supersedes")),
+                analysed, skipped, identity, supersedes=self._superseded(options.supersedes),
                 variant=CRASHED_VARIANT if crashed else None,
             )
             results.append(self._store(study_uid, "SR", sr, None))
@@ -274,29 +284,29 @@ class StudyAnalyser:
             analysed_at=analysed_now(),
         ).to_message()
 
-    def _superseded(self, supersedes: dict[str, Any] | None) -> SupersededReport | None:
-        """The report a re-analysis replaces (``options["supersedes"]``, from the node), or None:
+    def _superseded(self, supersedes: ReportRef | None) -> SupersededReport | None:
+        """The report a re-analysis replaces (the options' ``supersedes``, from the node), or None:
         none named, or it is this model version's own (the same model on the same images makes
         the same report, which supersedes nothing new)."""
-        if not supersedes or not supersedes.get("sop_instance_uid"):
+        if supersedes is None or not supersedes.sop_instance_uid:
             return None
         identity = self.bundle.identity
-        if (supersedes.get("model_name"), supersedes.get("model_version")) == (identity.name, identity.version):
+        if (supersedes.model_name, supersedes.model_version) == (identity.name, identity.version):
             return None
         header = None
         try:
             header = pydicom.dcmread(
-                self.store.path(str(supersedes["storage_key"])), stop_before_pixels=True,
+                self.store.path(supersedes.storage_key), stop_before_pixels=True,
                 specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"],
             )
         except (KeyError, OSError, ValueError, InvalidDicomError) as exc:
             # The comment still names it; the Predecessor Documents Sequence needs its series.
             log.warning("cannot read the report a re-analysis supersedes: %s", error_text(exc))
         return SupersededReport(
-            sop_instance_uid=str(supersedes["sop_instance_uid"]),
-            sop_class_uid=str(supersedes.get("sop_class_uid") or ""),
-            model_name=supersedes.get("model_name"),
-            model_version=supersedes.get("model_version"),
+            sop_instance_uid=supersedes.sop_instance_uid,
+            sop_class_uid=supersedes.sop_class_uid or "",
+            model_name=supersedes.model_name,
+            model_version=supersedes.model_version,
             header=header,
         )
 

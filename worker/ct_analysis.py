@@ -21,7 +21,7 @@ from pydicom.errors import InvalidDicomError
 
 from contract.bundle import Bundle, load_bundle
 from contract.ct_preprocess import SeriesError, ct_network_input, ct_slice_problem, series_geometry, slice_hu
-from contract.messages import AnalysisSummary, ImageEntry, InstanceRef, ReportedModel, ResultEntry, analysed_now
+from contract.messages import AnalysisOptions, AnalysisSummary, ImageEntry, InstanceRef, ReportedModel, ResultEntry, analysed_now
 from contract.networks import load_segmenter
 from contract.preprocess import ImageDecodeError, mask_to_source
 from node.privacy import error_text, ref
@@ -81,19 +81,20 @@ class SeriesAnalyser:
         study_uid: str,
         series_instance_uid: str,
         instances: list[dict[str, str]],
-        options: dict[str, Any] | None = None,
+        options: AnalysisOptions | dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Analyse the slices of one series; returns the summary for the node (see the module docstring).
 
-        ``options`` are the node's analysis options; the CT path writes its SEG and SR whatever
-        they name (the destinations' object lists decide what is sent).
+        ``options`` are the node's :class:`~contract.messages.AnalysisOptions` (or their wire form);
+        the CT path writes its SEG and SR whatever they name (the destinations' object lists decide
+        what is sent).
         """
         identity = self.bundle.identity
         refs = [InstanceRef.from_message(item) for item in instances]
         images = {item.sop_instance_uid: ImageEntry(sop_instance_uid=item.sop_instance_uid) for item in refs}
         datasets: dict[str, pydicom.Dataset] = {}
         # A series whose analysis killed its worker twice is reported without running the network.
-        crashed = (options or {}).get("not_analysed_reason")
+        crashed = AnalysisOptions.from_message(options or {}).not_analysed_reason
         problem: str | None = str(crashed) if crashed else None
         for item in refs:
             sop_uid = item.sop_instance_uid

@@ -64,7 +64,8 @@ def register_ct_tasks(app: Celery, build_ct_demo: Callable[[Path], Any] | None =
         instances: list[dict[str, str]],
         options: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Analyse every slice of one CT series; idempotent (result UIDs are deterministic)."""
+        """Analyse every slice of one CT series; idempotent (result UIDs are deterministic).
+        ``options``: :class:`~contract.messages.AnalysisOptions` in their wire form."""
         # The model is taken once, when the analysis starts, and kept to its end.
         return analyse_and_report(
             self, study_uid, instances, options,

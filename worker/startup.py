@@ -19,8 +19,8 @@ from contract.active import active_bundle_dir, is_ct_demo_dir
 from contract.bundle import BundleError, load_bundle
 from contract.tasks import RADIOGRAPH_QUEUE, STAT_QUEUE, with_stat_queue
 from node.logs import keep_celery_from_logging_setup
+from contract.celery_app import make_celery
 from node.private_files import make_private_dirs, restrict_umask
-from worker.celery_app import make_celery
 from worker.inference.lungs import configured_lung_segmenter
 from worker.tasks import register_worker_tasks, warm_models
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from celery import Task
 
+from contract.messages import AnalysisOptions
 from contract.tasks import ANALYSIS_HEARTBEAT, ANALYSIS_STARTED, RECORD_ANALYSIS
 from node.privacy import error_text, ref
 from node.shared_storage import analyse_with_shared_storage
@@ -25,12 +26,14 @@ def analyse_and_report(
     study_uid: str,
     instances: list[dict[str, str]],
     options: dict[str, Any] | None,
-    analyse: Callable[[str, list[dict[str, str]], dict[str, Any] | None], dict[str, Any]],
+    analyse: Callable[[str, list[dict[str, str]], AnalysisOptions], dict[str, Any]],
 ) -> dict[str, Any]:
-    """The body every analysis task shares: say it started, run ``analyse(study_uid, instances,
-    options)`` with its files from and to the shared storage when there is one, retry an unexpected
-    error with a growing delay (after the last try the node is told the study failed, with the
-    reason), and send the summary to the node side."""
+    """The body every analysis task shares: say it started, read the task's ``options``
+    (:class:`~contract.messages.AnalysisOptions`; none, from an older node: the defaults), run
+    ``analyse(study_uid, instances, options)`` with its files from and to the shared storage when
+    there is one, retry an unexpected error with a growing delay (after the last try the node is
+    told the study failed, with the reason; options that do not validate end so too), and send the
+    summary to the node side."""
     from worker.analysis import failed_summary  # imports torch: only when a task runs, in the pool's process
 
     try:  # tell the worklist; a message lost here costs nothing but the word "analysing"
@@ -39,8 +42,9 @@ def analyse_and_report(
     except Exception as exc:
         log.warning("cannot report the start of an analysis: %s", exc)
     try:
-        with Heartbeat(task, study_uid, (options or {}).get("heartbeat_seconds")):
-            summary = analyse_with_shared_storage(analyse, task.app.pleura_settings, study_uid, instances, options)
+        chosen = AnalysisOptions.from_message(options or {})
+        with Heartbeat(task, study_uid, chosen.heartbeat_seconds):
+            summary = analyse_with_shared_storage(analyse, task.app.pleura_settings, study_uid, instances, chosen)
     except Exception as exc:
         if task.request.retries < MAX_RETRIES:
             log.warning("analysis of a study failed (%s); retrying", exc)

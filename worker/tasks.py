@@ -71,8 +71,9 @@ def register_worker_tasks(app: Celery, build_ct_demo: Callable[[Path], Any] | No
     ) -> dict[str, Any]:
         """Analyse the given instances of one study; idempotent (result UIDs are deterministic).
 
-        ``options`` (from :func:`node.dispatch.analysis_options`) say which result objects to
-        write; a message without them (sent by an older node) gets every object.
+        ``options`` (:class:`~contract.messages.AnalysisOptions` in their wire form, from
+        :func:`node.dispatch.analysis_options`) say which result objects to write; a message
+        without them (sent by an older node) gets every object.
 
         An unexpected error is retried with a growing delay; after the last try the node is told
         the study failed, with the reason, so it never waits in "queued" for ever.

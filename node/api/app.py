@@ -14,7 +14,7 @@ from node.api.auth import Authenticator, LoginGuard
 from node.api.context import StudyContext
 from node.api.limits import install_limits
 from node.api.previews import PreviewRenderer
-from node.api.routers import dicomweb, events, feedback, notifications, session, studies
+from node.api.routers import dicomweb, events, feedback, images, notifications, session, studies, verdicts
 from node.audit import AuditTrail
 from node.ledger import Ledger
 from node.receive import Receiver
@@ -52,7 +52,7 @@ def create_app(settings: Settings, ledger: Ledger) -> FastAPI:
     # STOW-RS goes through the SCP's receive path: the same checks, durable store and ledger.
     app.state.receiver = Receiver(settings, ledger, InstanceStore(settings.storage_dir), audit=app.state.audit)
     app.state.context = StudyContext(InstanceStore(settings.storage_dir), settings.site_time_zone)
-    for module in (session, studies, feedback, notifications, dicomweb, events):
+    for module in (session, studies, images, verdicts, feedback, notifications, dicomweb, events):
         app.include_router(module.router)
     # Before the security headers, so the routes read the body through the limit directly
     # (BaseHTTPMiddleware would wrap its 413 in a task group's ExceptionGroup); that middleware

@@ -26,7 +26,7 @@ from typing import Callable
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
-from config.settings import MIN_TOKEN_CHARS, ApiUser
+from config.callers import MIN_TOKEN_CHARS, ApiUser
 from node.audit import AuditTrail
 from node.ledger import Ledger
 

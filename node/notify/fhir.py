@@ -27,7 +27,7 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
 
 from config.errors import PleuraError
-from config.settings import FhirEndpoint
+from config.destinations import FhirEndpoint
 from node.http_auth import AuthError, authorized_session
 from node.text import header_text
 

@@ -22,7 +22,7 @@ from hl7apy.factories import datatype_factory
 from hl7apy.parser import parse_message
 
 from config.errors import PleuraError
-from config.settings import Hl7Destination
+from config.destinations import Hl7Destination
 from node.text import header_text, hl7_escape
 from node.tls import hl7_client_context
 

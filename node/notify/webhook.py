@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from config.errors import PleuraError
-from config.settings import Webhook
+from config.destinations import Webhook
 from node.text import header_text
 
 SIGNATURE_HEADER = "X-Pleura-Signature"

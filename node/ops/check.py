@@ -31,7 +31,8 @@ from sqlalchemy import create_engine, text
 
 from config.errors import PleuraError
 from config.secrets import mask_text
-from config.settings import Destination, DicomwebDestination, FhirEndpoint, HttpAuth, Hl7Destination, Settings, Webhook
+from config.destinations import Destination, DicomwebDestination, FhirEndpoint, HttpAuth, Hl7Destination, Webhook
+from config.settings import Settings
 from node.admission import free_disk_mb
 from node.http_auth import authorized_session
 from node.notify.hl7 import open_mllp

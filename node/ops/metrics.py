@@ -31,6 +31,7 @@ from sqlalchemy import func, select
 from config.settings import Settings
 from contract.active import active_bundle_dir
 from contract.bundle import BundleError, load_bundle
+from node.dispatch import queue_depths
 from node.ledger import AnalysisStart, Ledger, OutboxEntry, OutboxStatus, Study, StudyStatus, utcnow
 from node.ops.worker_metrics import FORWARD_IMAGES, FORWARD_PASSES
 
@@ -53,7 +54,7 @@ def active_models(settings: Settings) -> list[dict[str, str]]:
     """The model bundles in use, as ``{"name", "version", "kind"}``: the one place that says so.
 
     For each kind of input, the bundle the registry holds active (or the fixed bundle that
-    ``PLEURA_MODEL_DIR`` names): the one the workers load before their next task.
+    ``PLEURA_MODEL_BUNDLE_DIR`` names): the one the workers load before their next task.
     """
     models = []
     for kind in ("radiograph", "ct"):
@@ -78,21 +79,6 @@ class ModelCollector(Collector):
         for model in active_models(self.settings):
             gauge.add_metric([model["name"], model["version"], model["kind"]], 1)
         yield gauge
-
-
-def queue_depths(celery_app: Celery) -> dict[str, int]:
-    """Messages waiting in each of the app's queues; raises when the broker cannot be reached."""
-    names = [queue.name for queue in celery_app.conf.task_queues or []]
-    depths: dict[str, int] = {}
-    with celery_app.connection_for_read() as connection:
-        connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=5)
-        channel = connection.default_channel
-        for name in names:
-            try:
-                depths[name] = int(channel.queue_declare(queue=name, passive=True).message_count)
-            except connection.channel_errors:
-                depths[name] = 0  # never declared: nothing was ever sent to it
-    return depths
 
 
 class QueueCollector(Collector):

@@ -19,7 +19,7 @@ from pydicom.valuerep import PersonName
 from contract.bundle import ModelIdentity
 from worker.inference.predict import positive_pair
 from worker.inference.result import ImageFinding
-from worker.writers.marks import MANUFACTURER, SERIES_NUMBERS
+from contract.marks import MANUFACTURER, SERIES_NUMBERS
 from worker.writers.uids import device_uid, dimension_organization_uid, instance_uid, replace_uid, series_uid
 
 DEMO_LABEL = "SYNTHETIC DEMO MODEL - not for clinical use"

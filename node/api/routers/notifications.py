@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Query
 
 from node.api.auth import Principal, current_principal
 from node.api.deps import get_ledger
-from node.api.routers.studies import notification_out
+from node.api.lookup import notification_out
 from node.api.schemas import NotificationOut
 from node.ledger import Ledger
 

@@ -1,8 +1,9 @@
 """What marks a DICOM object as Pleura's own result: its Manufacturer and the Series Number of
 each result kind.
 
-Kept apart from :mod:`worker.writers.common` (which needs torch) so that the node can recognise
-one of its own results that a PACS sends back (:mod:`node.seg_labels`) without loading a model.
+Below both the worker, whose writers set them (:mod:`worker.writers.common`), and the node, which
+recognises one of its own results that a PACS sends back (:mod:`node.receive`,
+:mod:`node.seg_labels`) without importing the worker or loading a model.
 """
 
 from __future__ import annotations
