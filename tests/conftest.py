@@ -99,3 +99,27 @@ def ct_demo_bundle() -> Path:
     target = Path(os.environ.get("PLEURA_CT_MODEL_DIR") or default_storage_dir() / "models" / "ct-demo")
     ensure_ct_demo_bundle(target, progress=False)
     return target
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under pytest-xdist, on the controller once every worker is done: no object Pleura wrote
+    anywhere in the run carries a file path or a UID in its free text (tests/result_text.py).
+
+    tests/test_zz_result_text.py makes that check at the end of a run in one process; with several
+    workers it sees only its own worker's objects and runs while the others still write theirs.
+    """
+    config = session.config
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    from result_text import offending_texts, pleura_results
+
+    root = config._tmp_path_factory.getbasetemp()  # the workers' temporary folders lie under it
+    written = pleura_results(root)
+    problems = [problem for path in written for problem in offending_texts(path)]
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if problems:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if reporter:
+            reporter.write_line(f"FAILED result text: {len(problems)} text values with a path or UID, e.g. {problems[:5]}", red=True)
+    elif reporter:
+        reporter.write_line(f"result text: {len(written)} objects Pleura wrote in this run, none with a path or UID in its text")

@@ -7,6 +7,7 @@ Import it from a test module as ``import dicom_peers`` (pytest puts tests/ on sy
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -23,11 +24,35 @@ T = TypeVar("T")
 LOOPBACK = "127.0.0.1"
 
 
+# Ports handed out by the kernel for bind(0) and outgoing connections lie above this (Linux's
+# ip_local_port_range starts at 32768); the test sessions running side by side (pytest-xdist) each
+# take ports from their own slice below it, so two of them never pick the same free port.
+_SLICES_START, _SLICES_END = 12000, 32000
+
+
 def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+    """A TCP port on the loopback interface that nothing listens on right now.
+
+    Alone, the kernel picks it. Under pytest-xdist, the worker takes one from its own slice of
+    ports, so a port one worker found free is not also given to another before its server binds it.
+    """
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2:
+        with socket.socket() as sock:
+            sock.bind((LOOPBACK, 0))
+            return sock.getsockname()[1]
+    width = (_SLICES_END - _SLICES_START) // count
+    start = _SLICES_START + int(worker[2:]) % count * width
+    for _ in range(200):
+        port = random.randrange(start, start + width)
+        with socket.socket() as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+        if not port_open(port):
+            return port
+    raise RuntimeError(f"no free port in {start}..{start + width} for {worker}")
 
 
 def port_open(port: int, host: str = LOOPBACK) -> bool:

@@ -1,64 +1,23 @@
-"""No file path and no UID in the free text of any object Pleura writes.
+"""No file path and no UID in the free text of any object Pleura writes (tests/result_text.py).
 
 Reasons and comments reach the PACS, the worklist and the RIS: they say what happened in words.
 This module runs last (its name sorts last), so besides the objects it makes itself it reads every
 result object the suite wrote before it, in this process or in the nodes and workers the tests
-started, wherever under the session's temporary directory they were written.
+started, wherever under the session's temporary directory they were written. Under pytest-xdist
+that is this worker's share; conftest.py reads every worker's at the end of the run.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from dicom_samples import lateral_chest_pixels, pydicom_data_file, synthetic_radiograph
+from result_text import PATH, UID, offending_texts, pleura_results
 from training.synthetic import synthetic_dicom
 from worker.analysis import StudyAnalyser
-from contract.marks import MANUFACTURER
-
-TEXT_VRS = {"LO", "LT", "ST", "UT", "SH", "UC"}
-PATH = re.compile(r"(?:^|[\s(:'\"])(?:/|[A-Za-z]:\\)[\w.-]+[/\\]")
-UID = re.compile(r"\b\d+(?:\.\d+){4,}\b")
-NOT_FREE_TEXT = {"CodeValue", "CodingSchemeVersion", "LongCodeValue"}
-
-
-def _texts(ds: Dataset, where: str = "") -> Iterator[tuple[str, str]]:
-    """(element path, value) of every text value in ``ds``, sequences included."""
-    for element in ds:
-        if element.VR == "SQ":
-            for index, item in enumerate(element.value):
-                yield from _texts(item, f"{where}{element.keyword}[{index}].")
-        elif element.VR in TEXT_VRS and element.keyword not in NOT_FREE_TEXT and element.value not in (None, ""):
-            values = element.value if element.VM > 1 else [element.value]
-            for value in values:
-                yield f"{where}{element.keyword}", str(value)
-
-
-def offending_texts(path: Path) -> list[str]:
-    ds = pydicom.dcmread(path)
-    return [
-        f"{path.name} {keyword}: {value!r}"
-        for keyword, value in _texts(ds)
-        if PATH.search(value) or UID.search(value)
-    ]
-
-
-def _pleura_results(root: Path) -> list[Path]:
-    found = []
-    for path in root.rglob("*.dcm"):
-        try:
-            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Manufacturer"])
-        except (InvalidDicomError, OSError, ValueError, EOFError):
-            continue
-        if str(header.get("Manufacturer", "")) == MANUFACTURER:
-            found.append(path)
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +59,7 @@ def test_the_objects_of_every_outcome_carry_no_path_or_uid_in_text(a_study_of_ev
 
 
 def test_every_object_the_suite_wrote_carries_no_path_or_uid_in_text(tmp_path_factory, a_study_of_every_outcome):
-    written = _pleura_results(tmp_path_factory.getbasetemp())
+    written = pleura_results(tmp_path_factory.getbasetemp())
     assert len(written) >= len(a_study_of_every_outcome)
     problems = [problem for path in written for problem in offending_texts(path)]
     assert problems == [], f"{len(problems)} text values with a path or UID, e.g. {problems[:5]}"
