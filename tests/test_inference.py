@@ -284,13 +284,13 @@ def test_eligibility_rules(attributes, reason):
 def test_demo_bundle_pipeline_on_a_tiny_set_is_deterministic(tmp_path):
     """The demo builder end to end on ten small images: a loadable, labelled, reproducible bundle."""
     from contract.bundle import DEMO_INTENDED_USE
-    from training.demo_model import build_demo_bundle
+    from training.demo_model import DEMO_VERSION, build_demo_bundle
 
     first = build_demo_bundle(tmp_path / "a", seed=4, n_images=10, epochs=1, image_size=64, progress=False)
     second = build_demo_bundle(tmp_path / "b", seed=4, n_images=10, epochs=1, image_size=64, progress=False)
     manifest = load_bundle(first.path).manifest
     assert manifest.synthetic_demo and manifest.intended_use == DEMO_INTENDED_USE
-    assert (manifest.name, manifest.version) == ("pleura-demo", "0.1.0-demo")
+    assert (manifest.name, manifest.version) == ("pleura-demo", DEMO_VERSION)
     assert manifest.classifier.extra["growth_rate"] < 32 and manifest.segmenter.encoder
     assert "synthetic" in manifest.training_data
     assert {"classifier_auc", "classifier_accuracy", "segmentation_dice"} <= set(manifest.metrics)

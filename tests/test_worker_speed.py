@@ -3,11 +3,13 @@ and the CUDA-only settings leaving the CPU path as it is. (No timing is asserted
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -218,7 +220,21 @@ def test_a_real_worker_batches_studies_sent_together_and_writes_what_one_at_a_ti
         worker.stop()
         node.stop()
 
-    alone = StudyAnalyser.from_bundle_dir(tmp_path / "alone", demo_bundle, device="cpu")
+    # The same networks as the worker's: its inference backend (auto: the choice recorded for this
+    # host beside the shared ONNX export) and its one torch thread. Results are the same bit for bit
+    # only on the same backend; the batching must not change them.
+    alone = StudyAnalyser.from_bundle_dir(
+        tmp_path / "alone", demo_bundle, device="cpu", backend="auto", onnx_cache=Path(os.environ["PLEURA_ONNX_CACHE_DIR"])
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _compare_with_alone(alone, ledger, storage, studies)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_with_alone(alone: StudyAnalyser, ledger: Ledger, storage: Path, studies: list[str]) -> None:
     for uid in studies:
         instances = ledger.list_instances(uid)
         for instance in instances:

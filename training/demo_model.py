@@ -1,13 +1,12 @@
 """Build the synthetic demo model bundle: small networks trained for a few minutes on generated images.
 
-The demo bundle lets Pleura run end to end without patient data or downloaded weights. It goes
-through the same contract as a real model: the images are written as DICOM in the SIIM-ACR layout,
-indexed by :func:`~training.datasets.read_siim` (the reader of ``pleura train``), read back through
-:func:`~contract.preprocess.decode_radiograph` and
-:func:`~contract.preprocess.to_network_input`, the networks come from
-:func:`~contract.networks.build_network`, and the held-out metrics are measured by loading the
-written bundle and running :func:`~worker.inference.predict.predict_images`, exactly as the worker
-does. The manifest says the model is a synthetic demo, and so does everything made with it.
+The demo bundle lets Pleura run end to end without patient data or downloaded weights, and it is
+made by the code users train with: the images are written as DICOM in the SIIM-ACR layout, indexed
+by :func:`~training.datasets.read_siim` and trained by :func:`~training.trainer.train_in_turn`
+(what ``pleura train --preset CLASSIFIER --preset UNET`` runs) with two demo presets, small
+enough for a CPU. Then the held-out (test) images go through the worker's own inference path
+(:func:`~worker.inference.predict.predict_images` on the written bundle) for the manifest's
+metrics. The manifest says the model is a synthetic demo, and so does everything made with it.
 """
 
 from __future__ import annotations
@@ -17,112 +16,111 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import torch
-import torch.nn.functional as F
-from monai.losses import DiceCELoss
 from monai.metrics import compute_roc_auc
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from contract.bundle import (
     DEMO_INTENDED_USE,
-    MANIFEST_NAME,
     Bundle,
     BundleError,
     Manifest,
-    NetworkSpec,
-    Preprocessing,
     Thresholds,
     load_bundle,
     write_manifest,
 )
 from contract.networks import build_network, load_models
-from contract.preprocess import decode_radiograph, to_network_input
+from contract.preprocess import decode_radiograph
 from training.datasets import Example, read_siim
+from training.presets import Augmentation, Preset, get_preset, with_overrides
+from training.splits import make_splits, split_counts, write_splits
 from training.synthetic import write_siim_dataset
+from training.trainer import network_recipe, network_spec, train_in_turn
 from worker.inference.predict import predict_images
 
-__all__ = ["DEMO_NAME", "DEMO_VERSION", "build_demo_bundle", "demo_manifest"]
+__all__ = ["DEMO_NAME", "DEMO_VERSION", "build_demo_bundle", "demo_presets", "ensure_demo_bundle"]
 
 DEMO_NAME = "pleura-demo"
-DEMO_VERSION = "0.1.0-demo"
-HELD_OUT_FRACTION = 0.2
+DEMO_VERSION = "0.2.0-demo"
+DEMO_SPLIT = (0.75, 0.125, 0.125)
+"""Train / validation (best epoch) / held-out (the manifest's metrics) fractions, by patient."""
 BATCH_SIZE = 16
 
 
-def demo_manifest(image_size: int = 512) -> Manifest:
-    """The demo bundle's manifest before training: recipe, small networks, thresholds; no metrics yet."""
-    return Manifest(
+def demo_presets(seed: int = 0, epochs: int = 5) -> tuple[Preset, Preset]:
+    """The demo's classifier and U-Net presets: the published recipes' networks, cut down to train
+    on two CPU cores in minutes, on 128 px inputs, no augmentation, Adam at 2e-3 with a cosine
+    schedule, ``epochs`` epochs (no early stop)."""
+    common = {
+        "input_size": 128, "channels": 1, "normalisation": "unit", "lr": 2e-3, "batch_size": BATCH_SIZE,
+        "epochs": epochs, "patience": 0, "scheduler": "cosine", "augment": Augmentation.off().model_dump(),
+        "seed": seed,
+    }
+    # DenseNet-121's four dense blocks (6, 12, 24, 16 layers) with narrow layers.
+    classifier = with_overrides(
+        get_preset("cls-densenet121"),
+        {**common, "extra": {"init_features": 16, "growth_rate": 8, "block_config": [6, 12, 24, 16]}},
+    )
+    # A U-Net on a ResNet-34 encoder cut to three stages (at full depth it is too slow to train on
+    # two CPU cores in minutes); the timm variant ("tu-") holds only the stages it uses, so the
+    # weights file is ~6 MB instead of ~90 MB. Dice + BCE on every image, negatives included.
+    segmenter = with_overrides(
+        get_preset("seg-unet-resnet34-dicefocal"),
+        {
+            **common, "encoder": "tu-resnet34", "extra": {"encoder_depth": 3, "decoder_channels": [64, 32, 16]},
+            "loss": "dice_bce", "positives_only": False,
+        },
+    )
+    source = "Pleura's synthetic demo recipe, after {}"
+    return (
+        classifier.model_copy(update={"name": "demo-cls-densenet121", "source": source.format(classifier.source)}),
+        segmenter.model_copy(update={"name": "demo-seg-unet-resnet34", "source": source.format(segmenter.source)}),
+    )
+
+
+def _untrained_base(out: Path, presets: tuple[Preset, Preset], image_size: int, seed: int) -> Bundle:
+    """A bundle with both demo networks freshly initialised: the base the first stage takes its
+    other network from (the second stage replaces it). Synthetic demo, so is what is made from it."""
+    classifier, segmenter = presets
+    recipe = network_recipe(classifier)
+    manifest = Manifest(
         name=DEMO_NAME,
-        version=DEMO_VERSION,
+        version="untrained",
         intended_use=DEMO_INTENDED_USE,
         synthetic_demo=True,
-        preprocessing=Preprocessing(
-            input_size=128, channels=1, voi="dicom", invert_monochrome1=True, clahe=False, normalisation="unit"
-        ),
-        # DenseNet-121's four dense blocks (6, 12, 24, 16 layers) with narrow layers, to train on a CPU.
-        classifier=NetworkSpec(
-            architecture="densenet121",
-            weights_file="classifier.pt",
-            extra={"init_features": 16, "growth_rate": 8, "block_config": [6, 12, 24, 16]},
-        ),
-        # A U-Net on a ResNet-34 encoder cut to three stages (at full depth it is too slow to train
-        # on two CPU cores in minutes). The timm variant ("tu-") holds only the stages it uses, so
-        # the weights file is ~6 MB instead of ~90 MB.
-        segmenter=NetworkSpec(
-            architecture="unet",
-            encoder="tu-resnet34",
-            weights_file="segmenter.pt",
-            extra={"encoder_depth": 3, "decoder_channels": [64, 32, 16]},
-        ),
+        preprocessing=recipe,
+        classifier=network_spec(classifier, recipe, recipe, {}),
+        segmenter=network_spec(segmenter, network_recipe(segmenter), recipe, {}),
         # A mask must cover 0.1 % of a synthetic image (262 px of 512 x 512) to count.
         thresholds=Thresholds(probability=0.5, mask=0.5, min_area_px=max(16, round(0.001 * image_size * image_size))),
     )
+    out.mkdir(parents=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for spec in (manifest.classifier, manifest.segmenter):
+            torch.save(build_network(spec, recipe).state_dict(), out / spec.weights_file)
+    write_manifest(out, manifest)
+    return load_bundle(out)
 
 
 def is_current_demo_bundle(bundle: Bundle) -> bool:
-    """Whether `bundle` was built by this version of the demo recipe (else it should be rebuilt)."""
-    expected = demo_manifest()
+    """Whether ``bundle`` was built by this version of the demo recipe (else it should be rebuilt)."""
     found = bundle.manifest
-    return found.synthetic_demo and all(
-        getattr(found, part) == getattr(expected, part)
-        for part in ("name", "version", "preprocessing", "classifier", "segmenter", "thresholds")
+    classifier, segmenter = demo_presets()
+    return (
+        found.synthetic_demo
+        and (found.name, found.version) == (DEMO_NAME, DEMO_VERSION)
+        and found.preprocessing == network_recipe(classifier)
+        and all(
+            (spec.architecture, spec.encoder, spec.extra) == (preset.architecture, preset.encoder, preset.extra)
+            for spec, preset in ((found.classifier, classifier), (found.segmenter, segmenter))
+        )
     )
-
-
-def _split(examples: list[Example], seed: int) -> tuple[list[Example], list[Example]]:
-    """Train / held-out split, stratified by label, fixed by the seed."""
-    rng = np.random.default_rng([seed, 3])
-    train, held_out = [], []
-    for label in (True, False):
-        group = [e for e in examples if e.positive is label]
-        order = rng.permutation(len(group))
-        cut = max(1, int(round(len(group) * HELD_OUT_FRACTION))) if len(group) > 1 else 0
-        held_out += [group[i] for i in order[:cut]]
-        train += [group[i] for i in order[cut:]]
-    return train, held_out
-
-
-def _network_tensors(
-    examples: list[Example], recipe: Preprocessing, advance: Callable[[], None]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs (N, C, S, S), masks on the network grid (N, 1, S, S) and labels (N,), via the worker's preprocessing."""
-    size = recipe.input_size
-    inputs = np.empty((len(examples), recipe.channels, size, size), dtype=np.float32)
-    masks = np.empty((len(examples), 1, size, size), dtype=np.float32)
-    for index, example in enumerate(examples):
-        ds = pydicom.dcmread(example.path)
-        inputs[index] = to_network_input(decode_radiograph(ds, recipe), recipe)
-        mask = example.mask().astype(np.float32)
-        grid = F.interpolate(torch.from_numpy(mask)[None, None], size=(size, size), mode="bilinear", antialias=True)
-        masks[index, 0] = (grid[0, 0] >= 0.5).numpy()
-        advance()
-    labels = torch.tensor([float(e.positive) for e in examples])
-    return torch.from_numpy(inputs), torch.from_numpy(masks), labels
 
 
 def _dice(predicted: np.ndarray, truth: np.ndarray) -> float:
@@ -140,11 +138,12 @@ def build_demo_bundle(
     device: str = "cpu",
     progress: bool = True,
 ) -> Bundle:
-    """Generate a synthetic set, train the demo classifier and U-Net, write and check the bundle.
+    """Generate a synthetic set, train the demo classifier and U-Net with ``pleura train``'s loop,
+    write the bundle to ``out_dir`` and measure it on the held-out images.
 
-    ``n_images`` synthetic images (half with a pneumothorax) of ``image_size`` pixels; 20 % are held
-    out and measured through the worker's own inference path. Weights are deterministic for a seed
-    on a given device and torch build. Takes about two minutes on two CPU cores with the defaults.
+    ``n_images`` synthetic images (half with a pneumothorax) of ``image_size`` pixels, split
+    75 / 12.5 / 12.5 % into training, validation and held-out images. Weights are deterministic
+    for a seed on a given device and torch build.
     """
     if image_size < 64:
         raise ValueError(f"build_demo_bundle: image_size must be at least 64, got {image_size}")
@@ -153,97 +152,44 @@ def build_demo_bundle(
     if epochs < 1:
         raise ValueError(f"build_demo_bundle: epochs must be at least 1, got {epochs}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST_NAME).unlink(missing_ok=True)  # the bundle is incomplete until the new manifest is written
-    manifest = demo_manifest(image_size)
-    recipe = manifest.preprocessing
-    target_device = torch.device(device)
-
+    presets = demo_presets(seed, epochs)
+    console = Console(stderr=True, quiet=not progress)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, disable=not progress) as bar, tempfile.TemporaryDirectory(prefix="pleura-demo-") as tmp:
-        generating = bar.add_task("generating synthetic radiographs", total=n_images)
-        root = write_siim_dataset(
-            Path(tmp), n_images, size=image_size, seed=seed, on_image=lambda done: bar.update(generating, completed=done)
-        )
-        train, held_out = _split(read_siim(root).examples, seed)
-
-        reading = bar.add_task("preprocessing (worker recipe)", total=len(train))
-        inputs, masks, labels = _network_tensors(train, recipe, lambda: bar.advance(reading))
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            classifier = build_network(manifest.classifier, recipe).to(target_device)
-            segmenter = build_network(manifest.segmenter, recipe).to(target_device)
-            shuffler = torch.Generator().manual_seed(seed)
-            steps_per_epoch = (len(train) + BATCH_SIZE - 1) // BATCH_SIZE
-            training = bar.add_task("training classifier + U-Net", total=epochs * steps_per_epoch)
-            _train(
-                classifier, segmenter, inputs, masks, labels, epochs, shuffler, target_device,
-                lambda: bar.advance(training),
+    with tempfile.TemporaryDirectory(prefix="pleura-demo-") as tmp:
+        with Progress(*columns, console=console, disable=not progress) as bar:
+            generating = bar.add_task("generating synthetic radiographs", total=n_images)
+            root = write_siim_dataset(
+                Path(tmp) / "data", n_images, size=image_size, seed=seed,
+                on_image=lambda done: bar.update(generating, completed=done),
             )
-
-        for network, spec in ((classifier, manifest.classifier), (segmenter, manifest.segmenter)):
-            state = {key: value.detach().cpu() for key, value in network.state_dict().items()}
-            tmp_file = out / f".{spec.weights_file}.tmp"
-            torch.save(state, tmp_file)
-            os.replace(tmp_file, out / spec.weights_file)
-
-        manifest.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        manifest.training_data = (
-            f"{len(train)} synthetic chest radiographs from training.synthetic (seed {seed}; "
-            f"{int(labels.sum())} with a synthetic pneumothorax), DX MONOCHROME2 12-bit, "
-            f"{image_size}x{image_size} px; metrics on {len(held_out)} held-out synthetic images. "
-            "No patient data."
+        data = read_siim(root)
+        examples = list(data.examples)
+        assignment = make_splits(examples, DEMO_SPLIT, seed=seed)
+        split_file = write_splits(Path(tmp) / "splits.csv", examples, assignment)
+        result = train_in_turn(
+            presets, data, Path(tmp) / "run", base=_untrained_base(Path(tmp) / "untrained", presets, image_size, seed),
+            split_file=split_file, device=device, cache_root=Path(tmp) / "cache", name=DEMO_NAME,
+            version=DEMO_VERSION, progress=progress, console=console,
         )
-        measuring = bar.add_task("measuring on held-out images", total=len(held_out))
-        manifest.metrics = _held_out_metrics(out, manifest, held_out, target_device, lambda: bar.advance(measuring))
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(result.bundle.path, out)
+        held_out = [example for example in examples if assignment[example.image_id] == "test"]
+        counts = split_counts(examples, assignment)
+        manifest = load_bundle(out).manifest.model_copy(deep=True)
+        manifest.training_data = (
+            f"{counts['train'][0]} synthetic chest radiographs from training.synthetic (seed {seed}; "
+            f"{counts['train'][1]} with a synthetic pneumothorax), DX MONOCHROME2 12-bit, "
+            f"{image_size}x{image_size} px, {counts['val'][0]} more to choose the best epoch; metrics on "
+            f"{len(held_out)} held-out synthetic images. No patient data."
+        )
+        with Progress(*columns, console=console, disable=not progress) as bar:
+            measuring = bar.add_task("measuring on held-out images", total=len(held_out))
+            manifest.metrics.update(
+                _held_out_metrics(out, manifest, held_out, torch.device(device), lambda: bar.advance(measuring))
+            )
         write_manifest(out, manifest)
     return load_bundle(out)
-
-
-def _train(
-    classifier: torch.nn.Module,
-    segmenter: torch.nn.Module,
-    inputs: torch.Tensor,
-    masks: torch.Tensor,
-    labels: torch.Tensor,
-    epochs: int,
-    shuffler: torch.Generator,
-    device: torch.device,
-    advance: Callable[[], None],
-) -> None:
-    """Both networks on the same shuffled batches: BCE for the classifier, Dice + BCE for the U-Net, Adam."""
-    classification_loss = torch.nn.BCEWithLogitsLoss()
-    segmentation_loss = DiceCELoss(sigmoid=True, batch=True)
-    optimisers = [torch.optim.Adam(classifier.parameters(), lr=2e-3), torch.optim.Adam(segmenter.parameters(), lr=2e-3)]
-    schedulers = [
-        torch.optim.lr_scheduler.OneCycleLR(
-            optimiser, max_lr=2e-3, total_steps=epochs * ((len(inputs) + BATCH_SIZE - 1) // BATCH_SIZE), pct_start=0.2
-        )
-        for optimiser in optimisers
-    ]
-    classifier.train()
-    segmenter.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(inputs), generator=shuffler)
-        for start in range(0, len(inputs), BATCH_SIZE):
-            index = order[start : start + BATCH_SIZE]
-            if len(index) < 2:  # BatchNorm needs more than one sample
-                advance()
-                continue
-            x, y_mask, y = inputs[index].to(device), masks[index].to(device), labels[index].to(device)
-            losses = [
-                classification_loss(classifier(x)[:, 0], y),
-                segmentation_loss(segmenter(x), y_mask),
-            ]
-            for optimiser, loss, scheduler in zip(optimisers, losses, schedulers):
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                scheduler.step()
-            advance()
-    classifier.eval()
-    segmenter.eval()
 
 
 def _held_out_metrics(
