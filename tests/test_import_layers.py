@@ -265,3 +265,27 @@ def test_the_worker_loads_no_ledger(tmp_path):
         done = subprocess.run([sys.executable, "-c", LEDGER_CHECK, entry], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"{entry}: {done.stdout}{done.stderr[-2000:]}"
+
+
+# --- what the node loads ---------------------------------------------------------------------------
+
+NETWORK_LIBRARIES_CHECK = """
+import importlib, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+loaded = sorted(m for m in ("torch", "torchvision", "onnxruntime", "monai", "segmentation_models_pytorch") if m in sys.modules)
+print("network libraries loaded:", loaded)
+assert not loaded
+"""
+
+
+def test_the_node_loads_no_network_library(tmp_path):
+    """The node (the SCP, ledger, export, worklist API and its previews' routes) never runs a
+    network: it does not load torch or ONNX Runtime, which cost it seconds at start and hundreds of
+    MB of memory beside the images it receives. A preview is drawn by a function that loads them
+    when first asked (node/api/previews.py)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PLEURA_STORAGE_DIR": str(tmp_path)}
+    for entry in ("node.service", "node.celery_entry", "node.api.app"):
+        done = subprocess.run([sys.executable, "-c", NETWORK_LIBRARIES_CHECK, entry], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{entry}: {done.stdout}{done.stderr[-2000:]}"

@@ -12,7 +12,8 @@ import torch
 from pydicom.dataset import Dataset
 
 from contract.bundle import BundleError, Manifest, NetworkSpec, Preprocessing, Thresholds, load_bundle, write_manifest
-from contract.decision import decision_reason, flag_decision, lesion_mask, reason_threshold, source_lesion_mask
+from contract.decision import flag_decision, lesion_mask, source_lesion_mask
+from contract.reasons import decision_reason, reason_threshold
 from contract.networks import LoadedModels, build_network, load_models
 from contract.preprocess import decode_radiograph, mask_to_source
 from training.synthetic import synthetic_dicom

@@ -15,7 +15,8 @@ import numpy as np
 import pydicom
 import torch
 
-from contract.decision import decision_reason, flag_decision, min_area_px, source_lesion_mask
+from contract.decision import flag_decision, min_area_px, source_lesion_mask
+from contract.reasons import decision_reason
 from contract.networks import LoadedModels
 from contract.preprocess import describe_source, network_inputs
 from worker.inference.heatmap import gradcam_region

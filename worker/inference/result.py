@@ -40,7 +40,7 @@ class ImageFinding:
     """How the lung fields of ``hemithorax_fraction`` were found: the threshold estimate or a lung
     segmenter (:mod:`worker.inference.lungs`); None without a fraction."""
     decision: str = ""
-    """The rule behind ``flagged`` in words (:func:`~contract.decision.decision_reason`)."""
+    """The rule behind ``flagged`` in words (:func:`~contract.reasons.decision_reason`)."""
     spacing_source: str | None = None
     """Which attributes the mm and cm2 sizes come from (:func:`~worker.inference.predict.physical_spacing`);
     None when the image has no usable spacing."""

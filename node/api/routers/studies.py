@@ -9,7 +9,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from config.settings import Settings
-from contract.decision import reason_threshold
+from contract.reasons import reason_threshold
 from node.api.auth import Principal, current_principal, record_access
 from node.api.context import StudyContext
 from node.api.deps import get_context, get_ledger, get_previews, get_settings
