@@ -11,7 +11,8 @@ from kombu import Queue
 from kombu.transport import sqlalchemy as kombu_sqlalchemy
 from sqlalchemy import create_engine
 
-from config.settings import Settings
+from config.private_files import create_private_file, make_private_dirs
+from config.settings import Settings, StorageDirError
 from contract.tasks import QUEUES, RADIOGRAPH_QUEUE, TASK_ROUTES
 
 
@@ -37,9 +38,15 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
     """A Celery app for these settings: Redis (or any broker URL) if set, else the embedded broker.
 
     The embedded broker is kombu's SQLAlchemy transport on a SQLite file in the storage directory:
-    durable, and needs no server. The processes that open it make its folder and file private
-    first, whatever the umask (node/service.py, worker/startup.py: node/private_files.py).
+    durable, and needs no server. Its folder and file are made private (0700, 0600) before kombu
+    opens it, whatever the umask (config/private_files.py).
     """
+    if settings.embedded_broker:
+        try:
+            make_private_dirs(settings.storage_dir)
+            create_private_file(settings.embedded_broker_file)
+        except OSError as exc:
+            raise StorageDirError.from_os_error(settings.storage_dir, exc) from exc
     broker = settings.celery_broker_url
     if settings.embedded_broker:  # the transport named apart from the URL: sqla+sqlite:///... → sqlite:///...
         broker = broker.removeprefix("sqla+")

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from node.private_files import PRIVATE_FILE_MODE, make_private_dirs
+from config.private_files import PRIVATE_FILE_MODE, make_private_dirs
 
 log = logging.getLogger(__name__)
 

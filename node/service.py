@@ -33,7 +33,7 @@ from node.dispatch import (
 from node.ledger import Ledger
 from node.ops.server import node_ops_server
 from node.periodic import PeriodicTask
-from node.private_files import create_private_file, make_private_dirs, restrict_umask
+from config.private_files import create_private_file, make_private_dirs, restrict_umask
 from node.scp import StorageSCP
 from node.settle import SettleLoop
 from node.shared_storage import shared_storage_for, uploading_dispatcher
@@ -415,7 +415,7 @@ def run_node(settings: Settings, *, export_worker: bool = True, config_file: Pat
         stop_requested.set()
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    # Once, for the whole process: what libraries create is private too (node/private_files.py).
+    # Once, for the whole process: what libraries create is private too (config/private_files.py).
     restrict_umask()
     service = NodeService(settings, export_worker=export_worker, config_file=config_file)
     try:

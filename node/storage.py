@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
 from config.errors import PleuraError
-from node.private_files import PRIVATE_DIR_MODE
+from config.private_files import PRIVATE_DIR_MODE
 
 INSTANCES_DIR = "instances"
 QUARANTINE_DIR = "quarantine"
@@ -75,7 +75,7 @@ def _make_directories(directory: Path) -> None:
             current = current.parent
         for folder in reversed(missing):
             try:
-                folder.mkdir(mode=PRIVATE_DIR_MODE)  # files are 0600 (mkstemp); see node/private_files.py
+                folder.mkdir(mode=PRIVATE_DIR_MODE)  # files are 0600 (mkstemp); see config/private_files.py
             except FileExistsError:
                 pass  # made by another process: fsync its parent all the same
             _fsync_directory(folder.parent)

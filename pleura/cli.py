@@ -172,9 +172,9 @@ def worklist(
         raise typer.Exit(2)
     from node.api.server import WorklistServer
     from node.ledger import Ledger
-    from node.private_files import restrict_umask
+    from config.private_files import restrict_umask
 
-    restrict_umask()  # what it and its libraries create is private (node/private_files.py)
+    restrict_umask()  # what it and its libraries create is private (config/private_files.py)
 
     ledger = Ledger(settings.ledger_url)  # an old schema stops here, before anything is served
     server = WorklistServer(settings, ledger, log_level="info" if verbose else "warning")

@@ -16,7 +16,7 @@ import typer
 
 from config.settings import Settings
 from node.logs import keep_celery_from_logging_setup
-from node.private_files import restrict_umask
+from config.private_files import restrict_umask
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def register_ops_commands(
         container of its own): records the workers' summaries and delivers the results."""
         settings = load(config)
         setup_logging(verbose, log_format=settings.log_format)
-        restrict_umask()  # what it and its libraries create is private (node/private_files.py)
+        restrict_umask()  # what it and its libraries create is private (config/private_files.py)
         from node.ops.server import export_worker_ops_server
         from node.progress import register_progress_tasks
         from node.service import EXPORT_WORKER_ARGS

@@ -20,7 +20,7 @@ from contract.bundle import BundleError, load_bundle
 from contract.tasks import RADIOGRAPH_QUEUE, STAT_QUEUE, with_stat_queue
 from node.logs import keep_celery_from_logging_setup
 from contract.celery_app import make_celery
-from node.private_files import make_private_dirs, restrict_umask
+from config.private_files import make_private_dirs, restrict_umask
 from worker.inference.lungs import configured_lung_segmenter
 from worker.tasks import register_worker_tasks, warm_models
 
@@ -138,7 +138,7 @@ def run_worker(
     ``build_ct_demo(bundle_dir)`` trains the CT demo bundle on first use (training's, given by the
     caller: the worker never imports training).
     """
-    # Once, for the whole process and its pool: what libraries create is private too (node/private_files.py).
+    # Once, for the whole process and its pool: what libraries create is private too (config/private_files.py).
     restrict_umask()
     queue_list = queues or ",".join(settings.worker_queues)
     check_bundles(settings, queue_kinds(queue_list))

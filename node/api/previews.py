@@ -16,7 +16,7 @@ from PIL import Image
 
 from config.errors import PleuraError
 from node.ledger import InstanceView, ResultView
-from node.private_files import make_private, make_private_dirs
+from config.private_files import make_private, make_private_dirs
 from node.storage import InstanceStore
 
 PREVIEW_SIZE = 1024
@@ -69,7 +69,7 @@ class PreviewRenderer:
         make_private_dirs(target.parent)
         temp = target.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         picture.save(temp, format="PNG")
-        make_private(temp)  # a picture of the patient's image: node/private_files.py
+        make_private(temp)  # a picture of the patient's image: config/private_files.py
         os.replace(temp, target)
         return target
 

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.ledger.schema import LedgerError
-from node.private_files import create_private_file, make_private
+from config.private_files import create_private_file, make_private
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 READ_ONLY = "pleura_read_only"
@@ -56,7 +56,7 @@ def open_engine(url: str, *, echo: bool = False) -> Engine:
 
 def make_database_private(url: str) -> None:
     """A SQLite ledger holds patient IDs: its owner's only. SQLite gives the -wal and -shm it makes
-    later the database file's mode (node/private_files.py)."""
+    later the database file's mode (config/private_files.py)."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
         return

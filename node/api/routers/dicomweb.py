@@ -34,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from config.settings import Settings
 from node.api.auth import Principal, client_address, require_sender_role
 from node.api.deps import get_settings
-from node.private_files import make_private_dirs
+from config.private_files import make_private_dirs
 from node.receive import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, Answer, Arrival, Receiver
 from node.scp import TRANSFER_SYNTAXES
 from node.seg_labels import SEG_TRANSFER_SYNTAXES, SEGMENTATION_SOP_CLASS

@@ -1,4 +1,8 @@
-"""Files and folders the node creates are its own user's alone: 0600 and 0700.
+"""Files and folders Pleura's processes create are their own user's alone: 0600 and 0700.
+
+In config/ (it imports nothing but the standard library), the lowest layer, because every layer
+makes such files: the Celery app factory (contract/celery_app.py) the embedded broker's, the node
+its ledger and storage, the worker its exports.
 
 The storage directory holds patient identifiers (the ledger, the embedded broker's messages, the
 audit trail), the images themselves and pictures of them (previews, outlines). Nobody else on the
