@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import threading
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
@@ -185,6 +186,27 @@ class InstanceStore:
         return target
 
 
+    def quarantined(self) -> list["QuarantinedInstance"]:
+        """What the quarantine holds, newest first: for the PACS team (`pleura quarantine`)."""
+        folder = self.root / QUARANTINE_DIR
+        entries = []
+        for path in sorted(folder.glob("*.dcm"), reverse=True) if folder.is_dir() else []:
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:  # trimmed meanwhile
+                continue
+            try:
+                reason = reason_file(path).read_text(encoding="utf-8", errors="replace").strip()
+            except FileNotFoundError:
+                reason = "(no reason file)"
+            stamp = path.name.split("-", 1)[0]
+            try:
+                kept_at = datetime.strptime(stamp, "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=timezone.utc)
+            except ValueError:
+                kept_at = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+            entries.append(QuarantinedInstance(path.name, kept_at, size, reason))
+        return entries
+
     def trim_quarantine(self, max_bytes: int) -> list[Path]:
         """Remove the oldest quarantined instances (names begin with the time they were kept) and
         their reason files until the folder holds at most `max_bytes`; returns what was removed."""
@@ -205,6 +227,20 @@ class InstanceStore:
             if removed:
                 _fsync_directory(folder)
             return removed
+
+
+@dataclass(frozen=True)
+class QuarantinedInstance:
+    """One instance kept in the quarantine: its file name there, when it was kept, its size and
+    why it was refused."""
+
+    name: str
+    kept_at: datetime
+    size_bytes: int
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {"name": self.name, "kept_at": self.kept_at.isoformat(), "size_bytes": self.size_bytes, "reason": self.reason}
 
 
 def _size(path: Path) -> int:

@@ -14,9 +14,11 @@ from typing import Any, Optional
 
 import typer
 
+from config.private_files import restrict_umask
 from config.settings import Settings
 from node.logs import keep_celery_from_logging_setup
-from config.private_files import restrict_umask
+from node.storage import InstanceStore
+from node.text import log_text
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,30 @@ def register_ops_commands(
         if failed:
             console.print(f"[bold red]{len(failed)} of {len(results)} checks failed[/]", highlight=False)
             raise typer.Exit(1)
+
+    @app.command()
+    def quarantine(
+        config: Optional[Path] = config_option,
+        json_output: bool = typer.Option(False, "--json", help="print the entries as JSON"),
+        limit: int = typer.Option(50, min=1, help="show at most this many, newest first"),
+    ) -> None:
+        """List what reception refused and kept in `<storage_dir>/quarantine/`, newest first: when,
+        how large, and why (an identity conflict, a malformed data set, a refused SOP class...).
+        The files stay there for inspection until the quarantine's size cap removes the oldest."""
+        settings = load(config)
+        entries = InstanceStore(settings.storage_dir).quarantined()
+        shown = entries[:limit]
+        if json_output:
+            print(json.dumps({"total": len(entries), "entries": [entry.as_dict() for entry in shown]}, indent=2))
+            return
+        if not entries:
+            print(f"nothing in quarantine ({settings.storage_dir / 'quarantine'})")
+            return
+        for entry in shown:
+            kept = entry.kept_at.strftime("%Y-%m-%d %H:%M:%S UTC")
+            print(f"{kept}  {entry.size_bytes:>10} B  {entry.name}  {log_text(entry.reason)}")
+        if len(entries) > len(shown):
+            console.print(f"{len(entries) - len(shown)} older entries not shown (--limit)", highlight=False)
 
     @app.command()
     def healthcheck(

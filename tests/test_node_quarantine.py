@@ -4,6 +4,10 @@ instances from one association, which is aborted at the next."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -13,6 +17,7 @@ from pynetdicom import AE
 import dicom_peers
 from node.audit import AuditTrail
 from scp_node import running_node
+from services import REPO
 from test_node_admission import Free, start_node
 from test_node_scp import crafted_cr
 
@@ -88,3 +93,34 @@ def test_nothing_is_quarantined_when_the_disk_is_nearly_full(tmp_path: Path) -> 
     finally:
         scp.stop()
         scp.ledger.close()
+
+
+def test_pleura_quarantine_lists_what_was_refused_newest_first_with_its_reason(tmp_path: Path) -> None:
+    """The PACS team's view of the quarantine: `pleura quarantine` (and `--json`) on the storage
+    folder a running node keeps, without a ledger or a network."""
+    for node in running_node(tmp_path):
+        env = {key: value for key, value in os.environ.items() if not key.startswith("PLEURA_")}
+        env["PLEURA_STORAGE_DIR"] = str(node.settings.storage_dir)
+        empty = subprocess.run([sys.executable, "-m", "pleura.cli", "quarantine"], env=env, cwd=REPO,
+                               capture_output=True, text=True, timeout=120)
+        assert empty.returncode == 0 and "nothing in quarantine" in empty.stdout, empty.stdout + empty.stderr
+        assoc = association(node.port)
+        try:
+            statuses = [int(assoc.send_c_store(rejected_instance(1000 * (n + 1))).Status) for n in range(3)]
+        finally:
+            assoc.release()
+        assert statuses == [0xC000] * 3
+        listed = subprocess.run([sys.executable, "-m", "pleura.cli", "quarantine", "--json", "--limit", "2"], env=env,
+                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        answer = json.loads(listed.stdout)
+        kept = sorted(path.name for path in node.quarantined())
+        assert answer["total"] == 3
+        assert [entry["name"] for entry in answer["entries"]] == kept[::-1][:2]  # newest first
+        reasons = {(node.settings.storage_dir / "quarantine" / entry["name"]).with_suffix(".reason.txt").read_text().strip()
+                   for entry in answer["entries"]}
+        assert {entry["reason"] for entry in answer["entries"]} == reasons and all(reasons)
+        assert answer["entries"][0]["size_bytes"] > answer["entries"][1]["size_bytes"]  # the larger one came last
+        text = subprocess.run([sys.executable, "-m", "pleura.cli", "quarantine"], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert text.returncode == 0 and len(text.stdout.splitlines()) == 3, text.stdout
