@@ -231,7 +231,15 @@ def test_verdicts_read_right_reject_asks_and_can_be_undone(site, browser):
     page.click("#reject-no")
     page.wait_for_selector("#reject-dialog[open]", state="detached")
     assert [f["verdict"] for f in worklist.ledger.list_feedback(uid)] == ["confirmed"]
+    # Cancel and "r" again at once: the first dialog's close event comes after the second dialog
+    # has opened, and the second answer still counts.
     page.keyboard.press("r")
+    page.wait_for_selector("#reject-dialog[open]")
+    page.evaluate("""() => {
+        document.querySelector('#reject-no').click();
+        document.body.dispatchEvent(new KeyboardEvent('keydown', { key: 'r', bubbles: true }));
+    }""")
+    page.wait_for_selector("#reject-dialog[open]")
     page.click("#reject-yes")
     page.wait_for_function("() => document.querySelector('#detail-flag').textContent.includes('AI flag rejected')")
     assert "Flag rejected by dr.house" in page.inner_text("#detail-flag")

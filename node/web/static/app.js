@@ -7,6 +7,7 @@ const PAGE_SIZE = 100;
 const state = {
   me: null, selected: null, detail: null, offset: 0, total: 0, studies: [], imageIndex: 0,
   seenCritical: null, events: null, timer: null, toastTimer: null, viewer: null, drawing: false,
+  rejectAnswer: null,
 };
 const $ = (id) => document.getElementById(id);
 
@@ -206,12 +207,18 @@ function listParams() {
   return params;
 }
 
+// Refreshes overlap (a live event, a saved verdict, a poll): an answer older than one already
+// shown is dropped, so a list or a study read before a verdict never replaces one read after it.
+let listAsked = 0, detailAsked = 0;
+
 async function refresh() {
   let page;
+  const asked = ++listAsked;
   try {
     page = await api("/api/studies?" + listParams().toString());
     $("load-error").textContent = "";
   } catch (e) { $("load-error").textContent = e.message; return; }
+  if (asked !== listAsked) return;
   state.studies = page.items;
   state.total = page.total;
   renderWorklist(page.items);
@@ -319,9 +326,10 @@ function step(delta) {
 
 async function loadDetail(ref) {
   let study;
+  const asked = ++detailAsked;
   try { study = await api(`/api/studies/${encodeURIComponent(ref)}`); }
   catch (e) { $("feedback-status").textContent = e.message; return; }
-  if (state.selected !== ref) return;
+  if (state.selected !== ref || asked !== detailAsked) return;
   const imagesChanged = !state.detail || state.detail.ref !== ref || state.detail.analysed_at !== study.analysed_at
     || JSON.stringify(state.detail.images.map((i) => i.correction_url)) !== JSON.stringify(study.images.map((i) => i.correction_url));
   state.detail = study;
@@ -391,9 +399,16 @@ async function giveFeedback(verdict) {
   if (!ref || !state.me || !state.me.may_give_feedback || !state.detail || !state.detail.analysed_at) return;
   if (verdict === "rejected") {
     const dialog = $("reject-dialog");
+    // A dialog's "close" event comes a moment after it closes: Cancel then "r" at once would see
+    // the first closing's event while the second dialog is open, and lose the second answer. Each
+    // opening waits for its own closing (answerRejectDialog); an earlier one still waiting is
+    // answered with what it was given.
+    if (state.rejectAnswer) state.rejectAnswer(dialog.returnValue);
     dialog.returnValue = "";
     dialog.showModal();
-    const answer = await new Promise((resolve) => dialog.addEventListener("close", () => resolve(dialog.returnValue), { once: true }));
+    const answer = await new Promise((resolve) => {
+      state.rejectAnswer = (value) => { state.rejectAnswer = null; resolve(value); };
+    });
     if (answer !== "reject") return;
   }
   $("feedback-status").textContent = "saving…";
@@ -483,7 +498,9 @@ function bindSplitter() {
 // -- keys --------------------------------------------------------------------------------------
 
 function onKey(event) {
-  if (event.target.closest("input, select, textarea, dialog") || event.ctrlKey || event.metaKey || event.altKey) return;
+  // Keys typed into a field or an open dialog are theirs. A closed dialog's button can still hold the
+  // focus for a moment after Cancel: the shortcuts work then too.
+  if (event.target.closest("input, select, textarea, dialog[open]") || event.ctrlKey || event.metaKey || event.altKey) return;
   if ($("app").hidden) return;
   const viewer = state.viewer;
   const keys = {
@@ -502,7 +519,14 @@ function onKey(event) {
   action();
 }
 
+function answerRejectDialog() {
+  const dialog = $("reject-dialog");
+  if (dialog.open || !state.rejectAnswer) return;  // an earlier closing's late event
+  state.rejectAnswer(dialog.returnValue);
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  $("reject-dialog").addEventListener("close", answerRejectDialog);
   state.viewer = new window.PleuraViewer($("viewer"), { onStatus: (text) => { $("viewer-status").textContent = text; } });
   $("login-form").addEventListener("submit", async (event) => {
     event.preventDefault();
