@@ -208,6 +208,7 @@ def deliver_outbox_entry(
     A row that is already sent or failed, or not yet due (a duplicate message), is skipped. The
     sender is the destination kind's (C-STORE or STOW-RS) unless `sender` is given.
     """
+    answered_at = now  # a clock given for the whole attempt (tests); else read when the answer came
     now = now or utcnow()
     entry = ledger.claim_outbox(outbox_id, now=now, lease_seconds=lease_seconds)
     if entry is None:
@@ -246,7 +247,8 @@ def deliver_outbox_entry(
         permanent = bool(getattr(exc, "permanent", False))
 
     if error is None:
-        ledger.record_delivery_success(outbox_id, now=now, response=warning)
+        # Sent when the destination answered (the time to flag ends there), not when the attempt began.
+        ledger.record_delivery_success(outbox_id, now=answered_at or utcnow(), response=warning)
         if warning:
             log.warning("sent %s %s: %s", entry.result_kind, ref(entry.result_uid), warning)
         log.info("sent %s %s to %s", entry.result_kind, ref(entry.result_uid), destination.label)

@@ -72,7 +72,10 @@ def register_node_tasks(app: Celery) -> NodeTasks:
         max_retries=20,
     )
     def record_analysis(self: Task, summary: dict[str, Any]) -> dict[str, Any]:
-        """Record the worker's summary, create the outbox rows and enqueue their delivery."""
+        """Record the worker's summary and create the outbox rows; send the reports (SR) at once,
+        in this task, and enqueue the delivery of the other objects. A report that cannot be sent
+        now is retried from the queue; should this process die before sending it, the outbox
+        sweeper finds the pending row (node/service.py)."""
         context = node_context(app)
         try:  # many hosts: the worker's result files, from the shared storage into ours
             fetch_results(context.settings, context.store, summary)
@@ -83,8 +86,15 @@ def register_node_tasks(app: Celery) -> NodeTasks:
         study_uid = str(summary["study_uid"])
         receives = {destination.label: destination.objects for destination in context.settings.destinations}
         pending = context.ledger.create_outbox(study_uid, receives) if receives else []
-        for outbox_id in pending:
+        reports, others = reports_first(context.ledger, pending)
+        # The other objects go through the queue (the export worker's other thread takes them);
+        # the reports, which carry the flag, are sent from here at once: no broker hop, no poll.
+        for outbox_id in others:
             deliver_result.apply_async(args=[outbox_id])
+        for outbox_id in reports:
+            outcome = deliver_outbox_entry(context.ledger, context.store, context.settings, outbox_id)
+            if outcome.state == "retry":  # the queue keeps trying, with the ledger's backoff
+                deliver_result.apply_async(args=[outbox_id], countdown=outcome.retry_in)
         study = context.ledger.study_status(study_uid)
         log.info(
             "recorded analysis of study %s: %s, %d result(s), %d delivery(ies) enqueued",
@@ -107,3 +117,12 @@ def register_node_tasks(app: Celery) -> NodeTasks:
         return asdict(outcome)
 
     return NodeTasks(record_analysis=record_analysis, deliver_result=deliver_result)
+
+
+def reports_first(ledger: Ledger, outbox_ids: list[int]) -> tuple[list[int], list[int]]:
+    """``outbox_ids`` split into the SR rows (the reports, which carry the flag) and the rest."""
+    reports, others = [], []
+    for outbox_id in outbox_ids:
+        entry = ledger.outbox_entry(outbox_id)
+        (reports if entry is not None and entry.result_kind == "SR" else others).append(outbox_id)
+    return reports, others

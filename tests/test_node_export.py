@@ -16,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 import dicom_peers
 from config.destinations import Destination
 from config.settings import Settings
+from node.dispatch import queue_depths
 from node.export import DeliveryError, deliver_outbox_entry, send_results
 from node.ledger import Ledger
 from node.storage import InstanceStore
@@ -230,6 +231,53 @@ def test_node_tasks_record_then_deliver_and_are_idempotent(pacs: dicom_peers.Sto
         assert tasks.deliver_result.run(outbox_id)["state"] == "skipped"
     assert len(pacs.received()) == 2
     assert ledger.study_status(STUDY)["status"] == "delivered"
+    ledger.close()
+
+
+def test_the_report_is_sent_by_the_recording_task_itself_and_the_rest_through_the_queue(
+    pacs: dicom_peers.StoreSCP, storage: Path
+) -> None:
+    """The SR carries the flag: it is at the PACS when RECORD_ANALYSIS returns, with no
+    DELIVER_RESULT run (no broker hop); the SEG waits in the export queue for its own task."""
+    destination = Destination(ae_title="PACS", host="127.0.0.1", port=pacs.port)
+    settings = Settings(storage_dir=storage, destinations=[destination])
+    app = make_celery(settings)  # the embedded broker, and nobody consuming it
+    tasks = register_node_tasks(app)
+    ledger = Ledger(settings.ledger_url)
+    results = analysed_study(ledger, storage)
+    [sr] = [r for r in results if r["kind"] == "SR"]
+
+    outcome = tasks.record_analysis.apply(args=[summary(results)]).get()
+
+    rows = {row.result_kind: row for row in ledger.list_outbox(STUDY)}
+    assert (rows["SR"].status, rows["SEG"].status) == ("sent", "pending")
+    assert queue_depths(app)["export"] == 1  # the SEG's DELIVER_RESULT
+    assert sorted(outcome["outbox_ids"]) == sorted(row.id for row in rows.values())
+    dicom_peers.wait_for(lambda: len(pacs.received()) == 1, 10, "storescp to write the SR")
+    assert received_uids(pacs) == {sr["sop_instance_uid"]}
+    ledger.close()
+
+
+def test_sent_at_is_when_the_destination_answered_not_when_the_attempt_began(storage: Path) -> None:
+    destination = Destination(ae_title="PACS", host="127.0.0.1", port=dicom_peers.free_port())
+    settings = Settings(storage_dir=storage, destinations=[destination])
+    ledger = Ledger(settings.ledger_url)
+    ledger.record_analysis(summary(analysed_study(ledger, storage)[:1]))
+    [outbox_id] = ledger.create_outbox(STUDY, [destination.label])
+    answered: list[datetime] = []
+
+    def slow_peer(*_: Any) -> list[int]:
+        started = datetime.now(timezone.utc)
+        while datetime.now(timezone.utc) - started < timedelta(milliseconds=50):  # the peer is storing
+            pass
+        answered.append(datetime.now(timezone.utc))
+        return [0x0000]
+
+    outcome = deliver_outbox_entry(ledger, InstanceStore(storage), settings, outbox_id, sender=slow_peer)
+
+    assert outcome.state == "sent"
+    row = ledger.outbox_entry(outbox_id)
+    assert row.sent_at >= answered[0]
     ledger.close()
 
 
