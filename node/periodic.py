@@ -3,12 +3,16 @@ when woken (:meth:`PeriodicTask.wake`): an event, not the next tick, starts the 
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+COALESCE_SECONDS = 0.01
+"""Wake-ups due this close together are answered by one round."""
 
 
 class PeriodicTask:
@@ -22,15 +26,16 @@ class PeriodicTask:
         self._stop = threading.Event()
         self._woken = threading.Event()
         self._lock = threading.Lock()
-        self._wake_at: float | None = None  # time.monotonic() of the earliest round asked for
+        # time.monotonic() of every round asked for, earliest first: a later wake-up asked while an
+        # earlier one is pending keeps its own round (two senders released a moment apart).
+        self._wake_at: list[float] = []
         self._thread: threading.Thread | None = None
 
     def wake(self, after_seconds: float = 0.0) -> None:
         """Run a round in `after_seconds` (or at the next tick, if sooner); safe from any thread."""
         at = time.monotonic() + max(0.0, after_seconds)
         with self._lock:
-            if self._wake_at is None or at < self._wake_at:
-                self._wake_at = at
+            heapq.heappush(self._wake_at, at)
         self._woken.set()
 
     def _wait(self, seconds: float) -> bool:
@@ -39,10 +44,12 @@ class PeriodicTask:
         while not self._stop.is_set():
             with self._lock:
                 now = time.monotonic()
-                if self._wake_at is not None and self._wake_at <= now:
-                    self._wake_at = None
+                if self._wake_at and self._wake_at[0] <= now:
+                    # One round answers every wake-up due by now (or within COALESCE_SECONDS).
+                    while self._wake_at and self._wake_at[0] <= now + COALESCE_SECONDS:
+                        heapq.heappop(self._wake_at)
                     return False
-                until = deadline if self._wake_at is None else min(deadline, self._wake_at)
+                until = min(deadline, self._wake_at[0]) if self._wake_at else deadline
                 self._woken.clear()
             if until <= now:
                 return False
