@@ -225,6 +225,11 @@ class Settings(BaseSettings):
         description="keep on disk the objects received but not analysed (SR, GSPS, SC, PDF, other modalities); "
         "false = record and acknowledge them only",
     )
+    export_threads: int = Field(
+        default=4, ge=1, le=64,
+        description="threads of the node's export worker: summaries recorded and results delivered at once "
+        "(a delivery waits on the destination's storage, not on this host's CPU)",
+    )
     export_retry_seconds: float = Field(
         default=10.0, gt=0, description="first delay before a failed delivery is tried again (doubles each time)"
     )

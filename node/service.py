@@ -44,16 +44,20 @@ from node.notify.loop import NotificationLoop, Notifier
 
 log = logging.getLogger(__name__)
 
-# fmt: off
-EXPORT_WORKER_ARGS: tuple[str, ...] = (
-    "worker", "-Q", "export", "-P", "threads", "-c", "2",
-    "--without-gossip", "--without-mingle", "--without-heartbeat",
-    "-n", "export@%h", "--loglevel", "INFO",
-)
-EXPORT_WORKER_COMMAND: tuple[str, ...] = (
-    sys.executable, "-m", "celery", "-A", "node.celery_entry:app", *EXPORT_WORKER_ARGS,
-)
-# fmt: on
+def export_worker_args(settings: Settings) -> list[str]:
+    """Celery's worker arguments for the export worker: the export queue, ``export_threads`` threads."""
+    # fmt: off
+    return [
+        "worker", "-Q", "export", "-P", "threads", "-c", str(settings.export_threads),
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+        "-n", "export@%h", "--loglevel", "INFO",
+    ]
+    # fmt: on
+
+
+def export_worker_command(settings: Settings) -> tuple[str, ...]:
+    """The export worker as a child process of the node."""
+    return (sys.executable, "-m", "celery", "-A", "node.celery_entry:app", *export_worker_args(settings))
 
 
 HEALTHY_RUN_SECONDS = 60.0
@@ -145,7 +149,7 @@ class ExportWorkerProcess:
         self,
         env: Mapping[str, str],
         *,
-        command: tuple[str, ...] | list[str] = EXPORT_WORKER_COMMAND,
+        command: tuple[str, ...] | list[str],
         check_interval: float = 1.0,
         max_restart_delay: float = 30.0,
         stop_timeout: float = 30.0,
@@ -304,7 +308,7 @@ class NodeService:
             if self.config_file is not None:
                 env[CONFIG_FILE_ENV] = str(Path(self.config_file).resolve())
             # JSON logs: no start-up banner, which Celery prints as plain text
-            command = EXPORT_WORKER_COMMAND
+            command = export_worker_command(settings)
             if settings.log_format == "json":  # a global option of `celery`: before "worker"
                 at = command.index("worker")
                 command = (*command[:at], "--quiet", *command[at:])

@@ -40,7 +40,7 @@ def register_ops_commands(
     @app.command("export-worker")
     def export_worker(
         config: Optional[Path] = config_option,
-        concurrency: int = typer.Option(2, help="delivery threads"),
+        concurrency: Optional[int] = typer.Option(None, help="threads; default: the export_threads setting"),
         verbose: bool = typer.Option(False, "--verbose", "-v"),
     ) -> None:
         """Run the node-side export worker on its own, beside `pleura node --no-export-worker` (a
@@ -50,7 +50,7 @@ def register_ops_commands(
         restrict_umask()  # what it and its libraries create is private (config/private_files.py)
         from node.ops.server import export_worker_ops_server
         from node.progress import register_progress_tasks
-        from node.service import EXPORT_WORKER_ARGS
+        from node.service import export_worker_args
         from node.tasks import node_context, register_node_tasks
         from contract.celery_app import make_celery
 
@@ -59,8 +59,9 @@ def register_ops_commands(
         register_progress_tasks(celery_app)
         keep_celery_from_logging_setup(logging.DEBUG if verbose else logging.INFO, settings.log_format)
         export_worker_ops_server(settings, node_context(celery_app).ledger, celery_app).start()
-        args = list(EXPORT_WORKER_ARGS)
-        args[args.index("-c") + 1] = str(concurrency)
+        if concurrency is not None:
+            settings = settings.model_copy(update={"export_threads": concurrency})
+        args = export_worker_args(settings)
         if settings.log_format == "json":
             args.insert(0, "--quiet")  # no start-up banner: it is plain text
         celery_app.worker_main(args)

@@ -90,11 +90,14 @@ def test_node_service_receives_dispatches_and_exports(tmp_path: Path, redis: Red
             settle_seconds=0.5,
             broker_url=f"redis://127.0.0.1:{redis.port}/0",
             export_retry_seconds=1,
+            export_threads=3,
             destinations=[Destination(ae_title="PACS", host="127.0.0.1", port=pacs.port)],
         )
         service = NodeService(settings, export_worker=True)
         service.start()
         try:
+            command = service.export_worker.command  # its threads: the export_threads setting
+            assert command[command.index("-c") + 1] == "3"
             assert dicom_peers.echoscu(settings.port, "PLEURA").returncode == 0
             source = dicom_peers.testdata_file("RG1_UNCR.dcm")
             study_uid = pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID
