@@ -171,3 +171,24 @@ def test_a_prefork_worker_with_an_analysis_pool_is_refused_in_one_line():
     check_analysis_pool(settings, pool_policy(settings, concurrency=1))  # solo: allowed
     check_analysis_pool(settings.model_copy(update={"worker_threads": 4}), pool_policy(settings, 1))
     check_analysis_pool(Settings(analysis_processes=0), PoolPolicy("prefork", 2, 2))
+
+
+def test_studies_in_flight_share_the_pool_and_the_forward_passes(tmp_path, demo_bundle, pool):
+    """worker_threads > 1: three studies analysed at once from threads, on one pool and one batcher,
+    write what each writes alone, and leave no block."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = _blocks()
+    alone = StudyAnalyser.from_bundle_dir(tmp_path / "alone", demo_bundle, device="cpu", batch_size=4)
+    pooled = StudyAnalyser.from_bundle_dir(
+        tmp_path / "pooled", demo_bundle, device="cpu", batch_size=4, batch_wait_s=0.05, pool=pool
+    )
+    studies = [_study((alone, pooled), [340 + 3 * n, 341 + 3 * n, 342 + 3 * n], {340}, 512) for n in range(3)]
+    expected = [alone.analyse(study_uid, items) for study_uid, items in studies]
+    with ThreadPoolExecutor(3) as threads:
+        got = list(threads.map(lambda study: pooled.analyse(*study), studies))
+    assert [_without_time(s) for s in got] == [_without_time(s) for s in expected]
+    for first, second in zip(expected, got):
+        a, b = _written(alone, first), _written(pooled, second)
+        assert sorted(a) == sorted(b) and all(a[key] == b[key] for key in a)
+    assert _blocks() - before == set()

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -361,8 +361,13 @@ class StudyAnalyser:
                     )
                     writing.append((sop_uid, dataset, finding, job, used))
                 del batch, findings
-                # Blocks of images already written are freed as the study goes on.
-                for _, _, _, job, used in writing:
+                # Blocks of images already written are freed as the study goes on; when the pool
+                # writes slower than the networks run, the next batch waits for it, so that at most
+                # about four batches of images are in shared memory (this one, two decoding, one writing).
+                unwritten = [(job, used) for *_, job, used in writing if any(b.array is not None for b in used)]
+                for number, (job, used) in enumerate(unwritten):
+                    if number < len(unwritten) - self.batch_size:
+                        wait([job])
                     if job.done():
                         for block in used:
                             block.release()
