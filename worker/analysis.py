@@ -38,7 +38,7 @@ from contract.networks import LoadedModels, load_models
 from node.privacy import error_text, ref
 from node.storage import InstanceStore
 from worker.image_jobs import (
-    DEFER_SIZE, CompactMask, decode_image, decode_job, result_storage_key, store_result, write_image_results,
+    DEFER_SIZE, CompactMask, decode_image, decode_job, store_result, write_image_results,
     write_job, write_result,
 )
 from worker.inference.batcher import ForwardBatcher
