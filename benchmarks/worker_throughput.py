@@ -10,7 +10,13 @@ share of the models' own speed that the worker achieves; the rest is overhead, b
 stages add up to about the full analysis).
 
     .venv/bin/python benchmarks/worker_throughput.py [--images 16] [--size 2048] [--batch-size 8]
-        [--device auto] [--model-dir DIR] [--write]
+        [--positive-fraction 0.05] [--analysis-processes N] [--device auto] [--model-dir DIR] [--write]
+
+``--positive-fraction``: the share of synthetic images drawn with a pneumothorax (a worker sees
+mostly negative images; a positive one costs a SEG, a measured mask and an outline).
+``--analysis-processes N`` (N > 0) measures the full analysis twice in the same run: in the worker's
+own process (``analysis_processes`` = 0) and with a pool of N processes (worker/pool.py), and
+prints both ratios and the speed-up between them.
 
 ``--write`` records the table in docs/benchmarks.md between the markers of the "Worker throughput"
 section for the device type.
@@ -41,6 +47,7 @@ from worker.analysis import StudyAnalyser, write_result
 from worker.inference.measure import measure_mask
 from worker.inference.predict import pixel_spacing_mm, predict_images
 from worker.inference.runtime import forward_context
+from worker.pool import AnalysisPool
 from worker.writers.gsps import build_gsps
 from worker.writers.sc import build_sc
 from worker.writers.seg import build_seg
@@ -68,14 +75,25 @@ def timed(function: Callable[[], object], device: torch.device, repeats: int = 1
     return best
 
 
-def store_images(storage: Path, count: int, size: int, first_seed: int = 0) -> list[dict[str, str]]:
-    """``count`` synthetic 16-bit radiographs of ``size`` px in one study, half of them positive
-    (another ``first_seed``, another study)."""
+def positive_indices(count: int, fraction: float) -> set[int]:
+    """Which of ``count`` images are drawn positive: ``fraction`` of them (at least one when the
+    fraction is above 0), spread evenly through the study."""
+    wanted = 0 if fraction <= 0 else min(count, max(1, round(count * fraction)))
+    return {int(k * count / wanted) for k in range(wanted)}
+
+
+def store_images(
+    storage: Path, count: int, size: int, first_seed: int = 0, positive_fraction: float | None = None
+) -> list[dict[str, str]]:
+    """``count`` synthetic 16-bit radiographs of ``size`` px in one study, ``positive_fraction`` of
+    them positive (None: those of even seed; another ``first_seed``, another study)."""
     store = InstanceStore(storage)
     study_uid = None
     instances = []
+    positive = None if positive_fraction is None else positive_indices(count, positive_fraction)
     for seed in range(first_seed, first_seed + count):
-        ds, _ = synthetic_dicom(seed, positive=seed % 2 == 0, size=size)
+        drawn_positive = seed % 2 == 0 if positive is None else seed - first_seed in positive
+        ds, _ = synthetic_dicom(seed, positive=drawn_positive, size=size)
         study_uid = study_uid or str(ds.StudyInstanceUID)
         ds.StudyInstanceUID = study_uid
         path = storage / "incoming.dcm"
@@ -135,6 +153,10 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                         help="inference_precision of the full analysis (CUDA only: mixed precision, channels-last)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA only)")
+    parser.add_argument("--positive-fraction", type=float, default=0.05,
+                        help="share of the images drawn with a pneumothorax (at least one when above 0)")
+    parser.add_argument("--analysis-processes", type=int, default=0,
+                        help="N > 0: the full analysis also with a process pool of N (analysis_processes)")
     parser.add_argument("--write", action="store_true", help="record the result in docs/benchmarks.md")
     args = parser.parse_args()
 
@@ -144,7 +166,7 @@ def main() -> None:
             bundle = recipe_bundle(storage / "bundle", args.classifier, args.segmenter)
         else:
             bundle = benchmark_bundle(args.model_dir)
-        instances = store_images(storage, args.images, args.size)
+        instances = store_images(storage, args.images, args.size, positive_fraction=args.positive_fraction)
         study_uid = instances[0]["study_uid"]
         analyser = StudyAnalyser(storage, bundle, args.device, batch_size=args.batch_size, backend=args.backend,
                                  precision=args.precision, compile_networks=args.compile)
@@ -155,6 +177,17 @@ def main() -> None:
         analyser.analyse(study_uid, instances[: args.batch_size])
 
         full = timed(lambda: analyser.analyse(study_uid, instances), device)
+        pooled = None
+        if args.analysis_processes > 0:
+            pool = AnalysisPool(args.analysis_processes)
+            try:
+                in_pool = StudyAnalyser(storage, bundle, args.device, batch_size=args.batch_size, backend=args.backend,
+                                        precision=args.precision, compile_networks=args.compile, pool=pool)
+                in_pool.warm()  # the pool's processes started, as the worker's warm-up does
+                in_pool.analyse(study_uid, instances[: args.batch_size])
+                pooled = timed(lambda: in_pool.analyse(study_uid, instances), device)
+            finally:
+                pool.shutdown()
 
         paths = [analyser.store.path(item["key"]) for item in instances]
         datasets = [pydicom.dcmread(path) for path in paths]
@@ -234,12 +267,19 @@ def main() -> None:
     }
     if onnx_forward is not None:
         row["onnx"] = count / onnx_forward
+    if pooled is not None:
+        row["pool"] = count / pooled
     threads = torch.get_num_threads()
     where = f"{device.type}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {threads} threads")
     print(f"device: {where}; bundle: {identity.label}; {count} images of {args.size} px, batch {args.batch_size}, "
           f"precision {args.precision}{', compiled' if args.compile else ''}, backend {args.backend} (classifier {analyser.backends[0]}, segmenter {analyser.backends[1]})")
-    print(f"full analysis: {row['full']:.2f} images/s; bare forward pass: {row['bare']:.2f} images/s; "
-          f"ratio {row['full'] / row['bare']:.2f}")
+    positives = len(positive_indices(count, args.positive_fraction))
+    print(f"{positives} of {count} images drawn positive (--positive-fraction {args.positive_fraction:g})")
+    print(f"full analysis (analysis_processes 0): {row['full']:.2f} images/s; bare forward pass: "
+          f"{row['bare']:.2f} images/s; ratio {row['full'] / row['bare']:.2f}")
+    if "pool" in row:
+        print(f"full analysis (analysis_processes {args.analysis_processes}): {row['pool']:.2f} images/s; "
+              f"ratio {row['pool'] / row['bare']:.2f}; {row['pool'] / row['full']:.2f} times analysis_processes 0")
     if onnx_forward is not None:
         print(f"bare forward pass on {analyser.backends[0]} / {analyser.backends[1]}: {count / onnx_forward:.2f} "
               f"images/s; ratio to torch's {forward / onnx_forward:.2f}")
@@ -258,6 +298,8 @@ def record(row: dict[str, float], stages: dict[str, float], args: argparse.Names
     begin, end = (marker.format(key) for marker in MARKERS)
     options = f" --network recipe --classifier {args.classifier} --segmenter {args.segmenter}" if args.network == "recipe" else ""
     options += f" --backend {args.backend}" if args.backend != "torch" else ""
+    options += f" --positive-fraction {args.positive_fraction:g}"
+    options += f" --analysis-processes {args.analysis_processes}" if args.analysis_processes else ""
     load = os.getloadavg()[0]
     lines = [
         begin,
@@ -271,6 +313,11 @@ def record(row: dict[str, float], stages: dict[str, float], args: argparse.Names
         f"| full analysis (`StudyAnalyser.analyse`) | {row['full']:.2f} |",
         f"| bare forward pass of both networks (reference) | {row['bare']:.2f} |",
         f"| ratio full / bare | {row['full'] / row['bare']:.2f} |",
+        *(
+            [f"| full analysis with a pool of {args.analysis_processes} (`analysis_processes`) | {row['pool']:.2f} |",
+             f"| ratio of that / bare | {row['pool'] / row['bare']:.2f} |"]
+            if "pool" in row else []
+        ),
         *(
             [f"| bare forward pass on the full analysis's backends (classifier {backends[0]}, segmenter "
              f"{backends[1]}) | {row['onnx']:.2f} |",

@@ -322,6 +322,11 @@ class Settings(BaseSettings):
         default=1, ge=1, le=64,
         description="studies a `pleura worker` process analyses at once (threads pool); their images share forward passes",
     )
+    analysis_processes: int = Field(
+        default=0, ge=0, le=256,
+        description="processes of a `pleura worker` process's pool that decode images and write results beside "
+        "the forward pass; 0 = all in the worker process",
+    )
     inference_batch_size: int = Field(default=8, ge=1, le=256, description="most images in one forward pass")
     batch_wait_ms: float = Field(
         default=5.0, ge=0, le=10000, description="how long a forward pass waits for other studies' images"

@@ -203,7 +203,7 @@ def test_failed_summary_names_the_reason_for_every_instance():
 
 
 def test_one_image_whose_results_cannot_be_written_fails_alone(analyser, monkeypatch):
-    import worker.analysis as analysis
+    import worker.image_jobs as analysis  # where the per-image objects are built (in process and in the pool)
 
     first, _ = synthetic_dicom(seed=80, positive=True, size=256)
     second, _ = synthetic_dicom(seed=81, positive=False, size=256)

@@ -11,10 +11,11 @@ small JSON summary: :class:`contract.messages.AnalysisSummary` in its wire form.
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import logging
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,9 +35,12 @@ from contract.messages import (
     analysed_now,
 )
 from contract.networks import LoadedModels, load_models
-from contract.preprocess import ImageDecodeError, decode_radiograph
 from node.privacy import error_text, ref
-from node.storage import InstanceStore, write_durably
+from node.storage import InstanceStore
+from worker.image_jobs import (
+    DEFER_SIZE, CompactMask, decode_image, decode_job, store_result, write_image_results,
+    write_job, write_result,
+)
 from worker.inference.batcher import ForwardBatcher
 from worker.inference.heatmap import gradcam_heatmap
 from worker.inference.onnx_backend import auto_networks, onnx_networks
@@ -45,22 +49,13 @@ from worker.inference.predict import network_outputs, predict_images
 from worker.inference.result import ImageFinding
 from worker.inference.runtime import accelerate
 from worker.inference.select import Vocabulary, assess, frontal_check_reason
-from worker.writers.gsps import build_gsps
-from worker.writers.sc import build_sc
-from worker.writers.seg import build_seg
+from worker.pool import AnalysisPool, SharedArray, analysis_pool
 from worker.writers.sr import AnalysedImage, SkippedImage, SupersededReport, build_sr
 
 if TYPE_CHECKING:
     from config.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def write_result(dataset: pydicom.Dataset, target: Path) -> None:
-    """``dataset`` as a DICOM file at ``target``, durably (fsync, then rename), as every result is written."""
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    write_durably(target, buffer.getvalue())
 
 
 def failed_summary(study_uid: str, instances: list[dict[str, str]], reason: str) -> dict[str, Any]:
@@ -82,8 +77,7 @@ ALL_OBJECTS = ("SR", "SEG", "GSPS", "SC")
 CRASHED_VARIANT = "not analysed: the analysis crashed"
 """The report written instead of an analysis that killed its worker: another report (UID) than
 the one the models would write of the same images."""
-DEFER_SIZE = 64 * 1024
-"""Values larger than this (bytes) are read from the stored file only when used: the pixel data."""
+__all__ = ["ALL_OBJECTS", "CRASHED_VARIANT", "DEFER_SIZE", "StudyAnalyser", "failed_summary", "write_result"]
 
 
 def _rounded(value: float | None, digits: int) -> float | None:
@@ -103,8 +97,12 @@ class StudyAnalyser:
         self, storage_dir: Path, bundle: Bundle, device: str = "auto", batch_size: int = 8, batch_wait_s: float = 0.0,
         precision: str = "auto", compile_networks: bool = False, backend: str = "torch", onnx_cache: Path | None = None,
         vocabulary: Vocabulary | None = None, lung_segmenter: LungSegmenter | None = None,
+        pool: AnalysisPool | None = None,
     ) -> None:
         self.storage_dir = storage_dir
+        # Decoding and result writing in these processes, beside the forward pass (worker/pool.py);
+        # None: in this process. The pool is the worker process's, not the model's: it outlives reloads.
+        self.pool = pool
         # Lung fields of the hemithorax share: the segmenter's masks, else the threshold estimate.
         self.lung_segmenter = lung_segmenter
         # The site's words for chest and for frontal and lateral views (eligibility).
@@ -138,10 +136,13 @@ class StudyAnalyser:
 
     def warm(self) -> None:
         """One forward pass of each network on a blank image, so the first study does not pay for
-        the first call (allocations, kernels chosen, ONNX Runtime's session set-up). The export and
-        the backend choice happen when the analyser is built; with both, the worker is ready."""
+        the first call (allocations, kernels chosen, ONNX Runtime's session set-up), and start the
+        analysis pool's processes. The export and the backend choice happen when the analyser is
+        built; with both, the worker is ready."""
         size = self.models.manifest.preprocessing.input_size
         network_outputs(self.models, [np.zeros((size, size), dtype=np.float32)], self.networks)
+        if self.pool is not None:
+            self.pool.warm()
 
     @classmethod
     def from_bundle_dir(cls, storage_dir: Path, bundle_dir: Path, device: str = "auto", **options: Any) -> "StudyAnalyser":
@@ -158,11 +159,8 @@ class StudyAnalyser:
             precision=settings.inference_precision,
             compile_networks=settings.torch_compile, backend=settings.inference_backend,
             onnx_cache=settings.onnx_cache, vocabulary=Vocabulary.from_settings(settings),
-            lung_segmenter=configured_lung_segmenter(settings),
+            lung_segmenter=configured_lung_segmenter(settings), pool=analysis_pool(settings.analysis_processes),
         )
-
-    def _result_storage_key(self, study_uid: str, sop_instance_uid: str) -> str:
-        return f"results/{study_uid}/{sop_instance_uid}.dcm"
 
     def analyse(
         self, study_uid: str, instances: list[dict[str, str]], options: AnalysisOptions | dict[str, Any] | None = None
@@ -217,47 +215,10 @@ class StudyAnalyser:
             candidates = []
         results: list[ResultEntry] = []
         analysed: list[AnalysedImage] = []
-        for batch, unreadable in self._decoded_batches(candidates):
-            # An image whose header told no view is analysed only when its picture looks frontal.
-            not_frontal = [
-                (sop_uid, reason)
-                for sop_uid, _, image in batch
-                if sop_uid in view_unknown and (reason := frontal_check_reason(image))
-            ]
-            refused = {sop_uid for sop_uid, _ in not_frontal}
-            batch = [item for item in batch if item[0] not in refused]
-            for sop_uid, reason in unreadable + not_frontal:
-                images[sop_uid].analysis_status, images[sop_uid].analysis_reason = "not_analysed", reason
-            if not batch:
-                continue
-            findings = predict_images(
-                self.models, [image for _, _, image in batch], [ds for _, ds, _ in batch], batch_size=self.batch_size,
-                forward=self.batcher.run, lung_segmenter=self.lung_segmenter,
-            )
-            for (sop_uid, dataset, image), finding in zip(batch, findings):
-                try:
-                    seg, written = self._write_image_results(study_uid, sop_uid, dataset, image, finding, objects, heatmap)
-                except Exception as exc:
-                    log.exception("cannot write the results of an image")
-                    images[sop_uid].analysis_status = "failed"
-                    images[sop_uid].analysis_reason = f"its results could not be written ({error_text(exc)})"
-                    continue
-                results.extend(written)
-                analysed.append(AnalysedImage(dataset, finding, seg))
-                images[sop_uid] = ImageEntry(
-                    sop_instance_uid=sop_uid,
-                    analysis_status="analysed",
-                    probability=round(float(finding.probability), 6),
-                    flagged=bool(finding.flagged),
-                    area_px=int(finding.area_px),
-                    area_cm2=_rounded(finding.area_cm2, 3),
-                    side=finding.side,
-                    gap_mm=_rounded(finding.gap_mm, 2),
-                    hemithorax_fraction=_rounded(finding.hemithorax_fraction, 4),
-                    analysis_reason=finding.decision,
-                )
-                log.info("image analysed: p=%.3f flagged=%s area_px=%d", finding.probability, finding.flagged,
-                         finding.area_px)
+        if self.pool is None:
+            self._analyse_here(study_uid, candidates, view_unknown, images, objects, heatmap, results, analysed)
+        else:
+            self._analyse_in_pool(study_uid, candidates, view_unknown, images, objects, heatmap, results, analysed)
 
         # The report: every image of this analysis, analysed or not. Without it the analysis has
         # no answer, so a failure here fails the task (and is retried).
@@ -271,7 +232,7 @@ class StudyAnalyser:
                 analysed, skipped, identity, supersedes=self._superseded(options.supersedes),
                 variant=CRASHED_VARIANT if crashed else None,
             )
-            results.append(self._store(study_uid, "SR", sr, None))
+            results.append(store_result(self.store, study_uid, "SR", sr, None))
 
         return AnalysisSummary(
             study_uid=study_uid,
@@ -310,6 +271,203 @@ class StudyAnalyser:
             header=header,
         )
 
+    def _analyse_here(
+        self, study_uid: str, candidates: list[tuple[str, pydicom.Dataset]], view_unknown: set[str],
+        images: dict[str, ImageEntry], objects: set[str], heatmap: bool, results: list[ResultEntry],
+        analysed: list[AnalysedImage],
+    ) -> None:
+        """Decode, infer, measure and write in this process, batch after batch."""
+        for batch, unreadable in self._decoded_batches(candidates):
+            batch = self._frontal_only(batch, view_unknown, images, unreadable)
+            if not batch:
+                continue
+            findings = self._findings(batch)
+            for (sop_uid, dataset, image), finding in zip(batch, findings):
+                try:
+                    heat = gradcam_heatmap(self.models, image) if heatmap and "SC" in objects else None
+                    seg, written = write_image_results(
+                        self.store, self.bundle.identity, study_uid, sop_uid, dataset, image, finding, objects, heat
+                    )
+                except Exception as exc:
+                    log.exception("cannot write the results of an image")
+                    self._write_failed(images, sop_uid, error_text(exc))
+                    continue
+                results.extend(written)
+                analysed.append(AnalysedImage(dataset, finding, seg))
+                self._record_analysed(images, sop_uid, finding)
+
+    def _analyse_in_pool(
+        self, study_uid: str, candidates: list[tuple[str, pydicom.Dataset]], view_unknown: set[str],
+        images: dict[str, ImageEntry], objects: set[str], heatmap: bool, results: list[ResultEntry],
+        analysed: list[AnalysedImage],
+    ) -> None:
+        """The same with the pool: the pool processes decode each image into shared memory, a batch
+        ahead of the forward pass; this process runs the networks, maps and measures the masks (and
+        any Grad-CAM: the networks are here), and hands each image's objects to the pool to build and
+        write while it goes on with the next batch. Every block is unlinked before this returns."""
+        assert self.pool is not None
+        pool = self.pool
+        recipe = self.bundle.manifest.preprocessing
+        chunks = [candidates[start : start + self.batch_size] for start in range(0, len(candidates), self.batch_size)]
+        blocks: list[SharedArray] = []
+        held: dict[str, SharedArray] = {}  # each decoded image's block
+        decoding: deque[list[tuple[str, pydicom.Dataset, SharedArray | None, Future | None]]] = deque()
+        # (SOP Instance UID, header, finding, the write job, the blocks it maps), in the order of the images
+        writing: list[tuple[str, pydicom.Dataset, ImageFinding, Future, list[SharedArray]]] = []
+
+        def submit_decodes(chunk: list[tuple[str, pydicom.Dataset]]) -> None:
+            jobs = []
+            for sop_uid, header in chunk:
+                shape = _source_shape(header)
+                if shape is None:  # no usable Rows and Columns: decoded here, where that is reported
+                    jobs.append((sop_uid, header, None, None))
+                    continue
+                block = held[sop_uid] = SharedArray(shape)
+                blocks.append(block)
+                jobs.append((sop_uid, header, block, pool.submit(decode_job, str(header.filename), recipe, block.handle)))
+            decoding.append(jobs)
+
+        try:
+            for chunk in chunks[:2]:
+                submit_decodes(chunk)
+            for index in range(len(chunks)):
+                batch, unreadable = self._collect_decodes(decoding.popleft(), held)
+                if index + 2 < len(chunks):
+                    submit_decodes(chunks[index + 2])
+                batch = self._frontal_only(batch, view_unknown, images, unreadable)
+                if not batch:
+                    continue
+                findings = self._findings(batch)
+                for (sop_uid, dataset, image), finding in zip(batch, findings):
+                    block = held.pop(sop_uid)
+                    used = [block]
+                    heat = None
+                    if heatmap and "SC" in objects:
+                        try:
+                            heat_map = gradcam_heatmap(self.models, image)
+                        except Exception as exc:
+                            log.exception("cannot write the results of an image")
+                            self._write_failed(images, sop_uid, error_text(exc))
+                            block.release()
+                            continue
+                        heat = SharedArray(heat_map.shape, heat_map.dtype)
+                        blocks.append(heat)
+                        heat.array[...] = heat_map  # type: ignore[index]
+                        used.append(heat)
+                    job = pool.submit(
+                        write_job, str(self.storage_dir), self.bundle.identity, study_uid, sop_uid, str(dataset.filename),
+                        block.handle, dataclasses.replace(finding, mask=np.zeros((0, 0), dtype=bool)),
+                        CompactMask.of(finding.mask), frozenset(objects), None if heat is None else heat.handle,
+                    )
+                    writing.append((sop_uid, dataset, finding, job, used))
+                del batch, findings
+                # Blocks of images already written are freed as the study goes on; when the pool
+                # writes slower than the networks run, the next batch waits for it, so that at most
+                # about four batches of images are in shared memory (this one, two decoding, one writing).
+                unwritten = [(job, used) for *_, job, used in writing if any(b.array is not None for b in used)]
+                for number, (job, used) in enumerate(unwritten):
+                    if number < len(unwritten) - self.batch_size:
+                        wait([job])
+                    if job.done():
+                        for block in used:
+                            block.release()
+            for sop_uid, dataset, finding, job, used in writing:
+                written, error, trace = pool.result(job)
+                for block in used:
+                    block.release()
+                if written is None:
+                    log.error("cannot write the results of an image\n%s", trace)
+                    self._write_failed(images, sop_uid, error or "unknown error")
+                    continue
+                results.extend(written)
+                analysed.append(AnalysedImage(dataset, finding, self._written_seg(written)))
+                self._record_analysed(images, sop_uid, finding)
+        finally:
+            for jobs in decoding:
+                for *_, future in jobs:
+                    if future is not None:
+                        future.cancel()
+            for *_, job, _ in writing:
+                job.cancel()
+            for block in [*blocks, *held.values()]:
+                block.release()
+
+    def _collect_decodes(
+        self, jobs: list[tuple[str, pydicom.Dataset, SharedArray | None, Future | None]], held: dict[str, SharedArray]
+    ) -> tuple[list[tuple[str, pydicom.Dataset, Any]], list[tuple[str, str]]]:
+        """The decoded images of one batch of decode jobs (views of their blocks, ``held`` by SOP
+        Instance UID), and the reasons of those that failed."""
+        assert self.pool is not None
+        decoded, unreadable = [], []
+        for sop_uid, header, block, future in jobs:
+            if future is None or block is None:  # decoded here: into a block too, for the write job
+                here, failed = self._decode([(sop_uid, header)])
+                unreadable.extend(failed)
+                for _, dataset, image in here:
+                    block = held[sop_uid] = SharedArray(np.shape(image))
+                    block.array[...] = image  # type: ignore[index]
+                    decoded.append((sop_uid, dataset, block.array))
+                continue
+            reason, warning = self.pool.result(future)
+            if warning:
+                log.warning("cannot read the pixel data of %s: %s", ref(sop_uid), warning)
+            if reason is not None:
+                block.release()
+                unreadable.append((sop_uid, reason))
+                continue
+            decoded.append((sop_uid, header, block.array))
+        return decoded, unreadable
+
+    def _written_seg(self, written: list[ResultEntry]) -> pydicom.Dataset | None:
+        """The SEG a pool process wrote, read back (header only: what the report references)."""
+        for entry in written:
+            if entry.kind == "SEG":
+                return pydicom.dcmread(self.store.path(entry.storage_key), stop_before_pixels=True)
+        return None
+
+    def _frontal_only(
+        self, batch: list[tuple[str, pydicom.Dataset, Any]], view_unknown: set[str], images: dict[str, ImageEntry],
+        unreadable: list[tuple[str, str]],
+    ) -> list[tuple[str, pydicom.Dataset, Any]]:
+        """``batch`` less the images whose header told no view and whose picture does not look
+        frontal; those and the ``unreadable`` are recorded as not analysed, with the reason."""
+        not_frontal = [
+            (sop_uid, reason)
+            for sop_uid, _, image in batch
+            if sop_uid in view_unknown and (reason := frontal_check_reason(image))
+        ]
+        refused = {sop_uid for sop_uid, _ in not_frontal}
+        for sop_uid, reason in unreadable + not_frontal:
+            images[sop_uid].analysis_status, images[sop_uid].analysis_reason = "not_analysed", reason
+        return [item for item in batch if item[0] not in refused]
+
+    def _findings(self, batch: list[tuple[str, pydicom.Dataset, Any]]) -> list[ImageFinding]:
+        return predict_images(
+            self.models, [image for _, _, image in batch], [ds for _, ds, _ in batch], batch_size=self.batch_size,
+            forward=self.batcher.run, lung_segmenter=self.lung_segmenter,
+        )
+
+    @staticmethod
+    def _write_failed(images: dict[str, ImageEntry], sop_uid: str, error: str) -> None:
+        images[sop_uid].analysis_status = "failed"
+        images[sop_uid].analysis_reason = f"its results could not be written ({error})"
+
+    @staticmethod
+    def _record_analysed(images: dict[str, ImageEntry], sop_uid: str, finding: ImageFinding) -> None:
+        images[sop_uid] = ImageEntry(
+            sop_instance_uid=sop_uid,
+            analysis_status="analysed",
+            probability=round(float(finding.probability), 6),
+            flagged=bool(finding.flagged),
+            area_px=int(finding.area_px),
+            area_cm2=_rounded(finding.area_cm2, 3),
+            side=finding.side,
+            gap_mm=_rounded(finding.gap_mm, 2),
+            hemithorax_fraction=_rounded(finding.hemithorax_fraction, 4),
+            analysis_reason=finding.decision,
+        )
+        log.info("image analysed: p=%.3f flagged=%s area_px=%d", finding.probability, finding.flagged, finding.area_px)
+
     def _decode(
         self, chunk: list[tuple[str, pydicom.Dataset]]
     ) -> tuple[list[tuple[str, pydicom.Dataset, Any]], list[tuple[str, str]]]:
@@ -317,16 +475,11 @@ class StudyAnalyser:
         recipe = self.bundle.manifest.preprocessing
         decoded, unreadable = [], []
         for sop_uid, dataset in chunk:
-            try:
-                image = decode_radiograph(dataset, recipe)
-            except ImageDecodeError as exc:
-                unreadable.append((sop_uid, f"unreadable image: {exc.reason}"))
-                continue
-            except (OSError, InvalidDicomError) as exc:
-                log.warning("cannot read the pixel data of %s: %s", ref(sop_uid), exc)
-                unreadable.append(
-                    (sop_uid, f"unreadable image: the pixel data cannot be read ({error_text(exc)})")
-                )
+            image, reason, warning = decode_image(dataset, recipe)
+            if warning:
+                log.warning("cannot read the pixel data of %s: %s", ref(sop_uid), warning)
+            if image is None:
+                unreadable.append((sop_uid, reason or "unreadable image"))
                 continue
             decoded.append((sop_uid, dataset, image))
         return decoded, unreadable
@@ -351,37 +504,11 @@ class StudyAnalyser:
                     upcoming = prefetch.submit(self._decode, chunks[index + 1])
                 yield current
 
-    def _store(self, study_uid: str, kind: str, obj: pydicom.Dataset, source_sop_uid: str | None) -> ResultEntry:
-        storage_key = self._result_storage_key(study_uid, obj.SOPInstanceUID)
-        write_result(obj, self.store.path(storage_key))
-        return ResultEntry(
-            kind=kind,
-            storage_key=storage_key,
-            sop_instance_uid=str(obj.SOPInstanceUID),
-            sop_class_uid=str(obj.SOPClassUID),
-            source_sop_instance_uid=source_sop_uid,
-        )
 
-    def _write_image_results(
-        self,
-        study_uid: str,
-        sop_uid: str,
-        dataset: pydicom.Dataset,
-        image: Any,
-        finding: ImageFinding,
-        objects: set[str],
-        heatmap: bool,
-    ) -> tuple[Any, list[ResultEntry]]:
-        """The SEG (flagged images), GSPS and SC of one image: (the SEG or None, their summaries)."""
-        identity = self.bundle.identity
-        built: list[tuple[str, pydicom.Dataset]] = []
-        # A classifier-only bundle has no segmentation: its region is a Grad-CAM, never a SEG.
-        seg = build_seg(dataset, finding, identity) if finding.flagged and not finding.is_gradcam_region else None
-        if seg is not None:
-            built.append(("SEG", seg))
-        if "GSPS" in objects:
-            built.append(("GSPS", build_gsps(dataset, finding, identity)))
-        if "SC" in objects:
-            heat = gradcam_heatmap(self.models, image) if heatmap else None
-            built.append(("SC", build_sc(dataset, image, finding, identity, heat)))
-        return seg, [self._store(study_uid, kind, obj, sop_uid) for kind, obj in built]
+def _source_shape(header: pydicom.Dataset) -> tuple[int, int] | None:
+    """(Rows, Columns) of ``header``, or None when it has no usable pair."""
+    try:
+        rows, columns = int(header.Rows), int(header.Columns)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return (rows, columns) if rows > 0 and columns > 0 else None

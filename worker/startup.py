@@ -22,6 +22,7 @@ from node.logs import keep_celery_from_logging_setup
 from contract.celery_app import make_celery
 from config.private_files import make_private_dirs, restrict_umask
 from worker.inference.lungs import configured_lung_segmenter
+from worker.pool import shutdown_analysis_pools
 from worker.tasks import register_worker_tasks, warm_models
 
 if TYPE_CHECKING:
@@ -58,6 +59,20 @@ def pool_policy(settings: Settings, concurrency: int) -> PoolPolicy:
     if concurrency == 1 and settings.worker_threads > 1:  # studies at once, sharing forward passes
         pool, concurrency = "threads", settings.worker_threads
     return PoolPolicy(pool, concurrency, 1 if pool != "prefork" else concurrency)
+
+
+def check_analysis_pool(settings: Settings, policy: PoolPolicy) -> None:
+    """Refuse a process pool under Celery's prefork pool: its processes are daemonic, and a daemonic
+    process may not start processes of its own (one line, naming the setting)."""
+    if settings.analysis_processes > 0 and policy.pool == "prefork":
+        raise WorkerStartError(
+            "analysis pool",
+            PleuraError(
+                f"PLEURA_ANALYSIS_PROCESSES={settings.analysis_processes} needs a worker of one process "
+                f"(--concurrency 1), not {policy.concurrency} prefork processes, which cannot start a pool: "
+                "run one `pleura worker` per GPU, or set PLEURA_ANALYSIS_PROCESSES=0"
+            ),
+        )
 
 
 def queue_kinds(queues: str) -> list[str]:
@@ -141,12 +156,13 @@ def run_worker(
     # Once, for the whole process and its pool: what libraries create is private too (config/private_files.py).
     restrict_umask()
     queue_list = queues or ",".join(settings.worker_queues)
+    policy = pool_policy(settings, concurrency)
+    check_analysis_pool(settings, policy)
     check_bundles(settings, queue_kinds(queue_list))
     check_lung_segmenter(settings)
     celery_app = make_celery(settings)
     register_worker_tasks(celery_app, build_ct_demo)
     start_worker_ops(settings, celery_app, verbose)  # JSON logs for Celery too; /healthz when configured
-    policy = pool_policy(settings, concurrency)
     celery_app.pleura_worker_processes = policy.processes  # torch threads per process
     # Load and warm the models before the first task (worker/tasks.py): a worker takes work only
     # once it can answer fast, and says so in its status report.
@@ -154,4 +170,7 @@ def run_worker(
         warm_models(celery_app, queue_kinds(queue_list), prefork=policy.pool == "prefork")
     except BundleError as exc:
         raise WorkerStartError("warm-up", exc) from exc
-    celery_app.worker_main(worker_arguments(settings, queue_list, policy, verbose))
+    try:
+        celery_app.worker_main(worker_arguments(settings, queue_list, policy, verbose))
+    finally:
+        shutdown_analysis_pools()  # the analysis pool's processes end with the worker
