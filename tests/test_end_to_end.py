@@ -200,7 +200,8 @@ def test_redis_path_real_radiograph_and_synthetic_to_orthanc(tmp_path, demo_bund
     )
     assert to_pacs.returncode == 0, to_pacs.stderr
 
-    pleura = Pleura(tmp_path, demo_bundle, orthanc, redis_server.url, sc_heatmap=True)
+    # The worker decodes and writes in an analysis process pool (worker/pool.py), through Celery.
+    pleura = Pleura(tmp_path, demo_bundle, orthanc, redis_server.url, sc_heatmap=True, analysis_processes=1)
     try:
         echo = subprocess.run(
             [find_tool("echoscu"), "-aec", "PLEURA", "127.0.0.1", str(pleura.port)], capture_output=True, text=True
