@@ -14,13 +14,15 @@ defaults (embedded broker unless ``--broker redis``, which starts a redis-server
 demo's receiving stand-in. Each study's time is cut into a **stage budget** from the ledger's
 timestamps: settle (release to dispatched), queue (dispatched to a worker's start), analysis (the
 worker's start to its summary), record (the summary to the node's record of it) and deliver (the
-record to the PACS's answer). Results go to stdout as Markdown tables for docs/benchmarks.md.
+record to the PACS's answer), the analysis itself cut further by the worker's own line for the
+study (reading, decoding, forward pass, measuring, each object built and written). Results go to stdout as Markdown tables for docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import platform
 import shutil
@@ -42,6 +44,7 @@ from sqlalchemy import select  # noqa: E402
 
 from node.ledger import Ledger  # noqa: E402
 from node.ledger.schema import AnalysisStart, Association, Instance, OutboxEntry, Result, Study  # noqa: E402
+from node.privacy import ref  # noqa: E402
 from pleura.pacs_standin import ReceivingPACS  # noqa: E402
 from training.synthetic import synthetic_dicom  # noqa: E402
 
@@ -211,6 +214,18 @@ class RedisBroker:
 
 
 STAGES = ("settle", "queue", "analysis", "record", "deliver")
+WORKER_STAGES = ("read", "decode", "forward", "measure", "SEG", "GSPS", "SC", "SR")
+"""The analysis cut further, from the worker's line for each study (worker/stage_times.py)."""
+WORKER_LINE = re.compile(r"study (#[0-9a-f]+) analysed: \d+ image\(s\) in \d+ ms \((.*) ms\)")
+
+
+def worker_stages(log: Path) -> dict[str, dict[str, float]]:
+    """Seconds per analysis stage of each study (by its reference) that the worker's log reports."""
+    stages: dict[str, dict[str, float]] = {}
+    for match in WORKER_LINE.finditer(log.read_text(errors="replace")):
+        figures = dict(item.rsplit(" ", 1) for item in match.group(2).split(", "))
+        stages[match.group(1)] = {stage: float(ms) / 1000 for stage, ms in figures.items()}
+    return stages
 
 
 def stage_budget(ledger: Ledger, study_uid: str) -> dict[str, float] | None:
@@ -281,6 +296,10 @@ def time_to_flag(work: Path, files: list[Path], burst: list[Path], senders: int,
                 results["single"].append(budget)
         send_concurrently(port, "PLEURA", burst, senders)
         results["burst"] = [wait_budget(ledger, study_of(path)) for path in burst]
+        inside = worker_stages(work / "ttf-worker.log")
+        for name, paths in (("single", files[1:]), ("burst", burst)):
+            for budget, path in zip(results[name], paths):
+                budget.update(inside.get(ref(study_of(path)), {}))
     finally:
         stop(worker)
         stop(node)
@@ -308,6 +327,12 @@ def print_budgets(name: str, budgets: list[dict[str, float]]) -> None:
         values = [b[stage] for b in budgets]
         share = f"{100 * medians[stage] / whole:.0f} %" if stage != "total" else ""
         print(f"| {stage} | {1000 * percentile(values, 0.5):.0f} | {1000 * percentile(values, 0.95):.0f} | {share} |")
+        if stage == "analysis":  # what the worker reported of it, stage by stage (work, not waiting)
+            for inner in WORKER_STAGES:
+                inner_values = [b.get(inner, 0.0) for b in budgets]
+                if any(inner_values):
+                    print(f"| &nbsp;&nbsp;{inner} | {1000 * percentile(inner_values, 0.5):.0f} | "
+                          f"{1000 * percentile(inner_values, 0.95):.0f} | |")
 
 
 def main() -> None:

@@ -87,14 +87,14 @@ def register_node_tasks(app: Celery) -> NodeTasks:
         receives = {destination.label: destination.objects for destination in context.settings.destinations}
         pending = context.ledger.create_outbox(study_uid, receives) if receives else []
         reports, others = reports_first(context.ledger, pending)
-        # The other objects go through the queue (the export worker's other thread takes them);
-        # the reports, which carry the flag, are sent from here at once: no broker hop, no poll.
-        for outbox_id in others:
-            deliver_result.apply_async(args=[outbox_id])
+        # The reports, which carry the flag, are sent from here at once: no broker hop, no poll.
+        # The other objects then go through the queue (the export worker's other threads take them).
         for outbox_id in reports:
             outcome = deliver_outbox_entry(context.ledger, context.store, context.settings, outbox_id)
             if outcome.state == "retry":  # the queue keeps trying, with the ledger's backoff
                 deliver_result.apply_async(args=[outbox_id], countdown=outcome.retry_in)
+        for outbox_id in others:
+            deliver_result.apply_async(args=[outbox_id])
         study = context.ledger.study_status(study_uid)
         log.info(
             "recorded analysis of study %s: %s, %d result(s), %d delivery(ies) enqueued",

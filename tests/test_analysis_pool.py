@@ -192,3 +192,35 @@ def test_studies_in_flight_share_the_pool_and_the_forward_passes(tmp_path, demo_
         a, b = _written(alone, first), _written(pooled, second)
         assert sorted(a) == sorted(b) and all(a[key] == b[key] for key in a)
     assert _blocks() - before == set()
+
+
+def _stage_counts(kind: str = "_count") -> dict[str, float]:
+    """How many analyses each stage of ``pleura_worker_stage_seconds`` has seen in this process
+    (``_sum``: their seconds)."""
+    from node.ops.worker_metrics import STAGE_SECONDS
+
+    return {
+        sample.labels["stage"]: sample.value
+        for metric in STAGE_SECONDS.collect()
+        for sample in metric.samples
+        if sample.name.endswith(kind)
+    }
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["one process", "pool"])
+def test_each_analysis_times_its_stages_for_the_metrics(tmp_path, demo_bundle, pool, pooled):
+    """With or without the pool (whose processes time their own work), an analysis of a flagged
+    and a negative image adds one observation to each of its stages, and the pool's own stages
+    (decoding, each object) take time that is counted."""
+    alone, with_pool = _analysers(tmp_path, demo_bundle, pool)
+    analyser = with_pool if pooled else alone
+    study_uid, items = _study((analyser,), [310, 311], {310}, 512)
+    before, seconds_before = _stage_counts(), _stage_counts("_sum")
+
+    summary = analyser.analyse(study_uid, items)
+
+    assert summary["flagged"] is True
+    after, seconds_after = _stage_counts(), _stage_counts("_sum")
+    stages = ("read", "decode", "forward", "measure", "SEG", "GSPS", "SC", "SR")
+    assert {stage: after.get(stage, 0) - before.get(stage, 0) for stage in stages} == dict.fromkeys(stages, 1)
+    assert all(seconds_after[stage] > seconds_before.get(stage, 0) for stage in ("decode", "SEG", "SC"))

@@ -257,7 +257,9 @@ def test_on_cuda_the_next_batch_is_decoded_while_this_one_runs(analyser, monkeyp
     sequential = list(analyser._decoded_batches(candidates))
     threads: set[str] = set()
     decode = analyser._decode
-    monkeypatch.setattr(analyser, "_decode", lambda chunk: threads.add(threading.current_thread().name) or decode(chunk))
+    monkeypatch.setattr(
+        analyser, "_decode", lambda chunk, times=None: threads.add(threading.current_thread().name) or decode(chunk, times)
+    )
     monkeypatch.setattr(analyser.models, "device", torch.device("cuda"))
     prefetched = list(analyser._decoded_batches(candidates))
     assert len(prefetched) == len(sequential) == 3

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -50,6 +51,7 @@ from worker.inference.result import ImageFinding
 from worker.inference.runtime import accelerate
 from worker.inference.select import Vocabulary, assess, frontal_check_reason
 from worker.pool import AnalysisPool, SharedArray, analysis_pool
+from worker.stage_times import StageTimes
 from worker.writers.sr import AnalysedImage, SkippedImage, SupersededReport, build_sr
 
 if TYPE_CHECKING:
@@ -185,6 +187,8 @@ class StudyAnalyser:
         candidates: list[tuple[str, pydicom.Dataset]] = []
         # Images whose header did not tell the view: the picture is checked once decoded.
         view_unknown: set[str] = set()
+        times = StageTimes()  # where this analysis spends its time: logged, and on the worker's /metrics
+        started = time.perf_counter()
         for item in refs:
             sop_uid = item.sop_instance_uid
             entry = images[sop_uid] = ImageEntry(sop_instance_uid=sop_uid)
@@ -192,7 +196,8 @@ class StudyAnalyser:
                 path = self.store.path(item.storage_key)
                 # Parsed once; the pixel data (and any other large value) is read from the file
                 # only when used, so an ineligible image costs a header read.
-                header = pydicom.dcmread(path, defer_size=DEFER_SIZE)
+                with times.timing("read"):
+                    header = pydicom.dcmread(path, defer_size=DEFER_SIZE)
             except (OSError, ValueError, InvalidDicomError) as exc:
                 # The reason goes into the report and the worklist: no path, no UID there.
                 log.warning("cannot read stored instance %s: %s", ref(sop_uid), exc)
@@ -216,9 +221,11 @@ class StudyAnalyser:
         results: list[ResultEntry] = []
         analysed: list[AnalysedImage] = []
         if self.pool is None:
-            self._analyse_here(study_uid, candidates, view_unknown, images, objects, heatmap, results, analysed)
+            self._analyse_here(study_uid, candidates, view_unknown, images, objects, heatmap, results, analysed, times)
         else:
-            self._analyse_in_pool(study_uid, candidates, view_unknown, images, objects, heatmap, results, analysed)
+            self._analyse_in_pool(
+                study_uid, candidates, view_unknown, images, objects, heatmap, results, analysed, times
+            )
 
         # The report: every image of this analysis, analysed or not. Without it the analysis has
         # no answer, so a failure here fails the task (and is retried).
@@ -228,11 +235,17 @@ class StudyAnalyser:
             if entry.analysis_status != "analysed"
         ]
         if analysed or any(image.source is not None for image in skipped):
-            sr = build_sr(
-                analysed, skipped, identity, supersedes=self._superseded(options.supersedes),
-                variant=CRASHED_VARIANT if crashed else None,
-            )
-            results.append(store_result(self.store, study_uid, "SR", sr, None))
+            with times.timing("SR"):
+                sr = build_sr(
+                    analysed, skipped, identity, supersedes=self._superseded(options.supersedes),
+                    variant=CRASHED_VARIANT if crashed else None,
+                )
+                results.append(store_result(self.store, study_uid, "SR", sr, None))
+        times.observe()
+        log.info(
+            "study %s analysed: %d image(s) in %.0f ms (%s)", ref(study_uid), len(analysed),
+            1000 * (time.perf_counter() - started), times.text(),
+        )
 
         return AnalysisSummary(
             study_uid=study_uid,
@@ -274,19 +287,20 @@ class StudyAnalyser:
     def _analyse_here(
         self, study_uid: str, candidates: list[tuple[str, pydicom.Dataset]], view_unknown: set[str],
         images: dict[str, ImageEntry], objects: set[str], heatmap: bool, results: list[ResultEntry],
-        analysed: list[AnalysedImage],
+        analysed: list[AnalysedImage], times: StageTimes,
     ) -> None:
         """Decode, infer, measure and write in this process, batch after batch."""
-        for batch, unreadable in self._decoded_batches(candidates):
+        for batch, unreadable in self._decoded_batches(candidates, times):
             batch = self._frontal_only(batch, view_unknown, images, unreadable)
             if not batch:
                 continue
-            findings = self._findings(batch)
+            findings = self._findings(batch, times)
             for (sop_uid, dataset, image), finding in zip(batch, findings):
                 try:
                     heat = gradcam_heatmap(self.models, image) if heatmap and "SC" in objects else None
                     seg, written = write_image_results(
-                        self.store, self.bundle.identity, study_uid, sop_uid, dataset, image, finding, objects, heat
+                        self.store, self.bundle.identity, study_uid, sop_uid, dataset, image, finding, objects, heat,
+                        times,
                     )
                 except Exception as exc:
                     log.exception("cannot write the results of an image")
@@ -299,7 +313,7 @@ class StudyAnalyser:
     def _analyse_in_pool(
         self, study_uid: str, candidates: list[tuple[str, pydicom.Dataset]], view_unknown: set[str],
         images: dict[str, ImageEntry], objects: set[str], heatmap: bool, results: list[ResultEntry],
-        analysed: list[AnalysedImage],
+        analysed: list[AnalysedImage], times: StageTimes,
     ) -> None:
         """The same with the pool: the pool processes decode each image into shared memory, a batch
         ahead of the forward pass; this process runs the networks, maps and measures the masks (and
@@ -331,13 +345,13 @@ class StudyAnalyser:
             for chunk in chunks[:2]:
                 submit_decodes(chunk)
             for index in range(len(chunks)):
-                batch, unreadable = self._collect_decodes(decoding.popleft(), held)
+                batch, unreadable = self._collect_decodes(decoding.popleft(), held, times)
                 if index + 2 < len(chunks):
                     submit_decodes(chunks[index + 2])
                 batch = self._frontal_only(batch, view_unknown, images, unreadable)
                 if not batch:
                     continue
-                findings = self._findings(batch)
+                findings = self._findings(batch, times)
                 for (sop_uid, dataset, image), finding in zip(batch, findings):
                     block = held.pop(sop_uid)
                     used = [block]
@@ -372,7 +386,8 @@ class StudyAnalyser:
                         for block in used:
                             block.release()
             for sop_uid, dataset, finding, job, used in writing:
-                written, error, trace = pool.result(job)
+                written, error, trace, seconds = pool.result(job)
+                times.merge(seconds)
                 for block in used:
                     block.release()
                 if written is None:
@@ -393,7 +408,8 @@ class StudyAnalyser:
                 block.release()
 
     def _collect_decodes(
-        self, jobs: list[tuple[str, pydicom.Dataset, SharedArray | None, Future | None]], held: dict[str, SharedArray]
+        self, jobs: list[tuple[str, pydicom.Dataset, SharedArray | None, Future | None]], held: dict[str, SharedArray],
+        times: StageTimes,
     ) -> tuple[list[tuple[str, pydicom.Dataset, Any]], list[tuple[str, str]]]:
         """The decoded images of one batch of decode jobs (views of their blocks, ``held`` by SOP
         Instance UID), and the reasons of those that failed."""
@@ -401,14 +417,15 @@ class StudyAnalyser:
         decoded, unreadable = [], []
         for sop_uid, header, block, future in jobs:
             if future is None or block is None:  # decoded here: into a block too, for the write job
-                here, failed = self._decode([(sop_uid, header)])
+                here, failed = self._decode([(sop_uid, header)], times)
                 unreadable.extend(failed)
                 for _, dataset, image in here:
                     block = held[sop_uid] = SharedArray(np.shape(image))
                     block.array[...] = image  # type: ignore[index]
                     decoded.append((sop_uid, dataset, block.array))
                 continue
-            reason, warning = self.pool.result(future)
+            reason, warning, seconds = self.pool.result(future)
+            times.add("decode", seconds)
             if warning:
                 log.warning("cannot read the pixel data of %s: %s", ref(sop_uid), warning)
             if reason is not None:
@@ -441,11 +458,24 @@ class StudyAnalyser:
             images[sop_uid].analysis_status, images[sop_uid].analysis_reason = "not_analysed", reason
         return [item for item in batch if item[0] not in refused]
 
-    def _findings(self, batch: list[tuple[str, pydicom.Dataset, Any]]) -> list[ImageFinding]:
-        return predict_images(
+    def _findings(self, batch: list[tuple[str, pydicom.Dataset, Any]], times: StageTimes) -> list[ImageFinding]:
+        """The networks' findings of ``batch``: the forward pass (with other studies' images when
+        they share it) timed as ``forward``, the rest (the mask to the source grid, measuring) as ``measure``."""
+        in_forward = StageTimes()
+
+        def forward(images: Any) -> Any:
+            with in_forward.timing("forward"):
+                return self.batcher.run(images)
+
+        started = time.perf_counter()
+        findings = predict_images(
             self.models, [image for _, _, image in batch], [ds for _, ds, _ in batch], batch_size=self.batch_size,
-            forward=self.batcher.run, lung_segmenter=self.lung_segmenter,
+            forward=forward, lung_segmenter=self.lung_segmenter,
         )
+        forward_seconds = in_forward.seconds.get("forward", 0.0)
+        times.add("forward", forward_seconds)
+        times.add("measure", time.perf_counter() - started - forward_seconds)
+        return findings
 
     @staticmethod
     def _write_failed(images: dict[str, ImageEntry], sop_uid: str, error: str) -> None:
@@ -469,13 +499,15 @@ class StudyAnalyser:
         log.info("image analysed: p=%.3f flagged=%s area_px=%d", finding.probability, finding.flagged, finding.area_px)
 
     def _decode(
-        self, chunk: list[tuple[str, pydicom.Dataset]]
+        self, chunk: list[tuple[str, pydicom.Dataset]], times: StageTimes | None = None
     ) -> tuple[list[tuple[str, pydicom.Dataset, Any]], list[tuple[str, str]]]:
         """The decoded images of ``chunk``, and (SOP Instance UID, reason) of those that cannot be decoded."""
+        times = times or StageTimes()
         recipe = self.bundle.manifest.preprocessing
         decoded, unreadable = [], []
         for sop_uid, dataset in chunk:
-            image, reason, warning = decode_image(dataset, recipe)
+            with times.timing("decode"):
+                image, reason, warning = decode_image(dataset, recipe)
             if warning:
                 log.warning("cannot read the pixel data of %s: %s", ref(sop_uid), warning)
             if image is None:
@@ -485,23 +517,24 @@ class StudyAnalyser:
         return decoded, unreadable
 
     def _decoded_batches(
-        self, candidates: list[tuple[str, pydicom.Dataset]]
+        self, candidates: list[tuple[str, pydicom.Dataset]], times: StageTimes | None = None
     ) -> Iterator[tuple[list[tuple[str, pydicom.Dataset, Any]], list[tuple[str, str]]]]:
         """:meth:`_decode` of each batch of ``candidates``, in order. On CUDA the next batch is
         decoded in a helper thread while the caller runs the networks on this one (the GPU computes
         while the CPU decodes); on the CPU, where both would compete for the same cores, one after
         the other."""
+        times = times or StageTimes()
         chunks = [candidates[start : start + self.batch_size] for start in range(0, len(candidates), self.batch_size)]
         if self.models.device.type != "cuda" or len(chunks) < 2:
             for chunk in chunks:
-                yield self._decode(chunk)
+                yield self._decode(chunk, times)
             return
         with ThreadPoolExecutor(1, thread_name_prefix="pleura-decode") as prefetch:
-            upcoming = prefetch.submit(self._decode, chunks[0])
+            upcoming = prefetch.submit(self._decode, chunks[0], times)
             for index in range(len(chunks)):
                 current = upcoming.result()
                 if index + 1 < len(chunks):
-                    upcoming = prefetch.submit(self._decode, chunks[index + 1])
+                    upcoming = prefetch.submit(self._decode, chunks[index + 1], times)
                 yield current
 
 

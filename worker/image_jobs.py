@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from node.storage import InstanceStore, write_durably
 from worker.inference.measure import bounding_box
 from worker.inference.result import ImageFinding
 from worker.pool import attached
+from worker.stage_times import StageTimes
 from worker.writers.gsps import build_gsps
 from worker.writers.sc import build_sc
 from worker.writers.seg import build_seg
@@ -91,18 +93,29 @@ def write_image_results(
     finding: ImageFinding,
     objects: set[str] | frozenset[str],
     heat: np.ndarray | None,
+    times: StageTimes | None = None,
 ) -> tuple[Any, list[ResultEntry]]:
-    """The SEG (flagged images), GSPS and SC of one image: (the SEG or None, their summaries)."""
+    """The SEG (flagged images), GSPS and SC of one image: (the SEG or None, their summaries).
+    ``times`` gets the seconds each object took to build and write."""
+    times = times or StageTimes()
     built: list[tuple[str, pydicom.Dataset]] = []
+    seg = None
     # A classifier-only bundle has no segmentation: its region is a Grad-CAM, never a SEG.
-    seg = build_seg(dataset, finding, model) if finding.flagged and not finding.is_gradcam_region else None
-    if seg is not None:
+    if finding.flagged and not finding.is_gradcam_region:
+        with times.timing("SEG"):
+            seg = build_seg(dataset, finding, model)
         built.append(("SEG", seg))
     if "GSPS" in objects:
-        built.append(("GSPS", build_gsps(dataset, finding, model)))
+        with times.timing("GSPS"):
+            built.append(("GSPS", build_gsps(dataset, finding, model)))
     if "SC" in objects:
-        built.append(("SC", build_sc(dataset, image, finding, model, heat)))
-    return seg, [store_result(store, study_uid, kind, obj, sop_uid) for kind, obj in built]
+        with times.timing("SC"):
+            built.append(("SC", build_sc(dataset, image, finding, model, heat)))
+    entries = []
+    for kind, obj in built:  # all built before any is written: an image's objects are written together or not at all
+        with times.timing(kind):
+            entries.append(store_result(store, study_uid, kind, obj, sop_uid))
+    return seg, entries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,24 +144,26 @@ class CompactMask:
         return mask
 
 
-def decode_job(path: str, recipe: Preprocessing, image: Handle) -> tuple[str | None, str | None]:
+def decode_job(path: str, recipe: Preprocessing, image: Handle) -> tuple[str | None, str | None, float]:
     """In a pool process: decode the file at ``path`` into the block ``image`` (the size its
-    Rows and Columns give). Returns (None, None), or the reason the image cannot be analysed and
-    what the worker should log."""
+    Rows and Columns give). Returns (None, None, seconds), or the reason the image cannot be
+    analysed and what the worker should log, and the seconds it took."""
+    started = time.perf_counter()
     try:
         dataset = pydicom.dcmread(path, defer_size=DEFER_SIZE)
     except (OSError, ValueError, InvalidDicomError) as exc:
-        return f"unreadable image: the pixel data cannot be read ({error_text(exc)})", f"cannot read: {exc}"
+        reason = f"unreadable image: the pixel data cannot be read ({error_text(exc)})"
+        return reason, f"cannot read: {exc}", time.perf_counter() - started
     decoded, reason, warning = decode_image(dataset, recipe)
     if decoded is None:
-        return reason, warning
+        return reason, warning, time.perf_counter() - started
     with attached(image) as target:
         if decoded.shape != target.shape:
             raise ValueError(
                 f"decoded image has shape {decoded.shape} but its source has Rows, Columns {target.shape}"
             )
         np.copyto(target, decoded, casting="no")
-    return None, None
+    return None, None, time.perf_counter() - started
 
 
 def write_job(
@@ -162,24 +177,27 @@ def write_job(
     mask: CompactMask,
     objects: frozenset[str],
     heat: Handle | None,
-) -> tuple[list[ResultEntry] | None, str | None, str | None]:
+) -> tuple[list[ResultEntry] | None, str | None, str | None, dict[str, float]]:
     """In a pool process: :func:`write_image_results` of one image, whose header is read again from
     ``path`` and whose decoded picture (and heat map) are mapped from the worker's blocks.
-    Returns (the summaries of what was written, None, None), or (None, the error in words, its traceback)."""
+    Returns (the summaries of what was written, None, None, seconds per object), or (None, the
+    error in words, its traceback, seconds per object)."""
+    times = StageTimes()
     try:
         dataset = pydicom.dcmread(path, defer_size=DEFER_SIZE)
         whole = dataclasses.replace(finding, mask=mask.expand())
         with attached(image) as picture:
             if heat is None:
                 _, entries = write_image_results(
-                    InstanceStore(Path(storage_dir)), model, study_uid, sop_uid, dataset, picture, whole, objects, None
+                    InstanceStore(Path(storage_dir)), model, study_uid, sop_uid, dataset, picture, whole, objects, None,
+                    times,
                 )
             else:
                 with attached(heat) as heat_map:
                     _, entries = write_image_results(
                         InstanceStore(Path(storage_dir)), model, study_uid, sop_uid, dataset, picture, whole, objects,
-                        heat_map,
+                        heat_map, times,
                     )
-        return entries, None, None
+        return entries, None, None, times.seconds
     except Exception as exc:
-        return None, error_text(exc), traceback.format_exc()
+        return None, error_text(exc), traceback.format_exc(), times.seconds

@@ -33,7 +33,7 @@ from contract.active import active_bundle_dir
 from contract.bundle import BundleError, load_bundle
 from node.dispatch import queue_depths
 from node.ledger import AnalysisStart, Ledger, OutboxEntry, OutboxStatus, Study, StudyStatus, utcnow
-from node.ops.worker_metrics import FORWARD_IMAGES, FORWARD_PASSES
+from node.ops.worker_metrics import FORWARD_IMAGES, FORWARD_PASSES, STAGE_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -213,5 +213,6 @@ def worker_registry(settings: Settings, celery_app: Celery) -> CollectorRegistry
     registry.register(ModelCollector(settings))
     registry.register(FORWARD_PASSES)
     registry.register(FORWARD_IMAGES)
+    registry.register(STAGE_SECONDS)
     ProcessCollector(registry=registry)
     return registry
