@@ -262,7 +262,7 @@ def wait_budget(ledger: Ledger, study_uid: str, timeout: float = 300) -> dict[st
 
 
 def time_to_flag(work: Path, files: list[Path], burst: list[Path], senders: int, bundle: Path, broker: str,
-                 pacs_kind: str) -> dict[str, list[dict[str, float]]]:
+                 pacs_kind: str, analysis_processes: int = 0) -> dict[str, list[dict[str, float]]]:
     """Stage budgets of the studies in ``files`` sent one at a time (the first, which warms the
     models, not counted) and of those in ``burst`` sent at once by ``senders`` senders."""
     pacs = OrthancPACS(work / "orthanc") if pacs_kind == "orthanc" else ReceivingPACS(work / "pacs").start()
@@ -271,7 +271,7 @@ def time_to_flag(work: Path, files: list[Path], burst: list[Path], senders: int,
     storage = work / "ttf-storage"
     settings: dict[str, object] = dict(
         ae_title="PLEURA", host="127.0.0.1", port=port, storage_dir=str(storage), model_bundle_dir=str(bundle),
-        device="cpu", metrics_port=free_port(),
+        device="cpu", metrics_port=free_port(), analysis_processes=analysis_processes,
         destinations=[{"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}],
     )
     if redis is not None:
@@ -346,6 +346,7 @@ def main() -> None:
     parser.add_argument("--broker", choices=("embedded", "redis"), default="embedded")
     parser.add_argument("--pacs", choices=("orthanc", "standin"), default="orthanc" if shutil.which("Orthanc") else "standin")
     parser.add_argument("--no-ingest", action="store_true", help="time to flag only")
+    parser.add_argument("--analysis-processes", type=int, default=0, help="the worker's analysis_processes setting")
     parser.add_argument("--max-pdu", type=int, default=16384, help="largest PDU both receivers take (storescp's default)")
     parser.add_argument("--bundle", type=Path, default=Path.home() / ".local/share/pleura/models/demo")
     args = parser.parse_args()
@@ -359,7 +360,7 @@ def main() -> None:
         ttf_files = make_files(work / "ttf-files", args.studies + 1 + args.burst, args.flag_size, per_study=1,
                                seed=90_000, positive_every=20)
         flags = time_to_flag(work, ttf_files[: args.studies + 1], ttf_files[args.studies + 1 :], args.senders,
-                             args.bundle, args.broker, args.pacs)
+                             args.bundle, args.broker, args.pacs, args.analysis_processes)
     load = os.getloadavg()
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPU, Python {platform.python_version()}")
     print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; load average at the end {load[0]:.1f} / {load[1]:.1f}; "
@@ -372,7 +373,7 @@ def main() -> None:
               f"{figures['node_mbps'] / figures['reference_mbps']:.2f} |")
         print("\nno instance lost or duplicated (checked in the ledger)")
     print(f"\ntime to flag, A-RELEASE to the SR acknowledged by the PACS ({args.pacs}), {args.broker} broker, "
-          f"{args.flag_size} px images, demo bundle, CPU:")
+          f"{args.flag_size} px images, demo bundle, CPU, analysis_processes {args.analysis_processes}:")
     print_budgets("one study at a time", flags["single"])
     print_budgets(f"burst from {args.senders} senders at once", flags["burst"])
 
