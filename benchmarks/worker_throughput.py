@@ -275,10 +275,10 @@ def main() -> None:
           f"precision {args.precision}{', compiled' if args.compile else ''}, backend {args.backend} (classifier {analyser.backends[0]}, segmenter {analyser.backends[1]})")
     positives = len(positive_indices(count, args.positive_fraction))
     print(f"{positives} of {count} images drawn positive (--positive-fraction {args.positive_fraction:g})")
-    print(f"full analysis (analysis_processes 0): {row['full']:.2f} images/s; bare forward pass: "
+    print(f"full analysis: {row['full']:.2f} images/s (analysis_processes 0); bare forward pass: "
           f"{row['bare']:.2f} images/s; ratio {row['full'] / row['bare']:.2f}")
     if "pool" in row:
-        print(f"full analysis (analysis_processes {args.analysis_processes}): {row['pool']:.2f} images/s; "
+        print(f"full analysis with a pool of {args.analysis_processes}: {row['pool']:.2f} images/s; "
               f"ratio {row['pool'] / row['bare']:.2f}; {row['pool'] / row['full']:.2f} times analysis_processes 0")
     if onnx_forward is not None:
         print(f"bare forward pass on {analyser.backends[0]} / {analyser.backends[1]}: {count / onnx_forward:.2f} "
