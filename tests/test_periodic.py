@@ -42,8 +42,9 @@ def test_wake_ups_due_together_run_one_round() -> None:
     rounds = Rounds()
     rounds.start()
     try:
-        for _ in range(5):
-            rounds.wake(0.2)
+        due = time.monotonic() + 1.0
+        for _ in range(5):  # five wake-ups for one moment, however slowly this loop runs
+            rounds.wake(due - time.monotonic())
         dicom_peers.wait_for(lambda: rounds.at, 30, "the round")
         marker = time.monotonic()
         rounds.wake(0.0)  # a marker: the round after it shows nothing else was pending
