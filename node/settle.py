@@ -1,7 +1,8 @@
 """Study settling: a study is analysed once no new instance has arrived for `settle_seconds`, or
 for `grace_seconds` when every pending instance came over an association its sender released
-normally (the SCP wakes the loop on each release, so such a study is dispatched when it is due,
-not on the next tick); a study whose running analysis stopped beating (its worker was killed) is taken back and dispatched
+normally (the SCP wakes the loop on each release, and each round wakes it again when the next
+waiting study reaches its quiet time, so a study is dispatched when it is due, not on the next
+tick); a study whose running analysis stopped beating (its worker was killed) is taken back and dispatched
 again (node/ledger/leases.py).
 
 A study is marked queued only after the broker took its task, so a broker that is down delays the
@@ -80,7 +81,21 @@ class SettleLoop(PeriodicTask):
         """Dispatch every due study; returns the study UIDs that were dispatched. Nodes sharing a
         ledger take turns: a round another node is doing is skipped (it dispatches those studies)."""
         with self.ledger.taking_turns(DISPATCH_LOCK_KEY) as mine:
-            return self._dispatch_due(now) if mine else []
+            dispatched = self._dispatch_due(now) if mine else []
+        self._wake_when_settled()
+        return dispatched
+
+    def _wake_when_settled(self) -> None:
+        """Wake when the next waiting study settles on the quiet time, rather than at the tick
+        after. A study already past it (its dispatch failed: the broker is down) waits for the tick."""
+        try:
+            at = self.ledger.next_settled_at(self.settle_seconds)
+        except Exception:  # the ledger is away: the tick tries again
+            return
+        if at is not None:
+            delay = (at - utcnow()).total_seconds()
+            if delay > 0:
+                self.wake(delay + 0.01)
 
     def _dispatch_due(self, now: datetime | None) -> list[str]:
         dispatched: list[str] = []

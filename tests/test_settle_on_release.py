@@ -182,3 +182,21 @@ def test_a_ct_series_is_sent_whole_after_the_grace(ledger: Ledger) -> None:
     ledger.end_association("second", released=True, now=T0 + timedelta(seconds=5))
     [study] = ledger.due_studies(LONG_SETTLE, T0 + timedelta(seconds=5 + GRACE), grace_seconds=GRACE)
     assert [i["sop_instance_uid"] for i in study.instances] == ["9.9.0", "9.9.1", "9.9.2"]
+
+
+def test_a_study_on_the_quiet_time_is_dispatched_when_it_settles_not_at_the_next_tick(ledger: Ledger) -> None:
+    """An association still open: the study waits for the quiet time, and the loop wakes when it has
+    passed, however far off its next tick is."""
+    dispatch = Dispatch()
+    settle = 1.0
+    loop = SettleLoop(ledger, dispatch, settle, interval_seconds=3600, grace_seconds=GRACE)
+    ledger.open_association("open", "KEEPSOPEN", now=utcnow())
+    loop.start()  # its first round finds nothing due yet
+    try:
+        receive(ledger, "1.2.826.0.1.3680043.8.498.7010", "1.2.826.0.1.3680043.8.498.7010.1", utcnow(), "open")
+        loop.wake()  # a round (as an instance's arrival or the tick would bring) that learns when it settles
+        dicom_peers.wait_for(lambda: dispatch.calls, 60, "the study dispatched once its quiet time passed")
+    finally:
+        loop.stop()
+    [(study_uid, _, _)] = dispatch.calls
+    assert study_uid == "1.2.826.0.1.3680043.8.498.7010"

@@ -341,6 +341,21 @@ class StudyLedger(LedgerSessions):
             )
         return list(due.values())
 
+    def next_settled_at(self, settle_seconds: float) -> datetime | None:
+        """When the next study still receiving becomes due on the quiet time alone: its last
+        instance's arrival plus ``settle_seconds`` (the settle loop wakes then, not at its next
+        tick); None when no study waits."""
+        with self.reading() as session:
+            last = session.scalar(
+                select(func.min(Study.last_received_at))
+                .join(Instance, Instance.study_uid == Study.study_uid)
+                .where(
+                    Study.status == StudyStatus.RECEIVING.value,
+                    Instance.analysis_status == AnalysisStatus.PENDING.value,
+                )
+            )
+        return None if last is None else as_utc(last) + timedelta(seconds=settle_seconds)
+
     @staticmethod
     def _released_since(grace_cutoff: datetime) -> Any:
         """The condition of a study that had nothing for the grace and whose every pending instance
