@@ -12,15 +12,17 @@ import pytest
 from config.settings import Settings
 from training.synthetic import synthetic_dicom
 from worker.analysis import StudyAnalyser
-from worker.pool import AnalysisPool, AnalysisPoolBroken, analysis_pool
+from worker.pool import AnalysisPool, AnalysisPoolBroken, analysis_pool, block_name
 from worker.startup import PoolPolicy, WorkerStartError, check_analysis_pool, pool_policy
 
 SHM = Path("/dev/shm")
 
 
 def _blocks() -> set[str]:
-    """The shared-memory blocks Python's SharedMemory made on this host."""
-    return {name for name in os.listdir(SHM) if name.startswith("psm_")} if SHM.is_dir() else set()
+    """The shared-memory blocks this test process's analysis pools made (other test processes may
+    run pools of their own at the same time)."""
+    mine = block_name(os.getpid()).rsplit("-", 1)[0] + "-"
+    return {name for name in os.listdir(SHM) if name.startswith(mine)} if SHM.is_dir() else set()
 
 
 @pytest.fixture(scope="module")

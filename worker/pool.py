@@ -21,6 +21,8 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing
+import os
+import secrets
 import signal
 import threading
 from collections.abc import Callable
@@ -31,7 +33,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AnalysisPool", "AnalysisPoolBroken", "SharedArray", "analysis_pool", "attached", "shutdown_analysis_pools"]
+__all__ = [
+    "AnalysisPool", "AnalysisPoolBroken", "SharedArray", "analysis_pool", "attached", "block_name",
+    "shutdown_analysis_pools",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +56,10 @@ class SharedArray:
         self.shape = tuple(int(n) for n in shape)
         self.dtype = np.dtype(dtype).str
         size = max(1, int(np.prod(self.shape)) * np.dtype(dtype).itemsize)
-        self._block: shared_memory.SharedMemory | None = shared_memory.SharedMemory(create=True, size=size)
+        # Named after the worker process that owns it, so a block left in /dev/shm says whose it is.
+        self._block: shared_memory.SharedMemory | None = shared_memory.SharedMemory(
+            name=block_name(), create=True, size=size
+        )
         self.name = self._block.name
         self.array: np.ndarray | None = np.ndarray(self.shape, dtype=self.dtype, buffer=self._block.buf)
 
@@ -74,6 +82,14 @@ class SharedArray:
             block.unlink()
         except FileNotFoundError:
             pass
+
+
+BLOCK_PREFIX = "pleura-"
+
+
+def block_name(pid: int | None = None) -> str:
+    """A new block's name: ``pleura-<pid of the process that makes it>-<random>``."""
+    return f"{BLOCK_PREFIX}{os.getpid() if pid is None else pid}-{secrets.token_hex(4)}"
 
 
 class attached:
