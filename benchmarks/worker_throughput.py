@@ -43,7 +43,8 @@ from contract.preprocess import decode_radiograph, mask_to_source, network_input
 from node.storage import InstanceStore
 from training.demo_model import ensure_demo_bundle
 from training.synthetic import synthetic_dicom
-from worker.analysis import StudyAnalyser, write_result
+from worker.analysis import StudyAnalyser
+from worker.image_jobs import write_result
 from worker.inference.measure import measure_mask
 from worker.inference.predict import pixel_spacing_mm, predict_images
 from worker.inference.runtime import forward_context

@@ -86,7 +86,7 @@ def register_node_tasks(app: Celery) -> NodeTasks:
         study_uid = str(summary["study_uid"])
         receives = {destination.label: destination.objects for destination in context.settings.destinations}
         pending = context.ledger.create_outbox(study_uid, receives) if receives else []
-        reports, others = reports_first(context.ledger, pending)
+        reports, others = reports_first(context.ledger, study_uid, pending)
         # The reports, which carry the flag, are sent from here at once: no broker hop, no poll.
         # The other objects then go through the queue (the export worker's other threads take them).
         for outbox_id in reports:
@@ -119,10 +119,8 @@ def register_node_tasks(app: Celery) -> NodeTasks:
     return NodeTasks(record_analysis=record_analysis, deliver_result=deliver_result)
 
 
-def reports_first(ledger: Ledger, outbox_ids: list[int]) -> tuple[list[int], list[int]]:
-    """``outbox_ids`` split into the SR rows (the reports, which carry the flag) and the rest."""
-    reports, others = [], []
-    for outbox_id in outbox_ids:
-        entry = ledger.outbox_entry(outbox_id)
-        (reports if entry is not None and entry.result_kind == "SR" else others).append(outbox_id)
-    return reports, others
+def reports_first(ledger: Ledger, study_uid: str, outbox_ids: list[int]) -> tuple[list[int], list[int]]:
+    """``outbox_ids`` (rows of the study ``study_uid``) split into the SR rows (the reports, which
+    carry the flag) and the rest, in one read of the study's outbox."""
+    reports = {row.id for row in ledger.list_outbox(study_uid) if row.result_kind == "SR"}
+    return [i for i in outbox_ids if i in reports], [i for i in outbox_ids if i not in reports]

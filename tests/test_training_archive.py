@@ -17,7 +17,7 @@ from contract.bundle import ModelIdentity, load_bundle
 from training.datasets import DatasetError, read_dataset
 from training.synthetic import synthetic_dicom
 from training.trainer import train
-from worker.analysis import write_result
+from worker.image_jobs import write_result
 from worker.inference.result import ImageFinding
 from worker.writers.seg import build_seg
 

@@ -39,8 +39,7 @@ from contract.networks import LoadedModels, load_models
 from node.privacy import error_text, ref
 from node.storage import InstanceStore
 from worker.image_jobs import (
-    DEFER_SIZE, CompactMask, decode_image, decode_job, store_result, write_image_results,
-    write_job, write_result,
+    DEFER_SIZE, CompactMask, decode_image, decode_job, store_result, write_image_results, write_job,
 )
 from worker.inference.batcher import ForwardBatcher
 from worker.inference.heatmap import gradcam_heatmap
@@ -79,7 +78,7 @@ ALL_OBJECTS = ("SR", "SEG", "GSPS", "SC")
 CRASHED_VARIANT = "not analysed: the analysis crashed"
 """The report written instead of an analysis that killed its worker: another report (UID) than
 the one the models would write of the same images."""
-__all__ = ["ALL_OBJECTS", "CRASHED_VARIANT", "DEFER_SIZE", "StudyAnalyser", "failed_summary", "write_result"]
+__all__ = ["ALL_OBJECTS", "CRASHED_VARIANT", "StudyAnalyser", "failed_summary"]
 
 
 def _rounded(value: float | None, digits: int) -> float | None:

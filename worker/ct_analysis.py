@@ -26,7 +26,8 @@ from contract.networks import load_segmenter
 from contract.preprocess import ImageDecodeError, mask_to_source
 from node.privacy import error_text, ref
 from node.storage import InstanceStore
-from worker.analysis import CRASHED_VARIANT, _rounded, write_result
+from worker.analysis import CRASHED_VARIANT, _rounded
+from worker.image_jobs import write_result
 from worker.inference.ct_measure import SeriesFinding, measure_series
 from worker.writers.seg_ct import build_ct_seg
 from worker.writers.sr import SkippedImage, build_sr

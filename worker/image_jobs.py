@@ -14,6 +14,7 @@ import dataclasses
 import io
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -186,18 +187,11 @@ def write_job(
     try:
         dataset = pydicom.dcmread(path, defer_size=DEFER_SIZE)
         whole = dataclasses.replace(finding, mask=mask.expand())
-        with attached(image) as picture:
-            if heat is None:
-                _, entries = write_image_results(
-                    InstanceStore(Path(storage_dir)), model, study_uid, sop_uid, dataset, picture, whole, objects, None,
-                    times,
-                )
-            else:
-                with attached(heat) as heat_map:
-                    _, entries = write_image_results(
-                        InstanceStore(Path(storage_dir)), model, study_uid, sop_uid, dataset, picture, whole, objects,
-                        heat_map, times,
-                    )
+        with attached(image) as picture, (nullcontext() if heat is None else attached(heat)) as heat_map:
+            _, entries = write_image_results(
+                InstanceStore(Path(storage_dir)), model, study_uid, sop_uid, dataset, picture, whole, objects,
+                heat_map, times,
+            )
         return entries, None, None, times.seconds
     except Exception as exc:
         return None, error_text(exc), traceback.format_exc(), times.seconds
